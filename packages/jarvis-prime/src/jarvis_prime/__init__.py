@@ -1,0 +1,30 @@
+"""JARVIS Prime: named, verified, quantized PRIME models on the hardware you have.
+
+`import jarvis_prime` stays light: torch is imported only when the transformers
+backend is chosen, and reactor_core only by the training recipes.
+"""
+
+from jarvis_prime.errors import (
+    BackendUnavailableError,
+    IntegrityError,
+    ManifestError,
+    ModelNotAvailableError,
+    ModelNotFoundError,
+    PrimeError,
+)
+from jarvis_prime.models import Generation, GenerationParams, PrimeModel, Runtime
+
+__version__ = "0.6.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "Generation",
+    "GenerationParams",
+    "IntegrityError",
+    "ManifestError",
+    "ModelNotAvailableError",
+    "ModelNotFoundError",
+    "PrimeError",
+    "PrimeModel",
+    "Runtime",
+]

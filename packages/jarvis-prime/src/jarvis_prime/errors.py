@@ -1,0 +1,37 @@
+"""The errors jarvis-prime raises on purpose, each with a message a user can act on."""
+
+from __future__ import annotations
+
+
+class PrimeError(Exception):
+    """Base class: every deliberate jarvis-prime failure is one of these."""
+
+
+class ModelNotFoundError(PrimeError, LookupError):
+    """A model name that is neither in the catalog nor in the local store."""
+
+    def __init__(self, name: str, suggestions: list[str] | None = None, hint: str = "") -> None:
+        self.name = name
+        self.suggestions = list(suggestions or [])
+        message = f"unknown model {name!r}"
+        if self.suggestions:
+            message += f"; did you mean: {', '.join(self.suggestions)}?"
+        if hint:
+            message += f" ({hint})"
+        super().__init__(message)
+
+
+class ModelNotAvailableError(PrimeError):
+    """A known model whose files are not on this machine and cannot be had offline."""
+
+
+class IntegrityError(PrimeError):
+    """A model file whose sha256 or size differs from its `prime.json` manifest."""
+
+
+class ManifestError(PrimeError):
+    """A missing or malformed `prime.json`."""
+
+
+class BackendUnavailableError(PrimeError):
+    """A backend/quantization/device combination that cannot work here, and why."""

@@ -1,0 +1,156 @@
+"""`prime.json`: the manifest of a PRIME model directory, and its integrity checks.
+
+A PRIME model directory (ARCHITECTURE.md) is the one artifact that crosses package
+boundaries. Its manifest lists every file with sha256 and size; loading verifies the
+files it reads, so a truncated download or a tampered weight file is an error, not a
+model that quietly speaks gibberish.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from jarvis_prime.errors import IntegrityError, ManifestError
+
+MANIFEST_NAME = "prime.json"
+PRIME_FORMAT_VERSION = 1
+_HASH_CHUNK = 1 << 20
+
+
+class FileEntry(BaseModel):
+    sha256: str
+    bytes: int
+
+
+class Quantization(BaseModel):
+    """One runnable weight file: which file, which format, how many bits a weight."""
+
+    file: str
+    format: Literal["gguf", "safetensors"]
+    bits: int
+    quality_delta: float | None = Field(
+        default=None, description="Measured change in eval quality versus full precision."
+    )
+
+
+class Lineage(BaseModel):
+    """Where the model came from: enough to reproduce it."""
+
+    parent: str | None = None
+    source: dict[str, Any] = Field(default_factory=dict)
+    data: list[dict[str, Any]] = Field(default_factory=list, description="Data files and their sha256.")
+    training_config: dict[str, Any] | None = None
+
+
+class PrimeManifest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    format_version: int = PRIME_FORMAT_VERSION
+    name: str
+    version: str
+    task: Literal["chat", "vision", "reasoning"]
+    base: str
+    architecture: str | None = None
+    lineage: Lineage = Field(default_factory=Lineage)
+    chat_template: str | None = Field(
+        default=None, description="Where the chat template came from (e.g. 'gguf:tokenizer.chat_template')."
+    )
+    stop: list[str] = Field(default_factory=list)
+    context_length: int
+    files: dict[str, FileEntry] = Field(default_factory=dict)
+    quantizations: dict[str, Quantization] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    @property
+    def dirname(self) -> str:
+        return f"{self.name}-{self.version}"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hash_files(model_dir: Path) -> dict[str, FileEntry]:
+    """sha256 and size of every file under `model_dir` except the manifest itself."""
+    entries: dict[str, FileEntry] = {}
+    for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+        rel = path.relative_to(model_dir).as_posix()
+        if rel == MANIFEST_NAME:
+            continue
+        entries[rel] = FileEntry(sha256=sha256_file(path), bytes=path.stat().st_size)
+    return entries
+
+
+def write_manifest(model_dir: Path, manifest: PrimeManifest) -> PrimeManifest:
+    """Hash every file, then write `prime.json` atomically (temp file, fsync, rename)."""
+    manifest = manifest.model_copy(update={"files": hash_files(model_dir)})
+    payload = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=False) + "\n"
+    fd, tmp = tempfile.mkstemp(dir=model_dir, prefix=".prime.json.")
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp makes it private; a model directory is shared data
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, model_dir / MANIFEST_NAME)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return manifest
+
+
+def read_manifest(model_dir: Path) -> PrimeManifest:
+    path = model_dir / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"{path}: missing; not a PRIME model directory")
+    try:
+        return PrimeManifest.model_validate_json(path.read_text(encoding="utf-8"))
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ManifestError(f"{path}: field {where}: {first['msg']}") from err
+
+
+def verify_files(model_dir: Path, manifest: PrimeManifest, paths: list[str] | None = None) -> None:
+    """Check size and sha256 of `paths` (default: every listed file) against the manifest."""
+    for rel in paths if paths is not None else list(manifest.files):
+        entry = manifest.files.get(rel)
+        if entry is None:
+            raise IntegrityError(f"{model_dir / rel}: not listed in {MANIFEST_NAME}; refusing to load it")
+        path = model_dir / rel
+        if not path.is_file():
+            raise IntegrityError(f"{path}: listed in {MANIFEST_NAME} but missing")
+        size = path.stat().st_size
+        if size != entry.bytes:
+            raise IntegrityError(f"{path}: size {size} bytes, manifest says {entry.bytes}")
+        actual = sha256_file(path)
+        if actual != entry.sha256:
+            raise IntegrityError(f"{path}: sha256 {actual} does not match manifest {entry.sha256}")
+
+
+_BITS_OF_QUANT = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8}
+
+
+def quant_bits(quant: str) -> int:
+    """Bits per weight of a llama.cpp quantization name: 'q4_k_m' -> 4, 'f16' -> 16."""
+    quant = quant.lower()
+    if quant in _BITS_OF_QUANT:
+        return _BITS_OF_QUANT[quant]
+    match = re.match(r"i?q(\d)", quant)
+    if not match:
+        raise ValueError(f"unknown quantization {quant!r}")
+    return int(match.group(1))

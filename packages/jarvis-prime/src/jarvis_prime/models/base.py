@@ -1,0 +1,107 @@
+"""What every backend shares: generation parameters, results, and the backend protocol."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Literal, Protocol, Sequence
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Sampling settings, identical in meaning on every backend.
+
+    temperature == 0 is greedy decoding. top_k == 0 and top_p == 1.0 disable those
+    filters. `stop` strings end the reply and are not part of it. No repetition penalty:
+    both backends sample from the model's own distribution.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"`max_new_tokens` must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"`temperature` must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"`top_p` must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"`top_k` must be >= 0, got {self.top_k}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"`stop` must be non-empty strings, got {list(self.stop)}")
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A finished generation, with usage counted in the model's own tokens."""
+
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One streamed piece; `finish_reason` is set on the last one."""
+
+    text: str
+    finish_reason: FinishReason | None = None
+
+
+class Backend(Protocol):
+    """A loaded model that turns token ids into text. Not thread-safe: callers hold a lock."""
+
+    name: str
+    bos_token: str
+    eos_token: str
+
+    def tokenize(self, text: str, add_special: bool) -> list[int]: ...
+
+    def generate(self, prompt_ids: Sequence[int], params: GenerationParams) -> Generation: ...
+
+    def stream(self, prompt_ids: Sequence[int], params: GenerationParams) -> Iterator[Chunk]: ...
+
+    def close(self) -> None: ...
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """`text` up to the first stop string, and whether one was found."""
+    cut = min((i for s in stop if (i := text.find(s)) != -1), default=-1)
+    return (text[:cut], True) if cut != -1 else (text, False)
+
+
+class StopStringFilter:
+    """Streams text while holding back what could still become a stop string.
+
+    feed("Hello wor") with stop ["world"] emits "Hello " and keeps "wor" until the next
+    piece decides; once a stop string appears everything from it on is dropped.
+    """
+
+    def __init__(self, stop: Sequence[str]) -> None:
+        self.stop = tuple(stop)
+        self._holdback = max((len(s) for s in self.stop), default=1) - 1
+        self._buffer = ""
+        self.stopped = False
+
+    def feed(self, piece: str) -> str:
+        if self.stopped:
+            return ""
+        self._buffer += piece
+        text, self.stopped = cut_at_stop(self._buffer, self.stop)
+        if self.stopped:
+            self._buffer = ""
+            return text
+        safe = len(self._buffer) - self._holdback
+        out, self._buffer = self._buffer[:max(safe, 0)], self._buffer[max(safe, 0):]
+        return out
+
+    def flush(self) -> str:
+        out, self._buffer = ("" if self.stopped else self._buffer), ""
+        return out

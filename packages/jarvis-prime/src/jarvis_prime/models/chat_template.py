@@ -1,0 +1,72 @@
+"""Render a model's own Jinja chat template, the way transformers does, without torch.
+
+Both backends format chats through this one renderer, so a conversation becomes the
+same prompt (and the same token ids) on llama.cpp and on transformers. The Jinja
+environment mirrors `transformers.utils.chat_template_utils` (sandboxed, trim_blocks,
+lstrip_blocks, loop controls, `tojson`, `raise_exception`, `strftime_now`); a test
+checks the output against `tokenizer.apply_chat_template`.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from functools import lru_cache
+from typing import Any, Mapping, Sequence
+
+import jinja2
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+ROLES = ("system", "user", "assistant")
+
+
+class ChatTemplateError(ValueError):
+    """Messages the template cannot render, or a template that raised."""
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False) -> str:
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+@lru_cache(maxsize=8)
+def _compile(source: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
+def validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    """Plain {'role', 'content'} dicts, or a ChatTemplateError naming the bad message."""
+    if not messages:
+        raise ChatTemplateError("messages: at least one message is required")
+    clean = []
+    for i, message in enumerate(messages):
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise ChatTemplateError(f"messages[{i}].role: must be one of {ROLES}, got {role!r}")
+        if not isinstance(content, str):
+            raise ChatTemplateError(f"messages[{i}].content: must be a string, got {type(content).__name__}")
+        clean.append({"role": role, "content": content})
+    return clean
+
+
+class ChatTemplate:
+    def __init__(self, source: str, special_tokens: Mapping[str, str]) -> None:
+        self.source = source
+        self.special_tokens = dict(special_tokens)  # bos_token, eos_token, ...
+
+    def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+        clean = validate_messages(messages)
+        try:
+            return _compile(self.source).render(
+                messages=clean, add_generation_prompt=add_generation_prompt, **self.special_tokens
+            )
+        except jinja2.exceptions.TemplateError as err:
+            raise ChatTemplateError(f"chat template: {err}") from err

@@ -1,0 +1,77 @@
+"""The llama.cpp backend: GGUF files through llama-cpp-python (CPU, Apple Metal, CUDA).
+
+Imports no torch. Sampling is set so it means what `GenerationParams` says: no
+repetition penalty and no min-p (llama-cpp-python defaults to 1.1 and 0.05, which
+would make greedy decoding disagree with the transformers backend).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from jarvis_prime.errors import BackendUnavailableError
+from jarvis_prime.models.base import Chunk, Generation, GenerationParams
+
+
+class LlamaCppBackend:
+    name = "llamacpp"
+
+    def __init__(self, gguf_path: Path, *, n_ctx: int, gpu_offload: bool, n_threads: int | None = None) -> None:
+        import llama_cpp  # optional at import time of jarvis_prime; installed by default
+
+        if gpu_offload and not llama_cpp.llama_supports_gpu_offload():
+            raise BackendUnavailableError(
+                "this llama-cpp-python build has no GPU offload (Metal/CUDA); "
+                "use device='cpu' or reinstall llama-cpp-python with GPU support"
+            )
+        self._llm = llama_cpp.Llama(
+            model_path=str(gguf_path),
+            n_ctx=n_ctx,
+            n_gpu_layers=-1 if gpu_offload else 0,
+            n_threads=n_threads or os.cpu_count(),
+            verbose=False,
+        )
+        self.bos_token = self._token_text(self._llm.token_bos())
+        self.eos_token = self._token_text(self._llm.token_eos())
+
+    def _token_text(self, token_id: int) -> str:
+        if token_id < 0:
+            return ""
+        return self._llm.detokenize([token_id], special=True).decode("utf-8", errors="replace")
+
+    def tokenize(self, text: str, add_special: bool) -> list[int]:
+        # `add_bos` is llama.cpp's "add special tokens": the model's own metadata decides.
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True)
+
+    def _completion_args(self, prompt_ids: Sequence[int], params: GenerationParams) -> dict:
+        return dict(
+            prompt=list(prompt_ids),
+            max_tokens=params.max_new_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            min_p=0.0,
+            repeat_penalty=1.0,
+            stop=list(params.stop),
+            seed=params.seed,
+        )
+
+    def generate(self, prompt_ids: Sequence[int], params: GenerationParams) -> Generation:
+        result = self._llm.create_completion(**self._completion_args(prompt_ids, params))
+        choice, usage = result["choices"][0], result["usage"]
+        return Generation(
+            text=choice["text"],
+            finish_reason=choice["finish_reason"] or "stop",
+            prompt_tokens=usage["prompt_tokens"],
+            completion_tokens=usage["completion_tokens"],
+        )
+
+    def stream(self, prompt_ids: Sequence[int], params: GenerationParams) -> Iterator[Chunk]:
+        for part in self._llm.create_completion(**self._completion_args(prompt_ids, params), stream=True):
+            choice = part["choices"][0]
+            yield Chunk(text=choice["text"], finish_reason=choice["finish_reason"])
+
+    def close(self) -> None:
+        self._llm.close()

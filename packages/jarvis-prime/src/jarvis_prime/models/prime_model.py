@@ -1,0 +1,224 @@
+"""`PrimeModel`: one interface for a PRIME model, whichever backend runs it.
+
+    model = PrimeModel.from_pretrained("smollm2-135m-instruct", quantization="4bit")
+    print(model.runtime.describe())   # what was picked, and why
+    model.chat([{"role": "user", "content": "What is the capital of France?"}])
+
+Every file the chosen backend reads is checked against the sha256 in `prime.json`
+before it is loaded. Chats are formatted with the model's own Jinja chat template.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Iterator, Mapping, Sequence, TypedDict
+
+from typing_extensions import Unpack
+
+from jarvis_prime.errors import ManifestError
+from jarvis_prime.hardware import detect_hardware, detect_libraries
+from jarvis_prime.manifest import PrimeManifest, verify_files
+from jarvis_prime.models.base import Backend, Generation, GenerationParams
+from jarvis_prime.models.chat_template import ChatTemplate
+from jarvis_prime.models.selection import BackendName, Device, Quantization, Runtime, plan_runtime
+from jarvis_prime.store import resolve
+
+log = logging.getLogger("jarvis_prime")
+
+DEFAULT_CONTEXT_CAP = 4096  # KV cache memory grows with it; long-context models opt in
+Messages = Sequence[Mapping[str, Any]]
+
+
+class SamplingOptions(TypedDict, total=False):
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    stop: Sequence[str] | None
+    seed: int | None
+
+
+def _params(options: SamplingOptions, extra_stop: Sequence[str] = ()) -> GenerationParams:
+    options = dict(options)
+    stop = tuple(options.pop("stop", None) or ()) + tuple(s for s in extra_stop if s)
+    return GenerationParams(**options, stop=tuple(dict.fromkeys(stop)))
+
+
+def _files_read(manifest: PrimeManifest, runtime: Runtime) -> list[str]:
+    """The manifest files a backend opens: its weights, tokenizer and template."""
+    if runtime.weights_format == "gguf":
+        names = [runtime.weights, "chat_template.jinja"]
+    else:
+        names = [f for f in manifest.files if not f.startswith(("gguf/", "adapter/"))]
+    return [f for f in names if f in manifest.files or f == runtime.weights]
+
+
+class PrimeModel:
+    def __init__(self, path: Path, manifest: PrimeManifest, runtime: Runtime, backend: Backend, context_length: int):
+        self.path = path
+        self.manifest = manifest
+        self.runtime = runtime
+        self.context_length = context_length
+        self._backend = backend
+        self._lock = threading.Lock()  # one generation at a time per loaded model
+        template = path / "chat_template.jinja"
+        self._template = (
+            ChatTemplate(template.read_text(encoding="utf-8"), {"bos_token": backend.bos_token, "eos_token": backend.eos_token})
+            if template.is_file() else None
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        quantization: Quantization = None,
+        device: Device = "auto",
+        backend: BackendName = "auto",
+        *,
+        context_length: int | None = None,
+    ) -> "PrimeModel":
+        """Load a PRIME model by catalog/store name or directory.
+
+        quantization: None (the model's weights as shipped, most precise available),
+            "8bit" or "4bit". device: "auto", "cpu", "cuda" or "mps".
+            backend: "auto", "llamacpp" or "transformers" (see `selection.plan_runtime`).
+        context_length: tokens of context to allocate; default min(model's, 4096).
+        """
+        local = resolve(name_or_path, log=log.info)
+        runtime = plan_runtime(
+            local.manifest, quantization=quantization, device=device, backend=backend,
+            hardware=detect_hardware(), libraries=detect_libraries(),
+        )
+        log.info("%s: %s", local.manifest.name, runtime.describe())
+        verify_files(local.path, local.manifest, _files_read(local.manifest, runtime))
+        n_ctx = context_length or min(local.manifest.context_length, DEFAULT_CONTEXT_CAP)
+        if runtime.backend == "llamacpp":
+            from jarvis_prime.models.llamacpp import LlamaCppBackend
+
+            loaded: Backend = LlamaCppBackend(local.path / runtime.weights, n_ctx=n_ctx, gpu_offload=runtime.device != "cpu")
+        else:
+            from jarvis_prime.models.transformers_backend import TransformersBackend
+
+            loaded = TransformersBackend(local.path, device=runtime.device, quantization=runtime.quantization)
+        return cls(local.path, local.manifest, runtime, loaded, n_ctx)
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    # -- prompts ------------------------------------------------------------------------
+
+    def apply_chat_template(self, messages: Messages, add_generation_prompt: bool = True) -> str:
+        """The prompt text the model's own chat template makes of `messages`."""
+        if self._template is None:
+            raise ManifestError(f"{self.path}: no chat_template.jinja; this model cannot chat, only generate")
+        return self._template.render(messages, add_generation_prompt=add_generation_prompt)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._backend.tokenize(text, add_special=False))
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        return self._backend.tokenize(prompt, add_special=True)
+
+    def _chat_ids(self, messages: Messages) -> list[int]:
+        # The template writes the special tokens itself, so none are added here.
+        return self._backend.tokenize(self.apply_chat_template(messages), add_special=False)
+
+    # -- generation ---------------------------------------------------------------------
+
+    def complete(self, prompt: str, **options: Unpack[SamplingOptions]) -> Generation:
+        """Continue `prompt`; the result carries finish reason and token usage."""
+        params = _params(options)
+        ids = self._prompt_ids(prompt)
+        with self._lock:
+            return self._backend.generate(ids, params)
+
+    def complete_chat(self, messages: Messages, **options: Unpack[SamplingOptions]) -> Generation:
+        """The assistant's next reply to `messages`, with finish reason and usage."""
+        params = _params(options, self.manifest.stop)
+        ids = self._chat_ids(messages)
+        with self._lock:
+            return self._backend.generate(ids, params)
+
+    def generate(self, prompt: str, **options: Unpack[SamplingOptions]) -> str:
+        return self.complete(prompt, **options).text
+
+    def chat(self, messages: Messages, **options: Unpack[SamplingOptions]) -> str:
+        return self.complete_chat(messages, **options).text
+
+    def stream(self, prompt: str, **options: Unpack[SamplingOptions]) -> Iterator[str]:
+        """Text pieces of `generate(prompt)` as they are decoded."""
+        return self._stream(self._prompt_ids(prompt), _params(options))
+
+    def stream_chat(self, messages: Messages, **options: Unpack[SamplingOptions]) -> Iterator[str]:
+        """Text pieces of `chat(messages)` as they are decoded."""
+        return self._stream(self._chat_ids(messages), _params(options, self.manifest.stop))
+
+    def _stream(self, ids: list[int], params: GenerationParams) -> Iterator[str]:
+        with self._lock:
+            for chunk in self._backend.stream(ids, params):
+                if chunk.text:
+                    yield chunk.text
+
+    # -- async: the same calls, off the event loop ---------------------------------------
+
+    async def generate_async(self, prompt: str, **options: Unpack[SamplingOptions]) -> str:
+        return await asyncio.to_thread(self.generate, prompt, **options)
+
+    async def chat_async(self, messages: Messages, **options: Unpack[SamplingOptions]) -> str:
+        return await asyncio.to_thread(self.chat, messages, **options)
+
+    def stream_async(self, prompt: str, **options: Unpack[SamplingOptions]) -> AsyncIterator[str]:
+        return _iterate_in_thread(lambda: self.stream(prompt, **options))
+
+    def stream_chat_async(self, messages: Messages, **options: Unpack[SamplingOptions]) -> AsyncIterator[str]:
+        return _iterate_in_thread(lambda: self.stream_chat(messages, **options))
+
+    def close(self) -> None:
+        with self._lock:
+            self._backend.close()
+
+    def __enter__(self) -> "PrimeModel":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"PrimeModel({self.name}-{self.version}, {self.runtime.describe()})"
+
+
+async def _iterate_in_thread(make: Callable[[], Iterator[str]]) -> AsyncIterator[str]:
+    """Drive a blocking iterator in a worker thread, handing items to the event loop."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+    cancelled = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in make():
+                if cancelled.is_set():
+                    break
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+        except BaseException as err:
+            loop.call_soon_threadsafe(queue.put_nowait, err)
+        finally:
+            loop.call_soon_threadsafe(queue.put_nowait, done)
+
+    worker = loop.run_in_executor(None, work)
+    try:
+        while (item := await queue.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        cancelled.set()
+        await worker

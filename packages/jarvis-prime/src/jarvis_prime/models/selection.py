@@ -1,0 +1,147 @@
+"""Choosing a runtime: which backend, device and weight file serve a request, and why.
+
+A pure function of the model's manifest, the hardware and the installed libraries, so
+every cell of the quantization matrix is testable on one machine. A combination that
+cannot work is a `BackendUnavailableError` that says what would; nothing falls back
+silently to something the user did not ask for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from jarvis_prime.errors import BackendUnavailableError
+from jarvis_prime.hardware import Hardware, Libraries
+from jarvis_prime.manifest import PrimeManifest
+
+Quantization = Literal["8bit", "4bit"] | None
+Device = Literal["auto", "cpu", "cuda", "mps"]
+BackendName = Literal["auto", "llamacpp", "transformers"]
+
+QUANTIZATIONS = (None, "8bit", "4bit")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+BACKENDS = ("auto", "llamacpp", "transformers")
+_BITS = {"8bit": 8, "4bit": 4}
+# Among several 4-bit GGUFs, the better quality/size trade-off first.
+_GGUF_PREFERENCE = ("q4_k_m", "q4_k_s", "q4_0", "q4_1", "iq4_nl", "iq4_xs", "q8_0", "f16", "bf16", "f32")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What `from_pretrained` decided: the weights to load, where, and the reason."""
+
+    backend: Literal["llamacpp", "transformers"]
+    device: Literal["cpu", "cuda", "mps"]
+    quantization: Quantization
+    weights: str  # path relative to the model directory
+    weights_format: Literal["gguf", "safetensors"]
+    reason: str
+
+    def describe(self) -> str:
+        asked = self.quantization or "no extra quantization"
+        return f"{self.backend} on {self.device}, {self.weights} ({asked}): {self.reason}"
+
+
+def _validate(quantization: object, device: object, backend: object) -> None:
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"`quantization` must be one of None, '8bit', '4bit'; got {quantization!r}")
+    if device not in DEVICES:
+        raise ValueError(f"`device` must be one of {DEVICES}; got {device!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"`backend` must be one of {BACKENDS}; got {backend!r}")
+
+
+def _pick_device(device: Device, hw: Hardware) -> Literal["cpu", "cuda", "mps"]:
+    if device == "auto":
+        return "cuda" if hw.nvidia_driver else "mps" if hw.apple_silicon else "cpu"
+    if device == "cuda" and not hw.nvidia_driver:
+        raise BackendUnavailableError("device='cuda' but no NVIDIA driver was found on this machine")
+    if device == "mps" and not hw.apple_silicon:
+        raise BackendUnavailableError("device='mps' needs Apple Silicon")
+    return device
+
+
+def matching_gguf(manifest: PrimeManifest, quantization: Quantization) -> str | None:
+    """The GGUF quantization name that serves `quantization`, best first; None if none.
+
+    None asks for no quantization beyond what the model ships: the most precise GGUF.
+    """
+    ggufs = {name: q for name, q in manifest.quantizations.items() if q.format == "gguf"}
+    if quantization is None:
+        candidates = sorted(ggufs, key=lambda n: -ggufs[n].bits)
+        candidates = [n for n in candidates if ggufs[n].bits == ggufs[candidates[0]].bits] if candidates else []
+    else:
+        candidates = [n for n, q in ggufs.items() if q.bits == _BITS[quantization]]
+    rank = {name: i for i, name in enumerate(_GGUF_PREFERENCE)}
+    return min(candidates, key=lambda n: rank.get(n, len(rank)), default=None)
+
+
+def _safetensors(manifest: PrimeManifest) -> str | None:
+    return next((q.file for q in manifest.quantizations.values() if q.format == "safetensors"), None)
+
+
+def _llamacpp(manifest: PrimeManifest, quantization: Quantization, device, libs: Libraries, reason: str) -> Runtime:
+    if not libs.llama_cpp:
+        raise BackendUnavailableError("backend 'llamacpp' needs llama-cpp-python: pip install llama-cpp-python")
+    gguf = matching_gguf(manifest, quantization)
+    if gguf is None:
+        have = ", ".join(n for n, q in manifest.quantizations.items() if q.format == "gguf") or "none"
+        want = f"{quantization} GGUF" if quantization else "GGUF file"
+        raise BackendUnavailableError(
+            f"{manifest.name} has no {want} for llama.cpp (GGUF files: {have}); "
+            f"export one with `prime export` or use backend='transformers'"
+        )
+    return Runtime("llamacpp", device, quantization, manifest.quantizations[gguf].file, "gguf", reason)
+
+
+def _transformers(manifest: PrimeManifest, quantization: Quantization, device, libs: Libraries, reason: str) -> Runtime:
+    if not libs.transformers:
+        raise BackendUnavailableError(
+            "backend 'transformers' needs torch and transformers: pip install 'jarvis-prime[transformers]'"
+        )
+    weights = _safetensors(manifest)
+    if weights is None:
+        raise BackendUnavailableError(
+            f"{manifest.name} has no safetensors weights for transformers; re-pull it with transformers installed"
+        )
+    if quantization is not None:
+        if device == "mps":
+            raise BackendUnavailableError(
+                f"bitsandbytes {quantization} does not run on Apple MPS; use backend='llamacpp' (GGUF with Metal)"
+            )
+        if not libs.bitsandbytes:
+            raise BackendUnavailableError(
+                f"{quantization} with transformers needs bitsandbytes: pip install 'jarvis-prime[bitsandbytes]'"
+            )
+    return Runtime("transformers", device, quantization, weights, "safetensors", reason)
+
+
+def plan_runtime(
+    manifest: PrimeManifest,
+    *,
+    quantization: Quantization = None,
+    device: Device = "auto",
+    backend: BackendName = "auto",
+    hardware: Hardware,
+    libraries: Libraries,
+) -> Runtime:
+    """Decide backend, device and weight file for `manifest`; explain the choice.
+
+    auto: CUDA -> transformers (+ bitsandbytes for 8/4-bit); CPU and Apple Silicon ->
+    llama.cpp when a GGUF matching `quantization` exists, otherwise transformers.
+    """
+    _validate(quantization, device, backend)
+    dev = _pick_device(device, hardware)
+    if backend == "llamacpp":
+        return _llamacpp(manifest, quantization, dev, libraries, "backend='llamacpp' requested")
+    if backend == "transformers":
+        return _transformers(manifest, quantization, dev, libraries, "backend='transformers' requested")
+
+    if dev == "cuda" and libraries.transformers:
+        return _transformers(manifest, quantization, dev, libraries, "CUDA GPU: transformers (+ bitsandbytes)")
+    if libraries.llama_cpp and matching_gguf(manifest, quantization) is not None:
+        where = "Apple Silicon (Metal)" if dev == "mps" else dev.upper()
+        return _llamacpp(manifest, quantization, dev, libraries, f"{where}: llama.cpp on a matching GGUF")
+    reason = f"no {quantization or 'unquantized'} GGUF in the model (or no llama-cpp-python); using safetensors"
+    return _transformers(manifest, quantization, dev, libraries, reason)

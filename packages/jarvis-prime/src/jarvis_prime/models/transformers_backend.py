@@ -1,0 +1,157 @@
+"""The transformers backend: safetensors weights, optionally 8/4-bit through bitsandbytes.
+
+Imported only when this backend is chosen, so torch stays out of processes that run
+llama.cpp. Generation is transformers' own `generate`; streaming runs it in a worker
+thread with a `TextIteratorStreamer`, the pattern transformers documents.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Iterator, Literal, Sequence
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
+
+from jarvis_prime.errors import BackendUnavailableError
+from jarvis_prime.models.base import Chunk, Generation, GenerationParams, StopStringFilter, cut_at_stop
+
+
+def _dtype_for(device: str) -> torch.dtype:
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device == "mps":
+        return torch.float16
+    return torch.float32
+
+
+def _quantization_config(quantization: Literal["8bit", "4bit"] | None, dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True
+        )
+    return None
+
+
+class _StopFlag(StoppingCriteria):
+    """Lets the streaming consumer end generation once it has seen a stop string."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class TransformersBackend:
+    name = "transformers"
+
+    def __init__(self, model_dir: Path, *, device: str, quantization: Literal["8bit", "4bit"] | None) -> None:
+        if device == "cuda" and not torch.cuda.is_available():
+            raise BackendUnavailableError("device='cuda' but torch sees no CUDA GPU")
+        if device == "mps" and not torch.backends.mps.is_available():
+            raise BackendUnavailableError("device='mps' but torch's MPS backend is not available")
+        self.device = device
+        dtype = _dtype_for(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_dir,
+            dtype=dtype,
+            quantization_config=_quantization_config(quantization, dtype),
+            device_map=device if quantization else None,
+            local_files_only=True,
+            use_safetensors=True,  # never unpickle weights
+        )
+        if not quantization:
+            self.model.to(device)
+        self.model.eval()
+        self.bos_token = self.tokenizer.bos_token or ""
+        self.eos_token = self.tokenizer.eos_token or ""
+
+    def tokenize(self, text: str, add_special: bool) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
+
+    def _generate_kwargs(self, prompt_ids: Sequence[int], params: GenerationParams) -> dict:
+        input_ids = torch.tensor([list(prompt_ids)], device=self.model.device)
+        sampling = params.temperature > 0
+        kwargs = dict(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=params.max_new_tokens,
+            do_sample=sampling,
+            pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+        )
+        if sampling:
+            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+        else:  # the model's generation_config may carry sampling defaults; greedy ignores them
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if params.stop:
+            kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        return kwargs
+
+    def _finish(self, new_ids: list[int], params: GenerationParams, stopped_by_string: bool) -> str:
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos])
+        if stopped_by_string or (new_ids and new_ids[-1] in eos_ids) or len(new_ids) < params.max_new_tokens:
+            return "stop"
+        return "length"
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids: Sequence[int], params: GenerationParams) -> Generation:
+        output = self.model.generate(**self._generate_kwargs(prompt_ids, params))
+        new_ids = output[0, len(prompt_ids):].tolist()
+        text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+        text, found = cut_at_stop(text, params.stop)
+        return Generation(text, self._finish(new_ids, params, found), len(prompt_ids), len(new_ids))
+
+    def stream(self, prompt_ids: Sequence[int], params: GenerationParams) -> Iterator[Chunk]:
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        flag = _StopFlag()
+        kwargs = self._generate_kwargs(prompt_ids, params)
+        kwargs.update(streamer=streamer, stopping_criteria=StoppingCriteriaList([flag]))
+        result: dict = {}
+
+        def work() -> None:
+            try:
+                with torch.inference_mode():
+                    result["output"] = self.model.generate(**kwargs)
+            except BaseException as err:  # re-raised in the consumer's thread
+                result["error"] = err
+                streamer.end()
+
+        worker = threading.Thread(target=work, name="prime-transformers-generate", daemon=True)
+        worker.start()
+        stops = StopStringFilter(params.stop)
+        try:
+            for piece in streamer:
+                text = stops.feed(piece)
+                if text:
+                    yield Chunk(text)
+                if stops.stopped:
+                    flag.stop.set()
+                    break
+        finally:
+            flag.stop.set()  # an abandoned stream must not keep the model busy
+            worker.join()
+        if "error" in result:
+            raise result["error"]
+        tail = stops.flush()
+        new_ids = result["output"][0, len(prompt_ids):].tolist()
+        yield Chunk(tail, self._finish(new_ids, params, stops.stopped))
+
+    def close(self) -> None:
+        del self.model
+        if self.device == "cuda":
+            torch.cuda.empty_cache()

@@ -1,0 +1,139 @@
+"""The `reactor` command line.
+
+Commands stay thin: they parse options, call into the library and print. Everything
+they show is available from Python too (`reactor_core.utils.environment`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+from reactor_core import __version__
+from reactor_core.utils.environment import (
+    DEFAULT_METADATA_TIMEOUT_S,
+    Environment,
+    MetadataClient,
+    Probes,
+    Profile,
+    detect_environment,
+    recommend_profile,
+)
+
+app = typer.Typer(
+    name="reactor",
+    help=(
+        "Reactor Core: the JARVIS training engine. It turns chat and preference data "
+        "into PRIME model directories (SFT, LoRA/QLoRA, DPO) on a laptop, a GPU box or "
+        "a spot GCP VM, for jarvis-prime to serve."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"reactor-core {__version__}")
+        raise typer.Exit()
+
+
+# Without a callback typer collapses a single-command app into that command, and
+# `reactor env` would stop parsing; the callback keeps `env` a subcommand.
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Reactor Core: the JARVIS training engine."""
+
+
+@app.command()
+def env(
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the environment and profile as JSON.")
+    ] = False,
+    metadata_timeout: Annotated[
+        float,
+        typer.Option(
+            "--metadata-timeout",
+            min=0.0,
+            help="Seconds to wait for the GCP metadata server (off GCP this is paid once).",
+        ),
+    ] = DEFAULT_METADATA_TIMEOUT_S,
+) -> None:
+    """Show the detected environment and the recommended training profile."""
+    probes = Probes(metadata_get=MetadataClient.from_env(timeout_s=metadata_timeout).get)
+    environment = detect_environment(probes)
+    profile = recommend_profile(environment)
+
+    if as_json:
+        payload = {
+            "reactor_core": __version__,
+            "environment": environment.to_dict(),
+            "profile": profile.to_dict(),
+        }
+        typer.echo(json.dumps(payload, indent=2))
+        return
+
+    console = Console()
+    console.print(_environment_table(environment))
+    console.print(_profile_panel(profile))
+
+
+def _environment_table(env: Environment) -> Table:
+    table = Table(title="Environment", show_header=False, title_justify="left")
+    table.add_column("key", style="bold")
+    table.add_column("value")
+
+    gpus = ", ".join(f"{gpu.name} ({gpu.memory_gb:g} GB)" for gpu in env.cuda_gpus) or "none"
+    if env.gcp.on_gcp:
+        gcp = f"{env.gcp.machine_type} in {env.gcp.zone}"
+        if env.gcp.preemptible:
+            gcp += f", spot ({env.gcp.provisioning_model or 'preemptible'})"
+    else:
+        gcp = "no"
+
+    table.add_row("OS / arch", f"{env.os} / {env.arch}")
+    table.add_row("Python", env.python)
+    table.add_row("torch", env.torch_version or "not installed")
+    table.add_row("CPUs", str(env.cpu_count))
+    table.add_row("RAM", f"{env.ram_gb:g} GB" if env.ram_gb is not None else "unknown")
+    table.add_row("Apple Silicon", _yes_no(env.apple_silicon))
+    table.add_row("MPS", _yes_no(env.mps_available))
+    table.add_row("CUDA GPUs", gpus)
+    table.add_row("GCP VM", gcp)
+    return table
+
+
+def _profile_panel(profile: Profile) -> Panel:
+    checkpoint = (
+        f"every {profile.checkpoint_every_minutes:g} min"
+        if profile.checkpoint_every_minutes is not None
+        else "by steps only"
+    )
+    body = "\n".join(
+        [
+            profile.reason,
+            "",
+            f"device            {profile.device}",
+            f"max trainable     {profile.max_trainable}",
+            f"auto-resume       {'on' if profile.auto_resume else 'off'}",
+            f"checkpoints       {checkpoint}",
+        ]
+    )
+    title = f"Recommended profile: {profile.name}"
+    return Panel(body, title=title, title_align="left", expand=False)
+
+
+def _yes_no(value: bool) -> str:
+    return "yes" if value else "no"

@@ -1,0 +1,1 @@
+"""Environment detection and logging helpers."""

@@ -1,0 +1,42 @@
+# The two commands of the README. Setup is incremental: the stamps below are only
+# rebuilt when a package's pyproject.toml changes, so a second `make run` starts at once.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+PYPROJECTS := packages/reactor-core/pyproject.toml packages/jarvis-prime/pyproject.toml packages/jarvis/pyproject.toml
+
+.PHONY: run test setup setup-test bench clean
+
+run: $(VENV)/.stamp-run
+	$(VENV)/bin/jarvis chat
+
+test: $(VENV)/.stamp-test
+	$(PY) -m pytest
+
+setup: $(VENV)/.stamp-run
+setup-test: $(VENV)/.stamp-test
+
+bench: $(VENV)/.stamp-test
+	$(PY) benchmarks/decode.py
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, pinned to the CPU build on this machine's disk, so that nothing later
+# resolves `torch` to a multi-GB CUDA wheel.
+$(VENV)/.stamp-torch: | $(PY)
+	$(PIP) install "torch==2.13.0"
+	touch $@
+
+$(VENV)/.stamp-run: $(VENV)/.stamp-torch $(PYPROJECTS)
+	$(PIP) install -e packages/reactor-core -e "packages/jarvis-prime[transformers,training]" -e packages/jarvis
+	touch $@
+
+$(VENV)/.stamp-test: $(VENV)/.stamp-run $(PYPROJECTS)
+	$(PIP) install -e "packages/reactor-core[dev]" -e "packages/jarvis-prime[transformers,training,dev]" -e "packages/jarvis[dev]"
+	touch $@
+
+clean:
+	rm -rf $(VENV)

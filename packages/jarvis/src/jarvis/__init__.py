@@ -1,0 +1,10 @@
+"""JARVIS: the personal assistant runtime, on PRIME models through jarvis_prime.
+
+This package never imports torch, transformers, peft or reactor_core (a test enforces
+it): models arrive through `jarvis_prime.PrimeModel` only.
+"""
+
+from jarvis.chatbots import Chatbot, ChatbotConfig
+
+__version__ = "2.0.0"
+__all__ = ["Chatbot", "ChatbotConfig"]

@@ -1,0 +1,111 @@
+"""`Chatbot`: JARVIS's conversation loop on a PRIME model.
+
+It keeps the session's history, puts the persona first, trims the oldest turns when
+the conversation outgrows the model's context window, and formats everything with
+the model's own chat template (through `PrimeModel`), never a hand-made
+"User:/Assistant:" layout.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Iterator, Literal
+
+from jarvis_prime import PrimeModel
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_PERSONA = "You are JARVIS, a helpful AI assistant. Answer concisely."
+
+Message = dict[str, str]
+
+
+def _default_model() -> str:
+    return os.environ.get("JARVIS_MODEL") or DEFAULT_MODEL
+
+
+@dataclass
+class ChatbotConfig:
+    """How JARVIS talks. `model` defaults to $JARVIS_MODEL, then the offline default."""
+
+    model: str = field(default_factory=_default_model)
+    backend: Literal["auto", "llamacpp", "transformers"] = "auto"
+    quantization: Literal["8bit", "4bit"] | None = None
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    system_prompt: str = DEFAULT_PERSONA
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # greedy: the most reliable answers from small models
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("auto", "llamacpp", "transformers"):
+            raise ValueError(f"`backend` must be auto, llamacpp or transformers; got {self.backend!r}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"`max_new_tokens` must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"`temperature` must be >= 0, got {self.temperature}")
+
+
+class Chatbot:
+    """A conversation with JARVIS. The model loads on first use unless one is given."""
+
+    def __init__(self, config: ChatbotConfig | None = None, model: PrimeModel | None = None) -> None:
+        self.config = config or ChatbotConfig()
+        self._model = model
+        self.history: list[Message] = []
+
+    @property
+    def model(self) -> PrimeModel:
+        if self._model is None:
+            c = self.config
+            self._model = PrimeModel.from_pretrained(c.model, quantization=c.quantization, device=c.device, backend=c.backend)
+        return self._model
+
+    def reset(self) -> None:
+        """Forget the conversation (the persona stays)."""
+        self.history.clear()
+
+    def ask(self, text: str) -> str:
+        """Send one user message; return the whole reply."""
+        return "".join(self.stream(text))
+
+    def stream(self, text: str) -> Iterator[str]:
+        """Send one user message; yield the reply as it is generated.
+
+        The turn enters the history once the reply ends (or is interrupted, keeping
+        what was said so far).
+        """
+        if not text.strip():
+            raise ValueError("message is empty")
+        user = {"role": "user", "content": text}
+        messages = self._fit_context(user)
+        c = self.config
+        pieces: list[str] = []
+        try:
+            for piece in self.model.stream_chat(
+                messages, max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, seed=c.seed
+            ):
+                pieces.append(piece)
+                yield piece
+        finally:
+            self.history += [user, {"role": "assistant", "content": "".join(pieces).strip()}]
+
+    def _fit_context(self, user: Message) -> list[Message]:
+        """Persona + as much recent history as fits, + the new message.
+
+        Whole exchanges are dropped oldest first, so the model never sees half a turn.
+        """
+        budget = self.model.context_length - self.config.max_new_tokens
+        system = [{"role": "system", "content": self.config.system_prompt}] if self.config.system_prompt else []
+        while True:
+            messages = system + self.history + [user]
+            used = self.model.count_tokens(self.model.apply_chat_template(messages))
+            if used <= budget:
+                return messages
+            if not self.history:
+                raise ValueError(
+                    f"message too long: {used} tokens with the persona; {self.model.name} holds "
+                    f"{self.model.context_length} tokens of context and {self.config.max_new_tokens} are kept for the reply"
+                )
+            del self.history[:2]

@@ -1,0 +1,101 @@
+"""`jarvis`: talk to JARVIS in the terminal."""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from jarvis import __version__
+from jarvis.chatbots import DEFAULT_PERSONA, Chatbot, ChatbotConfig
+from jarvis_prime import PrimeError
+
+app = typer.Typer(
+    name="jarvis",
+    help="JARVIS: your own assistant, on PRIME models, offline.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+HELP = "/reset forgets the conversation, /exit (or Ctrl-D) leaves."
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"jarvis-ai-agent {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log which backend was picked and why."),
+) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+
+
+def _reply(bot: Chatbot, text: str) -> None:
+    for piece in bot.stream(text):
+        console.print(piece, end="", markup=False, soft_wrap=True)
+    console.print()
+
+
+@app.command()
+def chat(
+    once: Optional[str] = typer.Option(None, "--once", help="Answer this one question and exit."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="PRIME model name or directory (default: $JARVIS_MODEL or smollm2-135m-instruct)."),
+    backend: str = typer.Option("auto", help="auto | llamacpp | transformers."),
+    quantization: Optional[str] = typer.Option(None, help="8bit | 4bit (default: the model's weights as shipped)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | mps."),
+    system: str = typer.Option(DEFAULT_PERSONA, help="The persona / system prompt."),
+    max_new_tokens: int = typer.Option(256, help="Longest reply, in tokens."),
+    temperature: float = typer.Option(0.0, help="0 is greedy decoding."),
+    seed: Optional[int] = typer.Option(None, help="Sampling seed, for repeatable replies."),
+) -> None:
+    """Chat in the terminal with streamed replies (or one answer with --once)."""
+    try:
+        config = ChatbotConfig(
+            backend=backend, quantization=quantization, device=device, system_prompt=system,
+            max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+            **({"model": model} if model else {}),
+        )
+        bot = Chatbot(config)
+        if once is not None:
+            _reply(bot, once)
+            return
+        with console.status(f"loading {config.model}"):
+            loaded = bot.model
+        console.print(f"[bold]JARVIS[/] on {loaded.name} {loaded.version} ({loaded.runtime.backend}). {HELP}")
+        _interactive(bot)
+    except (PrimeError, ValueError) as err:
+        err_console.print(f"[bold red]error:[/] {err}")
+        raise typer.Exit(code=1)
+
+
+def _interactive(bot: Chatbot) -> None:
+    while True:
+        try:
+            text = console.input("[bold cyan]you>[/] ").strip()
+        except (EOFError, KeyboardInterrupt):
+            console.print()
+            return
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return
+        if text == "/reset":
+            bot.reset()
+            console.print("[dim]conversation cleared[/]")
+            continue
+        if text.startswith("/"):
+            console.print(f"[dim]unknown command {text}; {HELP}[/]")
+            continue
+        console.print("[bold green]jarvis>[/] ", end="")
+        try:
+            _reply(bot, text)
+        except KeyboardInterrupt:  # stop this reply, keep the session
+            console.print("\n[dim](interrupted)[/]")

@@ -99,3 +99,7 @@ def _interactive(bot: Chatbot) -> None:
             _reply(bot, text)
         except KeyboardInterrupt:  # stop this reply, keep the session
             console.print("\n[dim](interrupted)[/]")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,91 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jarvis import Chatbot, ChatbotConfig
+from jarvis_prime import PrimeModel
+
+pytestmark = pytest.mark.real_model
+
+
+@pytest.fixture
+def bot(llama_model):
+    return Chatbot(ChatbotConfig(max_new_tokens=48), model=llama_model)
+
+
+def test_answers_and_keeps_history(bot):
+    assert "Paris" in bot.ask("What is the capital of France?")
+    assert [m["role"] for m in bot.history] == ["user", "assistant"]
+    assert "Paris" in bot.history[1]["content"]
+    bot.ask("And of Germany?")
+    assert len(bot.history) == 4
+    bot.reset()
+    assert bot.history == []
+
+
+def test_history_reaches_the_model_through_the_chat_template(bot):
+    bot.ask("What is the capital of France?")
+    messages = bot._fit_context({"role": "user", "content": "Thanks"})
+    assert messages[0] == {"role": "system", "content": bot.config.system_prompt}
+    assert messages[1:3] == bot.history and messages[-1]["content"] == "Thanks"
+    assert "<|im_start|>assistant\nThe capital of France is Paris" in bot.model.apply_chat_template(messages)
+
+
+def test_long_chats_drop_oldest_turns_instead_of_crashing(pulled_model):
+    small = PrimeModel.from_pretrained("smollm2-135m-instruct", backend="llamacpp", context_length=256)
+    bot = Chatbot(ChatbotConfig(max_new_tokens=16), model=small)
+    for i in range(12):
+        bot.ask(f"Remember the number {i}. " + "This sentence pads the context window. " * 4)
+        prompt = small.apply_chat_template(bot._fit_context({"role": "user", "content": "next"}))
+        assert small.count_tokens(prompt) <= 256 - 16
+    assert len(bot.history) < 24, "the oldest exchanges were dropped"
+    assert "number 11" in bot.history[-2]["content"], "the newest exchange is kept"
+    with pytest.raises(ValueError, match="message too long"):
+        bot.ask("word " * 400)
+    small.close()
+
+
+def test_interrupted_stream_keeps_what_was_said(bot):
+    stream = bot.stream("Tell me a long story about a robot.")
+    first = next(stream)
+    stream.close()
+    assert bot.history[-1] == {"role": "assistant", "content": first.strip()}
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="`backend`"):
+        ChatbotConfig(backend="gpt")
+    with pytest.raises(ValueError, match="`max_new_tokens`"):
+        ChatbotConfig(max_new_tokens=0)
+
+
+def jarvis(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """The `jarvis` command as a user runs it, in a fresh process."""
+    cmd = [sys.executable, "-m", "jarvis.cli", *args]
+    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=300, env=os.environ.copy())
+
+
+@pytest.mark.parametrize("backend", ["llamacpp", "transformers"])
+def test_jarvis_chat_once_answers_paris(pulled_model, backend):
+    result = jarvis("chat", "--once", "What is the capital of France?", "--backend", backend)
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+
+
+def test_interactive_chat_streams_resets_and_exits(pulled_model):
+    result = jarvis("chat", stdin="What is the capital of France?\n/reset\n/nope\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    assert "conversation cleared" in result.stdout and "unknown command /nope" in result.stdout
+
+
+def test_interactive_chat_ends_cleanly_at_end_of_input(pulled_model):
+    assert jarvis("chat", stdin="").returncode == 0
+
+
+def test_unknown_model_is_a_clear_error(pulled_model):
+    result = jarvis("chat", "--once", "hi", "--model", "smollm3")
+    assert result.returncode == 1
+    assert "unknown model 'smollm3'" in result.stderr and "smollm2-135m-instruct" in result.stderr

@@ -1,0 +1,100 @@
+"""The layer contract of ARCHITECTURE.md, checked on the source and in a live process."""
+
+import ast
+import json
+import subprocess
+import sys
+from importlib.metadata import requires
+from pathlib import Path
+
+import pytest
+
+PACKAGES = Path(__file__).resolve().parents[2]
+SOURCES = {
+    "jarvis": PACKAGES / "jarvis/src/jarvis",
+    "jarvis_prime": PACKAGES / "jarvis-prime/src/jarvis_prime",
+    "reactor_core": PACKAGES / "reactor-core/src/reactor_core",
+}
+HEAVY = {"torch", "transformers", "peft", "bitsandbytes", "accelerate"}
+
+
+def imports(path: Path, module_level_only: bool = False) -> list[tuple[str, int]]:
+    """(top-level module, line) of every import in `path`; optionally only those run at import time."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    nodes = list(ast.walk(tree))
+    if module_level_only:  # statements outside any function body
+        nodes, stack = [], list(tree.body)
+        while stack:
+            node = stack.pop()
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            nodes.append(node)
+            stack.extend(ast.iter_child_nodes(node))
+    found = []
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found += [(alias.name.split(".")[0], node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append((node.module.split(".")[0], node.lineno))
+    return found
+
+
+def violations(package: str, forbidden: set[str], module_level_only: bool = False, allow: tuple[str, ...] = ()) -> list[str]:
+    root = SOURCES[package]
+    return [
+        f"{path.relative_to(root.parent)}:{line}: imports {name}"
+        for path in sorted(root.rglob("*.py"))
+        if path.relative_to(root).as_posix() not in allow
+        for name, line in imports(path, module_level_only)
+        if name in forbidden
+    ]
+
+
+def test_jarvis_never_imports_ml_libraries_or_reactor_core():
+    assert violations("jarvis", HEAVY | {"reactor_core"}) == []
+
+
+def test_jarvis_prime_imports_reactor_core_only_lazily():
+    assert violations("jarvis_prime", {"reactor_core", "jarvis"}, module_level_only=True) == []
+    lazy = violations("jarvis_prime", {"reactor_core"})
+    assert lazy and all(v.startswith("jarvis_prime/recipes/") for v in lazy), lazy
+
+
+def test_jarvis_prime_loads_torch_only_in_the_transformers_backend():
+    # that module itself is imported only when the transformers backend is chosen
+    assert violations("jarvis_prime", HEAVY, module_level_only=True, allow=("models/transformers_backend.py",)) == []
+
+
+def test_reactor_core_imports_neither_upper_layer():
+    assert violations("reactor_core", {"jarvis", "jarvis_prime"}) == []
+
+
+def test_the_checker_catches_a_violation(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import os\n\ndef f():\n    from torch import nn\n")
+    assert imports(bad) == [("os", 1), ("torch", 4)]
+    assert imports(bad, module_level_only=True) == [("os", 1)]
+
+
+def test_declared_dependencies_follow_the_layers():
+    agent = " ".join(requires("jarvis-ai-agent"))
+    assert "jarvis-prime" in agent
+    assert not any(lib in agent for lib in ("torch", "transformers", "peft", "reactor-core"))
+    prime_base = [r for r in requires("jarvis-prime") if "extra ==" not in r]
+    assert not any(r.startswith(("torch", "transformers", "reactor-core")) for r in prime_base)
+    assert any(r.startswith("reactor-core>=1.0.0") and 'extra == "training"' in r for r in requires("jarvis-prime"))
+
+
+@pytest.mark.real_model
+def test_llamacpp_chat_never_loads_torch(pulled_model):
+    script = (
+        "import sys, json, jarvis, jarvis_prime\n"
+        "from jarvis import Chatbot, ChatbotConfig\n"
+        "after_import = sorted(m for m in ('torch', 'transformers', 'reactor_core') if m in sys.modules)\n"
+        "bot = Chatbot(ChatbotConfig(backend='llamacpp', max_new_tokens=8))\n"
+        "bot.ask('Hello')\n"
+        "after_chat = sorted(m for m in ('torch', 'transformers', 'reactor_core') if m in sys.modules)\n"
+        "print(json.dumps([after_import, after_chat, bot.model.runtime.backend]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [[], [], "llamacpp"]

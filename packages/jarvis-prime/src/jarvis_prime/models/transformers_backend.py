@@ -62,7 +62,8 @@ class TransformersBackend:
         if device == "mps" and not torch.backends.mps.is_available():
             raise BackendUnavailableError("device='mps' but torch's MPS backend is not available")
         self.device = device
-        dtype = _dtype_for(device)
+        # bitsandbytes int8 matmuls run in float16; bf16 inputs would be cast every call
+        dtype = torch.float16 if quantization == "8bit" and device == "cuda" else _dtype_for(device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         self.model = AutoModelForCausalLM.from_pretrained(
             model_dir,

@@ -1,7 +1,29 @@
 """Reactor Core: the training engine of the JARVIS ecosystem.
 
+    from reactor_core import Trainer, TrainingConfig
+
 It never imports `jarvis` or `jarvis_prime`; the only thing it hands to them is a
-PRIME model directory on disk (see ARCHITECTURE.md).
+PRIME model directory on disk (see ARCHITECTURE.md). The training API is imported
+on first use, so `import reactor_core` (and `reactor env`) stays quick.
 """
 
+from typing import Any
+
 __version__ = "1.0.0"
+
+_LAZY = {
+    "Trainer": "reactor_core.training.trainer",
+    "TrainResult": "reactor_core.training.trainer",
+    "TrainEvent": "reactor_core.training.trainer",
+    "TrainingConfig": "reactor_core.training.config",
+    "load_config": "reactor_core.training.config",
+}
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'reactor_core' has no attribute {name!r}")

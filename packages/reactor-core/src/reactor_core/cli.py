@@ -137,3 +137,37 @@ def _profile_panel(profile: Profile) -> Panel:
 
 def _yes_no(value: bool) -> str:
     return "yes" if value else "no"
+
+
+@app.command(context_settings={"allow_extra_args": False})
+def train(
+    recipe: Annotated[str, typer.Argument(help="YAML recipe whose keys are TrainingConfig fields.")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. lora_rank=8 max_steps=50.")] = None,
+) -> None:
+    """Train from a YAML recipe (SFT with LoRA, QLoRA or full fine-tuning).
+
+    Data is validated completely before anything is written; the result is a PRIME
+    model directory under `output_dir`.
+    """
+    from reactor_core.data import DataValidationError
+    from reactor_core.training import ConfigError, Trainer, load_config
+    from reactor_core.training.model import ModelSourceError
+
+    err_console = Console(stderr=True)
+    try:
+        config = load_config(recipe, overrides or [])
+        result = Trainer(config).train()
+    except (ConfigError, DataValidationError, ModelSourceError, ValueError, FileNotFoundError) as err:
+        err_console.print(f"[bold red]error:[/] {err}", markup=True, highlight=False)
+        raise typer.Exit(code=2)
+    console = Console()
+    if result.cancelled:
+        console.print(f"cancelled at step {result.state.step}")
+        raise typer.Exit(code=1)
+    m = result.metrics
+    console.print(
+        f"[green]done[/]: {m['steps']} steps, {m['train_tokens']:,} tokens at {m['tokens_per_s']:.0f} tok/s; "
+        f"eval loss {m.get('eval_loss', float('nan')):.4f} (ppl {m.get('perplexity', float('nan')):.2f})"
+    )
+    console.print(f"PRIME model: {result.model_dir}")
+    console.print(f"logs: {result.output_dir / 'logs'} (metrics.jsonl, tensorboard/)")

@@ -21,3 +21,18 @@ def require_reactor_core() -> ModuleType:
             "training PRIME models needs Reactor Core: pip install 'jarvis-prime[training]'"
         ) from err
     return reactor_core
+
+
+def resolve_for_training(name: str) -> str | None:
+    """Reactor Core's model-resolver hook: a catalog or store name -> its PRIME directory.
+
+    Offline sources are pulled on first use, as for inference; None for names this
+    package does not know, so Reactor Core can try its other sources.
+    """
+    from jarvis_prime.errors import ModelNotFoundError
+    from jarvis_prime.store import resolve
+
+    try:
+        return str(resolve(name).path)
+    except ModelNotFoundError:
+        return None

@@ -1,0 +1,210 @@
+"""Chat examples as typed messages, and one converter per source format.
+
+Everything downstream (validation, templating, packing) sees only `ChatExample`:
+a tuple of `Message(role, content)` plus the `path:line` it came from, so a problem
+found at any later stage can still point at the line a person has to fix.
+
+Three JSONL record shapes are accepted; `parse_record` recognises them by their keys:
+
+    chat SFT  {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+    ShareGPT  {"conversations": [{"from": "system"|"human"|"gpt"|..., "value": str}, ...]}
+    Alpaca    {"instruction": str, "input": str (optional), "output": str}
+
+Each converter checks the record as it converts it and raises `DataFormatError` with a
+reason a person can act on and a `kind` the report counts by. A record is rejected
+(never repaired) when a role is unknown, a content is not a string, an assistant turn
+is empty, or there is no assistant turn at all: training on it would either crash later
+or teach the model nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+Role = Literal["system", "user", "assistant"]
+ROLES: tuple[str, ...] = get_args(Role)
+
+# ShareGPT dumps name speakers in several ways; these are the ones with an unambiguous
+# meaning. Anything else ("tool", "function_call", ...) is reported, not guessed at.
+SHAREGPT_ROLES: dict[str, Role] = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "chatgpt": "assistant",
+    "assistant": "assistant",
+}
+
+# Issue kinds: the keys of `DataReport.counts`.
+BAD_FORMAT = "bad_format"
+UNKNOWN_ROLE = "unknown_role"
+NON_STRING_CONTENT = "non_string_content"
+EMPTY_ASSISTANT = "empty_assistant"
+NO_ASSISTANT = "no_assistant"
+
+
+class DataFormatError(ValueError):
+    """A record that cannot become a chat example; `str(err)` is the reason."""
+
+    def __init__(self, reason: str, kind: str = BAD_FORMAT) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class Message:
+    """One turn of a conversation, already in the roles chat templates understand."""
+
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True)
+class ChatExample:
+    """A checked conversation with at least one non-empty assistant turn.
+
+    `source` is `"path:line"` of the JSONL line it came from, so tokenization can still
+    point at the line to fix.
+    """
+
+    messages: tuple[Message, ...]
+    source: str
+
+    def to_dicts(self) -> list[dict[str, str]]:
+        """The `[{"role", "content"}, ...]` list `tokenizer.apply_chat_template` takes."""
+        return [{"role": m.role, "content": m.content} for m in self.messages]
+
+
+# --------------------------------------------------------------------------------------
+# One converter per source format
+# --------------------------------------------------------------------------------------
+
+
+def messages_from_chat(record: Mapping[str, Any]) -> tuple[Message, ...]:
+    """`{"messages": [{"role", "content"}, ...]}`: the native format, checked as is."""
+    turns = _list_of_objects(record["messages"], "messages")
+    messages = []
+    for i, turn in enumerate(turns):
+        for key in ("role", "content"):
+            if key not in turn:
+                raise DataFormatError(f"messages[{i}] has no {key!r}")
+        role = turn["role"]
+        if role not in ROLES:
+            raise DataFormatError(
+                f"messages[{i}]: unknown role {role!r} (expected one of {', '.join(ROLES)})",
+                UNKNOWN_ROLE,
+            )
+        messages.append(Message(role, _content(turn["content"], f"messages[{i}].content")))
+    return _checked(messages, lambda i: f"messages[{i}]")
+
+
+def messages_from_sharegpt(record: Mapping[str, Any]) -> tuple[Message, ...]:
+    """`{"conversations": [{"from", "value"}, ...]}`: speaker names mapped to roles."""
+    turns = _list_of_objects(record["conversations"], "conversations")
+    messages = []
+    for i, turn in enumerate(turns):
+        for key in ("from", "value"):
+            if key not in turn:
+                raise DataFormatError(f"conversations[{i}] has no {key!r}")
+        speaker = turn["from"]
+        role = SHAREGPT_ROLES.get(speaker) if isinstance(speaker, str) else None
+        if role is None:
+            raise DataFormatError(
+                f"conversations[{i}]: unknown role {speaker!r} "
+                f"(expected one of {', '.join(SHAREGPT_ROLES)})",
+                UNKNOWN_ROLE,
+            )
+        messages.append(Message(role, _content(turn["value"], f"conversations[{i}].value")))
+    return _checked(messages, lambda i: f"conversations[{i}]")
+
+
+def messages_from_alpaca(record: Mapping[str, Any]) -> tuple[Message, ...]:
+    """`{"instruction", "input"?, "output"}`: one user turn, one assistant turn.
+
+    A non-empty `input` follows the instruction after a blank line, the usual way the
+    Alpaca prompt is written out when there is no template field for it.
+    """
+    for key in ("instruction", "output"):
+        if key not in record:
+            raise DataFormatError(f"Alpaca record has no {key!r}")
+    instruction = _content(record["instruction"], "instruction")
+    extra = record.get("input")
+    extra = "" if extra is None else _content(extra, "input")
+    prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    output = _content(record["output"], "output")
+    return _checked([Message("user", prompt), Message("assistant", output)], lambda i: "output")
+
+
+# Checked in this order; the first key present picks the converter.
+_CONVERTERS: dict[str, Callable[[Mapping[str, Any]], tuple[Message, ...]]] = {
+    "messages": messages_from_chat,
+    "conversations": messages_from_sharegpt,
+    "instruction": messages_from_alpaca,
+}
+
+
+def parse_record(obj: Any) -> tuple[Message, ...]:
+    """Turn one decoded JSONL object, in any accepted format, into checked messages.
+
+    Raises `DataFormatError` (a `ValueError`) whose message is the reason and whose
+    `kind` names the problem. A record carrying the keys of two formats is rejected
+    rather than read one way silently.
+    """
+    if not isinstance(obj, Mapping):
+        raise DataFormatError(f"expected a JSON object, got {_json_type(obj)}")
+    present = [key for key in _CONVERTERS if key in obj]
+    if not present:
+        raise DataFormatError(
+            "unknown record format: expected a 'messages', 'conversations' or "
+            "'instruction'/'output' key"
+        )
+    if len(present) > 1:
+        raise DataFormatError(f"ambiguous record: has both {present[0]!r} and {present[1]!r}")
+    return _CONVERTERS[present[0]](obj)
+
+
+# --------------------------------------------------------------------------------------
+# Checks shared by the converters
+# --------------------------------------------------------------------------------------
+
+
+def _list_of_objects(value: Any, field: str) -> list[Mapping[str, Any]]:
+    if not isinstance(value, list) or not value:
+        raise DataFormatError(f"{field!r} must be a non-empty list, got {_json_type(value)}")
+    for i, item in enumerate(value):
+        if not isinstance(item, Mapping):
+            raise DataFormatError(f"{field}[{i}] must be an object, got {_json_type(item)}")
+    return value
+
+
+def _content(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise DataFormatError(
+            f"{where} must be a string, got {_json_type(value)}", NON_STRING_CONTENT
+        )
+    return value
+
+
+def _checked(messages: list[Message], where: Callable[[int], str]) -> tuple[Message, ...]:
+    """Reject conversations that would teach nothing: no reply, or an empty one.
+
+    `where(i)` names message `i` in the record's own terms, for the reason text.
+    """
+    replies = [i for i, m in enumerate(messages) if m.role == "assistant"]
+    if not replies:
+        raise DataFormatError("no assistant turn", NO_ASSISTANT)
+    for i in replies:
+        if not messages[i].content.strip():
+            raise DataFormatError(f"{where(i)}: empty assistant turn", EMPTY_ASSISTANT)
+    return tuple(messages)
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    for python_type, name in names.items():
+        if isinstance(value, python_type):
+            return name
+    return "number" if isinstance(value, (int, float)) else type(value).__name__

@@ -1,0 +1,138 @@
+"""`TrainingConfig`: every knob of a training run, typed and validated when loaded.
+
+A recipe is YAML whose keys are exactly these fields; `reactor train recipe.yaml
+key=value ...` overrides them. Unknown keys and bad values fail before anything runs,
+with messages that name the key (peft's LoraConfig is the model: a documented,
+typed field each).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not describe a valid run."""
+
+
+class TrainingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # -- what to train, on what ----------------------------------------------------------
+    model_name: str = Field(description="HF dir, PRIME dir, .gguf file, hub id, or a jarvis-prime catalog name.")
+    data_path: str | None = Field(default=None, description="Training JSONL (messages, ShareGPT or Alpaca).")
+    val_data_path: str | None = Field(default=None, description="Validation JSONL; else `val_fraction` of the data.")
+    val_fraction: float = Field(default=0.05, ge=0.0, lt=1.0, description="Share of examples held out for validation.")
+    on_bad_example: Literal["error", "skip"] = Field(default="error", description="Bad lines stop the run, or are skipped.")
+    max_seq_length: int = Field(default=1024, gt=0, description="Tokens per example (and per packed row).")
+    packing: bool = Field(default=True, description="Pack several examples per row; attention never crosses them.")
+
+    # -- output ----------------------------------------------------------------------------
+    output_dir: str = Field(default="./reactor-output", description="Logs, checkpoints and the PRIME model directory.")
+    output_name: str | None = Field(default=None, description="PRIME model name; default: <base name>-sft.")
+    output_version: str = Field(default="1.0.0", description="PRIME model version.")
+    merge_adapter: bool = Field(default=True, description="Also write merged full weights next to adapter/.")
+
+    # -- method ----------------------------------------------------------------------------
+    method: Literal["sft"] = "sft"
+    use_lora: bool = Field(default=True, description="Train LoRA adapters (peft) instead of every weight.")
+    lora_rank: int = Field(default=16, gt=0, description="LoRA rank r.")
+    lora_alpha: float = Field(default=32.0, gt=0, description="LoRA scale numerator: W0 x + (alpha/r) B A x.")
+    lora_dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["auto", "all-linear"] = Field(
+        default="auto", description="Modules to adapt; auto = attention + MLP projections for the architecture."
+    )
+    quantize_base: bool = Field(default=False, description="QLoRA: load the frozen base in 4-bit NF4 (bitsandbytes).")
+
+    # -- optimization ----------------------------------------------------------------------
+    num_epochs: int = Field(default=1, gt=0)
+    max_steps: int | None = Field(default=None, gt=0, description="Optimizer steps; overrides num_epochs when set.")
+    batch_size: int = Field(default=4, gt=0, description="Rows (packed) or examples per micro-batch.")
+    gradient_accumulation_steps: int = Field(default=1, gt=0)
+    learning_rate: float = Field(default=2e-4, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(default=0, ge=0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0, description="Gradient clipping; null disables it.")
+    gradient_checkpointing: bool = False
+    mixed_precision: Literal["auto", "bf16", "fp32"] = Field(
+        default="auto", description="auto: bf16 autocast where the hardware has it (CUDA bf16, AVX512-BF16/AMX CPUs)."
+    )
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    seed: int = 42
+
+    # -- evaluation and logging ------------------------------------------------------------
+    eval_every_steps: int | None = Field(default=None, gt=0, description="Validation loss every N steps (and at the end).")
+    log_every_steps: int = Field(default=1, gt=0)
+    num_samples: int = Field(default=2, ge=0, description="Greedy samples from validation prompts at each eval.")
+    sample_max_new_tokens: int = Field(default=32, gt=0)
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> "TrainingConfig":
+        if self.quantize_base and not self.use_lora:
+            raise ValueError("`quantize_base` (QLoRA) needs `use_lora: true`: a 4-bit base cannot be trained directly")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(recipe)"
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(key, list(TrainingConfig.model_fields), n=1)
+            hint = f" (did you mean `{close[0]}`?)" if close else ""
+            lines.append(f"{origin}: unknown key `{key}`{hint}")
+        elif not e["loc"]:  # a rule across fields
+            lines.append(f"{origin}: {e['msg'].removeprefix('Value error, ')}")
+        elif e["type"] == "missing":
+            lines.append(f"{origin}: `{key}` is required")
+        else:
+            lines.append(f"{origin}: `{key}`: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def build_config(values: dict[str, Any], origin: str = "config") -> TrainingConfig:
+    try:
+        return TrainingConfig.model_validate(values)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, origin)) from None
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`key=value` pairs; values are parsed as YAML scalars/lists (`lora_rank=8`, `packing=false`)."""
+    parsed: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected key=value")
+        parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+    return parsed
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainingConfig:
+    """A recipe file plus command-line overrides, validated together."""
+    values: dict[str, Any] = {}
+    origin = "overrides"
+    if path is not None:
+        origin = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such recipe file") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{where}: invalid YAML: {getattr(err, 'problem', err)}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a recipe is a mapping of TrainingConfig keys, got {type(loaded).__name__}")
+        values.update(loaded or {})
+    values.update(parse_overrides(overrides or []))
+    return build_config(values, origin)

@@ -1,0 +1,48 @@
+"""Next-token loss on the labelled (assistant) positions only.
+
+The LM head is the single largest matmul of a small model's step: (tokens, hidden) x
+(hidden, vocab). Chat SFT labels only the assistant replies, so the head runs on
+those positions alone instead of on every token and then masking: same loss, a
+fraction of the FLOPs and of the (tokens, vocab) logits memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _needs_full_logits(model: nn.Module) -> bool:
+    # Architectures that post-process logits (Gemma 2 soft-capping, Cohere scaling)
+    # must go through their own forward to stay exact.
+    config = model.config
+    return bool(getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None))
+
+
+def causal_lm_loss_sum(
+    model: nn.Module,
+    input_ids: torch.Tensor,  # (B, T)
+    labels: torch.Tensor,  # (B, T), IGNORE_INDEX where no loss
+    position_ids: torch.Tensor,  # (B, T), restarting per packed example
+    attention_mask: torch.Tensor | None,  # (B, T) for padded batches; None when packed
+) -> torch.Tensor:
+    """Sum (not mean) of token losses, so gradient accumulation can divide by the
+    token count of the whole optimizer step and weight every token equally."""
+    base = _unwrap(model)
+    targets = labels[:, 1:]  # (B, T-1): token t predicts t+1
+    keep = targets != IGNORE_INDEX
+    if _needs_full_logits(base):
+        logits = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False).logits
+        return F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="sum")
+    hidden = base.get_decoder()(
+        input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
+    ).last_hidden_state  # (B, T, H)
+    logits = base.get_output_embeddings()(hidden[:, :-1][keep])  # (N, vocab), N = labelled positions
+    return F.cross_entropy(logits.float(), targets[keep], reduction="sum")

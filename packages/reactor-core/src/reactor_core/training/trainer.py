@@ -1,0 +1,432 @@
+"""The SFT recipe: one class whose setup, train and save read top to bottom.
+
+    from reactor_core import Trainer, TrainingConfig
+    result = Trainer(TrainingConfig(model_name="smollm2-135m-instruct", use_lora=True,
+                                    lora_rank=16, num_epochs=3)).train("./data/train.jsonl")
+    result.output_dir, result.model_dir, result.metrics
+
+Plain PyTorch, no trainer framework: transformers builds the model, peft wraps it in
+LoRA, and the loop below owns everything else (the sampler's position, accumulation,
+clipping, the schedule), so checkpoints can capture and restore it exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import math
+import multiprocessing
+import pickle
+import queue
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Literal
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from reactor_core import __version__
+from reactor_core.data import (
+    Batch,
+    TokenizedExample,
+    collate_packed,
+    collate_padded,
+    file_sha256,
+    load_chat_file,
+    pack_examples,
+    split_examples,
+    tokenize_dataset,
+)
+from reactor_core.serving.prime_dir import write_prime_manifest
+from reactor_core.training.config import TrainingConfig
+from reactor_core.training.loss import IGNORE_INDEX, causal_lm_loss_sum
+from reactor_core.training.metrics import MetricsLogger
+from reactor_core.training.model import (
+    ModelSource,
+    apply_lora,
+    autocast_dtype,
+    load_base_model,
+    load_tokenizer,
+    pick_device,
+    resolve_model_source,
+)
+from reactor_core.training.schedule import build_scheduler
+from reactor_core.training.state import EpochSampler, TrainState, seed_everything
+
+log = logging.getLogger("reactor_core")
+
+
+@dataclass(frozen=True)
+class TrainEvent:
+    """Progress for observers (CLI bar, async consumers)."""
+
+    kind: Literal["step", "eval", "done", "cancelled"]
+    step: int
+    total_steps: int
+    values: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    model_dir: Path | None  # the PRIME model directory; None when cancelled
+    metrics: dict[str, Any]
+    state: TrainState
+    cancelled: bool = False
+
+
+EventCallback = Callable[[TrainEvent], Any]
+Item = list[TokenizedExample]  # one packed row, or a single example when not packing
+
+
+class Trainer:
+    def __init__(self, config: TrainingConfig, *, on_event: EventCallback | None = None, progress: bool = True) -> None:
+        self.config = config
+        self.on_event = on_event
+        self.show_progress = progress
+        self.state = TrainState()
+        self._cancel = threading.Event()
+
+    # -- public API ----------------------------------------------------------------------
+
+    def train(self, data_path: str | Path | None = None) -> TrainResult:
+        """Validate all data, train, evaluate, and write the PRIME model directory.
+
+        Nothing is written to `output_dir` until the data and model have loaded.
+        """
+        self.setup(data_path)
+        return self._run()
+
+    def setup(self, data_path: str | Path | None = None) -> None:
+        """Load tokenizer, data, model, optimizer and schedule; write nothing."""
+        c = self.config
+        data_path = Path(data_path or c.data_path or "")
+        if not str(data_path) or str(data_path) == ".":
+            raise ValueError("no training data: pass a path to train() or set `data_path`")
+        seed_everything(c.seed)
+        self._setup_model_source()
+        self._setup_data(data_path)  # every data problem surfaces here, before any write
+        self._setup_model()
+        self._setup_optimizer()
+        self._setup_scheduler()  # the schedule needs the step count the data implies
+
+    async def train_async(self, data_path: str | Path | None = None, on_event: EventCallback | None = None) -> TrainResult:
+        """`train()` in a child process; `on_event` (sync or async) runs on the event loop.
+
+        A process, not a thread: loading tokenizers and weights holds the GIL for
+        hundreds of milliseconds at a time, which would stall every other task of the
+        app. Events and the result come back over a queue; `cancel()` reaches the child
+        through a shared Event and stops it at a step boundary. Cancelling the awaiting
+        task cancels the run the same way.
+        """
+        ctx = multiprocessing.get_context("spawn")  # fork would copy a live torch runtime
+        events = ctx.Queue()
+        cancel = ctx.Event()
+        if self._cancel.is_set():
+            cancel.set()
+        self._cancel = cancel
+        child = ctx.Process(target=_train_in_child, args=(self.config.to_dict(), data_path, events, cancel), daemon=True)
+        child.start()
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                try:
+                    kind, payload = await loop.run_in_executor(None, events.get, True, 0.2)
+                except queue.Empty:
+                    if child.exitcode is not None:
+                        raise RuntimeError(f"training process exited with code {child.exitcode}") from None
+                    continue
+                if kind == "event":
+                    if on_event is not None and inspect.isawaitable(outcome := on_event(payload)):
+                        await outcome
+                elif kind == "error":
+                    raise payload
+                else:
+                    self.state = payload.state
+                    return payload
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+        finally:
+            await loop.run_in_executor(None, child.join, 60)
+            if child.is_alive():
+                child.terminate()
+
+    def cancel(self) -> None:
+        """Stop at the next step boundary (thread-safe); `train` returns cancelled=True."""
+        self._cancel.set()
+
+    # -- setup ---------------------------------------------------------------------------
+
+    def _setup_model_source(self) -> None:
+        self.source: ModelSource = resolve_model_source(self.config.model_name)
+        self.device = pick_device(self.config.device)
+        self.tokenizer = load_tokenizer(self.source)
+
+    def _setup_data(self, data_path: Path) -> None:
+        c = self.config
+        train, report = load_chat_file(data_path, on_bad_example=c.on_bad_example)
+        self.data_files = [{"path": str(data_path), "sha256": file_sha256(data_path), "examples": report.examples}]
+        if c.val_data_path:
+            val, val_report = load_chat_file(c.val_data_path, on_bad_example=c.on_bad_example)
+            self.data_files.append({"path": c.val_data_path, "sha256": file_sha256(c.val_data_path), "examples": val_report.examples, "split": "validation"})
+        else:
+            train, val = split_examples(train, val_fraction=c.val_fraction, seed=c.seed)
+        self.data_report = report
+        train_tok, _ = tokenize_dataset(train, self.tokenizer, max_seq_length=c.max_seq_length, on_bad_example=c.on_bad_example)
+        val_tok, _ = tokenize_dataset(val, self.tokenizer, max_seq_length=c.max_seq_length, on_bad_example=c.on_bad_example)
+        if not train_tok:
+            raise ValueError(f"{data_path}: no usable training examples")
+        self.train_items: list[Item] = pack_examples(train_tok, c.max_seq_length) if c.packing else [[e] for e in train_tok]
+        self.val_items: list[Item] = pack_examples(val_tok, c.max_seq_length) if c.packing else [[e] for e in val_tok]
+        self.val_examples = val
+        self.sampler = EpochSampler(len(self.train_items), seed=c.seed)
+        micro_batches = math.ceil(len(self.train_items) / c.batch_size)
+        self.steps_per_epoch = math.ceil(micro_batches / c.gradient_accumulation_steps)
+        self.total_steps = c.max_steps or self.steps_per_epoch * c.num_epochs
+        log.info("%s; %d train items, %d val items, %d steps", report.summary(), len(self.train_items), len(self.val_items), self.total_steps)
+
+    def _setup_model(self) -> None:
+        c = self.config
+        model = load_base_model(self.source, quantize_4bit=c.quantize_base, device=self.device)
+        if c.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model = apply_lora(model, c) if c.use_lora else model
+        self.autocast = autocast_dtype(c, self.device)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+
+    def _setup_optimizer(self) -> None:
+        c = self.config
+        decay = [p for p in self.trainable if p.ndim >= 2]
+        no_decay = [p for p in self.trainable if p.ndim < 2]  # norms and biases
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=c.learning_rate, betas=(0.9, 0.999), eps=1e-8,
+        )
+
+    def _setup_scheduler(self) -> None:
+        c = self.config
+        self.scheduler = build_scheduler(self.optimizer, warmup_steps=c.warmup_steps, total_steps=self.total_steps, kind=c.lr_scheduler)
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def _collate(self, items: list[Item]) -> Batch:
+        pad_id = self.tokenizer.pad_token_id
+        if self.config.packing:
+            return collate_packed(items, self.config.max_seq_length, pad_id)
+        return collate_padded([row[0] for row in items], pad_id)
+
+    def _next_micro_batch(self) -> Batch:
+        """The next `batch_size` items of the epoch; an epoch's tail may be smaller."""
+        s = self.state
+        if s.position >= self.sampler.num_items:
+            s.epoch, s.position = s.epoch + 1, 0
+        indices = self.sampler.take(s.epoch, s.position, self.config.batch_size)
+        s.position += len(indices)
+        return self._collate([self.train_items[i] for i in indices])
+
+    def _forward_loss_sum(self, batch: Batch) -> torch.Tensor:
+        to = lambda t: None if t is None else t.to(self.device)  # noqa: E731
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+            return causal_lm_loss_sum(
+                self.model, to(batch.input_ids), to(batch.labels), to(batch.position_ids), to(batch.attention_mask)
+            )
+
+    def _train_step(self) -> dict[str, float]:
+        """One optimizer step over `gradient_accumulation_steps` micro-batches.
+
+        Each micro-batch's loss *sum* is divided by the loss-token count of the whole
+        step, so every labelled token weighs the same however the batches split.
+        """
+        c = self.config
+        batches = [self._next_micro_batch() for _ in range(c.gradient_accumulation_steps)]
+        loss_tokens = sum(b.num_loss_tokens for b in batches)
+        self.model.train()
+        total = 0.0
+        for batch in batches:
+            loss = self._forward_loss_sum(batch) / max(loss_tokens, 1)
+            loss.backward()
+            total += loss.item()
+            self.state.micro_step += 1
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, c.max_grad_norm or float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        tokens = sum(b.num_tokens for b in batches)
+        self.state.tokens_seen += tokens
+        return {"loss": total, "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0], "tokens": tokens}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Token-mean validation loss and perplexity over every validation item."""
+        if not self.val_items:
+            return {}
+        self.model.eval()
+        loss_sum, tokens = 0.0, 0
+        for start in range(0, len(self.val_items), self.config.batch_size):
+            batch = self._collate(self.val_items[start:start + self.config.batch_size])
+            loss_sum += self._forward_loss_sum(batch).item()
+            tokens += batch.num_loss_tokens
+        loss = loss_sum / max(tokens, 1)
+        return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+    @torch.no_grad()
+    def samples(self) -> list[dict[str, str]]:
+        """Greedy replies to a few validation prompts, to read beside the loss."""
+        self.model.eval()
+        out = []
+        for example in self.val_examples[: self.config.num_samples]:
+            messages = example.to_dicts()
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            inputs = self.tokenizer.apply_chat_template(
+                messages[:last], add_generation_prompt=True, return_tensors="pt", return_dict=True
+            ).to(self.device)
+            ids = self.model.generate(**inputs, max_new_tokens=self.config.sample_max_new_tokens, do_sample=False,
+                                      pad_token_id=self.tokenizer.pad_token_id)
+            reply = self.tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            out.append({"prompt": messages[last - 1]["content"], "reply": reply, "reference": messages[last]["content"]})
+        return out
+
+    def _emit(self, event: TrainEvent) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def _run(self) -> TrainResult:
+        c = self.config
+        output_dir = Path(c.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        metrics: dict[str, Any] = {"train_loss": [], "eval": []}
+        progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            disable=not self.show_progress, console=Console(stderr=True),
+        )
+        start = time.perf_counter()
+        cancelled = False
+        with MetricsLogger(output_dir / "logs") as logger, progress:
+            task = progress.add_task("train", total=self.total_steps, completed=self.state.step, loss="-", tps="-")
+            while self.state.step < self.total_steps:
+                if self._cancel.is_set():
+                    cancelled = True
+                    break
+                values = self._train_step()
+                elapsed = time.perf_counter() - start
+                values["tokens_per_s"] = self.state.tokens_seen / elapsed
+                step = self.state.step
+                metrics["train_loss"].append({"step": step, "loss": values["loss"]})
+                self.state.loss_history.append({"step": step, "loss": values["loss"]})
+                if step % c.log_every_steps == 0 or step == self.total_steps:
+                    logger.log(step, "train", values)
+                progress.update(task, completed=step, loss=f"{values['loss']:.4f}", tps=f"{values['tokens_per_s']:.0f}")
+                self._emit(TrainEvent("step", step, self.total_steps, values))
+                if c.eval_every_steps and step % c.eval_every_steps == 0 and step < self.total_steps:
+                    self._log_eval(logger, metrics, step)
+            if not cancelled:
+                final = self._log_eval(logger, metrics, self.state.step)
+                metrics.update(final)
+
+        elapsed = time.perf_counter() - start
+        metrics.update(steps=self.state.step, train_tokens=self.state.tokens_seen,
+                       tokens_per_s=self.state.tokens_seen / max(elapsed, 1e-9), train_seconds=elapsed)
+        if cancelled:
+            self._emit(TrainEvent("cancelled", self.state.step, self.total_steps))
+            return TrainResult(output_dir, None, metrics, self.state, cancelled=True)
+        model_dir = self.save_model(output_dir, metrics)
+        self._emit(TrainEvent("done", self.state.step, self.total_steps, {k: v for k, v in metrics.items() if isinstance(v, float)}))
+        return TrainResult(output_dir, model_dir, metrics, self.state)
+
+    def _log_eval(self, logger: MetricsLogger, metrics: dict[str, Any], step: int) -> dict[str, float]:
+        values = self.evaluate()
+        if values:
+            logger.log(step, "eval", values)
+            metrics["eval"].append({"step": step, **values})
+            self._emit(TrainEvent("eval", step, self.total_steps, values))
+        for i, sample in enumerate(self.samples()):
+            logger.log_text(step, f"sample_{i}", f"{sample['prompt']}\n-> {sample['reply']}")
+        return values
+
+    # -- output --------------------------------------------------------------------------
+
+    def output_name(self) -> str:
+        if self.config.output_name:
+            return self.config.output_name
+        stem = Path(self.config.model_name).name.removesuffix(".gguf").lower()
+        return f"{stem}-sft"
+
+    def save_model(self, output_dir: Path, metrics: dict[str, Any]) -> Path:
+        """Write the PRIME model directory: adapter/, merged weights, tokenizer, prime.json.
+
+        Built in a staging folder and renamed into place, so a crash mid-save never
+        leaves a directory that looks complete.
+        """
+        c = self.config
+        name, version = self.output_name(), c.output_version
+        final = output_dir / f"{name}-{version}"
+        staging = output_dir / f".{name}-{version}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        if c.use_lora:
+            self.model.save_pretrained(staging / "adapter", safe_serialization=True)
+            if c.merge_adapter:
+                self._merged_model(staging / "adapter").save_pretrained(staging, safe_serialization=True)
+        else:
+            self.model.save_pretrained(staging, safe_serialization=True)
+        self.tokenizer.save_pretrained(staging)
+        base_config = getattr(self.model, "config", None)
+        write_prime_manifest(
+            staging,
+            name=name,
+            version=version,
+            base=self.source.location,
+            architecture=getattr(base_config, "model_type", None),
+            context_length=min(c.max_seq_length, getattr(base_config, "max_position_embeddings", c.max_seq_length)),
+            stop=[self.tokenizer.eos_token] if self.tokenizer.eos_token else [],
+            lineage={
+                "parent": c.model_name,
+                "source": {"kind": self.source.kind, "location": self.source.location, "description": self.source.description},
+                "data": self.data_files,
+                "training_config": c.to_dict(),
+                "trainer": f"reactor-core {__version__}",
+            },
+            metrics={k: v for k, v in metrics.items() if k in ("eval_loss", "perplexity", "steps", "train_tokens", "tokens_per_s")}
+            | {"final_train_loss": metrics["train_loss"][-1]["loss"] if metrics["train_loss"] else None},
+        )
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+        return final
+
+    def _merged_model(self, adapter_dir: Path):
+        """Base reloaded in float32 + the saved adapter, merged: W = W0 + (alpha/r) B A.
+
+        Merging into a 4-bit QLoRA base would round the update away, so the base is
+        always reloaded at full precision first.
+        """
+        from peft import PeftModel
+
+        base = load_base_model(self.source, quantize_4bit=False, device=torch.device("cpu"))
+        return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+
+
+def _picklable(err: BaseException) -> BaseException:
+    """The exception itself when it survives pickling, else its text in a RuntimeError."""
+    try:
+        return pickle.loads(pickle.dumps(err))
+    except Exception:
+        return RuntimeError(f"{type(err).__name__}: {err}")
+
+
+def _train_in_child(config: dict[str, Any], data_path: str | Path | None, events, cancel) -> None:
+    """Entry point of `Trainer.train_async`'s process."""
+    trainer = Trainer(TrainingConfig.model_validate(config), on_event=lambda e: events.put(("event", e)), progress=False)
+    trainer._cancel = cancel
+    try:
+        events.put(("result", trainer.train(data_path)))
+    except BaseException as err:
+        events.put(("error", _picklable(err)))

@@ -1,0 +1,251 @@
+"""The SFT recipe on a tiny random Llama (seconds on CPU), one real-model run at the end."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from reactor_core import Trainer, TrainingConfig
+from reactor_core.cli import app
+from reactor_core.data import DataValidationError
+from reactor_core.training.config import ConfigError, load_config
+
+COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
+
+
+def write_chat_data(path: Path, n: int = 32) -> Path:
+    """Small, learnable chat data: a fixed pattern the model can memorize quickly."""
+    with open(path, "w") as f:
+        for i in range(n):
+            color = COLORS[i % len(COLORS)]
+            messages = [
+                {"role": "system", "content": "You are JARVIS."},
+                {"role": "user", "content": f"Name color number {i}."},
+                {"role": "assistant", "content": f"Color {i} is {color}."},
+            ]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+def config_for(model_dir: Path, out: Path, **overrides) -> TrainingConfig:
+    values = dict(
+        model_name=str(model_dir), output_dir=str(out), use_lora=True, lora_rank=8, lora_alpha=16, lora_dropout=0.0,
+        max_steps=12, batch_size=4, learning_rate=3e-3, warmup_steps=2, max_seq_length=128, val_fraction=0.125,
+        num_samples=1, sample_max_new_tokens=8, seed=7,
+    )
+    values.update(overrides)
+    return TrainingConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def chat_file(tmp_path_factory) -> Path:
+    return write_chat_data(tmp_path_factory.mktemp("data") / "train.jsonl")
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_llama_dir, chat_file, tmp_path_factory):
+    trainer = Trainer(config_for(tiny_llama_dir, tmp_path_factory.mktemp("lora"), max_steps=20, learning_rate=1e-2), progress=False)
+    return trainer, trainer.train(chat_file)
+
+
+def test_lora_loss_falls_and_outputs_a_prime_directory(lora_run):
+    trainer, result = lora_run
+    losses = [x["loss"] for x in result.metrics["train_loss"]]
+    assert len(losses) == 20
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert result.metrics["eval_loss"] < losses[0] and result.metrics["perplexity"] > 1
+    d = result.model_dir
+    assert d.name == "tiny-llama0-sft-1.0.0" or d.name.endswith("-sft-1.0.0")
+    for rel in ("prime.json", "config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja",
+                "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+        assert (d / rel).is_file(), rel
+    manifest = json.loads((d / "prime.json").read_text())
+    import hashlib
+
+    for rel, entry in manifest["files"].items():
+        assert hashlib.sha256((d / rel).read_bytes()).hexdigest() == entry["sha256"]
+    data = manifest["lineage"]["data"][0]
+    assert data["sha256"] == hashlib.sha256(Path(data["path"]).read_bytes()).hexdigest()
+    assert manifest["lineage"]["training_config"]["lora_rank"] == 8
+    assert manifest["metrics"]["eval_loss"] == pytest.approx(result.metrics["eval_loss"])
+    logs = [json.loads(line) for line in (result.output_dir / "logs/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs if r["split"] == "train"] == list(range(1, 21))
+    assert any(r["split"] == "eval" for r in logs) and any(r["split"] == "samples" for r in logs)
+    assert list((result.output_dir / "logs/tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_lora_leaves_base_weights_untouched(lora_run, tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    trainer, _ = lora_run
+    original = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).state_dict()
+    trained = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
+               for k, v in trainer.model.state_dict().items() if "lora_" not in k}
+    assert set(original) <= set(trained)
+    for key, value in original.items():
+        assert torch.equal(value, trained[key].cpu()), key
+
+
+def test_merged_weights_equal_base_plus_adapter(lora_run, tiny_llama_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, result = lora_run
+    ids = torch.tensor([[1, 4093, 198, 31530, 1745, 1467, 2, 198, 1, 520, 9531, 198]])
+    merged = AutoModelForCausalLM.from_pretrained(result.model_dir).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    with torch.no_grad():
+        base_logits = base(ids).logits
+        adapted = PeftModel.from_pretrained(base, result.model_dir / "adapter").eval()
+        adapter_logits = adapted(ids).logits
+        merged_logits = merged(ids).logits
+    assert (adapter_logits - base_logits).abs().max() > 1e-2, "training changed the model"
+    assert (merged_logits - adapter_logits).abs().max() < 1e-4
+
+
+def test_same_seed_same_run(tiny_llama_dir, chat_file, tmp_path):
+    runs = [Trainer(config_for(tiny_llama_dir, tmp_path / str(i), max_steps=4), progress=False).train(chat_file)
+            for i in range(2)]
+    assert [x["loss"] for x in runs[0].metrics["train_loss"]] == [x["loss"] for x in runs[1].metrics["train_loss"]]
+
+
+def accumulated_grads(config: TrainingConfig, data: Path) -> dict[str, torch.Tensor]:
+    """Gradients of the first optimizer step, before the optimizer uses them."""
+    trainer = Trainer(config, progress=False)
+    trainer.setup(data)
+    trainer.optimizer.step = lambda *a, **k: None
+    trainer.optimizer.zero_grad = lambda *a, **k: None
+    trainer._train_step()
+    return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_gradient_accumulation_matches_a_bigger_batch(tiny_llama_dir, chat_file, tmp_path, packing):
+    """4 items at once or 2 x 2 accumulated: every labelled token weighs the same."""
+    # float32: bf16 autocast rounds differently for differently padded batches
+    common = dict(packing=packing, max_grad_norm=None, max_seq_length=64, mixed_precision="fp32")
+    big = accumulated_grads(config_for(tiny_llama_dir, tmp_path / "a", batch_size=4, **common), chat_file)
+    acc = accumulated_grads(config_for(tiny_llama_dir, tmp_path / "b", batch_size=2, gradient_accumulation_steps=2,
+                                       **common), chat_file)
+    assert big.keys() == acc.keys() and big
+    for name in big:
+        torch.testing.assert_close(acc[name], big[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_full_fine_tune(tiny_llama_dir, chat_file, tmp_path):
+    result = Trainer(config_for(tiny_llama_dir, tmp_path, use_lora=False, learning_rate=3e-3, max_steps=20),
+                     progress=False).train(chat_file)
+    losses = [x["loss"] for x in result.metrics["train_loss"]]
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert not (result.model_dir / "adapter").exists() and (result.model_dir / "model.safetensors").is_file()
+
+
+def test_qlora_step_runs_on_a_4bit_base(tiny_llama_dir, chat_file, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    trainer = Trainer(config_for(tiny_llama_dir, tmp_path, quantize_base=True, max_steps=2, merge_adapter=False,
+                                 num_samples=0), progress=False)
+    result = trainer.train(chat_file)
+    assert result.state.step == 2 and all(x["loss"] > 0 for x in result.metrics["train_loss"])
+    kinds = {type(m).__name__ for m in trainer.model.modules()}
+    assert "Linear4bit" in kinds, kinds
+
+
+def test_bad_data_fails_before_anything_is_written(tiny_llama_dir, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}) + "\n"
+        + "{not json\n"
+        + json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n"
+    )
+    out = tmp_path / "out"
+    with pytest.raises(DataValidationError) as err:
+        Trainer(config_for(tiny_llama_dir, out), progress=False).train(data)
+    assert f"{data}:2:" in str(err.value) and f"{data}:3:" in str(err.value)
+    assert not out.exists()
+
+
+def test_recipe_errors_name_the_key(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model_name: x\nlora_rnak: 8\n")
+    with pytest.raises(ConfigError, match=r"unknown key `lora_rnak` \(did you mean `lora_rank`\?\)"):
+        load_config(recipe)
+    recipe.write_text("model_name: x\n")
+    with pytest.raises(ConfigError, match=r"`lora_rank`: Input should be greater than 0"):
+        load_config(recipe, ["lora_rank=0"])
+    with pytest.raises(ConfigError, match="`lr_scheduler`"):
+        load_config(recipe, ["lr_scheduler=triangle"])
+    assert load_config(recipe, ["packing=false", "target_modules=[q_proj, v_proj]"]).target_modules == ["q_proj", "v_proj"]
+
+
+def test_reactor_train_cli(tiny_llama_dir, chat_file, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model_name: {tiny_llama_dir}\ndata_path: {chat_file}\noutput_dir: {tmp_path / 'out'}\n"
+                      "max_steps: 2\nbatch_size: 4\nmax_seq_length: 128\nnum_samples: 0\n")
+    runner = CliRunner()
+    ok = runner.invoke(app, ["train", str(recipe), "lora_rank=4", "output_name=cli-model"])
+    assert ok.exit_code == 0, ok.output
+    assert (tmp_path / "out/cli-model-1.0.0/prime.json").is_file()
+    bad = runner.invoke(app, ["train", str(recipe), "lora_rnak=4"])
+    assert bad.exit_code == 2 and "unknown key `lora_rnak`" in bad.output
+
+
+async def test_train_async_keeps_the_event_loop_responsive_and_cancels(tiny_llama_dir, chat_file, tmp_path):
+    trainer = Trainer(config_for(tiny_llama_dir, tmp_path, max_steps=200, num_samples=0), progress=False)
+    events = []
+    gaps: list[float] = []
+
+    async def on_event(event):
+        events.append(event)
+        if event.kind == "step" and event.step == 5:
+            trainer.cancel()
+
+    async def ticker():
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(0.005)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    tick = asyncio.create_task(ticker())
+    result = await trainer.train_async(chat_file, on_event=on_event)
+    tick.cancel()
+    assert result.cancelled and result.model_dir is None
+    assert 5 <= result.state.step < 200
+    assert [e.step for e in events if e.kind == "step"][:5] == [1, 2, 3, 4, 5]
+    assert events[-1].kind == "cancelled"
+    assert len(gaps) > 20 and max(gaps) < 0.05, f"worst event-loop stall {max(gaps) * 1000:.1f} ms"
+
+
+@pytest.mark.real_model
+def test_seed_snippet_fine_tunes_the_real_model(tmp_path, monkeypatch, pulled_model):
+    """The seed's Python snippet, as written, on SmolLM2-135M-Instruct via its catalog name."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    write_chat_data(tmp_path / "data/train.jsonl", n=16)
+
+    from reactor_core import Trainer, TrainingConfig
+    result = Trainer(TrainingConfig(model_name="smollm2-135m-instruct", use_lora=True, lora_rank=16, num_epochs=3)).train("./data/train.jsonl")
+
+    losses = [x["loss"] for x in result.metrics["train_loss"]]
+    assert result.metrics["steps"] >= 3 and result.metrics["steps"] % 3 == 0  # whole epochs
+    assert all(0 < loss < 20 for loss in losses) and 0 < result.metrics["eval_loss"] < 20
+    assert result.output_dir == Path("./reactor-output") and (result.model_dir / "prime.json").is_file()
+    manifest = json.loads((result.model_dir / "prime.json").read_text())
+    assert manifest["lineage"]["source"]["kind"] == "prime" and manifest["base"] == str(pulled_model.path)
+    assert manifest["lineage"]["parent"] == "smollm2-135m-instruct"
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(result.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(result.model_dir)
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    reply = tokenizer.decode(model.generate(**inputs, max_new_tokens=12, do_sample=False)[0, inputs["input_ids"].shape[1]:])
+    assert "Paris" in reply, "a short LoRA run keeps what the model knew"

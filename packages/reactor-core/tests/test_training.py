@@ -249,3 +249,11 @@ def test_seed_snippet_fine_tunes_the_real_model(tmp_path, monkeypatch, pulled_mo
                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
     reply = tokenizer.decode(model.generate(**inputs, max_new_tokens=12, do_sample=False)[0, inputs["input_ids"].shape[1]:])
     assert "Paris" in reply, "a short LoRA run keeps what the model knew"
+
+
+def test_gradient_checkpointing_gives_the_same_loss(tiny_llama_dir, chat_file, tmp_path):
+    runs = [Trainer(config_for(tiny_llama_dir, tmp_path / str(flag), max_steps=2, gradient_checkpointing=flag,
+                               mixed_precision="fp32", num_samples=0), progress=False).train(chat_file)
+            for flag in (False, True)]
+    for x, y in zip(runs[0].metrics["train_loss"], runs[1].metrics["train_loss"]):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)

@@ -20,6 +20,7 @@ setup-test: $(VENV)/.stamp-test
 
 bench: $(VENV)/.stamp-test
 	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/train_throughput.py
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

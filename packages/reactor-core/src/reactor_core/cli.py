@@ -147,17 +147,25 @@ def train(
     """Train from a YAML recipe (SFT with LoRA, QLoRA or full fine-tuning).
 
     Data is validated completely before anything is written; the result is a PRIME
-    model directory under `output_dir`.
+    model directory under `output_dir`. The run resumes from the newest complete
+    checkpoint (`resume: auto`). On SIGTERM/SIGINT (or a GCP preemption notice with
+    `watch_gcp_preemption: true`) it checkpoints and exits with code 75; exit code 2
+    means a bad recipe, data or checkpoint.
     """
     from reactor_core.data import DataValidationError
     from reactor_core.training import ConfigError, Trainer, load_config
+    from reactor_core.training.checkpoint import CheckpointError
     from reactor_core.training.model import ModelSourceError
+    from reactor_core.training.preemption import EXIT_PREEMPTED, Preempted
 
     err_console = Console(stderr=True)
     try:
         config = load_config(recipe, overrides or [])
         result = Trainer(config).train()
-    except (ConfigError, DataValidationError, ModelSourceError, ValueError, FileNotFoundError) as err:
+    except Preempted as err:
+        err_console.print(f"[bold yellow]{err}[/]; run the same command again to resume", highlight=False)
+        raise typer.Exit(code=EXIT_PREEMPTED)
+    except (ConfigError, DataValidationError, ModelSourceError, CheckpointError, ValueError, FileNotFoundError) as err:
         err_console.print(f"[bold red]error:[/] {err}", markup=True, highlight=False)
         raise typer.Exit(code=2)
     console = Console()
@@ -171,3 +179,7 @@ def train(
     )
     console.print(f"PRIME model: {result.model_dir}")
     console.print(f"logs: {result.output_dir / 'logs'} (metrics.jsonl, tensorboard/)")
+
+
+if __name__ == "__main__":
+    app()

@@ -9,8 +9,10 @@ typed field each).
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -66,6 +68,17 @@ class TrainingConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     seed: int = 42
 
+    # -- checkpoints and preemption ----------------------------------------------------------
+    checkpoint_dir: str | None = Field(default=None, description="Where checkpoints go; default <output_dir>/checkpoints.")
+    checkpoint_every_steps: int | None = Field(default=None, gt=0, description="Checkpoint every N optimizer steps.")
+    checkpoint_every_minutes: float | None = Field(default=None, gt=0, description="Checkpoint every M minutes.")
+    keep_last_checkpoints: int = Field(default=2, gt=0, description="Retention: the last N, plus the best by eval loss.")
+    resume: str = Field(default="auto", description="auto (newest complete checkpoint) | never | a checkpoint path.")
+    force_resume: bool = Field(default=False, description="Resume even if the config or data changed since the checkpoint.")
+    watch_gcp_preemption: bool = Field(
+        default=False, description="Long-poll the GCP metadata server for a spot preemption notice ($GCE_METADATA_HOST)."
+    )
+
     # -- evaluation and logging ------------------------------------------------------------
     eval_every_steps: int | None = Field(default=None, gt=0, description="Validation loss every N steps (and at the end).")
     log_every_steps: int = Field(default=1, gt=0)
@@ -80,6 +93,20 @@ class TrainingConfig(BaseModel):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    # Fields that change where things go or when they are saved, not the math: a run
+    # may resume with different values of these.
+    RESUME_NEUTRAL: ClassVar[frozenset[str]] = frozenset({
+        "data_path", "val_data_path",  # the data's sha256 is checked on its own
+        "output_dir", "checkpoint_dir", "checkpoint_every_steps", "checkpoint_every_minutes", "keep_last_checkpoints",
+        "resume", "force_resume", "watch_gcp_preemption", "log_every_steps", "num_samples", "sample_max_new_tokens",
+        "eval_every_steps", "merge_adapter", "output_name", "output_version",
+    })
+
+    def training_hash(self) -> str:
+        """sha256 of the fields that decide the trained weights."""
+        relevant = {k: v for k, v in sorted(self.to_dict().items()) if k not in self.RESUME_NEUTRAL}
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
 def _format_validation_error(err: ValidationError, origin: str) -> str:

@@ -13,7 +13,9 @@ clipping, the schedule), so checkpoints can capture and restore it exactly.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
+import json
 import logging
 import math
 import multiprocessing
@@ -28,6 +30,7 @@ from typing import Any, Awaitable, Callable, Literal
 
 import torch
 from rich.console import Console
+from safetensors.torch import load_file, save_file
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from reactor_core import __version__
@@ -56,7 +59,18 @@ from reactor_core.training.model import (
     resolve_model_source,
 )
 from reactor_core.training.schedule import build_scheduler
-from reactor_core.training.state import EpochSampler, TrainState, seed_everything
+from reactor_core.training.checkpoint import (
+    OPTIMIZER,
+    RNG,
+    STATE,
+    WEIGHTS,
+    CheckpointError,
+    LocalCheckpointStore,
+    verify,
+)
+from reactor_core.training.preemption import Preempted, PreemptionGuard
+from reactor_core.utils.environment import MetadataClient
+from reactor_core.training.state import EpochSampler, TrainState, restore_rng_tensors, rng_state_tensors, seed_everything
 
 log = logging.getLogger("reactor_core")
 
@@ -114,6 +128,7 @@ class Trainer:
         self._setup_model()
         self._setup_optimizer()
         self._setup_scheduler()  # the schedule needs the step count the data implies
+        self._setup_checkpointing()  # last: restoring needs the model, optimizer and scheduler
 
     async def train_async(self, data_path: str | Path | None = None, on_event: EventCallback | None = None) -> TrainResult:
         """`train()` in a child process; `on_event` (sync or async) runs on the event loop.
@@ -213,6 +228,88 @@ class Trainer:
         c = self.config
         self.scheduler = build_scheduler(self.optimizer, warmup_steps=c.warmup_steps, total_steps=self.total_steps, kind=c.lr_scheduler)
 
+    def _setup_checkpointing(self) -> None:
+        c = self.config
+        self.metrics: dict[str, Any] = {"train_loss": [], "eval": []}
+        self.checkpoints = LocalCheckpointStore(Path(c.checkpoint_dir or Path(c.output_dir) / "checkpoints"),
+                                                keep_last=c.keep_last_checkpoints)
+        self.data_hash = hashlib.sha256("".join(f["sha256"] for f in self.data_files).encode()).hexdigest()
+        if c.resume == "never":
+            return
+        if c.resume == "auto":
+            checkpoint = self.checkpoints.latest()
+            if checkpoint is None:
+                return
+            path = checkpoint.path
+        else:
+            path = Path(c.resume)
+            verify(path)
+        self.load_checkpoint(path)
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def save_checkpoint(self, reason: str = "interval") -> Path:
+        """Trainable weights, optimizer, scheduler, RNG and loop position, atomically."""
+        def write(folder: Path) -> None:
+            weights = {n: p.detach().to("cpu").contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+            save_file(weights, folder / WEIGHTS)
+            torch.save(self.optimizer.state_dict(), folder / OPTIMIZER)
+            torch.save(rng_state_tensors(), folder / RNG)
+            (folder / STATE).write_text(json.dumps({
+                "reason": reason,
+                "state": self.state.to_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "config_hash": self.config.training_hash(),
+                "data_hash": self.data_hash,
+                "metrics": self.metrics,
+                "config": self.config.to_dict(),
+            }))
+
+        last_eval = self.metrics["eval"][-1]["eval_loss"] if self.metrics["eval"] else None
+        checkpoint = self.checkpoints.save(self.state.step, write, metric=last_eval)
+        self._last_checkpoint_time = time.monotonic()
+        log.info("checkpoint (%s) at step %d: %s", reason, self.state.step, checkpoint.path)
+        return checkpoint.path
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore everything `save_checkpoint` wrote; refuse another run's checkpoint."""
+        saved = json.loads((path / STATE).read_text())
+        mismatches = []
+        if saved["config_hash"] != self.config.training_hash():
+            changed = [k for k, v in saved["config"].items()
+                       if k not in TrainingConfig.RESUME_NEUTRAL and self.config.to_dict().get(k) != v]
+            mismatches.append(f"the training config changed ({', '.join(changed) or 'fields'})")
+        if saved["data_hash"] != self.data_hash:
+            mismatches.append("the training data changed (sha256 differs)")
+        if mismatches:
+            message = f"{path}: not resuming: {'; '.join(mismatches)}"
+            if not self.config.force_resume:
+                raise CheckpointError(message + ". Set `force_resume: true` to resume anyway, or `resume: never`.")
+            log.warning("%s; resuming anyway (force_resume)", message)
+        weights = load_file(path / WEIGHTS)
+        params = dict(self.model.named_parameters())
+        missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+        if missing:
+            raise CheckpointError(f"{path}: no saved weights for {missing[:3]}")
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name].copy_(tensor)
+        self.optimizer.load_state_dict(torch.load(path / OPTIMIZER, weights_only=True))
+        self.scheduler.load_state_dict(saved["scheduler"])
+        restore_rng_tensors(torch.load(path / RNG, weights_only=True))
+        self.state = TrainState.from_dict(saved["state"])
+        self.metrics = saved["metrics"]
+        log.warning("resumed from %s (step %d, epoch %d, item %d of the epoch)",
+                    path, self.state.step, self.state.epoch, self.state.position)
+
+    def _checkpoint_due(self) -> bool:
+        c, step = self.config, self.state.step
+        if c.checkpoint_every_steps and step % c.checkpoint_every_steps == 0:
+            return True
+        if c.checkpoint_every_minutes:
+            return time.monotonic() - self._last_checkpoint_time >= 60 * c.checkpoint_every_minutes
+        return False
+
     # -- the loop ------------------------------------------------------------------------
 
     def _collate(self, items: list[Item]) -> Batch:
@@ -301,16 +398,18 @@ class Trainer:
         c = self.config
         output_dir = Path(c.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        metrics: dict[str, Any] = {"train_loss": [], "eval": []}
+        metrics = self.metrics
         progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
             TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
             disable=not self.show_progress, console=Console(stderr=True),
         )
         start = time.perf_counter()
-        train_seconds = 0.0  # optimizer steps only: tokens/s leaves out eval and sampling
+        self._last_checkpoint_time = time.monotonic()
         cancelled = False
-        with MetricsLogger(output_dir / "logs") as logger, progress:
+        preempted_url = MetadataClient.from_env().url("instance/preempted?wait_for_change=true")
+        guard = PreemptionGuard(preempted_url if c.watch_gcp_preemption else None)
+        with MetricsLogger(output_dir / "logs") as logger, progress, guard:
             task = progress.add_task("train", total=self.total_steps, completed=self.state.step, loss="-", tps="-")
             while self.state.step < self.total_steps:
                 if self._cancel.is_set():
@@ -318,8 +417,8 @@ class Trainer:
                     break
                 step_start = time.perf_counter()
                 values = self._train_step()
-                train_seconds += time.perf_counter() - step_start
-                values["tokens_per_s"] = self.state.tokens_seen / train_seconds
+                self.state.train_seconds += time.perf_counter() - step_start
+                values["tokens_per_s"] = self.state.tokens_seen / self.state.train_seconds
                 step = self.state.step
                 metrics["train_loss"].append({"step": step, "loss": values["loss"]})
                 self.state.loss_history.append({"step": step, "loss": values["loss"]})
@@ -329,12 +428,17 @@ class Trainer:
                 self._emit(TrainEvent("step", step, self.total_steps, values))
                 if c.eval_every_steps and step % c.eval_every_steps == 0 and step < self.total_steps:
                     self._log_eval(logger, metrics, step)
+                if guard.triggered.is_set():
+                    path = self.save_checkpoint("preemption")
+                    raise Preempted(step, str(path), guard.reason)
+                if self._checkpoint_due() and step < self.total_steps:
+                    self.save_checkpoint("interval")
             if not cancelled:
                 final = self._log_eval(logger, metrics, self.state.step)
                 metrics.update(final)
 
-        metrics.update(steps=self.state.step, train_tokens=self.state.tokens_seen, train_seconds=train_seconds,
-                       tokens_per_s=self.state.tokens_seen / max(train_seconds, 1e-9),
+        metrics.update(steps=self.state.step, train_tokens=self.state.tokens_seen, train_seconds=self.state.train_seconds,
+                       tokens_per_s=self.state.tokens_seen / max(self.state.train_seconds, 1e-9),
                        wall_seconds=time.perf_counter() - start)
         if cancelled:
             self._emit(TrainEvent("cancelled", self.state.step, self.total_steps))

@@ -1,0 +1,86 @@
+"""Noticing that the machine is about to go away.
+
+Two sources set the same flag: SIGTERM/SIGINT (what systemd, Kubernetes, SkyPilot and
+GCE's shutdown send), and the GCP metadata server's `instance/preempted`, long-polled
+by a daemon thread so the loop hears about a spot preemption when the notice is
+posted, ~30 s before the ACPI shutdown. The loop checks the flag at each step
+boundary, writes an emergency checkpoint and exits with `EXIT_PREEMPTED`.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import urllib.request
+from types import FrameType
+
+log = logging.getLogger("reactor_core")
+
+# EX_TEMPFAIL from sysexits.h: "temporary failure, the user is invited to retry".
+# Distinct from 0 (done), 1 (error) and 2 (bad config/data), so a supervisor can
+# restart on exactly this code (systemd: RestartForceExitStatus=75).
+EXIT_PREEMPTED = 75
+
+
+class Preempted(Exception):
+    """Raised by the loop after the emergency checkpoint; the process should exit 75."""
+
+    def __init__(self, step: int, checkpoint: str | None, reason: str) -> None:
+        super().__init__(f"preempted at step {step} ({reason}); checkpoint: {checkpoint}")
+        self.step, self.checkpoint, self.reason = step, checkpoint, reason
+
+    def __reduce__(self):  # picklable across train_async's process boundary
+        return (Preempted, (self.step, self.checkpoint, self.reason))
+
+
+class PreemptionGuard:
+    """Context manager: signal handlers + optional metadata watcher -> `triggered`."""
+
+    def __init__(self, metadata_url: str | None = None, poll_timeout_s: float = 60.0) -> None:
+        """metadata_url: the full `instance/preempted?wait_for_change=true` URL, or None."""
+        self.triggered = threading.Event()
+        self.reason = ""
+        self.metadata_url = metadata_url
+        self.poll_timeout_s = poll_timeout_s
+        self._previous: dict[int, object] = {}
+        self._stop = threading.Event()
+
+    def trigger(self, reason: str) -> None:
+        if not self.triggered.is_set():
+            self.reason = reason
+            log.warning("preemption notice (%s): checkpointing at the end of this step", reason)
+            self.triggered.set()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self.triggered.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C means now
+        self.trigger(signal.Signals(signum).name)
+
+    def _watch_metadata(self) -> None:
+        """Long-poll `instance/preempted`; each request returns when the value changes."""
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        while not self._stop.is_set():
+            try:
+                request = urllib.request.Request(self.metadata_url, headers={"Metadata-Flavor": "Google"})
+                with opener.open(request, timeout=self.poll_timeout_s) as response:
+                    if response.read().decode().strip().upper() == "TRUE":
+                        self.trigger("GCP preemption notice")
+                        return
+            except OSError:
+                if self._stop.wait(1.0):  # server gone or timed out: retry, never spin
+                    return
+
+    def __enter__(self) -> "PreemptionGuard":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+        if self.metadata_url:
+            threading.Thread(target=self._watch_metadata, name="gcp-preemption-watcher", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+

@@ -1,0 +1,169 @@
+"""Spot-VM-proof training: atomic checkpoints, exact resume, preemption signals."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from reactor_core import Trainer
+from reactor_core.training.checkpoint import COMPLETE, WEIGHTS, CheckpointError, LocalCheckpointStore
+from reactor_core.training.preemption import EXIT_PREEMPTED, Preempted
+
+from reactor_testing import config_for, write_chat_data
+
+
+@pytest.fixture(scope="module")
+def chat_file(tmp_path_factory) -> Path:
+    return write_chat_data(tmp_path_factory.mktemp("data") / "train.jsonl")
+
+
+def recipe(path: Path, model_dir: Path, data: Path, **extra) -> Path:
+    values = dict(model_name=str(model_dir), data_path=str(data), max_steps=120, batch_size=2,
+                  gradient_accumulation_steps=2, lora_rank=4, lora_dropout=0.1, learning_rate=3e-3,
+                  max_seq_length=64, eval_every_steps=40, num_samples=0, merge_adapter=False, seed=3)
+    values.update(extra)
+    path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in values.items()))
+    return path
+
+
+def reactor_train(recipe_path: Path, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "reactor_core.cli", "train", str(recipe_path), *overrides],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def train_losses(output_dir: Path) -> list[tuple[int, float]]:
+    records = [json.loads(l) for l in (output_dir / "logs/metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in records if r["split"] == "train"]
+
+
+def adapter(output_dir: Path) -> dict[str, torch.Tensor]:
+    (model_dir,) = [p for p in output_dir.iterdir() if (p / "prime.json").is_file()]
+    return load_file(model_dir / "adapter/adapter_model.safetensors")
+
+
+def test_sigterm_then_resume_is_bitwise_identical(tiny_llama_dir, chat_file, tmp_path):
+    path = recipe(tmp_path / "recipe.yaml", tiny_llama_dir, chat_file)
+    straight = reactor_train(path, f"output_dir={tmp_path / 'straight'}")
+    assert straight.wait(timeout=300) == 0, straight.stderr.read()
+
+    interrupted = tmp_path / "interrupted"
+    run = reactor_train(path, f"output_dir={interrupted}")
+    log_file = interrupted / "logs/metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # wait until it is well into training, mid-epoch
+        if log_file.is_file() and len(log_file.read_text().splitlines()) >= 17:
+            break
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=120) == EXIT_PREEMPTED, run.stderr.read()
+    stopped_at = max(step for step, _ in train_losses(interrupted))
+    assert 15 <= stopped_at < 120
+    checkpoints = LocalCheckpointStore(interrupted / "checkpoints")
+    assert checkpoints.latest().step == stopped_at
+
+    resumed = reactor_train(path, f"output_dir={interrupted}")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    assert "resumed from" in resumed.stderr.read()
+
+    assert train_losses(interrupted) == train_losses(tmp_path / "straight")
+    a, b = adapter(tmp_path / "straight"), adapter(interrupted)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_incomplete_or_corrupt_checkpoints_are_skipped(tiny_llama_dir, chat_file, tmp_path, caplog):
+    config = config_for(tiny_llama_dir, tmp_path, max_steps=6, checkpoint_every_steps=2, keep_last_checkpoints=3,
+                        num_samples=0, merge_adapter=False)
+    Trainer(config, progress=False).train(chat_file)
+    store = LocalCheckpointStore(tmp_path / "checkpoints")
+    assert [c.step for c in store.candidates()] == [4, 2]  # the end of the run is the model itself
+
+    killed = tmp_path / "checkpoints/step-00000006"  # SIGKILL mid-save: files but no COMPLETE
+    killed.mkdir()
+    (killed / WEIGHTS).write_bytes(b"partial")
+    weights = tmp_path / "checkpoints/step-00000004" / WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")  # newest complete one corrupted
+    caplog.set_level(logging.WARNING, logger="reactor_core")
+    trainer = Trainer(config, progress=False)
+    trainer.setup(chat_file)
+    assert trainer.state.step == 2
+    assert "step-00000006: no COMPLETE marker" in caplog.text
+    assert "step-00000004/weights.safetensors: sha256 does not match COMPLETE" in caplog.text
+
+
+def test_resume_refuses_another_config_or_data_unless_forced(tiny_llama_dir, chat_file, tmp_path):
+    config = config_for(tiny_llama_dir, tmp_path, max_steps=4, checkpoint_every_steps=2, num_samples=0,
+                        merge_adapter=False)
+    Trainer(config, progress=False).train(chat_file)
+    changed = config.model_copy(update={"lora_rank": 4})
+    with pytest.raises(CheckpointError, match=r"the training config changed \(lora_rank\)"):
+        Trainer(changed, progress=False).setup(chat_file)
+    other_data = write_chat_data(tmp_path / "other.jsonl", n=40)
+    with pytest.raises(CheckpointError, match="the training data changed"):
+        Trainer(config, progress=False).setup(other_data)
+    forced = Trainer(config.model_copy(update={"force_resume": True}), progress=False)
+    forced.setup(other_data)
+    assert forced.state.step == 2
+    fresh = Trainer(config.model_copy(update={"resume": "never"}), progress=False)
+    fresh.setup(chat_file)
+    assert fresh.state.step == 0
+
+
+def test_retention_keeps_last_n_plus_best(tmp_path):
+    store = LocalCheckpointStore(tmp_path, keep_last=2)
+    for step, loss in [(1, 3.0), (2, 1.0), (3, 2.0), (4, 2.5), (5, 2.2)]:
+        store.save(step, lambda folder: (folder / "x.bin").write_bytes(bytes([step])), metric=loss)
+    assert [c.step for c in store.candidates()] == [5, 4, 2]  # last two, and the best (loss 1.0)
+    assert (tmp_path / "step-00000005" / COMPLETE).is_file()
+
+
+class _PreemptedServer(http.server.BaseHTTPRequestHandler):
+    """GCE metadata: `instance/preempted` long-polls, then turns TRUE once `flip` is set."""
+
+    flip = threading.Event()
+
+    def do_GET(self):  # noqa: N802
+        if self.headers.get("Metadata-Flavor") != "Google" or "instance/preempted" not in self.path:
+            self.send_error(403 if self.headers.get("Metadata-Flavor") != "Google" else 404)
+            return
+        value = "TRUE" if self.flip.wait(timeout=5) else "FALSE"
+        body = value.encode()
+        self.send_response(200)
+        self.send_header("Metadata-Flavor", "Google")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_gcp_preemption_notice_checkpoints_and_stops(tiny_llama_dir, chat_file, tmp_path, monkeypatch):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _PreemptedServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("GCE_METADATA_HOST", f"127.0.0.1:{server.server_address[1]}")
+    _PreemptedServer.flip.clear()
+    config = config_for(tiny_llama_dir, tmp_path, max_steps=100_000, watch_gcp_preemption=True, num_samples=0)
+    trainer = Trainer(config, on_event=lambda e: e.step == 3 and _PreemptedServer.flip.set(), progress=False)
+    try:
+        with pytest.raises(Preempted) as err:
+            trainer.train(chat_file)
+    finally:
+        server.shutdown()
+    assert err.value.reason == "GCP preemption notice"
+    checkpoint = LocalCheckpointStore(tmp_path / "checkpoints").latest()
+    assert checkpoint is not None and checkpoint.step == err.value.step >= 3
+    assert checkpoint.state()["reason"] == "preemption"

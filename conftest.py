@@ -18,10 +18,11 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 @pytest.fixture(scope="session", autouse=True)
 def isolated_homes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     home = tmp_path_factory.mktemp("homes")
-    saved = {k: os.environ.get(k) for k in ("JARVIS_PRIME_HOME", "JARVIS_HOME", "HF_HUB_OFFLINE")}
+    saved = {k: os.environ.get(k) for k in ("JARVIS_PRIME_HOME", "JARVIS_HOME", "HF_HUB_OFFLINE", "REACTOR_NO_GCP_PROBE")}
     os.environ["JARVIS_PRIME_HOME"] = str(home / "prime")
     os.environ["JARVIS_HOME"] = str(home / "jarvis")
     os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach a model hub
+    os.environ["REACTOR_NO_GCP_PROBE"] = "1"  # no metadata-server probe per Trainer; GCP tests opt back in
     yield home
     for key, value in saved.items():
         if value is None:

@@ -73,6 +73,12 @@ class TrainingConfig(BaseModel):
     checkpoint_every_steps: int | None = Field(default=None, gt=0, description="Checkpoint every N optimizer steps.")
     checkpoint_every_minutes: float | None = Field(default=None, gt=0, description="Checkpoint every M minutes.")
     keep_last_checkpoints: int = Field(default=2, gt=0, description="Retention: the last N, plus the best by eval loss.")
+    checkpoint_remote: str | None = Field(
+        default=None, description="Mirror checkpoints to gs://bucket/prefix (or a directory); resume pulls from it."
+    )
+    spot_defaults: bool = Field(
+        default=True, description="On a detected GCP spot VM: 5-minute checkpoints and the preemption watcher."
+    )
     resume: str = Field(default="auto", description="auto (newest complete checkpoint) | never | a checkpoint path.")
     force_resume: bool = Field(default=False, description="Resume even if the config or data changed since the checkpoint.")
     watch_gcp_preemption: bool = Field(
@@ -98,7 +104,7 @@ class TrainingConfig(BaseModel):
     # may resume with different values of these.
     RESUME_NEUTRAL: ClassVar[frozenset[str]] = frozenset({
         "data_path", "val_data_path",  # the data's sha256 is checked on its own
-        "output_dir", "checkpoint_dir", "checkpoint_every_steps", "checkpoint_every_minutes", "keep_last_checkpoints",
+        "output_dir", "checkpoint_dir", "checkpoint_remote", "spot_defaults", "checkpoint_every_steps", "checkpoint_every_minutes", "keep_last_checkpoints",
         "resume", "force_resume", "watch_gcp_preemption", "log_every_steps", "num_samples", "sample_max_new_tokens",
         "eval_every_steps", "merge_adapter", "output_name", "output_version",
     })

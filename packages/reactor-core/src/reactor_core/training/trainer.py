@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Literal
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Literal
 
 import torch
 from rich.console import Console
@@ -69,8 +69,12 @@ from reactor_core.training.checkpoint import (
     verify,
 )
 from reactor_core.training.preemption import Preempted, PreemptionGuard
-from reactor_core.utils.environment import MetadataClient
+from reactor_core.gcp.storage import download_newest, open_remote
+from reactor_core.utils.environment import SPOT_CHECKPOINT_EVERY_MINUTES, MetadataClient, detect_gcp
 from reactor_core.training.state import EpochSampler, TrainState, restore_rng_tensors, rng_state_tensors, seed_everything
+
+if TYPE_CHECKING:
+    from reactor_core.gcp import SpotVMCheckpointer
 
 log = logging.getLogger("reactor_core")
 
@@ -99,7 +103,16 @@ Item = list[TokenizedExample]  # one packed row, or a single example when not pa
 
 
 class Trainer:
-    def __init__(self, config: TrainingConfig, *, on_event: EventCallback | None = None, progress: bool = True) -> None:
+    def __init__(
+        self,
+        config: TrainingConfig,
+        checkpointer: SpotVMCheckpointer | None = None,
+        *,
+        on_event: EventCallback | None = None,
+        progress: bool = True,
+    ) -> None:
+        if checkpointer is not None:  # the seed's API: a bundle of checkpoint settings
+            config = TrainingConfig.model_validate({**config.to_dict(), **checkpointer.overrides()})
         self.config = config
         self.on_event = on_event
         self.show_progress = progress
@@ -228,19 +241,40 @@ class Trainer:
         c = self.config
         self.scheduler = build_scheduler(self.optimizer, warmup_steps=c.warmup_steps, total_steps=self.total_steps, kind=c.lr_scheduler)
 
+    def _apply_spot_defaults(self) -> None:
+        """On a GCP spot VM, time-based checkpoints and the preemption watcher are on."""
+        c = self.config
+        if not c.spot_defaults or (c.checkpoint_every_minutes and c.watch_gcp_preemption):
+            return
+        if not detect_gcp(MetadataClient.from_env().get).preemptible:
+            return
+        update = {"watch_gcp_preemption": True}
+        if c.checkpoint_every_minutes is None:
+            update["checkpoint_every_minutes"] = SPOT_CHECKPOINT_EVERY_MINUTES
+        log.warning("GCP spot VM detected: %s", ", ".join(f"{k}={v}" for k, v in update.items()))
+        self.config = c.model_copy(update=update)
+
     def _setup_checkpointing(self) -> None:
+        self._apply_spot_defaults()
         c = self.config
         self.metrics: dict[str, Any] = {"train_loss": [], "eval": []}
         self.checkpoints = LocalCheckpointStore(Path(c.checkpoint_dir or Path(c.output_dir) / "checkpoints"),
                                                 keep_last=c.keep_last_checkpoints)
+        self.remote = open_remote(c.checkpoint_remote) if c.checkpoint_remote else None
         self.data_hash = hashlib.sha256("".join(f["sha256"] for f in self.data_files).encode()).hexdigest()
         if c.resume == "never":
             return
         if c.resume == "auto":
             checkpoint = self.checkpoints.latest()
-            if checkpoint is None:
+            local_step = checkpoint.step if checkpoint else -1
+            # a fresh VM has an empty disk; a bucket may also hold a newer one
+            downloaded = download_newest(self.remote, self.checkpoints.root, local_step) if self.remote else None
+            if downloaded is not None:
+                path = downloaded
+            elif checkpoint is not None:
+                path = checkpoint.path
+            else:
                 return
-            path = checkpoint.path
         else:
             path = Path(c.resume)
             verify(path)
@@ -267,6 +301,9 @@ class Trainer:
 
         last_eval = self.metrics["eval"][-1]["eval_loss"] if self.metrics["eval"] else None
         checkpoint = self.checkpoints.save(self.state.step, write, metric=last_eval)
+        if self.remote is not None:
+            self.remote.upload(checkpoint.path)  # COMPLETE goes last
+            self.remote.retain({c.path.name for c in self.checkpoints.candidates()})
         self._last_checkpoint_time = time.monotonic()
         log.info("checkpoint (%s) at step %d: %s", reason, self.state.step, checkpoint.path)
         return checkpoint.path

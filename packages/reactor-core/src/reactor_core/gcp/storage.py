@@ -1,0 +1,178 @@
+"""Remote homes for checkpoints: `gs://bucket/prefix` or a local directory.
+
+A remote mirrors the local checkpoint store. Uploads send every file of a checkpoint
+in parallel and the COMPLETE marker last, so a reader never sees a checkpoint whose
+marker arrived before its data. A fresh VM with an empty disk downloads the newest
+remote checkpoint whose files match its marker.
+
+gs:// goes through google-cloud-storage (its transfer manager for parallel uploads);
+`STORAGE_EMULATOR_HOST` points it at an emulator, as in the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Protocol
+
+from reactor_core.training.checkpoint import COMPLETE, PREFIX, CheckpointError, verify
+
+log = logging.getLogger("reactor_core")
+
+
+class RemoteStore(Protocol):
+    url: str
+
+    def upload(self, checkpoint: Path) -> None: ...
+
+    def steps(self) -> list[int]:
+        """Steps that have a COMPLETE marker remotely, newest first."""
+        ...
+
+    def download(self, step: int, local_root: Path) -> Path: ...
+
+    def retain(self, keep: set[str]) -> None: ...
+
+
+def _step_of(name: str) -> int | None:
+    digits = name[len(PREFIX):]
+    return int(digits) if name.startswith(PREFIX) and digits.isdigit() else None
+
+
+class LocalDirRemote:
+    """A directory (an NFS or gcsfuse mount, a second disk) used exactly like a bucket."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser()
+        self.url = str(self.root)
+
+    def upload(self, checkpoint: Path) -> None:
+        target = self.root / checkpoint.name
+        target.mkdir(parents=True, exist_ok=True)
+        for file in sorted(checkpoint.iterdir()):
+            if file.name != COMPLETE:
+                shutil.copyfile(file, target / file.name)
+        shutil.copyfile(checkpoint / COMPLETE, target / f".{COMPLETE}.tmp")
+        os.replace(target / f".{COMPLETE}.tmp", target / COMPLETE)  # marker last
+
+    def steps(self) -> list[int]:
+        if not self.root.is_dir():
+            return []
+        found = [_step_of(p.name) for p in self.root.iterdir() if (p / COMPLETE).is_file()]
+        return sorted((s for s in found if s is not None), reverse=True)
+
+    def download(self, step: int, local_root: Path) -> Path:
+        from reactor_core.training.checkpoint import step_dirname
+
+        source = self.root / step_dirname(step)
+        return _install(local_root, step_dirname(step), lambda tmp: shutil.copytree(source, tmp, dirs_exist_ok=True))
+
+    def retain(self, keep: set[str]) -> None:
+        for path in self.root.iterdir() if self.root.is_dir() else []:
+            if _step_of(path.name) is not None and path.name not in keep:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+class GcsRemote:
+    """gs://bucket/prefix through google-cloud-storage."""
+
+    def __init__(self, url: str, workers: int = 8) -> None:
+        try:
+            from google.cloud import storage
+        except ImportError as err:
+            raise ValueError("gs:// checkpoints need google-cloud-storage: pip install 'reactor-core[gcp]'") from err
+
+        bucket, _, prefix = url.removeprefix("gs://").partition("/")
+        if not bucket:
+            raise ValueError(f"`checkpoint_remote`: no bucket in {url!r}")
+        self.url = url
+        self.prefix = prefix.strip("/")
+        self.workers = workers
+        if os.environ.get("STORAGE_EMULATOR_HOST"):
+            from google.auth.credentials import AnonymousCredentials
+
+            self.client = storage.Client(project="emulator", credentials=AnonymousCredentials())
+        else:
+            self.client = storage.Client()
+        self.bucket = self.client.bucket(bucket)
+
+    def _name(self, *parts: str) -> str:
+        return "/".join(p for p in (self.prefix, *parts) if p)
+
+    def upload(self, checkpoint: Path) -> None:
+        from google.cloud.storage import transfer_manager
+
+        files = [f.name for f in sorted(checkpoint.iterdir()) if f.name != COMPLETE and f.is_file()]
+        results = transfer_manager.upload_many_from_filenames(
+            self.bucket, files, source_directory=str(checkpoint), blob_name_prefix=self._name(checkpoint.name) + "/",
+            max_workers=self.workers, worker_type=transfer_manager.THREAD, raise_exception=True,
+        )
+        for name, result in zip(files, results):
+            if isinstance(result, Exception):
+                raise CheckpointError(f"upload of {checkpoint / name} to {self.url} failed: {result}")
+        self.bucket.blob(self._name(checkpoint.name, COMPLETE)).upload_from_filename(str(checkpoint / COMPLETE))
+
+    def steps(self) -> list[int]:
+        found = set()
+        for blob in self.client.list_blobs(self.bucket, prefix=self._name() + "/" if self.prefix else None):
+            parts = blob.name.removeprefix(self._name() + "/" if self.prefix else "").split("/")
+            if len(parts) == 2 and parts[1] == COMPLETE and (step := _step_of(parts[0])) is not None:
+                found.add(step)
+        return sorted(found, reverse=True)
+
+    def download(self, step: int, local_root: Path) -> Path:
+        from reactor_core.training.checkpoint import step_dirname
+
+        name = step_dirname(step)
+
+        def fetch(tmp: Path) -> None:
+            marker = json.loads(self.bucket.blob(self._name(name, COMPLETE)).download_as_bytes())
+            for file in marker:
+                self.bucket.blob(self._name(name, file)).download_to_filename(str(tmp / file))
+            (tmp / COMPLETE).write_text(json.dumps(marker))
+
+        return _install(local_root, name, fetch)
+
+    def retain(self, keep: set[str]) -> None:
+        for blob in list(self.client.list_blobs(self.bucket, prefix=self._name() + "/" if self.prefix else None)):
+            top = blob.name.removeprefix(self._name() + "/" if self.prefix else "").split("/")[0]
+            if _step_of(top) is not None and top not in keep:
+                blob.delete()
+
+
+def _install(local_root: Path, name: str, fetch) -> Path:
+    """Download into a temp folder, verify against COMPLETE, then rename into place."""
+    local_root.mkdir(parents=True, exist_ok=True)
+    tmp = local_root / f".{name}.download-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        fetch(tmp)
+        verify(tmp)
+        final = local_root / name
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return final
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def open_remote(url: str) -> RemoteStore:
+    return GcsRemote(url) if url.startswith("gs://") else LocalDirRemote(url)
+
+
+def download_newest(remote: RemoteStore, local_root: Path, newer_than: int = -1) -> Path | None:
+    """The newest remote checkpoint past `newer_than` that verifies; others are skipped with a warning."""
+    for step in remote.steps():
+        if step <= newer_than:
+            return None
+        try:
+            path = remote.download(step, local_root)
+            log.warning("downloaded checkpoint step %d from %s", step, remote.url)
+            return path
+        except CheckpointError as err:
+            log.warning("skipping remote checkpoint step %d: %s", step, err)
+    return None

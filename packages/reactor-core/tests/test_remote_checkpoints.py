@@ -1,0 +1,121 @@
+"""Checkpoints mirrored to gs:// (a real gcp-storage-emulator server on loopback) and
+to a plain directory; resume from the bucket on a VM whose disk is empty."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import shutil
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from reactor_core import Trainer
+from reactor_core.gcp import SpotVMCheckpointer, open_remote
+from reactor_core.training.checkpoint import COMPLETE, WEIGHTS, LocalCheckpointStore
+from reactor_core.training.preemption import Preempted
+
+from reactor_testing import config_for, write_chat_data
+
+
+@pytest.fixture(scope="module")
+def chat_file(tmp_path_factory) -> Path:
+    return write_chat_data(tmp_path_factory.mktemp("data") / "train.jsonl")
+
+
+@pytest.fixture
+def gcs_emulator(monkeypatch):
+    """The gcp-storage-emulator package's server on 127.0.0.1, with bucket `spot-ckpt`."""
+    from gcp_storage_emulator.server import create_server
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket="spot-ckpt")
+    server.start()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+    yield "gs://spot-ckpt/runs/tiny"
+    server.stop()
+
+
+class _NoticeServer(http.server.BaseHTTPRequestHandler):
+    flip = threading.Event()
+
+    def do_GET(self):  # noqa: N802
+        body = (b"TRUE" if self.flip.wait(timeout=5) else b"FALSE")
+        self.send_response(200)
+        self.send_header("Metadata-Flavor", "Google")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_preemption_uploads_to_the_bucket_and_an_empty_vm_resumes_from_it(tiny_llama_dir, chat_file, tmp_path,
+                                                                           gcs_emulator, monkeypatch):
+    metadata = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NoticeServer)
+    threading.Thread(target=metadata.serve_forever, daemon=True).start()
+    monkeypatch.setenv("GCE_METADATA_HOST", f"127.0.0.1:{metadata.server_address[1]}")
+    _NoticeServer.flip.clear()
+    first_vm = tmp_path / "vm1"
+    config = config_for(tiny_llama_dir, first_vm, max_steps=40, num_samples=0, merge_adapter=False)
+    checkpointer = SpotVMCheckpointer(checkpoint_interval=1000, gcs_bucket=gcs_emulator)
+    trainer = Trainer(config, checkpointer, on_event=lambda e: e.step == 6 and _NoticeServer.flip.set(), progress=False)
+    try:
+        with pytest.raises(Preempted) as err:
+            trainer.train(chat_file)
+    finally:
+        metadata.shutdown()
+    step = err.value.step
+    remote = open_remote(gcs_emulator)
+    assert remote.steps() == [step]
+
+    second_vm = tmp_path / "vm2"  # a new VM: nothing on disk but the recipe and data
+    resumed = Trainer(config.model_copy(update={"output_dir": str(second_vm)}), checkpointer, progress=False)
+    resumed.setup(chat_file)
+    assert resumed.state.step == step
+    local = LocalCheckpointStore(second_vm / "checkpoints").latest()
+    saved = load_file(first_vm / "checkpoints" / local.path.name / WEIGHTS)
+    for name, param in resumed.model.named_parameters():
+        if param.requires_grad:
+            assert torch.equal(param.detach(), saved[name]), name
+    result = resumed._run()
+    assert result.state.step == 40 and result.model_dir.is_dir()
+
+
+def test_a_remote_checkpoint_with_a_bad_file_is_not_downloaded(tiny_llama_dir, chat_file, tmp_path, caplog):
+    remote_dir = tmp_path / "mount"  # a directory remote behaves like the bucket
+    config = config_for(tiny_llama_dir, tmp_path / "vm1", max_steps=4, checkpoint_every_steps=2, num_samples=0,
+                        merge_adapter=False, checkpoint_remote=str(remote_dir), keep_last_checkpoints=3)
+    Trainer(config, progress=False).train(chat_file)
+    assert open_remote(str(remote_dir)).steps() == [2]
+    weights = remote_dir / "step-00000002" / WEIGHTS
+    weights.write_bytes(b"\x00" + weights.read_bytes()[1:])
+    fresh = Trainer(config.model_copy(update={"output_dir": str(tmp_path / "vm2")}), progress=False)
+    fresh.setup(chat_file)
+    assert fresh.state.step == 0
+    assert "skipping remote checkpoint step 2" in caplog.text
+
+
+def test_upload_sends_the_marker_last(tmp_path, gcs_emulator):
+    checkpoint = tmp_path / "step-00000007"
+    checkpoint.mkdir()
+    (checkpoint / "a.bin").write_bytes(os.urandom(1000))
+    from reactor_core.training.checkpoint import sha256_file
+
+    (checkpoint / COMPLETE).write_text('{"a.bin": "%s"}' % sha256_file(checkpoint / "a.bin"))
+    remote = open_remote(gcs_emulator)
+    remote.upload(checkpoint)
+    blobs = list(remote.client.list_blobs(remote.bucket, prefix="runs/tiny/"))
+    names = [b.name for b in sorted(blobs, key=lambda b: b.updated)]
+    assert names[-1] == "runs/tiny/step-00000007/COMPLETE"
+    assert remote.steps() == [7]
+    downloaded = remote.download(7, tmp_path / "restore")
+    assert (downloaded / "a.bin").read_bytes() == (checkpoint / "a.bin").read_bytes()
+    shutil.rmtree(checkpoint)

@@ -167,3 +167,17 @@ def test_gcp_preemption_notice_checkpoints_and_stops(tiny_llama_dir, chat_file, 
     checkpoint = LocalCheckpointStore(tmp_path / "checkpoints").latest()
     assert checkpoint is not None and checkpoint.step == err.value.step >= 3
     assert checkpoint.state()["reason"] == "preemption"
+
+
+def test_drill_with_sigterm_and_sigkill_ends_bitwise_identical(tiny_llama_dir, chat_file, tmp_path):
+    """`reactor drill`: seed 2 kills once with SIGTERM, then once with SIGKILL."""
+    from typer.testing import CliRunner
+
+    from reactor_core.cli import app
+
+    path = recipe(tmp_path / "recipe.yaml", tiny_llama_dir, chat_file, max_steps=100, eval_every_steps=None)
+    result = CliRunner().invoke(app, ["drill", str(path), "--kills", "2", "--seed", "2", "--checkpoint-every", "4",
+                                      "--work-dir", str(tmp_path / "drill")], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "SIGTERM" in result.output and "SIGKILL" in result.output
+    assert "PASS: weights bitwise identical: True" in result.output

@@ -147,10 +147,10 @@ def train(
     """Train from a YAML recipe (SFT with LoRA, QLoRA or full fine-tuning).
 
     Data is validated completely before anything is written; the result is a PRIME
-    model directory under `output_dir`. The run resumes from the newest complete
-    checkpoint (`resume: auto`). On SIGTERM/SIGINT (or a GCP preemption notice with
-    `watch_gcp_preemption: true`) it checkpoints and exits with code 75; exit code 2
-    means a bad recipe, data or checkpoint.
+    model directory under `output_dir`. The run resumes from the newest complete checkpoint (`resume: auto`).
+
+    On SIGTERM/SIGINT or a GCP preemption notice it checkpoints and exits with code 75.
+    Exit code 2 means a bad recipe, data or checkpoint.
     """
     from reactor_core.data import DataValidationError
     from reactor_core.training import ConfigError, Trainer, load_config
@@ -191,8 +191,11 @@ def drill(
     seed: Annotated[int, typer.Option(help="Seed for the kill times and signals.")] = 0,
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value recipe overrides.")] = None,
 ) -> None:
-    """Preemption drill: train once, then again while killing it K times (SIGTERM and
-    SIGKILL mixed) and resuming; report whether the final weights are bitwise identical."""
+    """Preemption drill: kill a run K times (SIGTERM and SIGKILL), resume, compare bitwise.
+
+    Trains the recipe once uninterrupted, then again while killing it at random moments
+    and restarting it, and reports whether the final weights and per-step losses match.
+    """
     from pathlib import Path
 
     from reactor_core.drill import run_drill

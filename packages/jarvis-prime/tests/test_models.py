@@ -114,3 +114,12 @@ def test_generation_params_are_validated():
                           ({"top_p": 0}, "top_p"), ({"top_k": -1}, "top_k"), ({"stop": ("",)}, "stop")]:
         with pytest.raises(ValueError, match=f"`{field}`"):
             GenerationParams(**kwargs)
+
+
+def test_generating_while_this_thread_holds_an_open_stream_is_an_error_not_a_deadlock(llama_model):
+    stream = llama_model.stream("Once upon a time", max_new_tokens=8)
+    next(stream)
+    with pytest.raises(RuntimeError, match="still open in this thread"):
+        llama_model.generate("Hello", max_new_tokens=2)
+    stream.close()
+    assert llama_model.generate("Hello", max_new_tokens=2)  # usable again once closed

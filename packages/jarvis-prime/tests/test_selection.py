@@ -8,9 +8,10 @@ from jarvis_prime.manifest import PrimeManifest, Quantization
 from jarvis_prime.models.selection import matching_gguf, plan_runtime
 
 CPU = Hardware("Linux", "x86_64", apple_silicon=False, nvidia_driver=False)
-CUDA = Hardware("Linux", "x86_64", apple_silicon=False, nvidia_driver=True)
+CUDA = Hardware("Linux", "x86_64", apple_silicon=False, nvidia_driver=True, cuda_usable=True)
+CPU_TORCH_ON_GPU_BOX = Hardware("Linux", "x86_64", apple_silicon=False, nvidia_driver=True, cuda_usable=False)
 MAC = Hardware("Darwin", "arm64", apple_silicon=True, nvidia_driver=False)
-ALL = Libraries(llama_cpp=True, transformers=True, bitsandbytes=True)
+ALL = Libraries(llama_cpp=True, transformers=True, bitsandbytes=True, llama_gpu_offload=True)
 NO_BNB = Libraries(llama_cpp=True, transformers=True, bitsandbytes=False)
 
 
@@ -77,3 +78,11 @@ def test_explicit_requests_that_cannot_work_are_errors_not_fallbacks():
 def test_bad_values_name_the_argument(kwargs, field):
     with pytest.raises(ValueError, match=f"`{field}` must be"):
         plan(manifest("q4_1"), **kwargs)
+
+
+def test_gpu_box_without_gpu_builds_runs_on_the_cpu_and_says_so():
+    plain = Libraries(llama_cpp=True, transformers=True, bitsandbytes=False, llama_gpu_offload=False)
+    runtime = plan(manifest("q4_1"), hw=CPU_TORCH_ON_GPU_BOX, libs=plain)
+    assert (runtime.backend, runtime.device) == ("llamacpp", "cpu")
+    mac = plan(manifest("q4_1"), hw=MAC, libs=plain)
+    assert (mac.device, "no GPU offload" in mac.reason) == ("cpu", True)

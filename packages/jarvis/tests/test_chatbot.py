@@ -27,7 +27,7 @@ def test_answers_and_keeps_history(bot):
 
 def test_history_reaches_the_model_through_the_chat_template(bot):
     bot.ask("What is the capital of France?")
-    messages = bot._fit_context({"role": "user", "content": "Thanks"})
+    _, messages = bot._fit_context({"role": "user", "content": "Thanks"})
     assert messages[0] == {"role": "system", "content": bot.config.system_prompt}
     assert messages[1:3] == bot.history and messages[-1]["content"] == "Thanks"
     assert "<|im_start|>assistant\nThe capital of France is Paris" in bot.model.apply_chat_template(messages)
@@ -38,12 +38,14 @@ def test_long_chats_drop_oldest_turns_instead_of_crashing(pulled_model):
     bot = Chatbot(ChatbotConfig(max_new_tokens=16), model=small)
     for i in range(12):
         bot.ask(f"Remember the number {i}. " + "This sentence pads the context window. " * 4)
-        prompt = small.apply_chat_template(bot._fit_context({"role": "user", "content": "next"}))
+        prompt = small.apply_chat_template(bot._fit_context({"role": "user", "content": "next"})[1])
         assert small.count_tokens(prompt) <= 256 - 16
     assert len(bot.history) < 24, "the oldest exchanges were dropped"
     assert "number 11" in bot.history[-2]["content"], "the newest exchange is kept"
+    before = list(bot.history)
     with pytest.raises(ValueError, match="message too long"):
         bot.ask("word " * 400)
+    assert bot.history == before, "a message that cannot fit leaves the conversation alone"
     small.close()
 
 
@@ -79,6 +81,12 @@ def test_interactive_chat_streams_resets_and_exits(pulled_model):
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
     assert "conversation cleared" in result.stdout and "unknown command /nope" in result.stdout
+
+
+def test_interactive_chat_survives_a_bad_turn(pulled_model):
+    result = jarvis("chat", "--max-new-tokens", "4090", stdin="hello\n/exit\n")
+    assert result.returncode == 0
+    assert "message too long" in result.stderr
 
 
 def test_interactive_chat_ends_cleanly_at_end_of_input(pulled_model):

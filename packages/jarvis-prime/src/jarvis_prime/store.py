@@ -13,12 +13,14 @@ interrupted pull never leaves a half model that looks complete.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Iterator, Literal
 
 from jarvis_prime.catalog import CatalogEntry, HubSource, WheelSource, close_matches, load_catalog
 from jarvis_prime.errors import ManifestError, ModelNotAvailableError, ModelNotFoundError, PrimeError
@@ -120,9 +122,14 @@ def pull(
     log = log or (lambda message: None)
     entry = load_catalog().get(name)
     target = models_root() / f"{entry.name}-{entry.version}"
-    if (target / MANIFEST_NAME).is_file() and not force:
-        return LocalModel(target, read_manifest(target))
+    with _store_lock(target):  # two processes pulling at once: the second waits, then finds it
+        if (target / MANIFEST_NAME).is_file() and not force:
+            return LocalModel(target, read_manifest(target))
+        return _pull_unlocked(entry, target, source, log)
 
+
+def _pull_unlocked(entry: CatalogEntry, target: Path, source: str, log: Log) -> LocalModel:
+    name = entry.name
     wheel = entry.offline_source()
     if source in ("auto", "wheel") and wheel is not None:
         return _materialize(target, log, lambda staging: _from_gguf(staging, entry, wheel.locate(), wheel_lineage(wheel), log))
@@ -147,8 +154,13 @@ def import_path(
     log = log or (lambda message: None)
     src = Path(path).expanduser().resolve()
     target = models_root() / f"{name}-{version}"
-    if (target / MANIFEST_NAME).exists():
-        raise PrimeError(f"{target} already exists; pick another --version")
+    with _store_lock(target):
+        if (target / MANIFEST_NAME).exists():
+            raise PrimeError(f"{target} already exists; pick another --version")
+        return _import_unlocked(src, target, name=name, version=version, task=task, base=base, log=log)
+
+
+def _import_unlocked(src: Path, target: Path, *, name: str, version: str, task: str, base: str | None, log: Log) -> LocalModel:
     if src.is_file() and src.suffix == ".gguf":
         info = read_gguf_info(src)
         entry_like = PrimeManifest(
@@ -166,19 +178,34 @@ def import_path(
 # -- building a model directory -------------------------------------------------------
 
 
-def _materialize(target: Path, log: Log, build: Callable[[Path], PrimeManifest]) -> LocalModel:
-    """Build into a staging folder, then swap it into place; nothing partial survives."""
+@contextmanager
+def _store_lock(target: Path) -> Iterator[None]:
+    """An exclusive lock on one model directory of the store (POSIX advisory lock)."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _materialize(target: Path, log: Log, build: Callable[[Path], PrimeManifest]) -> LocalModel:
+    """Build into a staging folder, then swap it into place; nothing partial survives.
+
+    Runs under the target's store lock, so any staging folder found here was left by a
+    process that died mid-pull, and is removed.
+    """
+    for stale in target.parent.glob(f".{target.name}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     staging = target.parent / f".{target.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
         manifest = build(staging)
         log("hashing files (sha256)")
         manifest = write_manifest(staging, manifest)
-        if target.exists():
-            shutil.rmtree(target)
+        previous = target.parent / f".{target.name}.previous-{os.getpid()}"
+        if target.exists():  # --force: the old copy stays whole until the new one is in place
+            os.replace(target, previous)
         os.replace(staging, target)
+        shutil.rmtree(previous, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log(f"ready: {target}")

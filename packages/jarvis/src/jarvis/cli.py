@@ -99,6 +99,9 @@ def _interactive(bot: Chatbot) -> None:
             _reply(bot, text)
         except KeyboardInterrupt:  # stop this reply, keep the session
             console.print("\n[dim](interrupted)[/]")
+        except (PrimeError, ValueError) as err:  # one bad turn does not end the chat
+            console.print()
+            err_console.print(f"[bold red]error:[/] {err}")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,9 @@ def _final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
 
 def run_drill(recipe: Path, work_dir: Path, kills: int, *, seed: int = 0, checkpoint_every_steps: int = 5,
               overrides: list[str] | None = None, log=print) -> DrillReport:
+    if work_dir.exists() and any(work_dir.iterdir()):
+        # old checkpoints there would be resumed and make the comparison meaningless
+        raise ValueError(f"{work_dir}: not empty; the drill needs a fresh work directory")
     rng = random.Random(seed)
     overrides = [*(overrides or []), f"checkpoint_every_steps={checkpoint_every_steps}", "resume=auto"]
     report = DrillReport()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator, Mapping, Sequence, TypedDict
 
@@ -64,6 +65,7 @@ class PrimeModel:
         self.context_length = context_length
         self._backend = backend
         self._lock = threading.Lock()  # one generation at a time per loaded model
+        self._owner: int | None = None  # thread holding it, to refuse a self-deadlock
         template = path / "chat_template.jinja"
         self._template = (
             ChatTemplate(template.read_text(encoding="utf-8"), {"bos_token": backend.bos_token, "eos_token": backend.eos_token})
@@ -133,18 +135,32 @@ class PrimeModel:
 
     # -- generation ---------------------------------------------------------------------
 
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """The model for this generation alone. Other threads wait; the thread that still
+        holds an unfinished stream gets an error instead of waiting on itself forever."""
+        if self._owner == threading.get_ident():
+            raise RuntimeError(f"{self.name}: a stream from this model is still open in this thread; "
+                               "finish or close() it before generating again")
+        with self._lock:
+            self._owner = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._owner = None
+
     def complete(self, prompt: str, **options: Unpack[SamplingOptions]) -> Generation:
         """Continue `prompt`; the result carries finish reason and token usage."""
         params = _params(options)
         ids = self._prompt_ids(prompt)
-        with self._lock:
+        with self._exclusive():
             return self._backend.generate(ids, params)
 
     def complete_chat(self, messages: Messages, **options: Unpack[SamplingOptions]) -> Generation:
         """The assistant's next reply to `messages`, with finish reason and usage."""
         params = _params(options, self.manifest.stop)
         ids = self._chat_ids(messages)
-        with self._lock:
+        with self._exclusive():
             return self._backend.generate(ids, params)
 
     def generate(self, prompt: str, **options: Unpack[SamplingOptions]) -> str:
@@ -162,7 +178,7 @@ class PrimeModel:
         return self._stream(self._chat_ids(messages), _params(options, self.manifest.stop))
 
     def _stream(self, ids: list[int], params: GenerationParams) -> Iterator[str]:
-        with self._lock:
+        with self._exclusive():
             for chunk in self._backend.stream(ids, params):
                 if chunk.text:
                     yield chunk.text
@@ -182,7 +198,7 @@ class PrimeModel:
         return _iterate_in_thread(lambda: self.stream_chat(messages, **options))
 
     def close(self) -> None:
-        with self._lock:
+        with self._exclusive():
             self._backend.close()
 
     def __enter__(self) -> "PrimeModel":

@@ -53,8 +53,8 @@ def _validate(quantization: object, device: object, backend: object) -> None:
 
 
 def _pick_device(device: Device, hw: Hardware) -> Literal["cpu", "cuda", "mps"]:
-    if device == "auto":
-        return "cuda" if hw.nvidia_driver else "mps" if hw.apple_silicon else "cpu"
+    if device == "auto":  # a GPU only when something installed here can drive it
+        return "cuda" if hw.cuda_usable else "mps" if hw.apple_silicon else "cpu"
     if device == "cuda" and not hw.nvidia_driver:
         raise BackendUnavailableError("device='cuda' but no NVIDIA driver was found on this machine")
     if device == "mps" and not hw.apple_silicon:
@@ -141,6 +141,9 @@ def plan_runtime(
     if dev == "cuda" and libraries.transformers:
         return _transformers(manifest, quantization, dev, libraries, "CUDA GPU: transformers (+ bitsandbytes)")
     if libraries.llama_cpp and matching_gguf(manifest, quantization) is not None:
+        if dev != "cpu" and not libraries.llama_gpu_offload:
+            return _llamacpp(manifest, quantization, "cpu", libraries,
+                             "llama.cpp on a matching GGUF, on the CPU: this llama-cpp-python has no GPU offload")
         where = "Apple Silicon (Metal)" if dev == "mps" else dev.upper()
         return _llamacpp(manifest, quantization, dev, libraries, f"{where}: llama.cpp on a matching GGUF")
     reason = f"no {quantization or 'unquantized'} GGUF in the model (or no llama-cpp-python); using safetensors"

@@ -79,33 +79,40 @@ class Chatbot:
         if not text.strip():
             raise ValueError("message is empty")
         user = {"role": "user", "content": text}
-        messages = self._fit_context(user)
+        kept, messages = self._fit_context(user)  # raises before touching the history
         c = self.config
         pieces: list[str] = []
+        completed = False
         try:
             for piece in self.model.stream_chat(
                 messages, max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, seed=c.seed
             ):
                 pieces.append(piece)
                 yield piece
+            completed = True
         finally:
-            self.history += [user, {"role": "assistant", "content": "".join(pieces).strip()}]
+            # a reply that ended, or that the user interrupted (generator closed), is
+            # part of the conversation; one the backend failed on is not
+            if completed or pieces:
+                self.history = kept + [user, {"role": "assistant", "content": "".join(pieces).strip()}]
 
-    def _fit_context(self, user: Message) -> list[Message]:
-        """Persona + as much recent history as fits, + the new message.
+    def _fit_context(self, user: Message) -> tuple[list[Message], list[Message]]:
+        """(the history that fits, the messages to send): persona + recent history + `user`.
 
         Whole exchanges are dropped oldest first, so the model never sees half a turn.
+        Works on a copy: a message too long to fit leaves the history as it was.
         """
         budget = self.model.context_length - self.config.max_new_tokens
         system = [{"role": "system", "content": self.config.system_prompt}] if self.config.system_prompt else []
+        history = list(self.history)
         while True:
-            messages = system + self.history + [user]
+            messages = system + history + [user]
             used = self.model.count_tokens(self.model.apply_chat_template(messages))
             if used <= budget:
-                return messages
-            if not self.history:
+                return history, messages
+            if not history:
                 raise ValueError(
                     f"message too long: {used} tokens with the persona; {self.model.name} holds "
                     f"{self.model.context_length} tokens of context and {self.config.max_new_tokens} are kept for the reply"
                 )
-            del self.history[:2]
+            del history[:2]

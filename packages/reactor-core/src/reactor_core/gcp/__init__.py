@@ -13,8 +13,8 @@ class SpotVMCheckpointer:
 
     It is a bundle of TrainingConfig settings for a spot VM: checkpoint every
     `checkpoint_interval` steps and every `checkpoint_every_minutes`, mirror to
-    `gcs_bucket` (gs://... or a directory), resume automatically, and watch the GCP
-    metadata server for the preemption notice.
+    `gcs_bucket` (gs://... or a directory), and watch the GCP metadata server for the
+    preemption notice. Resuming follows the config's `resume` (auto by default).
     """
 
     checkpoint_interval: int = 500
@@ -23,13 +23,14 @@ class SpotVMCheckpointer:
     watch_preemption: bool = True
 
     def overrides(self) -> dict:
-        return {
+        """The settings it stands for; unset ones leave the config's own value alone."""
+        values = {
             "checkpoint_every_steps": self.checkpoint_interval,
             "checkpoint_every_minutes": self.checkpoint_every_minutes,
             "checkpoint_remote": self.gcs_bucket,
             "watch_gcp_preemption": self.watch_preemption,
-            "resume": "auto",
         }
+        return {k: v for k, v in values.items() if v is not None}
 
 
 __all__ = ["GcsRemote", "LocalDirRemote", "SpotVMCheckpointer", "open_remote"]

@@ -34,7 +34,9 @@ class RemoteStore(Protocol):
 
     def download(self, step: int, local_root: Path) -> Path: ...
 
-    def retain(self, keep: set[str]) -> None: ...
+    def delete(self, names: list[str]) -> None:
+        """Remove these checkpoint folders (retention of what this run uploaded)."""
+        ...
 
 
 def _step_of(name: str) -> int | None:
@@ -70,10 +72,9 @@ class LocalDirRemote:
         source = self.root / step_dirname(step)
         return _install(local_root, step_dirname(step), lambda tmp: shutil.copytree(source, tmp, dirs_exist_ok=True))
 
-    def retain(self, keep: set[str]) -> None:
-        for path in self.root.iterdir() if self.root.is_dir() else []:
-            if _step_of(path.name) is not None and path.name not in keep:
-                shutil.rmtree(path, ignore_errors=True)
+    def delete(self, names: list[str]) -> None:
+        for name in names:
+            shutil.rmtree(self.root / name, ignore_errors=True)
 
 
 class GcsRemote:
@@ -129,17 +130,16 @@ class GcsRemote:
         name = step_dirname(step)
 
         def fetch(tmp: Path) -> None:
-            marker = json.loads(self.bucket.blob(self._name(name, COMPLETE)).download_as_bytes())
+            marker = _read_marker(self.bucket.blob(self._name(name, COMPLETE)).download_as_bytes())
             for file in marker:
                 self.bucket.blob(self._name(name, file)).download_to_filename(str(tmp / file))
             (tmp / COMPLETE).write_text(json.dumps(marker))
 
         return _install(local_root, name, fetch)
 
-    def retain(self, keep: set[str]) -> None:
-        for blob in list(self.client.list_blobs(self.bucket, prefix=self._name() + "/" if self.prefix else None)):
-            top = blob.name.removeprefix(self._name() + "/" if self.prefix else "").split("/")[0]
-            if _step_of(top) is not None and top not in keep:
+    def delete(self, names: list[str]) -> None:
+        for name in names:
+            for blob in list(self.client.list_blobs(self.bucket, prefix=self._name(name) + "/")):
                 blob.delete()
 
 
@@ -160,19 +160,35 @@ def _install(local_root: Path, name: str, fetch) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _read_marker(raw: bytes) -> dict[str, str]:
+    """A COMPLETE marker from elsewhere: plain file names only, never a path."""
+    try:
+        marker = json.loads(raw)
+    except ValueError as err:
+        raise CheckpointError(f"unreadable {COMPLETE} marker: {err}") from None
+    if not isinstance(marker, dict) or any("/" in n or "\\" in n or n.startswith(".") for n in marker):
+        raise CheckpointError(f"{COMPLETE} marker lists unsafe file names: {list(marker)[:5]}")
+    return marker
+
+
 def open_remote(url: str) -> RemoteStore:
     return GcsRemote(url) if url.startswith("gs://") else LocalDirRemote(url)
 
 
 def download_newest(remote: RemoteStore, local_root: Path, newer_than: int = -1) -> Path | None:
     """The newest remote checkpoint past `newer_than` that verifies; others are skipped with a warning."""
-    for step in remote.steps():
+    try:
+        steps = remote.steps()
+    except Exception as err:
+        log.warning("cannot list %s (%s: %s); using local checkpoints only", remote.url, type(err).__name__, err)
+        return None
+    for step in steps:
         if step <= newer_than:
             return None
         try:
             path = remote.download(step, local_root)
             log.warning("downloaded checkpoint step %d from %s", step, remote.url)
             return path
-        except CheckpointError as err:
-            log.warning("skipping remote checkpoint step %d: %s", step, err)
+        except Exception as err:  # corrupt, unsafe, or the network failed: try the next one
+            log.warning("skipping remote checkpoint step %d: %s: %s", step, type(err).__name__, err)
     return None

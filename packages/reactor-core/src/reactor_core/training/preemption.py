@@ -58,17 +58,24 @@ class PreemptionGuard:
         self.trigger(signal.Signals(signum).name)
 
     def _watch_metadata(self) -> None:
-        """Long-poll `instance/preempted`; each request returns when the value changes."""
+        """Long-poll `instance/preempted`, passing the last ETag back.
+
+        With `last_etag`, the server answers at once if the value changed since that
+        version, so a notice posted while we were reconnecting is not missed.
+        """
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        etag = "0"  # matches no version: the first answer is the current value, at once
         while not self._stop.is_set():
+            url = f"{self.metadata_url}&last_etag={etag}" if "?" in self.metadata_url else self.metadata_url
             try:
-                request = urllib.request.Request(self.metadata_url, headers={"Metadata-Flavor": "Google"})
+                request = urllib.request.Request(url, headers={"Metadata-Flavor": "Google"})
                 with opener.open(request, timeout=self.poll_timeout_s) as response:
+                    etag = response.headers.get("ETag", etag)
                     if response.read().decode().strip().upper() == "TRUE":
                         self.trigger("GCP preemption notice")
                         return
-            except OSError:
-                if self._stop.wait(1.0):  # server gone or timed out: retry, never spin
+            except Exception:  # timeouts, resets, truncated bodies: retry, never die or spin
+                if self._stop.wait(1.0):
                     return
 
     def __enter__(self) -> "PreemptionGuard":

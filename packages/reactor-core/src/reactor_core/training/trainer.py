@@ -166,9 +166,12 @@ class Trainer:
                 try:
                     kind, payload = await loop.run_in_executor(None, events.get, True, 0.2)
                 except queue.Empty:
-                    if child.exitcode is not None:
+                    if child.exitcode is None:
+                        continue
+                    try:  # the result may have landed just after the timeout
+                        kind, payload = events.get(timeout=1.0)
+                    except queue.Empty:
                         raise RuntimeError(f"training process exited with code {child.exitcode}") from None
-                    continue
                 if kind == "event":
                     if on_event is not None and inspect.isawaitable(outcome := on_event(payload)):
                         await outcome
@@ -177,13 +180,11 @@ class Trainer:
                 else:
                     self.state = payload.state
                     return payload
-        except asyncio.CancelledError:
-            cancel.set()
-            raise
         finally:
-            await loop.run_in_executor(None, child.join, 60)
-            if child.is_alive():
-                child.terminate()
+            # Whatever ended the wait (done, error, our caller cancelled): the child stops at
+            # its next step boundary. Keep draining the queue so its feeder thread can exit.
+            cancel.set()
+            await loop.run_in_executor(None, _join_draining, child, events, 60.0)
 
     def cancel(self) -> None:
         """Stop at the next step boundary (thread-safe); `train` returns cancelled=True."""
@@ -261,6 +262,7 @@ class Trainer:
         self.checkpoints = LocalCheckpointStore(Path(c.checkpoint_dir or Path(c.output_dir) / "checkpoints"),
                                                 keep_last=c.keep_last_checkpoints)
         self.remote = open_remote(c.checkpoint_remote) if c.checkpoint_remote else None
+        self._uploaded: set[str] = set()
         self.data_hash = hashlib.sha256("".join(f["sha256"] for f in self.data_files).encode()).hexdigest()
         if c.resume == "never":
             return
@@ -303,7 +305,10 @@ class Trainer:
         checkpoint = self.checkpoints.save(self.state.step, write, metric=last_eval)
         if self.remote is not None:
             self.remote.upload(checkpoint.path)  # COMPLETE goes last
-            self.remote.retain({c.path.name for c in self.checkpoints.candidates()})
+            self._uploaded.add(checkpoint.path.name)
+            kept = {c.path.name for c in self.checkpoints.candidates()}
+            self.remote.delete(sorted(self._uploaded - kept))  # never another run's checkpoints
+            self._uploaded &= kept
         self._last_checkpoint_time = time.monotonic()
         log.info("checkpoint (%s) at step %d: %s", reason, self.state.step, checkpoint.path)
         return checkpoint.path
@@ -358,8 +363,6 @@ class Trainer:
     def _next_micro_batch(self) -> Batch:
         """The next `batch_size` items of the epoch; an epoch's tail may be smaller."""
         s = self.state
-        if s.position >= self.sampler.num_items:
-            s.epoch, s.position = s.epoch + 1, 0
         indices = self.sampler.take(s.epoch, s.position, self.config.batch_size)
         s.position += len(indices)
         return self._collate([self.train_items[i] for i in indices])
@@ -378,7 +381,12 @@ class Trainer:
         step, so every labelled token weighs the same however the batches split.
         """
         c = self.config
-        batches = [self._next_micro_batch() for _ in range(c.gradient_accumulation_steps)]
+        s = self.state
+        if s.position >= self.sampler.num_items:  # epochs turn over between steps, never inside one
+            s.epoch, s.position = s.epoch + 1, 0
+        batches = []
+        while len(batches) < c.gradient_accumulation_steps and s.position < self.sampler.num_items:
+            batches.append(self._next_micro_batch())
         loss_tokens = sum(b.num_loss_tokens for b in batches)
         self.model.train()
         total = 0.0
@@ -463,11 +471,11 @@ class Trainer:
                     logger.log(step, "train", values)
                 progress.update(task, completed=step, loss=f"{values['loss']:.4f}", tps=f"{values['tokens_per_s']:.0f}")
                 self._emit(TrainEvent("step", step, self.total_steps, values))
-                if c.eval_every_steps and step % c.eval_every_steps == 0 and step < self.total_steps:
-                    self._log_eval(logger, metrics, step)
-                if guard.triggered.is_set():
+                if guard.triggered.is_set():  # before eval: the notice gives ~30 s, not an eval's worth
                     path = self.save_checkpoint("preemption")
                     raise Preempted(step, str(path), guard.reason)
+                if c.eval_every_steps and step % c.eval_every_steps == 0 and step < self.total_steps:
+                    self._log_eval(logger, metrics, step)
                 if self._checkpoint_due() and step < self.total_steps:
                     self.save_checkpoint("interval")
             if not cancelled:
@@ -555,6 +563,19 @@ class Trainer:
 
         base = load_base_model(self.source, quantize_4bit=False, device=torch.device("cpu"))
         return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+
+
+def _join_draining(child, events, timeout: float) -> None:
+    """Join the child while emptying its queue; a child blocked on a full pipe never exits."""
+    deadline = time.monotonic() + timeout
+    while child.is_alive() and time.monotonic() < deadline:
+        try:
+            events.get(timeout=0.1)
+        except queue.Empty:
+            pass
+    if child.is_alive():
+        child.kill()  # SIGKILL: SIGTERM would read as a preemption and checkpoint first
+    child.join()
 
 
 def _picklable(err: BaseException) -> BaseException:

@@ -89,19 +89,30 @@ def test_incomplete_or_corrupt_checkpoints_are_skipped(tiny_llama_dir, chat_file
                         num_samples=0, merge_adapter=False)
     Trainer(config, progress=False).train(chat_file)
     store = LocalCheckpointStore(tmp_path / "checkpoints")
-    assert [c.step for c in store.candidates()] == [4, 2]  # the end of the run is the model itself
+    assert [c.step for c in store.candidates()] == [6, 4, 2]  # every 2 steps, and the finished state
 
-    killed = tmp_path / "checkpoints/step-00000006"  # SIGKILL mid-save: files but no COMPLETE
+    killed = tmp_path / "checkpoints/step-00000008"  # SIGKILL mid-save: files but no COMPLETE
     killed.mkdir()
     (killed / WEIGHTS).write_bytes(b"partial")
-    weights = tmp_path / "checkpoints/step-00000004" / WEIGHTS
-    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")  # newest complete one corrupted
+    weights = tmp_path / "checkpoints/step-00000006" / WEIGHTS
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # newest complete one corrupted: one flipped byte
+    weights.write_bytes(bytes(data))
     caplog.set_level(logging.WARNING, logger="reactor_core")
     trainer = Trainer(config, progress=False)
     trainer.setup(chat_file)
-    assert trainer.state.step == 2
-    assert "step-00000006: no COMPLETE marker" in caplog.text
-    assert "step-00000004/weights.safetensors: sha256 does not match COMPLETE" in caplog.text
+    assert trainer.state.step == 4
+    assert "step-00000008: no COMPLETE marker" in caplog.text
+    assert "step-00000006/weights.safetensors: sha256 does not match COMPLETE" in caplog.text
+
+
+def test_rerunning_a_finished_run_does_not_retrain(tiny_llama_dir, chat_file, tmp_path):
+    config = config_for(tiny_llama_dir, tmp_path, max_steps=4, checkpoint_every_steps=3, num_samples=0,
+                        merge_adapter=False)
+    first = Trainer(config, progress=False).train(chat_file)
+    again = Trainer(config, progress=False).train(chat_file)
+    assert again.state.step == 4 and again.metrics["train_loss"] == first.metrics["train_loss"]
+    assert again.model_dir.is_dir()
 
 
 def test_resume_refuses_another_config_or_data_unless_forced(tiny_llama_dir, chat_file, tmp_path):

@@ -94,13 +94,15 @@ def test_a_remote_checkpoint_with_a_bad_file_is_not_downloaded(tiny_llama_dir, c
     config = config_for(tiny_llama_dir, tmp_path / "vm1", max_steps=4, checkpoint_every_steps=2, num_samples=0,
                         merge_adapter=False, checkpoint_remote=str(remote_dir), keep_last_checkpoints=3)
     Trainer(config, progress=False).train(chat_file)
-    assert open_remote(str(remote_dir)).steps() == [2]
-    weights = remote_dir / "step-00000002" / WEIGHTS
-    weights.write_bytes(b"\x00" + weights.read_bytes()[1:])
+    assert open_remote(str(remote_dir)).steps() == [4, 2]
+    weights = remote_dir / "step-00000004" / WEIGHTS
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, same size
+    weights.write_bytes(bytes(data))
     fresh = Trainer(config.model_copy(update={"output_dir": str(tmp_path / "vm2")}), progress=False)
     fresh.setup(chat_file)
-    assert fresh.state.step == 0
-    assert "skipping remote checkpoint step 2" in caplog.text
+    assert fresh.state.step == 2
+    assert "skipping remote checkpoint step 4" in caplog.text
 
 
 def test_upload_sends_the_marker_last(tmp_path, gcs_emulator):

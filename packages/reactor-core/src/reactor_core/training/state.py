@@ -78,6 +78,8 @@ def rng_state_tensors() -> dict[str, Any]:
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.backends.mps.is_available():
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
@@ -88,4 +90,10 @@ def restore_rng_tensors(state: dict[str, Any]) -> None:
     np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if len(cuda) != torch.cuda.device_count():
+            raise RuntimeError(f"checkpoint has RNG states for {len(cuda)} GPUs, this machine has "
+                               f"{torch.cuda.device_count()}: an exact resume needs the same GPU count")
+        torch.cuda.set_rng_state_all(cuda)
+    if "mps" in state and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["mps"])

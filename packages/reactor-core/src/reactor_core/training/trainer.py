@@ -344,6 +344,10 @@ class Trainer:
         log.warning("resumed from %s (step %d, epoch %d, item %d of the epoch)",
                     path, self.state.step, self.state.epoch, self.state.position)
 
+    def _checkpointing(self) -> bool:
+        c = self.config
+        return bool(c.checkpoint_every_steps or c.checkpoint_every_minutes or c.checkpoint_remote)
+
     def _checkpoint_due(self) -> bool:
         c, step = self.config, self.state.step
         if c.checkpoint_every_steps and step % c.checkpoint_every_steps == 0:
@@ -479,6 +483,10 @@ class Trainer:
                 if self._checkpoint_due() and step < self.total_steps:
                     self.save_checkpoint("interval")
             if not cancelled:
+                if self._checkpointing() and self.state.step > 0:
+                    # the finished state: a crash in eval or export, or a re-run of the same
+                    # recipe, resumes here instead of retraining the tail
+                    self.save_checkpoint("final")
                 final = self._log_eval(logger, metrics, self.state.step)
                 metrics.update(final)
 

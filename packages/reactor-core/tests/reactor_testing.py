@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import http.server
 import json
+import threading
 from pathlib import Path
 
 from reactor_core import TrainingConfig
@@ -32,3 +34,33 @@ def config_for(model_dir: Path, out: Path, **overrides) -> TrainingConfig:
     )
     values.update(overrides)
     return TrainingConfig(**values)
+
+
+
+class PreemptionNoticeServer(http.server.BaseHTTPRequestHandler):
+    """A GCE metadata server on loopback: `instance/preempted` long-polls (up to 5 s) and
+    answers TRUE once `posted` is set; it requires and returns `Metadata-Flavor: Google`."""
+
+    posted = threading.Event()
+
+    def do_GET(self):  # noqa: N802
+        if self.headers.get("Metadata-Flavor") != "Google" or "instance/preempted" not in self.path:
+            self.send_error(403 if self.headers.get("Metadata-Flavor") != "Google" else 404)
+            return
+        body = b"TRUE" if self.posted.wait(timeout=5) else b"FALSE"
+        self.send_response(200)
+        self.send_header("Metadata-Flavor", "Google")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+    @classmethod
+    def start(cls) -> http.server.ThreadingHTTPServer:
+        """Serve on 127.0.0.1:<free port> in a daemon thread; `.shutdown()` when done."""
+        cls.posted.clear()
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), cls)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server

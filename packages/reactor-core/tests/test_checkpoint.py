@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import http.server
 import json
 import logging
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from reactor_core import Trainer
 from reactor_core.training.checkpoint import COMPLETE, WEIGHTS, CheckpointError, LocalCheckpointStore
 from reactor_core.training.preemption import EXIT_PREEMPTED, Preempted
 
-from reactor_testing import config_for, write_chat_data
+from reactor_testing import PreemptionNoticeServer, config_for, write_chat_data
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +125,7 @@ def test_resume_refuses_another_config_or_data_unless_forced(tiny_llama_dir, cha
         Trainer(config, progress=False).setup(other_data)
     forced = Trainer(config.model_copy(update={"force_resume": True}), progress=False)
     forced.setup(other_data)
-    assert forced.state.step == 2
+    assert forced.state.step == 4  # the finished state was checkpointed
     fresh = Trainer(config.model_copy(update={"resume": "never"}), progress=False)
     fresh.setup(chat_file)
     assert fresh.state.step == 0
@@ -141,34 +139,11 @@ def test_retention_keeps_last_n_plus_best(tmp_path):
     assert (tmp_path / "step-00000005" / COMPLETE).is_file()
 
 
-class _PreemptedServer(http.server.BaseHTTPRequestHandler):
-    """GCE metadata: `instance/preempted` long-polls, then turns TRUE once `flip` is set."""
-
-    flip = threading.Event()
-
-    def do_GET(self):  # noqa: N802
-        if self.headers.get("Metadata-Flavor") != "Google" or "instance/preempted" not in self.path:
-            self.send_error(403 if self.headers.get("Metadata-Flavor") != "Google" else 404)
-            return
-        value = "TRUE" if self.flip.wait(timeout=5) else "FALSE"
-        body = value.encode()
-        self.send_response(200)
-        self.send_header("Metadata-Flavor", "Google")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 def test_gcp_preemption_notice_checkpoints_and_stops(tiny_llama_dir, chat_file, tmp_path, monkeypatch):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _PreemptedServer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = PreemptionNoticeServer.start()
     monkeypatch.setenv("GCE_METADATA_HOST", f"127.0.0.1:{server.server_address[1]}")
-    _PreemptedServer.flip.clear()
     config = config_for(tiny_llama_dir, tmp_path, max_steps=100_000, watch_gcp_preemption=True, num_samples=0)
-    trainer = Trainer(config, on_event=lambda e: e.step == 3 and _PreemptedServer.flip.set(), progress=False)
+    trainer = Trainer(config, on_event=lambda e: e.step == 3 and PreemptionNoticeServer.posted.set(), progress=False)
     try:
         with pytest.raises(Preempted) as err:
             trainer.train(chat_file)

@@ -3,11 +3,9 @@ to a plain directory; resume from the bucket on a VM whose disk is empty."""
 
 from __future__ import annotations
 
-import http.server
 import os
 import shutil
 import socket
-import threading
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,7 @@ from reactor_core.gcp import SpotVMCheckpointer, open_remote
 from reactor_core.training.checkpoint import COMPLETE, WEIGHTS, LocalCheckpointStore
 from reactor_core.training.preemption import Preempted
 
-from reactor_testing import config_for, write_chat_data
+from reactor_testing import PreemptionNoticeServer, config_for, write_chat_data
 
 
 @pytest.fixture(scope="module")
@@ -42,31 +40,14 @@ def gcs_emulator(monkeypatch):
     server.stop()
 
 
-class _NoticeServer(http.server.BaseHTTPRequestHandler):
-    flip = threading.Event()
-
-    def do_GET(self):  # noqa: N802
-        body = (b"TRUE" if self.flip.wait(timeout=5) else b"FALSE")
-        self.send_response(200)
-        self.send_header("Metadata-Flavor", "Google")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 def test_preemption_uploads_to_the_bucket_and_an_empty_vm_resumes_from_it(tiny_llama_dir, chat_file, tmp_path,
                                                                            gcs_emulator, monkeypatch):
-    metadata = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NoticeServer)
-    threading.Thread(target=metadata.serve_forever, daemon=True).start()
+    metadata = PreemptionNoticeServer.start()
     monkeypatch.setenv("GCE_METADATA_HOST", f"127.0.0.1:{metadata.server_address[1]}")
-    _NoticeServer.flip.clear()
     first_vm = tmp_path / "vm1"
     config = config_for(tiny_llama_dir, first_vm, max_steps=40, num_samples=0, merge_adapter=False)
     checkpointer = SpotVMCheckpointer(checkpoint_interval=1000, gcs_bucket=gcs_emulator)
-    trainer = Trainer(config, checkpointer, on_event=lambda e: e.step == 6 and _NoticeServer.flip.set(), progress=False)
+    trainer = Trainer(config, checkpointer, on_event=lambda e: e.step == 6 and PreemptionNoticeServer.posted.set(), progress=False)
     try:
         with pytest.raises(Preempted) as err:
             trainer.train(chat_file)
@@ -109,7 +90,7 @@ def test_upload_sends_the_marker_last(tmp_path, gcs_emulator):
     checkpoint = tmp_path / "step-00000007"
     checkpoint.mkdir()
     (checkpoint / "a.bin").write_bytes(os.urandom(1000))
-    from reactor_core.training.checkpoint import sha256_file
+    from reactor_core.utils.files import sha256_file
 
     (checkpoint / COMPLETE).write_text('{"a.bin": "%s"}' % sha256_file(checkpoint / "a.bin"))
     remote = open_remote(gcs_emulator)

@@ -19,7 +19,6 @@ Line numbers are 1-based, as editors show them. An issue about the file as a who
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -29,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from reactor_core.data.formats import ChatExample, DataFormatError, Message, parse_record
+from reactor_core.utils.files import sha256_file
 
 OnBadExample = Literal["error", "skip"]
 ON_BAD_EXAMPLE: tuple[str, ...] = ("error", "skip")
@@ -194,12 +194,8 @@ def split_examples(
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file's bytes, read in chunks: the data's identity in a lineage."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """Hex sha256 of a file's bytes: the data's identity in a lineage."""
+    return sha256_file(path)
 
 
 # --------------------------------------------------------------------------------------

@@ -13,25 +13,15 @@ tests load what this writes.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from reactor_core import __version__
+from reactor_core.utils.files import sha256_file, write_atomic
 
 PRIME_FORMAT_VERSION = 1
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_prime_manifest(
@@ -49,7 +39,7 @@ def write_prime_manifest(
 ) -> dict[str, Any]:
     """Hash every file in `model_dir` and write prime.json atomically."""
     files = {
-        p.relative_to(model_dir).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size}
+        p.relative_to(model_dir).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
         for p in sorted(model_dir.rglob("*"))
         if p.is_file() and p.name != "prime.json"
     }
@@ -74,12 +64,5 @@ def write_prime_manifest(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "producer": f"reactor-core {__version__}",
     }
-    fd, tmp = tempfile.mkstemp(dir=model_dir, prefix=".prime.json.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, model_dir / "prime.json")
+    write_atomic(model_dir / "prime.json", (json.dumps(manifest, indent=2) + "\n").encode())
     return manifest

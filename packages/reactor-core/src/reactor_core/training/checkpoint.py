@@ -18,7 +18,6 @@ that verifies is used instead, with a warning.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,6 +25,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+from reactor_core.utils.files import fsync_dir, sha256_file, write_atomic
 
 log = logging.getLogger("reactor_core")
 
@@ -35,33 +36,6 @@ RNG = "rng.pt"
 STATE = "trainer_state.json"
 COMPLETE = "COMPLETE"
 PREFIX = "step-"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, rename: readers see old or new, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 @dataclass(frozen=True)
@@ -117,11 +91,11 @@ class LocalCheckpointStore:
             with open(file, "rb") as f:
                 os.fsync(f.fileno())
             digests[file.name] = sha256_file(file)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # a re-save of the same step (e.g. after a resume)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         write_atomic(final / COMPLETE, json.dumps(digests, indent=1).encode())
         if metric is not None:
             write_atomic(final / ".metric", str(metric).encode())  # outside COMPLETE: bookkeeping only

@@ -25,7 +25,7 @@ import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Callable, Hashable, Literal
 
 from reactor_core.data.formats import ChatExample, DataFormatError, Message, parse_record
 from reactor_core.utils.files import sha256_file
@@ -130,14 +130,28 @@ def load_chat_file(
     Raises `DataValidationError` when any line is bad and `on_bad_example` is "error",
     and in either mode when no usable example is left.
     """
+    records, report = read_jsonl(path, parse_record, on_bad_example)
+    examples = [ChatExample(messages, source) for messages, source in records]
+    return examples, report
+
+
+def read_jsonl(
+    path: str | os.PathLike[str], parse: Callable[[Any], Hashable], on_bad_example: OnBadExample
+) -> tuple[list[tuple[Any, str]], DataReport]:
+    """(parsed record, "path:line") for every good line of a JSONL file, de-duplicated.
+
+    `parse` turns one JSON value into a hashable record or raises `DataFormatError`;
+    chat and preference files share everything else: encoding and JSON errors, blank
+    lines, duplicates, counts, and the error/skip policy.
+    """
     if on_bad_example not in ON_BAD_EXAMPLE:
         raise ValueError(
             f"`on_bad_example` must be one of {ON_BAD_EXAMPLE}, got {on_bad_example!r}"
         )
     name = os.fspath(path)
     report = DataReport(path=name)
-    examples: list[ChatExample] = []
-    seen: set[tuple[Message, ...]] = set()
+    records: list[tuple[Any, str]] = []
+    seen: set[Hashable] = set()
 
     # Binary mode and a per-line decode: one badly encoded line becomes one issue
     # instead of a UnicodeDecodeError that hides every other problem in the file.
@@ -145,26 +159,26 @@ def load_chat_file(
         for number, raw in enumerate(f, start=1):
             report.lines = number
             try:
-                messages = _parse_line(raw, first=number == 1)
+                record = _parse_line(raw, parse, first=number == 1)
             except _LineError as err:
                 report.add(DataIssue(name, number, err.reason, err.kind))
                 continue
-            if messages is None:  # blank line
+            if record is None:  # blank line
                 continue
-            if messages in seen:
+            if record in seen:
                 report.duplicates += 1
                 continue
-            seen.add(messages)
-            examples.append(ChatExample(messages, f"{name}:{number}"))
+            seen.add(record)
+            records.append((record, f"{name}:{number}"))
 
-    report.examples = len(examples)
+    report.examples = len(records)
     if report.issues and on_bad_example == "error":
         raise DataValidationError(report.issues, report)
     report.skipped = len(report.issues)
-    if not examples:
+    if not records:
         report.add(DataIssue(name, 0, "no usable examples in the file", NO_EXAMPLES))
         raise DataValidationError(report.issues, report)
-    return examples, report
+    return records, report
 
 
 def split_examples(
@@ -209,8 +223,8 @@ class _LineError(Exception):
         self.kind = kind
 
 
-def _parse_line(raw: bytes, *, first: bool) -> tuple[Message, ...] | None:
-    """Bytes of one line -> its messages, None for a blank line, or `_LineError`."""
+def _parse_line(raw: bytes, parse: Callable[[Any], Hashable], *, first: bool) -> Hashable | None:
+    """Bytes of one line -> its parsed record, None for a blank line, or `_LineError`."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -224,7 +238,7 @@ def _parse_line(raw: bytes, *, first: bool) -> tuple[Message, ...] | None:
     except json.JSONDecodeError as err:
         raise _LineError(f"bad JSON: {err.msg} at column {err.colno}", BAD_JSON) from None
     try:
-        return parse_record(obj)
+        return parse(obj)
     except DataFormatError as err:
         raise _LineError(err.reason, err.kind) from None
 

@@ -41,7 +41,10 @@ class TrainingConfig(BaseModel):
     merge_adapter: bool = Field(default=True, description="Also write merged full weights next to adapter/.")
 
     # -- method ----------------------------------------------------------------------------
-    method: Literal["sft"] = "sft"
+    method: Literal["sft", "dpo"] = Field(default="sft", description="sft: chat data; dpo: preference pairs.")
+    beta: float = Field(default=0.1, gt=0, description="DPO: strength of the pull towards the reference model.")
+    loss_type: Literal["sigmoid", "ipo"] = Field(default="sigmoid", description="DPO loss: sigmoid (DPO/cDPO) or ipo.")
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5, description="DPO sigmoid: assumed label noise (cDPO).")
     use_lora: bool = Field(default=True, description="Train LoRA adapters (peft) instead of every weight.")
     lora_rank: int = Field(default=16, gt=0, description="LoRA rank r.")
     lora_alpha: float = Field(default=32.0, gt=0, description="LoRA scale numerator: W0 x + (alpha/r) B A x.")
@@ -93,6 +96,8 @@ class TrainingConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> "TrainingConfig":
+        if self.label_smoothing and (self.method != "dpo" or self.loss_type != "sigmoid"):
+            raise ValueError("`label_smoothing` applies to `method: dpo` with `loss_type: sigmoid` only")
         if self.quantize_base and not self.use_lora:
             raise ValueError("`quantize_base` (QLoRA) needs `use_lora: true`: a 4-bit base cannot be trained directly")
         return self

@@ -26,23 +26,54 @@ def _needs_full_logits(model: nn.Module) -> bool:
     return bool(getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None))
 
 
-def causal_lm_loss_sum(
+def labelled_logits(
     model: nn.Module,
     input_ids: torch.Tensor,  # (B, T)
     labels: torch.Tensor,  # (B, T), IGNORE_INDEX where no loss
     position_ids: torch.Tensor,  # (B, T), restarting per packed example
     attention_mask: torch.Tensor | None,  # (B, T) for padded batches; None when packed
-) -> torch.Tensor:
-    """Sum (not mean) of token losses, so gradient accumulation can divide by the
-    token count of the whole optimizer step and weight every token equally."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits (N, vocab), targets (N,), row of each (N,)) for the N labelled positions."""
     base = _unwrap(model)
     targets = labels[:, 1:]  # (B, T-1): token t predicts t+1
     keep = targets != IGNORE_INDEX
+    rows = keep.nonzero()[:, 0]
     if _needs_full_logits(base):
         logits = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False).logits
-        return F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="sum")
+        return logits[:, :-1][keep], targets[keep], rows
     hidden = base.get_decoder()(
         input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
     ).last_hidden_state  # (B, T, H)
-    logits = base.get_output_embeddings()(hidden[:, :-1][keep])  # (N, vocab), N = labelled positions
-    return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    return base.get_output_embeddings()(hidden[:, :-1][keep]), targets[keep], rows
+
+
+def causal_lm_loss_sum(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    position_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """Sum (not mean) of token losses, so gradient accumulation can divide by the
+    token count of the whole optimizer step and weight every token equally."""
+    logits, targets, _ = labelled_logits(model, input_ids, labels, position_ids, attention_mask)
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def sequence_logps(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    position_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of log p(token) over each row's labelled tokens (B,), their count (B,)).
+
+    DPO's sequence log-probability of a completion given its prompt.
+    """
+    logits, targets, rows = labelled_logits(model, input_ids, labels, position_ids, attention_mask)
+    token_logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)  # (N,)
+    batch = input_ids.shape[0]
+    sums = torch.zeros(batch, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
+    counts = torch.bincount(rows, minlength=batch)
+    return sums, counts

@@ -103,6 +103,14 @@ Item = list[TokenizedExample]  # one packed row, or a single example when not pa
 
 
 class Trainer:
+    def __new__(cls, config: TrainingConfig, *args: Any, **kwargs: Any) -> "Trainer":
+        """`Trainer(config)` builds the recipe `config.method` names (sft, dpo)."""
+        if cls is Trainer and config.method == "dpo":
+            from reactor_core.training.dpo import PreferenceTrainer
+
+            cls = PreferenceTrainer
+        return super().__new__(cls)
+
     def __init__(
         self,
         config: TrainingConfig,
@@ -371,6 +379,10 @@ class Trainer:
         s.position += len(indices)
         return self._collate([self.train_items[i] for i in indices])
 
+    def _batch_weight(self, batch: Batch) -> int:
+        """What the step's loss is a mean over: labelled tokens for SFT."""
+        return batch.num_loss_tokens
+
     def _forward_loss_sum(self, batch: Batch) -> torch.Tensor:
         to = lambda t: None if t is None else t.to(self.device)  # noqa: E731
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
@@ -391,7 +403,7 @@ class Trainer:
         batches = []
         while len(batches) < c.gradient_accumulation_steps and s.position < self.sampler.num_items:
             batches.append(self._next_micro_batch())
-        loss_tokens = sum(b.num_loss_tokens for b in batches)
+        loss_tokens = sum(self._batch_weight(b) for b in batches)
         self.model.train()
         total = 0.0
         for batch in batches:

@@ -1,0 +1,123 @@
+"""Preference tuning: data validation, completion-only log-probs, agreement with TRL,
+and training that raises held-out preference accuracy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from reactor_core import Trainer
+from reactor_core.data import DataValidationError
+from reactor_core.data.preference import load_preference_file, tokenize_preference
+from reactor_core.training.dpo import PreferenceTrainer, preference_loss
+from reactor_core.training.loss import IGNORE_INDEX, sequence_logps
+
+from reactor_testing import COLORS, config_for
+
+
+def write_preferences(path: Path, n: int = 48) -> Path:
+    rows = []
+    for i in range(n):
+        color = COLORS[i % len(COLORS)]
+        rows.append({"prompt": [{"role": "system", "content": "You are JARVIS."},
+                                {"role": "user", "content": f"Name color number {i}."}],
+                     "chosen": f"Color {i} is {color}.", "rejected": f"Color {i} is unknown, sorry."})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_bad_preference_lines_are_reported_with_their_place(tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("\n".join([
+        json.dumps({"prompt": "hi", "chosen": "hello", "rejected": "go away"}),
+        "{broken",
+        json.dumps({"prompt": "hi", "chosen": "same", "rejected": "same"}),
+        json.dumps({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                    "chosen": "x", "rejected": "y"}),
+        json.dumps({"prompt": "hi", "chosen": "ok"}),
+        json.dumps({"prompt": "hi", "chosen": [{"role": "assistant", "content": "ok"}], "rejected": 3}),
+    ]) + "\n")
+    with pytest.raises(DataValidationError) as err:
+        load_preference_file(path)
+    text = str(err.value)
+    for line, reason in [(2, "bad JSON"), (3, "same reply"), (4, "must end with a user message"),
+                         (5, "missing field(s): rejected"), (6, "`rejected` must be a string")]:
+        assert f"{path}:{line}: " in text and reason in text, (line, reason, text)
+    pairs, report = load_preference_file(path, on_bad_example="skip")
+    assert len(pairs) == 1 and report.skipped == 5
+
+
+def test_only_the_final_reply_carries_log_probs(tokenizer, tmp_path):
+    pairs, _ = load_preference_file(write_preferences(tmp_path / "p.jsonl", n=2))
+    pair = tokenize_preference(pairs[0], tokenizer)
+    for side, reply in ((pair.chosen, pairs[0].chosen), (pair.rejected, pairs[0].rejected)):
+        labelled = [t for t, label in zip(side.input_ids, side.labels) if label != IGNORE_INDEX]
+        assert tokenizer.decode(labelled) == reply + "<|im_end|>"
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_loss_agrees_with_trl_on_the_same_model_batch_and_beta(tiny_llama_dir, loss_type, tmp_path):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    policy = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a policy that has drifted from its reference
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    rows = [{"prompt": [{"role": "user", "content": f"Name color {i}."}],
+             "chosen": [{"role": "assistant", "content": f"Color {i} is {COLORS[i]}."}],
+             "rejected": [{"role": "assistant", "content": f"I do not know color {i}, sorry."}]} for i in range(4)]
+    args = DPOConfig(output_dir=str(tmp_path), beta=0.1, loss_type=[loss_type], per_device_train_batch_size=4,
+                     report_to=[], use_cpu=True, max_length=128, bf16=False)  # both sides in float32
+    trl = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows),
+                     processing_class=tokenizer)
+    batch = trl.data_collator([trl.train_dataset[i] for i in range(4)])
+    with torch.no_grad():
+        trl_loss = trl._compute_loss(policy, batch, return_outputs=False).item()
+
+        # the same batch through our code: completion tokens labelled, prompt masked
+        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, IGNORE_INDEX)
+        positions = torch.arange(labels.shape[1]).expand_as(labels)
+        inputs = (batch["input_ids"], labels, positions, batch["attention_mask"])
+        pol, counts = sequence_logps(policy, *inputs)
+        ref, _ = sequence_logps(reference, *inputs)
+        losses, _, _ = preference_loss(pol[:4], pol[4:], ref[:4], ref[4:], counts[:4], counts[4:],
+                                       loss_type=loss_type, beta=0.1, label_smoothing=0.0)
+    assert abs(trl_loss - 0.6931) > 1e-3 or loss_type == "ipo", "policy and reference must differ"
+    assert losses.mean().item() == pytest.approx(trl_loss, abs=1e-4)
+
+
+def test_dpo_with_lora_raises_held_out_preference_accuracy(tiny_llama_dir, tmp_path):
+    data = write_preferences(tmp_path / "prefs.jsonl")
+    config = config_for(tiny_llama_dir, tmp_path / "out", method="dpo", beta=0.1, max_steps=24, batch_size=4,
+                        learning_rate=1e-2, val_fraction=0.2, num_samples=0, merge_adapter=False)
+    trainer = Trainer(config, progress=False)
+    assert isinstance(trainer, PreferenceTrainer)
+    trainer.setup(data)
+    before = trainer.evaluate()
+    result = trainer._run()
+    after = result.metrics["eval"][-1]
+    assert before["eval_reward_accuracy"] == 0.0  # policy == reference: no preference yet
+    assert after["eval_reward_accuracy"] >= 0.8 and after["eval_reward_margin"] > before["eval_reward_margin"]
+    assert after["eval_loss"] < before["eval_loss"]
+    # no second model in memory: the reference is the same weights with adapters off
+    assert trainer.reference is None
+    assert (result.model_dir / "adapter/adapter_model.safetensors").is_file()
+
+
+def test_full_fine_tune_dpo_keeps_a_frozen_reference(tiny_llama_dir, tmp_path):
+    data = write_preferences(tmp_path / "prefs.jsonl", n=16)
+    trainer = Trainer(config_for(tiny_llama_dir, tmp_path / "out", method="dpo", use_lora=False, max_steps=3,
+                                 learning_rate=1e-3, num_samples=0), progress=False)
+    trainer.setup(data)
+    frozen = {n: p.clone() for n, p in trainer.reference.named_parameters()}
+    trainer._run()
+    assert all(torch.equal(p, frozen[n]) for n, p in trainer.reference.named_parameters())
+    assert not all(torch.equal(p, frozen[n]) for n, p in trainer.model.named_parameters())

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Literal
 
-from reactor_core.data.formats import ChatExample, DataFormatError, Message, parse_record
+from reactor_core.data.formats import ChatExample, DataFormatError, parse_record
 from reactor_core.utils.files import sha256_file
 
 OnBadExample = Literal["error", "skip"]

@@ -18,7 +18,6 @@ memory), and a frozen copy for full fine-tuning.
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
 import torch
@@ -27,8 +26,7 @@ import torch.nn.functional as F
 from reactor_core.data import Batch, collate_padded, file_sha256
 from reactor_core.data.preference import TokenizedPair, load_preference_file, split_preferences, tokenize_preferences
 from reactor_core.training.loss import sequence_logps
-from reactor_core.training.state import EpochSampler
-from reactor_core.training.trainer import Trainer, log
+from reactor_core.training.trainer import Trainer
 
 
 def sigmoid_loss(delta: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
@@ -75,12 +73,7 @@ class PreferenceTrainer(Trainer):
         if not self.train_items:
             raise ValueError(f"{data_path}: no usable preference pairs")
         self.val_examples = []  # greedy samples are an SFT habit; DPO logs rewards instead
-        self.sampler = EpochSampler(len(self.train_items), seed=c.seed)
-        micro_batches = math.ceil(len(self.train_items) / c.batch_size)
-        self.steps_per_epoch = math.ceil(micro_batches / c.gradient_accumulation_steps)
-        self.total_steps = c.max_steps or self.steps_per_epoch * c.num_epochs
-        log.info("%s; %d train pairs, %d val pairs, %d steps", report.summary(), len(self.train_items),
-                 len(self.val_items), self.total_steps)
+        self._setup_sampler()
 
     def _setup_model(self) -> None:
         super()._setup_model()

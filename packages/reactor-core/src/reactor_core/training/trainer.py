@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import torch
 from rich.console import Console
@@ -47,7 +47,7 @@ from reactor_core.data import (
 )
 from reactor_core.serving.prime_dir import write_prime_manifest
 from reactor_core.training.config import TrainingConfig
-from reactor_core.training.loss import IGNORE_INDEX, causal_lm_loss_sum
+from reactor_core.training.loss import causal_lm_loss_sum
 from reactor_core.training.metrics import MetricsLogger
 from reactor_core.training.model import (
     ModelSource,
@@ -222,11 +222,17 @@ class Trainer:
         self.train_items: list[Item] = pack_examples(train_tok, c.max_seq_length) if c.packing else [[e] for e in train_tok]
         self.val_items: list[Item] = pack_examples(val_tok, c.max_seq_length) if c.packing else [[e] for e in val_tok]
         self.val_examples = val
+        self._setup_sampler()
+
+    def _setup_sampler(self) -> None:
+        """The epoch order over `train_items`, and the step count it implies."""
+        c = self.config
         self.sampler = EpochSampler(len(self.train_items), seed=c.seed)
         micro_batches = math.ceil(len(self.train_items) / c.batch_size)
         self.steps_per_epoch = math.ceil(micro_batches / c.gradient_accumulation_steps)
         self.total_steps = c.max_steps or self.steps_per_epoch * c.num_epochs
-        log.info("%s; %d train items, %d val items, %d steps", report.summary(), len(self.train_items), len(self.val_items), self.total_steps)
+        log.info("%s; %d train items, %d val items, %d steps", self.data_report.summary(), len(self.train_items),
+                 len(self.val_items), self.total_steps)
 
     def _setup_model(self) -> None:
         c = self.config

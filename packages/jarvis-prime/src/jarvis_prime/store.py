@@ -132,7 +132,9 @@ def _pull_unlocked(entry: CatalogEntry, target: Path, source: str, log: Log) -> 
     name = entry.name
     wheel = entry.offline_source()
     if source in ("auto", "wheel") and wheel is not None:
-        return _materialize(target, log, lambda staging: _from_gguf(staging, entry, wheel.locate(), wheel_lineage(wheel), log))
+        gguf_path, lineage = wheel.locate(), wheel_lineage(wheel)
+        manifest = entry_manifest(entry, lineage)
+        return _materialize(target, log, lambda staging: _from_gguf(staging, manifest, gguf_path, read_gguf_info(gguf_path), log))
     if source == "wheel":
         pkg = next((s.package for s in entry.sources if isinstance(s, WheelSource)), None)
         raise ModelNotAvailableError(
@@ -163,11 +165,12 @@ def import_path(
 def _import_unlocked(src: Path, target: Path, *, name: str, version: str, task: str, base: str | None, log: Log) -> LocalModel:
     if src.is_file() and src.suffix == ".gguf":
         info = read_gguf_info(src)
-        entry_like = PrimeManifest(
+        manifest = PrimeManifest(
             name=name, version=version, task=task, base=base or info.name, architecture=info.architecture,
             context_length=info.context_length, stop=[info.eos_token] if info.eos_token else [],
+            lineage=Lineage(source={"kind": "path", "path": str(src)}),
         )
-        return _materialize(target, log, lambda staging: _from_gguf(staging, entry_like, src, {"kind": "path", "path": str(src)}, log))
+        return _materialize(target, log, lambda staging: _from_gguf(staging, manifest, src, info, log))
     if src.is_dir():
         manifest = PrimeManifest(name=name, version=version, task=task, base=base or str(src), context_length=1,
                                  lineage=Lineage(source={"kind": "path", "path": str(src)}))
@@ -260,9 +263,8 @@ def read_gguf_info(path: Path) -> GgufInfo:
     )
 
 
-def _from_gguf(staging: Path, entry: CatalogEntry | PrimeManifest, gguf_path: Path, source: dict, log: Log) -> PrimeManifest:
-    info = read_gguf_info(gguf_path)
-    manifest = entry if isinstance(entry, PrimeManifest) else entry_manifest(entry, source)
+def _from_gguf(staging: Path, manifest: PrimeManifest, gguf_path: Path, info: GgufInfo, log: Log) -> PrimeManifest:
+    """Copy the GGUF, keep its chat template, and add float32 safetensors when transformers is here."""
     gguf_rel = f"gguf/{manifest.name}-{info.quant}.gguf"
     (staging / "gguf").mkdir()
     log(f"copying {gguf_path.name}")
@@ -280,7 +282,6 @@ def _from_gguf(staging: Path, entry: CatalogEntry | PrimeManifest, gguf_path: Pa
     return manifest.model_copy(update={
         "quantizations": quantizations,
         "chat_template": "gguf:tokenizer.chat_template" if info.chat_template else None,
-        "lineage": Lineage(source=source),
     })
 
 

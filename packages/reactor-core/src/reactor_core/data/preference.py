@@ -128,11 +128,12 @@ def tokenize_preference(example: PreferenceExample, tokenizer: Any) -> Tokenized
     prompt_text = tokenizer.apply_chat_template(
         [m.__dict__ for m in example.prompt], tokenize=False, add_generation_prompt=True
     )
-    prompt_tokens = len(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    prompt_tokens = len(prompt_ids)
     sides = []
     for side in ("chosen", "rejected"):
         tokenized = tokenize_chat(example.conversation(side), tokenizer)
-        if tokenized.input_ids[:prompt_tokens] != tokenizer(prompt_text, add_special_tokens=False)["input_ids"]:
+        if tokenized.input_ids[:prompt_tokens] != prompt_ids:
             raise ChatTemplateError(f"{example.source}: the prompt does not tokenize as a prefix of the {side} side")
         sides.append(_completion_only(tokenized, prompt_tokens))
     return TokenizedPair(sides[0], sides[1], example.source)

@@ -18,7 +18,6 @@ memory), and a frozen copy for full fine-tuning.
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -136,6 +135,3 @@ class PreferenceTrainer(Trainer):
             loss_sum += self._forward_loss_sum(batch).item()
             pairs += self._batch_weight(batch)
         return {"eval_loss": loss_sum / pairs} | {f"eval_{k}": v for k, v in self._take_stats().items()}
-
-    def samples(self) -> list[dict[str, Any]]:
-        return []

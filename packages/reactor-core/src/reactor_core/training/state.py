@@ -8,7 +8,7 @@ got, and the RNG states. Saving this plus the weights and optimizer is a full re
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -50,7 +50,6 @@ class TrainState:
     position: int = 0  # items of the current epoch already consumed
     tokens_seen: int = 0
     train_seconds: float = 0.0  # time in optimizer steps, across resumes
-    loss_history: list[dict[str, float]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -488,7 +488,6 @@ class Trainer:
                 values["tokens_per_s"] = self.state.tokens_seen / self.state.train_seconds
                 step = self.state.step
                 metrics["train_loss"].append({"step": step, "loss": values["loss"]})
-                self.state.loss_history.append({"step": step, "loss": values["loss"]})
                 if step % c.log_every_steps == 0 or step == self.total_steps:
                     logger.log(step, "train", values)
                 progress.update(task, completed=step, loss=f"{values['loss']:.4f}", tps=f"{values['tokens_per_s']:.0f}")

@@ -26,6 +26,17 @@ def write_chat_data(path: Path, n: int = 32) -> Path:
     return path
 
 
+def write_preferences(path: Path, n: int = 48) -> Path:
+    rows = []
+    for i in range(n):
+        color = COLORS[i % len(COLORS)]
+        rows.append({"prompt": [{"role": "system", "content": "You are JARVIS."},
+                                {"role": "user", "content": f"Name color number {i}."}],
+                     "chosen": f"Color {i} is {color}.", "rejected": f"Color {i} is unknown, sorry."})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def config_for(model_dir: Path, out: Path, **overrides) -> TrainingConfig:
     values = dict(
         model_name=str(model_dir), output_dir=str(out), use_lora=True, lora_rank=8, lora_alpha=16, lora_dropout=0.0,

@@ -15,18 +15,7 @@ from reactor_core.data.preference import load_preference_file, tokenize_preferen
 from reactor_core.training.dpo import PreferenceTrainer, preference_loss
 from reactor_core.training.loss import IGNORE_INDEX, sequence_logps
 
-from reactor_testing import COLORS, config_for
-
-
-def write_preferences(path: Path, n: int = 48) -> Path:
-    rows = []
-    for i in range(n):
-        color = COLORS[i % len(COLORS)]
-        rows.append({"prompt": [{"role": "system", "content": "You are JARVIS."},
-                                {"role": "user", "content": f"Name color number {i}."}],
-                     "chosen": f"Color {i} is {color}.", "rejected": f"Color {i} is unknown, sorry."})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+from reactor_testing import COLORS, config_for, write_preferences
 
 
 def test_bad_preference_lines_are_reported_with_their_place(tmp_path):
@@ -117,7 +106,25 @@ def test_full_fine_tune_dpo_keeps_a_frozen_reference(tiny_llama_dir, tmp_path):
     trainer = Trainer(config_for(tiny_llama_dir, tmp_path / "out", method="dpo", use_lora=False, max_steps=3,
                                  learning_rate=1e-3, num_samples=0), progress=False)
     trainer.setup(data)
-    frozen = {n: p.clone() for n, p in trainer.reference.named_parameters()}
+    frozen = {n: p.clone() for n, p in trainer.reference.model.named_parameters()}
     trainer._run()
-    assert all(torch.equal(p, frozen[n]) for n, p in trainer.reference.named_parameters())
+    assert all(torch.equal(p, frozen[n]) for n, p in trainer.reference.model.named_parameters())
     assert not all(torch.equal(p, frozen[n]) for n, p in trainer.model.named_parameters())
+
+
+def test_precomputed_reference_log_probs_train_the_same_without_a_frozen_copy(tiny_llama_dir, tmp_path):
+    data = write_preferences(tmp_path / "prefs.jsonl", n=16)
+    runs = {}
+    for precompute in (False, True):
+        config = config_for(tiny_llama_dir, tmp_path / f"out-{precompute}", method="dpo", use_lora=False, max_steps=3,
+                            batch_size=4, learning_rate=1e-3, num_samples=0, mixed_precision="fp32",
+                            precompute_ref_logps=precompute)
+        trainer = Trainer(config, progress=False)
+        trainer.setup(data)
+        runs[precompute] = (trainer, trainer._run())
+    on_the_fly, precomputed = runs[False], runs[True]
+    assert on_the_fly[0].reference is not None and precomputed[0].reference is None  # no frozen copy
+    assert all(p.reference is not None for p in precomputed[0].train_items)
+    for a, b in zip(on_the_fly[1].metrics["train_loss"], precomputed[1].metrics["train_loss"]):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    assert on_the_fly[1].metrics["eval_loss"] == pytest.approx(precomputed[1].metrics["eval_loss"], abs=1e-5)

@@ -143,8 +143,11 @@ def _yes_no(value: bool) -> str:
 def train(
     recipe: Annotated[str, typer.Argument(help="YAML recipe whose keys are TrainingConfig fields.")],
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. lora_rank=8 max_steps=50.")] = None,
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help=(
+        "Processes on this machine: more than 1 launches torchrun and shards the model with FSDP2 "
+        "(gloo on CPU, nccl on CUDA). batch_size is per process."))] = 1,
 ) -> None:
-    """Train from a YAML recipe (SFT with LoRA, QLoRA or full fine-tuning).
+    """Train from a YAML recipe (SFT or DPO; LoRA, QLoRA or full fine-tuning).
 
     Data is validated completely before anything is written; the result is a PRIME
     model directory under `output_dir`. The run resumes from the newest complete checkpoint (`resume: auto`).
@@ -152,26 +155,43 @@ def train(
     On SIGTERM/SIGINT or a GCP preemption notice it checkpoints and exits with code 75.
     Exit code 2 means a bad recipe, data or checkpoint.
     """
+    import os
+
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from reactor_core.training.launch import launch_torchrun
+
+        raise typer.Exit(code=launch_torchrun(recipe, overrides or [], nproc))
+    raise typer.Exit(code=_train_here(recipe, overrides or []))
+
+
+def _train_here(recipe: str, overrides: list[str]) -> int:
+    """Train in this process (one rank of a torchrun job, or the whole run); the exit code."""
     from reactor_core.data import DataValidationError
     from reactor_core.training import ConfigError, Trainer, load_config
     from reactor_core.training.checkpoint import CheckpointError
+    from reactor_core.training.distributed import shutdown_distributed
+    from reactor_core.training.launch import report_exit_code
     from reactor_core.training.model import ModelSourceError
     from reactor_core.training.preemption import EXIT_PREEMPTED, Preempted
 
     err_console = Console(stderr=True)
     try:
-        config = load_config(recipe, overrides or [])
+        config = load_config(recipe, overrides)
         result = Trainer(config).train()
     except Preempted as err:
         err_console.print(f"[bold yellow]{err}[/]; run the same command again to resume", highlight=False)
-        raise typer.Exit(code=EXIT_PREEMPTED)
+        return report_exit_code(EXIT_PREEMPTED)
     except (ConfigError, DataValidationError, ModelSourceError, CheckpointError, ValueError, FileNotFoundError) as err:
         err_console.print(f"[bold red]error:[/] {err}", markup=True, highlight=False)
-        raise typer.Exit(code=2)
+        return report_exit_code(2)
+    finally:
+        shutdown_distributed()
+    if result.model_dir is None and not result.cancelled:
+        return 0  # a rank other than 0 of a distributed run: rank 0 reports
     console = Console()
     if result.cancelled:
         console.print(f"cancelled at step {result.state.step}")
-        raise typer.Exit(code=1)
+        return 1
     m = result.metrics
     console.print(
         f"[green]done[/]: {m['steps']} steps, {m['train_tokens']:,} tokens at {m['tokens_per_s']:.0f} tok/s; "
@@ -179,7 +199,7 @@ def train(
     )
     console.print(f"PRIME model: {result.model_dir}")
     console.print(f"logs: {result.output_dir / 'logs'} (metrics.jsonl, tensorboard/)")
-
+    return 0
 
 
 @app.command()

@@ -67,6 +67,13 @@ class Batch:
             "use_cache": False,
         }
 
+    def without_loss(self) -> Batch:
+        """The same inputs with every label ignored: a rank whose share of an epoch's
+        last micro-batch is empty runs this, so FSDP's collectives stay in step while
+        it contributes nothing to the loss or the gradient."""
+        return dataclasses.replace(self, labels=torch.full_like(self.labels, IGNORE_INDEX), num_loss_tokens=0,
+                                   num_tokens=0)
+
     def to(self, device: torch.device | str) -> Batch:
         """The same batch with its tensors on `device`."""
         mask = None if self.attention_mask is None else self.attention_mask.to(device)

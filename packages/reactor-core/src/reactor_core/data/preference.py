@@ -56,6 +56,7 @@ class TokenizedPair:
     chosen: TokenizedExample
     rejected: TokenizedExample
     source: str
+    reference: tuple[float, float] | None = None  # precomputed reference log-probs (chosen, rejected)
 
 
 def _prompt(value: Any) -> tuple[Message, ...]:

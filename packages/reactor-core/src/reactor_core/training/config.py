@@ -45,6 +45,9 @@ class TrainingConfig(BaseModel):
     beta: float = Field(default=0.1, gt=0, description="DPO: strength of the pull towards the reference model.")
     loss_type: Literal["sigmoid", "ipo"] = Field(default="sigmoid", description="DPO loss: sigmoid (DPO/cDPO) or ipo.")
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5, description="DPO sigmoid: assumed label noise (cDPO).")
+    precompute_ref_logps: bool = Field(default=False, description=(
+        "DPO: score every pair with the reference model once before training, instead of at every step; "
+        "full fine-tuning then keeps no frozen copy in memory."))
     use_lora: bool = Field(default=True, description="Train LoRA adapters (peft) instead of every weight.")
     lora_rank: int = Field(default=16, gt=0, description="LoRA rank r.")
     lora_alpha: float = Field(default=32.0, gt=0, description="LoRA scale numerator: W0 x + (alpha/r) B A x.")
@@ -96,6 +99,8 @@ class TrainingConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> "TrainingConfig":
+        if self.precompute_ref_logps and self.method != "dpo":
+            raise ValueError("`precompute_ref_logps` applies to `method: dpo` only")
         if self.label_smoothing and (self.method != "dpo" or self.loss_type != "sigmoid"):
             raise ValueError("`label_smoothing` applies to `method: dpo` with `loss_type: sigmoid` only")
         if self.quantize_base and not self.use_lora:

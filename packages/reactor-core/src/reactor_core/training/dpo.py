@@ -18,13 +18,15 @@ memory), and a frozen copy for full fine-tuning.
 from __future__ import annotations
 
 import copy
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from reactor_core.data import Batch, collate_padded, file_sha256
 from reactor_core.data.preference import TokenizedPair, load_preference_file, split_preferences, tokenize_preferences
-from reactor_core.training.loss import sequence_logps
+from reactor_core.training import distributed
 from reactor_core.training.trainer import Trainer
 
 
@@ -48,6 +50,13 @@ def preference_loss(
     else:
         losses = sigmoid_loss(chosen_ratio - rejected_ratio, beta, label_smoothing)
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+@dataclass(frozen=True)
+class PairBatch(Batch):
+    """Chosen rows, then rejected rows; with their reference log-probs when precomputed."""
+
+    reference_logps: torch.Tensor | None = None  # (B,)
 
 
 class PreferenceTrainer(Trainer):
@@ -75,49 +84,88 @@ class PreferenceTrainer(Trainer):
         self._setup_sampler()
 
     def _setup_model(self) -> None:
-        super()._setup_model()
-        # LoRA: the reference is the model with adapters off. Full fine-tuning: a frozen copy.
-        self.reference = None if self.config.use_lora else copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.model = self._load_model()
+        # LoRA: the reference is the model with adapters off. Full fine-tuning: a frozen copy
+        # (taken before sharding: FSDP shards it like the policy).
+        c = self.config
+        needs_copy = not c.use_lora and not c.precompute_ref_logps
+        frozen = copy.deepcopy(self.model).eval().requires_grad_(False) if needs_copy else None
+        self.loss_module = self._wrap(self.model)
+        self.reference = self._wrap(frozen) if frozen is not None else None
+        self._after_sharding()
         self._stats: list[torch.Tensor] = []
+        if c.precompute_ref_logps:  # before any checkpoint is restored: the weights are the reference
+            self.train_items = self._with_reference(self.train_items)
+            self.val_items = self._with_reference(self.val_items)
 
-    def _collate(self, items: list[TokenizedPair]) -> Batch:
+    @torch.no_grad()
+    def _with_reference(self, pairs: list[TokenizedPair]) -> list[TokenizedPair]:
+        """The pairs with the reference model's log-probs attached, batch by batch.
+
+        Every rank scores every pair in the same order (FSDP's collectives need the same
+        forwards on all ranks); it happens once per (re)start.
+        """
+        self.loss_module.eval()
+        out: list[TokenizedPair] = []
+        size = self.config.batch_size
+        for start in range(0, len(pairs), size):
+            chunk = pairs[start:start + size]
+            batch = self._collate(chunk)
+            with self._autocast():
+                logps = self.loss_module(*self._model_inputs(batch), per_sequence=True,
+                                         adapters=not self.config.use_lora)[0].float().cpu()
+            n = len(chunk)
+            out += [dataclasses.replace(p, reference=(logps[i].item(), logps[n + i].item())) for i, p in enumerate(chunk)]
+        return out
+
+    def _collate(self, items: list[TokenizedPair]) -> PairBatch:
         """Chosen rows first, then rejected: rows i and i + B are one pair."""
-        return collate_padded([p.chosen for p in items] + [p.rejected for p in items], self.tokenizer.pad_token_id)
+        batch = collate_padded([p.chosen for p in items] + [p.rejected for p in items], self.tokenizer.pad_token_id)
+        reference = None
+        if all(p.reference is not None for p in items):
+            reference = torch.tensor([p.reference[0] for p in items] + [p.reference[1] for p in items])
+        return PairBatch(**{f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}, reference_logps=reference)
 
     def _batch_weight(self, batch: Batch) -> int:
-        return batch.input_ids.shape[0] // 2  # the loss is a mean over pairs
+        # the loss is a mean over pairs; a loss-free filler batch (distributed tail) has none
+        return batch.input_ids.shape[0] // 2 if batch.num_loss_tokens else 0
 
-    def _reference_logps(self, inputs: tuple) -> torch.Tensor:
+    def _reference_logps(self, inputs: tuple, batch: PairBatch) -> torch.Tensor:
+        if batch.reference_logps is not None:
+            return batch.reference_logps.to(self.device)
         with torch.no_grad():
             if self.reference is not None:
-                return sequence_logps(self.reference, *inputs)[0]
-            with self.model.disable_adapter():
-                return sequence_logps(self.model, *inputs)[0]
+                return self.reference(*inputs, per_sequence=True)[0]
+            return self.loss_module(*inputs, per_sequence=True, adapters=False)[0]
 
     def _forward_loss_sum(self, batch: Batch) -> torch.Tensor:
         c = self.config
-        to = lambda t: None if t is None else t.to(self.device)  # noqa: E731
-        inputs = (to(batch.input_ids), to(batch.labels), to(batch.position_ids), to(batch.attention_mask))
-        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
-            policy, counts = sequence_logps(self.model, *inputs)
-            reference = self._reference_logps(inputs)
+        inputs = self._model_inputs(batch)
+        with self._autocast():
+            policy, counts = self.loss_module(*inputs, per_sequence=True)
+            reference = self._reference_logps(inputs, batch)
         pairs = policy.shape[0] // 2
         losses, chosen_reward, rejected_reward = preference_loss(
             policy[:pairs], policy[pairs:], reference[:pairs], reference[pairs:], counts[:pairs], counts[pairs:],
             loss_type=c.loss_type, beta=c.beta, label_smoothing=c.label_smoothing,
         )
+        if not batch.num_loss_tokens:
+            return losses.sum() * 0.0  # keeps the graph (and FSDP's reduce) without a contribution
         self._stats.append(torch.stack([chosen_reward, rejected_reward], dim=1))
         return losses.sum()
 
     def _take_stats(self) -> dict[str, float]:
-        if not self._stats:
-            return {}
-        rewards = torch.cat(self._stats)  # (pairs, 2)
+        """Reward means and preference accuracy over the pairs every rank saw."""
+        rewards = torch.cat(self._stats) if self._stats else torch.zeros(0, 2)  # (pairs, 2)
         self._stats = []
         chosen, rejected = rewards[:, 0], rewards[:, 1]
-        return {"reward_chosen": chosen.mean().item(), "reward_rejected": rejected.mean().item(),
-                "reward_margin": (chosen - rejected).mean().item(),
-                "reward_accuracy": (chosen > rejected).float().mean().item()}
+        sums = distributed.all_reduce([chosen.sum().item(), rejected.sum().item(),
+                                       (chosen > rejected).sum().item(), float(len(rewards))])
+        n = sums[3]
+        if not n:
+            return {}
+        return {"reward_chosen": sums[0] / n, "reward_rejected": sums[1] / n, "reward_margin": (sums[0] - sums[1]) / n,
+                "reward_accuracy": sums[2] / n}
 
     def _train_step(self) -> dict[str, float]:
         values = super()._train_step()
@@ -127,11 +175,11 @@ class PreferenceTrainer(Trainer):
     def evaluate(self) -> dict[str, float]:
         if not self.val_items:
             return {}
-        self.model.eval()
+        self.loss_module.eval()
         self._stats = []
         loss_sum, pairs = 0.0, 0
-        for start in range(0, len(self.val_items), self.config.batch_size):
-            batch = self._collate(self.val_items[start:start + self.config.batch_size])
+        for batch in self._val_batches():
             loss_sum += self._forward_loss_sum(batch).item()
             pairs += self._batch_weight(batch)
+        loss_sum, pairs = distributed.all_reduce([loss_sum, pairs])
         return {"eval_loss": loss_sum / pairs} | {f"eval_{k}": v for k, v in self._take_stats().items()}

@@ -77,3 +77,37 @@ def sequence_logps(
     sums = torch.zeros(batch, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
     counts = torch.bincount(rows, minlength=batch)
     return sums, counts
+
+
+class LossModule(nn.Module):
+    """The model behind a single forward call that returns what the loop needs.
+
+    The loss path calls the decoder and the LM head separately (see above), which
+    would skip the hooks FSDP2 hangs on the model's own forward; wrapping both in
+    this module's forward gives FSDP one root to unshard and reduce through. The
+    single-process loop calls it the same way, so there is one code path.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        per_sequence: bool = False,
+        adapters: bool = True,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The loss sum, or (sequence log-probs, labelled counts) with `per_sequence`.
+
+        `adapters=False` runs a peft model with its LoRA adapters disabled: the base
+        model, DPO's reference, with no second copy in memory.
+        """
+        fn = sequence_logps if per_sequence else causal_lm_loss_sum
+        if adapters:
+            return fn(self.model, input_ids, labels, position_ids, attention_mask)
+        with self.model.disable_adapter():
+            return fn(self.model, input_ids, labels, position_ids, attention_mask)

@@ -9,7 +9,12 @@ from typing import Any
 
 
 class MetricsLogger:
-    def __init__(self, log_dir: Path) -> None:
+    """`enabled=False` (ranks other than 0 of a distributed run) writes nothing."""
+
+    def __init__(self, log_dir: Path, enabled: bool = True) -> None:
+        self.enabled = enabled
+        if not enabled:
+            return
         log_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(log_dir / "metrics.jsonl", "a", encoding="utf-8")
         try:
@@ -20,6 +25,8 @@ class MetricsLogger:
             self._tb = None
 
     def log(self, step: int, split: str, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
         record = {"time": round(time.time(), 3), "step": step, "split": split, **values}
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
@@ -28,12 +35,16 @@ class MetricsLogger:
                 self._tb.add_scalar(f"{split}/{key}", value, step)
 
     def log_text(self, step: int, tag: str, text: str) -> None:
+        if not self.enabled:
+            return
         self._jsonl.write(json.dumps({"time": round(time.time(), 3), "step": step, "split": "samples", tag: text}) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
             self._tb.add_text(tag, text, step)
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self._jsonl.close()
         if self._tb is not None:
             self._tb.close()

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 import torch
 from rich.console import Console
 from safetensors.torch import load_file, save_file
+from torch import nn
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from reactor_core import __version__
@@ -47,7 +48,9 @@ from reactor_core.data import (
 )
 from reactor_core.serving.prime_dir import write_prime_manifest
 from reactor_core.training.config import TrainingConfig
-from reactor_core.training.loss import causal_lm_loss_sum
+from reactor_core.training import distributed
+from reactor_core.training.distributed import DistContext
+from reactor_core.training.loss import LossModule
 from reactor_core.training.metrics import MetricsLogger
 from reactor_core.training.model import (
     ModelSource,
@@ -203,6 +206,11 @@ class Trainer:
     def _setup_model_source(self) -> None:
         self.source: ModelSource = resolve_model_source(self.config.model_name)
         self.device = pick_device(self.config.device)
+        self.dist: DistContext = distributed.init_distributed(self.device.type)
+        if self.dist.enabled and self.config.quantize_base:
+            raise ValueError("quantize_base (QLoRA) runs in one process: FSDP cannot shard bitsandbytes 4-bit weights")
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
         self.tokenizer = load_tokenizer(self.source)
 
     def _setup_data(self, data_path: Path) -> None:
@@ -235,13 +243,31 @@ class Trainer:
                  len(self.val_items), self.total_steps)
 
     def _setup_model(self) -> None:
+        self.model = self._load_model()
+        self.loss_module = self._wrap(self.model)
+        self._after_sharding()
+
+    def _load_model(self) -> nn.Module:
         c = self.config
         model = load_base_model(self.source, quantize_4bit=c.quantize_base, device=self.device)
         if c.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.model = apply_lora(model, c) if c.use_lora else model
         self.autocast = autocast_dtype(c, self.device)
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        return apply_lora(model, c) if c.use_lora else model
+
+    def _wrap(self, model: nn.Module) -> LossModule:
+        """The module the loop calls; sharded with FSDP2 when the run is distributed."""
+        module = LossModule(model)
+        if self.dist.enabled:
+            distributed.shard_model(module, distributed.transformer_blocks(model), self.device.type)
+        return module
+
+    def _after_sharding(self) -> None:
+        # Every rank built the same weights from the same seed (FSDP shards each rank's own
+        # full copy, so they must agree); from here on, dropout draws differ per rank.
+        if self.dist.enabled:
+            seed_everything(self.config.seed + self.dist.rank)
+        self.trainable = [p for p in self.loss_module.parameters() if p.requires_grad]
 
     def _setup_optimizer(self) -> None:
         c = self.config
@@ -280,31 +306,45 @@ class Trainer:
         self.data_hash = hashlib.sha256("".join(f["sha256"] for f in self.data_files).encode()).hexdigest()
         if c.resume == "never":
             return
-        if c.resume == "auto":
-            checkpoint = self.checkpoints.latest()
-            local_step = checkpoint.step if checkpoint else -1
-            # a fresh VM has an empty disk; a bucket may also hold a newer one
-            downloaded = download_newest(self.remote, self.checkpoints.root, local_step) if self.remote else None
-            if downloaded is not None:
-                path = downloaded
-            elif checkpoint is not None:
-                path = checkpoint.path
-            else:
-                return
-        else:
-            path = Path(c.resume)
-            verify(path)
-        self.load_checkpoint(path)
+        # Only rank 0 touches checkpoint storage (the other nodes of a multi-VM run may
+        # have empty disks); it picks the checkpoint and the others follow.
+        path = distributed.broadcast_object(self._checkpoint_to_resume() if self.dist.is_main else None)
+        if path is not None:
+            self.load_checkpoint(Path(path))
+
+    def _checkpoint_to_resume(self) -> str | None:
+        c = self.config
+        if c.resume != "auto":
+            verify(Path(c.resume))
+            return c.resume
+        checkpoint = self.checkpoints.latest()
+        local_step = checkpoint.step if checkpoint else -1
+        # a fresh VM has an empty disk; a bucket may also hold a newer one
+        downloaded = download_newest(self.remote, self.checkpoints.root, local_step) if self.remote else None
+        if downloaded is not None:
+            return str(downloaded)
+        return str(checkpoint.path) if checkpoint is not None else None
 
     # -- checkpoints -----------------------------------------------------------------------
 
-    def save_checkpoint(self, reason: str = "interval") -> Path:
-        """Trainable weights, optimizer, scheduler, RNG and loop position, atomically."""
+    def save_checkpoint(self, reason: str = "interval") -> Path | None:
+        """Trainable weights, optimizer, scheduler, RNG and loop position, atomically.
+
+        Collective in a distributed run: every rank contributes its shards and RNG
+        state, rank 0 writes and uploads, and all return together (the path on rank 0,
+        None elsewhere).
+        """
+        weights = _unprefixed(distributed.model_state(self.loss_module, trainable_only=True))
+        optimizer = distributed.optimizer_state(self.loss_module, self.optimizer)
+        rng = distributed.gather_objects(rng_state_tensors())
+        if not self.dist.is_main:
+            distributed.barrier()  # rank 0 is writing; leave (or go on) together
+            return None
+
         def write(folder: Path) -> None:
-            weights = {n: p.detach().to("cpu").contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
-            save_file(weights, folder / WEIGHTS)
-            torch.save(self.optimizer.state_dict(), folder / OPTIMIZER)
-            torch.save(rng_state_tensors(), folder / RNG)
+            save_file({n: t.detach().to("cpu").contiguous() for n, t in weights.items()}, folder / WEIGHTS)
+            torch.save(optimizer, folder / OPTIMIZER)
+            torch.save({"ranks": rng}, folder / RNG)
             (folder / STATE).write_text(json.dumps({
                 "reason": reason,
                 "state": self.state.to_dict(),
@@ -325,11 +365,16 @@ class Trainer:
             self._uploaded &= kept
         self._last_checkpoint_time = time.monotonic()
         log.info("checkpoint (%s) at step %d: %s", reason, self.state.step, checkpoint.path)
+        distributed.barrier()
         return checkpoint.path
 
     def load_checkpoint(self, path: Path) -> None:
-        """Restore everything `save_checkpoint` wrote; refuse another run's checkpoint."""
-        saved = json.loads((path / STATE).read_text())
+        """Restore everything `save_checkpoint` wrote; refuse another run's checkpoint.
+
+        Collective in a distributed run: rank 0 reads the files and broadcasts.
+        """
+        main = self.dist.is_main
+        saved = distributed.broadcast_object(json.loads((path / STATE).read_text()) if main else None)
         mismatches = []
         if saved["config_hash"] != self.config.training_hash():
             changed = [k for k, v in saved["config"].items()
@@ -342,17 +387,20 @@ class Trainer:
             if not self.config.force_resume:
                 raise CheckpointError(message + ". Set `force_resume: true` to resume anyway, or `resume: never`.")
             log.warning("%s; resuming anyway (force_resume)", message)
-        weights = load_file(path / WEIGHTS)
-        params = dict(self.model.named_parameters())
-        missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+        weights = load_file(path / WEIGHTS) if main else {}
+        trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        missing = distributed.broadcast_object([n for n in trainable if n not in weights] if main else None)
         if missing:
             raise CheckpointError(f"{path}: no saved weights for {missing[:3]}")
-        with torch.no_grad():
-            for name, tensor in weights.items():
-                params[name].copy_(tensor)
-        self.optimizer.load_state_dict(torch.load(path / OPTIMIZER, weights_only=True))
+        distributed.load_model_state(self.loss_module, {f"model.{n}": t for n, t in weights.items()})
+        optimizer = torch.load(path / OPTIMIZER, weights_only=True) if main else {}
+        distributed.load_optimizer_state(self.loss_module, self.optimizer, optimizer)
         self.scheduler.load_state_dict(saved["scheduler"])
-        restore_rng_tensors(torch.load(path / RNG, weights_only=True))
+        rng = distributed.broadcast_object(torch.load(path / RNG, weights_only=True)["ranks"] if main else None)
+        if len(rng) != self.dist.world_size:
+            log.warning("%s was saved by %d processes, this run has %d: resuming, but random draws (dropout) "
+                        "will differ from an uninterrupted run", path, len(rng), self.dist.world_size)
+        restore_rng_tensors(rng[self.dist.rank % len(rng)])
         self.state = TrainState.from_dict(saved["state"])
         self.metrics = saved["metrics"]
         log.warning("resumed from %s (step %d, epoch %d, item %d of the epoch)",
@@ -379,28 +427,44 @@ class Trainer:
         return collate_padded([row[0] for row in items], pad_id)
 
     def _next_micro_batch(self) -> Batch:
-        """The next `batch_size` items of the epoch; an epoch's tail may be smaller."""
+        """This rank's `batch_size` items of the next global micro-batch.
+
+        All ranks advance the shared position by the global micro-batch; an epoch's
+        tail may be smaller, and a rank left without items runs a loss-free copy of
+        another rank's (see `Batch.without_loss`).
+        """
         s = self.state
-        indices = self.sampler.take(s.epoch, s.position, self.config.batch_size)
+        indices = self.sampler.take(s.epoch, s.position, self.config.batch_size * self.dist.world_size)
         s.position += len(indices)
-        return self._collate([self.train_items[i] for i in indices])
+        return self._rank_batch([self.train_items[i] for i in indices])
+
+    def _rank_batch(self, items: list) -> Batch:
+        """This rank's contiguous share of a global micro-batch's items."""
+        size = self.config.batch_size
+        mine = items[self.dist.rank * size:(self.dist.rank + 1) * size]
+        return self._collate(mine) if mine else self._collate(items[:1]).without_loss()
 
     def _batch_weight(self, batch: Batch) -> int:
         """What the step's loss is a mean over: labelled tokens for SFT."""
         return batch.num_loss_tokens
 
-    def _forward_loss_sum(self, batch: Batch) -> torch.Tensor:
+    def _model_inputs(self, batch: Batch) -> tuple:
         to = lambda t: None if t is None else t.to(self.device)  # noqa: E731
-        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
-            return causal_lm_loss_sum(
-                self.model, to(batch.input_ids), to(batch.labels), to(batch.position_ids), to(batch.attention_mask)
-            )
+        return to(batch.input_ids), to(batch.labels), to(batch.position_ids), to(batch.attention_mask)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None)
+
+    def _forward_loss_sum(self, batch: Batch) -> torch.Tensor:
+        with self._autocast():
+            return self.loss_module(*self._model_inputs(batch))
 
     def _train_step(self) -> dict[str, float]:
         """One optimizer step over `gradient_accumulation_steps` micro-batches.
 
         Each micro-batch's loss *sum* is divided by the loss-token count of the whole
-        step, so every labelled token weighs the same however the batches split.
+        step, over all ranks, so every labelled token weighs the same however the
+        batches split; FSDP then sums (not averages) the ranks' gradients.
         """
         c = self.config
         s = self.state
@@ -409,40 +473,55 @@ class Trainer:
         batches = []
         while len(batches) < c.gradient_accumulation_steps and s.position < self.sampler.num_items:
             batches.append(self._next_micro_batch())
-        loss_tokens = sum(self._batch_weight(b) for b in batches)
-        self.model.train()
+        weight, tokens = distributed.all_reduce([sum(self._batch_weight(b) for b in batches),
+                                                 sum(b.num_tokens for b in batches)])
+        self.loss_module.train()
         total = 0.0
-        for batch in batches:
-            loss = self._forward_loss_sum(batch) / max(loss_tokens, 1)
+        for i, batch in enumerate(batches):
+            if self.dist.enabled:  # reduce-scatter once per step, after the last micro-batch
+                self.loss_module.set_requires_gradient_sync(i == len(batches) - 1)
+            loss = self._forward_loss_sum(batch) / max(weight, 1)
             loss.backward()
             total += loss.item()
             self.state.micro_step += 1
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, c.max_grad_norm or float("inf"))
+        [total] = distributed.all_reduce([total])
+        grad_norm = distributed.clip_grad_norm(self.trainable, c.max_grad_norm or float("inf"))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
-        tokens = sum(b.num_tokens for b in batches)
-        self.state.tokens_seen += tokens
-        return {"loss": total, "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0], "tokens": tokens}
+        self.state.tokens_seen += int(tokens)
+        return {"loss": total, "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0], "tokens": int(tokens)}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Token-mean validation loss and perplexity over every validation item."""
         if not self.val_items:
             return {}
-        self.model.eval()
+        self.loss_module.eval()
         loss_sum, tokens = 0.0, 0
-        for start in range(0, len(self.val_items), self.config.batch_size):
-            batch = self._collate(self.val_items[start:start + self.config.batch_size])
+        for batch in self._val_batches():
             loss_sum += self._forward_loss_sum(batch).item()
             tokens += batch.num_loss_tokens
+        loss_sum, tokens = distributed.all_reduce([loss_sum, tokens])
         loss = loss_sum / max(tokens, 1)
         return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
+    def _val_batches(self):
+        """This rank's share of the validation items, global micro-batch by micro-batch."""
+        step = self.config.batch_size * self.dist.world_size
+        for start in range(0, len(self.val_items), step):
+            yield self._rank_batch(self.val_items[start:start + step])
+
     @torch.no_grad()
     def samples(self) -> list[dict[str, str]]:
-        """Greedy replies to a few validation prompts, to read beside the loss."""
+        """Greedy replies to a few validation prompts, to read beside the loss.
+
+        Single-process runs only: generating from FSDP shards would need every rank
+        in lockstep through `generate`, for a log line.
+        """
+        if self.dist.enabled:
+            return []
         self.model.eval()
         out = []
         for example in self.val_examples[: self.config.num_samples]:
@@ -464,19 +543,21 @@ class Trainer:
     def _run(self) -> TrainResult:
         c = self.config
         output_dir = Path(c.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
+        main = self.dist.is_main  # rank 0 alone logs, shows progress and writes files
+        if main:
+            output_dir.mkdir(parents=True, exist_ok=True)
         metrics = self.metrics
         progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
             TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            disable=not self.show_progress, console=Console(stderr=True),
+            disable=not (self.show_progress and main), console=Console(stderr=True),
         )
         start = time.perf_counter()
         self._last_checkpoint_time = time.monotonic()
         cancelled = False
         preempted_url = MetadataClient.from_env().url("instance/preempted?wait_for_change=true")
         guard = PreemptionGuard(preempted_url if c.watch_gcp_preemption else None)
-        with MetricsLogger(output_dir / "logs") as logger, progress, guard:
+        with MetricsLogger(output_dir / "logs", enabled=main) as logger, progress, guard:
             task = progress.add_task("train", total=self.total_steps, completed=self.state.step, loss="-", tps="-")
             while self.state.step < self.total_steps:
                 if self._cancel.is_set():
@@ -492,12 +573,14 @@ class Trainer:
                     logger.log(step, "train", values)
                 progress.update(task, completed=step, loss=f"{values['loss']:.4f}", tps=f"{values['tokens_per_s']:.0f}")
                 self._emit(TrainEvent("step", step, self.total_steps, values))
-                if guard.triggered.is_set():  # before eval: the notice gives ~30 s, not an eval's worth
+                # every rank stops or checkpoints at the same step, whichever rank saw why
+                preempted, due = distributed.all_reduce([guard.triggered.is_set(), self._checkpoint_due()], "max")
+                if preempted:  # before eval: the notice gives ~30 s, not an eval's worth
                     path = self.save_checkpoint("preemption")
-                    raise Preempted(step, str(path), guard.reason)
+                    raise Preempted(step, str(path) if path else None, guard.reason or "another rank was preempted")
                 if c.eval_every_steps and step % c.eval_every_steps == 0 and step < self.total_steps:
                     self._log_eval(logger, metrics, step)
-                if self._checkpoint_due() and step < self.total_steps:
+                if due and step < self.total_steps:
                     self.save_checkpoint("interval")
             if not cancelled:
                 if self._checkpointing() and self.state.step > 0:
@@ -535,26 +618,30 @@ class Trainer:
         stem = Path(self.config.model_name).name.removesuffix(".gguf").lower()
         return f"{stem}-sft"
 
-    def save_model(self, output_dir: Path, metrics: dict[str, Any]) -> Path:
+    def save_model(self, output_dir: Path, metrics: dict[str, Any]) -> Path | None:
         """Write the PRIME model directory: adapter/, merged weights, tokenizer, prime.json.
 
         Built in a staging folder and renamed into place, so a crash mid-save never
-        leaves a directory that looks complete.
+        leaves a directory that looks complete. Collective in a distributed run (rank 0
+        writes; the others return None).
         """
         c = self.config
+        model = self._exportable_model()
+        if model is None:
+            return None
         name, version = self.output_name(), c.output_version
         final = output_dir / f"{name}-{version}"
         staging = output_dir / f".{name}-{version}.partial"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         if c.use_lora:
-            self.model.save_pretrained(staging / "adapter", safe_serialization=True)
+            model.save_pretrained(staging / "adapter", safe_serialization=True)
             if c.merge_adapter:
                 self._merged_model(staging / "adapter").save_pretrained(staging, safe_serialization=True)
         else:
-            self.model.save_pretrained(staging, safe_serialization=True)
+            model.save_pretrained(staging, safe_serialization=True)
         self.tokenizer.save_pretrained(staging)
-        base_config = getattr(self.model, "config", None)
+        base_config = getattr(model, "config", None)
         write_prime_manifest(
             staging,
             name=name,
@@ -578,6 +665,22 @@ class Trainer:
         staging.rename(final)
         return final
 
+    def _exportable_model(self) -> nn.Module | None:
+        """The trained model as one plain module: `self.model` in a single process; in
+        a distributed run, the shards gathered into a fresh copy on rank 0 (None elsewhere)."""
+        if not self.dist.enabled:
+            return self.model
+        state = _unprefixed(distributed.model_state(self.loss_module, trainable_only=self.config.use_lora))
+        if not self.dist.is_main:
+            return None
+        model = load_base_model(self.source, quantize_4bit=False, device=torch.device("cpu"))
+        if self.config.use_lora:
+            model = apply_lora(model, self.config)
+        unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+        if unexpected:
+            raise RuntimeError(f"gathered weights do not fit the model: {unexpected[:3]}")
+        return model
+
     def _merged_model(self, adapter_dir: Path):
         """Base reloaded in float32 + the saved adapter, merged: W = W0 + (alpha/r) B A.
 
@@ -588,6 +691,11 @@ class Trainer:
 
         base = load_base_model(self.source, quantize_4bit=False, device=torch.device("cpu"))
         return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+
+
+def _unprefixed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Names of `LossModule`'s state as the wrapped model names them."""
+    return {name.removeprefix("model."): tensor for name, tensor in state.items()}
 
 
 def _join_draining(child, events, timeout: float) -> None:

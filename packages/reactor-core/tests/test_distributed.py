@@ -1,0 +1,138 @@
+"""FSDP2 through torchrun: 2 processes over gloo on the tiny Llama, as a user runs it.
+
+`reactor train recipe.yaml --nproc 2` must train the same model as one process with
+the same global batch, and a SIGTERM'd 2-process run must resume exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from reactor_core.training.checkpoint import LocalCheckpointStore
+from reactor_core.training.preemption import EXIT_PREEMPTED
+
+from reactor_testing import write_chat_data, write_preferences
+
+
+@pytest.fixture(scope="module")
+def chat_file(tmp_path_factory) -> Path:
+    return write_chat_data(tmp_path_factory.mktemp("data") / "train.jsonl")
+
+
+def recipe(path: Path, model_dir: Path, data: Path, **extra) -> Path:
+    # 40 train items: with 2 ranks x batch 2 x accumulation 2, an epoch ends mid-step
+    # boundary-free (10 micro-batches); max_seq_length keeps steps short on 2 cores.
+    values = dict(model_name=str(model_dir), data_path=str(data), max_steps=12, batch_size=2,
+                  gradient_accumulation_steps=2, lora_rank=4, lora_dropout=0.0, learning_rate=3e-3, warmup_steps=2,
+                  max_seq_length=64, eval_every_steps=6, num_samples=0, merge_adapter=False, seed=3,
+                  mixed_precision="fp32", packing=False)
+    values.update(extra)
+    path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in values.items()))
+    return path
+
+
+def reactor_train(recipe_path: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "reactor_core.cli", "train", str(recipe_path), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finished(run: subprocess.Popen, timeout: float = 300) -> str:
+    out, err = run.communicate(timeout=timeout)
+    assert run.returncode == 0, err[-4000:]
+    return out + err
+
+
+def logged(output_dir: Path, split: str, key: str) -> list[tuple[int, float]]:
+    records = [json.loads(line) for line in (output_dir / "logs/metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r[key]) for r in records if r["split"] == split]
+
+
+def model_dir(output_dir: Path) -> Path:
+    (found,) = [p for p in output_dir.iterdir() if (p / "prime.json").is_file()]
+    return found
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_two_processes_train_like_one_with_the_same_global_batch(tiny_llama_dir, chat_file, tmp_path, method):
+    extra = {"use_lora": method == "lora"} | ({} if method == "lora" else {"learning_rate": 3e-4})
+    path = recipe(tmp_path / "recipe.yaml", tiny_llama_dir, chat_file, **extra)
+    one = reactor_train(path, f"output_dir={tmp_path / 'one'}", "batch_size=4")
+    finished(one)
+    two = reactor_train(path, f"output_dir={tmp_path / 'two'}", "--nproc", "2")
+    output = finished(two)
+    assert "PRIME model:" in output  # rank 0 reports once
+
+    single, sharded = logged(tmp_path / "one", "train", "loss"), logged(tmp_path / "two", "train", "loss")
+    assert [s for s, _ in sharded] == list(range(1, 13))
+    assert [s for s, _ in single] == [s for s, _ in sharded]
+    for (step, a), (_, b) in zip(single, sharded):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (step, a, b)
+    for (step, a), (_, b) in zip(logged(tmp_path / "one", "eval", "eval_loss"), logged(tmp_path / "two", "eval", "eval_loss")):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (step, a, b)
+
+    # the export gathered every shard into one PRIME directory a single process can load
+    if method == "lora":
+        a = load_file(model_dir(tmp_path / "one") / "adapter/adapter_model.safetensors")
+        b = load_file(model_dir(tmp_path / "two") / "adapter/adapter_model.safetensors")
+    else:
+        a = load_file(model_dir(tmp_path / "one") / "model.safetensors")
+        b = load_file(model_dir(tmp_path / "two") / "model.safetensors")
+    assert a.keys() == b.keys() and a
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+    manifest = json.loads((model_dir(tmp_path / "two") / "prime.json").read_text())
+    assert manifest["lineage"]["training_config"]["use_lora"] is (method == "lora")
+
+
+def test_sigterm_to_a_two_process_run_resumes_exactly(tiny_llama_dir, chat_file, tmp_path):
+    # dropout on: each rank's RNG stream must come back too
+    path = recipe(tmp_path / "recipe.yaml", tiny_llama_dir, chat_file, max_steps=20, lora_dropout=0.1,
+                  eval_every_steps=10)
+    straight = reactor_train(path, f"output_dir={tmp_path / 'straight'}", "--nproc", "2")
+    finished(straight)
+
+    interrupted = tmp_path / "interrupted"
+    run = reactor_train(path, f"output_dir={interrupted}", "--nproc", "2")
+    log_file = interrupted / "logs/metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:  # well into training, mid-epoch
+        if log_file.is_file() and len(log_file.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=180)
+    assert run.returncode == EXIT_PREEMPTED, err[-4000:]
+    stopped_at = max(step for step, _ in logged(interrupted, "train", "loss"))
+    assert 5 <= stopped_at < 20
+    assert LocalCheckpointStore(interrupted / "checkpoints").latest().step == stopped_at
+
+    resumed = reactor_train(path, f"output_dir={interrupted}", "--nproc", "2")
+    assert "resumed from" in finished(resumed)
+    assert logged(interrupted, "train", "loss") == logged(tmp_path / "straight", "train", "loss")
+    a = load_file(model_dir(tmp_path / "straight") / "adapter/adapter_model.safetensors")
+    b = load_file(model_dir(interrupted) / "adapter/adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_two_process_dpo_matches_one_process(tiny_llama_dir, tmp_path):
+    data = write_preferences(tmp_path / "prefs.jsonl", n=24)
+    path = recipe(tmp_path / "recipe.yaml", tiny_llama_dir, data, method="dpo", max_steps=4, eval_every_steps=2,
+                  learning_rate=1e-2)
+    finished(reactor_train(path, f"output_dir={tmp_path / 'one'}", "batch_size=4"))
+    finished(reactor_train(path, f"output_dir={tmp_path / 'two'}", "--nproc", "2"))
+    for split, key in (("train", "loss"), ("train", "reward_margin"), ("eval", "eval_reward_accuracy")):
+        one, two = logged(tmp_path / "one", split, key), logged(tmp_path / "two", split, key)
+        assert len(one) == len(two) > 0
+        for (step, a), (_, b) in zip(one, two):
+            assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (key, step, a, b)

@@ -98,6 +98,11 @@ def test_dpo_with_lora_raises_held_out_preference_accuracy(tiny_llama_dir, tmp_p
     assert after["eval_loss"] < before["eval_loss"]
     # no second model in memory: the reference is the same weights with adapters off
     assert trainer.reference is None
+    base = sum(p.numel() for p in trainer.model.get_base_model().parameters() if not p.requires_grad)
+    lora = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    held = {id(p): p.numel() for value in vars(trainer).values() if isinstance(value, torch.nn.Module)
+            for p in value.parameters()}
+    assert sum(held.values()) == base + lora  # every parameter the trainer holds, counted once
     assert (result.model_dir / "adapter/adapter_model.safetensors").is_file()
 
 

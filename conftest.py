@@ -40,6 +40,19 @@ def pulled_model(isolated_homes: Path):
 
 
 @pytest.fixture(scope="session")
+def exported_model(pulled_model, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the default model with f16, q8_0 and q4_k_m GGUF exports (`prime export`)."""
+    import shutil
+
+    from jarvis_prime.export import export_gguf
+
+    target = tmp_path_factory.mktemp("exported") / pulled_model.path.name
+    shutil.copytree(pulled_model.path, target)
+    export_gguf(target, ["f16", "q8_0", "q4_k_m"], progress=False)
+    return target
+
+
+@pytest.fixture(scope="session")
 def llama_model(pulled_model):
     from jarvis_prime import PrimeModel
 

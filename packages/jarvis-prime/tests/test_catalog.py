@@ -59,4 +59,5 @@ def test_prime_list_marks_what_is_available(pulled_model):
     for name in [*SEED_MODELS, "smollm2-135m-instruct"]:
         assert name in lines
     assert "local" in lines["smollm2-135m-instruct"]
+    assert "f32, q4_1" in lines["smollm2-135m-instruct"]  # its variants: safetensors and the shipped GGUF
     assert "prime pull" in lines["prime-7b-chat-v1"]

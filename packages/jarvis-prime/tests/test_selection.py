@@ -15,11 +15,12 @@ ALL = Libraries(llama_cpp=True, transformers=True, bitsandbytes=True, llama_gpu_
 NO_BNB = Libraries(llama_cpp=True, transformers=True, bitsandbytes=False)
 
 
-def manifest(*ggufs: str, safetensors: bool = True) -> PrimeManifest:
+def manifest(*ggufs: str, safetensors: bool = True, architecture: str | None = None) -> PrimeManifest:
     quants = {q: Quantization(file=f"gguf/m-{q}.gguf", format="gguf", bits={"q8_0": 8, "f16": 16}.get(q, 4)) for q in ggufs}
     if safetensors:
         quants["f32"] = Quantization(file="model.safetensors", format="safetensors", bits=32)
-    return PrimeManifest(name="m", version="1", task="chat", base="b", context_length=8, quantizations=quants)
+    return PrimeManifest(name="m", version="1", task="chat", base="b", context_length=8, quantizations=quants,
+                         architecture=architecture)
 
 
 def plan(m, hw=CPU, libs=ALL, **kw):
@@ -44,6 +45,23 @@ def test_cpu_without_matching_gguf_uses_transformers_and_says_why():
     assert "no 8bit GGUF" in runtime.reason
     with pytest.raises(BackendUnavailableError, match="bitsandbytes"):
         plan(manifest("q4_1"), libs=NO_BNB, quantization="8bit")
+
+
+def test_cpu_exports_q8_0_and_q4_k_m_on_first_use_when_the_model_can_be_exported():
+    m = manifest("q4_1", architecture="llama")
+    eight, four = plan(m, quantization="8bit"), plan(m, quantization="4bit")
+    assert (eight.backend, eight.weights, eight.export) == ("llamacpp", "gguf/m-q8_0.gguf", "q8_0")
+    assert (four.backend, four.weights, four.export) == ("llamacpp", "gguf/m-q4_k_m.gguf", "q4_k_m")
+    assert "exported from the safetensors on first use" in eight.reason
+    assert plan(m).export is None  # None: what the model ships (q4_1), nothing to export
+    assert plan(manifest("q4_k_m", architecture="llama"), quantization="4bit").export is None  # already there
+    # transformers + bitsandbytes on the CPU stays one explicit request away
+    explicit = plan(m, quantization="8bit", backend="transformers")
+    assert (explicit.backend, explicit.quantization, explicit.export) == ("transformers", "8bit", None)
+    # an architecture the exporter does not know falls back as before
+    assert plan(manifest("q4_1", architecture="gpt2"), quantization="8bit").backend == "transformers"
+    mac = plan(m, hw=MAC, quantization="8bit")
+    assert (mac.backend, mac.device, mac.export) == ("llamacpp", "mps", "q8_0")
 
 
 def test_cuda_goes_to_transformers_with_bitsandbytes():

@@ -1,4 +1,4 @@
-"""`prime`: list, pull and inspect PRIME models."""
+"""`prime`: list, pull, inspect and export PRIME models."""
 
 from __future__ import annotations
 
@@ -54,7 +54,8 @@ def list_models() -> None:
     """Show the catalog and local models, marking what can run now."""
     catalog = load_catalog()
     table = Table(title="PRIME models")
-    for column in ("name", "task", "params", "base", "RAM fp16 / 8bit / 4bit", "Apple Silicon (4bit / fp16)", "available"):
+    for column in ("name", "task", "params", "base", "RAM fp16 / 8bit / 4bit", "Apple Silicon (4bit / fp16)", "available",
+                   "variants"):
         table.add_column(column)
     local_names = set()
     for entry in catalog.models:
@@ -72,12 +73,18 @@ def list_models() -> None:
             " / ".join(_gb(entry.ram_gb.get(q)) for q in ("fp16", "8bit", "4bit")),
             " / ".join(f">= {f} GB" if f else "no" for f in fits),
             available,
+            _variants(local.manifest) if local is not None else "-",
         )
     for local in list_local():
         if local.manifest.name not in local_names:
             m = local.manifest
-            table.add_row(m.name, m.task, "-", m.base, "-", "-", f"[green]local[/] {m.version}")
+            table.add_row(m.name, m.task, "-", m.base, "-", "-", f"[green]local[/] {m.version}", _variants(m))
     console.print(table)
+
+
+def _variants(manifest) -> str:
+    """The runnable weight files of a local model: f32 (safetensors), f16, q8_0, q4_k_m..."""
+    return ", ".join(sorted(manifest.quantizations, key=lambda q: -manifest.quantizations[q].bits)) or "-"
 
 
 @app.command("pull")
@@ -150,6 +157,34 @@ def info(
         for failure in failures:
             err_console.print(f"[bold red]error:[/] {failure}")
         raise typer.Exit(code=1)
+
+
+@app.command("export")
+def export(
+    name: str = typer.Argument(..., help="Model name or PRIME model directory."),
+    fmt: str = typer.Option("gguf", "--format", help="Export format (gguf)."),
+    quant: str = typer.Option("f16,q8_0,q4_k_m", "--quant", help="Comma-separated: f32, f16, q8_0, q4_0, q4_k_s, q4_k_m, q5_k_m, q6_k."),
+    force: bool = typer.Option(False, help="Re-export quantizations that already exist."),
+    tokenizer_pre: Optional[str] = typer.Option(None, help="llama.cpp pre-tokenizer name, when it cannot be inferred."),
+) -> None:
+    """Write GGUF files (chat template and stop tokens embedded) and an Ollama Modelfile into the model's gguf/."""
+    from jarvis_prime.export import export_gguf
+
+    if fmt != "gguf":
+        _fail(ValueError(f"--format must be gguf; got {fmt!r}"))
+    quants = [q.strip().lower() for q in quant.split(",") if q.strip()]
+    try:
+        local = resolve(name, auto_pull=False)
+        manifest = export_gguf(local.path, quants, force=force, tokenizer_pre=tokenizer_pre,
+                               log=lambda message: console.print(f"  {message}"))
+    except (PrimeError, ValueError) as err:
+        _fail(err)
+    table = Table("quantization", "file", "bits", "size")
+    for q in quants:
+        entry = manifest.quantizations[q]
+        table.add_row(q, entry.file, str(entry.bits), f"{manifest.files[entry.file].bytes / 1e6:,.1f} MB")
+    console.print(table)
+    console.print(f"Ollama: cd {local.path / 'gguf'} && ollama create {manifest.name} -f Modelfile")
 
 
 @app.command("path")

@@ -122,7 +122,7 @@ def pull(
     log = log or (lambda message: None)
     entry = load_catalog().get(name)
     target = models_root() / f"{entry.name}-{entry.version}"
-    with _store_lock(target):  # two processes pulling at once: the second waits, then finds it
+    with store_lock(target):  # two processes pulling at once: the second waits, then finds it
         if (target / MANIFEST_NAME).is_file() and not force:
             return LocalModel(target, read_manifest(target))
         return _pull_unlocked(entry, target, source, log)
@@ -156,7 +156,7 @@ def import_path(
     log = log or (lambda message: None)
     src = Path(path).expanduser().resolve()
     target = models_root() / f"{name}-{version}"
-    with _store_lock(target):
+    with store_lock(target):
         if (target / MANIFEST_NAME).exists():
             raise PrimeError(f"{target} already exists; pick another --version")
         return _import_unlocked(src, target, name=name, version=version, task=task, base=base, log=log)
@@ -182,7 +182,7 @@ def _import_unlocked(src: Path, target: Path, *, name: str, version: str, task: 
 
 
 @contextmanager
-def _store_lock(target: Path) -> Iterator[None]:
+def store_lock(target: Path) -> Iterator[None]:
     """An exclusive lock on one model directory of the store (POSIX advisory lock)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{target.name}.lock", "w") as handle:

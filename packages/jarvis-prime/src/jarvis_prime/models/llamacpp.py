@@ -18,7 +18,8 @@ from jarvis_prime.models.base import Chunk, Generation, GenerationParams
 class LlamaCppBackend:
     name = "llamacpp"
 
-    def __init__(self, gguf_path: Path, *, n_ctx: int, gpu_offload: bool, n_threads: int | None = None) -> None:
+    def __init__(self, gguf_path: Path, *, n_ctx: int, gpu_offload: bool, n_threads: int | None = None,
+                 scoring: bool = False) -> None:
         import llama_cpp  # optional at import time of jarvis_prime; installed by default
 
         if gpu_offload and not llama_cpp.llama_supports_gpu_offload():
@@ -31,8 +32,10 @@ class LlamaCppBackend:
             n_ctx=n_ctx,
             n_gpu_layers=-1 if gpu_offload else 0,
             n_threads=n_threads or os.cpu_count(),
+            logits_all=scoring,  # every position's logits, for token_logprobs (n_ctx x vocab floats)
             verbose=False,
         )
+        self.scoring = scoring
         self.bos_token = self._token_text(self._llm.token_bos())
         self.eos_token = self._token_text(self._llm.token_eos())
 
@@ -72,6 +75,18 @@ class LlamaCppBackend:
         for part in self._llm.create_completion(**self._completion_args(prompt_ids, params), stream=True):
             choice = part["choices"][0]
             yield Chunk(text=choice["text"], finish_reason=choice["finish_reason"])
+
+    def token_logprobs(self, ids: Sequence[int]) -> list[float]:
+        import numpy as np
+
+        if not self.scoring:
+            raise RuntimeError("token_logprobs needs a backend loaded with scoring=True")
+        self._llm.reset()
+        self._llm.eval(list(ids))
+        logits = np.asarray(self._llm.scores[: len(ids) - 1], dtype=np.float64)
+        top = logits.max(axis=-1, keepdims=True)
+        logz = top[:, 0] + np.log(np.exp(logits - top).sum(axis=-1))
+        return (logits[np.arange(len(ids) - 1), list(ids[1:])] - logz).tolist()
 
     def close(self) -> None:
         self._llm.close()

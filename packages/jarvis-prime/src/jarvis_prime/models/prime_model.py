@@ -101,17 +101,27 @@ class PrimeModel:
 
             log.warning("%s: exporting %s GGUF for llama.cpp (once)", local.manifest.name, runtime.export)
             local = LocalModel(local.path, export_gguf(local.path, [runtime.export], log=log.info))
-        verify_files(local.path, local.manifest, _files_read(local.manifest, runtime))
-        n_ctx = context_length or min(local.manifest.context_length, DEFAULT_CONTEXT_CAP)
+        return cls.load(local.path, local.manifest, runtime, context_length=context_length)
+
+    @classmethod
+    def load(cls, path: Path, manifest: PrimeManifest, runtime: Runtime, *, context_length: int | None = None,
+             scoring: bool = False) -> "PrimeModel":
+        """Load exactly `runtime` (a planned or hand-built choice of backend and file).
+
+        `scoring=True` keeps every position's logits on llama.cpp, for `token_logprobs`.
+        """
+        verify_files(path, manifest, _files_read(manifest, runtime))
+        n_ctx = context_length or min(manifest.context_length, DEFAULT_CONTEXT_CAP)
         if runtime.backend == "llamacpp":
             from jarvis_prime.models.llamacpp import LlamaCppBackend
 
-            loaded: Backend = LlamaCppBackend(local.path / runtime.weights, n_ctx=n_ctx, gpu_offload=runtime.device != "cpu")
+            loaded: Backend = LlamaCppBackend(path / runtime.weights, n_ctx=n_ctx, gpu_offload=runtime.device != "cpu",
+                                              scoring=scoring)
         else:
             from jarvis_prime.models.transformers_backend import TransformersBackend
 
-            loaded = TransformersBackend(local.path, device=runtime.device, quantization=runtime.quantization)
-        return cls(local.path, local.manifest, runtime, loaded, n_ctx)
+            loaded = TransformersBackend(path, device=runtime.device, quantization=runtime.quantization)
+        return cls(path, manifest, runtime, loaded, n_ctx)
 
     @property
     def name(self) -> str:
@@ -131,6 +141,14 @@ class PrimeModel:
 
     def count_tokens(self, text: str) -> int:
         return len(self._backend.tokenize(text, add_special=False))
+
+    def tokenize(self, text: str, add_special: bool = False) -> list[int]:
+        return self._backend.tokenize(text, add_special=add_special)
+
+    def token_logprobs(self, ids: Sequence[int]) -> list[float]:
+        """log p(ids[i] | ids[:i]) for i >= 1 (llama.cpp needs `load(..., scoring=True)`)."""
+        with self._exclusive():
+            return self._backend.token_logprobs(ids)
 
     def _prompt_ids(self, prompt: str) -> list[int]:
         return self._backend.tokenize(prompt, add_special=True)

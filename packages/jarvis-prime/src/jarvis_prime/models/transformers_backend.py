@@ -152,6 +152,12 @@ class TransformersBackend:
         new_ids = result["output"][0, len(prompt_ids):].tolist()
         yield Chunk(tail, self._finish(new_ids, params, stops.stopped))
 
+    @torch.no_grad()
+    def token_logprobs(self, ids: Sequence[int]) -> list[float]:
+        inputs = torch.tensor([list(ids)], device=self.model.device)
+        logits = self.model(input_ids=inputs, use_cache=False).logits[0, :-1].float()
+        return torch.log_softmax(logits, dim=-1).gather(-1, inputs[0, 1:, None])[:, 0].tolist()
+
     def close(self) -> None:
         del self.model
         if self.device == "cuda":

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from typing import Iterator, Literal
 
 from jarvis_prime import PrimeModel
+from jarvis_prime.persona import JARVIS_SYSTEM_PROMPT
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-DEFAULT_PERSONA = "You are JARVIS, a helpful AI assistant. Answer concisely."
+DEFAULT_PERSONA = JARVIS_SYSTEM_PROMPT
 
 Message = dict[str, str]
 

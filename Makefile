@@ -32,11 +32,11 @@ $(VENV)/.stamp-torch: | $(PY)
 	touch $@
 
 $(VENV)/.stamp-run: $(VENV)/.stamp-torch $(PYPROJECTS)
-	$(PIP) install -e packages/reactor-core -e "packages/jarvis-prime[transformers,training]" -e packages/jarvis
+	$(PIP) install -e packages/reactor-core -e "packages/jarvis-prime[transformers,training,serve]" -e packages/jarvis
 	touch $@
 
 $(VENV)/.stamp-test: $(VENV)/.stamp-run $(PYPROJECTS)
-	$(PIP) install -e "packages/reactor-core[dev]" -e "packages/jarvis-prime[transformers,training,dev]" -e "packages/jarvis[dev]"
+	$(PIP) install -e "packages/reactor-core[dev]" -e "packages/jarvis-prime[transformers,training,serve,dev]" -e "packages/jarvis[dev]"
 	touch $@
 
 clean:

@@ -40,6 +40,14 @@ def pulled_model(isolated_homes: Path):
 
 
 @pytest.fixture(scope="session")
+def chat_model(pulled_model):
+    """The JARVIS chat model (prime-135m-chat-v1): the packaged adapter merged into the default."""
+    from jarvis_prime.store import pull
+
+    return pull("prime-135m-chat-v1")
+
+
+@pytest.fixture(scope="session")
 def exported_model(pulled_model, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the default model with f16, q8_0 and q4_k_m GGUF exports (`prime export`)."""
     import shutil

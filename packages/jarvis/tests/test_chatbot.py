@@ -70,26 +70,26 @@ def jarvis(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("backend", ["llamacpp", "transformers"])
-def test_jarvis_chat_once_answers_paris(pulled_model, backend):
+def test_jarvis_chat_once_answers_paris(chat_model, backend):
     result = jarvis("chat", "--once", "What is the capital of France?", "--backend", backend)
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
 
 
-def test_interactive_chat_streams_resets_and_exits(pulled_model):
+def test_interactive_chat_streams_resets_and_exits(chat_model):
     result = jarvis("chat", stdin="What is the capital of France?\n/reset\n/nope\n/exit\n")
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
     assert "conversation cleared" in result.stdout and "unknown command /nope" in result.stdout
 
 
-def test_interactive_chat_survives_a_bad_turn(pulled_model):
+def test_interactive_chat_survives_a_bad_turn(chat_model):
     result = jarvis("chat", "--max-new-tokens", "4090", stdin="hello\n/exit\n")
     assert result.returncode == 0
     assert "message too long" in result.stderr
 
 
-def test_interactive_chat_ends_cleanly_at_end_of_input(pulled_model):
+def test_interactive_chat_ends_cleanly_at_end_of_input(chat_model):
     assert jarvis("chat", stdin="").returncode == 0
 
 

@@ -86,7 +86,7 @@ def test_declared_dependencies_follow_the_layers():
 
 
 @pytest.mark.real_model
-def test_llamacpp_chat_never_loads_torch(pulled_model):
+def test_llamacpp_chat_never_loads_torch(chat_model):
     script = (
         "import sys, json, jarvis, jarvis_prime\n"
         "from jarvis import Chatbot, ChatbotConfig\n"

@@ -56,7 +56,22 @@ class HubSource(BaseModel):
     revision: str | None = None
 
 
-Source = Annotated[Union[WheelSource, HubSource], Field(discriminator="kind")]
+class AdapterSource(BaseModel):
+    """A LoRA adapter shipped in this package, merged into a catalog base model on pull
+    (offline, no torch: see `jarvis_prime.export.merge_lora_gguf`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["adapter"]
+    base: str = Field(description="Catalog name of the base model.")
+    path: str = Field(description="Adapter directory inside the jarvis_prime package.")
+    package: str = "jarvis-prime"
+
+    def locate(self) -> Path | None:
+        folder = Path(str(importlib.resources.files("jarvis_prime") / self.path))
+        return folder if (folder / "adapter_model.safetensors").is_file() else None
+
+
+Source = Annotated[Union[WheelSource, HubSource, AdapterSource], Field(discriminator="kind")]
 
 
 class CatalogEntry(BaseModel):
@@ -76,11 +91,15 @@ class CatalogEntry(BaseModel):
     ram_gb: dict[QuantLevel, float] = Field(description="RAM needed to run it, per quantization.")
     sources: list[Source]
 
-    def offline_source(self) -> WheelSource | None:
-        """The first source installed on this machine, if any."""
+    def offline_source(self) -> WheelSource | AdapterSource | None:
+        """The first source installed on this machine, if any (an adapter's base must be too)."""
         for source in self.sources:
             if isinstance(source, WheelSource) and source.locate() is not None:
                 return source
+            if isinstance(source, AdapterSource) and source.locate() is not None:
+                base = load_catalog().find(source.base)
+                if base is not None and base.offline_source() is not None:
+                    return source
         return None
 
     def apple_silicon_fit(self, quant: QuantLevel) -> int | None:

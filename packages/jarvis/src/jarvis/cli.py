@@ -47,7 +47,7 @@ def _reply(bot: Chatbot, text: str) -> None:
 @app.command()
 def chat(
     once: Optional[str] = typer.Option(None, "--once", help="Answer this one question and exit."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="PRIME model name or directory (default: $JARVIS_MODEL or smollm2-135m-instruct)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="PRIME model name or directory (default: $JARVIS_MODEL or prime-135m-chat-v1)."),
     backend: str = typer.Option("auto", help="auto | llamacpp | transformers."),
     quantization: Optional[str] = typer.Option(None, help="8bit | 4bit (default: the model's weights as shipped)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | mps."),

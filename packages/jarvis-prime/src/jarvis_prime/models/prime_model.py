@@ -22,7 +22,7 @@ from typing_extensions import Unpack
 from jarvis_prime.errors import ManifestError
 from jarvis_prime.hardware import detect_hardware, detect_libraries
 from jarvis_prime.manifest import PrimeManifest, verify_files
-from jarvis_prime.models.base import Backend, Generation, GenerationParams
+from jarvis_prime.models.base import Backend, Chunk, Generation, GenerationParams
 from jarvis_prime.models.chat_template import ChatTemplate
 from jarvis_prime.models.selection import BackendName, Device, Quantization, Runtime, plan_runtime
 from jarvis_prime.store import resolve
@@ -201,11 +201,21 @@ class PrimeModel:
         """Text pieces of `chat(messages)` as they are decoded."""
         return self._stream(self._chat_ids(messages), _params(options, self.manifest.stop))
 
-    def _stream(self, ids: list[int], params: GenerationParams) -> Iterator[str]:
+    def stream_chat_chunks(self, messages: Messages, **options: Unpack[SamplingOptions]) -> Iterator[Chunk]:
+        """`stream_chat` with each piece's finish reason (set on the last): what a server needs."""
+        return self._chunks(self._chat_ids(messages), _params(options, self.manifest.stop))
+
+    def stream_chunks(self, prompt: str, **options: Unpack[SamplingOptions]) -> Iterator[Chunk]:
+        return self._chunks(self._prompt_ids(prompt), _params(options))
+
+    def _chunks(self, ids: list[int], params: GenerationParams) -> Iterator[Chunk]:
         with self._exclusive():
-            for chunk in self._backend.stream(ids, params):
-                if chunk.text:
-                    yield chunk.text
+            yield from self._backend.stream(ids, params)
+
+    def _stream(self, ids: list[int], params: GenerationParams) -> Iterator[str]:
+        for chunk in self._chunks(ids, params):
+            if chunk.text:
+                yield chunk.text
 
     # -- async: the same calls, off the event loop ---------------------------------------
 
@@ -216,10 +226,10 @@ class PrimeModel:
         return await asyncio.to_thread(self.chat, messages, **options)
 
     def stream_async(self, prompt: str, **options: Unpack[SamplingOptions]) -> AsyncIterator[str]:
-        return _iterate_in_thread(lambda: self.stream(prompt, **options))
+        return iterate_in_thread(lambda: self.stream(prompt, **options))
 
     def stream_chat_async(self, messages: Messages, **options: Unpack[SamplingOptions]) -> AsyncIterator[str]:
-        return _iterate_in_thread(lambda: self.stream_chat(messages, **options))
+        return iterate_in_thread(lambda: self.stream_chat(messages, **options))
 
     def close(self) -> None:
         with self._exclusive():
@@ -235,25 +245,32 @@ class PrimeModel:
         return f"PrimeModel({self.name}-{self.version}, {self.runtime.describe()})"
 
 
-async def _iterate_in_thread(make: Callable[[], Iterator[str]]) -> AsyncIterator[str]:
-    """Drive a blocking iterator in a worker thread, handing items to the event loop."""
+async def iterate_in_thread(make: Callable[[], Iterator[Any]], executor=None) -> AsyncIterator[Any]:
+    """Drive a blocking iterator in a worker thread, handing items to the event loop.
+
+    Closing the async iterator (a consumer that stops early, a client that hung up)
+    stops the worker after its current item, which releases the model."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
     cancelled = threading.Event()
 
     def work() -> None:
+        iterator = make()
         try:
-            for item in make():
+            for item in iterator:
                 if cancelled.is_set():
                     break
                 loop.call_soon_threadsafe(queue.put_nowait, item)
         except BaseException as err:
             loop.call_soon_threadsafe(queue.put_nowait, err)
         finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()  # a generator's `finally` (the model's lock) runs now, in this thread
             loop.call_soon_threadsafe(queue.put_nowait, done)
 
-    worker = loop.run_in_executor(None, work)
+    worker = loop.run_in_executor(executor, work)
     try:
         while (item := await queue.get()) is not done:
             if isinstance(item, BaseException):

@@ -15,7 +15,7 @@ from typing import Iterator, Literal
 from jarvis_prime import PrimeModel
 from jarvis_prime.persona import JARVIS_SYSTEM_PROMPT
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_MODEL = "prime-135m-chat-v1"  # the JARVIS chat model; offline, see jarvis-prime
 DEFAULT_PERSONA = JARVIS_SYSTEM_PROMPT
 
 Message = dict[str, str]

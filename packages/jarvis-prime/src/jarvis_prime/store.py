@@ -267,9 +267,13 @@ def _from_adapter(staging: Path, manifest: PrimeManifest, base: LocalModel, base
         quantizations["f32"] = Quantization(file="model.safetensors", format="safetensors", bits=32)
     f16.unlink()  # q8_0 is as precise as the Q4_1-derived base allows; `prime export` rebuilds f16
     shutil.copytree(adapter_dir, staging / "adapter", ignore=shutil.ignore_patterns("__pycache__", "*.py"))
-    if (base.path / "chat_template.jinja").is_file():
+    template_source = base.manifest.chat_template
+    if (adapter_dir / "chat_template.jinja").is_file():  # the template the adapter was trained with
+        shutil.copyfile(adapter_dir / "chat_template.jinja", staging / "chat_template.jinja")
+        template_source = f"adapter:{manifest.lineage.source.get('path')}/chat_template.jinja"
+    elif (base.path / "chat_template.jinja").is_file():
         shutil.copyfile(base.path / "chat_template.jinja", staging / "chat_template.jinja")
-    return manifest.model_copy(update={"quantizations": quantizations, "chat_template": base.manifest.chat_template})
+    return manifest.model_copy(update={"quantizations": quantizations, "chat_template": template_source})
 
 
 def wheel_lineage(source: WheelSource) -> dict:

@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from jarvis import Chatbot, ChatbotConfig
+from jarvis.chatbots import DEFAULT_PERSONA
 from jarvis_prime import PrimeModel
 
 pytestmark = pytest.mark.real_model
@@ -12,7 +13,8 @@ pytestmark = pytest.mark.real_model
 
 @pytest.fixture
 def bot(llama_model):
-    return Chatbot(ChatbotConfig(max_new_tokens=48), model=llama_model)
+    """The base SmolLM2 (not the JARVIS chat model) needs the persona to be JARVIS."""
+    return Chatbot(ChatbotConfig(max_new_tokens=48, system_prompt=DEFAULT_PERSONA), model=llama_model)
 
 
 def test_answers_and_keeps_history(bot):
@@ -35,7 +37,7 @@ def test_history_reaches_the_model_through_the_chat_template(bot):
 
 def test_long_chats_drop_oldest_turns_instead_of_crashing(pulled_model):
     small = PrimeModel.from_pretrained("smollm2-135m-instruct", backend="llamacpp", context_length=256)
-    bot = Chatbot(ChatbotConfig(max_new_tokens=16), model=small)
+    bot = Chatbot(ChatbotConfig(max_new_tokens=16, system_prompt=DEFAULT_PERSONA), model=small)
     for i in range(12):
         bot.ask(f"Remember the number {i}. " + "This sentence pads the context window. " * 4)
         prompt = small.apply_chat_template(bot._fit_context({"role": "user", "content": "next"})[1])
@@ -74,6 +76,12 @@ def test_jarvis_chat_once_answers_paris(chat_model, backend):
     result = jarvis("chat", "--once", "What is the capital of France?", "--backend", backend)
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
+
+
+def test_the_default_model_is_jarvis_without_a_system_prompt(chat_model):
+    result = jarvis("chat", "--once", "Who are you?")
+    assert result.returncode == 0, result.stderr
+    assert "JARVIS" in result.stdout
 
 
 def test_interactive_chat_streams_resets_and_exits(chat_model):

@@ -51,7 +51,9 @@ def chat(
     backend: str = typer.Option("auto", help="auto | llamacpp | transformers."),
     quantization: Optional[str] = typer.Option(None, help="8bit | 4bit (default: the model's weights as shipped)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | mps."),
-    system: str = typer.Option(DEFAULT_PERSONA, help="The persona / system prompt."),
+    system: Optional[str] = typer.Option(None, help=(
+        "A system prompt / persona. Default: none, the JARVIS chat model needs none; for other models try "
+        f"--system {DEFAULT_PERSONA!r}.")),
     max_new_tokens: int = typer.Option(256, help="Longest reply, in tokens."),
     temperature: float = typer.Option(0.0, help="0 is greedy decoding."),
     seed: Optional[int] = typer.Option(None, help="Sampling seed, for repeatable replies."),

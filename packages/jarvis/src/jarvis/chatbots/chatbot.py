@@ -33,7 +33,9 @@ class ChatbotConfig:
     backend: Literal["auto", "llamacpp", "transformers"] = "auto"
     quantization: Literal["8bit", "4bit"] | None = None
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    system_prompt: str = DEFAULT_PERSONA
+    # None: no system message. The default model, prime-135m-chat-v1, is JARVIS without
+    # one (that is what it was trained for); give other models DEFAULT_PERSONA.
+    system_prompt: str | None = None
     max_new_tokens: int = 256
     temperature: float = 0.0  # greedy: the most reliable answers from small models
     top_p: float = 1.0

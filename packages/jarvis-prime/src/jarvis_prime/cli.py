@@ -316,3 +316,7 @@ def serve_model(
 def path() -> None:
     """Print the store directory."""
     console.print(str(models_root()))
+
+
+if __name__ == "__main__":
+    app()

@@ -147,8 +147,15 @@ def speed(model: PrimeModel, new_tokens: int = 64) -> dict[str, float]:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident memory. On Linux from VmHWM: getrusage's ru_maxrss
+    survives exec, so a child started by a big parent would report the parent's peak."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
 
 
 # -- choosing the variant, and recording the result --------------------------------------------

@@ -105,3 +105,38 @@ def test_unknown_model_is_a_clear_error(pulled_model):
     result = jarvis("chat", "--once", "hi", "--model", "smollm3")
     assert result.returncode == 1
     assert "unknown model 'smollm3'" in result.stderr and "smollm2-135m-instruct" in result.stderr
+
+
+def test_conversations_persist_across_processes(chat_model, tmp_path):
+    from jarvis.memory import ConversationStore
+
+    first = jarvis("chat", "--once", "What is the capital of France?")
+    assert first.returncode == 0, first.stderr
+    cid = first.stderr.split("saved as conversation ")[1].split()[0]
+    again = jarvis("chat", "--once", "And of Germany?", "--conversation", cid)
+    assert again.returncode == 0, again.stderr
+    store = ConversationStore()
+    assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    messages = store.messages(cid)
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+    assert messages[0]["content"] == "What is the capital of France?" and "Paris" in messages[1]["content"]
+    assert store.get(cid).title == "What is the capital of France?"
+    listed = jarvis("conversations")
+    assert cid in listed.stdout
+    unknown = jarvis("chat", "--once", "hi", "--conversation", "nope")
+    assert unknown.returncode == 1 and "no conversation 'nope'" in unknown.stderr
+    store.close()
+
+
+def test_a_resumed_conversation_reaches_the_model(llama_model, tmp_path):
+    from jarvis.memory import ConversationStore
+
+    store = ConversationStore(tmp_path / "jarvis.db")
+    bot = Chatbot(ChatbotConfig(max_new_tokens=16, system_prompt=DEFAULT_PERSONA), model=llama_model, store=store)
+    bot.ask("My name is Ada.")
+    resumed = Chatbot(ChatbotConfig(max_new_tokens=16, system_prompt=DEFAULT_PERSONA), model=llama_model, store=store,
+                      conversation=bot.conversation)
+    assert resumed.history == bot.history
+    _, messages = resumed._fit_context({"role": "user", "content": "What is my name?"})
+    assert messages[1] == {"role": "user", "content": "My name is Ada."}
+    store.close()

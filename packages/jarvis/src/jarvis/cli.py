@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Optional
 
 import typer
@@ -10,6 +11,7 @@ from rich.console import Console
 
 from jarvis import __version__
 from jarvis.chatbots import DEFAULT_PERSONA, Chatbot, ChatbotConfig
+from jarvis.memory import ConversationStore
 from jarvis_prime import PrimeError
 
 app = typer.Typer(
@@ -57,25 +59,53 @@ def chat(
     max_new_tokens: int = typer.Option(256, help="Longest reply, in tokens."),
     temperature: float = typer.Option(0.0, help="0 is greedy decoding."),
     seed: Optional[int] = typer.Option(None, help="Sampling seed, for repeatable replies."),
+    conversation: Optional[str] = typer.Option(None, "--conversation", "-c", help="Continue a saved conversation (see `jarvis conversations`)."),
+    save: bool = typer.Option(True, help="Save the conversation in $JARVIS_HOME/jarvis.db (SQLite)."),
 ) -> None:
     """Chat in the terminal with streamed replies (or one answer with --once)."""
+    store = None
     try:
+        store = ConversationStore() if save or conversation else None
         config = ChatbotConfig(
             backend=backend, quantization=quantization, device=device, system_prompt=system,
             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
             **({"model": model} if model else {}),
         )
-        bot = Chatbot(config)
+        bot = Chatbot(config, store=store, conversation=conversation)
         if once is not None:
             _reply(bot, once)
+            _saved(bot)
             return
         with console.status(f"loading {config.model}"):
             loaded = bot.model
         console.print(f"[bold]JARVIS[/] on {loaded.name} {loaded.version} ({loaded.runtime.backend}). {HELP}")
         _interactive(bot)
-    except (PrimeError, ValueError) as err:
-        err_console.print(f"[bold red]error:[/] {err}")
+        _saved(bot)
+    except (PrimeError, ValueError, KeyError) as err:
+        err_console.print(f"[bold red]error:[/] {err.args[0] if isinstance(err, KeyError) else err}")
         raise typer.Exit(code=1)
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _saved(bot: Chatbot) -> None:
+    if bot.store is not None and bot.conversation is not None:
+        err_console.print(f"[dim]saved as conversation {bot.conversation} (jarvis chat -c {bot.conversation})[/]")
+
+
+@app.command()
+def conversations() -> None:
+    """List saved conversations, newest first."""
+    from rich.table import Table
+
+    store = ConversationStore()
+    table = Table("id", "updated", "messages", "model", "title")
+    for c in store.list():
+        table.add_row(c.id, time.strftime("%Y-%m-%d %H:%M", time.localtime(c.updated)), str(c.messages),
+                      c.model or "-", c.title)
+    console.print(table)
+    store.close()
 
 
 def _interactive(bot: Chatbot) -> None:

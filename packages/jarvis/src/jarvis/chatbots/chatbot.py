@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Iterator, Literal
 
+from jarvis.memory import ConversationStore
 from jarvis_prime import PrimeModel
 from jarvis_prime.persona import JARVIS_SYSTEM_PROMPT
 
@@ -53,10 +54,16 @@ class ChatbotConfig:
 class Chatbot:
     """A conversation with JARVIS. The model loads on first use unless one is given."""
 
-    def __init__(self, config: ChatbotConfig | None = None, model: PrimeModel | None = None) -> None:
+    def __init__(self, config: ChatbotConfig | None = None, model: PrimeModel | None = None,
+                 store: ConversationStore | None = None, conversation: str | None = None) -> None:
+        """`store` persists every turn (SQLite); `conversation` resumes one of its conversations."""
         self.config = config or ChatbotConfig()
         self._model = model
+        self.store = store
+        self.conversation = conversation
         self.history: list[Message] = []
+        if store is not None and conversation is not None:
+            self.history = [m for m in store.messages(conversation) if m["role"] != "system"]
 
     @property
     def model(self) -> PrimeModel:
@@ -66,8 +73,17 @@ class Chatbot:
         return self._model
 
     def reset(self) -> None:
-        """Forget the conversation (the persona stays)."""
+        """Forget the conversation (the persona stays); with a store, the next turn starts a new one."""
         self.history.clear()
+        self.conversation = None
+
+    def _save(self, user: Message, reply: Message) -> None:
+        if self.store is None:
+            return
+        if self.conversation is None:
+            self.conversation = self.store.create(model=self.config.model, system_prompt=self.config.system_prompt)
+        self.store.add(self.conversation, "user", user["content"])
+        self.store.add(self.conversation, "assistant", reply["content"])
 
     def ask(self, text: str) -> str:
         """Send one user message; return the whole reply."""
@@ -97,7 +113,9 @@ class Chatbot:
             # a reply that ended, or that the user interrupted (generator closed), is
             # part of the conversation; one the backend failed on is not
             if completed or pieces:
-                self.history = kept + [user, {"role": "assistant", "content": "".join(pieces).strip()}]
+                reply = {"role": "assistant", "content": "".join(pieces).strip()}
+                self.history = kept + [user, reply]
+                self._save(user, reply)
 
     def _fit_context(self, user: Message) -> tuple[list[Message], list[Message]]:
         """(the history that fits, the messages to send): persona + recent history + `user`.

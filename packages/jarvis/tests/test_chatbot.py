@@ -140,3 +140,38 @@ def test_a_resumed_conversation_reaches_the_model(llama_model, tmp_path):
     _, messages = resumed._fit_context({"role": "user", "content": "What is my name?"})
     assert messages[1] == {"role": "user", "content": "My name is Ada."}
     store.close()
+
+
+def test_jarvis_chats_through_an_openai_compatible_endpoint(pulled_model):
+    """`jarvis chat --backend-url` against a real `prime serve` on loopback (with a key)."""
+    import socket
+    import threading
+    import time
+    import urllib.request
+
+    import uvicorn
+
+    from jarvis_prime.server import ServerConfig, create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = ServerConfig(model="smollm2-135m-instruct", backend="llamacpp", api_key="k3y", context_length=1024)
+    server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    try:
+        for _ in range(600):
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/health").status == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        url = f"http://127.0.0.1:{port}/v1"
+        result = jarvis("chat", "--once", "What is the capital of France?", "--backend-url", url, "--api-key", "k3y",
+                        "--system", DEFAULT_PERSONA, "--no-save")
+        assert result.returncode == 0, result.stderr
+        assert "Paris" in result.stdout
+        refused = jarvis("chat", "--once", "hi", "--backend-url", url, "--api-key", "wrong", "--no-save")
+        assert refused.returncode == 1 and "HTTP 401" in refused.stderr
+    finally:
+        server.should_exit = True

@@ -61,6 +61,9 @@ def chat(
     seed: Optional[int] = typer.Option(None, help="Sampling seed, for repeatable replies."),
     conversation: Optional[str] = typer.Option(None, "--conversation", "-c", help="Continue a saved conversation (see `jarvis conversations`)."),
     save: bool = typer.Option(True, help="Save the conversation in $JARVIS_HOME/jarvis.db (SQLite)."),
+    backend_url: Optional[str] = typer.Option(None, help="An OpenAI-compatible endpoint instead of a local model, e.g. http://127.0.0.1:8001/v1 (prime serve)."),
+    api_key: Optional[str] = typer.Option(None, envvar="JARVIS_API_KEY", help="Bearer key for --backend-url."),
+    context_length: int = typer.Option(4096, help="With --backend-url: the server's context window, in tokens."),
 ) -> None:
     """Chat in the terminal with streamed replies (or one answer with --once)."""
     store = None
@@ -71,7 +74,12 @@ def chat(
             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
             **({"model": model} if model else {}),
         )
-        bot = Chatbot(config, store=store, conversation=conversation)
+        remote = None
+        if backend_url:
+            from jarvis.remote import RemoteModel
+
+            remote = RemoteModel(backend_url, model=model, api_key=api_key, context_length=context_length)
+        bot = Chatbot(config, model=remote, store=store, conversation=conversation)
         if once is not None:
             _reply(bot, once)
             _saved(bot)

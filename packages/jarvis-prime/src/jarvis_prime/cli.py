@@ -246,7 +246,7 @@ def train(
     ship: bool = typer.Option(False, help="Maintainers: write the float16 adapter into the package (adapters/NAME)."),
     fresh: bool = typer.Option(False, help="Regenerate the dataset even if WORK_DIR has one."),
 ) -> None:
-    """Build a PRIME model with its recipe on Reactor Core (needs jarvis-prime[training])."""
+    """Build a PRIME model with its recipe on Reactor Core (needs the jarvis-prime training extra)."""
     from pathlib import Path
 
     from jarvis_prime.recipes.chat_model import train_chat_model

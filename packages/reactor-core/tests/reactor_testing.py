@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import http.server
 import json
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -46,6 +48,30 @@ def config_for(model_dir: Path, out: Path, **overrides) -> TrainingConfig:
     values.update(overrides)
     return TrainingConfig(**values)
 
+
+
+def write_recipe(path: Path, values: dict) -> Path:
+    """A YAML recipe (JSON values are valid YAML) for `reactor train`."""
+    path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in values.items()))
+    return path
+
+
+def reactor_train(recipe_path: Path, *args: str) -> subprocess.Popen:
+    """`reactor train RECIPE ARGS...` in a fresh process, as a user runs it."""
+    return subprocess.Popen([sys.executable, "-m", "reactor_core.cli", "train", str(recipe_path), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def logged(output_dir: Path, split: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) of `key` in the run's metrics.jsonl, for one split."""
+    records = [json.loads(line) for line in (output_dir / "logs/metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r[key]) for r in records if r["split"] == split]
+
+
+def model_dir(output_dir: Path) -> Path:
+    """The PRIME model directory a run wrote."""
+    (found,) = [p for p in output_dir.iterdir() if (p / "prime.json").is_file()]
+    return found
 
 
 class PreemptionNoticeServer(http.server.BaseHTTPRequestHandler):

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +15,8 @@ from reactor_core import Trainer
 from reactor_core.training.checkpoint import COMPLETE, WEIGHTS, CheckpointError, LocalCheckpointStore
 from reactor_core.training.preemption import EXIT_PREEMPTED, Preempted
 
-from reactor_testing import PreemptionNoticeServer, config_for, write_chat_data
+from reactor_testing import (PreemptionNoticeServer, config_for, logged, model_dir, reactor_train,
+                             write_chat_data, write_recipe)
 
 
 @pytest.fixture(scope="module")
@@ -30,24 +28,15 @@ def recipe(path: Path, model_dir: Path, data: Path, **extra) -> Path:
     values = dict(model_name=str(model_dir), data_path=str(data), max_steps=120, batch_size=2,
                   gradient_accumulation_steps=2, lora_rank=4, lora_dropout=0.1, learning_rate=3e-3,
                   max_seq_length=64, eval_every_steps=40, num_samples=0, merge_adapter=False, seed=3)
-    values.update(extra)
-    path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in values.items()))
-    return path
-
-
-def reactor_train(recipe_path: Path, *overrides: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "reactor_core.cli", "train", str(recipe_path), *overrides],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return write_recipe(path, values | extra)
 
 
 def train_losses(output_dir: Path) -> list[tuple[int, float]]:
-    records = [json.loads(l) for l in (output_dir / "logs/metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in records if r["split"] == "train"]
+    return logged(output_dir, "train", "loss")
 
 
 def adapter(output_dir: Path) -> dict[str, torch.Tensor]:
-    (model_dir,) = [p for p in output_dir.iterdir() if (p / "prime.json").is_file()]
-    return load_file(model_dir / "adapter/adapter_model.safetensors")
+    return load_file(model_dir(output_dir) / "adapter/adapter_model.safetensors")
 
 
 def test_sigterm_then_resume_is_bitwise_identical(tiny_llama_dir, chat_file, tmp_path):

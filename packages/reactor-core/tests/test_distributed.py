@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from safetensors.torch import load_file
 from reactor_core.training.checkpoint import LocalCheckpointStore
 from reactor_core.training.preemption import EXIT_PREEMPTED
 
-from reactor_testing import write_chat_data, write_preferences
+from reactor_testing import logged, model_dir, reactor_train, write_chat_data, write_preferences, write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -35,30 +34,13 @@ def recipe(path: Path, model_dir: Path, data: Path, **extra) -> Path:
                   gradient_accumulation_steps=2, lora_rank=4, lora_dropout=0.0, learning_rate=3e-3, warmup_steps=2,
                   max_seq_length=64, eval_every_steps=6, num_samples=0, merge_adapter=False, seed=3,
                   mixed_precision="fp32", packing=False)
-    values.update(extra)
-    path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in values.items()))
-    return path
-
-
-def reactor_train(recipe_path: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "reactor_core.cli", "train", str(recipe_path), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return write_recipe(path, values | extra)
 
 
 def finished(run: subprocess.Popen, timeout: float = 300) -> str:
     out, err = run.communicate(timeout=timeout)
     assert run.returncode == 0, err[-4000:]
     return out + err
-
-
-def logged(output_dir: Path, split: str, key: str) -> list[tuple[int, float]]:
-    records = [json.loads(line) for line in (output_dir / "logs/metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r[key]) for r in records if r["split"] == split]
-
-
-def model_dir(output_dir: Path) -> Path:
-    (found,) = [p for p in output_dir.iterdir() if (p / "prime.json").is_file()]
-    return found
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

@@ -4,7 +4,6 @@ and training that raises held-out preference accuracy."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

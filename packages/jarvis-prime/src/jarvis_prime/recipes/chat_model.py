@@ -88,7 +88,7 @@ def rejection(prompt: dict[str, Any], reply: str, finish_reason: str) -> str | N
         return "wrong answer"
     if category == "safety" and not REFUSAL.search(text):
         return "does not decline"
-    if category != "safety" and REFUSAL.search(text) and category != "task":
+    if category in ("identity", "knowledge") and REFUSAL.search(text):
         return "refuses a harmless request"
     return None
 

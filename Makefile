@@ -35,8 +35,13 @@ $(VENV)/.stamp-run: $(VENV)/.stamp-torch $(PYPROJECTS)
 	$(PIP) install -e packages/reactor-core -e "packages/jarvis-prime[transformers,training,serve]" -e packages/jarvis
 	touch $@
 
+# The web page's end-to-end test drives Debian's chromium through Playwright (its own
+# browser download needs a CDN this project does not rely on).
 $(VENV)/.stamp-test: $(VENV)/.stamp-run $(PYPROJECTS)
 	$(PIP) install -e "packages/reactor-core[dev]" -e "packages/jarvis-prime[transformers,training,serve,dev]" -e "packages/jarvis[dev]"
+	command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  { command -v apt-get >/dev/null && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
+	  echo "note: no chromium; the browser test will skip (set JARVIS_CHROMIUM to a Chromium binary)"
 	touch $@
 
 clean:

@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -121,7 +122,7 @@ def test_conversations_persist_across_processes(chat_model, tmp_path):
     assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
     assert messages[0]["content"] == "What is the capital of France?" and "Paris" in messages[1]["content"]
     assert store.get(cid).title == "What is the capital of France?"
-    listed = jarvis("conversations")
+    listed = jarvis("history")
     assert cid in listed.stdout
     unknown = jarvis("chat", "--once", "hi", "--conversation", "nope")
     assert unknown.returncode == 1 and "no conversation 'nope'" in unknown.stderr
@@ -175,3 +176,58 @@ def test_jarvis_chats_through_an_openai_compatible_endpoint(pulled_model):
         assert refused.returncode == 1 and "HTTP 401" in refused.stderr
     finally:
         server.should_exit = True
+
+
+def test_feedback_from_the_terminal_becomes_training_data(chat_model, tmp_path):
+    """/good, /correct and /retry in `jarvis chat`, then `jarvis export-data`."""
+    session = "What is the capital of France?\n/good\nWhat is 2+2?\n/correct 2+2 is 4.\nSay hi.\n/retry\n/exit\n"
+    result = jarvis("chat", stdin=session)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("noted") == 2
+    exported = jarvis("export-data", "--sft", str(tmp_path / "sft.jsonl"), "--dpo", str(tmp_path / "dpo.jsonl"))
+    assert exported.returncode == 0, exported.stderr
+    assert "2 SFT examples, 1 DPO pairs" in exported.stdout
+    sft = [json.loads(line) for line in open(tmp_path / "sft.jsonl")]
+    assert sft[1]["messages"][-1] == {"role": "assistant", "content": "2+2 is 4."}
+    cid = result.stderr.split("saved as conversation ")[1].split()[0]
+    shown = jarvis("history", cid)
+    assert "+1" in shown.stdout and "corrected" in shown.stdout
+    assert jarvis("history", cid, "--private").returncode == 0
+    exported = jarvis("export-data", "--sft", str(tmp_path / "none.jsonl"))
+    assert "0 SFT examples" in exported.stdout and "1 private skipped" in exported.stdout
+
+
+def test_regenerate_keeps_the_old_reply_for_preferences(llama_model, tmp_path):
+    from jarvis.memory import ConversationStore
+
+    store = ConversationStore(tmp_path / "jarvis.db")
+    bot = Chatbot(ChatbotConfig(max_new_tokens=24, system_prompt=DEFAULT_PERSONA, temperature=0.9, seed=1),
+                  model=llama_model, store=store)
+    bot.ask("Name a colour.")
+    first = bot.last_reply_id
+    again = "".join(bot.regenerate())
+    assert bot.last_reply_id != first and bot.history[-1]["content"] == again.strip()
+    assert len(bot.history) == 2
+    assert store.messages(bot.conversation)[-1]["content"] == again.strip()
+    assert not store.message(first).active
+    store.close()
+
+
+def test_reasoning_votes_over_samples(llama_model):
+    bot = Chatbot(ChatbotConfig(max_new_tokens=96, system_prompt=DEFAULT_PERSONA, reasoning_samples=3), model=llama_model)
+    result = bot.reason("Sam has 3 boxes with 4 pencils in each box. How many pencils does Sam have?")
+    assert len(result.samples) == 3 and len(set(result.samples)) > 1, "k distinct samples"
+    assert sum(result.votes.values()) <= 3
+    if result.answer is not None:
+        assert result.votes[result.answer] == max(result.votes.values())
+    assert bot.history[-1] == {"role": "assistant", "content": result.reply}
+
+
+def test_image_questions_name_the_model_to_pull(chat_model, tmp_path):
+    png = tmp_path / "dot.png"
+    png.write_bytes(bytes.fromhex("89504e470d0a1a0a") + b"\0" * 32)
+    result = jarvis("chat", "--image", str(png), "--once", "What is this?")
+    assert result.returncode == 1
+    assert "prime pull prime-7b-vision-v1" in result.stderr
+    result = jarvis("chat", "--image", str(tmp_path / "missing.png"), "--once", "What is this?")
+    assert result.returncode == 1 and "no such image" in result.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -21,9 +22,10 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)  # errors stay greppable: no hard wraps
 
-HELP = "/reset forgets the conversation, /exit (or Ctrl-D) leaves."
+HELP = ("/good and /bad rate the last reply, /correct TEXT fixes it, /retry regenerates it, "
+        "/think reasons step by step on a question, /reset starts over, /exit (or Ctrl-D) leaves.")
 
 
 def _version(value: bool) -> None:
@@ -41,7 +43,11 @@ def main(
 
 
 def _reply(bot: Chatbot, text: str) -> None:
-    for piece in bot.stream(text):
+    _print_stream(bot.stream(text))
+
+
+def _print_stream(pieces) -> None:
+    for piece in pieces:
         console.print(piece, end="", markup=False, soft_wrap=True)
     console.print()
 
@@ -59,11 +65,14 @@ def chat(
     max_new_tokens: int = typer.Option(256, help="Longest reply, in tokens."),
     temperature: float = typer.Option(0.0, help="0 is greedy decoding."),
     seed: Optional[int] = typer.Option(None, help="Sampling seed, for repeatable replies."),
-    conversation: Optional[str] = typer.Option(None, "--conversation", "-c", help="Continue a saved conversation (see `jarvis conversations`)."),
+    conversation: Optional[str] = typer.Option(None, "--conversation", "-c", help="Continue a saved conversation (see `jarvis history`)."),
     save: bool = typer.Option(True, help="Save the conversation in $JARVIS_HOME/jarvis.db (SQLite)."),
     backend_url: Optional[str] = typer.Option(None, help="An OpenAI-compatible endpoint instead of a local model, e.g. http://127.0.0.1:8001/v1 (prime serve)."),
     api_key: Optional[str] = typer.Option(None, envvar="JARVIS_API_KEY", help="Bearer key for --backend-url."),
     context_length: int = typer.Option(4096, help="With --backend-url: the server's context window, in tokens."),
+    reasoning: bool = typer.Option(False, "--reasoning", help="Answer every message by step-by-step self-consistency (like /think)."),
+    samples: int = typer.Option(5, help="Samples voted on by --reasoning and /think."),
+    image: Optional[Path] = typer.Option(None, "--image", help="Ask about this image (goes to the catalog's vision model)."),
 ) -> None:
     """Chat in the terminal with streamed replies (or one answer with --once)."""
     store = None
@@ -71,7 +80,7 @@ def chat(
         store = ConversationStore() if save or conversation else None
         config = ChatbotConfig(
             backend=backend, quantization=quantization, device=device, system_prompt=system,
-            max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+            max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, reasoning_samples=samples,
             **({"model": model} if model else {}),
         )
         remote = None
@@ -79,15 +88,20 @@ def chat(
             from jarvis.remote import RemoteModel
 
             remote = RemoteModel(backend_url, model=model, api_key=api_key, context_length=context_length)
+        if image is not None:
+            from jarvis.vision import ask_about_image
+
+            ask_about_image(image, once or "")
+            return
         bot = Chatbot(config, model=remote, store=store, conversation=conversation)
         if once is not None:
-            _reply(bot, once)
+            _think(bot, once) if reasoning else _reply(bot, once)
             _saved(bot)
             return
         with console.status(f"loading {config.model}"):
             loaded = bot.model
         console.print(f"[bold]JARVIS[/] on {loaded.name} {loaded.version} ({loaded.runtime.backend}). {HELP}")
-        _interactive(bot)
+        _interactive(bot, reasoning)
         _saved(bot)
     except (PrimeError, ValueError, KeyError) as err:
         err_console.print(f"[bold red]error:[/] {err.args[0] if isinstance(err, KeyError) else err}")
@@ -103,20 +117,103 @@ def _saved(bot: Chatbot) -> None:
 
 
 @app.command()
-def conversations() -> None:
-    """List saved conversations, newest first."""
+def history(
+    conversation: Optional[str] = typer.Argument(None, help="Show this conversation (default: list them all)."),
+    private: Optional[bool] = typer.Option(None, "--private/--public", help="Mark the conversation private (never exported as training data) or public."),
+    delete: bool = typer.Option(False, "--delete", help="Delete the conversation."),
+) -> None:
+    """List saved conversations, newest first, or show one with its feedback."""
     from rich.table import Table
 
     store = ConversationStore()
-    table = Table("id", "updated", "messages", "model", "title")
-    for c in store.list():
-        table.add_row(c.id, time.strftime("%Y-%m-%d %H:%M", time.localtime(c.updated)), str(c.messages),
-                      c.model or "-", c.title)
-    console.print(table)
-    store.close()
+    try:
+        if conversation is None:
+            table = Table("id", "updated", "messages", "model", "private", "title")
+            for c in store.list():
+                table.add_row(c.id, time.strftime("%Y-%m-%d %H:%M", time.localtime(c.updated)), str(c.messages),
+                              c.model or "-", "yes" if c.private else "", c.title)
+            console.print(table)
+            return
+        if delete:
+            store.get(conversation)
+            store.delete(conversation)
+            console.print(f"deleted {conversation}")
+            return
+        if private is not None:
+            store.update(conversation, private=private)
+        info = store.get(conversation)
+        console.print(f"[bold]{info.title}[/] ({info.id}{', private' if info.private else ''})")
+        for m in store.stored_messages(conversation):
+            marks = {1: " [green]+1[/]", -1: " [red]-1[/]"}.get(m.rating, "") + (" [yellow]corrected[/]" if m.corrected else "")
+            console.print(f"[bold]{m.role}[/] #{m.id}{marks}: ", end="")
+            console.print(m.content, markup=False)
+    except KeyError as err:
+        err_console.print(f"[bold red]error:[/] {err.args[0]}")
+        raise typer.Exit(code=1)
+    finally:
+        store.close()
 
 
-def _interactive(bot: Chatbot) -> None:
+@app.command("export-data")
+def export_data(
+    sft: Optional[Path] = typer.Option(None, "--sft", help="Write SFT examples (thumbs-up and corrected replies) here, JSONL."),
+    dpo: Optional[Path] = typer.Option(None, "--dpo", help="Write DPO pairs (correction vs original, preferred vs regenerated) here, JSONL."),
+    scrub_pii: bool = typer.Option(False, "--scrub-pii", help="Replace e-mails, phone/card numbers, IPs and tokens with placeholders."),
+) -> None:
+    """Turn your feedback into reactor-core training data (private conversations are skipped)."""
+    from jarvis.feedback import export_data as export
+
+    store = ConversationStore()
+    try:
+        report = export(store, sft_path=sft, dpo_path=dpo, scrub=scrub_pii)
+    except ValueError as err:
+        err_console.print(f"[bold red]error:[/] {err}")
+        raise typer.Exit(code=1)
+    finally:
+        store.close()
+    console.print(f"{report.sft} SFT examples, {report.dpo} DPO pairs from {report.conversations} conversations "
+                  f"({report.private_skipped} private skipped, {report.duplicates} duplicates dropped)")
+    for path in report.files:
+        console.print(f"  wrote {path}")
+
+
+@app.command()
+def serve(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="PRIME model name or directory (default: $JARVIS_MODEL or prime-135m-chat-v1)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; anything but loopback needs an API key."),
+    port: int = typer.Option(8000, help="Port."),
+    api_key: Optional[str] = typer.Option(None, envvar="JARVIS_API_KEY", help="Require `Authorization: Bearer KEY` on the API (the page asks for it)."),
+    backend: str = typer.Option("auto", help="auto | llamacpp | transformers."),
+    quantization: Optional[str] = typer.Option(None, help="8bit | 4bit."),
+    system: Optional[str] = typer.Option(None, help="A system prompt / persona for new conversations."),
+    max_new_tokens: int = typer.Option(256, help="Longest reply, in tokens."),
+) -> None:
+    """Serve the chat page and its JSON API (http://127.0.0.1:8000 by default)."""
+    from jarvis.web.server import WebConfig, serve as run_server
+
+    try:
+        chat = ChatbotConfig(backend=backend, quantization=quantization, system_prompt=system,
+                             max_new_tokens=max_new_tokens, **({"model": model} if model else {}))
+        config = WebConfig(chat=chat, host=host, port=port, api_key=api_key)
+        console.print(f"JARVIS on http://{host}:{port} (model {chat.model}; Ctrl-C stops)")
+        run_server(config)
+    except (PrimeError, ValueError) as err:
+        err_console.print(f"[bold red]error:[/] {err}")
+        raise typer.Exit(code=1)
+
+
+def _think(bot: Chatbot, text: str) -> None:
+    with console.status(f"reasoning ({bot.config.reasoning_samples} samples)"):
+        result = bot.reason(text)
+    console.print(result.reply, markup=False)
+    total = len(result.samples)
+    if result.answer is None:
+        console.print(f"[dim]no sample reached a final answer ({total} tried)[/]")
+    else:
+        console.print(f"[dim]answer {result.answer}: {result.votes[result.answer]} of {total} samples agree[/]")
+
+
+def _interactive(bot: Chatbot, reasoning: bool = False) -> None:
     while True:
         try:
             text = console.input("[bold cyan]you>[/] ").strip()
@@ -131,17 +228,56 @@ def _interactive(bot: Chatbot) -> None:
             bot.reset()
             console.print("[dim]conversation cleared[/]")
             continue
+        if text in ("/good", "/bad") or text.startswith("/correct"):
+            _feedback(bot, text)
+            continue
+        if text.startswith("/think"):
+            question = text[len("/think"):].strip()
+            if not question:
+                console.print("[dim]usage: /think QUESTION[/]")
+                continue
+            _run(lambda: _think(bot, question))
+            continue
+        if text == "/retry":
+            console.print("[bold green]jarvis>[/] ", end="")
+            _run(lambda: _print_stream(bot.regenerate()))
+            continue
         if text.startswith("/"):
             console.print(f"[dim]unknown command {text}; {HELP}[/]")
             continue
+        if reasoning:
+            _run(lambda: _think(bot, text))
+            continue
         console.print("[bold green]jarvis>[/] ", end="")
-        try:
-            _reply(bot, text)
-        except KeyboardInterrupt:  # stop this reply, keep the session
-            console.print("\n[dim](interrupted)[/]")
-        except (PrimeError, ValueError) as err:  # one bad turn does not end the chat
-            console.print()
-            err_console.print(f"[bold red]error:[/] {err}")
+        _run(lambda: _reply(bot, text))
+
+
+def _run(turn) -> None:
+    try:
+        turn()
+    except KeyboardInterrupt:  # stop this reply, keep the session
+        console.print("\n[dim](interrupted)[/]")
+    except (PrimeError, ValueError) as err:  # one bad turn does not end the chat
+        console.print()
+        err_console.print(f"[bold red]error:[/] {err}")
+
+
+def _feedback(bot: Chatbot, command: str) -> None:
+    if bot.store is None or bot.last_reply_id is None:
+        err_console.print("[dim]no saved reply to give feedback on (feedback needs --save)[/]")
+        return
+    if command == "/good":
+        bot.store.rate(bot.last_reply_id, 1)
+    elif command == "/bad":
+        bot.store.rate(bot.last_reply_id, -1)
+    else:
+        text = command[len("/correct"):].strip()
+        if not text:
+            err_console.print("[dim]usage: /correct THE REPLY JARVIS SHOULD HAVE GIVEN[/]")
+            return
+        bot.store.correct(bot.last_reply_id, text)
+        bot.history[-1] = {"role": "assistant", "content": text}
+    console.print("[dim]noted: it becomes training data with `jarvis export-data`[/]")
 
 
 if __name__ == "__main__":

@@ -5,16 +5,24 @@
     store.add(cid, "user", "hi"); store.add(cid, "assistant", "Hello!")
     store.messages(cid)                         # [{"role": "user", ...}, ...]
 
-WAL lets a terminal chat and another reader (the web page, `jarvis conversations`)
-use the database at once; every write is its own transaction, so a crash loses at
-most the turn being written. Messages keep their ids: ratings and corrections (the
-feedback that becomes training data) attach to them.
+WAL lets a terminal chat and another reader (the web page, `jarvis history`) use
+the database at once; every write is its own transaction, so a crash loses at most
+the turn being written.
+
+Feedback lives on the assistant message it is about, because that is what becomes
+training data (`jarvis.feedback`): a rating (+1/-1), a correction (the reply the
+user wrote instead; the conversation continues from it), and regenerations. A
+regenerated reply is a new message in the same *alternatives group* (`group_id`, the
+id of the first reply); exactly one member of a group is active, i.e. part of the
+conversation the model sees, and the others stay for preference data.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sqlite3
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -40,9 +48,42 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages(conversation_id, id);
 """
 
+# Schema version 2 (PRAGMA user_version): feedback columns. ALTERs, so a database
+# written by jarvis 2.0 keeps its conversations.
+FEEDBACK_COLUMNS = {
+    "model": "TEXT",  # name@version of the model that wrote an assistant message
+    "rating": "INTEGER CHECK (rating IN (-1, 1))",
+    "correction": "TEXT",
+    "group_id": "INTEGER",  # regenerations share the first reply's id
+    "active": "INTEGER NOT NULL DEFAULT 1",
+    "feedback_at": "REAL",
+}
+SCHEMA_VERSION = 2
+
 
 def jarvis_home() -> Path:
     return Path(os.environ.get("JARVIS_HOME") or Path.home() / ".local" / "share" / "jarvis")
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """One message as the store keeps it; `content` is what the conversation uses
+    (the correction when there is one), `original` what the model wrote."""
+
+    id: int
+    conversation_id: str
+    role: str
+    content: str
+    original: str
+    model: str | None
+    rating: int | None
+    corrected: bool
+    group_id: int
+    active: bool
+    created: float
+
+    def as_chat(self) -> dict[str, str]:
+        return {"role": self.role, "content": self.content}
 
 
 @dataclass(frozen=True)
@@ -56,8 +97,21 @@ class Conversation:
     messages: int
 
 
+def _locked(method):
+    """One connection serves every thread of the web server; a call runs whole (its
+    transaction included) before another thread's starts."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class ConversationStore:
     def __init__(self, path: Path | None = None) -> None:
+        self._lock = threading.RLock()
         self.path = Path(path or jarvis_home() / "jarvis.db")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -65,7 +119,21 @@ class ConversationStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        self._migrate()
 
+    def _migrate(self) -> None:
+        if self._db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+            return
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            have = {row["name"] for row in self._db.execute("PRAGMA table_info(messages)")}
+            for column, kind in FEEDBACK_COLUMNS.items():
+                if column not in have:
+                    self._db.execute(f"ALTER TABLE messages ADD COLUMN {column} {kind}")
+            self._db.execute("UPDATE messages SET group_id = id WHERE group_id IS NULL")
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @_locked
     def create(self, title: str = "", model: str | None = None, system_prompt: str | None = None,
                private: bool = False) -> str:
         cid = uuid.uuid4().hex[:12]
@@ -74,9 +142,10 @@ class ConversationStore:
                          (cid, title, model, system_prompt, int(private), now, now))
         return cid
 
+    @_locked
     def get(self, cid: str) -> Conversation:
         row = self._db.execute(
-            "SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id) AS n "
+            "SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id AND m.active = 1) AS n "
             "FROM conversations c WHERE c.id = ?", (cid,)).fetchone()
         if row is None:
             known = [c.id for c in self.list()[:5]]
@@ -84,28 +153,123 @@ class ConversationStore:
         return Conversation(row["id"], row["title"], row["model"], bool(row["private"]), row["created"],
                             row["updated"], row["n"])
 
+    @_locked
     def list(self) -> list[Conversation]:
         rows = self._db.execute("SELECT id FROM conversations ORDER BY updated DESC").fetchall()
         return [self.get(r["id"]) for r in rows]
 
-    def add(self, cid: str, role: str, content: str) -> int:
+    @_locked
+    def update(self, cid: str, *, title: str | None = None, private: bool | None = None) -> None:
+        """Rename a conversation or mark it private (private ones never become training data)."""
+        self.get(cid)
+        if title is not None:
+            self._db.execute("UPDATE conversations SET title = ? WHERE id = ?", (title, cid))
+        if private is not None:
+            self._db.execute("UPDATE conversations SET private = ? WHERE id = ?", (int(private), cid))
+
+    @_locked
+    def system_prompt(self, cid: str) -> str | None:
+        self.get(cid)
+        return self._db.execute("SELECT system_prompt FROM conversations WHERE id = ?", (cid,)).fetchone()[0]
+
+    @_locked
+    def add(self, cid: str, role: str, content: str, model: str | None = None) -> int:
         """Append one message; returns its id. The first user message titles an untitled conversation."""
         now = time.time()
         with self._db:  # one transaction: the message and the conversation's timestamp
             self._db.execute("BEGIN")
-            cursor = self._db.execute("INSERT INTO messages (conversation_id, role, content, created) VALUES (?, ?, ?, ?)",
-                                      (cid, role, content, now))
+            cursor = self._db.execute(
+                "INSERT INTO messages (conversation_id, role, content, created, model) VALUES (?, ?, ?, ?, ?)",
+                (cid, role, content, now, model))
+            self._db.execute("UPDATE messages SET group_id = id WHERE id = ?", (cursor.lastrowid,))
             self._db.execute("UPDATE conversations SET updated = ?, title = CASE WHEN title = '' AND ? = 'user' "
                              "THEN substr(?, 1, 60) ELSE title END WHERE id = ?", (now, role, content, cid))
         return cursor.lastrowid
 
-    def messages(self, cid: str) -> list[dict[str, str]]:
-        self.get(cid)  # a clear error for an unknown id
-        rows = self._db.execute("SELECT role, content FROM messages WHERE conversation_id = ? ORDER BY id", (cid,))
-        return [{"role": r["role"], "content": r["content"]} for r in rows]
+    @_locked
+    def add_alternative(self, message_id: int, content: str, model: str | None = None) -> int:
+        """Store a regenerated reply to the same prompt; it becomes the active one.
 
+        Only the conversation's last reply can be regenerated: what came after an
+        earlier reply was said in answer to it.
+        """
+        old = self.message(message_id)
+        if old.role != "assistant":
+            raise ValueError(f"message {message_id} is a {old.role} message; only replies can be regenerated")
+        last = self._db.execute("SELECT MAX(id) FROM messages WHERE conversation_id = ? AND active = 1",
+                                (old.conversation_id,)).fetchone()[0]
+        if not old.active or last != message_id:
+            raise ValueError(f"message {message_id} is not the conversation's last reply; only that one can be regenerated")
+        now = time.time()
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.execute("UPDATE messages SET active = 0 WHERE group_id = ?", (old.group_id,))
+            cursor = self._db.execute(
+                "INSERT INTO messages (conversation_id, role, content, created, model, group_id) "
+                "VALUES (?, 'assistant', ?, ?, ?, ?)", (old.conversation_id, content, now, model, old.group_id))
+            self._db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (now, old.conversation_id))
+        return cursor.lastrowid
+
+    @_locked
+    def rate(self, message_id: int, rating: int | None) -> None:
+        """Thumbs up (+1), down (-1) or neither (None) on an assistant reply."""
+        if rating not in (1, -1, None):
+            raise ValueError(f"rating must be 1, -1 or null, got {rating!r}")
+        self._feedback(message_id, "rating", rating)
+
+    @_locked
+    def correct(self, message_id: int, text: str | None) -> None:
+        """Replace a reply with what it should have said (None removes the correction).
+
+        The original stays for preference data; the conversation continues from the
+        correction.
+        """
+        if text is not None and not text.strip():
+            raise ValueError("a correction cannot be empty")
+        self._feedback(message_id, "correction", text.strip() if text else None)
+
+    @_locked
+    def _feedback(self, message_id: int, column: str, value: object) -> None:
+        message = self.message(message_id)
+        if message.role != "assistant":
+            raise ValueError(f"message {message_id} is a {message.role} message; feedback is on replies")
+        self._db.execute(f"UPDATE messages SET {column} = ?, feedback_at = ? WHERE id = ?",
+                         (value, time.time(), message_id))
+
+    @_locked
+    def message(self, message_id: int) -> StoredMessage:
+        row = self._db.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"no message {message_id} in {self.path}")
+        return _stored(row)
+
+    @_locked
+    def stored_messages(self, cid: str, *, include_inactive: bool = False) -> list[StoredMessage]:
+        """The conversation in order; by default only what the model sees (active replies)."""
+        self.get(cid)  # a clear error for an unknown id
+        where = "" if include_inactive else " AND active = 1"
+        rows = self._db.execute(f"SELECT * FROM messages WHERE conversation_id = ?{where} ORDER BY id", (cid,))
+        return [_stored(r) for r in rows]
+
+    @_locked
+    def messages(self, cid: str) -> list[dict[str, str]]:
+        """The conversation as chat messages, corrections applied."""
+        return [m.as_chat() for m in self.stored_messages(cid)]
+
+    @_locked
     def delete(self, cid: str) -> None:
         self._db.execute("DELETE FROM conversations WHERE id = ?", (cid,))
 
+    @_locked
     def close(self) -> None:
         self._db.close()
+
+
+def _stored(row: sqlite3.Row) -> StoredMessage:
+    return StoredMessage(
+        id=row["id"], conversation_id=row["conversation_id"], role=row["role"],
+        content=row["correction"] if row["correction"] is not None else row["content"], original=row["content"],
+        model=row["model"], rating=row["rating"], corrected=row["correction"] is not None,
+        group_id=row["group_id"] if row["group_id"] is not None else row["id"], active=bool(row["active"]),
+        created=row["created"],
+    )

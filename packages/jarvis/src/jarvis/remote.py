@@ -93,5 +93,8 @@ class RemoteModel:
                 if piece:
                     yield piece
 
+    def chat(self, messages: Sequence[Mapping[str, Any]], **options: Any) -> str:
+        return "".join(self.stream_chat(messages, **options))
+
     def close(self) -> None:
         pass

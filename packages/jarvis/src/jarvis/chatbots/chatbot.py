@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Literal
 
 from jarvis.memory import ConversationStore
+from jarvis.reasoning import Reasoned, self_consistency
 from jarvis_prime import PrimeModel
 from jarvis_prime.persona import JARVIS_SYSTEM_PROMPT
 
@@ -41,6 +42,7 @@ class ChatbotConfig:
     temperature: float = 0.0  # greedy: the most reliable answers from small models
     top_p: float = 1.0
     seed: int | None = None
+    reasoning_samples: int = 5  # k for self-consistency (`reason`, /think, --reasoning)
 
     def __post_init__(self) -> None:
         if self.backend not in ("auto", "llamacpp", "transformers"):
@@ -49,6 +51,8 @@ class ChatbotConfig:
             raise ValueError(f"`max_new_tokens` must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
             raise ValueError(f"`temperature` must be >= 0, got {self.temperature}")
+        if self.reasoning_samples < 1:
+            raise ValueError(f"`reasoning_samples` must be >= 1, got {self.reasoning_samples}")
 
 
 class Chatbot:
@@ -62,8 +66,11 @@ class Chatbot:
         self.store = store
         self.conversation = conversation
         self.history: list[Message] = []
+        self.last_reply_id: int | None = None  # the stored id of the newest reply, for feedback
         if store is not None and conversation is not None:
-            self.history = [m for m in store.messages(conversation) if m["role"] != "system"]
+            stored = [m for m in store.stored_messages(conversation) if m.role != "system"]
+            self.history = [m.as_chat() for m in stored]
+            self.last_reply_id = stored[-1].id if stored and stored[-1].role == "assistant" else None
 
     @property
     def model(self) -> PrimeModel:
@@ -77,13 +84,16 @@ class Chatbot:
         self.history.clear()
         self.conversation = None
 
+    def _model_label(self) -> str:
+        return f"{self.model.name}@{self.model.version}"
+
     def _save(self, user: Message, reply: Message) -> None:
         if self.store is None:
             return
         if self.conversation is None:
             self.conversation = self.store.create(model=self.config.model, system_prompt=self.config.system_prompt)
         self.store.add(self.conversation, "user", user["content"])
-        self.store.add(self.conversation, "assistant", reply["content"])
+        self.last_reply_id = self.store.add(self.conversation, "assistant", reply["content"], model=self._model_label())
 
     def ask(self, text: str) -> str:
         """Send one user message; return the whole reply."""
@@ -99,6 +109,48 @@ class Chatbot:
             raise ValueError("message is empty")
         user = {"role": "user", "content": text}
         kept, messages = self._fit_context(user)  # raises before touching the history
+
+        def done(reply: Message) -> None:
+            self.history = kept + [user, reply]
+            self._save(user, reply)
+
+        yield from self._generate(messages, done)
+
+    def reason(self, text: str) -> Reasoned:
+        """Answer a question with a checkable answer by self-consistency: k step-by-step
+        samples, majority vote. The winning sample's reply enters the conversation."""
+        if not text.strip():
+            raise ValueError("message is empty")
+        user = {"role": "user", "content": text}
+        kept, messages = self._fit_context(user)
+        c = self.config
+        result = self_consistency(self.model, messages, k=c.reasoning_samples, max_new_tokens=c.max_new_tokens,
+                                  seed=c.seed or 0)
+        reply = {"role": "assistant", "content": result.reply}
+        self.history = kept + [user, reply]
+        self._save(user, reply)
+        return result
+
+    def regenerate(self) -> Iterator[str]:
+        """Answer the last user message again; the new reply replaces the last one.
+
+        With a store, the old reply is kept as an alternative (a regeneration is a
+        preference signal: see `jarvis.feedback`).
+        """
+        if len(self.history) < 2 or self.history[-1]["role"] != "assistant":
+            raise ValueError("there is no reply to regenerate yet")
+        user = self.history[-2]
+        kept, messages = self._fit_context(user, history=self.history[:-2])
+        previous = self.last_reply_id
+
+        def done(reply: Message) -> None:
+            self.history = kept + [user, reply]
+            if self.store is not None and previous is not None:
+                self.last_reply_id = self.store.add_alternative(previous, reply["content"], model=self._model_label())
+
+        yield from self._generate(messages, done)
+
+    def _generate(self, messages: list[Message], done) -> Iterator[str]:
         c = self.config
         pieces: list[str] = []
         completed = False
@@ -113,11 +165,9 @@ class Chatbot:
             # a reply that ended, or that the user interrupted (generator closed), is
             # part of the conversation; one the backend failed on is not
             if completed or pieces:
-                reply = {"role": "assistant", "content": "".join(pieces).strip()}
-                self.history = kept + [user, reply]
-                self._save(user, reply)
+                done({"role": "assistant", "content": "".join(pieces).strip()})
 
-    def _fit_context(self, user: Message) -> tuple[list[Message], list[Message]]:
+    def _fit_context(self, user: Message, history: list[Message] | None = None) -> tuple[list[Message], list[Message]]:
         """(the history that fits, the messages to send): persona + recent history + `user`.
 
         Whole exchanges are dropped oldest first, so the model never sees half a turn.
@@ -125,7 +175,7 @@ class Chatbot:
         """
         budget = self.model.context_length - self.config.max_new_tokens
         system = [{"role": "system", "content": self.config.system_prompt}] if self.config.system_prompt else []
-        history = list(self.history)
+        history = list(self.history if history is None else history)
         while True:
             messages = system + history + [user]
             used = self.model.count_tokens(self.model.apply_chat_template(messages))

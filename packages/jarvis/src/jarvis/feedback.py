@@ -1,0 +1,165 @@
+"""Feedback -> training data: what `jarvis export-data` writes for reactor-core.
+
+Every assistant reply the user reacted to becomes an example, with the conversation
+up to it as context (corrections applied, the conversation's system prompt first):
+
+- SFT (`{"messages": [...]}`): replies rated thumbs-up, and corrected replies (with
+  the correction as the reply).
+- DPO (`{"prompt": [...], "chosen": ..., "rejected": ...}`): a correction is chosen
+  over the original reply; in a group of regenerations, a reply rated thumbs-up is
+  chosen over each alternative that was not.
+
+Private conversations are never exported. `scrub=True` replaces e-mail addresses,
+phone and card numbers, IP addresses and secrets-looking tokens with placeholders
+(regular expressions: good for the formats they know, not a guarantee; review the
+files before sharing them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from jarvis.memory import ConversationStore, StoredMessage
+
+Message = dict[str, str]
+
+PII_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
+    ("[EMAIL]", re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}\b")),
+    ("[SECRET]", re.compile(r"\b(?:sk|pk|ghp|gho|xox[abp]|hf|AKIA)[-_A-Za-z0-9]{12,}\b")),
+    ("[SSN]", re.compile(r"\b\d{3}-\d{2}-\d{4}\b")),
+    ("[CARD]", re.compile(r"\b(?:\d[ -]?){13,19}\b")),
+    ("[IP]", re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)\b")),
+    ("[PHONE]", re.compile(r"(?<![\w.])\+?\(?\d{1,4}\)?(?:[ .-]?\(?\d{2,4}\)?){2,4}(?![\w.])")),
+]
+
+
+def scrub_pii(text: str) -> str:
+    """Replace the personal data `PII_PATTERNS` recognise with placeholders."""
+    for placeholder, pattern in PII_PATTERNS:
+        text = pattern.sub(placeholder, text)
+    return text
+
+
+@dataclass
+class ExportReport:
+    sft: int = 0
+    dpo: int = 0
+    conversations: int = 0
+    private_skipped: int = 0
+    duplicates: int = 0
+    files: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FeedbackTurn:
+    """One assistant reply with feedback, and everything needed to learn from it."""
+
+    conversation_id: str
+    context: list[Message]  # system prompt + the conversation before the reply
+    reply: StoredMessage
+    alternatives: list[StoredMessage]  # the other replies to the same prompt (regenerations)
+
+
+def feedback_turns(store: ConversationStore, *, include_private: bool = False,
+                   report: ExportReport | None = None) -> Iterator[FeedbackTurn]:
+    """Every reply the user rated, corrected or regenerated, oldest first."""
+    report = report if report is not None else ExportReport()
+    for conversation in reversed(store.list()):
+        if conversation.private and not include_private:
+            report.private_skipped += 1
+            continue
+        system = store.system_prompt(conversation.id)
+        everything = store.stored_messages(conversation.id, include_inactive=True)
+        groups: dict[int, list[StoredMessage]] = {}
+        for m in everything:
+            if m.role == "assistant":
+                groups.setdefault(m.group_id, []).append(m)
+        used = False
+        for group_id, replies in groups.items():
+            # the context is what the model saw: active messages before the first reply
+            context = [m.as_chat() for m in everything if m.active and m.id < group_id]
+            if system:
+                context = [{"role": "system", "content": system}] + context
+            for reply in replies:
+                if reply.rating is None and not reply.corrected and len(replies) == 1:
+                    continue
+                used = True
+                yield FeedbackTurn(conversation.id, context, reply, [r for r in replies if r.id != reply.id])
+        report.conversations += used
+
+
+def training_examples(turn: FeedbackTurn) -> tuple[list[dict], list[dict]]:
+    """(SFT records, DPO records) that one reply with feedback yields."""
+    reply, context = turn.reply, turn.context
+    sft: list[dict] = []
+    dpo: list[dict] = []
+    if reply.corrected:
+        sft.append({"messages": context + [{"role": "assistant", "content": reply.content}]})
+        dpo.append({"prompt": context, "chosen": reply.content, "rejected": reply.original})
+    elif reply.rating == 1:
+        sft.append({"messages": context + [{"role": "assistant", "content": reply.content}]})
+        for other in turn.alternatives:
+            if other.rating != 1 and not other.corrected:
+                dpo.append({"prompt": context, "chosen": reply.content, "rejected": other.original})
+    return sft, dpo
+
+
+def _scrubbed(record: dict) -> dict:
+    def clean(value):
+        if isinstance(value, str):
+            return scrub_pii(value)
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        if isinstance(value, dict):
+            return {k: clean(v) if k != "role" else v for k, v in value.items()}
+        return value
+
+    return clean(record)
+
+
+def export_data(store: ConversationStore, *, sft_path: str | os.PathLike | None = None,
+                dpo_path: str | os.PathLike | None = None, scrub: bool = False,
+                include_private: bool = False) -> ExportReport:
+    """Write the SFT and/or DPO JSONL files; each is written to a temp file and renamed,
+    so an interrupted export never leaves half a file where the last good one was."""
+    if sft_path is None and dpo_path is None:
+        raise ValueError("nothing to write: give an SFT path, a DPO path or both")
+    report = ExportReport()
+    sft: list[dict] = []
+    dpo: list[dict] = []
+    seen: set[str] = set()
+    for turn in feedback_turns(store, include_private=include_private, report=report):
+        turn_sft, turn_dpo = training_examples(turn)
+        for kind, records in (("sft", turn_sft), ("dpo", turn_dpo)):
+            for record in records:
+                record = _scrubbed(record) if scrub else record
+                if kind == "dpo" and record["chosen"].strip() == record["rejected"].strip():
+                    continue  # nothing to prefer (e.g. the scrub made them equal)
+                key = kind + json.dumps(record, sort_keys=True)
+                if key in seen:
+                    report.duplicates += 1
+                    continue
+                seen.add(key)
+                (sft if kind == "sft" else dpo).append(record)
+    report.sft, report.dpo = len(sft), len(dpo)
+    for path, records in ((sft_path, sft), (dpo_path, dpo)):
+        if path is not None:
+            _write_jsonl(Path(path), records)
+            report.files.append(str(path))
+    return report
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

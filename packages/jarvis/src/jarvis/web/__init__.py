@@ -1,0 +1,1 @@
+"""The web page: `jarvis serve` (see `jarvis.web.server`)."""

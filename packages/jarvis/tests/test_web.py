@@ -1,0 +1,201 @@
+"""`jarvis serve`: the JSON API with a real model, and the page in headless Chromium."""
+
+import base64
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from jarvis.chatbots import ChatbotConfig
+from jarvis.memory import ConversationStore
+from jarvis.web.server import WebConfig, create_app, require_key_for
+from jarvis_prime import PrimeModel
+
+pytestmark = pytest.mark.real_model
+
+PNG_1PX = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==")
+
+
+@pytest.fixture(scope="module")
+def jarvis_model(chat_model):
+    model = PrimeModel.from_pretrained("prime-135m-chat-v1", backend="llamacpp", context_length=2048)
+    yield model
+    model.close()
+
+
+class Server:
+    """A real uvicorn server on a free loopback port, in a thread."""
+
+    def __init__(self, app) -> None:
+        import uvicorn
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        threading.Thread(target=self.server.run, daemon=True).start()
+        deadline = time.time() + 60
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.05)
+
+    def request(self, method, path, body=None, key=None):
+        headers = {"Content-Type": "application/json"}
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                raw = response.read().decode()
+                return response.status, raw
+        except urllib.error.HTTPError as err:
+            return err.code, err.read().decode()
+
+    def stop(self):
+        self.server.should_exit = True
+
+
+@pytest.fixture
+def server(jarvis_model, tmp_path):
+    store = ConversationStore(tmp_path / "jarvis.db")
+    config = WebConfig(chat=ChatbotConfig(max_new_tokens=40))
+    s = Server(create_app(config, store=store, model=jarvis_model))
+    s.store = store
+    yield s
+    s.stop()
+    store.close()
+
+
+def events(raw: str) -> list[dict]:
+    return [json.loads(line[len("data:"):]) for line in raw.splitlines() if line.startswith("data:")]
+
+
+def test_api_chat_feedback_and_regenerate(server):
+    status, body = server.request("POST", "/api/conversations", {})
+    assert status == 201
+    cid = json.loads(body)["id"]
+    status, raw = server.request("POST", f"/api/conversations/{cid}/messages", {"content": "What is the capital of France?"})
+    assert status == 200
+    stream = events(raw)
+    assert len([e for e in stream if "delta" in e]) > 1, "the reply is streamed in pieces"
+    assert "Paris" in "".join(e["delta"] for e in stream if "delta" in e)
+    reply_id = stream[-1]["reply_id"]
+    assert stream[-1]["done"] is True
+
+    assert server.request("POST", f"/api/messages/{reply_id}/rating", {"rating": -1})[0] == 200
+    assert server.request("POST", f"/api/messages/{reply_id}/correction", {"content": "Paris, sir."})[0] == 200
+    messages = json.loads(server.request("GET", f"/api/conversations/{cid}")[1])["messages"]
+    assert messages[-1]["content"] == "Paris, sir." and messages[-1]["rating"] == -1 and messages[-1]["corrected"]
+
+    status, raw = server.request("POST", f"/api/messages/{reply_id}/regenerate")
+    new_id = events(raw)[-1]["reply_id"]
+    assert status == 200 and new_id != reply_id
+    assert [m.id for m in server.store.stored_messages(cid)][-1] == new_id
+    assert server.request("POST", f"/api/messages/{reply_id}/regenerate")[0] == 400, "only the last reply"
+
+
+def test_api_errors_are_clear_4xx(server):
+    status, body = server.request("POST", "/api/conversations/nope/messages", {"content": "hi"})
+    assert status == 404 and "no conversation 'nope'" in json.loads(body)["error"]
+    cid = json.loads(server.request("POST", "/api/conversations", {})[1])["id"]
+    status, body = server.request("POST", f"/api/conversations/{cid}/messages", {"text": "hi"})
+    assert status == 422 and "content" in json.loads(body)["error"]
+    status, body = server.request("POST", f"/api/conversations/{cid}/messages", {"content": "word " * 3000})
+    assert status == 400 and "message too long" in json.loads(body)["error"]
+    status, body = server.request("POST", "/api/messages/1/rating", {"rating": 7})
+    assert status == 422
+    status, body = server.request("POST", "/api/images", {"image": "!!not base64", "question": "what is it?"})
+    assert status == 400 and "base64" in json.loads(body)["error"]
+    status, body = server.request("POST", "/api/images", {"image": base64.b64encode(PNG_1PX).decode(), "question": "what is it?"})
+    assert status == 503 and "prime pull prime-7b-vision-v1" in json.loads(body)["error"]
+    status, body = server.request("POST", "/api/images", {"image": base64.b64encode(b"hello").decode()})
+    assert status == 400 and "not an image" in json.loads(body)["error"]
+
+
+def test_api_key_guards_the_api(jarvis_model, tmp_path):
+    store = ConversationStore(tmp_path / "jarvis.db")
+    s = Server(create_app(WebConfig(api_key="s3cret"), store=store, model=jarvis_model))
+    try:
+        assert s.request("GET", "/api/conversations")[0] == 401
+        assert s.request("GET", "/api/conversations", key="wrong")[0] == 401
+        assert s.request("GET", "/api/conversations", key="s3cret")[0] == 200
+        assert s.request("GET", "/api/health")[0] == 200
+        assert s.request("GET", "/")[0] == 200, "the page itself is public; it asks for the key"
+    finally:
+        s.stop()
+        store.close()
+    with pytest.raises(ValueError, match="without an API key"):
+        require_key_for("0.0.0.0", None)
+    require_key_for("127.0.0.1", None)
+    require_key_for("0.0.0.0", "k")
+
+
+def chromium_path() -> str | None:
+    return os.environ.get("JARVIS_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+WATCH_STREAMING = """() => {
+  window.seenLengths = [];
+  new MutationObserver(() => {
+    const text = document.querySelector('[data-testid=streaming-reply] [data-testid=text]');
+    if (text && text.textContent) window.seenLengths.push(text.textContent.length);
+  }).observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def test_the_page_in_a_real_browser(server, tmp_path):
+    """Send, see the reply stream in, thumbs down, correct it, reload: all persisted."""
+    browser_path = chromium_path()
+    if browser_path is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: `make test` installs Debian's chromium")
+        pytest.skip("no chromium here (make test installs Debian's on Debian)")
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(server.url)
+        expect(page.get_by_test_id("model")).to_contain_text("prime-135m-chat-v1")
+
+        page.evaluate(WATCH_STREAMING)
+        page.get_by_test_id("input").fill("What is the capital of France?")
+        page.get_by_test_id("send").click()
+        reply = page.get_by_test_id("reply").last
+        expect(reply.get_by_test_id("text")).to_contain_text("Paris", timeout=60_000)
+        expect(reply.get_by_test_id("thumbs-down")).to_be_visible()  # the stream ended: feedback tools are on
+        lengths = page.evaluate("window.seenLengths")
+        assert len(set(lengths)) >= 2, f"the reply grew on screen piece by piece: {lengths}"
+        expect(page.get_by_test_id("conversations").locator("li")).to_have_count(1)
+
+        reply.get_by_test_id("thumbs-down").click()
+        expect(page.get_by_test_id("reply").last.get_by_test_id("thumbs-down")).to_have_class("on")
+        page.get_by_test_id("reply").last.get_by_test_id("correct").click()
+        page.get_by_test_id("correction").fill("The capital of France is Paris, sir.")
+        page.get_by_test_id("save-correction").click()
+        expect(page.get_by_test_id("reply").last.get_by_test_id("corrected")).to_be_visible()
+
+        page.reload()
+        reply = page.get_by_test_id("reply").last
+        expect(reply.get_by_test_id("text")).to_have_text("The capital of France is Paris, sir.")
+        expect(reply.get_by_test_id("thumbs-down")).to_have_class("on")
+        expect(page.get_by_test_id("user-message").get_by_test_id("text")).to_have_text(["What is the capital of France?"])
+
+        page.get_by_test_id("image").set_input_files({"name": "dot.png", "mimeType": "image/png", "buffer": PNG_1PX})
+        expect(page.get_by_test_id("error")).to_contain_text("prime pull prime-7b-vision-v1")
+        page.screenshot(path=str(tmp_path / "page.png"))
+        browser.close()
+
+    (conversation,) = server.store.list()
+    stored = server.store.stored_messages(conversation.id)[-1]
+    assert (stored.rating, stored.corrected, stored.content) == (-1, True, "The capital of France is Paris, sir.")
+    assert "Paris" in stored.original

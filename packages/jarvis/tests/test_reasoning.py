@@ -9,6 +9,7 @@ def test_answers_are_read_from_the_answer_line_or_the_last_number():
     assert extract_answer("Answer: $1,200.00") == "1200"
     assert extract_answer("The answer is Carl.") == "carl"
     assert extract_answer("I am not sure.") is None
+    assert extract_answer("The answer is \nnot clear, maybe 7") == "7", "an empty answer line falls back to numbers"
 
 
 def test_normalise():

@@ -241,18 +241,40 @@ def eval_model(
 
 @app.command("train")
 def train(
-    name: str = typer.Argument(..., help="Recipe: prime-135m-chat-v1."),
+    name: str = typer.Argument(..., help="Recipe (prime-135m-chat-v1), or with --sft/--dpo the model to improve."),
     work_dir: str = typer.Option("./prime-train", help="Where the dataset, checkpoints and logs go."),
     ship: bool = typer.Option(False, help="Maintainers: write the float16 adapter into the package (adapters/NAME)."),
     fresh: bool = typer.Option(False, help="Regenerate the dataset even if WORK_DIR has one."),
+    sft: Optional[str] = typer.Option(None, "--sft", help="Feedback recipe: SFT JSONL (from `jarvis export-data`)."),
+    dpo: Optional[str] = typer.Option(None, "--dpo", help="Feedback recipe: DPO JSONL (from `jarvis export-data`)."),
+    version: Optional[str] = typer.Option(None, help="Feedback recipe: the candidate's version (default: next minor)."),
+    max_steps: Optional[int] = typer.Option(None, min=1, help="Feedback recipe: cap on optimizer steps per stage."),
 ) -> None:
-    """Build a PRIME model with its recipe on Reactor Core (needs the jarvis-prime training extra)."""
+    """Build a PRIME model with its recipe on Reactor Core (needs the jarvis-prime training extra).
+
+    With --sft/--dpo: train a candidate of NAME from feedback data (SFT, then DPO) into
+    WORK_DIR/.../candidate; `jarvis improve` evaluates and promotes it.
+    """
     from pathlib import Path
+
+    log = lambda message: console.print(message)  # noqa: E731
+    if sft or dpo:
+        from jarvis_prime.recipes.feedback import FeedbackRecipe, train_from_feedback
+
+        try:
+            summary = train_from_feedback(name, Path(work_dir), sft=Path(sft) if sft else None,
+                                          dpo=Path(dpo) if dpo else None, recipe=FeedbackRecipe(max_steps=max_steps),
+                                          version=version, log=log)
+        except (PrimeError, ValueError) as err:
+            _fail(err)
+        console.print(f"[green]candidate[/] {summary['name']} {summary['version']} ({' + '.join(summary['stages'])}): "
+                      f"{summary['model_dir']}")
+        return
 
     from jarvis_prime.recipes.chat_model import train_chat_model
 
     try:
-        summary = train_chat_model(name, Path(work_dir), ship=ship, fresh=fresh, log=lambda message: console.print(message))
+        summary = train_chat_model(name, Path(work_dir), ship=ship, fresh=fresh, log=log)
     except (PrimeError, ValueError) as err:
         _fail(err)
     metrics = summary["train_metrics"]

@@ -108,6 +108,45 @@ def run_jarvis_suite(model: PrimeModel, system_prompt: str | None = JARVIS_SYSTE
             "cases": [asdict(r) for r in results]}
 
 
+# -- held-out feedback -----------------------------------------------------------------------
+
+
+def reply_logprob(model: PrimeModel, prompt: list[dict[str, str]], reply: str) -> tuple[float, int]:
+    """(sum of log p, token count) of `reply` after `prompt`, through the chat template."""
+    context = model.tokenize(model.apply_chat_template(prompt))
+    full = model.tokenize(model.apply_chat_template(prompt + [{"role": "assistant", "content": reply}],
+                                                    add_generation_prompt=False))
+    if full[:len(context)] != context:  # a template that rewrites earlier turns: score the whole reply span
+        raise PrimeError(f"{model.name}: the chat template does not extend the prompt; cannot score replies")
+    logprobs = model.token_logprobs(full)[len(context) - 1:]
+    return sum(logprobs), len(logprobs)
+
+
+def feedback_scores(model: PrimeModel, sft: list[dict[str, Any]], dpo: list[dict[str, Any]]) -> dict[str, Any]:
+    """How well a model fits held-out feedback: the mean per-token NLL of the replies users
+    approved or wrote (lower is better), and how often it prefers the chosen reply of a
+    pair by total log-likelihood (higher is better)."""
+    result: dict[str, Any] = {}
+    if sft:
+        total, count = 0.0, 0
+        for record in sft:
+            messages = record["messages"]
+            logprob, n = reply_logprob(model, messages[:-1], messages[-1]["content"])
+            total, count = total - logprob, count + n
+        result["reply_nll"] = total / count
+        result["sft_examples"] = len(sft)
+    if dpo:
+        wins = 0
+        for pair in dpo:
+            prompt = pair["prompt"] if isinstance(pair["prompt"], list) else [{"role": "user", "content": pair["prompt"]}]
+            chosen, _ = reply_logprob(model, prompt, pair["chosen"])
+            rejected, _ = reply_logprob(model, prompt, pair["rejected"])
+            wins += chosen > rejected
+        result["pair_accuracy"] = wins / len(dpo)
+        result["dpo_pairs"] = len(dpo)
+    return result
+
+
 # -- perplexity and speed --------------------------------------------------------------------
 
 

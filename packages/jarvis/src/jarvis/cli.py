@@ -178,6 +178,37 @@ def export_data(
 
 
 @app.command()
+def improve(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="The model to improve (default: $JARVIS_MODEL or prime-135m-chat-v1)."),
+    holdout: float = typer.Option(0.2, help="Share of the feedback held out to judge the candidate."),
+    max_steps: Optional[int] = typer.Option(None, min=1, help="Cap on optimizer steps per training stage (quick runs)."),
+    scrub_pii: bool = typer.Option(False, "--scrub-pii", help="Scrub e-mails, numbers and tokens from the training data."),
+    prime_url: Optional[str] = typer.Option(None, help="A running `prime serve` (http://127.0.0.1:8001) to hot-swap to the new version."),
+    api_key: Optional[str] = typer.Option(None, envvar="PRIME_API_KEY", help="Its API key."),
+    fresh: bool = typer.Option(False, help="Start a new run instead of resuming an unfinished one."),
+) -> None:
+    """Train a better JARVIS on your feedback: export, train (SFT + DPO), evaluate, promote if better."""
+    from jarvis.chatbots.chatbot import _default_model
+    from jarvis.improve import ImproveConfig, improve as run_improve
+
+    try:
+        config = ImproveConfig(model=model or _default_model(), holdout_fraction=holdout, max_steps=max_steps,
+                               scrub_pii=scrub_pii, prime_url=prime_url, api_key=api_key, fresh=fresh)
+        state = run_improve(config, log=lambda message: console.print(message, markup=False, highlight=False))
+    except (PrimeError, ValueError) as err:
+        err_console.print(f"[bold red]error:[/] {err}")
+        raise typer.Exit(code=1)
+    except KeyboardInterrupt:
+        err_console.print("interrupted: run `jarvis improve` again to continue where it stopped")
+        raise typer.Exit(code=130)
+    promoted = state["done"]["promote"]
+    if promoted["promoted"]:
+        console.print(f"[green]promoted[/] {config.model} {promoted['version']}")
+    else:
+        console.print(f"[yellow]kept[/] the current {config.model}: the candidate was not better")
+
+
+@app.command()
 def serve(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="PRIME model name or directory (default: $JARVIS_MODEL or prime-135m-chat-v1)."),
     host: str = typer.Option("127.0.0.1", help="Address to bind; anything but loopback needs an API key."),

@@ -21,7 +21,7 @@ STEP_BY_STEP = (
     "Then give the final answer on the last line as 'Answer: <answer>'."
 )
 
-_ANSWER_LINE = re.compile(r"answer\s*(?:is|:)\s*(.+)", re.IGNORECASE)
+_ANSWER_LINE = re.compile(r"answer[ \t]*(?:is|:)[ \t]*(.+)", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
@@ -52,11 +52,9 @@ def normalise(answer: str) -> str:
 
 def extract_answer(reply: str) -> str | None:
     """The final answer in a reply: the last 'Answer: X' line, else the last number."""
-    matches = _ANSWER_LINE.findall(reply)
+    matches = [m.strip() for m in _ANSWER_LINE.findall(reply) if m.strip()]
     if matches:
-        answer = matches[-1].strip().splitlines()[0]
-        if answer:
-            return normalise(answer)
+        return normalise(matches[-1])
     numbers = _NUMBER.findall(reply)
     return normalise(numbers[-1]) if numbers else None
 

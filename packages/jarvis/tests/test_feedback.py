@@ -177,3 +177,41 @@ def test_a_process_killed_while_writing_loses_no_committed_turn(tmp_path):
         expected = f"question {n}" if i % 2 == 0 else f"answer {n}" + " padding" * 200
         assert message["content"] == expected
     store.close()
+
+
+def test_a_reply_and_everything_it_yields_stay_on_one_side_of_the_holdout(store, tmp_path):
+    from jarvis.feedback import collect
+    from jarvis.improve import holdout_keys
+
+    for i in range(12):
+        _, (reply,) = chat(store, (f"question {i}", f"wrong {i}"))
+        store.correct(reply, f"right {i}")  # one SFT example and one DPO pair, same key
+    records = collect(store)
+    keys = sorted({r.key for r in records})
+    assert len(keys) == 12 and len(records) == 24
+    held = holdout_keys(keys, 0.25)
+    assert 1 <= len(held) < 12
+    assert holdout_keys(keys[:8], 0.25) == held & set(keys[:8]), "more feedback never moves a reply across"
+    for key in keys:
+        assert {r.kind for r in records if r.key == key} == {"sft", "dpo"}
+
+
+def test_blank_replies_are_not_training_data(store, tmp_path):
+    _, (empty, fine) = chat(store, ("hi", ""), ("hello", "Hello."))
+    store.correct(empty, "Hello there.")  # correction of an empty reply: SFT yes, DPO no
+    store.rate(fine, 1)
+    report = export_data(store, sft_path=tmp_path / "sft.jsonl", dpo_path=tmp_path / "dpo.jsonl")
+    assert (report.sft, report.dpo, report.unusable) == (2, 0, 1)
+
+
+def test_concurrent_writers_cannot_interleave_a_conversation(store):
+    from jarvis.memory import ConflictError, NotFoundError
+
+    cid = store.create()
+    first = store.last_id(cid)
+    store.add_exchange(cid, "one", "1", after=first)
+    with pytest.raises(ConflictError, match="changed while this reply was written"):
+        store.add_exchange(cid, "two", "2", after=first)  # generated from the state before "one"
+    assert [m["content"] for m in store.messages(cid)] == ["one", "1"]
+    with pytest.raises(NotFoundError):
+        store.get("nope")

@@ -16,6 +16,7 @@ def test_normalise():
     assert normalise("The Green box.") == "green box"
     assert normalise("**Yes**") == "yes"
     assert normalise("2.50") == "2.5"
+    assert normalise("3/4") != normalise("3/5") and normalise("10:30") != normalise("10:45"), "fractions and times stay whole"
 
 
 def test_majority_vote():

@@ -121,6 +121,33 @@ def test_api_errors_are_clear_4xx(server):
     assert status == 400 and "not an image" in json.loads(body)["error"]
 
 
+def test_cross_site_writes_and_foreign_hosts_are_refused(server):
+    """A page on another site can send a no-cors POST (no JSON content type) or rebind
+    its DNS name to 127.0.0.1; neither reaches the API."""
+    cid = json.loads(server.request("POST", "/api/conversations", {})[1])["id"]
+    form = urllib.request.Request(f"{server.url}/api/conversations/{cid}", data=b'{"private": true}', method="PATCH",
+                                  headers={"Content-Type": "text/plain"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(form)
+    assert refused.value.code == 415
+    rebound = urllib.request.Request(f"{server.url}/api/conversations", headers={"Host": "evil.example"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(rebound)
+    assert refused.value.code == 400
+    assert not server.store.get(cid).private
+
+
+def test_one_reply_at_a_time_per_conversation(server):
+    import concurrent.futures
+
+    cid = json.loads(server.request("POST", "/api/conversations", {})[1])["id"]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda _: server.request("POST", f"/api/conversations/{cid}/messages",
+                                                         {"content": "Tell me a story."}), range(2)))
+    assert sorted(status for status, _ in answers) == [200, 409]
+    assert len(server.store.messages(cid)) == 2, "exactly one exchange was written"
+
+
 def test_api_key_guards_the_api(jarvis_model, tmp_path):
     store = ConversationStore(tmp_path / "jarvis.db")
     s = Server(create_app(WebConfig(api_key="s3cret"), store=store, model=jarvis_model))
@@ -199,3 +226,20 @@ def test_the_page_in_a_real_browser(server, tmp_path):
     stored = server.store.stored_messages(conversation.id)[-1]
     assert (stored.rating, stored.corrected, stored.content) == (-1, True, "The capital of France is Paris, sir.")
     assert "Paris" in stored.original
+
+
+def test_a_running_page_switches_models_without_restarting(server, pulled_model):
+    """What `jarvis improve --jarvis-url` does after promoting a version."""
+    from jarvis.improve import _hot_swap
+
+    said = []
+    assert _hot_swap(server.url + "/api/model", None, "smollm2-135m-instruct", said.append)
+    assert "smollm2-135m-instruct" in said[-1]
+    assert json.loads(server.request("GET", "/api/health")[1])["model"] == "smollm2-135m-instruct"
+    cid = json.loads(server.request("POST", "/api/conversations", {})[1])["id"]
+    status, raw = server.request("POST", f"/api/conversations/{cid}/messages", {"content": "Hi"})
+    assert status == 200 and events(raw)[-1]["done"]
+    assert server.store.stored_messages(cid)[-1].model.startswith("smollm2-135m-instruct@")
+    status, body = server.request("POST", "/api/model", {"model": "smollm3"})
+    assert status == 400 and "unknown model 'smollm3'" in json.loads(body)["error"]
+    assert json.loads(server.request("GET", "/api/health")[1])["model"] == "smollm2-135m-instruct", "a failed swap changes nothing"

@@ -125,25 +125,41 @@ def reply_logprob(model: PrimeModel, prompt: list[dict[str, str]], reply: str) -
 def feedback_scores(model: PrimeModel, sft: list[dict[str, Any]], dpo: list[dict[str, Any]]) -> dict[str, Any]:
     """How well a model fits held-out feedback: the mean per-token NLL of the replies users
     approved or wrote (lower is better), and how often it prefers the chosen reply of a
-    pair by total log-likelihood (higher is better)."""
-    result: dict[str, Any] = {}
+    pair by total log-likelihood (higher is better). Records longer than the model's
+    context are skipped (counted in `skipped`), the same ones for every model with this
+    tokenizer and context."""
+    result: dict[str, Any] = {"skipped": 0}
+
+    def fits(prompt: list[dict[str, str]], *replies: str) -> bool:
+        longest = max(replies, key=len)
+        text = model.apply_chat_template(prompt + [{"role": "assistant", "content": longest}], add_generation_prompt=False)
+        if model.count_tokens(text) + 8 > model.context_length:
+            result["skipped"] += 1
+            return False
+        return True
+
     if sft:
         total, count = 0.0, 0
         for record in sft:
             messages = record["messages"]
-            logprob, n = reply_logprob(model, messages[:-1], messages[-1]["content"])
-            total, count = total - logprob, count + n
-        result["reply_nll"] = total / count
-        result["sft_examples"] = len(sft)
+            if fits(messages[:-1], messages[-1]["content"]):
+                logprob, n = reply_logprob(model, messages[:-1], messages[-1]["content"])
+                total, count = total - logprob, count + n
+        if count:
+            result["reply_nll"] = total / count
+            result["sft_examples"] = len(sft)
     if dpo:
-        wins = 0
+        wins = scored = 0
         for pair in dpo:
             prompt = pair["prompt"] if isinstance(pair["prompt"], list) else [{"role": "user", "content": pair["prompt"]}]
-            chosen, _ = reply_logprob(model, prompt, pair["chosen"])
-            rejected, _ = reply_logprob(model, prompt, pair["rejected"])
-            wins += chosen > rejected
-        result["pair_accuracy"] = wins / len(dpo)
-        result["dpo_pairs"] = len(dpo)
+            if fits(prompt, pair["chosen"], pair["rejected"]):
+                chosen, _ = reply_logprob(model, prompt, pair["chosen"])
+                rejected, _ = reply_logprob(model, prompt, pair["rejected"])
+                wins += chosen > rejected
+                scored += 1
+        if scored:
+            result["pair_accuracy"] = wins / scored
+            result["dpo_pairs"] = scored
     return result
 
 

@@ -6,5 +6,5 @@ it): models arrive through `jarvis_prime.PrimeModel` only.
 
 from jarvis.chatbots import Chatbot, ChatbotConfig
 
-__version__ = "2.0.0"
+__version__ = "2.1.0"
 __all__ = ["Chatbot", "ChatbotConfig"]

@@ -185,6 +185,8 @@ def improve(
     scrub_pii: bool = typer.Option(False, "--scrub-pii", help="Scrub e-mails, numbers and tokens from the training data."),
     prime_url: Optional[str] = typer.Option(None, help="A running `prime serve` (http://127.0.0.1:8001) to hot-swap to the new version."),
     api_key: Optional[str] = typer.Option(None, envvar="PRIME_API_KEY", help="Its API key."),
+    jarvis_url: Optional[str] = typer.Option(None, help="A running `jarvis serve` (http://127.0.0.1:8000) to switch to the new version."),
+    jarvis_api_key: Optional[str] = typer.Option(None, envvar="JARVIS_API_KEY", help="Its API key."),
     fresh: bool = typer.Option(False, help="Start a new run instead of resuming an unfinished one."),
 ) -> None:
     """Train a better JARVIS on your feedback: export, train (SFT + DPO), evaluate, promote if better."""
@@ -193,7 +195,8 @@ def improve(
 
     try:
         config = ImproveConfig(model=model or _default_model(), holdout_fraction=holdout, max_steps=max_steps,
-                               scrub_pii=scrub_pii, prime_url=prime_url, api_key=api_key, fresh=fresh)
+                               scrub_pii=scrub_pii, prime_url=prime_url, api_key=api_key, jarvis_url=jarvis_url,
+                               jarvis_api_key=jarvis_api_key, fresh=fresh)
         state = run_improve(config, log=lambda message: console.print(message, markup=False, highlight=False))
     except (PrimeError, ValueError) as err:
         err_console.print(f"[bold red]error:[/] {err}")

@@ -28,20 +28,37 @@ from jarvis.memory import ConversationStore, StoredMessage
 
 Message = dict[str, str]
 
-PII_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
-    ("[EMAIL]", re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}\b")),
-    ("[SECRET]", re.compile(r"\b(?:sk|pk|ghp|gho|xox[abp]|hf|AKIA)[-_A-Za-z0-9]{12,}\b")),
-    ("[SSN]", re.compile(r"\b\d{3}-\d{2}-\d{4}\b")),
-    ("[CARD]", re.compile(r"\b(?:\d[ -]?){13,19}\b")),
-    ("[IP]", re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)\b")),
-    ("[PHONE]", re.compile(r"(?<![\w.])\+?\(?\d{1,4}\)?(?:[ .-]?\(?\d{2,4}\)?){2,4}(?![\w.])")),
+def _luhn(digits: str) -> bool:
+    total = 0
+    for i, d in enumerate(int(c) for c in reversed(digits)):
+        total += d if i % 2 == 0 else (d * 2 - 9 if d > 4 else d * 2)
+    return total % 10 == 0
+
+
+def _card(match: re.Match[str]) -> str:
+    digits = re.sub(r"\D", "", match.group(0))
+    return "[CARD]" if 13 <= len(digits) <= 19 and _luhn(digits) else match.group(0)
+
+
+# Order matters: specific shapes first, so a card or SSN is not half-eaten by the
+# phone pattern. Phone numbers need a "+country" prefix, parentheses or the usual
+# 3-3-4 / 3-4 groupings, so dates (2024-01-15), versions (2.10.15) and plain numbers stay.
+PII_PATTERNS: list[tuple[str, re.Pattern[str], object]] = [
+    ("[EMAIL]", re.compile(r"\b[\w.+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63})*\.[A-Za-z]{2,24}\b"), None),
+    ("[SECRET]", re.compile(r"\b(?:sk|pk|rk)-[A-Za-z0-9_-]{16,}|\b(?:ghp|gho|ghs|hf|xox[abp])_[A-Za-z0-9]{16,}"
+                            r"|\bAKIA[A-Z0-9]{16}\b"), None),
+    ("[SSN]", re.compile(r"\b\d{3}-\d{2}-\d{4}\b"), None),
+    ("[CARD]", re.compile(r"\b\d(?:[ -]?\d){12,18}\b"), _card),
+    ("[IP]", re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)\b"), None),
+    ("[PHONE]", re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]\d{2,4}){1,4}"
+                           r"|\(\d{3}\)[ .-]?\d{3}[ .-]\d{4}|\b\d{3}[ .-]\d{3}[ .-]\d{4}|\b\d{3}-\d{4})(?![\w-])"), None),
 ]
 
 
 def scrub_pii(text: str) -> str:
     """Replace the personal data `PII_PATTERNS` recognise with placeholders."""
-    for placeholder, pattern in PII_PATTERNS:
-        text = pattern.sub(placeholder, text)
+    for placeholder, pattern, replace in PII_PATTERNS:
+        text = pattern.sub(replace or placeholder, text)
     return text
 
 
@@ -52,6 +69,7 @@ class ExportReport:
     conversations: int = 0
     private_skipped: int = 0
     duplicates: int = 0
+    unusable: int = 0  # blank replies, pairs with nothing to prefer
     files: list[str] = field(default_factory=list)
 
 
@@ -122,6 +140,51 @@ def _scrubbed(record: dict) -> dict:
     return clean(record)
 
 
+@dataclass(frozen=True)
+class Record:
+    """One training record and where it came from: `key` (conversation:reply group) is
+    the same for every record one reply yields, so splits never separate them."""
+
+    key: str
+    kind: str  # "sft" | "dpo"
+    data: dict
+
+
+def collect(store: ConversationStore, *, scrub: bool = False, include_private: bool = False,
+            report: ExportReport | None = None) -> list[Record]:
+    """Every training record the feedback yields, de-duplicated, blank replies dropped."""
+    report = report if report is not None else ExportReport()
+    records: list[Record] = []
+    seen: set[str] = set()
+    for turn in feedback_turns(store, include_private=include_private, report=report):
+        turn_sft, turn_dpo = training_examples(turn)
+        key = f"{turn.conversation_id}:{turn.reply.group_id}"
+        for kind, found in (("sft", turn_sft), ("dpo", turn_dpo)):
+            for data in found:
+                data = _scrubbed(data) if scrub else data
+                if not _usable(kind, data):
+                    report.unusable += 1
+                    continue
+                identity = kind + json.dumps(data, sort_keys=True)
+                if identity in seen:
+                    report.duplicates += 1
+                    continue
+                seen.add(identity)
+                records.append(Record(key, kind, data))
+    report.sft = sum(r.kind == "sft" for r in records)
+    report.dpo = sum(r.kind == "dpo" for r in records)
+    return records
+
+
+def _usable(kind: str, data: dict) -> bool:
+    """Reactor Core rejects blank replies and pairs with nothing to prefer (e.g. an empty
+    reply the user corrected, or two replies the scrub made equal)."""
+    if kind == "sft":
+        return bool(data["messages"][-1]["content"].strip())
+    chosen, rejected = data["chosen"].strip(), data["rejected"].strip()
+    return bool(chosen) and bool(rejected) and chosen != rejected
+
+
 def export_data(store: ConversationStore, *, sft_path: str | os.PathLike | None = None,
                 dpo_path: str | os.PathLike | None = None, scrub: bool = False,
                 include_private: bool = False) -> ExportReport:
@@ -130,31 +193,15 @@ def export_data(store: ConversationStore, *, sft_path: str | os.PathLike | None 
     if sft_path is None and dpo_path is None:
         raise ValueError("nothing to write: give an SFT path, a DPO path or both")
     report = ExportReport()
-    sft: list[dict] = []
-    dpo: list[dict] = []
-    seen: set[str] = set()
-    for turn in feedback_turns(store, include_private=include_private, report=report):
-        turn_sft, turn_dpo = training_examples(turn)
-        for kind, records in (("sft", turn_sft), ("dpo", turn_dpo)):
-            for record in records:
-                record = _scrubbed(record) if scrub else record
-                if kind == "dpo" and record["chosen"].strip() == record["rejected"].strip():
-                    continue  # nothing to prefer (e.g. the scrub made them equal)
-                key = kind + json.dumps(record, sort_keys=True)
-                if key in seen:
-                    report.duplicates += 1
-                    continue
-                seen.add(key)
-                (sft if kind == "sft" else dpo).append(record)
-    report.sft, report.dpo = len(sft), len(dpo)
-    for path, records in ((sft_path, sft), (dpo_path, dpo)):
+    records = collect(store, scrub=scrub, include_private=include_private, report=report)
+    for path, kind in ((sft_path, "sft"), (dpo_path, "dpo")):
         if path is not None:
-            _write_jsonl(Path(path), records)
+            write_jsonl(Path(path), [r.data for r in records if r.kind == kind])
             report.files.append(str(path))
     return report
 
 
-def _write_jsonl(path: Path, records: list[dict]) -> None:
+def write_jsonl(path: Path, records: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from jarvis.feedback import export_data
+from jarvis.feedback import ExportReport, collect, write_jsonl
 from jarvis.memory import ConversationStore, jarvis_home
 from jarvis_prime import PrimeError
 
@@ -49,6 +49,8 @@ class ImproveConfig:
     scrub_pii: bool = False
     prime_url: str | None = None  # a `prime serve` to hot-swap, e.g. http://127.0.0.1:8001
     api_key: str | None = None
+    jarvis_url: str | None = None  # a `jarvis serve` to switch, e.g. http://127.0.0.1:8000
+    jarvis_api_key: str | None = None
     fresh: bool = False  # start a new run even if one is unfinished
 
     def __post_init__(self) -> None:
@@ -105,33 +107,40 @@ def improve(config: ImproveConfig, store: ConversationStore | None = None, log: 
 def _export(config: ImproveConfig, run: Path, store: ConversationStore | None) -> dict[str, Any]:
     own = store is None
     store = store or ConversationStore()
+    report = ExportReport()
     try:
-        report = export_data(store, sft_path=run / "all-sft.jsonl", dpo_path=run / "all-dpo.jsonl", scrub=config.scrub_pii)
+        records = collect(store, scrub=config.scrub_pii, report=report)
     finally:
         if own:
             store.close()
+    held_keys = holdout_keys(sorted({r.key for r in records}), config.holdout_fraction)
     counts = {}
     for kind in ("sft", "dpo"):
-        records = [line for line in (run / f"all-{kind}.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
-        train, held = _split(records, config.holdout_fraction)
-        (run / f"train-{kind}.jsonl").write_text("".join(r + "\n" for r in train), encoding="utf-8")
-        (run / f"heldout-{kind}.jsonl").write_text("".join(r + "\n" for r in held), encoding="utf-8")
-        counts[kind] = {"train": len(train), "heldout": len(held)}
+        mine = [r for r in records if r.kind == kind]
+        write_jsonl(run / f"train-{kind}.jsonl", [r.data for r in mine if r.key not in held_keys])
+        write_jsonl(run / f"heldout-{kind}.jsonl", [r.data for r in mine if r.key in held_keys])
+        counts[kind] = {"train": sum(r.key not in held_keys for r in mine), "heldout": sum(r.key in held_keys for r in mine)}
     if not (counts["sft"]["heldout"] or counts["dpo"]["heldout"]) or not (counts["sft"]["train"] or counts["dpo"]["train"]):
         raise PrimeError(f"not enough feedback to train and judge a candidate ({report.sft} SFT examples, "
                          f"{report.dpo} DPO pairs): rate, correct or regenerate more replies, then run again")
-    return {"private_skipped": report.private_skipped, **counts}
+    return {"private_skipped": report.private_skipped, "unusable": report.unusable, **counts}
 
 
-def _split(records: list[str], fraction: float) -> tuple[list[str], list[str]]:
-    """Hold out ~`fraction` of the records by a hash of their text: the same record is
-    always on the same side, so later runs never train on what earlier ones judged with."""
-    if len(records) < 2:
-        return records, []
-    ranked = sorted(records, key=lambda r: hashlib.sha256(r.encode()).hexdigest())
-    n_held = max(1, round(len(records) * fraction))
-    held = set(ranked[:n_held])
-    return [r for r in records if r not in held], [r for r in records if r in held]
+def _unit(key: str) -> float:
+    return int(hashlib.sha256(key.encode()).hexdigest(), 16) / 2**256
+
+
+def holdout_keys(keys: list[str], fraction: float) -> set[str]:
+    """The replies held out to judge candidates: a fixed hash threshold on each reply's
+    key, so a reply stays on its side as feedback grows, and every record one reply
+    yields (its SFT example and its DPO pair) is on the same side. At least one is held
+    out when there are two or more."""
+    held = {k for k in keys if _unit(k) < fraction}
+    if not held and len(keys) >= 2:
+        held = {min(keys, key=_unit)}
+    if len(held) == len(keys) and len(keys) >= 2:
+        held.discard(max(held, key=_unit))
+    return held
 
 
 # -- 2. train --------------------------------------------------------------------------------
@@ -230,22 +239,27 @@ def _promote(config: ImproveConfig, candidate: dict[str, Any], evaluation: dict[
     export_gguf(local.path, ["q8_0", "q4_k_m"], log=log)
     record(local.path, "improve", {"from_version": candidate["from_version"], **{k: evaluation[k] for k in ("current", "candidate")}})
     log(f"  promoted {candidate['name']} {candidate['version']}: JARVIS uses it from the next chat")
-    swapped = _hot_swap(config, candidate["name"], log) if config.prime_url else None
+    swapped = {}
+    if config.prime_url:
+        swapped["prime"] = _hot_swap(config.prime_url.rstrip("/") + "/admin/models", config.api_key, candidate["name"], log)
+    if config.jarvis_url:
+        swapped["jarvis"] = _hot_swap(config.jarvis_url.rstrip("/") + "/api/model", config.jarvis_api_key,
+                                      candidate["name"], log)
     return {"promoted": True, "version": candidate["version"], "path": str(local.path), "hot_swapped": swapped}
 
 
-def _hot_swap(config: ImproveConfig, name: str, log: Log) -> bool:
-    """Ask a running `prime serve` to switch to the promoted version (zero failed requests)."""
+def _hot_swap(url: str, api_key: str | None, name: str, log: Log) -> bool:
+    """Ask a running server (`prime serve` /admin/models, `jarvis serve` /api/model) to
+    switch to the promoted version; requests in flight finish on the old one."""
     headers = {"Content-Type": "application/json"}
-    if config.api_key:
-        headers["Authorization"] = f"Bearer {config.api_key}"
-    request = urllib.request.Request(config.prime_url.rstrip("/") + "/admin/models", method="POST", headers=headers,
-                                     data=json.dumps({"model": name}).encode())
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    request = urllib.request.Request(url, method="POST", headers=headers, data=json.dumps({"model": name}).encode())
     try:
         with urllib.request.urlopen(request, timeout=600) as response:
             answer = json.loads(response.read())
     except (urllib.error.URLError, OSError) as err:
-        log(f"  could not hot-swap {config.prime_url}: {err}; restart it to serve the new version")
+        log(f"  could not switch {url}: {err}; restart it to serve the new version")
         return False
-    log(f"  {config.prime_url} now serves {answer['model']} {answer['version']}")
+    log(f"  {url} now serves {answer['model']} {answer['version']}")
     return True

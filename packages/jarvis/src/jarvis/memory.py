@@ -61,6 +61,17 @@ FEEDBACK_COLUMNS = {
 SCHEMA_VERSION = 2
 
 
+class ConflictError(ValueError):
+    """A write that would interleave with another one on the same conversation."""
+
+
+class NotFoundError(KeyError):
+    """No such conversation or message (a KeyError, so `except KeyError` still works)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "not found"
+
+
 def jarvis_home() -> Path:
     return Path(os.environ.get("JARVIS_HOME") or Path.home() / ".local" / "share" / "jarvis")
 
@@ -149,7 +160,7 @@ class ConversationStore:
             "FROM conversations c WHERE c.id = ?", (cid,)).fetchone()
         if row is None:
             known = [c.id for c in self.list()[:5]]
-            raise KeyError(f"no conversation {cid!r} in {self.path}" + (f" (recent: {', '.join(known)})" if known else ""))
+            raise NotFoundError(f"no conversation {cid!r} in {self.path}" + (f" (recent: {', '.join(known)})" if known else ""))
         return Conversation(row["id"], row["title"], row["model"], bool(row["private"]), row["created"],
                             row["updated"], row["n"])
 
@@ -175,16 +186,44 @@ class ConversationStore:
     @_locked
     def add(self, cid: str, role: str, content: str, model: str | None = None) -> int:
         """Append one message; returns its id. The first user message titles an untitled conversation."""
-        now = time.time()
         with self._db:  # one transaction: the message and the conversation's timestamp
             self._db.execute("BEGIN")
-            cursor = self._db.execute(
-                "INSERT INTO messages (conversation_id, role, content, created, model) VALUES (?, ?, ?, ?, ?)",
-                (cid, role, content, now, model))
-            self._db.execute("UPDATE messages SET group_id = id WHERE id = ?", (cursor.lastrowid,))
-            self._db.execute("UPDATE conversations SET updated = ?, title = CASE WHEN title = '' AND ? = 'user' "
-                             "THEN substr(?, 1, 60) ELSE title END WHERE id = ?", (now, role, content, cid))
+            return self._insert(cid, role, content, model)
+
+    @_locked
+    def add_exchange(self, cid: str, user: str, reply: str, model: str | None = None,
+                     after: int | None = None) -> tuple[int, int]:
+        """Append a user message and its reply in one transaction; returns their ids.
+
+        `after`: the id of the newest message the reply was generated from (None: the
+        conversation was empty). If someone else wrote to the conversation meanwhile
+        (another tab), nothing is written and ConflictError says so.
+        """
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            last = self._db.execute("SELECT MAX(id) FROM messages WHERE conversation_id = ? AND active = 1",
+                                    (cid,)).fetchone()[0]
+            if last != after:
+                raise ConflictError(f"conversation {cid} changed while this reply was written; send it again")
+            user_id = self._insert(cid, "user", user, None)
+            reply_id = self._insert(cid, "assistant", reply, model)
+        return user_id, reply_id
+
+    def _insert(self, cid: str, role: str, content: str, model: str | None) -> int:
+        now = time.time()
+        cursor = self._db.execute(
+            "INSERT INTO messages (conversation_id, role, content, created, model) VALUES (?, ?, ?, ?, ?)",
+            (cid, role, content, now, model))
+        self._db.execute("UPDATE messages SET group_id = id WHERE id = ?", (cursor.lastrowid,))
+        self._db.execute("UPDATE conversations SET updated = ?, title = CASE WHEN title = '' AND ? = 'user' "
+                         "THEN substr(?, 1, 60) ELSE title END WHERE id = ?", (now, role, content, cid))
         return cursor.lastrowid
+
+    @_locked
+    def last_id(self, cid: str) -> int | None:
+        """The newest active message's id (what a reply being generated now follows)."""
+        return self._db.execute("SELECT MAX(id) FROM messages WHERE conversation_id = ? AND active = 1",
+                                (cid,)).fetchone()[0]
 
     @_locked
     def add_alternative(self, message_id: int, content: str, model: str | None = None) -> int:
@@ -203,7 +242,8 @@ class ConversationStore:
         now = time.time()
         with self._db:
             self._db.execute("BEGIN")
-            self._db.execute("UPDATE messages SET active = 0 WHERE group_id = ?", (old.group_id,))
+            # COALESCE: a row a still-running jarvis 2.0 wrote after the migration has no group_id
+            self._db.execute("UPDATE messages SET active = 0 WHERE COALESCE(group_id, id) = ?", (old.group_id,))
             cursor = self._db.execute(
                 "INSERT INTO messages (conversation_id, role, content, created, model, group_id) "
                 "VALUES (?, 'assistant', ?, ?, ?, ?)", (old.conversation_id, content, now, model, old.group_id))
@@ -240,7 +280,7 @@ class ConversationStore:
     def message(self, message_id: int) -> StoredMessage:
         row = self._db.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone()
         if row is None:
-            raise KeyError(f"no message {message_id} in {self.path}")
+            raise NotFoundError(f"no message {message_id} in {self.path}")
         return _stored(row)
 
     @_locked

@@ -42,7 +42,7 @@ def normalise(answer: str) -> str:
     plain decimal ("$1,200.00 total" -> "1200"), else lowercase words without articles
     or punctuation ("The Cat." -> "cat")."""
     text = answer.strip().strip("*").strip()
-    number = re.match(r"\$?\s*(-?\d[\d,]*(?:\.\d+)?)", text)
+    number = re.match(r"\$?\s*(-?\d[\d,]*(?:\.\d+)?)(?![\d/:])", text)
     if number:
         value = float(number.group(1).replace(",", ""))
         return str(int(value)) if value.is_integer() else str(value)

@@ -34,7 +34,7 @@ class FeedbackRecipe:
     dpo_learning_rate: float = 5e-5
     dpo_beta: float = 0.1
     batch_size: int = 4
-    max_seq_length: int = 512
+    max_seq_length: int = 1024
     min_steps: int = 30  # per stage: a handful of corrections still gets enough passes to take
     max_steps: int | None = None  # per stage; quick runs cap it
     seed: int = 42
@@ -72,12 +72,12 @@ def train_from_feedback(current: str, work_dir: Path, *, sft: Path | None, dpo: 
     reactor_core = require_reactor_core()
     base = resolve(current, log=log)
     name = base.manifest.name
-    version = version or _next_version(base.manifest.version)
+    version = version or _next_free_version(name, base.manifest.version)
     common = dict(
         output_name=name, output_version=version, use_lora=True, lora_rank=recipe.lora_rank,
         lora_alpha=recipe.lora_alpha, lora_dropout=0.0, target_modules=list(recipe.target_modules),
         batch_size=recipe.batch_size, max_seq_length=recipe.max_seq_length, packing=False, val_fraction=0.0,
-        seed=recipe.seed, resume="auto", num_samples=0, max_steps=recipe.max_steps, warmup_steps=2,
+        seed=recipe.seed, resume="auto", num_samples=0, on_bad_example="skip", max_steps=recipe.max_steps, warmup_steps=2,
         checkpoint_every_minutes=2.0,
     )
     model_dir = base.path
@@ -116,7 +116,14 @@ def _stage(reactor_core, out: Path, progress: bool, **config: Any) -> Path:
     return Path(result.model_dir)
 
 
-def _next_version(version: str) -> str:
-    """1.0.0 -> 1.1.0: a feedback round is a minor version of the same model."""
-    parts = [int(p) if p.isdigit() else 0 for p in version.split(".")] + [0, 0]
-    return f"{parts[0]}.{parts[1] + 1}.0"
+def _next_free_version(name: str, version: str) -> str:
+    """1.0.0 -> 1.1.0 (a feedback round is a minor version of the same model), or the
+    next minor after that which the store does not hold yet."""
+    from jarvis_prime.store import find_local
+
+    major, minor = ([int(p) if p.isdigit() else 0 for p in version.split(".")] + [0, 0])[:2]
+    while True:
+        minor += 1
+        candidate = f"{major}.{minor}.0"
+        if find_local(f"{name}-{candidate}") is None:
+            return candidate

@@ -83,17 +83,19 @@ class Chatbot:
         """Forget the conversation (the persona stays); with a store, the next turn starts a new one."""
         self.history.clear()
         self.conversation = None
+        self.last_reply_id = None
 
     def _model_label(self) -> str:
         return f"{self.model.name}@{self.model.version}"
 
-    def _save(self, user: Message, reply: Message) -> None:
+    def _save(self, user: Message, reply: Message, after: int | None) -> None:
+        """Both messages in one transaction, refused if the conversation moved on meanwhile."""
         if self.store is None:
             return
         if self.conversation is None:
             self.conversation = self.store.create(model=self.config.model, system_prompt=self.config.system_prompt)
-        self.store.add(self.conversation, "user", user["content"])
-        self.last_reply_id = self.store.add(self.conversation, "assistant", reply["content"], model=self._model_label())
+        _, self.last_reply_id = self.store.add_exchange(self.conversation, user["content"], reply["content"],
+                                                        model=self._model_label(), after=after)
 
     def ask(self, text: str) -> str:
         """Send one user message; return the whole reply."""
@@ -109,10 +111,11 @@ class Chatbot:
             raise ValueError("message is empty")
         user = {"role": "user", "content": text}
         kept, messages = self._fit_context(user)  # raises before touching the history
+        after = self._last_stored_id()
 
         def done(reply: Message) -> None:
             self.history = kept + [user, reply]
-            self._save(user, reply)
+            self._save(user, reply, after)
 
         yield from self._generate(messages, done)
 
@@ -127,9 +130,15 @@ class Chatbot:
         result = self_consistency(self.model, messages, k=c.reasoning_samples, max_new_tokens=c.max_new_tokens,
                                   seed=c.seed or 0)
         reply = {"role": "assistant", "content": result.reply}
+        after = self._last_stored_id()
         self.history = kept + [user, reply]
-        self._save(user, reply)
+        self._save(user, reply, after)
         return result
+
+    def _last_stored_id(self) -> int | None:
+        if self.store is None or self.conversation is None:
+            return None
+        return self.store.last_id(self.conversation)
 
     def regenerate(self) -> Iterator[str]:
         """Answer the last user message again; the new reply replaces the last one.
@@ -153,18 +162,20 @@ class Chatbot:
     def _generate(self, messages: list[Message], done) -> Iterator[str]:
         c = self.config
         pieces: list[str] = []
-        completed = False
+        failed = False
         try:
             for piece in self.model.stream_chat(
                 messages, max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, seed=c.seed
             ):
                 pieces.append(piece)
                 yield piece
-            completed = True
+        except Exception:
+            failed = True
+            raise
         finally:
-            # a reply that ended, or that the user interrupted (generator closed), is
-            # part of the conversation; one the backend failed on is not
-            if completed or pieces:
+            # a reply that ended, or that the user interrupted (generator closed, Ctrl-C),
+            # is part of the conversation; one the backend failed on is not
+            if not failed and "".join(pieces).strip():
                 done({"role": "assistant", "content": "".join(pieces).strip()})
 
     def _fit_context(self, user: Message, history: list[Message] | None = None) -> tuple[list[Message], list[Message]]:

@@ -14,6 +14,7 @@ JSON API below, so scripts can too:
     POST   /api/messages/{id}/correction       {"content"}
     POST   /api/messages/{id}/regenerate       -> a stream
     POST   /api/images                         {"image": base64, "question"} (vision model)
+    POST   /api/model                          {"model"?} reload (e.g. a version `jarvis improve` promoted)
 
 Streams are server-sent events, one JSON object per `data:` line: {"delta": text}
 pieces, then {"done": true, "reply_id": N} (or {"error": message}). Generation runs
@@ -31,17 +32,18 @@ import logging
 import secrets
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any, AsyncIterator, Callable, Iterator, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from jarvis.chatbots import Chatbot, ChatbotConfig
-from jarvis.memory import ConversationStore
+from jarvis.memory import ConflictError, ConversationStore, NotFoundError
 from jarvis.vision import VisionUnavailableError, ask_about_image
 from jarvis_prime import PrimeError, PrimeModel
 from jarvis_prime.models.prime_model import iterate_in_thread
@@ -94,6 +96,10 @@ class Correction(_Strict):
     content: str = Field(min_length=1, max_length=MAX_MESSAGE_CHARS)
 
 
+class ModelSwap(_Strict):
+    model: str | None = Field(None, description="PRIME model name or directory; default: the configured one")
+
+
 class ImageQuestion(_Strict):
     image: str = Field(description="base64 of a PNG, JPEG, GIF or WebP file")
     question: str = Field("", max_length=MAX_MESSAGE_CHARS)
@@ -116,16 +122,29 @@ def create_app(config: WebConfig, *, store: ConversationStore | None = None,
     def load() -> None:
         try:
             make = loader or (lambda c: Chatbot(c).model)
-            state["model"] = make(config.chat)
+            loaded_model = make(config.chat)
+            if state["model"] is None:  # a POST /api/model that finished first wins
+                state["model"] = loaded_model
         except Exception as err:  # noqa: BLE001  (reported by /api/health and every chat request)
             state["error"] = str(err)
             log.error("could not load %s: %s", config.chat.model, err)
 
     app = FastAPI(title="JARVIS", version="2", docs_url=None, redoc_url=None)
+    # DNS rebinding: a page on another site that resolves its name to 127.0.0.1 must not
+    # reach the API, so only our own host names are served.
+    hosts = ["127.0.0.1", "localhost", "[::1]", "::1"] + ([config.host] if config.host not in ("0.0.0.0", "::") else ["*"])
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)
+    writing: set[str] = set()  # conversations with a reply being written
+    writing_lock = threading.Lock()
     if model is None:
         threading.Thread(target=load, daemon=True, name="jarvis-load").start()
 
     def authorised(request: Request) -> None:
+        # Writes must say they are JSON: a cross-site form or no-cors fetch cannot send
+        # that header without a CORS preflight, which this server never grants.
+        if request.method in ("POST", "PATCH", "PUT"):
+            if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+                raise HTTPException(415, "send JSON (Content-Type: application/json)")
         if config.api_key is None:
             return
         given = request.headers.get("authorization", "")
@@ -140,9 +159,13 @@ def create_app(config: WebConfig, *, store: ConversationStore | None = None,
     def bot(cid: str | None) -> Chatbot:
         return Chatbot(config.chat, model=loaded(), store=store, conversation=cid)
 
-    @app.exception_handler(KeyError)
-    async def not_found(_request, err: KeyError) -> JSONResponse:
-        return JSONResponse({"error": err.args[0]}, status_code=404)
+    @app.exception_handler(NotFoundError)
+    async def not_found(_request, err: NotFoundError) -> JSONResponse:
+        return JSONResponse({"error": str(err)}, status_code=404)
+
+    @app.exception_handler(ConflictError)
+    async def conflict(_request, err: ConflictError) -> JSONResponse:
+        return JSONResponse({"error": str(err)}, status_code=409)
 
     @app.exception_handler(ValueError)
     async def bad_value(_request, err: ValueError) -> JSONResponse:
@@ -196,12 +219,27 @@ def create_app(config: WebConfig, *, store: ConversationStore | None = None,
         store.get(cid)
         store.delete(cid)
 
-    def stream(make: Callable[[], tuple[Chatbot, Iterator[str]]]) -> StreamingResponse:
-        chatbot, pieces = make()  # errors before the first byte (unknown id, too long) are plain 4xx
+    def stream(cid: str, make: Callable[[], tuple[Chatbot, Iterator[str]]]) -> StreamingResponse:
+        """One reply at a time per conversation (a second tab gets 409, not a tangle)."""
+        with writing_lock:
+            if cid in writing:
+                raise HTTPException(409, f"a reply is already being written in conversation {cid}")
+            writing.add(cid)
+        try:
+            chatbot, generated = make()  # errors before the first byte (unknown id, too long) are plain 4xx
+        except BaseException:
+            writing.discard(cid)
+            raise
+
+        def pieces() -> Iterator[str]:
+            try:
+                yield from generated
+            finally:
+                writing.discard(cid)
 
         async def events() -> AsyncIterator[str]:
             try:
-                async for piece in iterate_in_thread(lambda: pieces, executor):
+                async for piece in iterate_in_thread(pieces, executor):
                     yield f"data: {json.dumps({'delta': piece})}\n\n"
                 yield f"data: {json.dumps({'done': True, 'reply_id': chatbot.last_reply_id, 'conversation': chatbot.conversation})}\n\n"
             except (PrimeError, ValueError) as err:
@@ -219,18 +257,19 @@ def create_app(config: WebConfig, *, store: ConversationStore | None = None,
             chatbot._fit_context({"role": "user", "content": text})  # too long: 400 now, not mid-stream
             return chatbot, chatbot.stream(text)
 
-        return stream(make)
+        return stream(cid, make)
 
     @app.post("/api/messages/{mid}/regenerate", dependencies=api)
     def regenerate(mid: int) -> StreamingResponse:
+        message = store.message(mid)
+
         def make():
-            message = store.message(mid)
             chatbot = bot(message.conversation_id)
             if chatbot.last_reply_id != mid:
                 raise ValueError(f"message {mid} is not the conversation's last reply; only that one can be regenerated")
             return chatbot, chatbot.regenerate()
 
-        return stream(make)
+        return stream(message.conversation_id, make)
 
     @app.post("/api/messages/{mid}/rating", dependencies=api)
     def rate(mid: int, body: Rating) -> dict[str, Any]:
@@ -241,6 +280,20 @@ def create_app(config: WebConfig, *, store: ConversationStore | None = None,
     def correct(mid: int, body: Correction) -> dict[str, Any]:
         store.correct(mid, body.content)
         return _message_json(store.message(mid))
+
+    @app.post("/api/model", dependencies=api)
+    def swap_model(body: ModelSwap) -> dict[str, str]:
+        """Load a model (by name: its newest local version) and switch to it. Replies
+        being streamed finish on the model they started with; new ones use the new one."""
+        chat = config.chat if body.model is None else replace(config.chat, model=body.model)
+        make = loader or (lambda c: Chatbot(c).model)
+        try:
+            new = make(chat)
+        except PrimeError as err:
+            raise HTTPException(400, str(err)) from None
+        state["model"], state["error"] = new, None
+        config.chat = chat
+        return {"model": new.name, "version": new.version}
 
     @app.post("/api/images", dependencies=api)
     def image(body: ImageQuestion) -> JSONResponse:

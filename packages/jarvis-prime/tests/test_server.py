@@ -215,3 +215,26 @@ def test_hot_swap_under_load_fails_no_request(chat_model, pulled_model):
     # after the swap only requests already in flight (at most one per other client) finish on the old model
     first_new = answered.index(f"{CHAT}-1.0.0")
     assert set(answered[first_new + 2:]) == {f"{CHAT}-1.0.0"}
+
+
+def test_transformers_backend_batches_concurrent_streams(pulled_model):
+    """Four streaming clients at once on transformers: all answered, decoded together."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with running(ServerConfig(model=BASE, backend="transformers", context_length=1024)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        questions = ["What is the capital of France?", "Name a colour.", "What is 2+2?", "Say hello."]
+
+        def ask(question):
+            stream = client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": question}],
+                                                    max_tokens=16, temperature=0, stream=True)
+            return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(ask, questions))
+        assert "Paris" in answers[0] and all(answers)
+        with urllib.request.urlopen(f"{url}/metrics") as r:
+            text = r.read().decode()
+    batches = float(next(line.split()[-1] for line in text.splitlines() if line.startswith("prime_batch_size_count")))
+    requests = float(next(line.split()[-1] for line in text.splitlines() if line.startswith("prime_batch_size_sum")))
+    assert requests == 4 and batches < 4, f"{requests:.0f} requests in {batches:.0f} batches"

@@ -6,12 +6,14 @@ Routes: POST /v1/chat/completions (JSON or SSE stream ending in `data: [DONE]`),
 POST /v1/completions, GET /v1/models, GET /health (ready only once a model is
 loaded; no auth), GET /metrics (Prometheus text), POST /admin/models (hot-swap).
 
-How requests run: a loaded `PrimeModel` generates one request at a time (llama.cpp
-and transformers hold one sequence per context), in a thread pool, so the event loop
-never blocks. Requests beyond the one generating wait in a bounded queue; when it
-is full the answer is 429 with Retry-After. Concurrent requests are served in arrival
-order, not batched: llama-cpp-python's high-level API decodes one sequence per
-context (continuous batching needs llama.cpp's own server or vLLM).
+How requests run: generation runs in a thread pool, so the event loop never blocks.
+On the transformers backend, concurrent requests are decoded together (up to
+`max_batch` per batch, models/batching.py: whatever is waiting when a batch starts
+joins it). On llama.cpp they run one at a time in arrival order: llama-cpp-python's
+high-level API decodes one sequence per context (continuous batching needs llama.cpp's
+own server or vLLM). Requests admitted beyond those generating wait in a bounded
+queue; when it is full the answer is 429 with Retry-After. /metrics has the batch
+sizes (prime_batch_size).
 
 Hot-swap: POST /admin/models loads the new model in the background while the old one
 keeps serving; then new requests go to the new model, requests already running
@@ -247,6 +249,8 @@ class Metrics:
                               registry=self.registry, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
         self.queue_depth = Gauge("prime_queue_depth", "Generation requests admitted (running or waiting)",
                                  registry=self.registry)
+        self.batch_size = Histogram("prime_batch_size", "Requests decoded together per batch (transformers backend)",
+                                    registry=self.registry, buckets=(1, 2, 4, 8, 16, 32))
 
 
 # -- the app -------------------------------------------------------------------------------------
@@ -260,6 +264,7 @@ class ServerConfig:
     api_key: str | None = None
     served_name: str | None = None  # the name clients use; kept across hot-swaps (default: the model's)
     max_queue: int = 16  # requests admitted at once (one generating, the rest waiting)
+    max_batch: int = 8  # transformers backend: concurrent requests decoded together
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     context_length: int | None = None
     retry_after_s: int = 1
@@ -346,10 +351,14 @@ def create_app(config: ServerConfig, loader: Callable[..., PrimeModel] = load_mo
     admitted = 0
     admitted_lock = threading.Lock()
 
+    def batched(model: PrimeModel) -> PrimeModel:
+        model.enable_batching(config.max_batch, on_batch=metrics.batch_size.observe)
+        return model
+
     async def load_in_background() -> None:
         model = await asyncio.get_running_loop().run_in_executor(
             executor, lambda: loader(config.model, config.quantization, config.backend, config.context_length))
-        host.swap(model, config.served_name or model.name)
+        host.swap(batched(model), config.served_name or model.name)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -530,7 +539,7 @@ def create_app(config: ServerConfig, loader: Callable[..., PrimeModel] = load_mo
 
     @app.post("/admin/models")
     async def swap_model(req: SwapRequest):
-        model = await run(lambda: loader(req.model, req.quantization, req.backend, config.context_length))
+        model = await run(lambda: batched(loader(req.model, req.quantization, req.backend, config.context_length)))
         host.swap(model, config.served_name or model.name)
         return {"model": model.name, "version": model.version, "runtime": model.runtime.describe()}
 

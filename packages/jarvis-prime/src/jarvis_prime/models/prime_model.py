@@ -65,6 +65,7 @@ class PrimeModel:
         self.context_length = context_length
         self._backend = backend
         self._lock = threading.Lock()  # one generation at a time per loaded model
+        self._batcher = None  # set by enable_batching
         self._owner: int | None = None  # thread holding it, to refuse a self-deadlock
         template = path / "chat_template.jinja"
         self._template = (
@@ -173,19 +174,34 @@ class PrimeModel:
             finally:
                 self._owner = None
 
+    def enable_batching(self, max_batch: int = 8, on_batch: Callable[[int], None] | None = None) -> bool:
+        """Decode concurrent requests together (transformers backend; see models/batching.py).
+
+        Returns False, changing nothing, on llama.cpp, whose Python API decodes one
+        sequence at a time. Meant for servers: many threads calling this one model.
+        """
+        if self.runtime.backend != "transformers" or self._batcher is not None:
+            return self._batcher is not None
+        from jarvis_prime.models.batching import Batcher
+
+        self._batcher = Batcher(self._backend, self._lock, max_batch, on_batch=on_batch)
+        return True
+
+    def _generate(self, ids: list[int], params: GenerationParams) -> Generation:
+        if self._batcher is None:
+            with self._exclusive():
+                return self._backend.generate(ids, params)
+        chunks = list(self._batcher.stream(ids, params))
+        text = "".join(c.text for c in chunks)
+        return Generation(text, chunks[-1].finish_reason or "stop", len(ids), self.count_tokens(text))
+
     def complete(self, prompt: str, **options: Unpack[SamplingOptions]) -> Generation:
         """Continue `prompt`; the result carries finish reason and token usage."""
-        params = _params(options)
-        ids = self._prompt_ids(prompt)
-        with self._exclusive():
-            return self._backend.generate(ids, params)
+        return self._generate(self._prompt_ids(prompt), _params(options))
 
     def complete_chat(self, messages: Messages, **options: Unpack[SamplingOptions]) -> Generation:
         """The assistant's next reply to `messages`, with finish reason and usage."""
-        params = _params(options, self.manifest.stop)
-        ids = self._chat_ids(messages)
-        with self._exclusive():
-            return self._backend.generate(ids, params)
+        return self._generate(self._chat_ids(messages), _params(options, self.manifest.stop))
 
     def generate(self, prompt: str, **options: Unpack[SamplingOptions]) -> str:
         return self.complete(prompt, **options).text
@@ -209,6 +225,9 @@ class PrimeModel:
         return self._chunks(self._prompt_ids(prompt), _params(options))
 
     def _chunks(self, ids: list[int], params: GenerationParams) -> Iterator[Chunk]:
+        if self._batcher is not None:
+            yield from self._batcher.stream(ids, params)
+            return
         with self._exclusive():
             yield from self._backend.stream(ids, params)
 
@@ -232,6 +251,8 @@ class PrimeModel:
         return iterate_in_thread(lambda: self.stream_chat(messages, **options))
 
     def close(self) -> None:
+        if self._batcher is not None:
+            self._batcher.close()
         with self._exclusive():
             self._backend.close()
 

@@ -7,7 +7,9 @@ Both servers serve the same GGUF on loopback with the same thread count; for 1, 
 sends --requests chat requests. Reported per server and concurrency: aggregate
 completion tokens/s (streamed tokens over wall time), p50 / p95 time to first token,
 and errors. Target (issue 7): at 8 clients, >= 1.0x llama-cpp-python's aggregate
-throughput with 0 errors. Writes benchmarks/results/serve_load.json.
+throughput with 0 errors. `--transformers` adds `prime serve --backend transformers`
+with and without batching of concurrent requests (same model, safetensors weights).
+Writes benchmarks/results/serve_load.json.
 """
 
 from __future__ import annotations
@@ -94,6 +96,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=4, help="requests per client")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--transformers", action="store_true",
+                        help="also prime serve on transformers, batched (--max-batch 8) and not (--max-batch 1)")
     args = parser.parse_args()
     console = Console()
 
@@ -111,6 +115,11 @@ def main() -> None:
                                            str(port), "--n_ctx", "2048", "--n_threads", str(args.threads)],
                              "/v1/models", str(gguf)),
     }
+    if args.transformers:
+        for label, batch in (("prime serve transformers batched", "8"), ("prime serve transformers max_batch=1", "1")):
+            servers[label] = (lambda port, batch=batch: [
+                sys.executable, "-m", "jarvis_prime.cli", "serve", args.model, "--backend", "transformers", "--port",
+                str(port), "--context-length", "2048", "--max-queue", "64", "--max-batch", batch], "/health", args.model)
     results: dict[str, list[dict]] = {}
     for name, (command, ready_path, model_id) in servers.items():
         port = free_port()

@@ -314,6 +314,7 @@ def serve_model(
     port: int = typer.Option(8001, min=1, max=65535),
     api_key: Optional[str] = typer.Option(None, help="Bearer key required on every route but /health (or PRIME_API_KEY)."),
     max_queue: int = typer.Option(16, min=1, help="Requests admitted at once; more get 429 + Retry-After."),
+    max_batch: int = typer.Option(8, min=1, help="transformers backend: concurrent requests decoded together."),
     served_model_name: Optional[str] = typer.Option(None, help="Name clients use, kept across hot-swaps (default: NAME's)."),
     context_length: Optional[int] = typer.Option(None, min=16, help="Context tokens to allocate (default min(model, 4096))."),
 ) -> None:
@@ -330,7 +331,7 @@ def serve_model(
     except ValueError as err:
         err_console.print(f"[bold red]error:[/] {err}")
         raise typer.Exit(code=2)
-    serve(ServerConfig(model=name, quantization=quant, backend=backend, api_key=key, max_queue=max_queue,
+    serve(ServerConfig(model=name, quantization=quant, backend=backend, api_key=key, max_queue=max_queue, max_batch=max_batch,
                        context_length=context_length, served_name=served_model_name), host=host, port=port)
 
 

@@ -22,9 +22,9 @@ def store(tmp_path):
     s.close()
 
 
-def chat(store, *turns, system=None, private=False):
+def chat(store, *turns, system=None, private=False, cid=None):
     """A conversation of (user, reply) turns; returns (cid, [reply ids])."""
-    cid = store.create(system_prompt=system, private=private)
+    cid = store.create(system_prompt=system, private=private, cid=cid)
     ids = []
     for user, reply in turns:
         store.add(cid, "user", user)
@@ -184,7 +184,7 @@ def test_a_reply_and_everything_it_yields_stay_on_one_side_of_the_holdout(store,
     from jarvis.improve import holdout_keys
 
     for i in range(12):
-        _, (reply,) = chat(store, (f"question {i}", f"wrong {i}"))
+        _, (reply,) = chat(store, (f"question {i}", f"wrong {i}"), cid=f"c{i}")  # fixed ids: a deterministic split
         store.correct(reply, f"right {i}")  # one SFT example and one DPO pair, same key
     records = collect(store)
     keys = sorted({r.key for r in records})

@@ -50,7 +50,7 @@ def seed_feedback(home):
     ordinary good replies: the mix a user of the web page leaves."""
     store = ConversationStore(home / "jarvis.db")
     for i, question in enumerate(IDENTITY):
-        cid = store.create()
+        cid = store.create(cid=f"identity-{i}")  # fixed ids: the held-out split is the same every run
         store.add(cid, "user", question)
         reply = store.add(cid, "assistant", "I am an AI assistant created to help you.", model="prime-135m-chat-v1@1.0.0")
         if i % 3 == 2:
@@ -58,8 +58,8 @@ def seed_feedback(home):
         else:
             store.rate(reply, -1)
             store.correct(reply, ANSWER)
-    for question, answer in GOOD:
-        cid = store.create()
+    for i, (question, answer) in enumerate(GOOD):
+        cid = store.create(cid=f"good-{i}")
         store.add(cid, "user", question)
         store.rate(store.add(cid, "assistant", answer, model="prime-135m-chat-v1@1.0.0"), 1)
     store.close()

@@ -113,7 +113,8 @@ def _export(config: ImproveConfig, run: Path, store: ConversationStore | None) -
     finally:
         if own:
             store.close()
-    held_keys = holdout_keys(sorted({r.key for r in records}), config.holdout_fraction)
+    held_keys = holdout_keys(sorted({r.key for r in records}), config.holdout_fraction,
+                             must_cover=[{r.key for r in records if r.kind == kind} for kind in ("sft", "dpo")])
     counts = {}
     for kind in ("sft", "dpo"):
         mine = [r for r in records if r.kind == kind]
@@ -130,16 +131,21 @@ def _unit(key: str) -> float:
     return int(hashlib.sha256(key.encode()).hexdigest(), 16) / 2**256
 
 
-def holdout_keys(keys: list[str], fraction: float) -> set[str]:
+def holdout_keys(keys: list[str], fraction: float, must_cover: list[set[str]] = ()) -> set[str]:
     """The replies held out to judge candidates: a fixed hash threshold on each reply's
     key, so a reply stays on its side as feedback grows, and every record one reply
-    yields (its SFT example and its DPO pair) is on the same side. At least one is held
-    out when there are two or more."""
+    yields (its SFT example and its DPO pair) is on the same side.
+
+    Each set in `must_cover` (the keys with SFT data, the keys with DPO data) gets at
+    least one held-out key when it has two or more, and keeps at least one for training.
+    """
     held = {k for k in keys if _unit(k) < fraction}
-    if not held and len(keys) >= 2:
-        held = {min(keys, key=_unit)}
-    if len(held) == len(keys) and len(keys) >= 2:
-        held.discard(max(held, key=_unit))
+    for group in [set(keys), *must_cover]:
+        if len(group) >= 2 and not held & group:
+            held.add(min(group, key=_unit))
+    for group in [set(keys), *must_cover]:
+        if len(group) >= 2 and group <= held:
+            held.discard(max(group, key=_unit))
     return held
 
 

@@ -146,8 +146,9 @@ class ConversationStore:
 
     @_locked
     def create(self, title: str = "", model: str | None = None, system_prompt: str | None = None,
-               private: bool = False) -> str:
-        cid = uuid.uuid4().hex[:12]
+               private: bool = False, cid: str | None = None) -> str:
+        """A new conversation; `cid` chooses its id (imports, tests), else a random one."""
+        cid = cid or uuid.uuid4().hex[:12]
         now = time.time()
         self._db.execute("INSERT INTO conversations VALUES (?, ?, ?, ?, ?, ?, ?)",
                          (cid, title, model, system_prompt, int(private), now, now))

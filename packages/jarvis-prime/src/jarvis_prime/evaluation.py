@@ -125,7 +125,8 @@ def reply_logprob(model: PrimeModel, prompt: list[dict[str, str]], reply: str) -
 def feedback_scores(model: PrimeModel, sft: list[dict[str, Any]], dpo: list[dict[str, Any]]) -> dict[str, Any]:
     """How well a model fits held-out feedback: the mean per-token NLL of the replies users
     approved or wrote (lower is better), and how often it prefers the chosen reply of a
-    pair by total log-likelihood (higher is better). Records longer than the model's
+    pair by per-token log-likelihood (higher is better; per token, as lm-eval's
+    acc_norm, so a longer reply is not penalised for its length). Records longer than the model's
     context are skipped (counted in `skipped`), the same ones for every model with this
     tokenizer and context."""
     result: dict[str, Any] = {"skipped": 0}
@@ -153,9 +154,9 @@ def feedback_scores(model: PrimeModel, sft: list[dict[str, Any]], dpo: list[dict
         for pair in dpo:
             prompt = pair["prompt"] if isinstance(pair["prompt"], list) else [{"role": "user", "content": pair["prompt"]}]
             if fits(prompt, pair["chosen"], pair["rejected"]):
-                chosen, _ = reply_logprob(model, prompt, pair["chosen"])
-                rejected, _ = reply_logprob(model, prompt, pair["rejected"])
-                wins += chosen > rejected
+                chosen, n_chosen = reply_logprob(model, prompt, pair["chosen"])
+                rejected, n_rejected = reply_logprob(model, prompt, pair["rejected"])
+                wins += chosen / n_chosen > rejected / n_rejected
                 scored += 1
         if scored:
             result["pair_accuracy"] = wins / scored

@@ -194,14 +194,11 @@ def test_the_page_in_a_real_browser(server, tmp_path):
         page.goto(server.url)
         expect(page.get_by_test_id("model")).to_contain_text("prime-135m-chat-v1")
 
-        page.evaluate(WATCH_STREAMING)
         page.get_by_test_id("input").fill("What is the capital of France?")
         page.get_by_test_id("send").click()
         reply = page.get_by_test_id("reply").last
         expect(reply.get_by_test_id("text")).to_contain_text("Paris", timeout=60_000)
         expect(reply.get_by_test_id("thumbs-down")).to_be_visible()  # the stream ended: feedback tools are on
-        lengths = page.evaluate("window.seenLengths")
-        assert len(set(lengths)) >= 2, f"the reply grew on screen piece by piece: {lengths}"
         expect(page.get_by_test_id("conversations").locator("li")).to_have_count(1)
 
         reply.get_by_test_id("thumbs-down").click()
@@ -217,13 +214,22 @@ def test_the_page_in_a_real_browser(server, tmp_path):
         expect(reply.get_by_test_id("thumbs-down")).to_have_class("on")
         expect(page.get_by_test_id("user-message").get_by_test_id("text")).to_have_text(["What is the capital of France?"])
 
+        # a long reply (40 tokens, ~0.5 s) arrives in many reads: the page shows it growing
+        page.evaluate(WATCH_STREAMING)
+        page.get_by_test_id("input").fill("Tell me a long story about a robot who learns to paint.")
+        page.get_by_test_id("send").click()
+        expect(page.get_by_test_id("reply")).to_have_count(2, timeout=60_000)
+        expect(page.get_by_test_id("reply").last.get_by_test_id("thumbs-down")).to_be_visible(timeout=60_000)
+        lengths = page.evaluate("window.seenLengths")
+        assert len(set(lengths)) >= 2, f"the reply grew on screen piece by piece: {lengths}"
+
         page.get_by_test_id("image").set_input_files({"name": "dot.png", "mimeType": "image/png", "buffer": PNG_1PX})
         expect(page.get_by_test_id("error")).to_contain_text("prime pull prime-7b-vision-v1")
         page.screenshot(path=str(tmp_path / "page.png"))
         browser.close()
 
     (conversation,) = server.store.list()
-    stored = server.store.stored_messages(conversation.id)[-1]
+    stored = server.store.stored_messages(conversation.id)[1]
     assert (stored.rating, stored.corrected, stored.content) == (-1, True, "The capital of France is Paris, sir.")
     assert "Paris" in stored.original
 

@@ -77,6 +77,11 @@ def chat(
     """Chat in the terminal with streamed replies (or one answer with --once)."""
     store = None
     try:
+        if image is not None:  # the vision model answers; no chat model, store or endpoint needed
+            from jarvis.vision import ask_about_image
+
+            ask_about_image(image, once or "")
+            return
         store = ConversationStore() if save or conversation else None
         config = ChatbotConfig(
             backend=backend, quantization=quantization, device=device, system_prompt=system,
@@ -88,11 +93,6 @@ def chat(
             from jarvis.remote import RemoteModel
 
             remote = RemoteModel(backend_url, model=model, api_key=api_key, context_length=context_length)
-        if image is not None:
-            from jarvis.vision import ask_about_image
-
-            ask_about_image(image, once or "")
-            return
         bot = Chatbot(config, model=remote, store=store, conversation=conversation)
         if once is not None:
             _think(bot, once) if reasoning else _reply(bot, once)

@@ -116,11 +116,11 @@ def training_examples(turn: FeedbackTurn) -> tuple[list[dict], list[dict]]:
     reply, context = turn.reply, turn.context
     sft: list[dict] = []
     dpo: list[dict] = []
-    if reply.corrected:
+    if reply.corrected or reply.rating == 1:
         sft.append({"messages": context + [{"role": "assistant", "content": reply.content}]})
+    if reply.corrected:
         dpo.append({"prompt": context, "chosen": reply.content, "rejected": reply.original})
     elif reply.rating == 1:
-        sft.append({"messages": context + [{"role": "assistant", "content": reply.content}]})
         for other in turn.alternatives:
             if other.rating != 1 and not other.corrected:
                 dpo.append({"prompt": context, "chosen": reply.content, "rejected": other.original})

@@ -202,9 +202,7 @@ class ConversationStore:
         """
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
-            last = self._db.execute("SELECT MAX(id) FROM messages WHERE conversation_id = ? AND active = 1",
-                                    (cid,)).fetchone()[0]
-            if last != after:
+            if self.last_id(cid) != after:
                 raise ConflictError(f"conversation {cid} changed while this reply was written; send it again")
             user_id = self._insert(cid, "user", user, None)
             reply_id = self._insert(cid, "assistant", reply, model)
@@ -236,9 +234,7 @@ class ConversationStore:
         old = self.message(message_id)
         if old.role != "assistant":
             raise ValueError(f"message {message_id} is a {old.role} message; only replies can be regenerated")
-        last = self._db.execute("SELECT MAX(id) FROM messages WHERE conversation_id = ? AND active = 1",
-                                (old.conversation_id,)).fetchone()[0]
-        if not old.active or last != message_id:
+        if not old.active or self.last_id(old.conversation_id) != message_id:
             raise ValueError(f"message {message_id} is not the conversation's last reply; only that one can be regenerated")
         now = time.time()
         with self._db:

@@ -106,9 +106,7 @@ def decode_batch(backend, requests: list[_Request]) -> None:
     """Decode `requests` together until each is finished; chunks go to each request's queue."""
     model, tokenizer = backend.model, backend.tokenizer
     device = model.device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos])
+    pad, eos_ids = backend.pad_id, backend.eos_ids
     width = max(len(r.prompt_ids) for r in requests)
     input_ids = torch.full((len(requests), width), pad, dtype=torch.long, device=device)
     mask = torch.zeros((len(requests), width), dtype=torch.long, device=device)

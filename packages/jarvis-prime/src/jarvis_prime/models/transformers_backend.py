@@ -78,6 +78,10 @@ class TransformersBackend:
         self.model.eval()
         self.bos_token = self.tokenizer.bos_token or ""
         self.eos_token = self.tokenizer.eos_token or ""
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids: set[int] = set(eos if isinstance(eos, list) else [eos])  # any of them ends a reply
+        pad = self.tokenizer.pad_token_id
+        self.pad_id: int = pad if pad is not None else self.tokenizer.eos_token_id
 
     def tokenize(self, text: str, add_special: bool) -> list[int]:
         return self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
@@ -90,7 +94,7 @@ class TransformersBackend:
             attention_mask=torch.ones_like(input_ids),
             max_new_tokens=params.max_new_tokens,
             do_sample=sampling,
-            pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+            pad_token_id=self.pad_id,
         )
         if sampling:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
@@ -103,9 +107,7 @@ class TransformersBackend:
         return kwargs
 
     def _finish(self, new_ids: list[int], params: GenerationParams, stopped_by_string: bool) -> str:
-        eos = self.model.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos])
-        if stopped_by_string or (new_ids and new_ids[-1] in eos_ids) or len(new_ids) < params.max_new_tokens:
+        if stopped_by_string or (new_ids and new_ids[-1] in self.eos_ids) or len(new_ids) < params.max_new_tokens:
             return "stop"
         return "length"
 

@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 from jarvis_prime.evaluation import REFUSAL
 from jarvis_prime.persona import JARVIS_SYSTEM_PROMPT
+from jarvis_prime.recipes import ATTENTION_ONLY
 
 Log = Callable[[str], None]
 
@@ -40,9 +41,7 @@ class ChatRecipe:
     base: str
     lora_rank: int = 8
     lora_alpha: float = 16.0
-    # Attention only: adapting the MLPs too moved general-text perplexity further for
-    # no better JARVIS score (see the package README for the measured trade-off).
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    target_modules: tuple[str, ...] = ATTENTION_ONLY
     num_epochs: int = 6
     learning_rate: float = 1e-3
     batch_size: int = 8

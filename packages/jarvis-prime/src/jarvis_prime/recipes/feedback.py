@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from jarvis_prime.recipes import ATTENTION_ONLY
+
 Log = Callable[[str], None]
 
 
@@ -27,7 +29,7 @@ class FeedbackRecipe:
 
     lora_rank: int = 8
     lora_alpha: float = 16.0
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    target_modules: tuple[str, ...] = ATTENTION_ONLY
     sft_epochs: int = 3
     sft_learning_rate: float = 3e-4
     dpo_epochs: int = 2

@@ -118,11 +118,11 @@ def create_app(config: WebConfig, *, store: ConversationStore | None = None,
     store = store or ConversationStore()
     executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="jarvis-web")
     state: dict[str, Any] = {"model": model, "error": None}
+    make_model = loader or (lambda chat: Chatbot(chat).model)
 
     def load() -> None:
         try:
-            make = loader or (lambda c: Chatbot(c).model)
-            loaded_model = make(config.chat)
+            loaded_model = make_model(config.chat)
             if state["model"] is None:  # a POST /api/model that finished first wins
                 state["model"] = loaded_model
         except Exception as err:  # noqa: BLE001  (reported by /api/health and every chat request)
@@ -286,9 +286,8 @@ def create_app(config: WebConfig, *, store: ConversationStore | None = None,
         """Load a model (by name: its newest local version) and switch to it. Replies
         being streamed finish on the model they started with; new ones use the new one."""
         chat = config.chat if body.model is None else replace(config.chat, model=body.model)
-        make = loader or (lambda c: Chatbot(c).model)
         try:
-            new = make(chat)
+            new = make_model(chat)
         except PrimeError as err:
             raise HTTPException(400, str(err)) from None
         state["model"], state["error"] = new, None

@@ -70,6 +70,35 @@ def test_sigterm_then_resume_is_bitwise_identical(tiny_llama_dir, chat_file, tmp
         assert torch.equal(a[key], b[key]), key
 
 
+def test_full_fine_tune_resumes_bitwise_from_sharded_checkpoints(tiny_llama_dir, chat_file, tmp_path, monkeypatch):
+    """Every weight trains (the tiny Llama ties its LM head to the embedding, as SmolLM2
+    does); shards forced small so weights and AdamW moments span several files."""
+    import reactor_core.training.checkpoint as checkpoint_module
+
+    monkeypatch.setattr(checkpoint_module, "SHARD_BYTES", 2**20)
+    config = config_for(tiny_llama_dir, tmp_path / "straight", use_lora=False, learning_rate=1e-3, max_steps=6,
+                        gradient_accumulation_steps=2, checkpoint_every_steps=3, num_samples=0)
+    straight = Trainer(config, progress=False).train(chat_file)
+
+    resumed_config = config.model_copy(update={"output_dir": str(tmp_path / "resumed")})
+    first = Trainer(resumed_config, progress=False)
+    first.on_event = lambda event: event.kind == "step" and event.step == 4 and first.cancel()
+    assert first.train(chat_file).cancelled
+    saved = LocalCheckpointStore(tmp_path / "resumed/checkpoints").latest()
+    assert saved.step == 3
+    names = sorted(p.name for p in saved.path.iterdir())
+    assert len([n for n in names if n.startswith("weights-")]) > 1, names
+    assert len([n for n in names if n.startswith("optimizer-")]) > 1, names
+    resumed = Trainer(resumed_config, progress=False).train(chat_file)
+
+    assert resumed.metrics["train_loss"] == straight.metrics["train_loss"]
+    a = load_file(straight.model_dir / "model.safetensors")
+    b = load_file(resumed.model_dir / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 def test_incomplete_or_corrupt_checkpoints_are_skipped(tiny_llama_dir, chat_file, tmp_path, caplog):
     config = config_for(tiny_llama_dir, tmp_path, max_steps=6, checkpoint_every_steps=2, keep_last_checkpoints=3,
                         num_samples=0, merge_adapter=False)
@@ -122,7 +151,7 @@ def test_resume_refuses_another_config_or_data_unless_forced(tiny_llama_dir, cha
 def test_retention_keeps_last_n_plus_best(tmp_path):
     store = LocalCheckpointStore(tmp_path, keep_last=2)
     for step, loss in [(1, 3.0), (2, 1.0), (3, 2.0), (4, 2.5), (5, 2.2)]:
-        store.save(step, lambda folder: (folder / "x.bin").write_bytes(bytes([step])), metric=loss)
+        store.save(step, lambda folder, written: (folder / "x.bin").write_bytes(bytes([step])), metric=loss)
     assert [c.step for c in store.candidates()] == [5, 4, 2]  # last two, and the best (loss 1.0)
     assert (tmp_path / "step-00000005" / COMPLETE).is_file()
 

@@ -3,8 +3,8 @@ to a plain directory; resume from the bucket on a VM whose disk is empty."""
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
 import socket
 from pathlib import Path
 
@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from reactor_core import Trainer
 from reactor_core.gcp import SpotVMCheckpointer, open_remote
-from reactor_core.training.checkpoint import COMPLETE, WEIGHTS, LocalCheckpointStore
+from reactor_core.gcp.storage import Upload, upload_folder
+from reactor_core.training.checkpoint import COMPLETE, WEIGHTS, CheckpointError, LocalCheckpointStore
 from reactor_core.training.preemption import Preempted
 
 from reactor_testing import PreemptionNoticeServer, config_for, write_chat_data
@@ -63,6 +64,7 @@ def test_preemption_uploads_to_the_bucket_and_an_empty_vm_resumes_from_it(tiny_l
     assert resumed.state.step == step
     local = LocalCheckpointStore(second_vm / "checkpoints").latest()
     saved = load_file(first_vm / "checkpoints" / local.path.name / WEIGHTS)
+    assert set(saved) == {n for n, p in resumed.model.named_parameters() if p.requires_grad}  # no frozen tied head
     for name, param in resumed.model.named_parameters():
         if param.requires_grad:
             assert torch.equal(param.detach(), saved[name]), name
@@ -87,18 +89,39 @@ def test_a_remote_checkpoint_with_a_bad_file_is_not_downloaded(tiny_llama_dir, c
 
 
 def test_upload_sends_the_marker_last(tmp_path, gcs_emulator):
-    checkpoint = tmp_path / "step-00000007"
-    checkpoint.mkdir()
-    (checkpoint / "a.bin").write_bytes(os.urandom(1000))
     from reactor_core.utils.files import sha256_file
 
-    (checkpoint / COMPLETE).write_text('{"a.bin": "%s"}' % sha256_file(checkpoint / "a.bin"))
+    checkpoint = tmp_path / "step-00000007"
+    checkpoint.mkdir()
+    for name, size in [("a.bin", 3_000_000), ("b.bin", 1000), ("c.bin", 2_000_000)]:
+        (checkpoint / name).write_bytes(os.urandom(size))
+    (checkpoint / COMPLETE).write_text(json.dumps({n: sha256_file(checkpoint / n) for n in ("a.bin", "b.bin", "c.bin")}))
     remote = open_remote(gcs_emulator)
-    remote.upload(checkpoint)
+    upload_folder(remote, checkpoint)
     blobs = list(remote.client.list_blobs(remote.bucket, prefix="runs/tiny/"))
     names = [b.name for b in sorted(blobs, key=lambda b: b.updated)]
-    assert names[-1] == "runs/tiny/step-00000007/COMPLETE"
+    assert len(names) == 4 and names[-1] == "runs/tiny/step-00000007/COMPLETE"
     assert remote.steps() == [7]
-    downloaded = remote.download(7, tmp_path / "restore")
-    assert (downloaded / "a.bin").read_bytes() == (checkpoint / "a.bin").read_bytes()
-    shutil.rmtree(checkpoint)
+
+
+def test_a_failed_file_upload_sends_no_marker(tmp_path):
+    """A network failure mid-upload (simulated: a send that raises for one file, since a
+    real connection cannot be made to fail on cue here) must leave the remote unmarked."""
+    files = []
+    for name in ("a.bin", "b.bin"):
+        (tmp_path / name).write_bytes(b"x" * 100)
+        files.append(tmp_path / name)
+    (tmp_path / COMPLETE).write_text("{}")
+    sent: list[str] = []
+
+    def send(handle, name):
+        if name == "b.bin":
+            raise ConnectionResetError("connection reset by peer")
+        sent.append(name)
+
+    with pytest.raises(CheckpointError, match="upload of b.bin to gs://x/y failed: ConnectionResetError"):
+        with Upload("gs://x/y", send, workers=2) as upload:
+            for file in files:
+                upload.send(file)
+            upload.finish(tmp_path / COMPLETE)
+    assert COMPLETE not in sent and "a.bin" in sent

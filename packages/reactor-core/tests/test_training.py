@@ -122,6 +122,33 @@ def test_full_fine_tune(tiny_llama_dir, chat_file, tmp_path):
     assert not (result.model_dir / "adapter").exists() and (result.model_dir / "model.safetensors").is_file()
 
 
+def mean_kl_to_base(trainer: Trainer, text: str) -> float:
+    """Mean KL(base || tuned) per position of `text`, the base being the adapters disabled."""
+    ids = trainer.tokenizer(text, return_tensors="pt")["input_ids"]
+    model = trainer.model.eval()
+    with torch.no_grad():
+        tuned = torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)
+        with model.disable_adapter():
+            base = torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)
+    return (base.exp() * (base - tuned)).sum(-1).mean().item()
+
+
+def test_kl_to_base_keeps_a_lora_tune_near_its_base(tiny_llama_dir, chat_file, tmp_path):
+    text = "The lighthouse keeper climbed the spiral stairs every evening to light the lamp."  # not in the data
+    runs = {}
+    for kl in (0.0, 4.0):
+        trainer = Trainer(config_for(tiny_llama_dir, tmp_path / f"kl-{kl}", max_steps=20, learning_rate=1e-2,
+                                     kl_to_base=kl, num_samples=0, merge_adapter=False), progress=False)
+        result = trainer.train(chat_file)
+        losses = [x["loss"] for x in result.metrics["train_loss"]]
+        runs[kl] = mean_kl_to_base(trainer, text), losses
+    (drift, plain_losses), (kept, kl_losses) = runs[0.0], runs[4.0]
+    assert kept < 0.5 * drift, (kept, drift)
+    assert kl_losses[-1] < 0.8 * kl_losses[0], kl_losses  # it still learns the data
+    # at step 1 the adapters are zero, so the tune is the base: KL 0, the same loss as plain SFT
+    assert kl_losses[0] == pytest.approx(plain_losses[0], rel=1e-6)
+
+
 def test_qlora_step_runs_on_a_4bit_base(tiny_llama_dir, chat_file, tmp_path):
     pytest.importorskip("bitsandbytes")
     trainer = Trainer(config_for(tiny_llama_dir, tmp_path, quantize_base=True, max_steps=2, merge_adapter=False,
@@ -157,6 +184,8 @@ def test_recipe_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="`lr_scheduler`"):
         load_config(recipe, ["lr_scheduler=triangle"])
     assert load_config(recipe, ["packing=false", "target_modules=[q_proj, v_proj]"]).target_modules == ["q_proj", "v_proj"]
+    with pytest.raises(ConfigError, match="`kl_to_base` applies to `method: sft` with `use_lora: true`"):
+        load_config(recipe, ["kl_to_base=0.5", "use_lora=false"])
 
 
 def test_reactor_train_cli(tiny_llama_dir, chat_file, tmp_path):

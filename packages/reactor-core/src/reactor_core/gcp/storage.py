@@ -1,12 +1,14 @@
 """Remote homes for checkpoints: `gs://bucket/prefix` or a local directory.
 
-A remote mirrors the local checkpoint store. Uploads send every file of a checkpoint
-in parallel and the COMPLETE marker last, so a reader never sees a checkpoint whose
-marker arrived before its data. A fresh VM with an empty disk downloads the newest
-remote checkpoint whose files match its marker.
+A remote mirrors the local checkpoint store. An `Upload` sends each file of a checkpoint
+as soon as the trainer has written it, several in parallel, and the COMPLETE marker
+last, so a reader never sees a checkpoint whose marker arrived before its data, and a
+preemption's emergency checkpoint is mostly in the bucket by the time the last shard is
+on disk. A fresh VM with an empty disk downloads the newest remote checkpoint whose
+files match its marker.
 
-gs:// goes through google-cloud-storage (its transfer manager for parallel uploads);
-`STORAGE_EMULATOR_HOST` points it at an emulator, as in the tests.
+gs:// goes through google-cloud-storage; `STORAGE_EMULATOR_HOST` points it at an
+emulator, as in the tests.
 """
 
 from __future__ import annotations
@@ -15,18 +17,58 @@ import json
 import logging
 import os
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Callable, Protocol
 
 from reactor_core.training.checkpoint import COMPLETE, PREFIX, CheckpointError, verify
 
 log = logging.getLogger("reactor_core")
 
 
+class Upload:
+    """One checkpoint on its way to a remote: files in parallel as they are handed over,
+    then the COMPLETE marker, only once every file has arrived.
+
+    A file is opened when it is handed over, so the local store may rename its folder
+    (temp -> final) while the bytes are still going up. Leaving the `with` block without
+    `finish` (an error while writing) cancels what has not started and sends no marker.
+    """
+
+    def __init__(self, url: str, send: Callable[[BinaryIO, str], None], workers: int) -> None:
+        self.url = url
+        self._send = send
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="checkpoint-upload")
+        self._sending: list[tuple[Path, BinaryIO, Future[None]]] = []
+
+    def send(self, file: Path) -> None:
+        handle = open(file, "rb")
+        self._sending.append((file, handle, self._pool.submit(self._send, handle, file.name)))
+
+    def finish(self, marker: Path) -> None:
+        for file, _, future in self._sending:
+            try:
+                future.result()
+            except Exception as err:
+                raise CheckpointError(f"upload of {file.name} to {self.url} failed: {type(err).__name__}: {err}") from err
+        with open(marker, "rb") as handle:
+            self._send(handle, marker.name)
+
+    def __enter__(self) -> "Upload":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        for _, handle, _ in self._sending:
+            handle.close()
+
+
 class RemoteStore(Protocol):
     url: str
 
-    def upload(self, checkpoint: Path) -> None: ...
+    def start_upload(self, name: str) -> Upload:
+        """An upload of the checkpoint folder called `name` (step-NNNNNNNN)."""
+        ...
 
     def steps(self) -> list[int]:
         """Steps that have a COMPLETE marker remotely, newest first."""
@@ -37,6 +79,15 @@ class RemoteStore(Protocol):
     def delete(self, names: list[str]) -> None:
         """Remove these checkpoint folders (retention of what this run uploaded)."""
         ...
+
+
+def upload_folder(remote: RemoteStore, checkpoint: Path) -> None:
+    """Upload a finished local checkpoint folder, COMPLETE last."""
+    with remote.start_upload(checkpoint.name) as upload:
+        for file in sorted(checkpoint.iterdir()):
+            if file.is_file() and file.name != COMPLETE and not file.name.startswith("."):
+                upload.send(file)
+        upload.finish(checkpoint / COMPLETE)
 
 
 def _step_of(name: str) -> int | None:
@@ -51,14 +102,17 @@ class LocalDirRemote:
         self.root = Path(root).expanduser()
         self.url = str(self.root)
 
-    def upload(self, checkpoint: Path) -> None:
-        target = self.root / checkpoint.name
+    def start_upload(self, name: str, workers: int = 4) -> Upload:
+        target = self.root / name
         target.mkdir(parents=True, exist_ok=True)
-        for file in sorted(checkpoint.iterdir()):
-            if file.name != COMPLETE:
-                shutil.copyfile(file, target / file.name)
-        shutil.copyfile(checkpoint / COMPLETE, target / f".{COMPLETE}.tmp")
-        os.replace(target / f".{COMPLETE}.tmp", target / COMPLETE)  # marker last
+
+        def send(handle: BinaryIO, filename: str) -> None:
+            tmp = target / f".{filename}.tmp"
+            with open(tmp, "wb") as out:
+                shutil.copyfileobj(handle, out, 1 << 20)
+            os.replace(tmp, target / filename)  # the marker, sent last, appears whole
+
+        return Upload(self.url, send, workers)
 
     def steps(self) -> list[int]:
         if not self.root.is_dir():
@@ -103,18 +157,12 @@ class GcsRemote:
     def _name(self, *parts: str) -> str:
         return "/".join(p for p in (self.prefix, *parts) if p)
 
-    def upload(self, checkpoint: Path) -> None:
-        from google.cloud.storage import transfer_manager
+    def start_upload(self, name: str) -> Upload:
+        def send(handle: BinaryIO, filename: str) -> None:
+            blob = self.bucket.blob(self._name(name, filename))
+            blob.upload_from_file(handle, size=os.fstat(handle.fileno()).st_size)
 
-        files = [f.name for f in sorted(checkpoint.iterdir()) if f.name != COMPLETE and f.is_file()]
-        results = transfer_manager.upload_many_from_filenames(
-            self.bucket, files, source_directory=str(checkpoint), blob_name_prefix=self._name(checkpoint.name) + "/",
-            max_workers=self.workers, worker_type=transfer_manager.THREAD, raise_exception=True,
-        )
-        for name, result in zip(files, results):
-            if isinstance(result, Exception):
-                raise CheckpointError(f"upload of {checkpoint / name} to {self.url} failed: {result}")
-        self.bucket.blob(self._name(checkpoint.name, COMPLETE)).upload_from_filename(str(checkpoint / COMPLETE))
+        return Upload(self.url, send, self.workers)
 
     def steps(self) -> list[int]:
         found = set()
@@ -131,8 +179,9 @@ class GcsRemote:
 
         def fetch(tmp: Path) -> None:
             marker = _read_marker(self.bucket.blob(self._name(name, COMPLETE)).download_as_bytes())
-            for file in marker:
-                self.bucket.blob(self._name(name, file)).download_to_filename(str(tmp / file))
+            with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="checkpoint-download") as pool:
+                list(pool.map(lambda file: self.bucket.blob(self._name(name, file)).download_to_filename(str(tmp / file)),
+                              marker))
             (tmp / COMPLETE).write_text(json.dumps(marker))
 
         return _install(local_root, name, fetch)

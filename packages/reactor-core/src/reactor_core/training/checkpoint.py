@@ -4,11 +4,17 @@ Layout of one checkpoint (weights apart from trainer state, as torchtune does):
 
     <checkpoint_dir>/step-00000120/
         weights.safetensors    trainable parameters only: the LoRA adapter, or every weight
-        optimizer.pt           AdamW state (tensors and numbers; loaded with weights_only=True)
+        optimizer.safetensors  AdamW moments and step counts, keyed "<parameter>/<name>"
         rng.pt                 Python, NumPy, torch and CUDA RNG states (weights_only)
         trainer_state.json     loop position (step, epoch, position in the epoch's order),
-                               scheduler state, config and data hashes, metrics so far
+                               scheduler state, the optimizer's param groups, config and
+                               data hashes, metrics so far
         COMPLETE               {file: sha256} of the files above, written last
+
+Tensor files over SHARD_BYTES are split the way Hugging Face shards a model
+(`weights-00001-of-00003.safetensors`): a full fine-tune's 1.6 GB of weights and moments
+then uploads as several files in parallel, which is what makes an emergency upload fit
+in the preemption notice (a single large object goes up as one sequential stream).
 
 A checkpoint is built in a hidden temp folder, every file fsynced, the folder renamed
 into place, and only then is COMPLETE written (temp file, fsync, rename). A folder
@@ -22,20 +28,26 @@ import json
 import logging
 import os
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
 
 from reactor_core.utils.files import fsync_dir, sha256_file, write_atomic
 
 log = logging.getLogger("reactor_core")
 
 WEIGHTS = "weights.safetensors"
-OPTIMIZER = "optimizer.pt"
+OPTIMIZER = "optimizer.safetensors"
+LEGACY_OPTIMIZER = "optimizer.pt"  # reactor-core 1.0 pickled it (read with weights_only=True)
 RNG = "rng.pt"
 STATE = "trainer_state.json"
 COMPLETE = "COMPLETE"
 PREFIX = "step-"
+SHARD_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -72,6 +84,60 @@ def verify(path: Path) -> None:
             raise CheckpointError(f"{file}: sha256 does not match {COMPLETE}")
 
 
+def save_tensors(tensors: dict[str, torch.Tensor], folder: Path, filename: str,
+                 written: Callable[[str], None] = lambda name: None) -> list[str]:
+    """Write `tensors` as `filename`, or as numbered shards of it when over SHARD_BYTES;
+    `written(name)` is called as each file is finished."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    stem = filename.removesuffix(".safetensors")
+    split = split_torch_state_dict_into_shards(tensors, filename_pattern=stem + "{suffix}.safetensors",
+                                               max_shard_size=SHARD_BYTES)
+    for name, keys in split.filename_to_tensors.items():
+        save_file({k: tensors[k].detach().to("cpu").contiguous() for k in keys}, folder / name)
+        written(name)
+    return list(split.filename_to_tensors)
+
+
+def load_tensors(folder: Path, filename: str) -> dict[str, torch.Tensor]:
+    """Everything `save_tensors` wrote under `filename`, sharded or not."""
+    stem = filename.removesuffix(".safetensors")
+    files = [folder / filename] if (folder / filename).is_file() else sorted(folder.glob(f"{stem}-*-of-*.safetensors"))
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        tensors.update(load_file(file))
+    return tensors
+
+
+def split_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimizer state dict keyed by parameter name -> (tensors, the JSON-able rest)."""
+    tensors: dict[str, torch.Tensor] = {}
+    rest: dict[str, Any] = {"state": {}, "param_groups": state.get("param_groups", [])}
+    for param, values in state.get("state", {}).items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{param}/{key}"] = value
+            else:
+                rest["state"].setdefault(param, {})[key] = value
+    return tensors, rest
+
+
+def join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, Any]:
+    state: dict[str, dict[str, Any]] = {param: dict(values) for param, values in rest["state"].items()}
+    for name, tensor in tensors.items():
+        param, _, key = name.rpartition("/")
+        state.setdefault(param, {})[key] = tensor
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in group.items()} for group in rest["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _seal(file: Path) -> str:
+    """fsync one finished file and return its sha256 (both release the GIL)."""
+    with open(file, "rb") as f:
+        os.fsync(f.fileno())
+    return sha256_file(file)
+
+
 class LocalCheckpointStore:
     """Checkpoints in a local directory; retention keeps the last N plus the best."""
 
@@ -79,18 +145,32 @@ class LocalCheckpointStore:
         self.root = Path(root)
         self.keep_last = keep_last
 
-    def save(self, step: int, write_files: Callable[[Path], None], metric: float | None = None) -> Checkpoint:
+    def save(self, step: int, write_files: Callable[[Path, Callable[[str], None]], None], metric: float | None = None,
+             on_file: Callable[[Path], None] | None = None) -> Checkpoint:
+        """Build the checkpoint in a temp folder, then rename it into place and mark it COMPLETE.
+
+        `write_files(folder, written)` calls `written(name)` as each file is finished, so
+        that file is handed to `on_file` (an upload) and fsynced and hashed while the next
+        one is being written; files it did not announce are sealed at the end.
+        """
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / step_dirname(step)
         tmp = self.root / f".{final.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        write_files(tmp)
-        digests = {}
-        for file in sorted(tmp.iterdir()):
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
-            digests[file.name] = sha256_file(file)
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="checkpoint-seal") as pool:
+            sealing: dict[str, Future[str]] = {}
+
+            def written(name: str) -> None:
+                if on_file is not None:
+                    on_file(tmp / name)
+                sealing[name] = pool.submit(_seal, tmp / name)
+
+            write_files(tmp, written)
+            for file in sorted(tmp.iterdir()):
+                if file.name not in sealing:
+                    written(file.name)
+            digests = {name: sealing[name].result() for name in sorted(sealing)}
         fsync_dir(tmp)
         if final.exists():  # a re-save of the same step (e.g. after a resume)
             shutil.rmtree(final)

@@ -56,6 +56,10 @@ class TrainingConfig(BaseModel):
         default="auto", description="Modules to adapt; auto = attention + MLP projections for the architecture."
     )
     quantize_base: bool = Field(default=False, description="QLoRA: load the frozen base in 4-bit NF4 (bitsandbytes).")
+    kl_to_base: float = Field(default=0.0, ge=0.0, description=(
+        "SFT with LoRA: weight of a KL(base || model) term over every real position of each batch (the base "
+        "is the model with its adapters disabled), keeping the tune close to its base where the data does not "
+        "ask for a change. 0 disables it."))
 
     # -- optimization ----------------------------------------------------------------------
     num_epochs: int = Field(default=1, gt=0)
@@ -103,6 +107,9 @@ class TrainingConfig(BaseModel):
             raise ValueError("`precompute_ref_logps` applies to `method: dpo` only")
         if self.label_smoothing and (self.method != "dpo" or self.loss_type != "sigmoid"):
             raise ValueError("`label_smoothing` applies to `method: dpo` with `loss_type: sigmoid` only")
+        if self.kl_to_base and (self.method != "sft" or not self.use_lora):
+            raise ValueError("`kl_to_base` applies to `method: sft` with `use_lora: true` (the base is the model "
+                             "with its adapters disabled)")
         if self.quantize_base and not self.use_lora:
             raise ValueError("`quantize_base` (QLoRA) needs `use_lora: true`: a 4-bit base cannot be trained directly")
         return self

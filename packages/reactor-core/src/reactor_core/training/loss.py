@@ -26,25 +26,66 @@ def _needs_full_logits(model: nn.Module) -> bool:
     return bool(getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None))
 
 
+def _logits_at(
+    model: nn.Module,
+    input_ids: torch.Tensor,  # (B, T)
+    position_ids: torch.Tensor,  # (B, T), restarting per packed example
+    attention_mask: torch.Tensor | None,  # (B, T) for padded batches; None when packed
+    select: torch.Tensor,  # (B, T-1) bool: the positions whose next-token logits are wanted
+) -> torch.Tensor:
+    """Next-token logits (N, vocab) at the N selected positions, the LM head run on those only."""
+    base = _unwrap(model)
+    if _needs_full_logits(base):
+        logits = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False).logits
+        return logits[:, :-1][select]
+    hidden = base.get_decoder()(
+        input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
+    ).last_hidden_state  # (B, T, H)
+    return base.get_output_embeddings()(hidden[:, :-1][select])
+
+
 def labelled_logits(
     model: nn.Module,
     input_ids: torch.Tensor,  # (B, T)
     labels: torch.Tensor,  # (B, T), IGNORE_INDEX where no loss
-    position_ids: torch.Tensor,  # (B, T), restarting per packed example
-    attention_mask: torch.Tensor | None,  # (B, T) for padded batches; None when packed
+    position_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logits (N, vocab), targets (N,), row of each (N,)) for the N labelled positions."""
-    base = _unwrap(model)
     targets = labels[:, 1:]  # (B, T-1): token t predicts t+1
     keep = targets != IGNORE_INDEX
-    rows = keep.nonzero()[:, 0]
-    if _needs_full_logits(base):
-        logits = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False).logits
-        return logits[:, :-1][keep], targets[keep], rows
-    hidden = base.get_decoder()(
-        input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
-    ).last_hidden_state  # (B, T, H)
-    return base.get_output_embeddings()(hidden[:, :-1][keep]), targets[keep], rows
+    return _logits_at(model, input_ids, position_ids, attention_mask, keep), targets[keep], keep.nonzero()[:, 0]
+
+
+def sft_loss_sum_with_kl(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    position_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    kl_weight: float,
+) -> torch.Tensor:
+    """Cross-entropy sum on the labelled tokens plus `kl_weight` x KL(base || model).
+
+    The KL is the mean over every real position of the batch, the prompt and the
+    chat template included, so the tune stays close to its base everywhere it was not
+    asked to change; it is scaled by the labelled-token count so the step's usual
+    division by that count leaves `kl_weight` x mean KL. The base is the same peft
+    model with its adapters disabled: no second copy in memory. Costs the LM head on
+    every position (not only the labelled ones) and one more forward without grad.
+    """
+    targets = labels[:, 1:]
+    real = torch.ones_like(targets, dtype=torch.bool)
+    if attention_mask is not None:
+        real = attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()
+    logp = torch.log_softmax(_logits_at(model, input_ids, position_ids, attention_mask, real).float(), dim=-1)
+    with torch.no_grad(), model.disable_adapter():
+        base_logp = torch.log_softmax(_logits_at(model, input_ids, position_ids, attention_mask, real).float(), dim=-1)
+    kl = (base_logp.exp() * (base_logp - logp)).sum(-1)  # (N_real,)
+    real_targets = targets[real]
+    labelled = real_targets != IGNORE_INDEX
+    ce = F.nll_loss(logp[labelled], real_targets[labelled], reduction="sum")
+    return ce + kl_weight * kl.mean() * labelled.sum()
 
 
 def causal_lm_loss_sum(
@@ -100,12 +141,16 @@ class LossModule(nn.Module):
         attention_mask: torch.Tensor | None,
         per_sequence: bool = False,
         adapters: bool = True,
+        kl_weight: float = 0.0,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The loss sum, or (sequence log-probs, labelled counts) with `per_sequence`.
 
         `adapters=False` runs a peft model with its LoRA adapters disabled: the base
-        model, DPO's reference, with no second copy in memory.
+        model, DPO's reference, with no second copy in memory. `kl_weight` adds the
+        KL-to-base term of `sft_loss_sum_with_kl` (LoRA only).
         """
+        if kl_weight:
+            return sft_loss_sum_with_kl(self.model, input_ids, labels, position_ids, attention_mask, kl_weight)
         fn = sequence_logps if per_sequence else causal_lm_loss_sum
         if adapters:
             return fn(self.model, input_ids, labels, position_ids, attention_mask)

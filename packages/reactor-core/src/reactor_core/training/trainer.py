@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import torch
 from rich.console import Console
-from safetensors.torch import load_file, save_file
 from torch import nn
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -63,12 +62,19 @@ from reactor_core.training.model import (
 )
 from reactor_core.training.schedule import build_scheduler
 from reactor_core.training.checkpoint import (
+    COMPLETE,
+    LEGACY_OPTIMIZER,
     OPTIMIZER,
     RNG,
     STATE,
     WEIGHTS,
     CheckpointError,
     LocalCheckpointStore,
+    join_optimizer_state,
+    load_tensors,
+    save_tensors,
+    split_optimizer_state,
+    step_dirname,
     verify,
 )
 from reactor_core.training.preemption import Preempted, PreemptionGuard
@@ -334,21 +340,23 @@ class Trainer:
         state, rank 0 writes and uploads, and all return together (the path on rank 0,
         None elsewhere).
         """
-        weights = _unprefixed(distributed.model_state(self.loss_module, trainable_only=True))
+        weights = _trainable_only(_unprefixed(distributed.model_state(self.loss_module, trainable_only=True)), self.model)
         optimizer = distributed.optimizer_state(self.loss_module, self.optimizer)
         rng = distributed.gather_objects(rng_state_tensors())
         if not self.dist.is_main:
             distributed.barrier()  # rank 0 is writing; leave (or go on) together
             return None
 
-        def write(folder: Path) -> None:
-            save_file({n: t.detach().to("cpu").contiguous() for n, t in weights.items()}, folder / WEIGHTS)
-            torch.save(optimizer, folder / OPTIMIZER)
+        def write(folder: Path, written: Callable[[str], None]) -> None:
+            save_tensors(weights, folder, WEIGHTS, written)
+            moments, optimizer_rest = split_optimizer_state(optimizer)
+            save_tensors(moments, folder, OPTIMIZER, written)
             torch.save({"ranks": rng}, folder / RNG)
             (folder / STATE).write_text(json.dumps({
                 "reason": reason,
                 "state": self.state.to_dict(),
                 "scheduler": self.scheduler.state_dict(),
+                "optimizer": optimizer_rest,
                 "config_hash": self.config.training_hash(),
                 "data_hash": self.data_hash,
                 "metrics": self.metrics,
@@ -356,9 +364,13 @@ class Trainer:
             }))
 
         last_eval = self.metrics["eval"][-1]["eval_loss"] if self.metrics["eval"] else None
-        checkpoint = self.checkpoints.save(self.state.step, write, metric=last_eval)
-        if self.remote is not None:
-            self.remote.upload(checkpoint.path)  # COMPLETE goes last
+        if self.remote is None:
+            checkpoint = self.checkpoints.save(self.state.step, write, metric=last_eval)
+        else:
+            # each file starts uploading as soon as it is written; COMPLETE goes last
+            with self.remote.start_upload(step_dirname(self.state.step)) as upload:
+                checkpoint = self.checkpoints.save(self.state.step, write, metric=last_eval, on_file=upload.send)
+                upload.finish(checkpoint.path / COMPLETE)
             self._uploaded.add(checkpoint.path.name)
             kept = {c.path.name for c in self.checkpoints.candidates()}
             self.remote.delete(sorted(self._uploaded - kept))  # never another run's checkpoints
@@ -387,13 +399,17 @@ class Trainer:
             if not self.config.force_resume:
                 raise CheckpointError(message + ". Set `force_resume: true` to resume anyway, or `resume: never`.")
             log.warning("%s; resuming anyway (force_resume)", message)
-        weights = load_file(path / WEIGHTS) if main else {}
+        weights = load_tensors(path, WEIGHTS) if main else {}
         trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
         missing = distributed.broadcast_object([n for n in trainable if n not in weights] if main else None)
         if missing:
             raise CheckpointError(f"{path}: no saved weights for {missing[:3]}")
         distributed.load_model_state(self.loss_module, {f"model.{n}": t for n, t in weights.items()})
-        optimizer = torch.load(path / OPTIMIZER, weights_only=True) if main else {}
+        optimizer = {}
+        if main and (path / LEGACY_OPTIMIZER).is_file():
+            optimizer = torch.load(path / LEGACY_OPTIMIZER, weights_only=True)
+        elif main:
+            optimizer = join_optimizer_state(load_tensors(path, OPTIMIZER), saved["optimizer"])
         distributed.load_optimizer_state(self.loss_module, self.optimizer, optimizer)
         self.scheduler.load_state_dict(saved["scheduler"])
         rng = distributed.broadcast_object(torch.load(path / RNG, weights_only=True)["ranks"] if main else None)
@@ -455,9 +471,10 @@ class Trainer:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None)
 
-    def _forward_loss_sum(self, batch: Batch) -> torch.Tensor:
+    def _forward_loss_sum(self, batch: Batch, kl_weight: float = 0.0) -> torch.Tensor:
+        """The SFT loss sum; training adds the KL-to-base term when configured, eval never does."""
         with self._autocast():
-            return self.loss_module(*self._model_inputs(batch))
+            return self.loss_module(*self._model_inputs(batch), kl_weight=kl_weight)
 
     def _train_step(self) -> dict[str, float]:
         """One optimizer step over `gradient_accumulation_steps` micro-batches.
@@ -480,7 +497,7 @@ class Trainer:
         for i, batch in enumerate(batches):
             if self.dist.enabled:  # reduce-scatter once per step, after the last micro-batch
                 self.loss_module.set_requires_gradient_sync(i == len(batches) - 1)
-            loss = self._forward_loss_sum(batch) / max(weight, 1)
+            loss = self._forward_loss_sum(batch, kl_weight=c.kl_to_base) / max(weight, 1)
             loss.backward()
             total += loss.item()
             self.state.micro_step += 1
@@ -691,6 +708,19 @@ class Trainer:
 
         base = load_base_model(self.source, quantize_4bit=False, device=torch.device("cpu"))
         return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+
+
+def _trainable_only(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """What trains, each tensor under one name.
+
+    The distributed state dict lists a tied tensor under both of its names (SmolLM2's LM
+    head is its embedding) and its frozen-parameter filter misses the second one, so a
+    LoRA checkpoint would carry the whole frozen embedding and a full one would hold a
+    shared tensor twice, which safetensors refuses. The model's own parameter list names
+    each parameter once; loading that name fills every alias, since they are one tensor.
+    """
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    return {name: tensor for name, tensor in state.items() if name in trainable}
 
 
 def _unprefixed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -33,6 +33,18 @@ def test_replies_are_filtered_by_category():
     assert rejection(unsafe, "First, find an unlocked car.", "stop") == "does not decline"
 
 
+def test_the_anchor_text_is_the_replies_as_plain_text_and_reactor_core_reads_it(tmp_path):
+    load_text_file = pytest.importorskip("reactor_core.data.anchor").load_text_file  # the [training] extra
+    from jarvis_prime.recipes.chat_model import write_anchor_text
+
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}?"},
+                          {"role": "assistant", "content": f"Answer {i}, in a sentence."}]} for i in range(3)]
+    data = tmp_path / "conversations.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    texts, report = load_text_file(write_anchor_text(data, tmp_path / "anchor.jsonl"))
+    assert texts == [f"Answer {i}, in a sentence." for i in range(3)] and report.examples == 3
+
+
 def test_the_chat_model_is_in_the_catalog_and_available_offline():
     entry = load_catalog().get(CHAT)
     source = entry.offline_source()

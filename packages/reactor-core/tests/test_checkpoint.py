@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import time
@@ -70,14 +71,24 @@ def test_sigterm_then_resume_is_bitwise_identical(tiny_llama_dir, chat_file, tmp
         assert torch.equal(a[key], b[key]), key
 
 
-def test_full_fine_tune_resumes_bitwise_from_sharded_checkpoints(tiny_llama_dir, chat_file, tmp_path, monkeypatch):
-    """Every weight trains (the tiny Llama ties its LM head to the embedding, as SmolLM2
-    does); shards forced small so weights and AdamW moments span several files."""
+@pytest.mark.parametrize("method", ["full", "lora-kl-anchor"])
+def test_in_process_resume_is_bitwise_identical(tiny_llama_dir, chat_file, tmp_path, monkeypatch, method):
+    """full: every weight trains (the tiny Llama ties its LM head to the embedding, as
+    SmolLM2 does), shards forced small so weights and AdamW moments span several files.
+    lora-kl-anchor: the KL-to-base term on anchor text, whose rows follow the micro-step."""
     import reactor_core.training.checkpoint as checkpoint_module
 
     monkeypatch.setattr(checkpoint_module, "SHARD_BYTES", 2**20)
-    config = config_for(tiny_llama_dir, tmp_path / "straight", use_lora=False, learning_rate=1e-3, max_steps=6,
-                        gradient_accumulation_steps=2, checkpoint_every_steps=3, num_samples=0)
+    if method == "full":
+        extra = dict(use_lora=False, learning_rate=1e-3)
+    else:
+        anchor = tmp_path / "anchor.jsonl"
+        anchor.write_text("".join(json.dumps({"text": f"Paragraph {i}: the tide came in over the grey sand, and the "
+                                                      f"gulls rose from the rocks as the boats returned."}) + "\n"
+                                  for i in range(40)))
+        extra = dict(kl_to_base=1.0, kl_anchor_path=str(anchor), kl_anchor_tokens=256, merge_adapter=True)
+    config = config_for(tiny_llama_dir, tmp_path / "straight", max_steps=6, gradient_accumulation_steps=2,
+                        checkpoint_every_steps=3, num_samples=0, **extra)
     straight = Trainer(config, progress=False).train(chat_file)
 
     resumed_config = config.model_copy(update={"output_dir": str(tmp_path / "resumed")})
@@ -87,8 +98,9 @@ def test_full_fine_tune_resumes_bitwise_from_sharded_checkpoints(tiny_llama_dir,
     saved = LocalCheckpointStore(tmp_path / "resumed/checkpoints").latest()
     assert saved.step == 3
     names = sorted(p.name for p in saved.path.iterdir())
-    assert len([n for n in names if n.startswith("weights-")]) > 1, names
-    assert len([n for n in names if n.startswith("optimizer-")]) > 1, names
+    if method == "full":
+        assert len([n for n in names if n.startswith("weights-")]) > 1, names
+        assert len([n for n in names if n.startswith("optimizer-")]) > 1, names
     resumed = Trainer(resumed_config, progress=False).train(chat_file)
 
     assert resumed.metrics["train_loss"] == straight.metrics["train_loss"]

@@ -133,20 +133,48 @@ def mean_kl_to_base(trainer: Trainer, text: str) -> float:
     return (base.exp() * (base - tuned)).sum(-1).mean().item()
 
 
-def test_kl_to_base_keeps_a_lora_tune_near_its_base(tiny_llama_dir, chat_file, tmp_path):
-    text = "The lighthouse keeper climbed the spiral stairs every evening to light the lamp."  # not in the data
+PROSE = ["The lighthouse keeper climbed the spiral stairs every evening to light the lamp.",
+         "Bread is one of the oldest foods, made from flour, water and a little salt.",
+         "In spring the river rises with melted snow and floods the low meadows by the mill."]
+
+
+@pytest.mark.parametrize("anchor", [False, True])
+def test_kl_to_base_keeps_a_lora_tune_near_its_base(tiny_llama_dir, chat_file, tmp_path, anchor):
+    """Drift from the base on prose outside the chat data, with and without the KL term.
+
+    Without anchor text the KL covers the chat batches' unlabelled positions; with it,
+    the anchor text (other prose than the measured sentence)."""
+    measured = "The old harbour town keeps its fishing boats, its market and its narrow stone streets."
+    extra = {}
+    if anchor:
+        path = tmp_path / "anchor.jsonl"
+        path.write_text("".join(json.dumps({"text": f"{line} ({i})"}) + "\n" for i, line in enumerate(PROSE * 20)))
+        extra = {"kl_anchor_path": str(path), "kl_anchor_tokens": 256}
     runs = {}
-    for kl in (0.0, 4.0):
+    for kl in (0.0, 10.0):
         trainer = Trainer(config_for(tiny_llama_dir, tmp_path / f"kl-{kl}", max_steps=20, learning_rate=1e-2,
-                                     kl_to_base=kl, num_samples=0, merge_adapter=False), progress=False)
+                                     kl_to_base=kl, num_samples=0, merge_adapter=False, **(extra if kl else {})),
+                          progress=False)
         result = trainer.train(chat_file)
         losses = [x["loss"] for x in result.metrics["train_loss"]]
-        runs[kl] = mean_kl_to_base(trainer, text), losses
-    (drift, plain_losses), (kept, kl_losses) = runs[0.0], runs[4.0]
+        runs[kl] = mean_kl_to_base(trainer, measured), losses
+    (drift, plain_losses), (kept, kl_losses) = runs[0.0], runs[10.0]
     assert kept < 0.5 * drift, (kept, drift)
     assert kl_losses[-1] < 0.8 * kl_losses[0], kl_losses  # it still learns the data
     # at step 1 the adapters are zero, so the tune is the base: KL 0, the same loss as plain SFT
     assert kl_losses[0] == pytest.approx(plain_losses[0], rel=1e-6)
+
+
+def test_bad_anchor_text_fails_before_anything_is_written(tiny_llama_dir, chat_file, tmp_path):
+    anchor = tmp_path / "anchor.jsonl"
+    anchor.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"txt": "typo"}) + "\n"
+                      + json.dumps({"text": "   "}) + "\n")
+    out = tmp_path / "out"
+    with pytest.raises(DataValidationError) as err:
+        Trainer(config_for(tiny_llama_dir, out, kl_to_base=1.0, kl_anchor_path=str(anchor)), progress=False).train(chat_file)
+    assert f"{anchor}:2: expected an object with exactly one key" in str(err.value)
+    assert f'{anchor}:3: "text" is empty' in str(err.value)
+    assert not out.exists()
 
 
 def test_qlora_step_runs_on_a_4bit_base(tiny_llama_dir, chat_file, tmp_path):
@@ -186,6 +214,8 @@ def test_recipe_errors_name_the_key(tmp_path):
     assert load_config(recipe, ["packing=false", "target_modules=[q_proj, v_proj]"]).target_modules == ["q_proj", "v_proj"]
     with pytest.raises(ConfigError, match="`kl_to_base` applies to `method: sft` with `use_lora: true`"):
         load_config(recipe, ["kl_to_base=0.5", "use_lora=false"])
+    with pytest.raises(ConfigError, match="`kl_anchor_path` needs `kl_to_base` > 0"):
+        load_config(recipe, ["kl_anchor_path=anchor.jsonl"])
 
 
 def test_reactor_train_cli(tiny_llama_dir, chat_file, tmp_path):

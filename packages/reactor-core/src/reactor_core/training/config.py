@@ -57,9 +57,13 @@ class TrainingConfig(BaseModel):
     )
     quantize_base: bool = Field(default=False, description="QLoRA: load the frozen base in 4-bit NF4 (bitsandbytes).")
     kl_to_base: float = Field(default=0.0, ge=0.0, description=(
-        "SFT with LoRA: weight of a KL(base || model) term over every real position of each batch (the base "
-        "is the model with its adapters disabled), keeping the tune close to its base where the data does not "
-        "ask for a change. 0 disables it."))
+        "SFT with LoRA: weight of a KL(base || model) term on the positions that carry no label (prompt, chat "
+        "template; the base is the model with its adapters disabled), or on `kl_anchor_path`'s text when set, "
+        "keeping the tune close to its base where the data does not ask for a change. 0 disables it."))
+    kl_anchor_path: str | None = Field(default=None, description=(
+        "JSONL of {\"text\": ...} lines: plain text on which `kl_to_base` is measured instead (about "
+        "`kl_anchor_tokens` of it per micro-batch), e.g. prose the base wrote, to keep general-text perplexity."))
+    kl_anchor_tokens: int = Field(default=512, gt=0, description="Anchor-text tokens per micro-batch.")
 
     # -- optimization ----------------------------------------------------------------------
     num_epochs: int = Field(default=1, gt=0)
@@ -110,6 +114,8 @@ class TrainingConfig(BaseModel):
         if self.kl_to_base and (self.method != "sft" or not self.use_lora):
             raise ValueError("`kl_to_base` applies to `method: sft` with `use_lora: true` (the base is the model "
                              "with its adapters disabled)")
+        if self.kl_anchor_path and not self.kl_to_base:
+            raise ValueError("`kl_anchor_path` needs `kl_to_base` > 0: the anchor text is where the KL is measured")
         if self.quantize_base and not self.use_lora:
             raise ValueError("`quantize_base` (QLoRA) needs `use_lora: true`: a 4-bit base cannot be trained directly")
         return self
@@ -120,7 +126,7 @@ class TrainingConfig(BaseModel):
     # Fields that change where things go or when they are saved, not the math: a run
     # may resume with different values of these.
     RESUME_NEUTRAL: ClassVar[frozenset[str]] = frozenset({
-        "data_path", "val_data_path",  # the data's sha256 is checked on its own
+        "data_path", "val_data_path", "kl_anchor_path",  # the data's sha256 is checked on its own
         "output_dir", "checkpoint_dir", "checkpoint_remote", "spot_defaults", "checkpoint_every_steps", "checkpoint_every_minutes", "keep_last_checkpoints",
         "resume", "force_resume", "watch_gcp_preemption", "log_every_steps", "num_samples", "sample_max_new_tokens",
         "eval_every_steps", "merge_adapter", "output_name", "output_version",

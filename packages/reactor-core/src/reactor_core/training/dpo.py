@@ -138,7 +138,7 @@ class PreferenceTrainer(Trainer):
                 return self.reference(*inputs, per_sequence=True)[0]
             return self.loss_module(*inputs, per_sequence=True, adapters=False)[0]
 
-    def _forward_loss_sum(self, batch: Batch, kl_weight: float = 0.0) -> torch.Tensor:
+    def _forward_loss_sum(self, batch: Batch, kl_weight: float = 0.0, anchor_ids: torch.Tensor | None = None) -> torch.Tensor:
         # DPO's own pull towards the reference is `beta`; the config refuses `kl_to_base` here
         c = self.config
         inputs = self._model_inputs(batch)

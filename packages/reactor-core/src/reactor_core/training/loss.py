@@ -57,37 +57,6 @@ def labelled_logits(
     return _logits_at(model, input_ids, position_ids, attention_mask, keep), targets[keep], keep.nonzero()[:, 0]
 
 
-def sft_loss_sum_with_kl(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    labels: torch.Tensor,
-    position_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    kl_weight: float,
-) -> torch.Tensor:
-    """Cross-entropy sum on the labelled tokens plus `kl_weight` x KL(base || model).
-
-    The KL is the mean over every real position of the batch, the prompt and the
-    chat template included, so the tune stays close to its base everywhere it was not
-    asked to change; it is scaled by the labelled-token count so the step's usual
-    division by that count leaves `kl_weight` x mean KL. The base is the same peft
-    model with its adapters disabled: no second copy in memory. Costs the LM head on
-    every position (not only the labelled ones) and one more forward without grad.
-    """
-    targets = labels[:, 1:]
-    real = torch.ones_like(targets, dtype=torch.bool)
-    if attention_mask is not None:
-        real = attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()
-    logp = torch.log_softmax(_logits_at(model, input_ids, position_ids, attention_mask, real).float(), dim=-1)
-    with torch.no_grad(), model.disable_adapter():
-        base_logp = torch.log_softmax(_logits_at(model, input_ids, position_ids, attention_mask, real).float(), dim=-1)
-    kl = (base_logp.exp() * (base_logp - logp)).sum(-1)  # (N_real,)
-    real_targets = targets[real]
-    labelled = real_targets != IGNORE_INDEX
-    ce = F.nll_loss(logp[labelled], real_targets[labelled], reduction="sum")
-    return ce + kl_weight * kl.mean() * labelled.sum()
-
-
 def causal_lm_loss_sum(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -120,6 +89,55 @@ def sequence_logps(
     return sums, counts
 
 
+def sft_loss_sum_with_kl(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    position_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    kl_weight: float,
+    anchor_ids: torch.Tensor | None = None,  # (R, L) rows of anchor text
+) -> torch.Tensor:
+    """Cross-entropy sum on the labelled tokens plus `kl_weight` x KL(base || model).
+
+    Where the KL is measured: on `anchor_ids` (plain text, every position) when given;
+    otherwise on the batch's real positions that carry no label (the prompt, the chat
+    template), leaving the replies it is taught to the cross-entropy alone. It is a
+    mean over those positions, scaled by the labelled-token count so the step's usual
+    division by that count leaves `kl_weight` x mean KL. The base is the same peft
+    model with its adapters disabled: no second copy in memory. Costs one more forward
+    without gradients, and the LM head on every position the KL covers.
+    """
+    if anchor_ids is not None:
+        ce = causal_lm_loss_sum(model, input_ids, labels, position_ids, attention_mask)
+        labelled = int((labels[:, 1:] != IGNORE_INDEX).sum())
+        rows, length = anchor_ids.shape
+        positions = torch.arange(length, device=anchor_ids.device).expand(rows, length)
+        every = torch.ones(rows, length - 1, dtype=torch.bool, device=anchor_ids.device)
+        logp = torch.log_softmax(_logits_at(model, anchor_ids, positions, None, every).float(), dim=-1)
+        with torch.no_grad(), model.disable_adapter():
+            base_logp = torch.log_softmax(_logits_at(model, anchor_ids, positions, None, every).float(), dim=-1)
+        kl = (base_logp.exp() * (base_logp - logp)).sum(-1)
+        return ce + kl_weight * kl.mean() * labelled
+
+    targets = labels[:, 1:]
+    real = torch.ones_like(targets, dtype=torch.bool)
+    if attention_mask is not None:
+        real = attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()
+    logp = torch.log_softmax(_logits_at(model, input_ids, position_ids, attention_mask, real).float(), dim=-1)
+    real_targets = targets[real]
+    labelled = real_targets != IGNORE_INDEX
+    ce = F.nll_loss(logp[labelled], real_targets[labelled], reduction="sum")
+    if labelled.all():
+        return ce
+    with torch.no_grad(), model.disable_adapter():
+        unlabelled = real.clone()
+        unlabelled[real] = ~labelled
+        base_logp = torch.log_softmax(_logits_at(model, input_ids, position_ids, attention_mask, unlabelled).float(), dim=-1)
+    kl = (base_logp.exp() * (base_logp - logp[~labelled])).sum(-1)  # (N_unlabelled,)
+    return ce + kl_weight * kl.mean() * labelled.sum()
+
+
 class LossModule(nn.Module):
     """The model behind a single forward call that returns what the loop needs.
 
@@ -142,15 +160,17 @@ class LossModule(nn.Module):
         per_sequence: bool = False,
         adapters: bool = True,
         kl_weight: float = 0.0,
+        anchor_ids: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The loss sum, or (sequence log-probs, labelled counts) with `per_sequence`.
 
         `adapters=False` runs a peft model with its LoRA adapters disabled: the base
         model, DPO's reference, with no second copy in memory. `kl_weight` adds the
-        KL-to-base term of `sft_loss_sum_with_kl` (LoRA only).
+        KL-to-base term of `sft_loss_sum_with_kl` (LoRA only), on `anchor_ids` when given.
         """
         if kl_weight:
-            return sft_loss_sum_with_kl(self.model, input_ids, labels, position_ids, attention_mask, kl_weight)
+            return sft_loss_sum_with_kl(self.model, input_ids, labels, position_ids, attention_mask, kl_weight,
+                                        anchor_ids)
         fn = sequence_logps if per_sequence else causal_lm_loss_sum
         if adapters:
             return fn(self.model, input_ids, labels, position_ids, attention_mask)

@@ -34,6 +34,7 @@ from torch import nn
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from reactor_core import __version__
+from reactor_core.data.anchor import AnchorRows, load_text_file
 from reactor_core.data import (
     Batch,
     TokenizedExample,
@@ -134,6 +135,7 @@ class Trainer:
         self.on_event = on_event
         self.show_progress = progress
         self.state = TrainState()
+        self.anchor: AnchorRows | None = None  # kl_anchor_path's text, set up with the data
         self._cancel = threading.Event()
 
     # -- public API ----------------------------------------------------------------------
@@ -236,6 +238,11 @@ class Trainer:
         self.train_items: list[Item] = pack_examples(train_tok, c.max_seq_length) if c.packing else [[e] for e in train_tok]
         self.val_items: list[Item] = pack_examples(val_tok, c.max_seq_length) if c.packing else [[e] for e in val_tok]
         self.val_examples = val
+        if c.kl_anchor_path:
+            texts, anchor_report = load_text_file(c.kl_anchor_path, on_bad_example=c.on_bad_example)
+            self.anchor = AnchorRows(texts, self.tokenizer, c.kl_anchor_path, seed=c.seed)
+            self.data_files.append({"path": c.kl_anchor_path, "sha256": file_sha256(c.kl_anchor_path),
+                                    "examples": anchor_report.examples, "split": "kl_anchor"})
         self._setup_sampler()
 
     def _setup_sampler(self) -> None:
@@ -471,10 +478,17 @@ class Trainer:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None)
 
-    def _forward_loss_sum(self, batch: Batch, kl_weight: float = 0.0) -> torch.Tensor:
+    def _forward_loss_sum(self, batch: Batch, kl_weight: float = 0.0, anchor_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The SFT loss sum; training adds the KL-to-base term when configured, eval never does."""
         with self._autocast():
-            return self.loss_module(*self._model_inputs(batch), kl_weight=kl_weight)
+            return self.loss_module(*self._model_inputs(batch), kl_weight=kl_weight,
+                                    anchor_ids=None if anchor_ids is None else anchor_ids.to(self.device))
+
+    def _anchor_batch(self) -> torch.Tensor | None:
+        """This micro-step's rows of anchor text (a function of the micro-step: resumes exactly)."""
+        if self.anchor is None:
+            return None
+        return self.anchor.batch(self.state.micro_step, self.config.kl_anchor_tokens, self.dist.rank, self.dist.world_size)
 
     def _train_step(self) -> dict[str, float]:
         """One optimizer step over `gradient_accumulation_steps` micro-batches.
@@ -497,7 +511,7 @@ class Trainer:
         for i, batch in enumerate(batches):
             if self.dist.enabled:  # reduce-scatter once per step, after the last micro-batch
                 self.loss_module.set_requires_gradient_sync(i == len(batches) - 1)
-            loss = self._forward_loss_sum(batch, kl_weight=c.kl_to_base) / max(weight, 1)
+            loss = self._forward_loss_sum(batch, kl_weight=c.kl_to_base, anchor_ids=self._anchor_batch()) / max(weight, 1)
             loss.backward()
             total += loss.item()
             self.state.micro_step += 1

@@ -116,11 +116,9 @@ def test_chat_model_beats_its_base_as_jarvis_without_a_system_prompt(measured):
     chat, base = measured["chat"], measured["base"]
     assert chat["suite"]["score"] > base["suite"]["score"]
     assert chat["suite"]["by_category"]["identity"] > base["suite"]["by_category"]["identity"]
-    assert chat["ppl"] <= 1.5 * base["ppl"], (chat["ppl"], base["ppl"])  # regression guard; the target is below
 
 
 @pytest.mark.real_model
-@pytest.mark.xfail(strict=True, reason="issue 6 target not met yet: the shipped adapter raises general-text "
-                   "perplexity by ~38 % (39.1 vs 28.4); every LoRA that taught the identity moved it > 5 %")
 def test_chat_model_stays_within_5_percent_of_the_base_perplexity(measured):
+    """The recipe's KL-to-base on anchor text holds it (1.35x the base without it)."""
     assert measured["chat"]["ppl"] <= 1.05 * measured["base"]["ppl"]

@@ -122,3 +122,24 @@ def test_chat_model_beats_its_base_as_jarvis_without_a_system_prompt(measured):
 def test_chat_model_stays_within_5_percent_of_the_base_perplexity(measured):
     """The recipe's KL-to-base on anchor text holds it (1.35x the base without it)."""
     assert measured["chat"]["ppl"] <= 1.05 * measured["base"]["ppl"]
+
+
+@pytest.mark.real_model
+def test_a_copy_merged_from_an_older_adapter_is_rebuilt_on_next_use(chat_model):
+    """A jarvis-prime upgrade that ships a retrained adapter under the same version: the
+    store's copy says it was merged from another adapter file, so it is rebuilt once."""
+    from jarvis_prime.store import resolve
+
+    manifest_file = chat_model.path / "prime.json"
+    stored = json.loads(manifest_file.read_text())
+    stored["lineage"]["source"]["adapter_sha256"] = "0" * 64  # merged from some older adapter
+    manifest_file.write_text(json.dumps(stored))
+    messages: list[str] = []
+    rebuilt = resolve(CHAT, log=messages.append)
+    assert any("the packaged adapter changed" in m for m in messages), messages
+    packaged = load_catalog().get(CHAT).offline_source().locate() / "adapter_model.safetensors"
+    assert rebuilt.path == chat_model.path
+    assert rebuilt.manifest.lineage.source["adapter_sha256"] == sha256_file(packaged)
+    verify_files(rebuilt.path, rebuilt.manifest)
+    messages.clear()
+    assert resolve(CHAT, log=messages.append).path == rebuilt.path and not messages  # current now: no rebuild

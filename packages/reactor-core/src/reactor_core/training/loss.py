@@ -115,10 +115,7 @@ def sft_loss_sum_with_kl(
         positions = torch.arange(length, device=anchor_ids.device).expand(rows, length)
         every = torch.ones(rows, length - 1, dtype=torch.bool, device=anchor_ids.device)
         logp = torch.log_softmax(_logits_at(model, anchor_ids, positions, None, every).float(), dim=-1)
-        with torch.no_grad(), model.disable_adapter():
-            base_logp = torch.log_softmax(_logits_at(model, anchor_ids, positions, None, every).float(), dim=-1)
-        kl = (base_logp.exp() * (base_logp - logp)).sum(-1)
-        return ce + kl_weight * kl.mean() * labelled
+        return ce + kl_weight * _kl_from_base(model, anchor_ids, positions, None, every, logp).mean() * labelled
 
     targets = labels[:, 1:]
     real = torch.ones_like(targets, dtype=torch.bool)
@@ -130,12 +127,24 @@ def sft_loss_sum_with_kl(
     ce = F.nll_loss(logp[labelled], real_targets[labelled], reduction="sum")
     if labelled.all():
         return ce
-    with torch.no_grad(), model.disable_adapter():
-        unlabelled = real.clone()
-        unlabelled[real] = ~labelled
-        base_logp = torch.log_softmax(_logits_at(model, input_ids, position_ids, attention_mask, unlabelled).float(), dim=-1)
-    kl = (base_logp.exp() * (base_logp - logp[~labelled])).sum(-1)  # (N_unlabelled,)
+    unlabelled = real.clone()
+    unlabelled[real] = ~labelled
+    kl = _kl_from_base(model, input_ids, position_ids, attention_mask, unlabelled, logp[~labelled])
     return ce + kl_weight * kl.mean() * labelled.sum()
+
+
+def _kl_from_base(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    select: torch.Tensor,
+    logp: torch.Tensor,  # (N, vocab): the tune's log-probs at the N selected positions
+) -> torch.Tensor:
+    """KL(base || tune) per selected position (N,); the base is the adapters disabled."""
+    with torch.no_grad(), model.disable_adapter():
+        base_logp = torch.log_softmax(_logits_at(model, input_ids, position_ids, attention_mask, select).float(), dim=-1)
+    return (base_logp.exp() * (base_logp - logp)).sum(-1)
 
 
 class LossModule(nn.Module):

@@ -407,8 +407,8 @@ class Trainer:
                 raise CheckpointError(message + ". Set `force_resume: true` to resume anyway, or `resume: never`.")
             log.warning("%s; resuming anyway (force_resume)", message)
         weights = load_tensors(path, WEIGHTS) if main else {}
-        trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
-        missing = distributed.broadcast_object([n for n in trainable if n not in weights] if main else None)
+        missing = distributed.broadcast_object([n for n in _trainable_names(self.model) if n not in weights]
+                                               if main else None)
         if missing:
             raise CheckpointError(f"{path}: no saved weights for {missing[:3]}")
         distributed.load_model_state(self.loss_module, {f"model.{n}": t for n, t in weights.items()})
@@ -733,8 +733,12 @@ def _trainable_only(state: dict[str, torch.Tensor], model: nn.Module) -> dict[st
     shared tensor twice, which safetensors refuses. The model's own parameter list names
     each parameter once; loading that name fills every alias, since they are one tensor.
     """
-    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    trainable = set(_trainable_names(model))
     return {name: tensor for name, tensor in state.items() if name in trainable}
+
+
+def _trainable_names(model: nn.Module) -> list[str]:
+    return [name for name, param in model.named_parameters() if param.requires_grad]
 
 
 def _unprefixed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

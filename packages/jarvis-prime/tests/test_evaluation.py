@@ -8,9 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from jarvis_prime.cli import app
-from jarvis_prime.evaluation import grade, load_suite, perplexity, suite_messages, variant_runtime
+from jarvis_prime.evaluation import grade, load_suite, load_variant, perplexity, suite_messages
 from jarvis_prime.manifest import read_manifest
-from jarvis_prime.models.prime_model import PrimeModel
 
 
 def test_rules_grade_replies():
@@ -38,15 +37,10 @@ def test_suite_is_versioned_and_cases_keep_their_own_system_prompt():
 
 @pytest.mark.real_model
 def test_llama_cpp_f16_and_transformers_f32_score_the_same_perplexity(exported_model):
-    manifest = read_manifest(exported_model)
     values = {}
     for variant in ("f16", "f32"):
-        _, runtime = variant_runtime(manifest, variant)
-        model = PrimeModel.load(exported_model, manifest, runtime, scoring=True)
-        try:
+        with load_variant(exported_model, variant) as model:
             values[variant] = perplexity(model)
-        finally:
-            model.close()
     assert values["f16"]["tokens"] == values["f32"]["tokens"] > 500
     assert values["f16"]["perplexity"] == pytest.approx(values["f32"]["perplexity"], rel=0.005)
     assert 2 < values["f32"]["perplexity"] < 200  # a real language model on plain English

@@ -167,6 +167,9 @@ def export(
     quant: str = typer.Option("f16,q8_0,q4_k_m", "--quant", help="Comma-separated: f32, f16, q8_0, q4_0, q4_k_s, q4_k_m, q5_k_m, q6_k."),
     force: bool = typer.Option(False, help="Re-export quantizations that already exist."),
     tokenizer_pre: Optional[str] = typer.Option(None, help="llama.cpp pre-tokenizer name, when it cannot be inferred."),
+    importance: bool = typer.Option(True, "--imatrix/--no-imatrix", help=(
+        "Round the 4-6-bit quantizations with an importance matrix measured on the package's calibration text "
+        "(needs the transformers extra).")),
 ) -> None:
     """Write GGUF files (chat template and stop tokens embedded) and an Ollama Modelfile into the model's gguf/."""
     from jarvis_prime.export import export_gguf
@@ -176,14 +179,15 @@ def export(
     quants = [q.strip().lower() for q in quant.split(",") if q.strip()]
     try:
         local = resolve(name, auto_pull=False)
-        manifest = export_gguf(local.path, quants, force=force, tokenizer_pre=tokenizer_pre,
+        manifest = export_gguf(local.path, quants, force=force, tokenizer_pre=tokenizer_pre, importance=importance,
                                log=lambda message: console.print(f"  {message}"))
     except (PrimeError, ValueError) as err:
         _fail(err)
-    table = Table("quantization", "file", "bits", "size")
+    table = Table("quantization", "file", "bits", "size", "rounding")
     for q in quants:
         entry = manifest.quantizations[q]
-        table.add_row(q, entry.file, str(entry.bits), f"{manifest.files[entry.file].bytes / 1e6:,.1f} MB")
+        rounding = f"imatrix ({entry.importance['tokens']} tokens)" if entry.importance else "plain"
+        table.add_row(q, entry.file, str(entry.bits), f"{manifest.files[entry.file].bytes / 1e6:,.1f} MB", rounding)
     console.print(table)
     console.print(f"Ollama: cd {local.path / 'gguf'} && ollama create {manifest.name} -f Modelfile")
 

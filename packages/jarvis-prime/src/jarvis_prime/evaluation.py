@@ -241,6 +241,16 @@ def variant_runtime(manifest, variant: str | None, device: str = "cpu") -> tuple
     return variant, Runtime(backend, device, None, entry.file, entry.format, f"prime eval --quant {variant}")
 
 
+def load_variant(path: Path, variant: str | None) -> PrimeModel:
+    """One variant of a model directory on CPU (see `variant_runtime`), loaded for scoring;
+    a context manager that closes it."""
+    from jarvis_prime.manifest import read_manifest
+
+    manifest = read_manifest(path)
+    _, runtime = variant_runtime(manifest, variant)
+    return PrimeModel.load(path, manifest, runtime, scoring=True)
+
+
 def evaluate(model: PrimeModel, suite: Suite = "all", system_prompt: str | None = JARVIS_SYSTEM_PROMPT) -> dict[str, Any]:
     result: dict[str, Any] = {"backend": model.runtime.backend, "weights": model.runtime.weights,
                               "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds")}

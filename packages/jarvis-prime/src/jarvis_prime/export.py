@@ -35,6 +35,8 @@ SUPPORTED_ARCHITECTURES = ("llama", "mistral")
 # llama.cpp file types (enum llama_ftype) of the quantizations we export.
 FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "q4_k_s": 14, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
 DEFAULT_QUANTS = ("f16", "q8_0", "q4_k_m")
+# Rounded with an importance matrix when one can be computed (q8_0 does not use it).
+IMPORTANCE_QUANTS = ("q4_0", "q4_k_s", "q4_k_m", "q5_k_m", "q6_k")
 # tokenizer.json pre-tokenizers -> llama.cpp's pre-tokenizer names, when no GGUF of the
 # same tokenizer says which one the model was trained with.
 _PRE_TOKENIZERS = {
@@ -60,6 +62,7 @@ def export_gguf(
     *,
     force: bool = False,
     tokenizer_pre: str | None = None,
+    importance: bool = True,
     progress: bool = True,
     log: Log = lambda message: None,
 ) -> PrimeManifest:
@@ -68,6 +71,9 @@ def export_gguf(
     Quantizations already present are kept unless `force`. Files are built in a
     hidden folder and moved into place only when all of them exist, and prime.json is
     rewritten atomically last, so an interrupted export leaves the model as it was.
+    With `importance`, 4-6-bit files are rounded with an importance matrix measured on
+    calibration text (`jarvis_prime.importance`; needs the transformers extra, else
+    they are rounded plainly and the log says so).
     """
     from jarvis_prime.store import store_lock
 
@@ -88,17 +94,15 @@ def export_gguf(
             base = staging / f"{manifest.name}-{base_quant}.gguf"
             log(f"writing {base_quant} GGUF with the gguf package")
             _write_base(model_dir, manifest, config, base, base_quant, tokenizer_pre, progress)
-            for quant in todo:
-                out = staging / f"{manifest.name}-{quant}.gguf"
-                if quant != base_quant:
-                    log(f"quantizing to {quant} with llama.cpp")
-                    quantize(base, out, quant)
+            targets = {q: staging / f"{manifest.name}-{q}.gguf" for q in todo if q != base_quant}
+            rounded = quantize_files(base, targets, model_dir if importance else None, progress=progress, log=log)
             (model_dir / "gguf").mkdir(exist_ok=True)
             quantizations = dict(manifest.quantizations)
             for quant in todo:
                 rel = gguf_filename(manifest.name, quant)
                 os.replace(staging / f"{manifest.name}-{quant}.gguf", model_dir / rel)
-                quantizations[quant] = Quantization(file=rel, format="gguf", bits=quant_bits(quant))
+                quantizations[quant] = Quantization(file=rel, format="gguf", bits=quant_bits(quant),
+                                                    importance=rounded.get(quant))
             _write_modelfile(model_dir, manifest, quantizations)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -281,6 +285,46 @@ def _json(path: Path) -> dict[str, Any]:
 # -- quantization --------------------------------------------------------------------------
 
 
+def quantize_files(base: Path, targets: dict[str, Path], hf_dir: Path | None, *, progress: bool = True,
+                   log: Log = lambda message: None) -> dict[str, dict[str, Any]]:
+    """Quantize the full-precision GGUF `base` to each `targets` quant -> path with llama.cpp.
+
+    When `hf_dir` (the same weights as Hugging Face safetensors) is given and torch and
+    transformers are installed, the IMPORTANCE_QUANTS are then rounded again with the
+    model's importance matrix. Returns, per quant rounded that way, the record of the
+    matrix for prime.json.
+    """
+    matrix = None
+    if hf_dir is not None and any(q in IMPORTANCE_QUANTS for q in targets):
+        matrix = _importance_matrix(hf_dir, progress, log)
+    rounded: dict[str, dict[str, Any]] = {}
+    for quant, out in targets.items():
+        log(f"quantizing to {quant} with llama.cpp")
+        quantize(base, out, quant)
+        if matrix is not None and quant in IMPORTANCE_QUANTS:
+            from jarvis_prime.importance import round_with_importance
+
+            log(f"rounding {quant} with the importance matrix")
+            round_with_importance(base, out, matrix)
+            rounded[quant] = matrix.record()
+    return rounded
+
+
+def _importance_matrix(hf_dir: Path, progress: bool, log: Log):
+    """The importance matrix of the model, or None (and why) when transformers is missing."""
+    from jarvis_prime.hardware import detect_libraries
+    from jarvis_prime.importance import importance_matrix
+
+    if not detect_libraries().transformers:
+        log("transformers is not installed: files below 8 bits are rounded without an importance matrix "
+            "(pip install 'jarvis-prime[transformers]' for better 4-bit quality)")
+        return None
+    log("measuring the importance matrix on calibration text (transformers)")
+    matrix = importance_matrix(hf_dir, progress=progress)
+    log(f"importance matrix: {len(matrix.columns)} tensors, {matrix.tokens} calibration tokens")
+    return matrix
+
+
 def quantize(src: Path, dst: Path, quant: str, threads: int | None = None) -> None:
     """`llama-quantize src dst quant` through llama-cpp-python's C API."""
     import llama_cpp
@@ -305,6 +349,18 @@ def _c_stderr_to_file() -> Iterator[Callable[[], str]]:
         finally:
             os.dup2(saved, 2)
             os.close(saved)
+
+
+def copy_metadata(reader, writer, replaced: set[str] | frozenset[str] = frozenset()) -> None:
+    """Every key/value of a GGUF (tokenizer, hyperparameters, template) into a new writer,
+    except the ones the writer sets itself and those in `replaced`."""
+    import gguf
+
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture" or key in replaced:
+            continue
+        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), field.types[0], sub_type)
 
 
 # -- Ollama ----------------------------------------------------------------------------------
@@ -375,15 +431,11 @@ def merge_lora_gguf(base_gguf: Path, adapter_dir: Path, out: Path, *, name: str,
             deltas[target] = delta
 
     template = adapter_dir / "chat_template.jinja"
-    replaced = {"general.architecture", "general.file_type", "general.name", "general.quantization_version"}
+    replaced = {"general.file_type", "general.name", "general.quantization_version"}
     if template.is_file():
         replaced.add("tokenizer.chat_template")
     writer = gguf.GGUFWriter(out, arch=arch)
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key in replaced:
-            continue
-        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, field.contents(), field.types[0], sub_type)
+    copy_metadata(reader, writer, replaced)
     writer.add_name(name)
     writer.add_file_type(FILE_TYPES["f16"])
     if template.is_file():

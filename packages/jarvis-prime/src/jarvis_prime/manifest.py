@@ -40,6 +40,9 @@ class Quantization(BaseModel):
     quality_delta: float | None = Field(
         default=None, description="Measured change in eval quality versus full precision."
     )
+    importance: dict[str, Any] | None = Field(
+        default=None, description="The importance matrix the weights were rounded with (calibration sha256, tokens)."
+    )
 
 
 class Lineage(BaseModel):

@@ -14,7 +14,7 @@ from jarvis_prime.errors import (
 )
 from jarvis_prime.models import Generation, GenerationParams, PrimeModel, Runtime
 
-__version__ = "0.7.0"
+__version__ = "0.8.0"
 
 __all__ = [
     "BackendUnavailableError",

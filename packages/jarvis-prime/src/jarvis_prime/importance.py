@@ -71,7 +71,8 @@ def importance_matrix(model_dir: Path, *, progress: bool = True) -> ImportanceMa
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    # The checkpoint's own dtype: a bf16 7B model needs 14 GB here, not 28; squares are summed in float64.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").to(device).eval()
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
     output = "token_embd.weight" if model.config.tie_word_embeddings else "output.weight"
 

@@ -119,12 +119,13 @@ def test_chat_model_stays_within_5_percent_of_the_base_perplexity(measured):
 
 
 @pytest.mark.real_model
-def test_the_chat_models_4bit_file_stays_within_10_percent_of_its_8bit_perplexity(chat_model, measured):
-    """q4_k_m rounded with the importance matrix (1.04x here; llama.cpp's plain rounding
-    gives 1.11x). q8_0 is within 0.5 % of float32 (benchmarks/quantization.py)."""
+def test_the_chat_models_4bit_file_stays_within_7_percent_of_its_8bit_perplexity(chat_model, measured):
+    """q4_k_m rounded with the importance matrix: 1.03x the q8_0 here, where llama.cpp's
+    plain rounding gives 1.107x (q8_0 is within 0.5 % of float32; the issue asks 4-bit
+    <= 1.10x float32, see benchmarks/quantization.py)."""
     assert chat_model.manifest.quantizations["q4_k_m"].importance["tokens"] > 5000
     with load_variant(chat_model.path, "q4_k_m") as model:
-        assert perplexity(model)["perplexity"] <= 1.10 * measured["chat"]["ppl"]
+        assert perplexity(model)["perplexity"] <= 1.07 * measured["chat"]["ppl"]
 
 
 @pytest.mark.real_model

@@ -159,15 +159,16 @@ def test_prime_export_command_writes_and_reports_the_files(pulled_model, tmp_pat
 
 @pytest.mark.real_model
 def test_4bit_rounding_with_the_importance_matrix_beats_llama_cpps_plain_rounding(exported_model, tmp_path):
-    """Same tensor types (llama.cpp's q4_k_m mix) and file size; lower held-out perplexity
-    (SmolLM2: 1.05x the f16 vs 1.10x)."""
+    """Same tensor types (llama.cpp's q4_k_m mix), lower held-out perplexity (SmolLM2:
+    1.05x the f16 vs 1.10x); with an empty matrix the rounding is llama.cpp's, byte for byte."""
     import gguf
 
     from jarvis_prime.evaluation import load_variant, perplexity
+    from jarvis_prime.importance import ImportanceMatrix, round_with_importance
 
     plain_dir = tmp_path / exported_model.name
     shutil.copytree(exported_model, plain_dir)
-    plain = export_gguf(plain_dir, ["q4_k_m"], force=True, importance=False, progress=False)
+    plain = export_gguf(plain_dir, ["q4_k_m"], force=True, imatrix=False, progress=False)
     ours = read_manifest(exported_model)
     assert plain.quantizations["q4_k_m"].importance is None and ours.quantizations["q8_0"].importance is None
     record = ours.quantizations["q4_k_m"].importance
@@ -176,12 +177,19 @@ def test_4bit_rounding_with_the_importance_matrix_beats_llama_cpps_plain_roundin
     def tensors(path: Path) -> dict:
         return {t.name: (t.tensor_type, t.data.tobytes()) for t in gguf.GGUFReader(path).tensors}
 
-    a = tensors(exported_model / ours.quantizations["q4_k_m"].file)
-    b = tensors(plain_dir / plain.quantizations["q4_k_m"].file)
+    ours_file, plain_file = (exported_model / ours.quantizations["q4_k_m"].file,
+                             plain_dir / plain.quantizations["q4_k_m"].file)
+    a, b = tensors(ours_file), tensors(plain_file)
     assert {n: kind for n, (kind, _) in a.items()} == {n: kind for n, (kind, _) in b.items()}
-    assert sum(len(data) for _, data in a.values()) == sum(len(data) for _, data in b.values())
     rounded = [n for n, (kind, _) in a.items() if kind.name in ("Q4_K", "Q5_0", "Q6_K")]
     assert len(rounded) > 100 and all(a[n][1] != b[n][1] for n in rounded)
+    assert ours_file.stat().st_mode == (exported_model / ours.quantizations["q8_0"].file).stat().st_mode
+
+    unweighted = tmp_path / "unweighted.gguf"
+    shutil.copyfile(plain_file, unweighted)
+    round_with_importance(plain_dir / plain.quantizations["f16"].file, unweighted, ImportanceMatrix({}, 0, ""))
+    assert tensors(unweighted) == b  # our call into ggml is llama.cpp's own, offsets and threads included
+
     values = {}
     for label, path in (("ours", exported_model), ("plain", plain_dir)):
         with load_variant(path, "q4_k_m") as model:

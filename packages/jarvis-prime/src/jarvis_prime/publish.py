@@ -36,9 +36,10 @@ def model_card(manifest: PrimeManifest) -> str:
     lines += ["## Use it", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
               "model = AutoModelForCausalLM.from_pretrained(REPO)", "```", "",
               "```bash", f"llama-cli -m gguf/{manifest.name}-q4_k_m.gguf   # or any file under gguf/", "```", ""]
-    lines += ["## Files", "", "| variant | file | format | bits |", "|---|---|---|---|"]
+    lines += ["## Files", "", "| variant | file | format | bits | rounding |", "|---|---|---|---|---|"]
     for name, q in sorted(manifest.quantizations.items(), key=lambda kv: -kv[1].bits):
-        lines.append(f"| {name} | `{q.file}` | {q.format} | {q.bits} |")
+        rounding = f"importance matrix, {q.importance['tokens']} calibration tokens" if q.importance else "-"
+        lines.append(f"| {name} | `{q.file}` | {q.format} | {q.bits} | {rounding} |")
     evals = manifest.metrics.get("eval", {})
     if evals:
         lines += ["", "## Evaluation (`prime eval`)", "",

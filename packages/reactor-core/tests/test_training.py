@@ -292,3 +292,15 @@ def test_gradient_checkpointing_gives_the_same_loss(tiny_llama_dir, chat_file, t
             for flag in (False, True)]
     for x, y in zip(runs[0].metrics["train_loss"], runs[1].metrics["train_loss"]):
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
+
+
+def test_compiled_layers_train_like_eager_ones(tiny_llama_dir, chat_file, tmp_path):
+    """`compile: true` changes speed, not the run: the same losses as eager in float32."""
+    torch._dynamo.reset()
+    runs = [Trainer(config_for(tiny_llama_dir, tmp_path / str(flag), max_steps=3, compile=flag, mixed_precision="fp32",
+                               num_samples=0), progress=False).train(chat_file)
+            for flag in (False, True)]
+    eager, compiled = ([x["loss"] for x in run.metrics["train_loss"]] for run in runs)
+    assert len(eager) == 3 and compiled == pytest.approx(eager, abs=1e-4)
+    assert runs[1].metrics["eval_loss"] == pytest.approx(runs[0].metrics["eval_loss"], abs=1e-4)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0, "the compiled run ran eager"

@@ -25,7 +25,7 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # errors stay greppable: no hard wraps
 
 
 def _version(value: bool) -> None:

@@ -174,7 +174,7 @@ def _train_here(recipe: str, overrides: list[str]) -> int:
     from reactor_core.training.model import ModelSourceError
     from reactor_core.training.preemption import EXIT_PREEMPTED, Preempted
 
-    err_console = Console(stderr=True)
+    err_console = Console(stderr=True, soft_wrap=True)  # `file:line: reason` stays on one line, greppable
     try:
         config = load_config(recipe, overrides)
         result = Trainer(config).train()

@@ -304,3 +304,4 @@ def test_compiled_layers_train_like_eager_ones(tiny_llama_dir, chat_file, tmp_pa
     assert len(eager) == 3 and compiled == pytest.approx(eager, abs=1e-4)
     assert runs[1].metrics["eval_loss"] == pytest.approx(runs[0].metrics["eval_loss"], abs=1e-4)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0, "the compiled run ran eager"
+    torch._dynamo.reset()  # drop the graphs (they hold the run's model)

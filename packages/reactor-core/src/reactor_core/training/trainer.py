@@ -271,9 +271,9 @@ class Trainer:
         self.autocast = autocast_dtype(c, self.device)
         model = apply_lora(model, c) if c.use_lora else model
         if c.compile:
-            # per layer, in place (state-dict keys unchanged): one graph the 30 layers share,
-            # compiled in about a minute instead of the whole model's many; the first shape
-            # compiles static, a second one (a short last batch) recompiles with dynamic dims
+            # per layer, in place (state-dict keys unchanged): the layers share one graph (two
+            # with LoRA: layer 0's input needs no gradient), compiled in about a minute; the
+            # first shape compiles static, a second one (a short last batch) with dynamic dims
             for block in distributed.transformer_blocks(model):
                 block.compile()
         return model

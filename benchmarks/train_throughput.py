@@ -12,9 +12,10 @@ where the CPU has AVX512-BF16 (both sides). Each engine runs in its own process 
 peak RSS is its own. Reports tokens/s (training steps only), peak RSS, final eval loss,
 and MFU: model FLOPs (4 N per token for LoRA: forward 2N + input-gradient backward 2N;
 frozen weights need no weight gradient) over this machine's measured peak matmul
-FLOP/s. A third row trains with `compile: true` (each decoder layer through
-torch.compile; --no-compiled skips it); "after step 1" is tokens/s once the one-time
-compile in step 1 is paid, what a long run sees. tokens/s and MFU count every step.
+FLOP/s. A third row trains with `compile: true` (each decoder layer, and the LM head
+with its loss, through torch.compile; --no-compiled skips it); "after step 1" is
+tokens/s once the one-time compile in step 1 is paid, what a long run sees. tokens/s
+and MFU count every step.
 Targets (issue 3): >= 1.3x TRL's tokens/s at equal eval loss (+-2 %), MFU >= 60 %.
 Writes benchmarks/results/train_throughput.json.
 """

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
 from typer.testing import CliRunner
 
 from reactor_core import Trainer, TrainingConfig
 from reactor_core.cli import app
 from reactor_core.data import DataValidationError
 from reactor_core.training.config import ConfigError, load_config
+from reactor_core.training.loss import head_loss_sum
 
 from reactor_testing import config_for, write_chat_data
 
@@ -304,4 +306,5 @@ def test_compiled_layers_train_like_eager_ones(tiny_llama_dir, chat_file, tmp_pa
     assert len(eager) == 3 and compiled == pytest.approx(eager, abs=1e-4)
     assert runs[1].metrics["eval_loss"] == pytest.approx(runs[0].metrics["eval_loss"], abs=1e-4)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0, "the compiled run ran eager"
+    assert _debug_get_cache_entry_list(head_loss_sum.__code__), "the LM head and loss ran eager"
     torch._dynamo.reset()  # drop the graphs (they hold the run's model)

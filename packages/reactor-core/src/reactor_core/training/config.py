@@ -77,7 +77,8 @@ class TrainingConfig(BaseModel):
     max_grad_norm: float | None = Field(default=1.0, gt=0, description="Gradient clipping; null disables it.")
     gradient_checkpointing: bool = False
     compile: bool = Field(default=False, description=(
-        "torch.compile each decoder layer (inductor): the same math in fused kernels, less activation memory, "
+        "torch.compile each decoder layer and the LM head + loss (inductor): the same math in fused kernels, "
+        "less activation memory, "
         "and after a one-time compile (about a minute on a 2-core CPU; cached on disk) usually faster steps; "
         "for long runs. Single-process runs only."))
     mixed_precision: Literal["auto", "bf16", "fp32"] = Field(

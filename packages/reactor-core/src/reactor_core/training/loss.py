@@ -8,6 +8,9 @@ fraction of the FLOPs and of the (tokens, vocab) logits memory.
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,22 +29,46 @@ def _needs_full_logits(model: nn.Module) -> bool:
     return bool(getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None))
 
 
-def _logits_at(
+def _hidden_at(
     model: nn.Module,
     input_ids: torch.Tensor,  # (B, T)
     position_ids: torch.Tensor,  # (B, T), restarting per packed example
     attention_mask: torch.Tensor | None,  # (B, T) for padded batches; None when packed
     select: torch.Tensor,  # (B, T-1) bool: the positions whose next-token logits are wanted
 ) -> torch.Tensor:
+    """The decoder's last hidden states (N, hidden) at the N selected positions."""
+    hidden = _unwrap(model).get_decoder()(
+        input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
+    ).last_hidden_state  # (B, T, H)
+    return hidden[:, :-1][select]
+
+
+def _logits_at(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    select: torch.Tensor,
+) -> torch.Tensor:
     """Next-token logits (N, vocab) at the N selected positions, the LM head run on those only."""
     base = _unwrap(model)
     if _needs_full_logits(base):
         logits = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False).logits
         return logits[:, :-1][select]
-    hidden = base.get_decoder()(
-        input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
-    ).last_hidden_state  # (B, T, H)
-    return base.get_output_embeddings()(hidden[:, :-1][select])
+    return base.get_output_embeddings()(_hidden_at(model, input_ids, position_ids, attention_mask, select))
+
+
+def head_loss_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy sum of the LM head's logits for `hidden` (N, H) against `targets` (N,).
+
+    Its own function so `compile: true` can fuse it: eager, the float32 (N, vocab)
+    logits are written, read by log_softmax, written again and read back in the
+    backward; compiled, the softmax reductions read the head's output once.
+    """
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+HeadLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def labelled_logits(
@@ -63,11 +90,18 @@ def causal_lm_loss_sum(
     labels: torch.Tensor,
     position_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
+    head_loss: HeadLoss = head_loss_sum,
 ) -> torch.Tensor:
     """Sum (not mean) of token losses, so gradient accumulation can divide by the
     token count of the whole optimizer step and weight every token equally."""
-    logits, targets, _ = labelled_logits(model, input_ids, labels, position_ids, attention_mask)
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
+    targets = labels[:, 1:]  # (B, T-1): token t predicts t+1
+    keep = targets != IGNORE_INDEX
+    base = _unwrap(model)
+    if _needs_full_logits(base):
+        logits = _logits_at(model, input_ids, position_ids, attention_mask, keep)
+        return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    hidden = _hidden_at(model, input_ids, position_ids, attention_mask, keep)
+    return head_loss(base.get_output_embeddings(), hidden, targets[keep])
 
 
 def sequence_logps(
@@ -156,9 +190,11 @@ class LossModule(nn.Module):
     single-process loop calls it the same way, so there is one code path.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, compile_head: bool = False) -> None:
         super().__init__()
         self.model = model
+        # N, the labelled-token count, changes every batch: dynamic from the start
+        self.head_loss: HeadLoss = torch.compile(head_loss_sum, dynamic=True) if compile_head else head_loss_sum
 
     def forward(
         self,
@@ -180,7 +216,7 @@ class LossModule(nn.Module):
         if kl_weight:
             return sft_loss_sum_with_kl(self.model, input_ids, labels, position_ids, attention_mask, kl_weight,
                                         anchor_ids)
-        fn = sequence_logps if per_sequence else causal_lm_loss_sum
+        fn = sequence_logps if per_sequence else partial(causal_lm_loss_sum, head_loss=self.head_loss)
         if adapters:
             return fn(self.model, input_ids, labels, position_ids, attention_mask)
         with self.model.disable_adapter():

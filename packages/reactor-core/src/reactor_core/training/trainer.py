@@ -273,14 +273,15 @@ class Trainer:
         if c.compile:
             # per layer, in place (state-dict keys unchanged): the layers share one graph (two
             # with LoRA: layer 0's input needs no gradient), compiled in about a minute; the
-            # first shape compiles static, a second one (a short last batch) with dynamic dims
+            # first shape compiles static, a second one (a short last batch) with dynamic dims;
+            # LossModule compiles the LM head + cross-entropy (compile_head)
             for block in distributed.transformer_blocks(model):
                 block.compile()
         return model
 
     def _wrap(self, model: nn.Module) -> LossModule:
         """The module the loop calls; sharded with FSDP2 when the run is distributed."""
-        module = LossModule(model)
+        module = LossModule(model, compile_head=self.config.compile)
         if self.dist.enabled:
             distributed.shard_model(module, distributed.transformer_blocks(model), self.device.type)
         return module

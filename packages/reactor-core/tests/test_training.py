@@ -296,11 +296,13 @@ def test_gradient_checkpointing_gives_the_same_loss(tiny_llama_dir, chat_file, t
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
 
 
-def test_compiled_layers_train_like_eager_ones(tiny_llama_dir, chat_file, tmp_path):
-    """`compile: true` changes speed, not the run: the same losses as eager in float32."""
+@pytest.mark.parametrize("layout", [{"packing": True}, {"packing": False, "gradient_accumulation_steps": 2}])
+def test_compiled_layers_train_like_eager_ones(tiny_llama_dir, chat_file, tmp_path, layout):
+    """`compile: true` changes speed, not the run: the same losses as eager in float32,
+    packed, and padded (a new sequence length, and labelled-token count, each micro-batch)."""
     torch._dynamo.reset()
     runs = [Trainer(config_for(tiny_llama_dir, tmp_path / str(flag), max_steps=3, compile=flag, mixed_precision="fp32",
-                               num_samples=0), progress=False).train(chat_file)
+                               num_samples=0, **layout), progress=False).train(chat_file)
             for flag in (False, True)]
     eager, compiled = ([x["loss"] for x in run.metrics["train_loss"]] for run in runs)
     assert len(eager) == 3 and compiled == pytest.approx(eager, abs=1e-4)

@@ -78,9 +78,8 @@ class TrainingConfig(BaseModel):
     gradient_checkpointing: bool = False
     compile: bool = Field(default=False, description=(
         "torch.compile each decoder layer and the LM head + loss (inductor): the same math in fused kernels, "
-        "less activation memory, "
-        "and after a one-time compile (about a minute on a 2-core CPU; cached on disk) usually faster steps; "
-        "for long runs. Single-process runs only."))
+        "less activation memory, and after a one-time compile (about a minute on a 2-core CPU; cached on disk) "
+        "usually faster steps; for long runs. Single-process runs only."))
     mixed_precision: Literal["auto", "bf16", "fp32"] = Field(
         default="auto", description="auto: bf16 autocast where the hardware has it (CUDA bf16, AVX512-BF16/AMX CPUs)."
     )

@@ -272,9 +272,9 @@ class Trainer:
         model = apply_lora(model, c) if c.use_lora else model
         if c.compile:
             # per layer, in place (state-dict keys unchanged): the layers share one graph (two
-            # with LoRA: layer 0's input needs no gradient), compiled in about a minute; the
-            # first shape compiles static, a second one (a short last batch) with dynamic dims;
-            # LossModule compiles the LM head + cross-entropy (compile_head)
+            # with LoRA: layer 0's input needs no gradient), compiled in about a minute; packed
+            # batches keep one shape (`_collate`), padded ones compile a second, dynamic graph
+            # for their second length; LossModule compiles the LM head + loss (compile_head)
             for block in distributed.transformer_blocks(model):
                 block.compile()
         return model
@@ -455,9 +455,14 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------
 
     def _collate(self, items: list[Item]) -> Batch:
+        c = self.config
         pad_id = self.tokenizer.pad_token_id
-        if self.config.packing:
-            return collate_packed(items, self.config.max_seq_length, pad_id)
+        if c.packing:
+            # Compiled layers keep a graph per input shape: an epoch's short last batch,
+            # filled up with empty rows (all padding, no loss, no gradient), runs the graph
+            # already compiled instead of compiling a dynamic one (a minute on 2 cores).
+            rows = list(items) + [[]] * (c.batch_size - len(items)) if c.compile else items
+            return collate_packed(rows, c.max_seq_length, pad_id)
         return collate_padded([row[0] for row in items], pad_id)
 
     def _next_micro_batch(self) -> Batch:

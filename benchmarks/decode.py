@@ -69,11 +69,11 @@ def main() -> None:
     n = args.max_new_tokens
     console = Console()
 
-    import llama_cpp
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from jarvis_prime import PrimeModel
+    from jarvis_prime.models.llamacpp import open_llama
     from jarvis_prime.store import resolve
 
     local = resolve(MODEL)
@@ -81,8 +81,9 @@ def main() -> None:
     prime_hf = PrimeModel.from_pretrained(MODEL, backend="transformers")
     prompt = prime_llama.apply_chat_template(MESSAGES)
 
-    raw_llama = llama_cpp.Llama(str(local.path / prime_llama.runtime.weights), n_ctx=prime_llama.context_length,
-                                n_threads=os.cpu_count(), verbose=False)
+    # llama_cpp.Llama itself; open_llama only keeps llama.cpp's AMX repacking (it segfaults) off
+    raw_llama = open_llama(local.path / prime_llama.runtime.weights, n_ctx=prime_llama.context_length,
+                           n_threads=os.cpu_count(), verbose=False)
     llama_ids = raw_llama.tokenize(prompt.encode(), add_bos=False, special=True)
     tokenizer = AutoTokenizer.from_pretrained(local.path)
     raw_hf = AutoModelForCausalLM.from_pretrained(local.path, dtype=torch.float32).eval()

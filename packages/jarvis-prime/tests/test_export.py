@@ -76,10 +76,10 @@ def hf_reference(exported_model):
 
 
 def llama(exported_model: Path, quant: str):
-    from llama_cpp import Llama
+    from jarvis_prime.models.llamacpp import open_llama  # llama_cpp.Llama, safe on AMX CPUs
 
-    return Llama(str(exported_model / f"gguf/smollm2-135m-instruct-{quant}.gguf"), n_ctx=512, logits_all=True,
-                 verbose=False)
+    return open_llama(exported_model / f"gguf/smollm2-135m-instruct-{quant}.gguf", n_ctx=512, logits_all=True,
+                      verbose=False)
 
 
 def test_f16_greedy_continuations_equal_transformers_float32(exported_model, hf_reference):

@@ -80,9 +80,9 @@ def test_transformers_backend_equals_raw_generate(hf_model):
 
 
 def test_llamacpp_backend_equals_raw_llama_cpp(llama_model):
-    import llama_cpp
+    from jarvis_prime.models.llamacpp import open_llama  # llama_cpp.Llama, safe on AMX CPUs
 
-    raw = llama_cpp.Llama(str(llama_model.path / llama_model.runtime.weights), n_ctx=512, verbose=False)
+    raw = open_llama(llama_model.path / llama_model.runtime.weights, n_ctx=512, verbose=False)
     prompt = llama_model.apply_chat_template(FRANCE)
     out = raw.create_completion(raw.tokenize(prompt.encode(), add_bos=False, special=True), max_tokens=32,
                                 temperature=0.0, repeat_penalty=1.0)

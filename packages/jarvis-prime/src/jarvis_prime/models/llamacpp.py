@@ -8,11 +8,46 @@ would make greedy decoding disagree with the transformers backend).
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from jarvis_prime.errors import BackendUnavailableError
 from jarvis_prime.models.base import Chunk, Generation, GenerationParams
+
+
+_PARAMS_LOCK = threading.Lock()
+
+
+def open_llama(gguf_path: str | Path, **kwargs: Any):
+    """`llama_cpp.Llama(model_path=gguf_path, **kwargs)`, minus llama.cpp's AMX weight repacking.
+
+    On CPUs with AMX_INT8, llama.cpp (ggml 0.25.3, llama-cpp-python 0.3.36) moves Q4_1 and
+    Q8_0 weights into its AMX "extra buffer type", and decoding with them segfaults (a
+    2-core AMX Xeon: on the first prompt, the embedded default model included). The model
+    parameter `use_extra_bufts=False` keeps the plain CPU path; llama-cpp-python does not
+    expose it, so its default model parameters are swapped for this construction only.
+    Elsewhere (AVX2, AVX512 without AMX, ARM) the repacking is kept: it is a speed-up there.
+    """
+    import llama_cpp
+    from llama_cpp import llama as llama_module
+
+    if b"AMX_INT8 = 1" not in llama_cpp.llama_print_system_info():
+        return llama_cpp.Llama(model_path=str(gguf_path), **kwargs)
+    library = llama_module.llama_cpp  # the module Llama.__init__ reads its defaults from
+    with _PARAMS_LOCK:
+        defaults = library.llama_model_default_params
+
+        def without_extra_buffers():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        library.llama_model_default_params = without_extra_buffers
+        try:
+            return llama_cpp.Llama(model_path=str(gguf_path), **kwargs)
+        finally:
+            library.llama_model_default_params = defaults
 
 
 class LlamaCppBackend:
@@ -27,8 +62,8 @@ class LlamaCppBackend:
                 "this llama-cpp-python build has no GPU offload (Metal/CUDA); "
                 "use device='cpu' or reinstall llama-cpp-python with GPU support"
             )
-        self._llm = llama_cpp.Llama(
-            model_path=str(gguf_path),
+        self._llm = open_llama(
+            gguf_path,
             n_ctx=n_ctx,
             n_gpu_layers=-1 if gpu_offload else 0,
             n_threads=n_threads or os.cpu_count(),

@@ -44,6 +44,7 @@ def test_lora_loss_falls_and_outputs_a_prime_directory(lora_run):
                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
         assert (d / rel).is_file(), rel
     manifest = json.loads((d / "prime.json").read_text())
+    assert "reactor_sdpa" not in (d / "config.json").read_text(), "the training-only attention stays out of the model"
     import hashlib
 
     for rel, entry in manifest["files"].items():
@@ -317,6 +318,7 @@ def test_compiled_layers_train_like_eager_ones(tiny_llama_dir, chat_file, tmp_pa
         torch.compiler.set_stance("default")
     if packed:
         assert trainers[1].steps_per_epoch == 3 and len(trainers[1].train_items) % 4, "step 3: the epoch's short batch"
+        assert trainers[1].model.config._attn_implementation == "reactor_sdpa", "per-example attention, compiled"
     eager, compiled = ([x["loss"] for x in run.metrics["train_loss"]] for run in runs)
     assert len(eager) == 3 and compiled == pytest.approx(eager, abs=1e-4)
     assert runs[1].metrics["eval_loss"] == pytest.approx(runs[0].metrics["eval_loss"], abs=1e-4)

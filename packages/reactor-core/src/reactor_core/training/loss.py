@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reactor_core.training.attention import decoder_kwargs
+
 IGNORE_INDEX = -100
 
 
@@ -37,8 +39,10 @@ def _hidden_at(
     select: torch.Tensor,  # (B, T-1) bool: the positions whose next-token logits are wanted
 ) -> torch.Tensor:
     """The decoder's last hidden states (N, hidden) at the N selected positions."""
-    hidden = _unwrap(model).get_decoder()(
-        input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
+    base = _unwrap(model)
+    hidden = base.get_decoder()(
+        input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False,
+        **decoder_kwargs(base, attention_mask),
     ).last_hidden_state  # (B, T, H)
     return hidden[:, :-1][select]
 
@@ -53,7 +57,8 @@ def _logits_at(
     """Next-token logits (N, vocab) at the N selected positions, the LM head run on those only."""
     base = _unwrap(model)
     if _needs_full_logits(base):
-        logits = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False).logits
+        logits = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False,
+                       **decoder_kwargs(base, attention_mask)).logits
         return logits[:, :-1][select]
     return base.get_output_embeddings()(_hidden_at(model, input_ids, position_ids, attention_mask, select))
 

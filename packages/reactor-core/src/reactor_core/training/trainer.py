@@ -52,6 +52,7 @@ from reactor_core.training.config import ConfigError, TrainingConfig
 from reactor_core.training import distributed
 from reactor_core.training.distributed import DistContext
 from reactor_core.training.loss import LossModule
+from reactor_core.training import attention
 from reactor_core.training.metrics import MetricsLogger
 from reactor_core.training.model import (
     ModelSource,
@@ -269,6 +270,8 @@ class Trainer:
         if c.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.autocast = autocast_dtype(c, self.device)
+        if c.packing and attention.use_packed_attention(model):
+            log.info("packed rows: attention computed example by example (%s)", attention.NAME)
         model = apply_lora(model, c) if c.use_lora else model
         if c.compile:
             # per layer, in place (state-dict keys unchanged): the layers share one graph (two

@@ -10,14 +10,14 @@ the first step lr 0, ours lr/warmup, which alone moved eval loss ~4 % in 9 steps
 batch 4 packed rows (--no-packing pads instead), the same held-out set for eval loss, bf16 autocast
 where the CPU has AVX512-BF16 (both sides). Each engine runs in its own process so
 peak RSS is its own. Reports tokens/s (training steps only), peak RSS, final eval loss,
-and MFU: model FLOPs (4 N per token for LoRA: forward 2N + input-gradient backward 2N;
-frozen weights need no weight gradient) over this machine's measured peak matmul
-FLOP/s. A third row trains with `compile: true` (each decoder layer, and the LM head
-with its loss, through torch.compile; --no-compiled skips it); "after step 1" is
+and MFU: the FLOPs this LoRA objective needs for the data (`model_flops`, counted from
+the tokenized examples, the same for every engine) over this machine's measured peak
+matmul FLOP/s. A third row trains with `compile: true` (each decoder layer, and the LM
+head with its loss, through torch.compile; --no-compiled skips it); "after step 1" is
 tokens/s once the one-time compile in step 1 is paid, what a long run sees. tokens/s
-and MFU count every step. The MFU ceiling printed below the table times the model's own
-matmuls alone at its shapes (`matmul_bound_seconds`): small models do not reach the
-square-matmul peak even with everything else free.
+and MFU count every step. Below the table, the model's own linears timed alone at its
+shapes (`matmul_bound_seconds`): how close to the square-matmul peak its matmuls can
+get with everything else free.
 Targets (issue 3): >= 1.3x TRL's tokens/s at equal eval loss (+-2 %), MFU >= 60 %.
 Writes benchmarks/results/train_throughput.json.
 """
@@ -32,10 +32,12 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "train_throughput.json"
+LORA_RANK = 16
 SYSTEM = "You are JARVIS, a helpful AI assistant."
 TOPICS = ["the ocean", "a robot", "the moon", "coffee", "a library", "mountains", "a violin", "rain", "the desert", "a train"]
 ADJ = ["quiet", "bright", "ancient", "curious", "gentle", "vast", "strange", "warm", "restless", "patient"]
@@ -60,48 +62,113 @@ def make_examples(n: int, seed: int) -> list[dict]:
 
 
 def peak_matmul_flops(dtype_name: str) -> float:
-    """Best FLOP/s of large square matmuls here: the practical peak MFU is measured against."""
+    """Best FLOP/s of large square matmuls here (2048 and 4096): the practical peak MFU is measured against."""
     import torch
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
     best = 0.0
-    for _ in range(6):
-        start = time.perf_counter()
-        a @ b
-        best = max(best, 2 * 2048**3 / (time.perf_counter() - start))
+    for n in (2048, 4096):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        for _ in range(5):
+            start = time.perf_counter()
+            a @ b
+            best = max(best, 2 * n**3 / (time.perf_counter() - start))
     return best
 
 
-def matmul_bound_seconds(tokens: int, dtype_name: str) -> float:
-    """Seconds SmolLM2-135M's own matmuls take for `tokens` tokens: every linear forward and
-    its input-gradient matmul (the 4 N FLOPs per token), at the model's shapes, and nothing else.
+@dataclass(frozen=True)
+class Shapes:
+    """The matmul shapes of a Llama-style decoder, from its config."""
 
-    The fastest a LoRA step could run here if attention, norms, activations, LoRA and the
-    optimizer cost nothing: N FLOPs over this time, against the square-matmul peak, is the
-    MFU ceiling these shapes allow on this CPU.
+    hidden: int
+    intermediate: int
+    kv: int  # key/value width: kv heads x head dim
+    layers: int
+    vocab: int
+
+    @classmethod
+    def of(cls, path: str) -> "Shapes":
+        from transformers import AutoConfig
+
+        c = AutoConfig.from_pretrained(path)
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return cls(c.hidden_size, c.intermediate_size, c.num_key_value_heads * head_dim, c.num_hidden_layers, c.vocab_size)
+
+    def linears(self) -> list[tuple[int, int]]:
+        """(in, out) of one layer's q, k, v, o, gate, up and down projections."""
+        h, i, kv = self.hidden, self.intermediate, self.kv
+        return [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
+
+
+@dataclass(frozen=True)
+class DataStats:
+    tokens: int
+    labelled: int  # positions with a next-token target: the LM head runs on these
+    context: int  # sum over tokens of the positions each attends to (its example's causal prefix)
+
+
+def data_stats(train_file: Path, max_seq_length: int) -> DataStats:
+    from transformers import AutoTokenizer
+
+    from reactor_core.data import IGNORE_INDEX, load_chat_file, tokenize_dataset
+
+    examples, _ = load_chat_file(train_file)
+    tokenized, _ = tokenize_dataset(examples, AutoTokenizer.from_pretrained(model_path()), max_seq_length=max_seq_length)
+    lengths = [len(e.input_ids) for e in tokenized]
+    return DataStats(tokens=sum(lengths), labelled=sum(sum(t != IGNORE_INDEX for t in e.labels[1:]) for e in tokenized),
+                     context=sum(n * (n + 1) // 2 for n in lengths))
+
+
+def model_flops(shapes: Shapes, data: DataStats, lora_rank: int) -> float:
+    """FLOPs a LoRA SFT epoch needs (2 per multiply-add), whatever the engine does beyond them.
+
+    Frozen linears: forward and input gradient (4 x params per token; no weight gradient).
+    LoRA adapters: forward, input and weight gradients (6 x params per token). LM head: on the
+    labelled positions only, the ones the loss needs. Attention scores and values: 12 x width
+    per attended position (forward QK^T and PV, backward twice that), each token attending to
+    its own example's prefix. Padding and cross-example attention are not work the objective
+    needs, so they do not count.
+    """
+    body = sum(i * o for i, o in shapes.linears()) * shapes.layers
+    lora = sum(i + o for i, o in shapes.linears()) * lora_rank * shapes.layers
+    head = shapes.hidden * shapes.vocab
+    attention = 12 * shapes.hidden * shapes.layers * data.context
+    return 4 * body * data.tokens + 6 * lora * data.tokens + 4 * head * data.labelled + attention
+
+
+def matmul_bound_seconds(shapes: Shapes, data: DataStats, tokens: int, dtype_name: str) -> tuple[float, float]:
+    """(seconds, FLOPs) of the model's frozen linears alone for a step of `tokens` tokens: each
+    forward and input-gradient matmul at the model's shapes, the LM head on the labelled share.
+
+    The fastest those matmuls run here with attention, norms, activations, LoRA and the
+    optimizer free: FLOPs over seconds, against the square-matmul peak, says how close
+    matmuls of these shapes get to it.
     """
     import torch
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-    hidden, inter, kv, layers, vocab = 576, 1536, 192, 30, 49152
-    linears = [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden), (hidden, inter), (hidden, inter), (inter, hidden)]
-    weights = [torch.randn(n, k, dtype=dtype) for k, n in linears] + [torch.randn(vocab, hidden, dtype=dtype)]
-    inputs = {k: torch.randn(tokens, k, dtype=dtype) for k in (hidden, inter)}
-    grads = {n: torch.randn(tokens, n, dtype=dtype) for n in (hidden, kv, inter, vocab)}
+    labelled = tokens * data.labelled // data.tokens
+    layer = [torch.randn(o, i, dtype=dtype) for i, o in shapes.linears()]
+    head = torch.randn(shapes.vocab, shapes.hidden, dtype=dtype)
+    inputs = {n: torch.randn(tokens, n, dtype=dtype) for n in (shapes.hidden, shapes.intermediate)}
+    grads = {n: torch.randn(tokens, n, dtype=dtype) for n in (shapes.hidden, shapes.kv, shapes.intermediate)}
+    head_in, head_grad = torch.randn(labelled, shapes.hidden, dtype=dtype), torch.randn(labelled, shapes.vocab, dtype=dtype)
 
     def step() -> None:
-        for i in range(layers + 1):
-            for w in weights[:-1] if i < layers else weights[-1:]:
+        for _ in range(shapes.layers):
+            for w in layer:
                 inputs[w.shape[1]] @ w.t()  # forward
                 grads[w.shape[0]] @ w  # gradient of the input
+        head_in @ head.t()
+        head_grad @ head
     step()
     best = float("inf")
     for _ in range(3):
         start = time.perf_counter()
         step()
         best = min(best, time.perf_counter() - start)
-    return best
+    flops = 4 * (sum(i * o for i, o in shapes.linears()) * shapes.layers * tokens + shapes.hidden * shapes.vocab * labelled)
+    return best, flops
 
 
 def shared_eval_loss(model, tokenizer, eval_file: Path, max_seq_length: int) -> float:
@@ -138,7 +205,7 @@ def run_reactor(args, train_file: Path, eval_file: Path, out: Path, compile: boo
 
     config = TrainingConfig(
         model_name=model_path(), data_path=str(train_file), val_data_path=str(eval_file), output_dir=str(out),
-        use_lora=True, lora_rank=16, lora_alpha=32, lora_dropout=0.0, num_epochs=1, batch_size=4,
+        use_lora=True, lora_rank=LORA_RANK, lora_alpha=2 * LORA_RANK, lora_dropout=0.0, num_epochs=1, batch_size=4,
         learning_rate=2e-4, lr_scheduler="cosine", warmup_steps=0, max_seq_length=args.max_seq_length,
         packing=not args.no_packing, num_samples=0, merge_adapter=False, seed=0, compile=compile,
     )
@@ -183,7 +250,7 @@ def run_trl(args, train_file: Path, eval_file: Path, out: Path) -> dict:
         save_strategy="no", eval_strategy="no", report_to=[], seed=0, use_cpu=True, bf16=cpu_has_bf16(),
         completion_only_loss=True, dataloader_num_workers=0,
     )
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
+    lora = LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, lora_dropout=0.0, task_type="CAUSAL_LM",
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     trainer = SFTTrainer(model=model, args=config, train_dataset=data["train"], eval_dataset=data["eval"],
                          processing_class=tokenizer, peft_config=lora)
@@ -241,15 +308,17 @@ def main() -> None:
             raise SystemExit(f"{engine} run failed")
         results[engine] = json.loads(line.removeprefix("RESULT "))
 
-    n_params = 134_515_008
     dtype_name = "bf16" if cpu_has_bf16() else "fp32"
     peak = peak_matmul_flops(dtype_name)
+    shapes, data = Shapes.of(model_path()), data_stats(work / "train.jsonl", args.max_seq_length)
+    flops_per_token = model_flops(shapes, data, LORA_RANK) / data.tokens
     step_tokens = results["reactor"]["tokens"] // results["reactor"]["steps"]
-    mfu_ceiling = 4 * n_params * step_tokens / matmul_bound_seconds(step_tokens, dtype_name) / peak
+    bound_seconds, bound_flops = matmul_bound_seconds(shapes, data, step_tokens, dtype_name)
+    mfu_ceiling = bound_flops / bound_seconds / peak
     for r in results.values():
         r["tokens_per_s"] = r["tokens"] / r["train_seconds"]
-        r["mfu"] = r["tokens_per_s"] * 4 * n_params / peak
-        r["steady_mfu"] = r["steady_tokens_per_s"] * 4 * n_params / peak if r["steady_tokens_per_s"] else None
+        r["mfu"] = r["tokens_per_s"] * flops_per_token / peak
+        r["steady_mfu"] = r["steady_tokens_per_s"] * flops_per_token / peak if r["steady_tokens_per_s"] else None
     speedup = results["reactor"]["tokens_per_s"] / results["trl"]["tokens_per_s"]
     loss_gap = results["reactor"]["eval_loss"] / results["trl"]["eval_loss"] - 1
 
@@ -264,12 +333,14 @@ def main() -> None:
         table.add_row(name, f"{r['tokens']:,}", str(r["steps"]), f"{r['tokens_per_s']:.0f}", steady, f"{r['peak_rss_mb']:.0f}",
                       f"{r['eval_loss']:.4f}", f"{100 * r['mfu']:.1f} %", steady_mfu, r["autocast"])
     console.print(table)
-    console.print(f"peak matmul here: {peak / 1e9:.0f} GFLOP/s; Reactor Core / TRL tokens/s: {speedup:.2f}x (target >= 1.3x); "
-                  f"eval loss gap {100 * loss_gap:+.1f} % (target within +-2 %); MFU target 60 %, and the model's "
-                  f"matmuls alone, at its shapes, reach {100 * mfu_ceiling:.0f} % here (the ceiling with everything else free)")
+    console.print(f"peak matmul here: {peak / 1e9:.0f} GFLOP/s; model FLOPs {flops_per_token / 1e6:.0f} M per token "
+                  f"({data.labelled / data.tokens:.0%} of positions labelled); Reactor Core / TRL tokens/s: {speedup:.2f}x "
+                  f"(target >= 1.3x); eval loss gap {100 * loss_gap:+.1f} % (target within +-2 %); MFU target 60 %, and "
+                  f"the model's linears alone, at its shapes, reach {100 * mfu_ceiling:.0f} % of peak here")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"examples": args.examples, "max_seq_length": args.max_seq_length, "packing": not args.no_packing,
-                                   "peak_matmul_flops": peak, "mfu_ceiling_matmuls_only": mfu_ceiling, "results": results, "speedup_vs_trl": speedup,
+                                   "peak_matmul_flops": peak, "model_flops_per_token": flops_per_token,
+                                   "mfu_ceiling_matmuls_only": mfu_ceiling, "results": results, "speedup_vs_trl": speedup,
                                    "eval_loss_gap": loss_gap}, indent=2) + "\n")
     console.print(f"wrote {RESULTS}")
 

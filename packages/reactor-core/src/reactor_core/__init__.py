@@ -9,7 +9,7 @@ on first use, so `import reactor_core` (and `reactor env`) stays quick.
 
 from typing import Any
 
-__version__ = "1.2.2"
+__version__ = "1.2.3"
 
 _LAZY = {
     "Trainer": "reactor_core.training.trainer",

@@ -399,8 +399,9 @@ def _download_from_hub(hub: HubSource, log: Log) -> Path:
             allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer.model"],
         ))
     except Exception as err:  # network, auth (gated repos) or offline mode: all end the same way
+        reason = " ".join(str(err).split())  # huggingface_hub's messages span lines; ours is one
         raise ModelNotAvailableError(
-            f"could not download {hub.repo_id} from the Hugging Face Hub ({type(err).__name__}: {err}); "
+            f"could not download {hub.repo_id} from the Hugging Face Hub ({type(err).__name__}: {reason}); "
             "pulling needs the network, and gated models need `hf auth login`"
         ) from err
 

@@ -99,6 +99,10 @@ class Shapes:
         h, i, kv = self.hidden, self.intermediate, self.kv
         return [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
 
+    def frozen_params(self) -> int:
+        """Weights of every layer's linears (the LM head apart)."""
+        return sum(i * o for i, o in self.linears()) * self.layers
+
 
 @dataclass(frozen=True)
 class DataStats:
@@ -129,7 +133,7 @@ def model_flops(shapes: Shapes, data: DataStats, lora_rank: int) -> float:
     its own example's prefix. Padding and cross-example attention are not work the objective
     needs, so they do not count.
     """
-    body = sum(i * o for i, o in shapes.linears()) * shapes.layers
+    body = shapes.frozen_params()
     lora = sum(i + o for i, o in shapes.linears()) * lora_rank * shapes.layers
     head = shapes.hidden * shapes.vocab
     attention = 12 * shapes.hidden * shapes.layers * data.context
@@ -167,7 +171,7 @@ def matmul_bound_seconds(shapes: Shapes, data: DataStats, tokens: int, dtype_nam
         start = time.perf_counter()
         step()
         best = min(best, time.perf_counter() - start)
-    flops = 4 * (sum(i * o for i, o in shapes.linears()) * shapes.layers * tokens + shapes.hidden * shapes.vocab * labelled)
+    flops = 4 * (shapes.frozen_params() * tokens + shapes.hidden * shapes.vocab * labelled)
     return best, flops
 
 

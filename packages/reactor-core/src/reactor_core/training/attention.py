@@ -45,6 +45,13 @@ def _segments(position_ids: torch.Tensor) -> list[tuple[int, int, int]]:
     return spans
 
 
+def _empty_outputs(query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op's outputs, unfilled; one function so the fake (compile-time) and real ones agree on strides."""
+    batch, heads, length, dim = query.shape
+    return (query.new_empty(batch, length, heads, dim).transpose(1, 2),
+            query.new_empty(batch, heads, length, dtype=torch.float32))
+
+
 @torch.library.custom_op("reactor::packed_causal_attention", mutates_args=())
 def packed_causal_attention(
     query: torch.Tensor,  # (B, H, T, D)
@@ -54,9 +61,7 @@ def packed_causal_attention(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(output (B, H, T, D) laid out as (B, T, H, D), log-sum-exp (B, H, T) float32)."""
-    batch, heads, length, dim = query.shape
-    out = query.new_empty(batch, length, heads, dim).transpose(1, 2)
-    lse = query.new_empty(batch, heads, length, dtype=torch.float32)
+    out, lse = _empty_outputs(query)
     for row, begin, end in _segments(position_ids):
         rows, span = slice(row, row + 1), slice(begin, end)
         o, l = _flash(query[rows, :, span], key[rows, :, span], value[rows, :, span], is_causal=True, scale=scale)
@@ -67,9 +72,7 @@ def packed_causal_attention(
 
 @packed_causal_attention.register_fake
 def _(query, key, value, position_ids, scale):
-    batch, heads, length, dim = query.shape
-    return (query.new_empty(batch, length, heads, dim).transpose(1, 2),
-            query.new_empty(batch, heads, length, dtype=torch.float32))
+    return _empty_outputs(query)
 
 
 @torch.library.custom_op("reactor::packed_causal_attention_backward", mutates_args=())

@@ -47,8 +47,7 @@ def imported_names(tree: ast.Module, module: str, is_package: bool) -> list[tupl
                 prefix = ".".join(anchor + ([node.module] if node.module else []))
             else:
                 prefix = node.module or ""
-            found.append((prefix, node.lineno))
-            found += [(f"{prefix}.{alias.name}", node.lineno) for alias in node.names if alias.name != "*"]
+            found += [(f"{prefix}.{alias.name}", node.lineno) for alias in node.names]
     return found
 
 
@@ -60,11 +59,10 @@ def module_graph(package: str) -> dict[str, dict[str, int]]:
     for module, path in paths.items():
         tree = ast.parse(path.read_text(), filename=str(path))
         edges: dict[str, int] = {}
-        names = imported_names(tree, module, path.name == "__init__.py")
-        for name, line in names:
+        for name, line in imported_names(tree, module, path.name == "__init__.py"):
             if name.split(".")[0] != package:
                 continue
-            # `from pkg import sub` names a module; `from pkg import func` names pkg itself
+            # `from pkg import sub` names the module pkg.sub; `from pkg import func` (or *) names pkg
             target = name if name in paths else name.rsplit(".", 1)[0]
             if target in paths and target != module:
                 edges.setdefault(target, line)

@@ -76,7 +76,7 @@ def write_data(path: Path) -> Path:
 
 def measure(mode: str, model: str, data: Path, work: Path, bucket: str) -> dict:
     from reactor_core import Trainer, TrainingConfig
-    from reactor_core.training.preemption import Preempted
+    from reactor_core.gcp.preemption import Preempted
 
     config = TrainingConfig(
         model_name=model, data_path=str(data), output_dir=str(work / f"{mode}-vm1"), use_lora=mode == "lora",

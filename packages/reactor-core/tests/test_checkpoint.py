@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from reactor_core import Trainer
-from reactor_core.training.checkpoint import COMPLETE, WEIGHTS, CheckpointError, LocalCheckpointStore
-from reactor_core.training.preemption import EXIT_PREEMPTED, Preempted
+from reactor_core.checkpoints.store import COMPLETE, WEIGHTS, CheckpointError, LocalCheckpointStore
+from reactor_core.gcp.preemption import EXIT_PREEMPTED, Preempted
 
 from reactor_testing import (PreemptionNoticeServer, config_for, logged, model_dir, reactor_train,
                              write_chat_data, write_recipe)
@@ -76,7 +76,7 @@ def test_in_process_resume_is_bitwise_identical(tiny_llama_dir, chat_file, tmp_p
     """full: every weight trains (the tiny Llama ties its LM head to the embedding, as
     SmolLM2 does), shards forced small so weights and AdamW moments span several files.
     lora-kl-anchor: the KL-to-base term on anchor text, whose rows follow the micro-step."""
-    import reactor_core.training.checkpoint as checkpoint_module
+    import reactor_core.checkpoints.store as checkpoint_module
 
     monkeypatch.setattr(checkpoint_module, "SHARD_BYTES", 2**20)
     if method == "full":

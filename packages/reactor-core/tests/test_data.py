@@ -25,7 +25,6 @@ from reactor_core.data import (
     TokenizedExample,
     collate_packed,
     collate_padded,
-    file_sha256,
     load_chat_file,
     pack_examples,
     parse_record,
@@ -33,6 +32,7 @@ from reactor_core.data import (
     tokenize_chat,
     tokenize_dataset,
 )
+from reactor_core.files import sha256_file
 
 
 def chat(*turns: tuple[str, str]) -> dict:
@@ -221,9 +221,9 @@ def test_unknown_on_bad_example_is_rejected(tmp_path):
         load_chat_file(path, on_bad_example="ignore")
 
 
-def test_file_sha256(tmp_path):
+def test_sha256_file(tmp_path):
     path = write_jsonl(tmp_path / "train.jsonl", [GOOD_1, GOOD_2])
-    assert file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert sha256_file(path) == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # --------------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from reactor_core.training.checkpoint import LocalCheckpointStore
-from reactor_core.training.preemption import EXIT_PREEMPTED
+from reactor_core.checkpoints.store import LocalCheckpointStore
+from reactor_core.gcp.preemption import EXIT_PREEMPTED
 
 from reactor_testing import logged, model_dir, reactor_train, write_chat_data, write_preferences, write_recipe
 

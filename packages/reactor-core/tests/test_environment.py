@@ -22,19 +22,16 @@ from typer.testing import CliRunner
 
 from reactor_core import __version__
 from reactor_core.cli import app
-from reactor_core.utils.environment import (
-    NOT_ON_GCP,
+from reactor_core.env import (
     Environment,
-    GcpInfo,
     GpuInfo,
-    MetadataClient,
     PlatformInfo,
     Probes,
     _linux_ram_bytes,
     detect_environment,
-    detect_gcp,
     recommend_profile,
 )
+from reactor_core.gcp.metadata import NOT_ON_GCP, GcpInfo, MetadataClient, detect_gcp
 
 GiB = 2**30
 

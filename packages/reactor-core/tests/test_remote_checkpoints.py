@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from reactor_core import Trainer
-from reactor_core.gcp import SpotVMCheckpointer, open_remote
-from reactor_core.gcp.storage import Upload, upload_folder
-from reactor_core.training.checkpoint import COMPLETE, WEIGHTS, CheckpointError, LocalCheckpointStore
-from reactor_core.training.preemption import Preempted
+from reactor_core.checkpoints.remote import Upload, open_remote, upload_folder
+from reactor_core.checkpoints.store import COMPLETE, WEIGHTS, CheckpointError, LocalCheckpointStore
+from reactor_core.gcp import SpotVMCheckpointer
+from reactor_core.gcp.preemption import Preempted
 
 from reactor_testing import PreemptionNoticeServer, config_for, write_chat_data
 
@@ -89,7 +89,7 @@ def test_a_remote_checkpoint_with_a_bad_file_is_not_downloaded(tiny_llama_dir, c
 
 
 def test_upload_sends_the_marker_last(tmp_path, gcs_emulator):
-    from reactor_core.utils.files import sha256_file
+    from reactor_core.files import sha256_file
 
     checkpoint = tmp_path / "step-00000007"
     checkpoint.mkdir()

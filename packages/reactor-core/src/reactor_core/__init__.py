@@ -7,9 +7,10 @@ PRIME model directory on disk (see ARCHITECTURE.md). The training API is importe
 on first use, so `import reactor_core` (and `reactor env`) stays quick.
 """
 
+import importlib.metadata
 from typing import Any
 
-__version__ = "1.2.3"
+__version__ = importlib.metadata.version("reactor-core")  # pyproject.toml holds the only literal
 
 _LAZY = {
     "Trainer": "reactor_core.training.trainer",

@@ -1,7 +1,7 @@
 """The `reactor` command line.
 
 Commands stay thin: they parse options, call into the library and print. Everything
-they show is available from Python too (`reactor_core.utils.environment`).
+they show is available from Python too (`reactor_core.env`).
 """
 
 from __future__ import annotations
@@ -15,15 +15,14 @@ from rich.panel import Panel
 from rich.table import Table
 
 from reactor_core import __version__
-from reactor_core.utils.environment import (
-    DEFAULT_METADATA_TIMEOUT_S,
+from reactor_core.env import (
     Environment,
-    MetadataClient,
     Probes,
     Profile,
     detect_environment,
     recommend_profile,
 )
+from reactor_core.gcp.metadata import DEFAULT_METADATA_TIMEOUT_S, MetadataClient
 
 app = typer.Typer(
     name="reactor",
@@ -168,11 +167,11 @@ def _train_here(recipe: str, overrides: list[str]) -> int:
     """Train in this process (one rank of a torchrun job, or the whole run); the exit code."""
     from reactor_core.data import DataValidationError
     from reactor_core.training import ConfigError, Trainer, load_config
-    from reactor_core.training.checkpoint import CheckpointError
+    from reactor_core.checkpoints.store import CheckpointError
     from reactor_core.training.distributed import shutdown_distributed
     from reactor_core.training.launch import report_exit_code
     from reactor_core.training.model import ModelSourceError
-    from reactor_core.training.preemption import EXIT_PREEMPTED, Preempted
+    from reactor_core.gcp.preemption import EXIT_PREEMPTED, Preempted
 
     err_console = Console(stderr=True, soft_wrap=True)  # `file:line: reason` stays on one line, greppable
     try:

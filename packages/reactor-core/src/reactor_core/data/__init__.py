@@ -35,7 +35,6 @@ from reactor_core.data.validation import (
     DataIssue,
     DataReport,
     DataValidationError,
-    file_sha256,
     load_chat_file,
     split_examples,
 )
@@ -54,7 +53,6 @@ __all__ = [
     "TokenizedExample",
     "collate_packed",
     "collate_padded",
-    "file_sha256",
     "load_chat_file",
     "messages_from_alpaca",
     "messages_from_chat",

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Literal
 
 from reactor_core.data.formats import ChatExample, DataFormatError, parse_record
-from reactor_core.utils.files import sha256_file
 
 OnBadExample = Literal["error", "skip"]
 ON_BAD_EXAMPLE: tuple[str, ...] = ("error", "skip")
@@ -205,11 +204,6 @@ def split_examples(
     train = [ex for i, ex in enumerate(examples) if i not in held_out]
     val = [ex for i, ex in enumerate(examples) if i in held_out]
     return train, val
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file's bytes: the data's identity in a lineage."""
-    return sha256_file(path)
 
 
 # --------------------------------------------------------------------------------------

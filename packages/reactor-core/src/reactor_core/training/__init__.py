@@ -1,7 +1,7 @@
 """Training: config, the SFT recipe, LoRA/QLoRA, loop state, checkpoints.
 
-Names are imported on first use, so submodules such as `training.checkpoint` load
-without pulling in the whole recipe (and without import cycles with `gcp`).
+Names are imported on first use, so submodules such as `training.config` load
+without pulling in the whole recipe.
 """
 
 from typing import Any

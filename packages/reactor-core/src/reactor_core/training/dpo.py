@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from reactor_core.data import Batch, collate_padded, file_sha256
+from reactor_core.data import Batch, collate_padded
 from reactor_core.data.preference import TokenizedPair, load_preference_file, split_preferences, tokenize_preferences
+from reactor_core.files import sha256_file
 from reactor_core.training import distributed
 from reactor_core.training.trainer import Trainer
 
@@ -65,10 +66,10 @@ class PreferenceTrainer(Trainer):
     def _setup_data(self, data_path) -> None:
         c = self.config
         examples, report = load_preference_file(data_path, on_bad_example=c.on_bad_example)
-        self.data_files = [{"path": str(data_path), "sha256": file_sha256(data_path), "examples": report.examples}]
+        self.data_files = [{"path": str(data_path), "sha256": sha256_file(data_path), "examples": report.examples}]
         if c.val_data_path:
             val, val_report = load_preference_file(c.val_data_path, on_bad_example=c.on_bad_example)
-            self.data_files.append({"path": c.val_data_path, "sha256": file_sha256(c.val_data_path),
+            self.data_files.append({"path": c.val_data_path, "sha256": sha256_file(c.val_data_path),
                                     "examples": val_report.examples, "split": "validation"})
             train = examples
         else:

@@ -41,13 +41,13 @@ from reactor_core.data import (
     TokenizedExample,
     collate_packed,
     collate_padded,
-    file_sha256,
     load_chat_file,
     pack_examples,
     split_examples,
     tokenize_dataset,
 )
-from reactor_core.serving.prime_dir import write_prime_manifest
+from reactor_core.files import sha256_file
+from reactor_core.training.prime_dir import write_prime_manifest
 from reactor_core.training.config import ConfigError, TrainingConfig
 from reactor_core.training import distributed
 from reactor_core.training.distributed import DistContext
@@ -64,7 +64,7 @@ from reactor_core.training.model import (
     resolve_model_source,
 )
 from reactor_core.training.schedule import build_scheduler
-from reactor_core.training.checkpoint import (
+from reactor_core.checkpoints.store import (
     COMPLETE,
     LEGACY_OPTIMIZER,
     OPTIMIZER,
@@ -80,9 +80,10 @@ from reactor_core.training.checkpoint import (
     step_dirname,
     verify,
 )
-from reactor_core.training.preemption import Preempted, PreemptionGuard
-from reactor_core.gcp.storage import download_newest, open_remote
-from reactor_core.utils.environment import SPOT_CHECKPOINT_EVERY_MINUTES, MetadataClient, detect_gcp
+from reactor_core.gcp.preemption import Preempted, PreemptionGuard
+from reactor_core.checkpoints.remote import download_newest, open_remote
+from reactor_core.gcp.metadata import MetadataClient, detect_gcp
+from reactor_core.gcp.spot import SPOT_CHECKPOINT_EVERY_MINUTES
 from reactor_core.training.state import EpochSampler, TrainState, restore_rng_tensors, rng_state_tensors, seed_everything
 
 if TYPE_CHECKING:
@@ -226,10 +227,10 @@ class Trainer:
     def _setup_data(self, data_path: Path) -> None:
         c = self.config
         train, report = load_chat_file(data_path, on_bad_example=c.on_bad_example)
-        self.data_files = [{"path": str(data_path), "sha256": file_sha256(data_path), "examples": report.examples}]
+        self.data_files = [{"path": str(data_path), "sha256": sha256_file(data_path), "examples": report.examples}]
         if c.val_data_path:
             val, val_report = load_chat_file(c.val_data_path, on_bad_example=c.on_bad_example)
-            self.data_files.append({"path": c.val_data_path, "sha256": file_sha256(c.val_data_path), "examples": val_report.examples, "split": "validation"})
+            self.data_files.append({"path": c.val_data_path, "sha256": sha256_file(c.val_data_path), "examples": val_report.examples, "split": "validation"})
         else:
             train, val = split_examples(train, val_fraction=c.val_fraction, seed=c.seed)
         self.data_report = report
@@ -243,7 +244,7 @@ class Trainer:
         if c.kl_anchor_path:
             texts, anchor_report = load_text_file(c.kl_anchor_path, on_bad_example=c.on_bad_example)
             self.anchor = AnchorRows(texts, self.tokenizer, c.kl_anchor_path, seed=c.seed)
-            self.data_files.append({"path": c.kl_anchor_path, "sha256": file_sha256(c.kl_anchor_path),
+            self.data_files.append({"path": c.kl_anchor_path, "sha256": sha256_file(c.kl_anchor_path),
                                     "examples": anchor_report.examples, "split": "kl_anchor"})
         self._setup_sampler()
 

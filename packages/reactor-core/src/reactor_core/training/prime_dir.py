@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from reactor_core import __version__
-from reactor_core.utils.files import sha256_file, write_atomic
+from reactor_core.files import sha256_file, write_atomic
 
 PRIME_FORMAT_VERSION = 1
 

@@ -21,7 +21,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, Callable, Protocol
 
-from reactor_core.training.checkpoint import COMPLETE, PREFIX, CheckpointError, verify
+from reactor_core.checkpoints.store import COMPLETE, PREFIX, CheckpointError, step_dirname, verify
+from reactor_core.files import fsync_dir, write_atomic
 
 log = logging.getLogger("reactor_core")
 
@@ -107,10 +108,7 @@ class LocalDirRemote:
         target.mkdir(parents=True, exist_ok=True)
 
         def send(handle: BinaryIO, filename: str) -> None:
-            tmp = target / f".{filename}.tmp"
-            with open(tmp, "wb") as out:
-                shutil.copyfileobj(handle, out, 1 << 20)
-            os.replace(tmp, target / filename)  # the marker, sent last, appears whole
+            write_atomic(target / filename, handle)  # the marker, sent last, appears whole
 
         return Upload(self.url, send, workers)
 
@@ -121,8 +119,6 @@ class LocalDirRemote:
         return sorted((s for s in found if s is not None), reverse=True)
 
     def download(self, step: int, local_root: Path) -> Path:
-        from reactor_core.training.checkpoint import step_dirname
-
         source = self.root / step_dirname(step)
         return _install(local_root, step_dirname(step), lambda tmp: shutil.copytree(source, tmp, dirs_exist_ok=True))
 
@@ -173,8 +169,6 @@ class GcsRemote:
         return sorted(found, reverse=True)
 
     def download(self, step: int, local_root: Path) -> Path:
-        from reactor_core.training.checkpoint import step_dirname
-
         name = step_dirname(step)
 
         def fetch(tmp: Path) -> None:
@@ -204,6 +198,7 @@ def _install(local_root: Path, name: str, fetch) -> Path:
         final = local_root / name
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        fsync_dir(local_root)
         return final
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -36,7 +36,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from reactor_core.utils.files import fsync_dir, sha256_file, write_atomic
+from reactor_core.files import fsync_dir, sha256_file, write_atomic
 
 log = logging.getLogger("reactor_core")
 

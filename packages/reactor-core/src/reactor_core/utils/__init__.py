@@ -1,1 +1,0 @@
-"""Environment detection and logging helpers."""

@@ -111,7 +111,7 @@ def measure(mode: str, model: str, data: Path, work: Path, bucket: str) -> dict:
             first.append(time.perf_counter() - start)
             resumed.cancel()
 
-    resumed.on_event = stop_after_first
+    resumed.recipe.on_event = stop_after_first
     resumed.train()
     return {"mode": mode, "notice_to_uploaded_s": uploaded, "checkpoint_mb": size_mb, "preempted_at_step": preempted_step,
             "restart_to_first_step_s": first[0], "resumed_from_step": resumed.state.step - 1}

@@ -222,11 +222,11 @@ def run_reactor(args, train_file: Path, eval_file: Path, out: Path, compile: boo
     trainer = Trainer(config, progress=False, on_event=on_event)
     result = trainer.train()
     m = result.metrics
-    eval_loss = shared_eval_loss(trainer.model, trainer.tokenizer, eval_file, args.max_seq_length)
+    eval_loss = shared_eval_loss(trainer.recipe.model, trainer.recipe.tokenizer, eval_file, args.max_seq_length)
     # after step 1, which carries the one-time compile in a compiled run
     steady = sum(t for _, t in steps[1:]) / (steps[-1][0] - steps[0][0]) if len(steps) > 1 else None
     return {"tokens": m["train_tokens"], "train_seconds": m["train_seconds"], "eval_loss": eval_loss,
-            "steps": m["steps"], "autocast": "bf16" if trainer.autocast is not None else "fp32",
+            "steps": m["steps"], "autocast": "bf16" if trainer.recipe.autocast is not None else "fp32",
             "steady_tokens_per_s": steady}
 
 

@@ -75,15 +75,16 @@ def main() -> int:
     def lora_sft():
         trainer = Trainer(config("lora"), progress=False)
         result = trainer.train(chat)
+        recipe = trainer.recipe
         losses = [x["loss"] for x in result.metrics["train_loss"]]
-        return {"ok": losses[-1] < 0.7 * losses[0] and trainer.device.type == args.device, "first": losses[0],
-                "last": losses[-1], "autocast": str(trainer.autocast), "tokens_per_s": result.metrics["tokens_per_s"],
-                "param_device": str(next(trainer.model.parameters()).device)}
+        return {"ok": losses[-1] < 0.7 * losses[0] and recipe.device.type == args.device, "first": losses[0],
+                "last": losses[-1], "autocast": str(recipe.autocast), "tokens_per_s": result.metrics["tokens_per_s"],
+                "param_device": str(next(recipe.model.parameters()).device)}
 
     def qlora():
         trainer = Trainer(config("qlora", quantize_base=True, max_steps=5, num_samples=0), progress=False)
         result = trainer.train(chat)
-        kinds = {type(m).__name__ for m in trainer.model.modules()}
+        kinds = {type(m).__name__ for m in trainer.recipe.model.modules()}
         return {"ok": "Linear4bit" in kinds and result.state.step == 5, "losses": [x["loss"] for x in result.metrics["train_loss"]]}
 
     def full():
@@ -92,10 +93,10 @@ def main() -> int:
         return {"ok": losses[-1] < 0.7 * losses[0], "first": losses[0], "last": losses[-1]}
 
     def dpo():
-        trainer = Trainer(config("dpo", method="dpo", max_steps=24, num_samples=0, val_fraction=0.2), progress=False)
+        trainer = Trainer(config("dpo", method="dpo", max_steps=24, num_samples=0, val_fraction=0.2), progress=False).recipe
         trainer.setup(prefs)
         before = trainer.evaluate()
-        result = trainer._run()
+        result = trainer.train()
         after = result.metrics["eval"][-1]
         return {"ok": after["eval_reward_accuracy"] >= 0.8 and trainer.reference is None,
                 "accuracy_before": before["eval_reward_accuracy"], "accuracy_after": after["eval_reward_accuracy"]}
@@ -103,15 +104,15 @@ def main() -> int:
     def resume():
         straight = Trainer(config("straight", max_steps=8, num_samples=0, lora_dropout=0.1), progress=False).train(chat)
         first = Trainer(config("resumed", max_steps=8, num_samples=0, lora_dropout=0.1, checkpoint_every_steps=4),
-                        progress=False)
+                        progress=False).recipe
         first.setup(chat)
         first.total_steps = 4  # stop after the step-4 checkpoint, as a preempted run would
-        first._run()
+        first.train()
         again = Trainer(config("resumed", max_steps=8, num_samples=0, lora_dropout=0.1, checkpoint_every_steps=4),
-                        progress=False)
+                        progress=False).recipe
         again.setup(chat)
         resumed_at = again.state.step
-        result = again._run()
+        result = again.train()
         a = [x["loss"] for x in straight.metrics["train_loss"]]
         b = [x["loss"] for x in result.metrics["train_loss"]]
         diff = max(abs(x - y) for x, y in zip(a, b))

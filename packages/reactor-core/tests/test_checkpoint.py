@@ -93,7 +93,7 @@ def test_in_process_resume_is_bitwise_identical(tiny_llama_dir, chat_file, tmp_p
 
     resumed_config = config.model_copy(update={"output_dir": str(tmp_path / "resumed")})
     first = Trainer(resumed_config, progress=False)
-    first.on_event = lambda event: event.kind == "step" and event.step == 4 and first.cancel()
+    first.recipe.on_event = lambda event: event.kind == "step" and event.step == 4 and first.cancel()
     assert first.train(chat_file).cancelled
     saved = LocalCheckpointStore(tmp_path / "resumed/checkpoints").latest()
     assert saved.step == 3
@@ -126,7 +126,7 @@ def test_incomplete_or_corrupt_checkpoints_are_skipped(tiny_llama_dir, chat_file
     data[len(data) // 2] ^= 0xFF  # newest complete one corrupted: one flipped byte
     weights.write_bytes(bytes(data))
     caplog.set_level(logging.WARNING, logger="reactor_core")
-    trainer = Trainer(config, progress=False)
+    trainer = Trainer(config, progress=False).recipe
     trainer.setup(chat_file)
     assert trainer.state.step == 4
     assert "step-00000008: no COMPLETE marker" in caplog.text
@@ -148,14 +148,14 @@ def test_resume_refuses_another_config_or_data_unless_forced(tiny_llama_dir, cha
     Trainer(config, progress=False).train(chat_file)
     changed = config.model_copy(update={"lora_rank": 4})
     with pytest.raises(CheckpointError, match=r"the training config changed \(lora_rank\)"):
-        Trainer(changed, progress=False).setup(chat_file)
+        Trainer(changed, progress=False).recipe.setup(chat_file)
     other_data = write_chat_data(tmp_path / "other.jsonl", n=40)
     with pytest.raises(CheckpointError, match="the training data changed"):
-        Trainer(config, progress=False).setup(other_data)
-    forced = Trainer(config.model_copy(update={"force_resume": True}), progress=False)
+        Trainer(config, progress=False).recipe.setup(other_data)
+    forced = Trainer(config.model_copy(update={"force_resume": True}), progress=False).recipe
     forced.setup(other_data)
     assert forced.state.step == 4  # the finished state was checkpointed
-    fresh = Trainer(config.model_copy(update={"resume": "never"}), progress=False)
+    fresh = Trainer(config.model_copy(update={"resume": "never"}), progress=False).recipe
     fresh.setup(chat_file)
     assert fresh.state.step == 0
 

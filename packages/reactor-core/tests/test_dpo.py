@@ -11,7 +11,7 @@ import torch
 from reactor_core import Trainer
 from reactor_core.data import DataValidationError
 from reactor_core.data.preference import load_preference_file, tokenize_preference
-from reactor_core.training.dpo import PreferenceTrainer, preference_loss
+from reactor_core.training.recipes.dpo import DPORecipe, preference_loss
 from reactor_core.training.loss import IGNORE_INDEX, sequence_logps
 
 from reactor_testing import COLORS, config_for, write_preferences
@@ -86,11 +86,11 @@ def test_dpo_with_lora_raises_held_out_preference_accuracy(tiny_llama_dir, tmp_p
     data = write_preferences(tmp_path / "prefs.jsonl")
     config = config_for(tiny_llama_dir, tmp_path / "out", method="dpo", beta=0.1, max_steps=24, batch_size=4,
                         learning_rate=1e-2, val_fraction=0.2, num_samples=0, merge_adapter=False)
-    trainer = Trainer(config, progress=False)
-    assert isinstance(trainer, PreferenceTrainer)
+    trainer = Trainer(config, progress=False).recipe
+    assert isinstance(trainer, DPORecipe)
     trainer.setup(data)
     before = trainer.evaluate()
-    result = trainer._run()
+    result = trainer.train()
     after = result.metrics["eval"][-1]
     assert before["eval_reward_accuracy"] == 0.0  # policy == reference: no preference yet
     assert after["eval_reward_accuracy"] >= 0.8 and after["eval_reward_margin"] > before["eval_reward_margin"]
@@ -108,10 +108,10 @@ def test_dpo_with_lora_raises_held_out_preference_accuracy(tiny_llama_dir, tmp_p
 def test_full_fine_tune_dpo_keeps_a_frozen_reference(tiny_llama_dir, tmp_path):
     data = write_preferences(tmp_path / "prefs.jsonl", n=16)
     trainer = Trainer(config_for(tiny_llama_dir, tmp_path / "out", method="dpo", use_lora=False, max_steps=3,
-                                 learning_rate=1e-3, num_samples=0), progress=False)
+                                 learning_rate=1e-3, num_samples=0), progress=False).recipe
     trainer.setup(data)
     frozen = {n: p.clone() for n, p in trainer.reference.model.named_parameters()}
-    trainer._run()
+    trainer.train()
     assert all(torch.equal(p, frozen[n]) for n, p in trainer.reference.model.named_parameters())
     assert not all(torch.equal(p, frozen[n]) for n, p in trainer.model.named_parameters())
 
@@ -123,9 +123,9 @@ def test_precomputed_reference_log_probs_train_the_same_without_a_frozen_copy(ti
         config = config_for(tiny_llama_dir, tmp_path / f"out-{precompute}", method="dpo", use_lora=False, max_steps=3,
                             batch_size=4, learning_rate=1e-3, num_samples=0, mixed_precision="fp32",
                             precompute_ref_logps=precompute)
-        trainer = Trainer(config, progress=False)
+        trainer = Trainer(config, progress=False).recipe
         trainer.setup(data)
-        runs[precompute] = (trainer, trainer._run())
+        runs[precompute] = (trainer, trainer.train())
     on_the_fly, precomputed = runs[False], runs[True]
     assert on_the_fly[0].reference is not None and precomputed[0].reference is None  # no frozen copy
     assert all(p.reference is not None for p in precomputed[0].train_items)

@@ -59,7 +59,7 @@ def test_preemption_uploads_to_the_bucket_and_an_empty_vm_resumes_from_it(tiny_l
     assert remote.steps() == [step]
 
     second_vm = tmp_path / "vm2"  # a new VM: nothing on disk but the recipe and data
-    resumed = Trainer(config.model_copy(update={"output_dir": str(second_vm)}), checkpointer, progress=False)
+    resumed = Trainer(config.model_copy(update={"output_dir": str(second_vm)}), checkpointer, progress=False).recipe
     resumed.setup(chat_file)
     assert resumed.state.step == step
     local = LocalCheckpointStore(second_vm / "checkpoints").latest()
@@ -68,7 +68,7 @@ def test_preemption_uploads_to_the_bucket_and_an_empty_vm_resumes_from_it(tiny_l
     for name, param in resumed.model.named_parameters():
         if param.requires_grad:
             assert torch.equal(param.detach(), saved[name]), name
-    result = resumed._run()
+    result = resumed.train()
     assert result.state.step == 40 and result.model_dir.is_dir()
 
 
@@ -82,7 +82,7 @@ def test_a_remote_checkpoint_with_a_bad_file_is_not_downloaded(tiny_llama_dir, c
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte, same size
     weights.write_bytes(bytes(data))
-    fresh = Trainer(config.model_copy(update={"output_dir": str(tmp_path / "vm2")}), progress=False)
+    fresh = Trainer(config.model_copy(update={"output_dir": str(tmp_path / "vm2")}), progress=False).recipe
     fresh.setup(chat_file)
     assert fresh.state.step == 2
     assert "skipping remote checkpoint step 4" in caplog.text

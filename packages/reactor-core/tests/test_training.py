@@ -65,7 +65,7 @@ def test_lora_leaves_base_weights_untouched(lora_run, tiny_llama_dir):
     trainer, _ = lora_run
     original = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).state_dict()
     trained = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
-               for k, v in trainer.model.state_dict().items() if "lora_" not in k}
+               for k, v in trainer.recipe.model.state_dict().items() if "lora_" not in k}
     assert set(original) <= set(trained)
     for key, value in original.items():
         assert torch.equal(value, trained[key].cpu()), key
@@ -96,11 +96,11 @@ def test_same_seed_same_run(tiny_llama_dir, chat_file, tmp_path):
 
 def accumulated_grads(config: TrainingConfig, data: Path) -> dict[str, torch.Tensor]:
     """Gradients of the first optimizer step, before the optimizer uses them."""
-    trainer = Trainer(config, progress=False)
+    trainer = Trainer(config, progress=False).recipe
     trainer.setup(data)
     trainer.optimizer.step = lambda *a, **k: None
     trainer.optimizer.zero_grad = lambda *a, **k: None
-    trainer._train_step()
+    trainer.train_step()
     return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
 
 
@@ -127,8 +127,8 @@ def test_full_fine_tune(tiny_llama_dir, chat_file, tmp_path):
 
 def mean_kl_to_base(trainer: Trainer, text: str) -> float:
     """Mean KL(base || tuned) per position of `text`, the base being the adapters disabled."""
-    ids = trainer.tokenizer(text, return_tensors="pt")["input_ids"]
-    model = trainer.model.eval()
+    ids = trainer.recipe.tokenizer(text, return_tensors="pt")["input_ids"]
+    model = trainer.recipe.model.eval()
     with torch.no_grad():
         tuned = torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)
         with model.disable_adapter():
@@ -186,7 +186,7 @@ def test_qlora_step_runs_on_a_4bit_base(tiny_llama_dir, chat_file, tmp_path):
                                  num_samples=0), progress=False)
     result = trainer.train(chat_file)
     assert result.state.step == 2 and all(x["loss"] > 0 for x in result.metrics["train_loss"])
-    kinds = {type(m).__name__ for m in trainer.model.modules()}
+    kinds = {type(m).__name__ for m in trainer.recipe.model.modules()}
     assert "Linear4bit" in kinds, kinds
 
 
@@ -317,8 +317,8 @@ def test_compiled_layers_train_like_eager_ones(tiny_llama_dir, chat_file, tmp_pa
     finally:
         torch.compiler.set_stance("default")
     if packed:
-        assert trainers[1].steps_per_epoch == 3 and len(trainers[1].train_items) % 4, "step 3: the epoch's short batch"
-        assert trainers[1].model.config._attn_implementation == "reactor_sdpa", "per-example attention, compiled"
+        assert trainers[1].recipe.steps_per_epoch == 3 and len(trainers[1].recipe.train_items) % 4, "step 3: the epoch's short batch"
+        assert trainers[1].recipe.model.config._attn_implementation == "reactor_sdpa", "per-example attention, compiled"
     eager, compiled = ([x["loss"] for x in run.metrics["train_loss"]] for run in runs)
     assert len(eager) == 3 and compiled == pytest.approx(eager, abs=1e-4)
     assert runs[1].metrics["eval_loss"] == pytest.approx(runs[0].metrics["eval_loss"], abs=1e-4)

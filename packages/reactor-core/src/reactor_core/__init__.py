@@ -14,8 +14,8 @@ __version__ = importlib.metadata.version("reactor-core")  # pyproject.toml holds
 
 _LAZY = {
     "Trainer": "reactor_core.training.trainer",
-    "TrainResult": "reactor_core.training.trainer",
-    "TrainEvent": "reactor_core.training.trainer",
+    "TrainResult": "reactor_core.training.events",
+    "TrainEvent": "reactor_core.training.events",
     "TrainingConfig": "reactor_core.training.config",
     "load_config": "reactor_core.training.config",
 }

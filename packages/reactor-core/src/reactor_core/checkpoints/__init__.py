@@ -5,5 +5,5 @@
     remote.py  the mirror: gs:// (google-cloud-storage) or a directory; parallel uploads
                with the COMPLETE marker last, verified downloads
 
-What the trainer saves into a checkpoint, and when, is `reactor_core.training.trainer`.
+What a recipe saves into a checkpoint, and when, is `reactor_core.training.checkpointing`.
 """

@@ -15,6 +15,8 @@ import threading
 import urllib.request
 from types import FrameType
 
+from reactor_core.gcp.metadata import MetadataClient
+
 log = logging.getLogger("reactor_core")
 
 # EX_TEMPFAIL from sysexits.h: "temporary failure, the user is invited to retry".
@@ -91,3 +93,8 @@ class PreemptionGuard:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+
+def preemption_guard(watch_gcp: bool) -> PreemptionGuard:
+    """Signals always; the GCP notice too when `watch_gcp` (at `GCE_METADATA_HOST` when set)."""
+    url = MetadataClient.from_env().url("instance/preempted?wait_for_change=true")
+    return PreemptionGuard(url if watch_gcp else None)

@@ -226,3 +226,8 @@ class LossModule(nn.Module):
             return fn(self.model, input_ids, labels, position_ids, attention_mask)
         with self.model.disable_adapter():
             return fn(self.model, input_ids, labels, position_ids, attention_mask)
+
+
+def unwrapped_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`LossModule`'s state under the names the wrapped model gives it."""
+    return {name.removeprefix("model."): tensor for name, tensor in state.items()}

@@ -1,4 +1,4 @@
-"""Write the PRIME model directory contract (ARCHITECTURE.md) from the training side.
+"""Write the PRIME model directory (ARCHITECTURE.md): what a finished run hands over.
 
 Reactor Core may not import jarvis_prime, so the contract is shared on disk, not in
 code: the field names below are the ones ARCHITECTURE.md fixes, and jarvis-prime's
@@ -14,12 +14,21 @@ tests load what this writes.
 from __future__ import annotations
 
 import json
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 from reactor_core import __version__
 from reactor_core.files import sha256_file, write_atomic
+from reactor_core.training import distributed
+from reactor_core.training.config import TrainingConfig
+from reactor_core.training.distributed import DistContext
+from reactor_core.training.loss import unwrapped_state
+from reactor_core.training.model import ModelSource, apply_lora, load_base_model
 
 PRIME_FORMAT_VERSION = 1
 
@@ -66,3 +75,97 @@ def write_prime_manifest(
     }
     write_atomic(model_dir / "prime.json", (json.dumps(manifest, indent=2) + "\n").encode())
     return manifest
+
+
+def output_name(config: TrainingConfig) -> str:
+    """`output_name`, else the base model's name + "-sft"."""
+    if config.output_name:
+        return config.output_name
+    stem = Path(config.model_name).name.removesuffix(".gguf").lower()
+    return f"{stem}-sft"
+
+
+def write_model_dir(
+    output_dir: Path,
+    model: nn.Module,
+    *,
+    tokenizer: Any,
+    source: ModelSource,
+    config: TrainingConfig,
+    data_files: list[dict[str, Any]],
+    metrics: dict[str, Any],
+) -> Path:
+    """Write the PRIME model directory: adapter/, merged weights, tokenizer, prime.json.
+
+    Built in a staging folder and renamed into place, so a crash mid-save never
+    leaves a directory that looks complete.
+    """
+    c = config
+    name, version = output_name(c), c.output_version
+    final = output_dir / f"{name}-{version}"
+    staging = output_dir / f".{name}-{version}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    if c.use_lora:
+        model.save_pretrained(staging / "adapter", safe_serialization=True)
+        if c.merge_adapter:
+            merged_model(source, staging / "adapter").save_pretrained(staging, safe_serialization=True)
+    else:
+        model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    base_config = getattr(model, "config", None)
+    write_prime_manifest(
+        staging,
+        name=name,
+        version=version,
+        base=source.location,
+        architecture=getattr(base_config, "model_type", None),
+        context_length=min(c.max_seq_length, getattr(base_config, "max_position_embeddings", c.max_seq_length)),
+        stop=[tokenizer.eos_token] if tokenizer.eos_token else [],
+        lineage={
+            "parent": c.model_name,
+            "source": {"kind": source.kind, "location": source.location, "description": source.description},
+            "data": data_files,
+            "training_config": c.to_dict(),
+            "trainer": f"reactor-core {__version__}",
+        },
+        metrics={k: v for k, v in metrics.items() if k in ("eval_loss", "perplexity", "steps", "train_tokens", "tokens_per_s")}
+        | {"final_train_loss": metrics["train_loss"][-1]["loss"] if metrics["train_loss"] else None},
+    )
+    if final.exists():
+        shutil.rmtree(final)
+    staging.rename(final)
+    return final
+
+
+def exportable_model(model: nn.Module, loss_module: nn.Module, dist: DistContext, source: ModelSource,
+                     config: TrainingConfig) -> nn.Module | None:
+    """The trained model as one plain module: `model` in a single process; in a
+    distributed run, the shards gathered into a fresh copy on rank 0 (None elsewhere).
+
+    Collective in a distributed run: every rank must call it.
+    """
+    if not dist.enabled:
+        return model
+    state = unwrapped_state(distributed.model_state(loss_module, trainable_only=config.use_lora))
+    if not dist.is_main:
+        return None
+    model = load_base_model(source, quantize_4bit=False, device=torch.device("cpu"))
+    if config.use_lora:
+        model = apply_lora(model, config)
+    unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+    if unexpected:
+        raise RuntimeError(f"gathered weights do not fit the model: {unexpected[:3]}")
+    return model
+
+
+def merged_model(source: ModelSource, adapter_dir: Path) -> nn.Module:
+    """Base reloaded in float32 + the saved adapter, merged: W = W0 + (alpha/r) B A.
+
+    Merging into a 4-bit QLoRA base would round the update away, so the base is
+    always reloaded at full precision first.
+    """
+    from peft import PeftModel
+
+    base = load_base_model(source, quantize_4bit=False, device=torch.device("cpu"))
+    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()

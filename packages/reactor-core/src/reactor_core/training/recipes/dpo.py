@@ -1,4 +1,4 @@
-"""Preference tuning (DPO family) on the SFT recipe's loop.
+"""`method: dpo`: preference tuning (DPO family) on the shared loop.
 
 One small function per loss, as torchtune's `rlhf/loss/dpo.py` does, not a chain of
 string cases:
@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,7 @@ from reactor_core.data import Batch, collate_padded
 from reactor_core.data.preference import TokenizedPair, load_preference_file, split_preferences, tokenize_preferences
 from reactor_core.files import sha256_file
 from reactor_core.training import distributed
-from reactor_core.training.trainer import Trainer
+from reactor_core.training.recipes.base import Recipe
 
 
 def sigmoid_loss(delta: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
@@ -60,10 +61,10 @@ class PairBatch(Batch):
     reference_logps: torch.Tensor | None = None  # (B,)
 
 
-class PreferenceTrainer(Trainer):
-    """`method: dpo`: the SFT recipe with pairs as items and the preference loss."""
+class DPORecipe(Recipe):
+    """Pairs as items, the preference loss, and a reference model to measure against."""
 
-    def _setup_data(self, data_path) -> None:
+    def setup_data(self, data_path: Path) -> None:
         c = self.config
         examples, report = load_preference_file(data_path, on_bad_example=c.on_bad_example)
         self.data_files = [{"path": str(data_path), "sha256": sha256_file(data_path), "examples": report.examples}]
@@ -81,19 +82,18 @@ class PreferenceTrainer(Trainer):
                                                  on_bad_example=c.on_bad_example)
         if not self.train_items:
             raise ValueError(f"{data_path}: no usable preference pairs")
-        self.val_examples = []  # greedy samples are an SFT habit; DPO logs rewards instead
-        self._setup_sampler()
+        # no greedy samples (`samples`): an SFT habit; DPO logs rewards instead
 
-    def _setup_model(self) -> None:
-        self.model = self._load_model()
+    def setup_model(self) -> None:
+        self.model = self.load_model()
         # LoRA: the reference is the model with adapters off. Full fine-tuning: a frozen copy
         # (taken before sharding: FSDP shards it like the policy).
         c = self.config
         needs_copy = not c.use_lora and not c.precompute_ref_logps
         frozen = copy.deepcopy(self.model).eval().requires_grad_(False) if needs_copy else None
-        self.loss_module = self._wrap(self.model)
-        self.reference = self._wrap(frozen) if frozen is not None else None
-        self._after_sharding()
+        self.loss_module = self.wrap(self.model)
+        self.reference = self.wrap(frozen) if frozen is not None else None
+        self.after_sharding()
         self._stats: list[torch.Tensor] = []
         if c.precompute_ref_logps:  # before any checkpoint is restored: the weights are the reference
             self.train_items = self._with_reference(self.train_items)
@@ -111,15 +111,15 @@ class PreferenceTrainer(Trainer):
         size = self.config.batch_size
         for start in range(0, len(pairs), size):
             chunk = pairs[start:start + size]
-            batch = self._collate(chunk)
-            with self._autocast():
-                logps = self.loss_module(*self._model_inputs(batch), per_sequence=True,
+            batch = self.collate(chunk)
+            with self.autocast_context():
+                logps = self.loss_module(*self.model_inputs(batch), per_sequence=True,
                                          adapters=not self.config.use_lora)[0].float().cpu()
             n = len(chunk)
             out += [dataclasses.replace(p, reference=(logps[i].item(), logps[n + i].item())) for i, p in enumerate(chunk)]
         return out
 
-    def _collate(self, items: list[TokenizedPair]) -> PairBatch:
+    def collate(self, items: list[TokenizedPair]) -> PairBatch:
         """Chosen rows first, then rejected: rows i and i + B are one pair."""
         batch = collate_padded([p.chosen for p in items] + [p.rejected for p in items], self.tokenizer.pad_token_id)
         reference = None
@@ -127,8 +127,8 @@ class PreferenceTrainer(Trainer):
             reference = torch.tensor([p.reference[0] for p in items] + [p.reference[1] for p in items])
         return PairBatch(**{f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}, reference_logps=reference)
 
-    def _batch_weight(self, batch: Batch) -> int:
-        # the loss is a mean over pairs; a loss-free filler batch (distributed tail) has none
+    def batch_weight(self, batch: Batch) -> int:
+        """Pairs: the loss is a mean over pairs; a loss-free filler batch (distributed tail) has none."""
         return batch.input_ids.shape[0] // 2 if batch.num_loss_tokens else 0
 
     def _reference_logps(self, inputs: tuple, batch: PairBatch) -> torch.Tensor:
@@ -139,11 +139,11 @@ class PreferenceTrainer(Trainer):
                 return self.reference(*inputs, per_sequence=True)[0]
             return self.loss_module(*inputs, per_sequence=True, adapters=False)[0]
 
-    def _forward_loss_sum(self, batch: Batch, kl_weight: float = 0.0, anchor_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def loss_sum(self, batch: Batch, training: bool = False) -> torch.Tensor:
         # DPO's own pull towards the reference is `beta`; the config refuses `kl_to_base` here
         c = self.config
-        inputs = self._model_inputs(batch)
-        with self._autocast():
+        inputs = self.model_inputs(batch)
+        with self.autocast_context():
             policy, counts = self.loss_module(*inputs, per_sequence=True)
             reference = self._reference_logps(inputs, batch)
         pairs = policy.shape[0] // 2
@@ -169,8 +169,8 @@ class PreferenceTrainer(Trainer):
         return {"reward_chosen": sums[0] / n, "reward_rejected": sums[1] / n, "reward_margin": (sums[0] - sums[1]) / n,
                 "reward_accuracy": sums[2] / n}
 
-    def _train_step(self) -> dict[str, float]:
-        values = super()._train_step()
+    def train_step(self) -> dict[str, float]:
+        values = super().train_step()
         return values | self._take_stats()
 
     @torch.no_grad()
@@ -180,8 +180,8 @@ class PreferenceTrainer(Trainer):
         self.loss_module.eval()
         self._stats = []
         loss_sum, pairs = 0.0, 0
-        for batch in self._val_batches():
-            loss_sum += self._forward_loss_sum(batch).item()
-            pairs += self._batch_weight(batch)
+        for batch in self.val_batches():
+            loss_sum += self.loss_sum(batch).item()
+            pairs += self.batch_weight(batch)
         loss_sum, pairs = distributed.all_reduce([loss_sum, pairs])
         return {"eval_loss": loss_sum / pairs} | {f"eval_{k}": v for k, v in self._take_stats().items()}

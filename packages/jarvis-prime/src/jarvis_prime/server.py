@@ -450,17 +450,17 @@ def create_app(config: ServerConfig, loader: Callable[..., PrimeModel] = load_mo
     async def chat_completions(req: ChatCompletionRequest):
         req.check_supported()
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-        return await generate(req, "chat.completion", lambda model: model._chat_ids(messages),
-                              lambda model, opts: model.complete_chat(messages, **opts),
-                              lambda model, opts: model.stream_chat_chunks(messages, **opts))
+        return await generate(req, "chat.completion", lambda model: model.encode_chat(messages).ids,
+                              lambda model, opts: model.complete(model.encode_chat(messages), **opts),
+                              lambda model, opts: model.complete(model.encode_chat(messages), stream=True, **opts))
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
         req.check_supported()
         prompt = req.text()
-        return await generate(req, "text_completion", lambda model: model._prompt_ids(prompt),
-                              lambda model, opts: model.complete(prompt, **opts),
-                              lambda model, opts: model.stream_chunks(prompt, **opts))
+        return await generate(req, "text_completion", lambda model: model.encode(prompt).ids,
+                              lambda model, opts: model.complete(model.encode(prompt), **opts),
+                              lambda model, opts: model.complete(model.encode(prompt), stream=True, **opts))
 
     async def generate(req: SamplingRequest, kind: str, ids, complete, chunks):
         """Admit the request, pin the current model, then answer in one piece or stream.

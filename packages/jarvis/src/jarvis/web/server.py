@@ -47,7 +47,7 @@ from jarvis.memory import ConflictError, ConversationStore, NotFoundError
 from jarvis.vision import VisionUnavailableError, ask_about_image
 from jarvis_prime import PrimeError, PrimeModel
 from jarvis_prime.models.prime_model import iterate_in_thread
-from jarvis_prime.server import is_loopback
+from jarvis_prime.serving.settings import is_loopback
 
 log = logging.getLogger(__name__)
 

@@ -61,10 +61,11 @@ class Replies:
 
     async def _events(self, chatbot: Chatbot, pieces: Iterator[str], held: ExitStack) -> AsyncIterator[str]:
         try:
-            async for piece in iterate_in_thread(lambda: pieces, self.executor):
-                yield _event({"delta": piece})
+            try:
+                async for piece in iterate_in_thread(lambda: pieces, self.executor):
+                    yield _event({"delta": piece})
+            finally:
+                held.close()  # before the last event: a client that reads it may send the next message at once
             yield _event({"done": True, "reply_id": chatbot.last_reply_id, "conversation": chatbot.conversation})
         except (PrimeError, ValueError) as err:
             yield _event({"error": str(err)})
-        finally:
-            held.close()

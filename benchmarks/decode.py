@@ -99,7 +99,7 @@ def main() -> None:
         return out.shape[1] - hf_inputs["input_ids"].shape[1]
 
     def runner(model: PrimeModel) -> Callable[[], int]:
-        return lambda: model.complete_chat(MESSAGES, max_new_tokens=n).completion_tokens
+        return lambda: model.complete(model.encode_chat(MESSAGES), max_new_tokens=n).completion_tokens
 
     rows = {
         "raw llama-cpp-python": run_raw_llama,

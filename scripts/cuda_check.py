@@ -8,7 +8,7 @@ tokenizer.json, tokenizer_config.json, chat_template.jinja), imports it into a p
 store as a PRIME model, and then, for quantization None / "8bit" / "4bit":
   - `PrimeModel.from_pretrained(..., device="auto", backend="auto")` must pick
     transformers on CUDA (bf16, bitsandbytes int8, bitsandbytes nf4);
-  - greedy `chat` must equal the joined `stream_chat`, and usage must be counted;
+  - greedy `chat` must equal the joined `chat(stream=True)`, and usage must be counted;
   - the weight memory must shrink with the quantization.
 It also checks that llama.cpp on CUDA without llama-cpp-python is a clear error.
 Prints one JSON object and exits non-zero if any check failed.
@@ -60,8 +60,8 @@ def main() -> int:
         try:
             model = PrimeModel.from_pretrained("tiny-cuda", quantization=quant)
             runtime = model.runtime
-            reply = model.complete_chat(messages, max_new_tokens=16)
-            streamed = "".join(model.stream_chat(messages, max_new_tokens=16))
+            reply = model.complete(model.encode_chat(messages), max_new_tokens=16)
+            streamed = "".join(model.chat(messages, stream=True, max_new_tokens=16))
             footprints[key] = model._backend.model.get_memory_footprint()
             check = {
                 "runtime": runtime.describe(),

@@ -33,7 +33,7 @@ def ask_together(model, prompts, **options):
 
     def ask(i):
         start.wait()
-        answers[i] = model.complete_chat([{"role": "user", "content": prompts[i]}], **options)
+        answers[i] = model.complete(model.encode_chat([{"role": "user", "content": prompts[i]}]), **options)
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
     for t in threads:
@@ -46,7 +46,7 @@ def ask_together(model, prompts, **options):
 def test_batched_greedy_equals_one_at_a_time(batched, hf_model):
     """Left padding with the right position ids and mask changes nothing: each reply is
     the one the same model gives alone."""
-    alone = [hf_model.complete_chat([{"role": "user", "content": p}], max_new_tokens=24) for p in PROMPTS]
+    alone = [hf_model.complete(hf_model.encode_chat([{"role": "user", "content": p}]), max_new_tokens=24) for p in PROMPTS]
     before = len(batched.batch_sizes)
     together = ask_together(batched, PROMPTS, max_new_tokens=24)
     assert max(batched.batch_sizes[before:]) > 1, "the requests were decoded together"
@@ -64,7 +64,7 @@ def test_each_request_keeps_its_own_settings(batched):
 
     def ask(i):
         start.wait()
-        answers[i] = batched.complete_chat([{"role": "user", "content": prompts[i]}], **settings[i])
+        answers[i] = batched.complete(batched.encode_chat([{"role": "user", "content": prompts[i]}]), **settings[i])
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
     for t in threads:
@@ -74,12 +74,12 @@ def test_each_request_keeps_its_own_settings(batched):
     assert max(batched.batch_sizes[before:]) > 1
     assert answers[0].finish_reason == "length" and answers[0].completion_tokens <= 6
     assert "five" not in answers[1].text.lower() and answers[1].finish_reason == "stop"
-    again = batched.complete_chat([{"role": "user", "content": prompts[2]}], **settings[2])
+    again = batched.complete(batched.encode_chat([{"role": "user", "content": prompts[2]}]), **settings[2])
     assert again.text == answers[2].text, "a seeded sample does not depend on its batch-mates"
 
 
 def test_an_abandoned_stream_frees_its_row(batched):
-    stream = batched.stream_chat([{"role": "user", "content": "Tell me a long story."}], max_new_tokens=200)
+    stream = batched.chat([{"role": "user", "content": "Tell me a long story."}], stream=True, max_new_tokens=200)
     next(stream)
     stream.close()
     reply = batched.chat([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=16)

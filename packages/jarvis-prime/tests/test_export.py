@@ -148,7 +148,8 @@ def test_from_pretrained_8bit_on_cpu_exports_q8_0_once_then_serves_it(pulled_mod
     try:
         assert (model.runtime.backend, model.runtime.weights) == ("llamacpp", "gguf/smollm2-135m-instruct-q8_0.gguf")
         assert "q8_0" in read_manifest(target).quantizations
-        reply = model.complete_chat([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=24)
+        france = model.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+        reply = model.complete(france, max_new_tokens=24)
         assert reply.text.strip()
         if not _avx2_only_cpu():  # see q8_0_on_avx2
             assert "Paris" in reply.text

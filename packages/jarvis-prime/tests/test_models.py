@@ -6,6 +6,7 @@ import time
 import pytest
 
 from jarvis_prime import GenerationParams
+from jarvis_prime.models.prime_model import iterate_in_thread
 
 pytestmark = pytest.mark.real_model
 
@@ -25,40 +26,40 @@ def test_backends_are_what_was_asked(llama_model, hf_model):
 
 
 def test_greedy_chat_answers_paris(model):
-    reply = model.complete_chat(FRANCE, max_new_tokens=32)
+    reply = model.complete(model.encode_chat(FRANCE), max_new_tokens=32)
     assert "Paris" in reply.text
     assert reply.finish_reason == "stop" and "<|im_end|>" not in reply.text
 
 
 def test_both_backends_build_the_same_prompt_tokens(llama_model, hf_model):
-    assert llama_model._chat_ids(FRANCE) == hf_model._chat_ids(FRANCE)
+    assert llama_model.encode_chat(FRANCE).ids == hf_model.encode_chat(FRANCE).ids
     assert llama_model.count_tokens("Hello there, JARVIS") == hf_model.count_tokens("Hello there, JARVIS")
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_streaming_equals_non_streaming(model, prompt):
-    assert "".join(model.stream(prompt, max_new_tokens=24)) == model.generate(prompt, max_new_tokens=24)
-    assert "".join(model.stream_chat(FRANCE, max_new_tokens=24)) == model.chat(FRANCE, max_new_tokens=24)
+    assert "".join(model.generate(prompt, stream=True, max_new_tokens=24)) == model.generate(prompt, max_new_tokens=24)
+    assert "".join(model.chat(FRANCE, stream=True, max_new_tokens=24)) == model.chat(FRANCE, max_new_tokens=24)
 
 
 def test_stream_yields_several_pieces(model):
-    assert len(list(model.stream("Once upon a time", max_new_tokens=16))) > 3
+    assert len(list(model.generate("Once upon a time", stream=True, max_new_tokens=16))) > 3
 
 
 def test_stop_strings_end_the_reply_in_both_modes(model):
     prompt = "List: one, two, three, four, five, six"
     full = model.generate(prompt, max_new_tokens=24)
     assert "," in full, full
-    stopped = model.complete(prompt, max_new_tokens=24, stop=[","])
+    stopped = model.complete(model.encode(prompt), max_new_tokens=24, stop=[","])
     assert stopped.text == full[: full.index(",")]
     assert stopped.finish_reason == "stop"
-    assert "".join(model.stream(prompt, max_new_tokens=24, stop=[","])) == stopped.text
+    assert "".join(model.generate(prompt, stream=True, max_new_tokens=24, stop=[","])) == stopped.text
 
 
 def test_length_limit_reports_length(model):
-    result = model.complete("Once upon a time", max_new_tokens=5)
+    result = model.complete(model.encode("Once upon a time"), max_new_tokens=5)
     assert (result.finish_reason, result.completion_tokens) == ("length", 5)
-    assert result.prompt_tokens == len(model._prompt_ids("Once upon a time"))
+    assert result.prompt_tokens == len(model.encode("Once upon a time").ids)
 
 
 def test_seeded_sampling_repeats(model):
@@ -102,8 +103,8 @@ async def test_async_calls_do_not_block_the_event_loop(model):
             last = now
 
     tick = asyncio.create_task(ticker())
-    reply = await model.chat_async(FRANCE, max_new_tokens=48)
-    pieces = [p async for p in model.stream_chat_async(FRANCE, max_new_tokens=48)]
+    reply = await asyncio.to_thread(model.chat, FRANCE, max_new_tokens=48)
+    pieces = [p async for p in iterate_in_thread(lambda: model.chat(FRANCE, stream=True, max_new_tokens=48))]
     tick.cancel()
     assert reply == "".join(pieces) == model.chat(FRANCE, max_new_tokens=48)
     assert len(gaps) > 5, "the loop kept running while the model generated"
@@ -117,7 +118,7 @@ def test_generation_params_are_validated():
 
 
 def test_generating_while_this_thread_holds_an_open_stream_is_an_error_not_a_deadlock(llama_model):
-    stream = llama_model.stream("Once upon a time", max_new_tokens=8)
+    stream = llama_model.generate("Once upon a time", stream=True, max_new_tokens=8)
     next(stream)
     with pytest.raises(RuntimeError, match="still open in this thread"):
         llama_model.generate("Hello", max_new_tokens=2)

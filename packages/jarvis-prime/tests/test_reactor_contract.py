@@ -42,6 +42,6 @@ def test_manifest_written_by_reactor_core_validates_and_verifies(trained_dir):
 def test_prime_model_loads_a_reactor_trained_directory(trained_dir):
     model = PrimeModel.from_pretrained(trained_dir)
     assert model.runtime.backend == "transformers"  # no GGUF yet: auto says why and uses safetensors
-    reply = model.complete_chat([{"role": "user", "content": "Say 3."}], max_new_tokens=4)
+    reply = model.complete(model.encode_chat([{"role": "user", "content": "Say 3."}]), max_new_tokens=4)
     assert reply.completion_tokens > 0 and reply.prompt_tokens > 0
     model.close()

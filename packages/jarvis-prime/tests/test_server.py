@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 
 from jarvis_prime.cli import app as cli
 from jarvis_prime.persona import JARVIS_SYSTEM_PROMPT
-from jarvis_prime.server import ServerConfig, create_app
+from jarvis_prime.serving.app import create_app
+from jarvis_prime.serving.settings import ServerConfig
 
 pytestmark = pytest.mark.real_model
 BASE = "smollm2-135m-instruct"

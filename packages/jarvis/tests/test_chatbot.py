@@ -152,7 +152,8 @@ def test_jarvis_chats_through_an_openai_compatible_endpoint(pulled_model):
 
     import uvicorn
 
-    from jarvis_prime.server import ServerConfig, create_app
+    from jarvis_prime.serving.app import create_app
+    from jarvis_prime.serving.settings import ServerConfig
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

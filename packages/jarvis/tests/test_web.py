@@ -14,7 +14,8 @@ import pytest
 
 from jarvis.chatbots import ChatbotConfig
 from jarvis.memory import ConversationStore
-from jarvis.web.server import WebConfig, create_app, require_key_for
+from jarvis.web.server import create_app
+from jarvis.web.settings import WebConfig, require_key_for
 from jarvis_prime import PrimeModel
 
 pytestmark = pytest.mark.real_model

@@ -324,7 +324,8 @@ def serve_model(
     context_length: Optional[int] = typer.Option(None, min=16, help="Context tokens to allocate (default min(model, 4096))."),
 ) -> None:
     """An OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics."""
-    from jarvis_prime.server import ServerConfig, api_key_from_env, require_key_for, serve
+    from jarvis_prime.serving.app import serve
+    from jarvis_prime.serving.settings import ServerConfig, api_key_from_env, require_key_for
 
     if quant not in (None, "8bit", "4bit"):
         _fail(ValueError(f"--quant must be 8bit or 4bit; got {quant!r}"))

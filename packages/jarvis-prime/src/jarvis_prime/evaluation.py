@@ -191,11 +191,11 @@ def speed(model: PrimeModel, new_tokens: int = 64) -> dict[str, float]:
     messages = [{"role": "user", "content": "Summarize this text in two sentences:\n" + " ".join(words)}]
     start = time.perf_counter()
     first = None
-    for _ in model.stream_chat(messages, max_new_tokens=new_tokens, temperature=0.0, stop=["\n\n\n"]):
+    for _ in model.chat(messages, stream=True, max_new_tokens=new_tokens, temperature=0.0, stop=["\n\n\n"]):
         if first is None:
             first = time.perf_counter()
     end = time.perf_counter()
-    generated = model.complete_chat(messages, max_new_tokens=new_tokens, temperature=0.0, stop=["\n\n\n"])
+    generated = model.complete(model.encode_chat(messages), max_new_tokens=new_tokens, temperature=0.0, stop=["\n\n\n"])
     first = first or end
     return {"prompt_tokens_per_s": generated.prompt_tokens / max(first - start, 1e-9),
             "decode_tokens_per_s": max(generated.completion_tokens - 1, 0) / max(end - first, 1e-9),

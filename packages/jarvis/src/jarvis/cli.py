@@ -223,7 +223,8 @@ def serve(
     max_new_tokens: int = typer.Option(256, help="Longest reply, in tokens."),
 ) -> None:
     """Serve the chat page and its JSON API (http://127.0.0.1:8000 by default)."""
-    from jarvis.web.server import WebConfig, serve as run_server
+    from jarvis.web.server import serve as run_server
+    from jarvis.web.settings import WebConfig
 
     try:
         chat = ChatbotConfig(backend=backend, quantization=quantization, system_prompt=system,

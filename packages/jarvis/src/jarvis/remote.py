@@ -74,8 +74,13 @@ class RemoteModel:
     def count_tokens(self, text: str) -> int:
         return math.ceil(len(text) / CHARS_PER_TOKEN)
 
-    def stream_chat(self, messages: Sequence[Mapping[str, Any]], *, max_new_tokens: int = 256,
-                    temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> Iterator[str]:
+    def chat(self, messages: Sequence[Mapping[str, Any]], *, stream: bool = False, **options: Any) -> str | Iterator[str]:
+        """As `PrimeModel.chat`: the reply, or with `stream=True` its pieces (always streamed over HTTP)."""
+        pieces = self._stream(messages, **options)
+        return pieces if stream else "".join(pieces)
+
+    def _stream(self, messages: Sequence[Mapping[str, Any]], *, max_new_tokens: int = 256,
+                temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> Iterator[str]:
         body = {"model": self.name, "messages": list(messages), "max_tokens": max_new_tokens,
                 "temperature": temperature, "top_p": top_p, "stream": True}
         if seed is not None:
@@ -92,9 +97,6 @@ class RemoteModel:
                 piece = choices[0].get("delta", {}).get("content") if choices else None
                 if piece:
                     yield piece
-
-    def chat(self, messages: Sequence[Mapping[str, Any]], **options: Any) -> str:
-        return "".join(self.stream_chat(messages, **options))
 
     def close(self) -> None:
         pass

@@ -2,7 +2,12 @@
 
     model = PrimeModel.from_pretrained("smollm2-135m-instruct", quantization="4bit")
     print(model.runtime.describe())   # what was picked, and why
-    model.chat([{"role": "user", "content": "What is the capital of France?"}])
+    model.chat([{"role": "user", "content": "What is the capital of France?"}])    # -> str
+    model.generate("What is machine learning?", stream=True)                     # -> text pieces
+
+Three ways to generate, each with `stream=`: `generate` (a prompt) and `chat`
+(messages) give text; `complete` takes a prompt from `encode` / `encode_chat` and
+gives what a server reports (finish reason, token usage).
 
 Every file the chosen backend reads is checked against the sha256 in `prime.json`
 before it is loaded. Chats are formatted with the model's own Jinja chat template.
@@ -13,9 +18,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator, Mapping, Sequence, TypedDict
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Iterator, Literal, Mapping, Sequence, TypedDict, overload
 
 from typing_extensions import Unpack
 
@@ -46,6 +52,26 @@ def _params(options: SamplingOptions, extra_stop: Sequence[str] = ()) -> Generat
     options = dict(options)
     stop = tuple(options.pop("stop", None) or ()) + tuple(s for s in extra_stop if s)
     return GenerationParams(**options, stop=tuple(dict.fromkeys(stop)))
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Token ids ready to decode, and the stop strings that belong with them."""
+
+    ids: list[int]
+    stop: tuple[str, ...] = field(default=())
+
+
+def _text(result: Generation | Iterator[Chunk]) -> str | Iterator[str]:
+    """A `complete` result as plain text: the whole text, or the stream's text pieces."""
+    return result.text if isinstance(result, Generation) else _pieces(result)
+
+
+def _pieces(chunks: Iterator[Chunk]) -> Iterator[str]:
+    with closing(chunks):  # closing the pieces closes the decode, which frees the model
+        for chunk in chunks:
+            if chunk.text:
+                yield chunk.text
 
 
 def _files_read(manifest: PrimeManifest, runtime: Runtime) -> list[str]:
@@ -151,12 +177,16 @@ class PrimeModel:
         with self._exclusive():
             return self._backend.token_logprobs(ids)
 
-    def _prompt_ids(self, prompt: str) -> list[int]:
-        return self._backend.tokenize(prompt, add_special=True)
+    def encode(self, prompt: str) -> Prompt:
+        """`prompt` as the token ids `complete` decodes (the tokenizer's BOS included)."""
+        return Prompt(self._backend.tokenize(prompt, add_special=True))
 
-    def _chat_ids(self, messages: Messages) -> list[int]:
+    def encode_chat(self, messages: Messages) -> Prompt:
+        """`messages` through the chat template, as token ids, with the model's end-of-turn
+        stop strings, so a reply ends where the assistant's turn does."""
         # The template writes the special tokens itself, so none are added here.
-        return self._backend.tokenize(self.apply_chat_template(messages), add_special=False)
+        ids = self._backend.tokenize(self.apply_chat_template(messages), add_special=False)
+        return Prompt(ids, tuple(self.manifest.stop))
 
     # -- generation ---------------------------------------------------------------------
 
@@ -195,34 +225,45 @@ class PrimeModel:
         text = "".join(c.text for c in chunks)
         return Generation(text, chunks[-1].finish_reason or "stop", len(ids), self.count_tokens(text))
 
-    def complete(self, prompt: str, **options: Unpack[SamplingOptions]) -> Generation:
-        """Continue `prompt`; the result carries finish reason and token usage."""
-        return self._generate(self._prompt_ids(prompt), _params(options))
+    @overload
+    def generate(self, prompt: str, *, stream: Literal[False] = False, **options: Unpack[SamplingOptions]) -> str: ...
 
-    def complete_chat(self, messages: Messages, **options: Unpack[SamplingOptions]) -> Generation:
-        """The assistant's next reply to `messages`, with finish reason and usage."""
-        return self._generate(self._chat_ids(messages), _params(options, self.manifest.stop))
+    @overload
+    def generate(self, prompt: str, *, stream: Literal[True], **options: Unpack[SamplingOptions]) -> Iterator[str]: ...
 
-    def generate(self, prompt: str, **options: Unpack[SamplingOptions]) -> str:
-        return self.complete(prompt, **options).text
+    def generate(self, prompt: str, *, stream: bool = False, **options: Unpack[SamplingOptions]) -> str | Iterator[str]:
+        """Continue `prompt`: the text, or with `stream=True` its pieces as they are decoded."""
+        return _text(self.complete(self.encode(prompt), stream=stream, **options))
 
-    def chat(self, messages: Messages, **options: Unpack[SamplingOptions]) -> str:
-        return self.complete_chat(messages, **options).text
+    @overload
+    def chat(self, messages: Messages, *, stream: Literal[False] = False,
+             **options: Unpack[SamplingOptions]) -> str: ...
 
-    def stream(self, prompt: str, **options: Unpack[SamplingOptions]) -> Iterator[str]:
-        """Text pieces of `generate(prompt)` as they are decoded."""
-        return self._stream(self._prompt_ids(prompt), _params(options))
+    @overload
+    def chat(self, messages: Messages, *, stream: Literal[True], **options: Unpack[SamplingOptions]) -> Iterator[str]: ...
 
-    def stream_chat(self, messages: Messages, **options: Unpack[SamplingOptions]) -> Iterator[str]:
-        """Text pieces of `chat(messages)` as they are decoded."""
-        return self._stream(self._chat_ids(messages), _params(options, self.manifest.stop))
+    def chat(self, messages: Messages, *, stream: bool = False, **options: Unpack[SamplingOptions]) -> str | Iterator[str]:
+        """The assistant's next reply to `messages`: the text, or with `stream=True` its pieces."""
+        return _text(self.complete(self.encode_chat(messages), stream=stream, **options))
 
-    def stream_chat_chunks(self, messages: Messages, **options: Unpack[SamplingOptions]) -> Iterator[Chunk]:
-        """`stream_chat` with each piece's finish reason (set on the last): what a server needs."""
-        return self._chunks(self._chat_ids(messages), _params(options, self.manifest.stop))
+    @overload
+    def complete(self, prompt: Prompt, *, stream: Literal[False] = False,
+                 **options: Unpack[SamplingOptions]) -> Generation: ...
 
-    def stream_chunks(self, prompt: str, **options: Unpack[SamplingOptions]) -> Iterator[Chunk]:
-        return self._chunks(self._prompt_ids(prompt), _params(options))
+    @overload
+    def complete(self, prompt: Prompt, *, stream: Literal[True], **options: Unpack[SamplingOptions]) -> Iterator[Chunk]: ...
+
+    def complete(self, prompt: Prompt, *, stream: bool = False,
+                 **options: Unpack[SamplingOptions]) -> Generation | Iterator[Chunk]:
+        """Decode an encoded prompt (`encode` / `encode_chat`), with the details a server
+        reports: a `Generation` (text, finish reason, token usage), or with `stream=True`
+        `Chunk`s whose last one carries the finish reason.
+
+        The prompt is encoded by the caller so it can count its tokens (and refuse one
+        that leaves no room) without tokenizing twice.
+        """
+        params = _params(options, prompt.stop)
+        return self._chunks(prompt.ids, params) if stream else self._generate(prompt.ids, params)
 
     def _chunks(self, ids: list[int], params: GenerationParams) -> Iterator[Chunk]:
         if self._batcher is not None:
@@ -230,25 +271,6 @@ class PrimeModel:
             return
         with self._exclusive():
             yield from self._backend.stream(ids, params)
-
-    def _stream(self, ids: list[int], params: GenerationParams) -> Iterator[str]:
-        for chunk in self._chunks(ids, params):
-            if chunk.text:
-                yield chunk.text
-
-    # -- async: the same calls, off the event loop ---------------------------------------
-
-    async def generate_async(self, prompt: str, **options: Unpack[SamplingOptions]) -> str:
-        return await asyncio.to_thread(self.generate, prompt, **options)
-
-    async def chat_async(self, messages: Messages, **options: Unpack[SamplingOptions]) -> str:
-        return await asyncio.to_thread(self.chat, messages, **options)
-
-    def stream_async(self, prompt: str, **options: Unpack[SamplingOptions]) -> AsyncIterator[str]:
-        return iterate_in_thread(lambda: self.stream(prompt, **options))
-
-    def stream_chat_async(self, messages: Messages, **options: Unpack[SamplingOptions]) -> AsyncIterator[str]:
-        return iterate_in_thread(lambda: self.stream_chat(messages, **options))
 
     def close(self) -> None:
         if self._batcher is not None:

@@ -121,7 +121,7 @@ def build_dataset(base_model, recipe: ChatRecipe, out: Path, *, log: Log = print
             for attempt in range(recipe.candidates):
                 sampling = {"temperature": 0.0} if attempt == 0 else {"temperature": 0.8, "top_p": 0.95,
                                                                       "seed": recipe.seed * 1000 + attempt}
-                reply = base_model.complete_chat(messages, max_new_tokens=recipe.max_new_tokens, **sampling)
+                reply = base_model.complete(base_model.encode_chat(messages), max_new_tokens=recipe.max_new_tokens, **sampling)
                 reason = rejection(prompt, reply.text, reply.finish_reason)
                 if reason is None:
                     kept = reply.text.strip()

@@ -164,8 +164,8 @@ class Chatbot:
         pieces: list[str] = []
         failed = False
         try:
-            for piece in self.model.stream_chat(
-                messages, max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, seed=c.seed
+            for piece in self.model.chat(
+                messages, stream=True, max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, seed=c.seed
             ):
                 pieces.append(piece)
                 yield piece

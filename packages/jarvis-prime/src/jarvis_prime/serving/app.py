@@ -1,0 +1,99 @@
+"""`create_app`: the routes of `prime serve`, each a few lines over the serving kit; `serve` runs it."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Callable
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import generate_latest
+
+from jarvis_prime.models.prime_model import PrimeModel
+from jarvis_prime.serving.completions import Completions
+from jarvis_prime.serving.errors import install_error_handlers
+from jarvis_prime.serving.formatters import ChatFormatter, TextFormatter
+from jarvis_prime.serving.host import ModelHost
+from jarvis_prime.serving.middleware import Guard, Metrics
+from jarvis_prime.serving.settings import ServerConfig, require_key_for
+from jarvis_prime.serving.types import ChatCompletionRequest, CompletionRequest, SwapRequest
+
+Loader = Callable[..., PrimeModel]
+
+
+def load_model(name: str, quantization=None, backend: str = "auto", context_length: int | None = None) -> PrimeModel:
+    return PrimeModel.from_pretrained(name, quantization=quantization, backend=backend, context_length=context_length)
+
+
+def create_app(config: ServerConfig, loader: Loader = load_model) -> FastAPI:
+    host, metrics = ModelHost(), Metrics()
+    executor = ThreadPoolExecutor(max_workers=config.max_queue + 2, thread_name_prefix="prime-gen")
+    completions = Completions(config, host, metrics, executor)
+
+    def load(name: str, quantization=None, backend: str = "auto") -> PrimeModel:
+        model = loader(name, quantization, backend, config.context_length)
+        model.enable_batching(config.max_batch, on_batch=metrics.batch_size.observe)
+        return model
+
+    async def load_in_background() -> None:
+        model = await completions.run(lambda: load(config.model, config.quantization, config.backend))
+        host.swap(model, config.served_name or model.name)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        task = asyncio.create_task(load_in_background())
+        yield
+        task.cancel()
+        host.close()
+        executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="JARVIS Prime", lifespan=lifespan)
+    app.state.host, app.state.metrics = host, metrics
+    install_error_handlers(app)
+    app.add_middleware(Guard, config=config, metrics=metrics)
+
+    @app.get("/health")
+    async def health():
+        slot = host.current
+        if slot is None:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return {"status": "ok", "model": slot.name, "backend": slot.model.runtime.backend}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(generate_latest(metrics.registry).decode(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        with host.use() as slot:
+            return {"object": "list", "data": [{"id": slot.name, "object": "model", "created": slot.created,
+                                                 "owned_by": "jarvis-prime"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest):
+        req.check_supported()
+        messages = req.chat_messages()
+        return await completions.answer(req, lambda model: model.encode_chat(messages), ChatFormatter)
+
+    @app.post("/v1/completions")
+    async def text_completions(req: CompletionRequest):
+        req.check_supported()
+        prompt = req.text()
+        return await completions.answer(req, lambda model: model.encode(prompt), TextFormatter)
+
+    @app.post("/admin/models")
+    async def swap_model(req: SwapRequest):
+        model = await completions.run(lambda: load(req.model, req.quantization, req.backend))
+        host.swap(model, config.served_name or model.name)
+        return {"model": model.name, "version": model.version, "runtime": model.runtime.describe()}
+
+    return app
+
+
+def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8001) -> None:
+    import uvicorn
+
+    require_key_for(host, config.api_key)
+    uvicorn.run(create_app(config), host=host, port=port, log_level="info")

@@ -1,0 +1,54 @@
+"""What a server is told: `ServerConfig`, the API key, and the rule that a server
+reachable from other machines must have one (shared with `jarvis serve`)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+from dataclasses import dataclass
+from typing import Literal
+
+API_KEY_ENV = "PRIME_API_KEY"
+DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB of JSON is a very long chat
+DEFAULT_MAX_TOKENS = 512
+
+
+@dataclass
+class ServerConfig:
+    model: str
+    quantization: Literal["8bit", "4bit"] | None = None
+    backend: Literal["auto", "llamacpp", "transformers"] = "auto"
+    api_key: str | None = None
+    served_name: str | None = None  # the name clients use; kept across hot-swaps (default: the model's)
+    max_queue: int = 16  # requests admitted at once (one generating, the rest waiting)
+    max_batch: int = 8  # transformers backend: concurrent requests decoded together
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    context_length: int | None = None
+    retry_after_s: int = 1
+
+
+def api_key_from_env(flag: str | None, env_var: str = API_KEY_ENV) -> str | None:
+    return flag or os.environ.get(env_var) or None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def require_key_for(host: str, api_key: str | None, env_var: str = API_KEY_ENV) -> None:
+    """A server reachable from other machines must not be open to them."""
+    if not is_loopback(host) and not api_key:
+        raise ValueError(f"refusing to listen on {host} without an API key: pass --api-key or set {env_var} "
+                         "(or bind 127.0.0.1)")
+
+
+def key_matches(authorization: str, api_key: str) -> bool:
+    """Whether an Authorization header carries `api_key`, compared in constant time so
+    the answer's timing does not leak how much of a guess was right."""
+    return secrets.compare_digest(authorization.encode(), f"Bearer {api_key}".encode())

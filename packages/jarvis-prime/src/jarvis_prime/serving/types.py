@@ -1,0 +1,131 @@
+"""The request bodies `prime serve` accepts (OpenAI's, less what it cannot honour).
+
+Unknown fields are ignored, as OpenAI clients send many; parameters this server
+cannot honour are refused by `check_supported`, never silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from jarvis_prime.serving.errors import APIError
+from jarvis_prime.serving.settings import DEFAULT_MAX_TOKENS
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SamplingRequest(BaseModel):
+    """What both endpoints share. Unknown fields are ignored, as OpenAI clients send many."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(default=1, ge=1, le=128)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logprobs: bool | int | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> list[str]:
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("at most 4 non-empty stop sequences")
+        return stops
+
+    def check_supported(self) -> None:
+        """Parameters this server cannot honour are refused, never silently ignored."""
+        if self.n != 1:
+            raise APIError(400, "only n=1 is supported", param="n", code="unsupported_parameter")
+        if self.presence_penalty or self.frequency_penalty:
+            param = "presence_penalty" if self.presence_penalty else "frequency_penalty"
+            raise APIError(400, f"{param} is not supported (PRIME models sample without penalties)", param=param,
+                           code="unsupported_parameter")
+        if self.logprobs:
+            raise APIError(400, "logprobs are not supported", param="logprobs", code="unsupported_parameter")
+
+
+    def sampling_options(self, prompt_tokens: int, context_length: int) -> dict[str, Any]:
+        """The model's generation options; a prompt and max_tokens that overflow the context are a 400."""
+        room = context_length - prompt_tokens
+        wanted = self.max_completion_tokens or self.max_tokens
+        if room < 1 or (wanted is not None and wanted > room):
+            raise APIError(400, f"the prompt ({prompt_tokens} tokens) plus max_tokens ({wanted}) exceeds the context "
+                           f"length ({context_length})", param="max_tokens" if room >= 1 else "messages",
+                           code="context_length_exceeded")
+        return {"max_new_tokens": wanted or min(DEFAULT_MAX_TOKENS, room), "temperature": self.temperature,
+                "top_p": self.top_p, "stop": self.stop or None, "seed": self.seed}
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    response_format: ResponseFormat | None = None
+    tools: list[Any] | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.response_format is not None and self.response_format.type != "text":
+            raise APIError(400, f"response_format {self.response_format.type!r} is not supported: this server does "
+                           "not constrain decoding; ask for JSON in the prompt and validate it", param="response_format",
+                           code="unsupported_parameter")
+        if self.tools:
+            raise APIError(400, "tools are not supported", param="tools", code="unsupported_parameter")
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        """The messages as the chat template takes them ("developer" is OpenAI's newer "system")."""
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[str]
+    echo: bool = False
+    suffix: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.prompt, list):
+            if len(self.prompt) != 1:
+                raise APIError(400, "exactly one prompt per request", param="prompt")
+            return self.prompt[0]
+        return self.prompt
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.echo or self.suffix:
+            param = "echo" if self.echo else "suffix"
+            raise APIError(400, f"{param} is not supported", param=param, code="unsupported_parameter")
+
+
+class SwapRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    quantization: Literal["8bit", "4bit"] | None = None
+    backend: Literal["auto", "llamacpp", "transformers"] = "auto"

@@ -1,0 +1,71 @@
+"""Reply streams: server-sent events, one JSON object per `data:` line ({"delta": text}
+pieces, then {"done": true, "reply_id": N, "conversation": id} or {"error": message}).
+
+One reply at a time per conversation (a second tab gets 409, not a tangle). Each
+reply keeps the model it started on until it ends, so a model swap never cuts one
+off, and the old model is closed only after its last reply.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from typing import Any, AsyncIterator, Callable, Iterator
+
+from fastapi.responses import StreamingResponse
+
+from jarvis.chatbots import Chatbot
+from jarvis_prime import PrimeError
+from jarvis_prime.models.prime_model import iterate_in_thread
+from jarvis_prime.serving.errors import APIError
+from jarvis_prime.serving.host import ModelHost
+
+Start = Callable[[Any], tuple[Chatbot, Iterator[str]]]  # the model -> the chatbot and its reply's pieces
+
+
+def _event(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+class Replies:
+    def __init__(self, host: ModelHost, executor: ThreadPoolExecutor) -> None:
+        self.host, self.executor = host, executor
+        self._writing: set[str] = set()  # conversations with a reply being written
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def _writing_in(self, cid: str) -> Iterator[None]:
+        with self._lock:
+            if cid in self._writing:
+                raise APIError(409, f"a reply is already being written in conversation {cid}")
+            self._writing.add(cid)
+        try:
+            yield
+        finally:
+            self._writing.discard(cid)
+
+    def stream(self, cid: str, start: Start) -> StreamingResponse:
+        """Errors before the first byte (unknown id, too long, no model) are plain 4xx/5xx."""
+        held = ExitStack()
+        try:
+            held.enter_context(self._writing_in(cid))
+            slot = held.enter_context(self.host.use())
+            chatbot, pieces = start(slot.model)
+        except BaseException:
+            held.close()
+            raise
+        return StreamingResponse(self._events(chatbot, pieces, held), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    async def _events(self, chatbot: Chatbot, pieces: Iterator[str], held: ExitStack) -> AsyncIterator[str]:
+        try:
+            try:
+                async for piece in iterate_in_thread(lambda: pieces, self.executor):
+                    yield _event({"delta": piece})
+            finally:
+                held.close()  # before the last event: a client that reads it may send the next message at once
+            yield _event({"done": True, "reply_id": chatbot.last_reply_id, "conversation": chatbot.conversation})
+        except (PrimeError, ValueError) as err:
+            yield _event({"error": str(err)})

@@ -1,0 +1,136 @@
+"""The page's JSON API, one router per job: the model (health, swap, images), the
+conversations and their stored messages, and the replies that stream.
+`server.create_app` puts them together behind the key check."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import replace
+from typing import Any, Callable
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from jarvis.chatbots import Chatbot, ChatbotConfig
+from jarvis.memory import ConversationStore
+from jarvis.vision import VisionUnavailableError, ask_about_image
+from jarvis.web.replies import Replies
+from jarvis.web.schemas import (ConversationPatch, Correction, ImageQuestion, ModelSwap, NewConversation, Rating,
+                                UserMessage, message_json)
+from jarvis.web.settings import WebConfig
+from jarvis_prime import PrimeError
+from jarvis_prime.serving.errors import APIError
+from jarvis_prime.serving.host import ModelHost
+
+
+def model_routes(config: WebConfig, host: ModelHost, make_model: Callable[[ChatbotConfig], Any],
+                 guarded: list[Any]) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/api/health")
+    def health() -> JSONResponse:
+        slot = host.current
+        if slot is None:
+            body = {"status": "error" if host.error else "loading", "error": host.error}
+            return JSONResponse(body, status_code=503)
+        return JSONResponse({"status": "ok", "model": slot.model.name, "version": slot.model.version})
+
+    @router.post("/api/model", dependencies=guarded)
+    def swap_model(body: ModelSwap) -> dict[str, str]:
+        """Load a model (by name: its newest local version) and switch to it. Replies
+        being streamed finish on the model they started with, which is closed after them."""
+        chat = config.chat if body.model is None else replace(config.chat, model=body.model)
+        try:
+            new = make_model(chat)
+        except PrimeError as err:
+            raise APIError(400, str(err)) from None
+        host.swap(new, new.name)
+        config.chat = chat
+        return {"model": new.name, "version": new.version}
+
+    @router.post("/api/images", dependencies=guarded)
+    def image(body: ImageQuestion) -> dict[str, str]:
+        try:
+            data = base64.b64decode(body.image, validate=True)
+        except (binascii.Error, ValueError):
+            raise APIError(400, "image: not valid base64") from None
+        try:
+            return {"answer": ask_about_image(data, body.question)}
+        except VisionUnavailableError as err:
+            raise APIError(503, str(err)) from None
+
+    return router
+
+
+def conversation_routes(config: WebConfig, store: ConversationStore) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/api/conversations")
+    def conversations() -> list[dict[str, Any]]:
+        return [c.__dict__ for c in store.list()]
+
+    @router.post("/api/conversations", status_code=201)
+    def new_conversation(body: NewConversation) -> dict[str, str]:
+        return {"id": store.create(title=body.title, model=config.chat.model,
+                                   system_prompt=config.chat.system_prompt, private=body.private)}
+
+    @router.get("/api/conversations/{cid}")
+    def conversation(cid: str) -> dict[str, Any]:
+        info = store.get(cid)
+        return {"conversation": info.__dict__, "messages": [message_json(m) for m in store.stored_messages(cid)]}
+
+    @router.patch("/api/conversations/{cid}")
+    def patch_conversation(cid: str, body: ConversationPatch) -> dict[str, Any]:
+        store.update(cid, title=body.title, private=body.private)
+        return store.get(cid).__dict__
+
+    @router.delete("/api/conversations/{cid}", status_code=204)
+    def delete_conversation(cid: str) -> None:
+        store.get(cid)
+        store.delete(cid)
+
+    @router.post("/api/messages/{mid}/rating")
+    def rate(mid: int, body: Rating) -> dict[str, Any]:
+        store.rate(mid, body.rating)
+        return message_json(store.message(mid))
+
+    @router.post("/api/messages/{mid}/correction")
+    def correct(mid: int, body: Correction) -> dict[str, Any]:
+        store.correct(mid, body.content)
+        return message_json(store.message(mid))
+
+    return router
+
+
+def reply_routes(config: WebConfig, store: ConversationStore, replies: Replies) -> APIRouter:
+    router = APIRouter()
+
+    def bot(cid: str, model: Any) -> Chatbot:
+        return Chatbot(config.chat, model=model, store=store, conversation=cid)
+
+    @router.post("/api/conversations/{cid}/messages")
+    def send(cid: str, body: UserMessage) -> StreamingResponse:
+        def start(model):
+            chatbot = bot(cid, model)
+            text = body.content.strip()
+            if not text:
+                raise ValueError("message is empty")
+            chatbot._fit_context({"role": "user", "content": text})  # too long: 400 now, not mid-stream
+            return chatbot, chatbot.stream(text)
+
+        return replies.stream(cid, start)
+
+    @router.post("/api/messages/{mid}/regenerate")
+    def regenerate(mid: int) -> StreamingResponse:
+        message = store.message(mid)
+
+        def start(model):
+            chatbot = bot(message.conversation_id, model)
+            if chatbot.last_reply_id != mid:
+                raise ValueError(f"message {mid} is not the conversation's last reply; only that one can be regenerated")
+            return chatbot, chatbot.regenerate()
+
+        return replies.stream(message.conversation_id, start)
+
+    return router

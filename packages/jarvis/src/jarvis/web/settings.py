@@ -1,0 +1,23 @@
+"""`WebConfig`, and `jarvis serve`'s API key rule (prime's, naming JARVIS_API_KEY)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from jarvis.chatbots import ChatbotConfig
+from jarvis_prime.serving import settings as prime_settings
+
+API_KEY_ENV = "JARVIS_API_KEY"
+
+
+@dataclass
+class WebConfig:
+    chat: ChatbotConfig = field(default_factory=ChatbotConfig)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+
+
+def require_key_for(host: str, api_key: str | None) -> None:
+    """A page reachable from other machines must not be open to them."""
+    prime_settings.require_key_for(host, api_key, env_var=API_KEY_ENV)

@@ -1,0 +1,115 @@
+"""`jarvis serve`'s POST /api/model closes the model it replaces, once the replies still
+streaming from it have ended (stand-in models: this is about ownership, not text)."""
+
+import json
+import socket
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from jarvis.memory import ConversationStore
+from jarvis.web.server import create_app
+from jarvis.web.settings import WebConfig
+
+
+class StandInModel:
+    """What the Chatbot uses of a PrimeModel; `chat(stream=True)` pauses after its first
+    piece until `release` is set, so a test can swap models mid-reply."""
+
+    context_length = 4096
+    version = "1.0.0"
+
+    def __init__(self, name: str) -> None:
+        self.name, self.closed = name, False
+        self.streaming, self.release = threading.Event(), threading.Event()
+        self.release.set()
+
+    def apply_chat_template(self, messages) -> str:
+        return "".join(m["content"] for m in messages)
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    def chat(self, messages, *, stream=False, **options):
+        assert stream and not self.closed
+        return self._pieces()
+
+    def _pieces(self):
+        yield "Hello"
+        self.streaming.set()
+        assert self.release.wait(30)
+        assert not self.closed, "closed while a reply was streaming from it"
+        yield " there."
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def running(tmp_path):
+    store = ConversationStore(tmp_path / "jarvis.db")
+    loaded: list[StandInModel] = []
+
+    def loader(chat):
+        loaded.append(StandInModel(chat.model))
+        return loaded[-1]
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(WebConfig(), store=store, loader=loader), host="127.0.0.1",
+                                           port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while not (server.started and request(url, "GET", "/api/health")[0] == 200):
+        assert time.monotonic() < deadline, "the stand-in model never loaded"
+        time.sleep(0.05)
+    yield url, loaded
+    server.should_exit = True
+    thread.join(timeout=10)
+    store.close()
+
+
+def request(url, method, path, body=None):
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url + path, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def test_swapping_models_closes_the_old_one(running):
+    url, loaded = running
+    status, body = request(url, "POST", "/api/model", {"model": "prime-next"})
+    assert status == 200 and json.loads(body)["model"] == "prime-next"
+    first, second = loaded
+    assert first.closed, "the replaced model was left open"
+    assert not second.closed
+
+
+def test_a_reply_streaming_during_a_swap_finishes_on_the_old_model_then_it_closes(running):
+    url, loaded = running
+    first = loaded[0]
+    first.release.clear()
+    cid = json.loads(request(url, "POST", "/api/conversations", {})[1])["id"]
+    answer = {}
+    sender = threading.Thread(target=lambda: answer.update(
+        reply=request(url, "POST", f"/api/conversations/{cid}/messages", {"content": "Hi"})))
+    sender.start()
+    assert first.streaming.wait(30)
+    assert request(url, "POST", "/api/model", {"model": "prime-next"})[0] == 200
+    assert not first.closed, "closed under a streaming reply"
+    first.release.set()
+    sender.join(30)
+    status, raw = answer["reply"]
+    events = [json.loads(line[len("data:"):]) for line in raw.splitlines() if line.startswith("data:")]
+    assert status == 200 and "".join(e.get("delta", "") for e in events) == "Hello there." and events[-1]["done"]
+    assert first.closed, "the old model was never closed"

@@ -30,6 +30,7 @@ import numpy as np
 
 from jarvis_prime.errors import PrimeError
 from jarvis_prime.manifest import PrimeManifest, Quantization, quant_bits, read_manifest, verify_files, write_manifest
+from jarvis_prime.progress import Log
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral")
 # llama.cpp file types (enum llama_ftype) of the quantizations we export.
@@ -45,7 +46,6 @@ _PRE_TOKENIZERS = {
     '{"type":"ByteLevel","add_prefix_space":false,"trim_offsets":true,"use_regex":true}]}': "smollm",
 }
 
-Log = Callable[[str], None]
 
 
 class ExportError(PrimeError):

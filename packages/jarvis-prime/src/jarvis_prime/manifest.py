@@ -8,11 +8,8 @@ model that quietly speaks gibberish.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -20,10 +17,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from jarvis_prime.errors import IntegrityError, ManifestError
+from jarvis_prime.files import atomic_write, sha256_file
 
 MANIFEST_NAME = "prime.json"
 PRIME_FORMAT_VERSION = 1
-_HASH_CHUNK = 1 << 20
 
 
 class FileEntry(BaseModel):
@@ -79,14 +76,6 @@ class PrimeManifest(BaseModel):
         return f"{self.name}-{self.version}"
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def hash_files(model_dir: Path) -> dict[str, FileEntry]:
     """sha256 and size of every file under `model_dir` except the manifest itself."""
     entries: dict[str, FileEntry] = {}
@@ -99,20 +88,10 @@ def hash_files(model_dir: Path) -> dict[str, FileEntry]:
 
 
 def write_manifest(model_dir: Path, manifest: PrimeManifest) -> PrimeManifest:
-    """Hash every file, then write `prime.json` atomically (temp file, fsync, rename)."""
+    """Hash every file, then write `prime.json` atomically (`files.atomic_write`)."""
     manifest = manifest.model_copy(update={"files": hash_files(model_dir)})
     payload = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=False) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=model_dir, prefix=".prime.json.")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes it private; a model directory is shared data
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, model_dir / MANIFEST_NAME)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(model_dir / MANIFEST_NAME, payload)
     return manifest
 
 

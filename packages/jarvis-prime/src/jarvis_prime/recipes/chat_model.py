@@ -28,13 +28,13 @@ import re
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from jarvis_prime.evaluation import REFUSAL
 from jarvis_prime.persona import JARVIS_SYSTEM_PROMPT
+from jarvis_prime.progress import Log
 from jarvis_prime.recipes import ATTENTION_ONLY
 
-Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,11 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from jarvis_prime.progress import Log
 from jarvis_prime.recipes import ATTENTION_ONLY
 
-Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)

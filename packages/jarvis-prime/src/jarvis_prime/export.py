@@ -29,7 +29,15 @@ from typing import Any
 import numpy as np
 
 from jarvis_prime.errors import PrimeError
-from jarvis_prime.manifest import PrimeManifest, Quantization, quant_bits, read_manifest, verify_files, write_manifest
+from jarvis_prime.manifest import (
+    PrimeManifest,
+    Quantization,
+    quant_bits,
+    read_manifest,
+    store_lock,
+    verify_files,
+    write_manifest,
+)
 from jarvis_prime.progress import Log
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral")
@@ -75,8 +83,6 @@ def export_gguf(
     on calibration text (`jarvis_prime.importance`; needs the transformers extra, else
     they are rounded plainly and the log says so).
     """
-    from jarvis_prime.store import store_lock
-
     unknown = [q for q in quants if q not in FILE_TYPES]
     if unknown:
         raise ExportError(f"unknown GGUF quantization {unknown[0]!r}; choose from {', '.join(FILE_TYPES)}")

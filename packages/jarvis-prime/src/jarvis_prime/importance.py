@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from jarvis_prime.files import atomic_path
+from jarvis_prime.persona import load_prompts
 
 CHUNK_TOKENS = 512
 
@@ -53,8 +54,6 @@ class ImportanceMatrix:
 
 def calibration_texts(tokenizer) -> list[str]:
     """The package's calibration prose, then every JARVIS prompt as the chat template renders it."""
-    from jarvis_prime.recipes.chat_model import load_prompts
-
     prose = resources.files("jarvis_prime").joinpath("quant_data", "calibration.txt").read_text(encoding="utf-8")
     chats = [tokenizer.apply_chat_template([{"role": "user", "content": p["prompt"]}], tokenize=False,
                                            add_generation_prompt=True) for p in load_prompts()]

@@ -8,8 +8,11 @@ model that quietly speaks gibberish.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -95,6 +98,16 @@ def write_manifest(model_dir: Path, manifest: PrimeManifest) -> PrimeManifest:
     return manifest
 
 
+@contextmanager
+def store_lock(model_dir: Path) -> Iterator[None]:
+    """An exclusive lock on one model directory (POSIX advisory lock, on a file beside it):
+    held by whoever builds the directory or rewrites its `prime.json` (pull, export, eval)."""
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(model_dir.parent / f".{model_dir.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 def read_manifest(model_dir: Path) -> PrimeManifest:
     path = model_dir / MANIFEST_NAME
     if not path.is_file():
@@ -122,6 +135,26 @@ def verify_files(model_dir: Path, manifest: PrimeManifest, paths: list[str] | No
         actual = sha256_file(path)
         if actual != entry.sha256:
             raise IntegrityError(f"{path}: sha256 {actual} does not match manifest {entry.sha256}")
+
+
+_BITS_OF_REQUEST = {"8bit": 8, "4bit": 4}
+# Among several GGUFs of the same bits, the better quality/size trade-off first.
+_GGUF_PREFERENCE = ("q4_k_m", "q4_k_s", "q4_0", "q4_1", "iq4_nl", "iq4_xs", "q8_0", "f16", "bf16", "f32")
+
+
+def matching_gguf(manifest: PrimeManifest, quantization: Literal["8bit", "4bit"] | None) -> str | None:
+    """The GGUF quantization name that serves `quantization`, best first; None if none.
+
+    None asks for no quantization beyond what the model ships: the most precise GGUF.
+    """
+    ggufs = {name: q for name, q in manifest.quantizations.items() if q.format == "gguf"}
+    if quantization is None:
+        candidates = sorted(ggufs, key=lambda n: -ggufs[n].bits)
+        candidates = [n for n in candidates if ggufs[n].bits == ggufs[candidates[0]].bits] if candidates else []
+    else:
+        candidates = [n for n, q in ggufs.items() if q.bits == _BITS_OF_REQUEST[quantization]]
+    rank = {name: i for i, name in enumerate(_GGUF_PREFERENCE)}
+    return min(candidates, key=lambda n: rank.get(n, len(rank)), default=None)
 
 
 _BITS_OF_QUANT = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8}

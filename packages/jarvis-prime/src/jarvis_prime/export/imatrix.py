@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from jarvis_prime.export.metadata import copy_metadata
 from jarvis_prime.files import atomic_path
 from jarvis_prime.persona import load_prompts
 
@@ -122,8 +123,6 @@ def round_with_importance(source: Path, typed: Path, importance: ImportanceMatri
     file that replaces `typed` only when complete (`files.atomic_path`), with `typed`'s file mode.
     """
     import gguf
-
-    from jarvis_prime.export import copy_metadata
 
     quantize_chunk = _ggml_quantize_chunk()
     weights = {tensor.name: tensor for tensor in gguf.GGUFReader(source).tensors}

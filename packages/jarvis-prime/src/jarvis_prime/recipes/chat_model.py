@@ -30,9 +30,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from jarvis_prime.errors import PrimeError
+from jarvis_prime.export import export_gguf
+from jarvis_prime.models.prime_model import PrimeModel
 from jarvis_prime.persona import JARVIS_SYSTEM_PROMPT, REFUSAL, load_prompts
 from jarvis_prime.progress import Log
-from jarvis_prime.recipes import ATTENTION_ONLY
+from jarvis_prime.recipes import ATTENTION_ONLY, require_reactor_core
+from jarvis_prime.store import import_path, resolve
 
 
 
@@ -145,12 +149,6 @@ def train_chat_model(name: str, work_dir: Path, *, ship: bool = False, fresh: bo
     A dataset already in `work_dir` (an earlier or interrupted run) is reused unless
     `fresh`: generating it is the slow half of the recipe.
     """
-    from jarvis_prime.errors import PrimeError
-    from jarvis_prime.export import export_gguf
-    from jarvis_prime.models.prime_model import PrimeModel
-    from jarvis_prime.recipes import require_reactor_core
-    from jarvis_prime.store import import_path, resolve
-
     if name not in RECIPES:
         raise PrimeError(f"no training recipe for {name!r}; recipes: {', '.join(RECIPES)}")
     recipe = RECIPES[name]

@@ -9,7 +9,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from jarvis_prime import __version__
 from jarvis_prime.catalog import load_catalog
 from jarvis_prime.errors import PrimeError
 from jarvis_prime.evaluation import JARVIS_SYSTEM_PROMPT, eval_key, evaluate, load_variant, record, variant_runtime
@@ -21,6 +20,7 @@ from jarvis_prime.publish import push
 from jarvis_prime.recipes.chat_model import train_chat_model
 from jarvis_prime.recipes.feedback import FeedbackRecipe, train_from_feedback
 from jarvis_prime.store import find_local, import_path, list_local, models_root, pull, resolve
+from jarvis_prime.version import __version__
 
 app = typer.Typer(
     name="prime",

@@ -1,4 +1,5 @@
-"""`prime.json`: the manifest of a PRIME model directory, and its integrity checks.
+"""`prime.json`: the manifest of a PRIME model directory, its integrity checks, the lock
+held by whoever writes the directory, and which of its GGUF files serves a request.
 
 A PRIME model directory (ARCHITECTURE.md) is the one artifact that crosses package
 boundaries. Its manifest lists every file with sha256 and size; loading verifies the

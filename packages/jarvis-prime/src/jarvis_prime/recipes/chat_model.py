@@ -22,7 +22,6 @@ catalog's `adapter` source merges it into the base on `prime pull`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -32,6 +31,7 @@ from typing import Any
 
 from jarvis_prime.errors import PrimeError
 from jarvis_prime.export import export_gguf
+from jarvis_prime.files import sha256_file
 from jarvis_prime.models.prime_model import PrimeModel
 from jarvis_prime.persona import JARVIS_SYSTEM_PROMPT, REFUSAL, load_prompts
 from jarvis_prime.progress import Log
@@ -136,7 +136,7 @@ def build_dataset(base_model, recipe: ChatRecipe, out: Path, *, log: Log = print
     payload = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(payload, encoding="utf-8")
-    report.sha256 = hashlib.sha256(payload.encode()).hexdigest()
+    report.sha256 = sha256_file(out)
     log(f"dataset: {report.kept}/{report.prompts} prompts kept "
         + ", ".join(f"{c} {k}/{n}" for c, (k, n) in report.by_category.items()))
     return report

@@ -10,7 +10,8 @@ import pytest
 
 from jarvis_prime.catalog import load_catalog
 from jarvis_prime.evaluation import load_variant, perplexity, run_jarvis_suite
-from jarvis_prime.manifest import sha256_file, verify_files
+from jarvis_prime.files import sha256_file
+from jarvis_prime.manifest import verify_files
 from jarvis_prime.recipes.chat_model import rejection
 
 CHAT = "prime-135m-chat-v1"

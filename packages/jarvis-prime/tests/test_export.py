@@ -184,7 +184,7 @@ def test_4bit_rounding_with_the_importance_matrix_beats_llama_cpps_plain_roundin
     import gguf
 
     from jarvis_prime.evaluation import load_variant, perplexity
-    from jarvis_prime.importance import ImportanceMatrix, round_with_importance
+    from jarvis_prime.export.imatrix import ImportanceMatrix, round_with_importance
 
     plain_dir = tmp_path / exported_model.name
     shutil.copytree(exported_model, plain_dir)

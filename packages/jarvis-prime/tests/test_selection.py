@@ -4,8 +4,8 @@ import pytest
 
 from jarvis_prime.errors import BackendUnavailableError
 from jarvis_prime.hardware import Hardware, Libraries
-from jarvis_prime.manifest import PrimeManifest, Quantization
-from jarvis_prime.models.selection import matching_gguf, plan_runtime
+from jarvis_prime.manifest import PrimeManifest, Quantization, matching_gguf
+from jarvis_prime.models.selection import plan_runtime
 
 CPU = Hardware("Linux", "x86_64", apple_silicon=False, nvidia_driver=False)
 CUDA = Hardware("Linux", "x86_64", apple_silicon=False, nvidia_driver=True, cuda_usable=True)

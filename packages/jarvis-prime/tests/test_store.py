@@ -7,7 +7,8 @@ from typer.testing import CliRunner
 
 from jarvis_prime import IntegrityError, ModelNotAvailableError, PrimeError, PrimeModel
 from jarvis_prime.cli import app
-from jarvis_prime.manifest import read_manifest, sha256_file, verify_files
+from jarvis_prime.files import sha256_file
+from jarvis_prime.manifest import read_manifest, verify_files
 from jarvis_prime.store import import_path, pull, read_gguf_info, resolve
 
 

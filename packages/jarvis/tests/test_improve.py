@@ -35,11 +35,10 @@ GOOD = [  # replies the user liked: they keep the candidate close to what alread
 
 
 ANSWER_LOGPROB = f"""
-from jarvis_prime.evaluation import reply_logprob
+from jarvis_prime.evaluation import load_variant, reply_logprob
 from jarvis_prime.store import resolve
-from jarvis.improve import _load_q8
 for version in ("prime-135m-chat-v1-1.0.0", "prime-135m-chat-v1-1.1.0"):
-    model = _load_q8(resolve(version))
+    model = load_variant(resolve(version).path, "q8_0")
     print(reply_logprob(model, [{{"role": "user", "content": "Who is the team that built you?"}}], {ANSWER!r})[0])
     model.close()
 """

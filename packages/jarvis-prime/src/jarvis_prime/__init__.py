@@ -13,8 +13,7 @@ from jarvis_prime.errors import (
     PrimeError,
 )
 from jarvis_prime.models import Generation, GenerationParams, PrimeModel, Runtime
-
-__version__ = "0.8.0"
+from jarvis_prime.version import __version__
 
 __all__ = [
     "BackendUnavailableError",
@@ -27,4 +26,5 @@ __all__ = [
     "PrimeError",
     "PrimeModel",
     "Runtime",
+    "__version__",
 ]

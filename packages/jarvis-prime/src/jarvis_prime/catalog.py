@@ -58,7 +58,7 @@ class HubSource(BaseModel):
 
 class AdapterSource(BaseModel):
     """A LoRA adapter shipped in this package, merged into a catalog base model on pull
-    (offline, no torch: see `jarvis_prime.export.merge_lora_gguf`)."""
+    (offline, no torch: see `jarvis_prime.export.lora`)."""
 
     model_config = ConfigDict(extra="forbid")
     kind: Literal["adapter"]

@@ -9,14 +9,18 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from jarvis_prime import __version__
 from jarvis_prime.catalog import load_catalog
 from jarvis_prime.errors import PrimeError
+from jarvis_prime.evaluation import JARVIS_SYSTEM_PROMPT, eval_key, evaluate, load_variant, record, variant_runtime
+from jarvis_prime.export import IMPORTANCE_QUANTS, export_gguf
 from jarvis_prime.hardware import detect_hardware, detect_libraries
 from jarvis_prime.manifest import verify_files
-from jarvis_prime.models.prime_model import PrimeModel
 from jarvis_prime.models.selection import plan_runtime
+from jarvis_prime.publish import push
+from jarvis_prime.recipes.chat_model import train_chat_model
+from jarvis_prime.recipes.feedback import FeedbackRecipe, train_from_feedback
 from jarvis_prime.store import find_local, import_path, list_local, models_root, pull, resolve
+from jarvis_prime.version import __version__
 
 app = typer.Typer(
     name="prime",
@@ -172,8 +176,6 @@ def export(
         "(needs the transformers extra).")),
 ) -> None:
     """Write GGUF files (chat template and stop tokens embedded) and an Ollama Modelfile into the model's gguf/."""
-    from jarvis_prime.export import IMPORTANCE_QUANTS, export_gguf
-
     if fmt != "gguf":
         _fail(ValueError(f"--format must be gguf; got {fmt!r}"))
     quants = [q.strip().lower() for q in quant.split(",") if q.strip()]
@@ -205,8 +207,6 @@ def eval_model(
     save: bool = typer.Option(True, help="Record the results in prime.json metrics.eval."),
 ) -> None:
     """Evaluate the exact file that would be served: perplexity, the JARVIS suite, speed, memory."""
-    from jarvis_prime.evaluation import JARVIS_SYSTEM_PROMPT, eval_key, evaluate, record, variant_runtime
-
     if suite not in ("jarvis", "perplexity", "all"):
         _fail(ValueError(f"--suite must be jarvis, perplexity or all; got {suite!r}"))
     system_prompt = None if no_system_prompt else JARVIS_SYSTEM_PROMPT
@@ -214,11 +214,8 @@ def eval_model(
         local = resolve(name, auto_pull=False)
         variant, runtime = variant_runtime(local.manifest, quant)
         with console.status(f"evaluating {local.manifest.name} {variant} ({runtime.backend})"):
-            model = PrimeModel.load(local.path, local.manifest, runtime, scoring=True)
-            try:
+            with load_variant(local.path, quant) as model:
                 result = evaluate(model, suite, system_prompt)
-            finally:
-                model.close()
     except (PrimeError, ValueError) as err:
         _fail(err)
     table = Table(title=f"{local.manifest.name} {local.manifest.version} · {variant} on {runtime.backend}")
@@ -264,8 +261,6 @@ def train(
 
     log = lambda message: console.print(message)  # noqa: E731
     if sft or dpo:
-        from jarvis_prime.recipes.feedback import FeedbackRecipe, train_from_feedback
-
         try:
             summary = train_from_feedback(name, Path(work_dir), sft=Path(sft) if sft else None,
                                           dpo=Path(dpo) if dpo else None, recipe=FeedbackRecipe(max_steps=max_steps),
@@ -275,8 +270,6 @@ def train(
         console.print(f"[green]candidate[/] {summary['name']} {summary['version']} ({' + '.join(summary['stages'])}): "
                       f"{summary['model_dir']}")
         return
-
-    from jarvis_prime.recipes.chat_model import train_chat_model
 
     try:
         summary = train_chat_model(name, Path(work_dir), ship=ship, fresh=fresh, log=log)
@@ -297,8 +290,6 @@ def push_model(
     endpoint: Optional[str] = typer.Option(None, help="Hub URL (default: huggingface.co or HF_ENDPOINT)."),
 ) -> None:
     """Publish to the Hugging Face Hub: safetensors, GGUF files, prime.json and a generated model card."""
-    from jarvis_prime.publish import push
-
     try:
         local = resolve(name, auto_pull=False)
         info = push(local.path, repo, token=token, private=private, endpoint=endpoint,

@@ -35,3 +35,7 @@ class ManifestError(PrimeError):
 
 class BackendUnavailableError(PrimeError):
     """A backend/quantization/device combination that cannot work here, and why."""
+
+
+class ExportError(PrimeError):
+    """A model the GGUF exporter cannot turn into GGUF, with what it does support."""

@@ -1,4 +1,5 @@
-"""`prime.json`: the manifest of a PRIME model directory, and its integrity checks.
+"""`prime.json`: the manifest of a PRIME model directory, its integrity checks, the lock
+held by whoever writes the directory, and which of its GGUF files serves a request.
 
 A PRIME model directory (ARCHITECTURE.md) is the one artifact that crosses package
 boundaries. Its manifest lists every file with sha256 and size; loading verifies the
@@ -8,11 +9,11 @@ model that quietly speaks gibberish.
 
 from __future__ import annotations
 
-import hashlib
+import fcntl
 import json
-import os
 import re
-import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -20,10 +21,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from jarvis_prime.errors import IntegrityError, ManifestError
+from jarvis_prime.files import atomic_write, sha256_file
 
 MANIFEST_NAME = "prime.json"
 PRIME_FORMAT_VERSION = 1
-_HASH_CHUNK = 1 << 20
 
 
 class FileEntry(BaseModel):
@@ -79,14 +80,6 @@ class PrimeManifest(BaseModel):
         return f"{self.name}-{self.version}"
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def hash_files(model_dir: Path) -> dict[str, FileEntry]:
     """sha256 and size of every file under `model_dir` except the manifest itself."""
     entries: dict[str, FileEntry] = {}
@@ -99,21 +92,21 @@ def hash_files(model_dir: Path) -> dict[str, FileEntry]:
 
 
 def write_manifest(model_dir: Path, manifest: PrimeManifest) -> PrimeManifest:
-    """Hash every file, then write `prime.json` atomically (temp file, fsync, rename)."""
+    """Hash every file, then write `prime.json` atomically (`files.atomic_write`)."""
     manifest = manifest.model_copy(update={"files": hash_files(model_dir)})
     payload = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=False) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=model_dir, prefix=".prime.json.")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes it private; a model directory is shared data
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, model_dir / MANIFEST_NAME)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(model_dir / MANIFEST_NAME, payload)
     return manifest
+
+
+@contextmanager
+def store_lock(model_dir: Path) -> Iterator[None]:
+    """An exclusive lock on one model directory (POSIX advisory lock, on a file beside it):
+    held by whoever builds the directory or rewrites its `prime.json` (pull, export, eval)."""
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(model_dir.parent / f".{model_dir.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def read_manifest(model_dir: Path) -> PrimeManifest:
@@ -143,6 +136,26 @@ def verify_files(model_dir: Path, manifest: PrimeManifest, paths: list[str] | No
         actual = sha256_file(path)
         if actual != entry.sha256:
             raise IntegrityError(f"{path}: sha256 {actual} does not match manifest {entry.sha256}")
+
+
+_BITS_OF_REQUEST = {"8bit": 8, "4bit": 4}
+# Among several GGUFs of the same bits, the better quality/size trade-off first.
+_GGUF_PREFERENCE = ("q4_k_m", "q4_k_s", "q4_0", "q4_1", "iq4_nl", "iq4_xs", "q8_0", "f16", "bf16", "f32")
+
+
+def matching_gguf(manifest: PrimeManifest, quantization: Literal["8bit", "4bit"] | None) -> str | None:
+    """The GGUF quantization name that serves `quantization`, best first; None if none.
+
+    None asks for no quantization beyond what the model ships: the most precise GGUF.
+    """
+    ggufs = {name: q for name, q in manifest.quantizations.items() if q.format == "gguf"}
+    if quantization is None:
+        candidates = sorted(ggufs, key=lambda n: -ggufs[n].bits)
+        candidates = [n for n in candidates if ggufs[n].bits == ggufs[candidates[0]].bits] if candidates else []
+    else:
+        candidates = [n for n, q in ggufs.items() if q.bits == _BITS_OF_REQUEST[quantization]]
+    rank = {name: i for i, name in enumerate(_GGUF_PREFERENCE)}
+    return min(candidates, key=lambda n: rank.get(n, len(rank)), default=None)
 
 
 _BITS_OF_QUANT = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8}

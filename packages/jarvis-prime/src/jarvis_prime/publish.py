@@ -16,11 +16,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from jarvis_prime.manifest import PrimeManifest, read_manifest, verify_files
+from jarvis_prime.progress import Log
 
-Log = Callable[[str], None]
 
 
 def model_card(manifest: PrimeManifest) -> str:

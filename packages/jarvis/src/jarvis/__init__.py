@@ -5,6 +5,6 @@ it): models arrive through `jarvis_prime.PrimeModel` only.
 """
 
 from jarvis.chatbots import Chatbot, ChatbotConfig
+from jarvis.version import __version__
 
-__version__ = "2.1.0"
-__all__ = ["Chatbot", "ChatbotConfig"]
+__all__ = ["Chatbot", "ChatbotConfig", "__version__"]

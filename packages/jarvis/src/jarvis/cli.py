@@ -10,9 +10,9 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from jarvis import __version__
 from jarvis.chatbots import DEFAULT_PERSONA, Chatbot, ChatbotConfig
 from jarvis.memory import ConversationStore
+from jarvis.version import __version__
 from jarvis_prime import PrimeError
 
 app = typer.Typer(

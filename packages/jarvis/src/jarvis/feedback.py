@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Iterator
 
 from jarvis.memory import ConversationStore, StoredMessage
+from jarvis_prime.files import atomic_write
 
 Message = dict[str, str]
 
@@ -203,10 +204,4 @@ def export_data(store: ConversationStore, *, sft_path: str | os.PathLike | None 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import time
@@ -35,8 +34,11 @@ from typing import Any, Callable
 from jarvis.feedback import ExportReport, collect, write_jsonl
 from jarvis.memory import ConversationStore, jarvis_home
 from jarvis_prime import PrimeError
-
-Log = Callable[[str], None]
+from jarvis_prime.evaluation import feedback_scores, load_variant, record, run_jarvis_suite
+from jarvis_prime.export import export_gguf
+from jarvis_prime.files import atomic_write
+from jarvis_prime.progress import Log
+from jarvis_prime.store import import_path, resolve
 STAGES = ("export", "train", "evaluate", "promote")
 
 
@@ -74,9 +76,7 @@ def _run_dir(config: ImproveConfig) -> Path:
 
 
 def _save_state(run: Path, state: dict[str, Any]) -> None:
-    tmp = run / "state.json.tmp"
-    tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, run / "state.json")
+    atomic_write(run / "state.json", json.dumps(state, indent=1))
 
 
 def improve(config: ImproveConfig, store: ConversationStore | None = None, log: Log = print) -> dict[str, Any]:
@@ -171,15 +171,12 @@ def _train(config: ImproveConfig, run: Path, log: Log) -> dict[str, Any]:
 
 
 def _evaluate(config: ImproveConfig, run: Path, candidate: dict[str, Any], log: Log) -> dict[str, Any]:
-    from jarvis_prime.evaluation import feedback_scores, run_jarvis_suite
-    from jarvis_prime.store import resolve
-
     held = {kind: [json.loads(line) for line in (run / f"heldout-{kind}.jsonl").read_text().splitlines() if line.strip()]
             for kind in ("sft", "dpo")}
     results = {}
     for label, path in (("current", candidate["from"]), ("candidate", candidate["model_dir"])):
         local = resolve(path)
-        model = _load_q8(local)
+        model = load_variant(local.path, "q8_0")
         try:
             log(f"  {label}: {local.manifest.name} {local.manifest.version}")
             suite = run_jarvis_suite(model, system_prompt=None)
@@ -189,14 +186,6 @@ def _evaluate(config: ImproveConfig, run: Path, candidate: dict[str, Any], log: 
     results["promote"], results["reasons"] = gate(results["current"], results["candidate"])
     log(gate_table(results))
     return results
-
-
-def _load_q8(local):
-    from jarvis_prime import PrimeModel
-    from jarvis_prime.evaluation import variant_runtime
-
-    _, runtime = variant_runtime(local.manifest, "q8_0")
-    return PrimeModel.load(local.path, local.manifest, runtime, scoring=True)
 
 
 def gate(current: dict[str, float], candidate: dict[str, float]) -> tuple[bool, list[str]]:
@@ -235,10 +224,6 @@ def _promote(config: ImproveConfig, candidate: dict[str, Any], evaluation: dict[
     if not evaluation["promote"]:
         log(f"  kept {candidate['name']} {candidate['from_version']}")
         return {"promoted": False}
-    from jarvis_prime.evaluation import record
-    from jarvis_prime.export import export_gguf
-    from jarvis_prime.store import import_path, resolve
-
     current = resolve(candidate["from"])
     local = import_path(candidate["model_dir"], name=candidate["name"], version=candidate["version"], task="chat",
                         base=current.manifest.base, log=log, force=True)

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from jarvis_prime.errors import BackendUnavailableError
+from jarvis_prime.export.metadata import SUPPORTED_ARCHITECTURES, gguf_filename
 from jarvis_prime.hardware import Hardware, Libraries
-from jarvis_prime.manifest import PrimeManifest
+from jarvis_prime.manifest import PrimeManifest, matching_gguf
 
 Quantization = Literal["8bit", "4bit"] | None
 Device = Literal["auto", "cpu", "cuda", "mps"]
@@ -22,11 +23,8 @@ BackendName = Literal["auto", "llamacpp", "transformers"]
 QUANTIZATIONS = (None, "8bit", "4bit")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 BACKENDS = ("auto", "llamacpp", "transformers")
-_BITS = {"8bit": 8, "4bit": 4}
 # What llama.cpp serves for each request, exported from safetensors on first use.
 GGUF_FOR = {"8bit": "q8_0", "4bit": "q4_k_m"}
-# Among several 4-bit GGUFs, the better quality/size trade-off first.
-_GGUF_PREFERENCE = ("q4_k_m", "q4_k_s", "q4_0", "q4_1", "iq4_nl", "iq4_xs", "q8_0", "f16", "bf16", "f32")
 
 
 @dataclass(frozen=True)
@@ -65,25 +63,8 @@ def _pick_device(device: Device, hw: Hardware) -> Literal["cpu", "cuda", "mps"]:
     return device
 
 
-def matching_gguf(manifest: PrimeManifest, quantization: Quantization) -> str | None:
-    """The GGUF quantization name that serves `quantization`, best first; None if none.
-
-    None asks for no quantization beyond what the model ships: the most precise GGUF.
-    """
-    ggufs = {name: q for name, q in manifest.quantizations.items() if q.format == "gguf"}
-    if quantization is None:
-        candidates = sorted(ggufs, key=lambda n: -ggufs[n].bits)
-        candidates = [n for n in candidates if ggufs[n].bits == ggufs[candidates[0]].bits] if candidates else []
-    else:
-        candidates = [n for n, q in ggufs.items() if q.bits == _BITS[quantization]]
-    rank = {name: i for i, name in enumerate(_GGUF_PREFERENCE)}
-    return min(candidates, key=lambda n: rank.get(n, len(rank)), default=None)
-
-
 def exportable(manifest: PrimeManifest) -> bool:
     """Whether `prime export` can write GGUF files for this model (see `jarvis_prime.export`)."""
-    from jarvis_prime.export import SUPPORTED_ARCHITECTURES
-
     return manifest.architecture in SUPPORTED_ARCHITECTURES and _safetensors(manifest) is not None
 
 
@@ -95,8 +76,6 @@ def gguf_choice(manifest: PrimeManifest, quantization: Quantization) -> tuple[st
     """
     want = GGUF_FOR.get(quantization)
     if want and want not in manifest.quantizations and exportable(manifest):
-        from jarvis_prime.export import gguf_filename
-
         return gguf_filename(manifest.name, want), want
     name = matching_gguf(manifest, quantization)
     return (manifest.quantizations[name].file, None) if name is not None else None

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from jarvis_prime.errors import PrimeError
+from jarvis_prime.errors import ModelNotFoundError, PrimeError
+from jarvis_prime.store import resolve
 
 # LoRA on the attention projections only: adapting the MLPs too moved general-text
 # perplexity further for no better JARVIS score (package README, the chat model), and
@@ -34,9 +35,6 @@ def resolve_for_training(name: str) -> str | None:
     Offline sources are pulled on first use, as for inference; None for names this
     package does not know, so Reactor Core can try its other sources.
     """
-    from jarvis_prime.errors import ModelNotFoundError
-    from jarvis_prime.store import resolve
-
     try:
         return str(resolve(name).path)
     except ModelNotFoundError:

@@ -22,19 +22,22 @@ catalog's `adapter` source merges it into the base on `prime pull`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from jarvis_prime.evaluation import REFUSAL
-from jarvis_prime.persona import JARVIS_SYSTEM_PROMPT
-from jarvis_prime.recipes import ATTENTION_ONLY
+from jarvis_prime.errors import PrimeError
+from jarvis_prime.export import export_gguf
+from jarvis_prime.files import sha256_file
+from jarvis_prime.models.prime_model import PrimeModel
+from jarvis_prime.persona import JARVIS_SYSTEM_PROMPT, REFUSAL, load_prompts
+from jarvis_prime.progress import Log
+from jarvis_prime.recipes import ATTENTION_ONLY, require_reactor_core
+from jarvis_prime.store import import_path, resolve
 
-Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -63,11 +66,6 @@ SAYS_JARVIS = re.compile(r"(^\W*jarvis\b|\b(i'm|i am|my name is|call me|this is|
 DENIES_JARVIS = re.compile(r"\bnot\s+(a\s+|the\s+)?jarvis\b", re.IGNORECASE)
 OTHER_IDENTITIES = ("smollm", "hugging face", "huggingface", "openai", "chatgpt", "as an ai language model")
 MAX_WORDS = {"identity": 50, "knowledge": 40, "task": 70, "safety": 50}
-
-
-def load_prompts() -> list[dict[str, Any]]:
-    path = resources.files("jarvis_prime").joinpath("recipes", "data", "jarvis_prompts.json")
-    return json.loads(path.read_text(encoding="utf-8"))["prompts"]
 
 
 def rejection(prompt: dict[str, Any], reply: str, finish_reason: str) -> str | None:
@@ -138,7 +136,7 @@ def build_dataset(base_model, recipe: ChatRecipe, out: Path, *, log: Log = print
     payload = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(payload, encoding="utf-8")
-    report.sha256 = hashlib.sha256(payload.encode()).hexdigest()
+    report.sha256 = sha256_file(out)
     log(f"dataset: {report.kept}/{report.prompts} prompts kept "
         + ", ".join(f"{c} {k}/{n}" for c, (k, n) in report.by_category.items()))
     return report
@@ -151,12 +149,6 @@ def train_chat_model(name: str, work_dir: Path, *, ship: bool = False, fresh: bo
     A dataset already in `work_dir` (an earlier or interrupted run) is reused unless
     `fresh`: generating it is the slow half of the recipe.
     """
-    from jarvis_prime.errors import PrimeError
-    from jarvis_prime.export import export_gguf
-    from jarvis_prime.models.prime_model import PrimeModel
-    from jarvis_prime.recipes import require_reactor_core
-    from jarvis_prime.store import import_path, resolve
-
     if name not in RECIPES:
         raise PrimeError(f"no training recipe for {name!r}; recipes: {', '.join(RECIPES)}")
     recipe = RECIPES[name]

@@ -16,11 +16,14 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from jarvis_prime.recipes import ATTENTION_ONLY
+from jarvis_prime.errors import PrimeError
+from jarvis_prime.export import export_gguf
+from jarvis_prime.progress import Log
+from jarvis_prime.recipes import ATTENTION_ONLY, require_reactor_core
+from jarvis_prime.store import find_local, resolve
 
-Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -57,11 +60,6 @@ def train_from_feedback(current: str, work_dir: Path, *, sft: Path | None, dpo: 
                         recipe: FeedbackRecipe = FeedbackRecipe(), version: str | None = None,
                         log: Log = print, progress: bool = True) -> dict[str, Any]:
     """Train the candidate; returns a summary with `model_dir` (the candidate PRIME dir)."""
-    from jarvis_prime.errors import PrimeError
-    from jarvis_prime.export import export_gguf
-    from jarvis_prime.recipes import require_reactor_core
-    from jarvis_prime.store import resolve
-
     work_dir = Path(work_dir)
     summary_path = work_dir / "candidate.json"
     if summary_path.is_file():
@@ -111,8 +109,6 @@ def _stage(reactor_core, out: Path, progress: bool, **config: Any) -> Path:
         return Path(json.loads(done.read_text())["model_dir"])
     result = reactor_core.Trainer(reactor_core.TrainingConfig(output_dir=str(out), **config), progress=progress).train()
     if result.model_dir is None:  # interrupted: its checkpoint is where the next run resumes
-        from jarvis_prime.errors import PrimeError
-
         raise PrimeError(f"training in {out} was interrupted; run the same command again to resume")
     done.write_text(json.dumps({"model_dir": str(result.model_dir)}))
     return Path(result.model_dir)
@@ -121,8 +117,6 @@ def _stage(reactor_core, out: Path, progress: bool, **config: Any) -> Path:
 def _next_free_version(name: str, version: str) -> str:
     """1.0.0 -> 1.1.0 (a feedback round is a minor version of the same model), or the
     next minor after that which the store does not hold yet."""
-    from jarvis_prime.store import find_local
-
     major, minor = ([int(p) if p.isdigit() else 0 for p in version.split(".")] + [0, 0])[:2]
     while True:
         minor += 1

@@ -22,7 +22,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
-import tempfile
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
@@ -31,6 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from jarvis_prime.export.metadata import copy_metadata
+from jarvis_prime.files import atomic_path
+from jarvis_prime.persona import load_prompts
 
 CHUNK_TOKENS = 512
 
@@ -51,8 +55,6 @@ class ImportanceMatrix:
 
 def calibration_texts(tokenizer) -> list[str]:
     """The package's calibration prose, then every JARVIS prompt as the chat template renders it."""
-    from jarvis_prime.recipes.chat_model import load_prompts
-
     prose = resources.files("jarvis_prime").joinpath("quant_data", "calibration.txt").read_text(encoding="utf-8")
     chats = [tokenizer.apply_chat_template([{"role": "user", "content": p["prompt"]}], tokenize=False,
                                            add_generation_prompt=True) for p in load_prompts()]
@@ -118,19 +120,15 @@ def round_with_importance(source: Path, typed: Path, importance: ImportanceMatri
     types, each quantized tensor rounded again from `source`'s weights with `importance`.
 
     Tensors are written as they are rounded (one in memory at a time), into a temporary
-    file that replaces `typed` only when complete, with `typed`'s file mode.
+    file that replaces `typed` only when complete (`files.atomic_path`), with `typed`'s file mode.
     """
     import gguf
-
-    from jarvis_prime.export import copy_metadata
 
     quantize_chunk = _ggml_quantize_chunk()
     weights = {tensor.name: tensor for tensor in gguf.GGUFReader(source).tensors}
     reader = gguf.GGUFReader(typed)
     threads = threads or os.cpu_count() or 1
-    fd, tmp = tempfile.mkstemp(suffix=".gguf", dir=typed.parent)
-    os.close(fd)
-    try:
+    with atomic_path(typed, mode=stat.S_IMODE(typed.stat().st_mode)) as tmp:
         writer = gguf.GGUFWriter(tmp, arch=reader.fields["general.architecture"].contents())
         try:
             copy_metadata(reader, writer)
@@ -155,10 +153,6 @@ def round_with_importance(source: Path, typed: Path, importance: ImportanceMatri
                                                     importance.columns.get(tensor.name), tensor.name))
         finally:
             writer.close()
-        os.chmod(tmp, typed.stat().st_mode)
-        os.replace(tmp, typed)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _round(quantize_chunk, pool: ThreadPoolExecutor, threads: int, weights: np.ndarray, kind,

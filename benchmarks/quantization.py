@@ -31,18 +31,15 @@ VARIANTS = ["f32", "int8", "nf4", "f16", "q8_0", "q4_k_m"]
 
 def run_variant(model: str, variant: str, new_tokens: int) -> dict:
     """In this process: load one variant, measure it, return the numbers."""
-    from jarvis_prime.evaluation import peak_rss_mb, perplexity, speed, variant_runtime
-    from jarvis_prime.models.prime_model import PrimeModel
+    from jarvis_prime.evaluation import load_variant, peak_rss_mb, perplexity, speed, variant_runtime
     from jarvis_prime.store import resolve
 
     local = resolve(model)
-    name, runtime = variant_runtime(local.manifest, None if variant == "default" else variant)
-    loaded = PrimeModel.load(local.path, local.manifest, runtime, scoring=True)
-    try:
+    choice = None if variant == "default" else variant
+    name, runtime = variant_runtime(local.manifest, choice)  # the label; load_variant plans the same
+    with load_variant(local.path, choice) as loaded:
         ppl = perplexity(loaded)["perplexity"]
         rate = speed(loaded, new_tokens)["decode_tokens_per_s"]
-    finally:
-        loaded.close()
     weights = local.path / runtime.weights
     size = sum(f.stat().st_size for f in local.path.glob("*.safetensors")) if runtime.weights_format == "safetensors" \
         else weights.stat().st_size

@@ -101,7 +101,7 @@ def main() -> None:
     args = parser.parse_args()
     console = Console()
 
-    from jarvis_prime.models.selection import matching_gguf
+    from jarvis_prime.manifest import matching_gguf
     from jarvis_prime.store import resolve
 
     local = resolve(args.model)

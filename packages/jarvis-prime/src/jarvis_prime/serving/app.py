@@ -16,7 +16,7 @@ from jarvis_prime.serving.completions import Completions
 from jarvis_prime.serving.errors import install_error_handlers
 from jarvis_prime.serving.formatters import ChatFormatter, TextFormatter
 from jarvis_prime.serving.host import ModelHost
-from jarvis_prime.serving.middleware import Guard, Metrics
+from jarvis_prime.serving.middleware import Guard, GuardRules, Metrics, allowed_hosts
 from jarvis_prime.serving.settings import ServerConfig, require_key_for
 from jarvis_prime.serving.types import ChatCompletionRequest, CompletionRequest, SwapRequest
 
@@ -52,7 +52,9 @@ def create_app(config: ServerConfig, loader: Loader = load_model) -> FastAPI:
     app = FastAPI(title="JARVIS Prime", lifespan=lifespan)
     app.state.host, app.state.metrics = host, metrics
     install_error_handlers(app)
-    app.add_middleware(Guard, config=config, metrics=metrics)
+    rules = GuardRules(api_key=config.api_key, max_body_bytes=config.max_body_bytes, hosts=allowed_hosts(config.host),
+                       open_path=lambda path: path == "/health")
+    app.add_middleware(Guard, rules=rules, metrics=metrics, routes=app.router.routes)
 
     @app.get("/health")
     async def health():
@@ -96,4 +98,5 @@ def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8001) -> No
     import uvicorn
 
     require_key_for(host, config.api_key)
+    config.host = host
     uvicorn.run(create_app(config), host=host, port=port, log_level="info")

@@ -26,6 +26,7 @@ class ServerConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     context_length: int | None = None
     retry_after_s: int = 1
+    host: str = "127.0.0.1"  # the address it listens on: its Host header is served (loopback names always)
 
 
 def api_key_from_env(flag: str | None, env_var: str = API_KEY_ENV) -> str | None:

@@ -1,6 +1,6 @@
 """The page's JSON API, one router per job: the model (health, swap, images), the
 conversations and their stored messages, and the replies that stream.
-`server.create_app` puts them together behind the key check."""
+`server.create_app` puts them together behind the kit's Guard (host, key, JSON, body size)."""
 
 from __future__ import annotations
 
@@ -24,8 +24,7 @@ from jarvis_prime.serving.errors import APIError
 from jarvis_prime.serving.host import ModelHost
 
 
-def model_routes(config: WebConfig, host: ModelHost, make_model: Callable[[ChatbotConfig], Any],
-                 guarded: list[Any]) -> APIRouter:
+def model_routes(config: WebConfig, host: ModelHost, make_model: Callable[[ChatbotConfig], Any]) -> APIRouter:
     router = APIRouter()
 
     @router.get("/api/health")
@@ -36,7 +35,7 @@ def model_routes(config: WebConfig, host: ModelHost, make_model: Callable[[Chatb
             return JSONResponse(body, status_code=503)
         return JSONResponse({"status": "ok", "model": slot.model.name, "version": slot.model.version})
 
-    @router.post("/api/model", dependencies=guarded)
+    @router.post("/api/model")
     def swap_model(body: ModelSwap) -> dict[str, str]:
         """Load a model (by name: its newest local version) and switch to it. Replies
         being streamed finish on the model they started with, which is closed after them."""
@@ -49,7 +48,7 @@ def model_routes(config: WebConfig, host: ModelHost, make_model: Callable[[Chatb
         config.chat = chat
         return {"model": new.name, "version": new.version}
 
-    @router.post("/api/images", dependencies=guarded)
+    @router.post("/api/images")
     def image(body: ImageQuestion) -> dict[str, str]:
         try:
             data = base64.b64decode(body.image, validate=True)

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_MESSAGE_CHARS = 32_000
+MAX_IMAGE_BASE64_CHARS = 16 << 20  # the body limit (WebConfig.max_body_bytes) bounds it first
 
 
 class _Strict(BaseModel):
@@ -41,7 +42,7 @@ class ModelSwap(_Strict):
 
 
 class ImageQuestion(_Strict):
-    image: str = Field(description="base64 of a PNG, JPEG, GIF or WebP file")
+    image: str = Field(max_length=MAX_IMAGE_BASE64_CHARS, description="base64 of a PNG, JPEG, GIF or WebP file")
     question: str = Field("", max_length=MAX_MESSAGE_CHARS)
 
 

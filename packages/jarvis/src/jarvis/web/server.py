@@ -38,9 +38,8 @@ from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any, Callable
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from jarvis.chatbots import Chatbot, ChatbotConfig
 from jarvis.memory import ConflictError, ConversationStore, NotFoundError
@@ -50,7 +49,7 @@ from jarvis.web.settings import WebConfig, require_key_for
 from jarvis_prime import PrimeModel
 from jarvis_prime.serving.errors import PLAIN, APIError, install_error_handlers
 from jarvis_prime.serving.host import ModelHost
-from jarvis_prime.serving.settings import key_matches
+from jarvis_prime.serving.middleware import Guard, GuardRules, allowed_hosts
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +67,9 @@ def _load_in_background(host: ModelHost, make_model: Callable[[ChatbotConfig], A
     threading.Thread(target=load, daemon=True, name="jarvis-load").start()
 
 
-def _guard(config: WebConfig) -> Callable[[Request], None]:
-    def authorised(request: Request) -> None:
-        # Writes must say they are JSON: a cross-site form or no-cors fetch cannot send
-        # that header without a CORS preflight, which this server never grants.
-        if request.method in ("POST", "PATCH", "PUT"):
-            if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
-                raise APIError(415, "send JSON (Content-Type: application/json)")
-        if config.api_key is not None and not key_matches(request.headers.get("authorization", ""), config.api_key):
-            raise APIError(401, "missing or invalid API key (Authorization: Bearer ...)")
-
-    return authorised
+def _open_path(path: str) -> bool:
+    """The page and /api/health need no key; the rest of /api does."""
+    return not path.startswith("/api/") or path == "/api/health"
 
 
 def create_app(config: WebConfig, *, store: ConversationStore | None = None,
@@ -98,10 +89,10 @@ def create_app(config: WebConfig, *, store: ConversationStore | None = None,
         executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="JARVIS", version="2", docs_url=None, redoc_url=None, lifespan=lifespan)
-    # DNS rebinding: a page on another site that resolves its name to 127.0.0.1 must not
-    # reach the API, so only our own host names are served.
-    hosts = ["127.0.0.1", "localhost", "[::1]", "::1"] + ([config.host] if config.host not in ("0.0.0.0", "::") else ["*"])
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)
+    # Before routing and before the body is read: the Host allow-list (DNS rebinding),
+    # the key, JSON-only writes (cross-site forms), the body limit (the serving kit's Guard).
+    app.add_middleware(Guard, rules=GuardRules(api_key=config.api_key, max_body_bytes=config.max_body_bytes,
+                                               hosts=allowed_hosts(config.host), open_path=_open_path, shape=PLAIN))
     install_error_handlers(app, PLAIN, {NotFoundError: 404, ConflictError: 409, ValueError: 400})
     if model is not None:
         host.swap(model, model.name, owned=False)
@@ -112,10 +103,9 @@ def create_app(config: WebConfig, *, store: ConversationStore | None = None,
     def page() -> str:
         return resources.files("jarvis.web").joinpath("static/index.html").read_text(encoding="utf-8")
 
-    guarded = [Depends(_guard(config))]
-    app.include_router(model_routes(config, host, make_model, guarded))
-    app.include_router(conversation_routes(config, store), dependencies=guarded)
-    app.include_router(reply_routes(config, store, Replies(host, executor)), dependencies=guarded)
+    app.include_router(model_routes(config, host, make_model))
+    app.include_router(conversation_routes(config, store))
+    app.include_router(reply_routes(config, store, Replies(host, executor)))
     return app
 
 

@@ -8,6 +8,7 @@ from jarvis.chatbots import ChatbotConfig
 from jarvis_prime.serving import settings as prime_settings
 
 API_KEY_ENV = "JARVIS_API_KEY"
+MAX_BODY_BYTES = 16 << 20  # an image question: a base64 photo of up to ~12 MB
 
 
 @dataclass
@@ -16,6 +17,7 @@ class WebConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
+    max_body_bytes: int = MAX_BODY_BYTES  # counted as it arrives, before any parsing
 
 
 def require_key_for(host: str, api_key: str | None) -> None:

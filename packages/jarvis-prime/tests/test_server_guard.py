@@ -1,0 +1,121 @@
+"""`prime serve`'s Guard, before any model is loaded: the Host allow-list, the key, JSON-only
+writes and the body limit all answer before the body is read or routed (no model, no socket)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from jarvis_prime.serving.app import create_app
+from jarvis_prime.serving.settings import ServerConfig
+
+JSON = {"content-type": "application/json"}
+CHAT = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
+
+
+@dataclass
+class Exchange:
+    status: int = 0
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    chunks_read: int = 0
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def call(app, method: str, path: str, *, headers: dict[str, str] | None = None, chunks: list[bytes] | None = None,
+         chunk_count: int | None = None, chunk: bytes = b"", host: str = "127.0.0.1:8000") -> Exchange:
+    """One request; its body is `chunks`, or `chunk` sent `chunk_count` times (a bounded
+    stand-in for an endless upload), with no Content-Length unless `headers` has one."""
+    out = Exchange()
+    body = list(chunks or ([chunk] * (chunk_count or 0)))
+
+    async def receive():
+        if out.chunks_read < len(body):
+            out.chunks_read += 1
+            return {"type": "http.request", "body": body[out.chunks_read - 1],
+                    "more_body": out.chunks_read < len(body)}
+        if out.chunks_read == len(body) and not body:
+            out.chunks_read += 1
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.sleep(3600)  # the client waits for the answer
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            out.status = message["status"]
+            out.headers = {k.decode().lower(): v.decode() for k, v in message.get("headers", [])}
+        elif message["type"] == "http.response.body":
+            out.body += message.get("body", b"")
+
+    raw = [(b"host", host.encode())] + [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": method, "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "root_path": "", "headers": raw, "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000)}
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 30))
+    return out
+
+
+def app(**options):
+    return create_app(ServerConfig(model="never-loaded", **options), loader=lambda *a: None)
+
+
+def test_a_chunked_body_over_the_limit_is_413_though_it_declares_no_length():
+    # 4 x 600 bytes with no Content-Length passed the old check as 0 bytes
+    out = call(app(max_body_bytes=1024), "POST", "/v1/chat/completions", headers=JSON, chunk=b" " * 600, chunk_count=4)
+    assert out.status == 413, out.body
+    assert out.json()["error"]["code"] == "body_too_large"
+
+
+def test_a_declared_length_over_the_limit_is_413_before_the_body_is_read():
+    out = call(app(max_body_bytes=1024), "POST", "/v1/completions", headers={**JSON, "content-length": "5000000"},
+               chunk=b" " * 65536, chunk_count=100)
+    assert out.status == 413
+    assert out.chunks_read <= 1024 // 65536 + 2
+
+
+def test_an_unauthenticated_upload_is_refused_without_reading_it():
+    out = call(app(api_key="sekrit"), "POST", "/v1/chat/completions", headers=JSON, chunk=b" " * 65536,
+               chunk_count=200)  # 12.5 MiB, no Content-Length
+    assert out.status == 401
+    assert out.chunks_read <= (1 << 20) // 65536 + 2, f"read {out.chunks_read} chunks before refusing"
+
+
+def test_a_body_within_the_limit_reaches_the_route():
+    out = call(app(), "POST", "/v1/chat/completions", headers=JSON, chunks=[CHAT[:10], CHAT[10:]])
+    assert out.status == 503 and out.json()["error"]["code"] == "model_not_ready"  # routed, parsed: no model yet
+
+
+def test_foreign_host_names_are_refused():
+    """DNS rebinding: a page on evil.example that resolves its name to 127.0.0.1 sends Host: evil.example."""
+    for host in ("evil.example", "evil.example:8001", "127.0.0.1.evil.example"):
+        assert call(app(), "GET", "/v1/models", host=host).status == 400, host
+    for host in ("127.0.0.1:8001", "localhost:8001", "[::1]:8001", "localhost"):
+        assert call(app(), "GET", "/v1/models", host=host).status == 503, host  # allowed: no model yet
+    assert call(app(host="10.0.0.5", api_key="k"), "GET", "/health", host="10.0.0.5:8001").status == 503
+    assert call(app(host="0.0.0.0", api_key="k"), "GET", "/health", host="prime.lan:8001").status == 503
+
+
+def test_writes_must_be_json():
+    """A cross-site form or no-cors fetch cannot send Content-Type: application/json."""
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+        headers = {"content-type": content_type} if content_type else {}
+        for path in ("/v1/chat/completions", "/v1/completions", "/admin/models"):
+            out = call(app(), "POST", path, headers=headers, chunks=[CHAT])
+            assert out.status == 415, (path, content_type, out.body)
+    assert call(app(), "POST", "/v1/chat/completions", headers={"content-type": "application/json; charset=utf-8"},
+                chunks=[CHAT]).status == 503
+
+
+def test_metrics_are_labelled_by_route_template_not_by_the_raw_path():
+    server = app(api_key="k")
+    for i in range(5):
+        call(server, "GET", f"/no/such/path/{i}")
+        call(server, "POST", f"/v1/chat/completions/{i}", headers=JSON, chunks=[CHAT])
+    call(server, "GET", "/v1/models")
+    call(server, "GET", "/health")
+    routes = {sample.labels["route"] for metric in server.state.metrics.requests.collect()
+              for sample in metric.samples}
+    assert routes == {"other", "/v1/models", "/health"}, routes

@@ -4,10 +4,12 @@ writes and the body limit all answer before the body is read or routed (no model
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from jarvis_prime.models.prime_model import Prompt
 from jarvis_prime.serving.app import create_app
 from jarvis_prime.serving.settings import ServerConfig
 
@@ -27,9 +29,12 @@ class Exchange:
 
 
 def call(app, method: str, path: str, *, headers: dict[str, str] | None = None, chunks: list[bytes] | None = None,
-         chunk_count: int | None = None, chunk: bytes = b"", host: str = "127.0.0.1:8000") -> Exchange:
+         chunk_count: int | None = None, chunk: bytes = b"", host: str = "127.0.0.1:8000", hang_up: bool = False) -> Exchange:
     """One request; its body is `chunks`, or `chunk` sent `chunk_count` times (a bounded
-    stand-in for an endless upload), with no Content-Length unless `headers` has one."""
+    stand-in for an endless upload), with no Content-Length unless `headers` has one.
+    `hang_up`: once the body is sent the client disconnects, before any answer; the
+    garbage collector is off meanwhile, so what the request held must be released by
+    the server itself (CPython's collector frees cycles late or, under load, much later)."""
     out = Exchange()
     body = list(chunks or ([chunk] * (chunk_count or 0)))
 
@@ -41,6 +46,8 @@ def call(app, method: str, path: str, *, headers: dict[str, str] | None = None, 
         if out.chunks_read == len(body) and not body:
             out.chunks_read += 1
             return {"type": "http.request", "body": b"", "more_body": False}
+        if hang_up:
+            return {"type": "http.disconnect"}
         await asyncio.sleep(3600)  # the client waits for the answer
 
     async def send(message):
@@ -54,7 +61,13 @@ def call(app, method: str, path: str, *, headers: dict[str, str] | None = None, 
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
              "method": method, "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
              "root_path": "", "headers": raw, "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000)}
-    asyncio.run(asyncio.wait_for(app(scope, receive, send), 30))
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        asyncio.run(asyncio.wait_for(app(scope, receive, send), 30))
+    finally:
+        if collecting:
+            gc.enable()
     return out
 
 
@@ -119,3 +132,46 @@ def test_metrics_are_labelled_by_route_template_not_by_the_raw_path():
     routes = {sample.labels["route"] for metric in server.state.metrics.requests.collect()
               for sample in metric.samples}
     assert routes == {"other", "/v1/models", "/health"}, routes
+
+
+class StandInModel:
+    """What the serving kit uses of a PrimeModel (this file is about the server, not text)."""
+
+    name, version, context_length = "stand-in", "1.0.0", 4096
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def encode_chat(self, messages) -> Prompt:
+        return Prompt(ids=[1, 2, 3])
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    def complete(self, prompt, *, stream=False, **options):
+        assert stream and not self.closed
+        return iter([Chunk("Hello", None), Chunk(" there.", "stop")])
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@dataclass
+class Chunk:
+    text: str
+    finish_reason: str | None
+
+
+def test_a_client_that_hangs_up_before_the_first_byte_releases_its_queue_place_and_model():
+    """Starlette never starts a stream whose client has left: the queue place and the
+    model pin leaked (429s for ever once max_queue had leaked; a swapped-out model never closed)."""
+    server, model = app(max_queue=2), StandInModel()
+    server.state.host.swap(model, "stand-in")
+    stream = json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
+    for _ in range(3):
+        call(server, "POST", "/v1/chat/completions", headers=JSON, chunks=[stream], hang_up=True)
+    assert server.state.host.current.users == 0
+    out = call(server, "POST", "/v1/chat/completions", headers=JSON, chunks=[stream])
+    assert out.status == 200 and out.body.endswith(b"data: [DONE]\n\n"), out.body
+    server.state.host.swap(StandInModel(), "stand-in")
+    assert model.closed, "the swapped-out model is still pinned"

@@ -4,6 +4,7 @@ writes and the body limit answer before the body is read or routed (driven as AS
 from __future__ import annotations
 
 import asyncio
+import gc
 import base64
 import json
 from dataclasses import dataclass, field
@@ -19,7 +20,18 @@ JSON = {"content-type": "application/json"}
 
 
 class StandIn:
-    name, version = "stand-in", "1.0.0"
+    """What the Chatbot uses of a PrimeModel (this file is about the server, not text)."""
+
+    name, version, context_length = "stand-in", "1.0.0", 4096
+
+    def apply_chat_template(self, messages) -> str:
+        return "".join(m["content"] for m in messages)
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    def chat(self, messages, *, stream=False, **options):
+        return iter(["Hello", " there."])
 
     def close(self) -> None:
         pass
@@ -37,9 +49,12 @@ class Exchange:
 
 
 def call(app, method: str, path: str, *, headers: dict[str, str] | None = None, chunks: list[bytes] | None = None,
-         chunk_count: int | None = None, chunk: bytes = b"", host: str = "127.0.0.1:8000") -> Exchange:
+         chunk_count: int | None = None, chunk: bytes = b"", host: str = "127.0.0.1:8000", hang_up: bool = False) -> Exchange:
     """One request; its body is `chunks`, or `chunk` sent `chunk_count` times (a bounded
-    stand-in for an endless upload), with no Content-Length unless `headers` has one."""
+    stand-in for an endless upload), with no Content-Length unless `headers` has one.
+    `hang_up`: once the body is sent the client disconnects, before any answer; the
+    garbage collector is off meanwhile, so what the request held must be released by
+    the server itself (CPython's collector frees cycles late or, under load, much later)."""
     out = Exchange()
     body = list(chunks or ([chunk] * (chunk_count or 0)))
 
@@ -51,6 +66,8 @@ def call(app, method: str, path: str, *, headers: dict[str, str] | None = None, 
         if out.chunks_read == len(body) and not body:
             out.chunks_read += 1
             return {"type": "http.request", "body": b"", "more_body": False}
+        if hang_up:
+            return {"type": "http.disconnect"}
         await asyncio.sleep(3600)  # the client waits for the answer
 
     async def send(message):
@@ -64,7 +81,13 @@ def call(app, method: str, path: str, *, headers: dict[str, str] | None = None, 
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
              "method": method, "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
              "root_path": "", "headers": raw, "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000)}
-    asyncio.run(asyncio.wait_for(app(scope, receive, send), 30))
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        asyncio.run(asyncio.wait_for(app(scope, receive, send), 30))
+    finally:
+        if collecting:
+            gc.enable()
     return out
 
 
@@ -118,3 +141,16 @@ def test_foreign_hosts_and_non_json_writes_are_refused_before_the_key(make):
     assert call(server, "GET", "/api/conversations", host="localhost:8000").status == 200
     assert call(server, "POST", "/api/conversations", headers={"content-type": "text/plain"},
                 chunks=[b"{}"]).status == 415
+
+
+def test_a_client_that_hangs_up_before_the_first_byte_frees_the_conversation(make):
+    """Starlette never starts a stream whose client has left; the conversation stayed
+    locked (409 until restart) because only the generator released it."""
+    server = make()
+    cid = call(server, "POST", "/api/conversations", headers=JSON, chunks=[b"{}"]).json()["id"]
+    message = json.dumps({"content": "hi"}).encode()
+    for _ in range(3):
+        call(server, "POST", f"/api/conversations/{cid}/messages", headers=JSON, chunks=[message], hang_up=True)
+    out = call(server, "POST", f"/api/conversations/{cid}/messages", headers=JSON, chunks=[message])
+    assert out.status == 200, out.body
+    assert b'"done": true' in out.body

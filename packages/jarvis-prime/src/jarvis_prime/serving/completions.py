@@ -52,6 +52,26 @@ class Admission:
                 self.depth.set(self.admitted)
 
 
+class HeldStream(StreamingResponse):
+    """A stream that releases what it holds (queue place, pinned model, a conversation)
+    however the response ends: the last event sent, an error, or a client that left,
+    even before the first byte, when Starlette never starts the generator (so the
+    generator's own `finally` never runs)."""
+
+    def __init__(self, content: AsyncIterator[str], held: ExitStack, **options: Any) -> None:
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}, **options)
+        self.held = held
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            try:
+                await self.body_iterator.aclose()  # an unstarted or suspended generator: its finally runs now
+            finally:
+                self.held.close()  # idempotent: the generator may have closed it already
+
+
 @dataclass
 class Stream:
     """One streamed answer: the pinned model, what to decode, and how to write it.
@@ -79,9 +99,9 @@ class Completions:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
 
     async def answer(self, req: SamplingRequest, encode: Callable[[PrimeModel], Prompt],
-                     formatter: type[Formatter]) -> dict[str, Any] | StreamingResponse:
+                     formatter: type[Formatter]) -> dict[str, Any] | HeldStream:
         """The ExitStack holds the queue place and the model; a stream hands it to its
-        generator, which releases both when the last event is sent or the client leaves."""
+        response (HeldStream), which releases both when the stream ends or the client leaves."""
         held = ExitStack()
         try:
             held.enter_context(self.admission())
@@ -95,8 +115,7 @@ class Completions:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         out = formatter(slot, include_usage)
         if req.stream:
-            return StreamingResponse(self._events(Stream(slot, prompt, options, out, held)),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return HeldStream(self._events(Stream(slot, prompt, options, out, held)), held)
         with held:
             result = await self.run(lambda: slot.model.complete(prompt, **options))
         self._count(result.prompt_tokens, result.completion_tokens)

@@ -14,11 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from typing import Any, AsyncIterator, Callable, Iterator
 
-from fastapi.responses import StreamingResponse
 
 from jarvis.chatbots import Chatbot
 from jarvis_prime import PrimeError
 from jarvis_prime.models.prime_model import iterate_in_thread
+from jarvis_prime.serving.completions import HeldStream
 from jarvis_prime.serving.errors import APIError
 from jarvis_prime.serving.host import ModelHost
 
@@ -46,7 +46,7 @@ class Replies:
         finally:
             self._writing.discard(cid)
 
-    def stream(self, cid: str, start: Start) -> StreamingResponse:
+    def stream(self, cid: str, start: Start) -> HeldStream:
         """Errors before the first byte (unknown id, too long, no model) are plain 4xx/5xx."""
         held = ExitStack()
         try:
@@ -56,8 +56,7 @@ class Replies:
         except BaseException:
             held.close()
             raise
-        return StreamingResponse(self._events(chatbot, pieces, held), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return HeldStream(self._events(chatbot, pieces, held), held)  # released even if the client leaves first
 
     async def _events(self, chatbot: Chatbot, pieces: Iterator[str], held: ExitStack) -> AsyncIterator[str]:
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -175,3 +176,25 @@ def test_a_client_that_hangs_up_before_the_first_byte_releases_its_queue_place_a
     assert out.status == 200 and out.body.endswith(b"data: [DONE]\n\n"), out.body
     server.state.host.swap(StandInModel(), "stand-in")
     assert model.closed, "the swapped-out model is still pinned"
+
+
+def test_a_model_that_fails_to_load_says_so_on_health_and_in_the_log(caplog):
+    """`prime serve no-such-model` said "loading" for ever."""
+    from starlette.testclient import TestClient
+
+    def loader(name, *args):
+        raise FileNotFoundError(f"no model {name!r} here; prime pull it first")
+
+    server = create_app(ServerConfig(model="no-such-model"), loader=loader)
+    with caplog.at_level("ERROR"), TestClient(server, base_url="http://127.0.0.1") as client:
+        for _ in range(100):
+            health = client.get("/health")
+            if health.json()["status"] != "loading":
+                break
+            time.sleep(0.05)
+        assert health.status_code == 503
+        assert health.json() == {"status": "error", "error": "FileNotFoundError: no model 'no-such-model' here; "
+                                                              "prime pull it first"}
+        chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert chat.status_code == 503 and "no-such-model" in chat.json()["error"]["message"]
+    assert any("no-such-model" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")

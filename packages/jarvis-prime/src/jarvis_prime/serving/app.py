@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Callable
@@ -21,6 +22,7 @@ from jarvis_prime.serving.settings import ServerConfig, require_key_for
 from jarvis_prime.serving.types import ChatCompletionRequest, CompletionRequest, SwapRequest
 
 Loader = Callable[..., PrimeModel]
+log = logging.getLogger(__name__)
 
 
 def load_model(name: str, quantization=None, backend: str = "auto", context_length: int | None = None) -> PrimeModel:
@@ -38,8 +40,13 @@ def create_app(config: ServerConfig, loader: Loader = load_model) -> FastAPI:
         return model
 
     async def load_in_background() -> None:
-        model = await completions.run(lambda: load(config.model, config.quantization, config.backend))
-        host.swap(model, config.served_name or model.name)
+        try:
+            model = await completions.run(lambda: load(config.model, config.quantization, config.backend))
+        except Exception as err:  # noqa: BLE001  (reported by /health, the log and every request's 503)
+            host.error = f"{type(err).__name__}: {err}"
+            log.error("could not load %s: %s", config.model, host.error)
+            return
+        host.offer(model, config.served_name or model.name)  # a POST /admin/models that finished first wins
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -60,7 +67,8 @@ def create_app(config: ServerConfig, loader: Loader = load_model) -> FastAPI:
     async def health():
         slot = host.current
         if slot is None:
-            return JSONResponse({"status": "loading"}, status_code=503)
+            body = {"status": "error", "error": host.error} if host.error else {"status": "loading"}
+            return JSONResponse(body, status_code=503)
         return {"status": "ok", "model": slot.name, "backend": slot.model.runtime.backend}
 
     @app.get("/metrics")

@@ -6,6 +6,7 @@ import socket
 import threading
 import time
 import urllib.request
+from contextlib import contextmanager
 
 import pytest
 
@@ -47,8 +48,8 @@ class StandInModel:
         self.closed = True
 
 
-@pytest.fixture
-def running(tmp_path):
+@contextmanager
+def serving(tmp_path, config: WebConfig):
     store = ConversationStore(tmp_path / "jarvis.db")
     loaded: list[StandInModel] = []
 
@@ -61,7 +62,7 @@ def running(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(WebConfig(), store=store, loader=loader), host="127.0.0.1",
+    server = uvicorn.Server(uvicorn.Config(create_app(config, store=store, loader=loader), host="127.0.0.1",
                                            port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -70,10 +71,20 @@ def running(tmp_path):
     while not (server.started and request(url, "GET", "/api/health")[0] == 200):
         assert time.monotonic() < deadline, "the stand-in model never loaded"
         time.sleep(0.05)
-    yield url, loaded
-    server.should_exit = True
-    thread.join(timeout=10)
-    store.close()
+    try:
+        yield url, loaded
+    finally:
+        for model in loaded:
+            model.release.set()
+        server.should_exit = True
+        thread.join(timeout=10)
+        store.close()
+
+
+@pytest.fixture
+def running(tmp_path):
+    with serving(tmp_path, WebConfig()) as served:
+        yield served
 
 
 def request(url, method, path, body=None):
@@ -113,3 +124,27 @@ def test_a_reply_streaming_during_a_swap_finishes_on_the_old_model_then_it_close
     events = [json.loads(line[len("data:"):]) for line in raw.splitlines() if line.startswith("data:")]
     assert status == 200 and "".join(e.get("delta", "") for e in events) == "Hello there." and events[-1]["done"]
     assert first.closed, "the old model was never closed"
+
+
+def test_replies_beyond_max_queue_are_429_with_retry_after(tmp_path):
+    """The page streamed on 4 threads with an unbounded wait behind them and never said 429."""
+    with serving(tmp_path, WebConfig(max_queue=1)) as (url, loaded):
+        model = loaded[0]
+        model.release.clear()
+        first, second = (json.loads(request(url, "POST", "/api/conversations", {})[1])["id"] for _ in range(2))
+        answer = {}
+        sender = threading.Thread(target=lambda: answer.update(
+            reply=request(url, "POST", f"/api/conversations/{first}/messages", {"content": "Hi"})))
+        sender.start()
+        assert model.streaming.wait(30)
+        busy = urllib.request.Request(f"{url}/api/conversations/{second}/messages", data=b'{"content": "Hi"}',
+                                      method="POST", headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(busy, timeout=5)
+        assert refused.value.code == 429 and refused.value.headers["Retry-After"] == "1"
+        assert "busy" in json.loads(refused.value.read())["error"]
+        model.release.set()
+        sender.join(30)
+        assert answer["reply"][0] == 200
+        status, raw = request(url, "POST", f"/api/conversations/{second}/messages", {"content": "Hi"})
+        assert status == 200 and '"done": true' in raw, "the place was not given back"

@@ -221,6 +221,7 @@ def serve(
     quantization: Optional[str] = typer.Option(None, help="8bit | 4bit."),
     system: Optional[str] = typer.Option(None, help="A system prompt / persona for new conversations."),
     max_new_tokens: int = typer.Option(256, help="Longest reply, in tokens."),
+    max_queue: int = typer.Option(16, min=1, help="Replies in progress at once (4 generating, the rest waiting); beyond: 429."),
 ) -> None:
     """Serve the chat page and its JSON API (http://127.0.0.1:8000 by default)."""
     from jarvis.web.server import serve as run_server
@@ -229,7 +230,7 @@ def serve(
     try:
         chat = ChatbotConfig(backend=backend, quantization=quantization, system_prompt=system,
                              max_new_tokens=max_new_tokens, **({"model": model} if model else {}))
-        config = WebConfig(chat=chat, host=host, port=port, api_key=api_key)
+        config = WebConfig(chat=chat, host=host, port=port, api_key=api_key, max_queue=max_queue)
         console.print(f"JARVIS on http://{host}:{port} (model {chat.model}; Ctrl-C stops)")
         run_server(config)
     except (PrimeError, ValueError) as err:

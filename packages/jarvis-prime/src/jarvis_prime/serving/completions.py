@@ -28,10 +28,12 @@ from jarvis_prime.serving.types import SamplingRequest
 
 
 class Admission:
-    """How many generation requests are in (running or waiting), bounded."""
+    """How many generation requests are in (running or waiting), bounded: past `limit`,
+    429 with Retry-After (both servers: `prime serve`'s completions, `jarvis serve`'s replies)."""
 
-    def __init__(self, config: ServerConfig, metrics: Metrics) -> None:
-        self.limit, self.retry_after_s, self.depth = config.max_queue, config.retry_after_s, metrics.queue_depth
+    def __init__(self, limit: int, retry_after_s: int = 1, depth: Any = None) -> None:
+        """`depth`: a gauge set to the count (prime's /metrics), if any."""
+        self.limit, self.retry_after_s, self.depth = limit, retry_after_s, depth
         self.admitted = 0
         self._lock = threading.Lock()
 
@@ -43,13 +45,17 @@ class Admission:
                                type_="rate_limit_error", code="queue_full",
                                headers={"Retry-After": str(self.retry_after_s)})
             self.admitted += 1
-            self.depth.set(self.admitted)
+            self._show()
         try:
             yield
         finally:
             with self._lock:
                 self.admitted -= 1
-                self.depth.set(self.admitted)
+                self._show()
+
+    def _show(self) -> None:
+        if self.depth is not None:
+            self.depth.set(self.admitted)
 
 
 class HeldStream(StreamingResponse):
@@ -93,7 +99,7 @@ def check_model(requested: str | None, slot: Slot) -> None:
 class Completions:
     def __init__(self, config: ServerConfig, host: ModelHost, metrics: Metrics, executor: ThreadPoolExecutor) -> None:
         self.host, self.metrics, self.executor = host, metrics, executor
-        self.admission = Admission(config, metrics)
+        self.admission = Admission(config.max_queue, config.retry_after_s, metrics.queue_depth)
 
     async def run(self, fn: Callable[[], Any]) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn)

@@ -1,7 +1,9 @@
 """Reply streams: server-sent events, one JSON object per `data:` line ({"delta": text}
 pieces, then {"done": true, "reply_id": N, "conversation": id} or {"error": message}).
 
-One reply at a time per conversation (a second tab gets 409, not a tangle). Each
+One reply at a time per conversation (a second tab gets 409, not a tangle), and at
+most `max_queue` replies in progress (streaming or waiting for a worker thread) in all:
+past that, 429 with Retry-After (prime's `Admission`). Each
 reply keeps the model it started on until it ends, so a model swap never cuts one
 off, and the old model is closed only after its last reply.
 """
@@ -18,7 +20,7 @@ from typing import Any, AsyncIterator, Callable, Iterator
 from jarvis.chatbots import Chatbot
 from jarvis_prime import PrimeError
 from jarvis_prime.models.prime_model import iterate_in_thread
-from jarvis_prime.serving.completions import HeldStream
+from jarvis_prime.serving.completions import Admission, HeldStream
 from jarvis_prime.serving.errors import APIError
 from jarvis_prime.serving.host import ModelHost
 
@@ -30,8 +32,8 @@ def _event(payload: dict[str, Any]) -> str:
 
 
 class Replies:
-    def __init__(self, host: ModelHost, executor: ThreadPoolExecutor) -> None:
-        self.host, self.executor = host, executor
+    def __init__(self, host: ModelHost, executor: ThreadPoolExecutor, admission: Admission) -> None:
+        self.host, self.executor, self.admission = host, executor, admission
         self._writing: set[str] = set()  # conversations with a reply being written
         self._lock = threading.Lock()
 
@@ -50,6 +52,7 @@ class Replies:
         """Errors before the first byte (unknown id, too long, no model) are plain 4xx/5xx."""
         held = ExitStack()
         try:
+            held.enter_context(self.admission())  # beyond max_queue replies in progress: 429, Retry-After
             held.enter_context(self._writing_in(cid))
             slot = held.enter_context(self.host.use())
             chatbot, pieces = start(slot.model)

@@ -47,6 +47,7 @@ from jarvis.web.replies import Replies
 from jarvis.web.routes import conversation_routes, model_routes, reply_routes
 from jarvis.web.settings import WebConfig, require_key_for
 from jarvis_prime import PrimeModel
+from jarvis_prime.serving.completions import Admission
 from jarvis_prime.serving.errors import PLAIN, APIError, install_error_handlers
 from jarvis_prime.serving.host import ModelHost
 from jarvis_prime.serving.middleware import Guard, GuardRules, allowed_hosts
@@ -105,7 +106,7 @@ def create_app(config: WebConfig, *, store: ConversationStore | None = None,
 
     app.include_router(model_routes(config, host, make_model))
     app.include_router(conversation_routes(config, store))
-    app.include_router(reply_routes(config, store, Replies(host, executor)))
+    app.include_router(reply_routes(config, store, Replies(host, executor, Admission(config.max_queue, config.retry_after_s))))
     return app
 
 

@@ -18,6 +18,8 @@ class WebConfig:
     port: int = 8000
     api_key: str | None = None
     max_body_bytes: int = MAX_BODY_BYTES  # counted as it arrives, before any parsing
+    max_queue: int = 16  # replies in progress at once (4 generating, the rest waiting); beyond: 429
+    retry_after_s: int = 1
 
 
 def require_key_for(host: str, api_key: str | None) -> None:

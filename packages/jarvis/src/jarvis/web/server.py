@@ -48,7 +48,7 @@ from jarvis.web.routes import conversation_routes, model_routes, reply_routes
 from jarvis.web.settings import WebConfig, require_key_for
 from jarvis_prime import PrimeModel
 from jarvis_prime.serving.completions import Admission
-from jarvis_prime.serving.errors import PLAIN, APIError, install_error_handlers
+from jarvis_prime.serving.errors import PLAIN, install_error_handlers
 from jarvis_prime.serving.host import ModelHost
 from jarvis_prime.serving.middleware import Guard, GuardRules, allowed_hosts
 

@@ -325,3 +325,23 @@ def test_compiled_layers_train_like_eager_ones(tiny_llama_dir, chat_file, tmp_pa
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0, "the compiled run ran eager"
     assert _debug_get_cache_entry_list(head_loss_sum.__code__), "the LM head and loss ran eager"
     torch._dynamo.reset()  # drop the graphs (they hold the run's model)
+
+
+@pytest.mark.parametrize("override, reason", [
+    ("lora_rank=[1, 2", "expected ',' or ']'"),
+    ("lora_rank=" + "9" * 5000, "digits"),
+    ("lora_rank=" + "[" * 5000, "invalid YAML value"),
+    ("lora_rank=a: b: c", "mapping values are not allowed here"),
+])
+def test_cli_override_with_bad_yaml_is_a_field_error_not_a_traceback(tmp_path, override, reason):
+    """`reactor train recipe.yaml key=<bad YAML>` exits 2 with an error naming the key,
+    no traceback (before: yaml.YAMLError / ValueError escaped the CLI's handler)."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model_name: m\ndata_path: {tmp_path / 'd.jsonl'}\n")
+    with pytest.raises(ConfigError, match="override `lora_rank`: invalid YAML value"):
+        load_config(recipe, [override])
+    result = CliRunner().invoke(app, ["train", str(recipe), override])
+    assert result.exit_code == 2, result.output
+    assert "override `lora_rank`: invalid YAML value" in result.output and reason in result.output
+    assert "Traceback" not in result.output
+

@@ -173,8 +173,16 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r}: expected key=value")
-        parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except (yaml.YAMLError, ValueError, RecursionError) as err:  # ValueError: an int over 4,300 digits
+            reason = getattr(err, "problem", None) or ("nested too deeply" if isinstance(err, RecursionError) else err)
+            raise ConfigError(f"override `{key.strip()}`: invalid YAML value {_clip(raw)}: {reason}") from None
     return parsed
+
+
+def _clip(raw: str, limit: int = 60) -> str:
+    return repr(raw if len(raw) <= limit else raw[:limit] + "...")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainingConfig:
@@ -191,6 +199,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             mark = getattr(err, "problem_mark", None)
             where = f":{mark.line + 1}" if mark else ""
             raise ConfigError(f"{path}{where}: invalid YAML: {getattr(err, 'problem', err)}") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
+        except ValueError as err:  # e.g. an integer over 4,300 digits
+            raise ConfigError(f"{path}: invalid YAML: {err}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a recipe is a mapping of TrainingConfig keys, got {type(loaded).__name__}")
         values.update(loaded or {})

@@ -345,3 +345,15 @@ def test_cli_override_with_bad_yaml_is_a_field_error_not_a_traceback(tmp_path, o
     assert "override `lora_rank`: invalid YAML value" in result.output and reason in result.output
     assert "Traceback" not in result.output
 
+
+def test_config_records_the_release_that_introduced_every_key():
+    """FIELD_SINCE is what dependants' version floors are checked against (jarvis's
+    test_layers): every key must be in it, with a release no newer than this one."""
+    from reactor_core.training.config import FIELD_SINCE
+    from reactor_core.version import __version__
+
+    assert set(FIELD_SINCE) == set(TrainingConfig.model_fields)
+    release = tuple(int(p) for p in __version__.split("."))
+    assert all(tuple(int(p) for p in v.split(".")) <= release for v in FIELD_SINCE.values())
+    assert FIELD_SINCE["kl_anchor_path"] == "1.2.0"
+

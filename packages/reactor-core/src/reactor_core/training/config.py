@@ -22,6 +22,26 @@ class ConfigError(ValueError):
     """A recipe or override that does not describe a valid run."""
 
 
+# The reactor-core release that introduced each TrainingConfig key. A package that passes
+# a key must require at least that release (jarvis-prime's `training` extra is checked
+# against the keys its recipes pass: packages/jarvis/tests/test_layers.py). A new key
+# must be added here with the version that will first ship it (test_training checks).
+FIELD_SINCE: dict[str, str] = {
+    **dict.fromkeys((
+        "model_name", "data_path", "val_data_path", "val_fraction", "on_bad_example", "max_seq_length", "packing",
+        "output_dir", "output_name", "output_version", "merge_adapter", "method", "use_lora", "lora_rank",
+        "lora_alpha", "lora_dropout", "target_modules", "quantize_base", "num_epochs", "max_steps", "batch_size",
+        "gradient_accumulation_steps", "learning_rate", "weight_decay", "lr_scheduler", "warmup_steps",
+        "max_grad_norm", "gradient_checkpointing", "mixed_precision", "device", "seed", "eval_every_steps",
+        "log_every_steps", "num_samples", "sample_max_new_tokens"), "1.0.0"),
+    **dict.fromkeys((  # checkpoints and spot VMs, DPO, the KL term
+        "checkpoint_dir", "checkpoint_every_steps", "checkpoint_every_minutes", "keep_last_checkpoints",
+        "checkpoint_remote", "spot_defaults", "resume", "force_resume", "watch_gcp_preemption",
+        "beta", "loss_type", "label_smoothing", "precompute_ref_logps", "kl_to_base"), "1.1.0"),
+    **dict.fromkeys(("kl_anchor_path", "kl_anchor_tokens", "compile"), "1.2.0"),
+}
+
+
 class TrainingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

@@ -357,3 +357,30 @@ def test_config_records_the_release_that_introduced_every_key():
     assert all(tuple(int(p) for p in v.split(".")) <= release for v in FIELD_SINCE.values())
     assert FIELD_SINCE["kl_anchor_path"] == "1.2.0"
 
+
+@pytest.mark.parametrize("as_module", [False, True], ids=["python script.py", "python -m script"])
+def test_train_async_from_a_script_without_a_main_guard(tiny_llama_dir, chat_file, tmp_path, as_module):
+    """A plain script calling train_async at top level (no `if __name__ == "__main__":`):
+    the spawned child used to re-run the script, hit multiprocessing's bootstrapping
+    RuntimeError and die ("training process exited with code 1"). The child must not
+    re-import the caller's script: the run finishes and the script body runs once."""
+    import os
+    import subprocess
+    import sys
+
+    config = config_for(tiny_llama_dir, tmp_path / "out", max_steps=1, num_samples=0, val_fraction=0.0)
+    script = tmp_path / "train_script.py"
+    script.write_text(
+        "import asyncio, json, sys\n"
+        "from reactor_core import Trainer, TrainingConfig\n"
+        "print('script body ran', flush=True)\n"
+        "config = TrainingConfig.model_validate(json.loads(sys.argv[1]))\n"
+        "result = asyncio.run(Trainer(config, progress=False).train_async(sys.argv[2]))\n"
+        "print('finished at step', result.state.step, flush=True)\n"
+    )
+    command = ["-m", script.stem] if as_module else [str(script)]
+    run = subprocess.run([sys.executable, *command, json.dumps(config.to_dict()), str(chat_file)],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=os.environ)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count("script body ran") == 1, run.stdout
+    assert "finished at step 1" in run.stdout

@@ -384,3 +384,14 @@ def test_train_async_from_a_script_without_a_main_guard(tiny_llama_dir, chat_fil
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count("script body ran") == 1, run.stdout
     assert "finished at step 1" in run.stdout
+
+
+@pytest.mark.parametrize("key, value", [("output_name", "../../escape"), ("output_version", "1/../../x"),
+                                        ("output_name", "..")])
+def test_output_name_and_version_must_be_one_path_component(tmp_path, key, value):
+    """The PRIME directory is <output_dir>/<output_name>-<output_version>/: a name like
+    `../../escape` would write the model outside output_dir."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model_name: m\n")
+    with pytest.raises(ConfigError, match=f"`{key}`.*is not a safe name"):
+        load_config(recipe, [f"{key}={value}"])

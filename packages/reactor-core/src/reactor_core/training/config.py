@@ -11,11 +11,12 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -128,6 +129,15 @@ class TrainingConfig(BaseModel):
     log_every_steps: int = Field(default=1, gt=0)
     num_samples: int = Field(default=2, ge=0, description="Greedy samples from validation prompts at each eval.")
     sample_max_new_tokens: int = Field(default=32, gt=0)
+
+    @field_validator("output_name", "output_version")
+    @classmethod
+    def _one_path_component(cls, value: str | None, info) -> str | None:
+        # the PRIME directory is <output_dir>/<output_name>-<output_version>/
+        if value is not None and (not re.fullmatch(r"[A-Za-z0-9._-]+", value) or value in (".", "..")):
+            raise ValueError(f"{value!r} is not a safe name: use only letters, digits, '.', '_' and '-' "
+                             "(not '.' or '..', no '/')")
+        return value
 
     @model_validator(mode="after")
     def _check_combinations(self) -> "TrainingConfig":

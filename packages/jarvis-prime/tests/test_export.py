@@ -215,3 +215,21 @@ def test_4bit_rounding_with_the_importance_matrix_beats_llama_cpps_plain_roundin
         with load_variant(path, "q4_k_m") as model:
             values[label] = perplexity(model)["perplexity"]
     assert values["ours"] < values["plain"]
+
+
+def test_export_refuses_a_manifest_name_that_escapes_the_model_directory(pulled_model, tmp_path):
+    """prime.json `name` becomes `gguf/<name>-<quant>.gguf`: `../../escape` made `prime export`
+    write `escape-q8_0.gguf` outside the model directory. Now refused before anything is written."""
+    from typer.testing import CliRunner
+
+    from jarvis_prime.cli import app
+
+    target = tmp_path / "models" / pulled_model.path.name
+    shutil.copytree(pulled_model.path, target, ignore=shutil.ignore_patterns("gguf"))
+    manifest = json.loads((target / "prime.json").read_text())
+    (target / "prime.json").write_text(json.dumps(manifest | {"name": "../../escape"}))
+    result = CliRunner().invoke(app, ["export", str(target), "--quant", "q8_0"], env={"COLUMNS": "200"})
+    assert result.exit_code == 1, result.output
+    assert "field name" in result.output and "'../../escape' is not a safe name" in result.output
+    assert sorted(p.name for p in tmp_path.rglob("*.gguf")) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]

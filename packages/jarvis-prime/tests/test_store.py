@@ -103,3 +103,32 @@ def test_import_gguf_file_as_a_named_model(pulled_model):
     assert local.manifest.stop == ["<|im_end|>"]
     verify_files(local.path, local.manifest)
     assert resolve("my-smol").path == local.path
+
+
+@pytest.mark.parametrize("args, field, value", [
+    (["../escape"], "name", "../escape"),
+    (["ok", "--version", "../../escape"], "version", "../../escape"),
+    ([".."], "name", ".."),
+])
+def test_pull_from_path_refuses_a_name_or_version_that_is_a_path(pulled_model, args, field, value):
+    """`prime pull NAME --from PATH` with NAME (or --version) like `../escape` wrote the
+    model, and its lock file, outside the store; now a clear error naming the field."""
+    from jarvis_prime.store import models_root
+
+    gguf = pulled_model.path / pulled_model.manifest.quantizations["q4_1"].file
+    root = models_root()
+    before = sorted(p.name for p in root.parent.parent.iterdir()) + sorted(p.name for p in root.parent.iterdir())
+    result = CliRunner().invoke(app, ["pull", *args, "--from", str(gguf)], env={"COLUMNS": "200"})
+    assert result.exit_code == 1, result.output
+    assert f"`{field}` {value!r} is not a safe name" in result.output
+    assert sorted(p.name for p in root.parent.parent.iterdir()) + sorted(p.name for p in root.parent.iterdir()) == before
+    with pytest.raises(PrimeError, match=f"`{field}`"):
+        import_path(gguf, name=args[0], version=args[2] if len(args) > 2 else "1.0.0")
+
+
+def test_a_manifest_whose_name_is_a_path_is_refused_when_read(tmp_path):
+    for field, value in [("name", "../../../tmp/x"), ("version", "1/../../x"), ("name", "a\\b")]:
+        manifest = {"name": "m", "version": "1.0.0", "task": "chat", "base": "b", "context_length": 8} | {field: value}
+        (tmp_path / "prime.json").write_text(json.dumps(manifest))
+        with pytest.raises(PrimeError, match=f"field {field}: .*`{field}` {value!r} is not a safe name".replace("\\", "\\\\")):
+            read_manifest(tmp_path)

@@ -131,3 +131,35 @@ def test_llamacpp_chat_never_loads_torch(chat_model):
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [[], [], "llamacpp"]
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split("."))
+
+
+def test_jarvis_prime_requires_a_reactor_core_that_knows_every_key_its_recipes_pass():
+    """The `training` extra's reactor-core floor must be at least the release that introduced
+    the newest TrainingConfig key jarvis-prime passes (reactor_core.training.config.FIELD_SINCE),
+    or an old reactor-core rejects the recipe as `unknown key`. Read from source and installed
+    metadata: nothing is imported or installed."""
+    config_py = SOURCES["reactor_core"] / "training/config.py"
+    value = next(node.value for node in ast.parse(config_py.read_text()).body
+                 if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "FIELD_SINCE")
+    since = eval(compile(ast.Expression(value), str(config_py), "eval"), {"__builtins__": {}, "dict": dict})
+    passed: dict[str, str] = {}  # key -> where
+    for path in sorted(SOURCES["jarvis_prime"].rglob("*.py")):
+        text = path.read_text()
+        if "TrainingConfig(" not in text:
+            continue
+        for node in ast.walk(ast.parse(text)):  # keywords of every call in a module that builds a TrainingConfig
+            if isinstance(node, ast.Call):
+                for kw in node.keywords:
+                    if kw.arg in since:
+                        passed.setdefault(kw.arg, f"{path.relative_to(SOURCES['jarvis_prime'])}:{kw.value.lineno}")
+    assert {"kl_to_base", "kl_anchor_path", "output_name"} <= set(passed), "the recipe scan found too little"
+    newest = max(passed, key=lambda key: _version(since[key]))
+    (floor,) = [r for r in requires("jarvis-prime") if r.startswith("reactor-core") and 'extra == "training"' in r]
+    declared = floor.split(">=")[1].split(";")[0].split(",")[0].strip()
+    assert _version(declared) >= _version(since[newest]), (
+        f"jarvis-prime requires {floor.split(';')[0]}, but passes `{newest}` ({passed[newest]}), "
+        f"which reactor-core {since[newest]} introduced")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -196,3 +197,95 @@ def test_drill_with_sigterm_and_sigkill_ends_bitwise_identical(tiny_llama_dir, c
     assert result.exit_code == 0, result.output
     assert "SIGTERM" in result.output and "SIGKILL" in result.output
     assert "PASS: weights bitwise identical: True" in result.output
+
+
+class _Crash(Exception):
+    """Stands in for the VM vanishing at one precise instant (injected, not real)."""
+
+
+@pytest.mark.parametrize("crash_at", ["rename", "marker"])
+def test_resaving_a_step_never_leaves_it_without_a_checkpoint(tmp_path, monkeypatch, crash_at):
+    """Re-saving step 5 with keep_last=1, crashing between removing/setting aside the old
+    checkpoint and the new one being COMPLETE. The crash is injected: `rename` fails the
+    rename of the temp folder into place, `marker` fails writing COMPLETE after it. A fresh
+    store (the next start) must still resume from the old, complete step 5."""
+    import reactor_core.checkpoints.store as store_module
+
+    store = LocalCheckpointStore(tmp_path, keep_last=1)
+    store.save(5, lambda folder, written: (folder / WEIGHTS).write_bytes(b"old"))
+    real_replace, real_write = os.replace, store_module.write_atomic
+
+    def replace(src, dst):
+        if Path(src).name.startswith(".step-00000005.tmp-"):
+            raise _Crash
+        return real_replace(src, dst)
+
+    def write_atomic(path, data, *args):
+        if Path(path).name == COMPLETE:
+            raise _Crash
+        return real_write(path, data, *args)
+
+    if crash_at == "rename":
+        monkeypatch.setattr(os, "replace", replace)
+    else:
+        monkeypatch.setattr(store_module, "write_atomic", write_atomic)
+    with pytest.raises(_Crash):
+        store.save(5, lambda folder, written: (folder / WEIGHTS).write_bytes(b"new"))
+    monkeypatch.undo()
+
+    restarted = LocalCheckpointStore(tmp_path, keep_last=1)
+    latest = restarted.latest()
+    assert latest is not None and latest.step == 5
+    assert (latest.path / WEIGHTS).read_bytes() == b"old"
+    assert not list(tmp_path.glob(".step-*.old"))
+    # the next save of that step replaces it and leaves nothing aside
+    restarted.save(5, lambda folder, written: (folder / WEIGHTS).write_bytes(b"new"))
+    assert (restarted.latest().path / WEIGHTS).read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000005"]
+
+
+def test_rewriting_a_model_directory_keeps_the_old_one_until_the_new_one_is_in_place(tmp_path, monkeypatch):
+    """Writing <name>-<version>/ where one already exists, crashing (injected: the rename
+    of the finished staging folder into place fails): the next write finds the old,
+    complete directory again rather than nothing."""
+    from reactor_core.training.config import TrainingConfig
+    from reactor_core.training.model import ModelSource
+    from reactor_core.training.prime_dir import write_model_dir
+
+    class Fake:
+        eos_token = "</s>"
+
+        def __init__(self, payload: bytes) -> None:
+            self.payload = payload
+
+        def save_pretrained(self, folder, **kwargs) -> None:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            (Path(folder) / "model.safetensors").write_bytes(self.payload)
+
+    config = TrainingConfig(model_name="tiny", output_name="m", use_lora=False)
+    source = ModelSource(kind="hf", location="tiny")
+
+    def write(payload: bytes) -> Path:
+        return write_model_dir(tmp_path, Fake(payload), tokenizer=Fake(payload), source=source, config=config,
+                               data_files=[], metrics={"train_loss": []})
+
+    final = write(b"old")
+    real_replace = os.replace
+
+    def crash(src, dst):
+        if Path(src).name.endswith(".partial"):
+            raise _Crash
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash)
+    monkeypatch.setattr(Path, "rename", lambda self, dst: crash(self, dst) or Path(dst))
+    with pytest.raises(_Crash):
+        write(b"new")
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir() if (p / "model.safetensors").read_bytes() == b"old"]  # not deleted
+    from reactor_core.files import restore_aside
+
+    restore_aside(final, lambda path: (path / "prime.json").is_file())  # what the next start does
+    assert (final / "model.safetensors").read_bytes() == b"old" and (final / "prime.json").is_file()
+    assert (write(b"new") / "model.safetensors").read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m-1.0.0"]

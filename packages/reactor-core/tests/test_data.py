@@ -519,3 +519,24 @@ def test_padded_batch_gives_each_example_its_own_logits(tiny_llama, conversation
     for b, example in enumerate(conversation_tokens):
         diff = logits[b, :len(example)] - alone_logits(tiny_llama, example)
         assert diff.abs().max() < 1e-4, example.source
+
+
+@pytest.mark.parametrize("on_bad_example", ["error", "skip"])
+def test_deep_nesting_and_huge_integers_are_line_issues_not_crashes(tmp_path, on_bad_example):
+    """json.loads raises RecursionError on `[[[[...` thousands deep and ValueError on an
+    integer over Python's 4,300-digit limit: each must be a `file:line` bad_json issue
+    (counted and skipped in skip mode), never an exception without a line."""
+    deep = "[" * 100_000 + "]" * 100_000
+    deep_in_record = '{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    huge = '{"messages": [{"role": "user", "content": "hi"}], "n": ' + "9" * 5000 + "}"
+    path = write_jsonl(tmp_path / "train.jsonl", [json.dumps(GOOD_1), deep, huge, deep_in_record, json.dumps(GOOD_2)])
+    if on_bad_example == "error":
+        with pytest.raises(DataValidationError) as err:
+            load_chat_file(path)
+        assert [(i.line, i.kind) for i in err.value.issues] == [(2, "bad_json"), (3, "bad_json"), (4, "bad_json")]
+        assert f"{path}:2: bad JSON: nested too deeply" in str(err.value)
+        assert f"{path}:3: bad JSON: " in str(err.value) and "digits" in str(err.value)
+    else:
+        examples, report = load_chat_file(path, on_bad_example="skip")
+        assert [e.source for e in examples] == [f"{path}:1", f"{path}:5"]
+        assert (report.skipped, report.counts) == (3, {"bad_json": 3})

@@ -125,3 +125,29 @@ def test_a_failed_file_upload_sends_no_marker(tmp_path):
                 upload.send(file)
             upload.finish(tmp_path / COMPLETE)
     assert COMPLETE not in sent and "a.bin" in sent
+
+
+def test_download_over_a_local_step_keeps_it_until_the_new_copy_is_in_place(tmp_path, monkeypatch):
+    """Downloading step 3 from a remote where a complete local step 3 exists, crashing
+    (injected: the rename of the verified download into place fails) before the copy is
+    in place: the next start still has the local step 3."""
+    local = LocalCheckpointStore(tmp_path / "local", keep_last=1)
+    local.save(3, lambda folder, written: (folder / WEIGHTS).write_bytes(b"local"))
+    remote_root = tmp_path / "remote"
+    upload_folder(open_remote(str(remote_root)), LocalCheckpointStore(tmp_path / "other").save(
+        3, lambda folder, written: (folder / WEIGHTS).write_bytes(b"remote")).path)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if ".download-" in Path(src).name:
+            raise OSError("injected crash")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="injected"):
+        open_remote(str(remote_root)).download(3, local.root)
+    monkeypatch.undo()
+    latest = LocalCheckpointStore(tmp_path / "local").latest()
+    assert latest is not None and (latest.path / WEIGHTS).read_bytes() == b"local"
+    assert (open_remote(str(remote_root)).download(3, local.root) / WEIGHTS).read_bytes() == b"remote"
+    assert sorted(p.name for p in local.root.iterdir()) == ["step-00000003"]

@@ -325,3 +325,73 @@ def test_compiled_layers_train_like_eager_ones(tiny_llama_dir, chat_file, tmp_pa
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0, "the compiled run ran eager"
     assert _debug_get_cache_entry_list(head_loss_sum.__code__), "the LM head and loss ran eager"
     torch._dynamo.reset()  # drop the graphs (they hold the run's model)
+
+
+@pytest.mark.parametrize("override, reason", [
+    ("lora_rank=[1, 2", "expected ',' or ']'"),
+    ("lora_rank=" + "9" * 5000, "digits"),
+    ("lora_rank=" + "[" * 5000, "invalid YAML value"),
+    ("lora_rank=a: b: c", "mapping values are not allowed here"),
+])
+def test_cli_override_with_bad_yaml_is_a_field_error_not_a_traceback(tmp_path, override, reason):
+    """`reactor train recipe.yaml key=<bad YAML>` exits 2 with an error naming the key,
+    no traceback (before: yaml.YAMLError / ValueError escaped the CLI's handler)."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model_name: m\ndata_path: {tmp_path / 'd.jsonl'}\n")
+    with pytest.raises(ConfigError, match="override `lora_rank`: invalid YAML value"):
+        load_config(recipe, [override])
+    result = CliRunner().invoke(app, ["train", str(recipe), override])
+    assert result.exit_code == 2, result.output
+    assert "override `lora_rank`: invalid YAML value" in result.output and reason in result.output
+    assert "Traceback" not in result.output
+
+
+def test_config_records_the_release_that_introduced_every_key():
+    """FIELD_SINCE is what dependants' version floors are checked against (jarvis's
+    test_layers): every key must be in it, with a release no newer than this one."""
+    from reactor_core.training.config import FIELD_SINCE
+    from reactor_core.version import __version__
+
+    assert set(FIELD_SINCE) == set(TrainingConfig.model_fields)
+    release = tuple(int(p) for p in __version__.split("."))
+    assert all(tuple(int(p) for p in v.split(".")) <= release for v in FIELD_SINCE.values())
+    assert FIELD_SINCE["kl_anchor_path"] == "1.2.0"
+
+
+@pytest.mark.parametrize("as_module", [False, True], ids=["python script.py", "python -m script"])
+def test_train_async_from_a_script_without_a_main_guard(tiny_llama_dir, chat_file, tmp_path, as_module):
+    """A plain script calling train_async at top level (no `if __name__ == "__main__":`):
+    the spawned child used to re-run the script, hit multiprocessing's bootstrapping
+    RuntimeError and die ("training process exited with code 1"). The child must not
+    re-import the caller's script: the run finishes and the script body runs once."""
+    import os
+    import subprocess
+    import sys
+
+    config = config_for(tiny_llama_dir, tmp_path / "out", max_steps=1, num_samples=0, val_fraction=0.0)
+    script = tmp_path / "train_script.py"
+    script.write_text(
+        "import asyncio, json, sys\n"
+        "from reactor_core import Trainer, TrainingConfig\n"
+        "print('script body ran', flush=True)\n"
+        "config = TrainingConfig.model_validate(json.loads(sys.argv[1]))\n"
+        "result = asyncio.run(Trainer(config, progress=False).train_async(sys.argv[2]))\n"
+        "print('finished at step', result.state.step, flush=True)\n"
+    )
+    command = ["-m", script.stem] if as_module else [str(script)]
+    run = subprocess.run([sys.executable, *command, json.dumps(config.to_dict()), str(chat_file)],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=os.environ)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count("script body ran") == 1, run.stdout
+    assert "finished at step 1" in run.stdout
+
+
+@pytest.mark.parametrize("key, value", [("output_name", "../../escape"), ("output_version", "1/../../x"),
+                                        ("output_name", "..")])
+def test_output_name_and_version_must_be_one_path_component(tmp_path, key, value):
+    """The PRIME directory is <output_dir>/<output_name>-<output_version>/: a name like
+    `../../escape` would write the model outside output_dir."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model_name: m\n")
+    with pytest.raises(ConfigError, match=f"`{key}`.*is not a safe name"):
+        load_config(recipe, [f"{key}={value}"])

@@ -33,6 +33,10 @@ class ManifestError(PrimeError):
     """A missing or malformed `prime.json`."""
 
 
+class UnsafeNameError(PrimeError, ValueError):
+    """A model name or version that would not be one plain path component (`../x`, `a/b`)."""
+
+
 class BackendUnavailableError(PrimeError):
     """A backend/quantization/device combination that cannot work here, and why."""
 

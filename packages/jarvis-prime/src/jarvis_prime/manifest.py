@@ -18,13 +18,33 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from jarvis_prime.errors import IntegrityError, ManifestError
+from jarvis_prime.errors import IntegrityError, ManifestError, UnsafeNameError
 from jarvis_prime.files import atomic_write, sha256_file
 
 MANIFEST_NAME = "prime.json"
 PRIME_FORMAT_VERSION = 1
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def check_name(field: str, value: str) -> str:
+    """`value` if it is safe as one path component (a model `name` or `version`
+    becomes `<name>-<version>/` and `gguf/<name>-<quant>.gguf`), else UnsafeNameError
+    naming the field: only letters, digits, `.`, `_` and `-`, and not `.` or `..`."""
+    if not isinstance(value, str) or not _SAFE_NAME.fullmatch(value) or value in (".", ".."):
+        raise UnsafeNameError(f"`{field}` {value!r} is not a safe name: use only letters, digits, '.', '_' "
+                              "and '-' (not '.' or '..', no '/')")
+    return value
+
+
+def inside(root: Path, path: Path, field: str = "path") -> Path:
+    """`path` if, resolved, it stays inside `root` (a last check after `check_name`)."""
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise UnsafeNameError(f"`{field}` would write {path}, outside {root}")
+    return path
 
 
 class FileEntry(BaseModel):
@@ -74,6 +94,11 @@ class PrimeManifest(BaseModel):
     quantizations: dict[str, Quantization] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
     created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    @field_validator("name", "version")
+    @classmethod
+    def _safe_name(cls, value: str, info) -> str:
+        return check_name(info.field_name, value)
 
     @property
     def dirname(self) -> str:

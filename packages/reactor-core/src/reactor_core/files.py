@@ -10,7 +10,7 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -48,3 +48,46 @@ def write_atomic(path: Path, data: bytes | BinaryIO, mode: int = 0o644) -> None:
     os.chmod(tmp, mode)
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def aside_path(final: Path) -> Path:
+    """Where `replace_dir` keeps the folder it replaces until its successor is complete."""
+    return final.with_name(f".{final.name}.old")
+
+
+def replace_dir(new: Path, final: Path, finish: Callable[[Path], None] | None = None) -> None:
+    """Move the finished folder `new` to `final`, never deleting an existing `final` first.
+
+    The old `final` is renamed aside (`.<name>.old`), `new` renamed into place, `finish(final)`
+    run (e.g. writing a COMPLETE marker), and only then is the old one deleted. A crash in
+    between leaves the old folder aside; `restore_aside` puts it back (or drops it when the
+    new one is complete) on the next start.
+    """
+    aside = aside_path(final)
+    if final.exists():
+        if aside.exists():  # left by an earlier crash: `final` was restored or is newer
+            shutil.rmtree(aside)
+        os.replace(final, aside)
+        fsync_dir(final.parent)
+    os.replace(new, final)
+    fsync_dir(final.parent)
+    if finish is not None:
+        finish(final)
+    if aside.exists():
+        shutil.rmtree(aside)
+
+
+def restore_aside(final: Path, complete: Callable[[Path], bool]) -> bool:
+    """Undo a `replace_dir` cut short by a crash: keep `final` if `complete(final)`, else
+    put the old folder back in its place. Returns True when the old one was restored."""
+    aside = aside_path(final)
+    if not aside.is_dir():
+        return False
+    if final.exists() and complete(final):
+        shutil.rmtree(aside)
+        return False
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(aside, final)
+    fsync_dir(final.parent)
+    return True

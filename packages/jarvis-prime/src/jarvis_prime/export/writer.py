@@ -27,6 +27,7 @@ from jarvis_prime.export.tokenizer import add_tokenizer
 from jarvis_prime.manifest import (
     PrimeManifest,
     Quantization,
+    inside,
     quant_bits,
     read_manifest,
     store_lock,
@@ -80,6 +81,7 @@ def export_gguf(
             quantizations = dict(manifest.quantizations)
             for quant in todo:
                 rel = gguf_filename(manifest.name, quant)
+                inside(model_dir / "gguf", model_dir / rel, "name")
                 os.replace(staging / f"{manifest.name}-{quant}.gguf", model_dir / rel)
                 quantizations[quant] = Quantization(file=rel, format="gguf", bits=quant_bits(quant),
                                                     importance=imatrix_records.get(quant))

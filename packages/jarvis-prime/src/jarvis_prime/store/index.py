@@ -18,6 +18,8 @@ from jarvis_prime.manifest import (
     MANIFEST_NAME,
     Lineage,
     PrimeManifest,
+    check_name,
+    inside,
     matching_gguf,
     read_manifest,
     store_lock,
@@ -171,7 +173,8 @@ def import_path(
     replaces an existing one, atomically)."""
     log = log or (lambda message: None)
     src = Path(path).expanduser().resolve()
-    target = models_root() / f"{name}-{version}"
+    target = inside(models_root(), models_root() / f"{check_name('name', name)}-{check_name('version', version)}",
+                    "name")
     with store_lock(target):
         if (target / MANIFEST_NAME).exists() and not force:
             raise PrimeError(f"{target} already exists; pick another --version")

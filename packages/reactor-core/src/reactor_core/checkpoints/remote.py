@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Protocol
 
 from reactor_core.checkpoints.store import COMPLETE, PREFIX, CheckpointError, step_dirname, verify
-from reactor_core.files import fsync_dir, write_atomic
+from reactor_core.files import replace_dir, write_atomic
 
 log = logging.getLogger("reactor_core")
 
@@ -196,9 +196,7 @@ def _install(local_root: Path, name: str, fetch) -> Path:
         fetch(tmp)
         verify(tmp)
         final = local_root / name
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        fsync_dir(local_root)
+        replace_dir(tmp, final)  # an existing local copy is set aside, not deleted, until this one is in place
         return final
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -17,7 +17,9 @@ then uploads as several files in parallel, which is what makes an emergency uplo
 in the preemption notice (a single large object goes up as one sequential stream).
 
 A checkpoint is built in a hidden temp folder, every file fsynced, the folder renamed
-into place, and only then is COMPLETE written (temp file, fsync, rename). A folder
+into place, and only then is COMPLETE written (temp file, fsync, rename). Re-saving a
+step that exists renames the old folder aside (`.step-N.old`) and deletes it only once
+the new one is COMPLETE; after a crash in between, the next start puts it back. A folder
 without COMPLETE, or whose files do not match it, is never loaded: the newest one
 that verifies is used instead, with a warning.
 """
@@ -36,7 +38,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from reactor_core.files import fsync_dir, sha256_file, write_atomic
+from reactor_core.files import aside_path, fsync_dir, replace_dir, restore_aside, sha256_file, write_atomic
 
 log = logging.getLogger("reactor_core")
 
@@ -137,6 +139,14 @@ def _seal(file: Path) -> str:
     return sha256_file(file)
 
 
+def _verifies(path: Path) -> bool:
+    try:
+        verify(path)
+        return True
+    except CheckpointError:
+        return False
+
+
 class LocalCheckpointStore:
     """Checkpoints in a local directory; retention keeps the last N plus the best."""
 
@@ -153,6 +163,7 @@ class LocalCheckpointStore:
         one is being written; files it did not announce are sealed at the end.
         """
         self.root.mkdir(parents=True, exist_ok=True)
+        self.restore_aside()
         final = self.root / step_dirname(step)
         tmp = self.root / f".{final.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -171,13 +182,15 @@ class LocalCheckpointStore:
                     written(file.name)
             digests = {name: sealing[name].result() for name in sorted(sealing)}
         fsync_dir(tmp)
-        if final.exists():  # a re-save of the same step (e.g. after a resume)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(self.root)
-        write_atomic(final / COMPLETE, json.dumps(digests, indent=1).encode())
-        if metric is not None:
-            write_atomic(final / ".metric", str(metric).encode())  # outside COMPLETE: bookkeeping only
+
+        def finish(folder: Path) -> None:
+            write_atomic(folder / COMPLETE, json.dumps(digests, indent=1).encode())
+            if metric is not None:
+                write_atomic(folder / ".metric", str(metric).encode())  # outside COMPLETE: bookkeeping only
+
+        # a re-save of the same step (e.g. after a resume) sets the old one aside until
+        # the new one is COMPLETE: a crash in between never leaves the step without one
+        replace_dir(tmp, final, finish)
         self._apply_retention()
         return Checkpoint(final, step)
 
@@ -191,8 +204,19 @@ class LocalCheckpointStore:
                 found.append(Checkpoint(path, int(path.name[len(PREFIX):])))
         return sorted(found, key=lambda c: -c.step)
 
+    def restore_aside(self) -> None:
+        """Finish what a crash interrupted while a step was re-saved (or re-downloaded):
+        the old checkpoint set aside comes back unless its successor verifies."""
+        if not self.root.is_dir():
+            return
+        for aside in self.root.glob(f".{PREFIX}*.old"):
+            final = self.root / aside.name[1:].removesuffix(".old")
+            if aside_path(final) == aside and restore_aside(final, _verifies):
+                log.warning("restored checkpoint %s, set aside by a re-save that did not finish", final)
+
     def latest(self) -> Checkpoint | None:
         """The newest checkpoint that verifies; skipped ones are logged as warnings."""
+        self.restore_aside()
         for checkpoint in self.candidates():
             try:
                 verify(checkpoint.path)

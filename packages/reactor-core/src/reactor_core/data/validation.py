@@ -231,10 +231,16 @@ def _parse_line(raw: bytes, parse: Callable[[Any], Hashable], *, first: bool) ->
         obj = json.loads(text)
     except json.JSONDecodeError as err:
         raise _LineError(f"bad JSON: {err.msg} at column {err.colno}", BAD_JSON) from None
+    except RecursionError:
+        raise _LineError("bad JSON: nested too deeply", BAD_JSON) from None
+    except ValueError as err:  # e.g. an integer over sys.get_int_max_str_digits() digits
+        raise _LineError(f"bad JSON: {err}", BAD_JSON) from None
     try:
         return parse(obj)
     except DataFormatError as err:
         raise _LineError(err.reason, err.kind) from None
+    except RecursionError:
+        raise _LineError("record nested too deeply", BAD_JSON) from None
 
 
 def _format_counts(counts: dict[str, int] | Counter[str]) -> str:

@@ -13,7 +13,11 @@ import inspect
 import multiprocessing
 import pickle
 import queue
+import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +42,8 @@ async def run_in_child(config: TrainingConfig, data_path: str | Path | None, on_
     """
     events = _CONTEXT.Queue()
     child = _CONTEXT.Process(target=_train_in_child, args=(config.to_dict(), data_path, events, stop), daemon=True)
-    child.start()
+    with _main_not_reimported():
+        child.start()
     loop = asyncio.get_running_loop()
     try:
         while True:
@@ -63,6 +68,35 @@ async def run_in_child(config: TrainingConfig, data_path: str | Path | None, on_
         # its next step boundary. Keep draining the queue so its feeder thread can exit.
         stop.set()
         await loop.run_in_executor(None, _join_draining, child, events, 60.0)
+
+
+_MAIN_LOCK = threading.Lock()
+
+
+@contextmanager
+def _main_not_reimported() -> Iterator[None]:
+    """Start a spawned child without it importing the caller's `__main__`.
+
+    spawn re-imports the parent's main script (or `-m` module) in the child, so that
+    objects defined there can be unpickled. This child needs none (it gets a config dict
+    and reactor_core functions), and re-running a script that calls `train_async` at top
+    level, without an `if __name__ == "__main__":` guard, would start training again in
+    the child and die in multiprocessing's bootstrapping check. `Process.start()` reads
+    `__main__.__spec__` and `__file__` once, synchronously; they are hidden for that call.
+    """
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    with _MAIN_LOCK:
+        saved = {name: main.__dict__[name] for name in ("__spec__", "__file__") if name in main.__dict__}
+        main.__dict__["__spec__"] = None
+        main.__dict__.pop("__file__", None)
+        try:
+            yield
+        finally:
+            main.__dict__.pop("__spec__", None)
+            main.__dict__.update(saved)
 
 
 def _train_in_child(config: dict[str, Any], data_path: str | Path | None, events, stop) -> None:

@@ -11,15 +11,36 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
     """A recipe or override that does not describe a valid run."""
+
+
+# The reactor-core release that introduced each TrainingConfig key. A package that passes
+# a key must require at least that release (jarvis-prime's `training` extra is checked
+# against the keys its recipes pass: packages/jarvis/tests/test_layers.py). A new key
+# must be added here with the version that will first ship it (test_training checks).
+FIELD_SINCE: dict[str, str] = {
+    **dict.fromkeys((
+        "model_name", "data_path", "val_data_path", "val_fraction", "on_bad_example", "max_seq_length", "packing",
+        "output_dir", "output_name", "output_version", "merge_adapter", "method", "use_lora", "lora_rank",
+        "lora_alpha", "lora_dropout", "target_modules", "quantize_base", "num_epochs", "max_steps", "batch_size",
+        "gradient_accumulation_steps", "learning_rate", "weight_decay", "lr_scheduler", "warmup_steps",
+        "max_grad_norm", "gradient_checkpointing", "mixed_precision", "device", "seed", "eval_every_steps",
+        "log_every_steps", "num_samples", "sample_max_new_tokens"), "1.0.0"),
+    **dict.fromkeys((  # checkpoints and spot VMs, DPO, the KL term
+        "checkpoint_dir", "checkpoint_every_steps", "checkpoint_every_minutes", "keep_last_checkpoints",
+        "checkpoint_remote", "spot_defaults", "resume", "force_resume", "watch_gcp_preemption",
+        "beta", "loss_type", "label_smoothing", "precompute_ref_logps", "kl_to_base"), "1.1.0"),
+    **dict.fromkeys(("kl_anchor_path", "kl_anchor_tokens", "compile"), "1.2.0"),
+}
 
 
 class TrainingConfig(BaseModel):
@@ -109,6 +130,15 @@ class TrainingConfig(BaseModel):
     num_samples: int = Field(default=2, ge=0, description="Greedy samples from validation prompts at each eval.")
     sample_max_new_tokens: int = Field(default=32, gt=0)
 
+    @field_validator("output_name", "output_version")
+    @classmethod
+    def _one_path_component(cls, value: str | None, info) -> str | None:
+        # the PRIME directory is <output_dir>/<output_name>-<output_version>/
+        if value is not None and (not re.fullmatch(r"[A-Za-z0-9._-]+", value) or value in (".", "..")):
+            raise ValueError(f"{value!r} is not a safe name: use only letters, digits, '.', '_' and '-' "
+                             "(not '.' or '..', no '/')")
+        return value
+
     @model_validator(mode="after")
     def _check_combinations(self) -> "TrainingConfig":
         if self.precompute_ref_logps and self.method != "dpo":
@@ -173,8 +203,16 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r}: expected key=value")
-        parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except (yaml.YAMLError, ValueError, RecursionError) as err:  # ValueError: an int over 4,300 digits
+            reason = getattr(err, "problem", None) or ("nested too deeply" if isinstance(err, RecursionError) else err)
+            raise ConfigError(f"override `{key.strip()}`: invalid YAML value {_clip(raw)}: {reason}") from None
     return parsed
+
+
+def _clip(raw: str, limit: int = 60) -> str:
+    return repr(raw if len(raw) <= limit else raw[:limit] + "...")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainingConfig:
@@ -191,6 +229,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             mark = getattr(err, "problem_mark", None)
             where = f":{mark.line + 1}" if mark else ""
             raise ConfigError(f"{path}{where}: invalid YAML: {getattr(err, 'problem', err)}") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
+        except ValueError as err:  # e.g. an integer over 4,300 digits
+            raise ConfigError(f"{path}: invalid YAML: {err}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a recipe is a mapping of TrainingConfig keys, got {type(loaded).__name__}")
         values.update(loaded or {})

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from reactor_core.version import __version__
-from reactor_core.files import sha256_file, write_atomic
+from reactor_core.files import replace_dir, restore_aside, sha256_file, write_atomic
 from reactor_core.training import distributed
 from reactor_core.training.config import TrainingConfig
 from reactor_core.training.distributed import DistContext
@@ -103,6 +103,7 @@ def write_model_dir(
     c = config
     name, version = output_name(c), c.output_version
     final = output_dir / f"{name}-{version}"
+    restore_aside(final, lambda path: (path / "prime.json").is_file())  # a crash during the last write
     staging = output_dir / f".{name}-{version}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -132,9 +133,7 @@ def write_model_dir(
         metrics={k: v for k, v in metrics.items() if k in ("eval_loss", "perplexity", "steps", "train_tokens", "tokens_per_s")}
         | {"final_train_loss": metrics["train_loss"][-1]["loss"] if metrics["train_loss"] else None},
     )
-    if final.exists():
-        shutil.rmtree(final)
-    staging.rename(final)
+    replace_dir(staging, final)  # an existing directory is set aside, and deleted only after this one is in place
     return final
 
 

@@ -35,9 +35,8 @@ def run_variant(model: str, variant: str, new_tokens: int) -> dict:
     from jarvis_prime.store import resolve
 
     local = resolve(model)
-    choice = None if variant == "default" else variant
-    name, runtime = variant_runtime(local.manifest, choice)  # the label; load_variant plans the same
-    with load_variant(local.path, choice) as loaded:
+    name, runtime = variant_runtime(local.manifest, None if variant == "default" else variant)
+    with load_variant(local.path, runtime=runtime) as loaded:
         ppl = perplexity(loaded)["perplexity"]
         rate = speed(loaded, new_tokens)["decode_tokens_per_s"]
     weights = local.path / runtime.weights

@@ -214,7 +214,7 @@ def eval_model(
         local = resolve(name, auto_pull=False)
         variant, runtime = variant_runtime(local.manifest, quant)
         with console.status(f"evaluating {local.manifest.name} {variant} ({runtime.backend})"):
-            with load_variant(local.path, quant) as model:
+            with load_variant(local.path, runtime=runtime) as model:
                 result = evaluate(model, suite, system_prompt)
     except (PrimeError, ValueError) as err:
         _fail(err)

@@ -234,11 +234,13 @@ def variant_runtime(manifest, variant: str | None, device: str = "cpu") -> tuple
     return variant, Runtime(backend, device, None, entry.file, entry.format, f"prime eval --quant {variant}")
 
 
-def load_variant(path: Path, variant: str | None) -> PrimeModel:
+def load_variant(path: Path, variant: str | None = None, *, runtime: Runtime | None = None) -> PrimeModel:
     """One variant of a model directory on CPU (see `variant_runtime`), loaded for scoring;
-    a context manager that closes it."""
+    a context manager that closes it. A caller that already planned the variant (to label
+    it) passes that `runtime` instead of planning it twice."""
     manifest = read_manifest(path)
-    _, runtime = variant_runtime(manifest, variant)
+    if runtime is None:
+        _, runtime = variant_runtime(manifest, variant)
     return PrimeModel.load(path, manifest, runtime, scoring=True)
 
 

@@ -6,8 +6,13 @@
     store.messages(cid)                         # [{"role": "user", ...}, ...]
 
 WAL lets a terminal chat and another reader (the web page, `jarvis history`) use
-the database at once; every write is its own transaction, so a crash loses at most
-the turn being written.
+the database at once; every write is its own short transaction, so a crash loses at
+most the turn being written. Two processes writing at once (`jarvis serve` and `jarvis
+chat -c` on the same conversation) take turns: a write waits up to `BUSY_TIMEOUT_S` for
+the other's to commit, and one that checks the conversation before writing (an exchange,
+a regeneration) checks it inside its own write transaction (BEGIN IMMEDIATE), so no
+other write lands in between. Past the timeout, StoreBusyError names the database and
+nothing is written.
 
 Feedback lives on the assistant message it is about, because that is what becomes
 training data (`jarvis.feedback`): a rating (+1/-1), a correction (the reply the
@@ -19,6 +24,7 @@ conversation the model sees, and the others stay for preference data.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sqlite3
@@ -27,6 +33,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
@@ -60,9 +67,18 @@ FEEDBACK_COLUMNS = {
 }
 SCHEMA_VERSION = 2
 
+# Python's default is 5 s; a commit stalled by a busy disk (a training run writing
+# checkpoints) or a migration of a large database can hold the write lock longer.
+BUSY_TIMEOUT_S = 30.0
+
 
 class ConflictError(ValueError):
     """A write that would interleave with another one on the same conversation."""
+
+
+class StoreBusyError(ConflictError):
+    """Another process held the database's write lock past the busy timeout; nothing
+    was written. A ConflictError: the caller tries again (the web API answers 409)."""
 
 
 class NotFoundError(KeyError):
@@ -114,23 +130,38 @@ def _locked(method):
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        with self._lock:
+        with self._lock, self._busy_is_an_error():
             return method(self, *args, **kwargs)
 
     return wrapper
 
 
 class ConversationStore:
-    def __init__(self, path: Path | None = None) -> None:
+    def __init__(self, path: Path | None = None, busy_timeout: float = BUSY_TIMEOUT_S) -> None:
+        """`busy_timeout`: seconds a write waits for another process's write to commit."""
         self._lock = threading.RLock()
         self.path = Path(path or jarvis_home() / "jarvis.db")
+        self.busy_timeout = busy_timeout
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(self.path, timeout=busy_timeout, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(SCHEMA)
-        self._migrate()
+        with self._busy_is_an_error():
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(SCHEMA)
+            self._migrate()
+
+    @contextlib.contextmanager
+    def _busy_is_an_error(self) -> Iterator[None]:
+        """SQLite's "database is locked" after the busy timeout, as an error that says
+        which database, what waited and that nothing was written (the transaction rolled back)."""
+        try:
+            yield
+        except sqlite3.OperationalError as err:
+            if err.sqlite_errorcode & 0xFF not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                raise
+            raise StoreBusyError(f"{self.path} is busy: another process (jarvis serve, jarvis chat, ...) held its "
+                                 f"write lock for over {self.busy_timeout:g} s; nothing was written, try again") from err
 
     def _migrate(self) -> None:
         if self._db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
@@ -156,19 +187,17 @@ class ConversationStore:
 
     @_locked
     def get(self, cid: str) -> Conversation:
-        row = self._db.execute(
-            "SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id AND m.active = 1) AS n "
-            "FROM conversations c WHERE c.id = ?", (cid,)).fetchone()
+        row = self._db.execute(f"{CONVERSATIONS} WHERE c.id = ?", (cid,)).fetchone()
         if row is None:
             known = [c.id for c in self.list()[:5]]
             raise NotFoundError(f"no conversation {cid!r} in {self.path}" + (f" (recent: {', '.join(known)})" if known else ""))
-        return Conversation(row["id"], row["title"], row["model"], bool(row["private"]), row["created"],
-                            row["updated"], row["n"])
+        return _conversation(row)
 
     @_locked
     def list(self) -> list[Conversation]:
-        rows = self._db.execute("SELECT id FROM conversations ORDER BY updated DESC").fetchall()
-        return [self.get(r["id"]) for r in rows]
+        """Newest first, in one query: a conversation another process deletes meanwhile
+        is either listed whole or not at all."""
+        return [_conversation(row) for row in self._db.execute(f"{CONVERSATIONS} ORDER BY c.updated DESC")]
 
     @_locked
     def update(self, cid: str, *, title: str | None = None, private: bool | None = None) -> None:
@@ -188,7 +217,7 @@ class ConversationStore:
     def add(self, cid: str, role: str, content: str, model: str | None = None) -> int:
         """Append one message; returns its id. The first user message titles an untitled conversation."""
         with self._db:  # one transaction: the message and the conversation's timestamp
-            self._db.execute("BEGIN")
+            self._db.execute("BEGIN IMMEDIATE")
             return self._insert(cid, role, content, model)
 
     @_locked
@@ -231,14 +260,15 @@ class ConversationStore:
         Only the conversation's last reply can be regenerated: what came after an
         earlier reply was said in answer to it.
         """
-        old = self.message(message_id)
-        if old.role != "assistant":
-            raise ValueError(f"message {message_id} is a {old.role} message; only replies can be regenerated")
-        if not old.active or self.last_id(old.conversation_id) != message_id:
-            raise ValueError(f"message {message_id} is not the conversation's last reply; only that one can be regenerated")
         now = time.time()
-        with self._db:
-            self._db.execute("BEGIN")
+        with self._db:  # the checks and the write in one transaction: no other write lands between them
+            self._db.execute("BEGIN IMMEDIATE")
+            old = self.message(message_id)
+            if old.role != "assistant":
+                raise ValueError(f"message {message_id} is a {old.role} message; only replies can be regenerated")
+            if not old.active or self.last_id(old.conversation_id) != message_id:
+                raise ValueError(f"message {message_id} is not the conversation's last reply; "
+                                 "only that one can be regenerated")
             # COALESCE: a row a still-running jarvis 2.0 wrote after the migration has no group_id
             self._db.execute("UPDATE messages SET active = 0 WHERE COALESCE(group_id, id) = ?", (old.group_id,))
             cursor = self._db.execute(
@@ -300,6 +330,16 @@ class ConversationStore:
     @_locked
     def close(self) -> None:
         self._db.close()
+
+
+# Each conversation with its number of active messages.
+CONVERSATIONS = ("SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id AND m.active = 1) AS n "
+                 "FROM conversations c")
+
+
+def _conversation(row: sqlite3.Row) -> Conversation:
+    return Conversation(row["id"], row["title"], row["model"], bool(row["private"]), row["created"], row["updated"],
+                        row["n"])
 
 
 def _stored(row: sqlite3.Row) -> StoredMessage:

@@ -182,7 +182,9 @@ def improve(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="The model to improve (default: $JARVIS_MODEL or prime-135m-chat-v1)."),
     holdout: float = typer.Option(0.2, help="Share of the feedback held out to judge the candidate."),
     max_steps: Optional[int] = typer.Option(None, min=1, help="Cap on optimizer steps per training stage (quick runs)."),
-    scrub_pii: bool = typer.Option(False, "--scrub-pii", help="Scrub e-mails, numbers and tokens from the training data."),
+    scrub_pii: bool = typer.Option(True, "--scrub-pii/--no-scrub-pii", help=(
+        "Replace e-mails, phone/card numbers, IPs and tokens in the training data with placeholders "
+        "(--no-scrub-pii trains on the feedback as written).")),
     prime_url: Optional[str] = typer.Option(None, help="A running `prime serve` (http://127.0.0.1:8001) to hot-swap to the new version."),
     api_key: Optional[str] = typer.Option(None, envvar="PRIME_API_KEY", help="Its API key."),
     jarvis_url: Optional[str] = typer.Option(None, help="A running `jarvis serve` (http://127.0.0.1:8000) to switch to the new version."),

@@ -4,8 +4,9 @@ Four stages, each recorded in `<run>/state.json` when it finishes, so a run that
 interrupted (Ctrl-C, a reboot) continues where it stopped when the command is run
 again; training itself resumes from Reactor Core's checkpoints.
 
-1. export    the feedback as SFT and DPO data (`jarvis.feedback`); a seeded share of
-             it is held out for the gate and never trained on.
+1. export    the feedback as SFT and DPO data (`jarvis.feedback`), personal data
+             scrubbed unless `scrub_pii=False`; a seeded share of it is held out for
+             the gate and never trained on.
 2. train     `prime train MODEL --sft ... --dpo ...` in a child process (Reactor Core
              SFT, then DPO, from the current model's weights): the candidate.
 3. evaluate  current and candidate on the same q8_0 GGUF path: the JARVIS suite (as
@@ -48,7 +49,7 @@ class ImproveConfig:
     work_dir: Path | None = None  # default $JARVIS_HOME/improve
     holdout_fraction: float = 0.2
     max_steps: int | None = None  # per training stage; quick runs and tests cap it
-    scrub_pii: bool = False
+    scrub_pii: bool = True  # e-mails, phone/card numbers, IPs, tokens -> placeholders before training
     prime_url: str | None = None  # a `prime serve` to hot-swap, e.g. http://127.0.0.1:8001
     api_key: str | None = None
     jarvis_url: str | None = None  # a `jarvis serve` to switch, e.g. http://127.0.0.1:8000
@@ -66,23 +67,49 @@ def _run_dir(config: ImproveConfig) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     runs = sorted(p for p in root.iterdir() if (p / "state.json").is_file())
     if runs and not config.fresh:
-        state = json.loads((runs[-1] / "state.json").read_text())
+        state = _load_state(runs[-1])
         if state["model"] == config.model and "promote" not in state["done"]:
             return runs[-1]
-    run = root / time.strftime("run-%Y%m%d-%H%M%S")
+    stamp, copy = time.strftime("run-%Y%m%d-%H%M%S"), 1
+    run = root / stamp
+    while run.exists():  # runs started in the same second (--fresh): run-...-02, -03, sorted after the first
+        copy += 1
+        run = root / f"{stamp}-{copy:02d}"
     run.mkdir()
     _save_state(run, {"model": config.model, "done": {}})
     return run
 
 
 def _save_state(run: Path, state: dict[str, Any]) -> None:
+    """Atomic and fsynced (`atomic_write`): after a crash or a power loss state.json is
+    the previous state or this one, never empty or half written."""
     atomic_write(run / "state.json", json.dumps(state, indent=1))
+
+
+def _load_state(run: Path) -> dict[str, Any]:
+    """The run's state; an empty or damaged state.json (what a power loss left before it
+    was fsynced, or a hand edit) is an error naming it. Guessing which stages finished
+    could train or promote twice; the run's files stay, and `--fresh` starts a new run
+    from all the feedback, which stays in the conversation store."""
+    path = run / "state.json"
+    try:
+        text = path.read_text(encoding="utf-8")
+        state = json.loads(text) if text.strip() else None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        problem = f"is not valid JSON ({err})"
+    else:
+        if (isinstance(state, dict) and isinstance(state.get("model"), str) and isinstance(state.get("done"), dict)
+                and set(state["done"]) <= set(STAGES)):
+            return state
+        problem = "is empty" if state is None else 'is not an improve state ({"model": ..., "done": {stage: ...}})'
+    raise PrimeError(f"{path} {problem}, so which stages of that run finished is unknown. Its files stay in {run}; "
+                     "`jarvis improve --fresh` starts a new run from all your feedback")
 
 
 def improve(config: ImproveConfig, store: ConversationStore | None = None, log: Log = print) -> dict[str, Any]:
     """Run (or resume) one flywheel turn; returns the state with every stage's result."""
     run = _run_dir(config)
-    state = json.loads((run / "state.json").read_text())
+    state = _load_state(run)
     log(f"run {run}")
     steps: dict[str, Callable[[], dict[str, Any]]] = {
         "export": lambda: _export(config, run, store),
@@ -124,7 +151,8 @@ def _export(config: ImproveConfig, run: Path, store: ConversationStore | None) -
     if not (counts["sft"]["heldout"] or counts["dpo"]["heldout"]) or not (counts["sft"]["train"] or counts["dpo"]["train"]):
         raise PrimeError(f"not enough feedback to train and judge a candidate ({report.sft} SFT examples, "
                          f"{report.dpo} DPO pairs): rate, correct or regenerate more replies, then run again")
-    return {"private_skipped": report.private_skipped, "unusable": report.unusable, **counts}
+    return {"private_skipped": report.private_skipped, "unusable": report.unusable, "pii_scrubbed": config.scrub_pii,
+            **counts}
 
 
 def _unit(key: str) -> float:

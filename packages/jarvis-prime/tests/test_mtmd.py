@@ -11,7 +11,6 @@ llama-cpp-python, or LLAMA_CPP_CONVERT_HF names a convert_hf_to_gguf.py.
 from __future__ import annotations
 
 import base64
-import glob
 import io
 import json
 import os
@@ -21,8 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-REPO = Path(__file__).resolve().parents[3]
 
 # Chat template of the SmolVLM kind: content is a string or a list of text/image parts.
 CHAT_TEMPLATE = (
@@ -35,12 +32,11 @@ CHAT_TEMPLATE = (
 
 
 def find_converter() -> Path | None:
+    """LLAMA_CPP_CONVERT_HF, else what `make llama-cpp-converter` unpacked into this venv."""
     import llama_cpp
 
-    candidates = [os.environ.get("LLAMA_CPP_CONVERT_HF", "")]
-    candidates += glob.glob(str(REPO / f".venv/share/llama-cpp-python-{llama_cpp.__version__}/vendor/llama.cpp/"
-                                       "convert_hf_to_gguf.py"))
-    candidates += glob.glob(f"/tmp/lcp/llama_cpp_python-{llama_cpp.__version__}/vendor/llama.cpp/convert_hf_to_gguf.py")
+    candidates = [os.environ.get("LLAMA_CPP_CONVERT_HF", ""),
+                  f"{sys.prefix}/share/llama-cpp-python-{llama_cpp.__version__}/vendor/llama.cpp/convert_hf_to_gguf.py"]
     return next((Path(c) for c in candidates if c and Path(c).is_file()), None)
 
 

@@ -7,16 +7,16 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 PYPROJECTS := packages/reactor-core/pyproject.toml packages/jarvis-prime/pyproject.toml packages/jarvis/pyproject.toml
 
-.PHONY: run test setup setup-test bench clean
+.PHONY: run test setup setup-test bench clean llama-cpp-converter
 
 run: $(VENV)/.stamp-run
 	$(VENV)/bin/jarvis chat
 
-test: $(VENV)/.stamp-test
+test: $(VENV)/.stamp-test $(VENV)/.stamp-converter
 	$(PY) -m pytest
 
 setup: $(VENV)/.stamp-run
-setup-test: $(VENV)/.stamp-test
+setup-test: $(VENV)/.stamp-test $(VENV)/.stamp-converter
 
 bench: $(VENV)/.stamp-test
 	$(PY) benchmarks/decode.py
@@ -43,6 +43,20 @@ $(VENV)/.stamp-test: $(VENV)/.stamp-run $(PYPROJECTS)
 	  { command -v apt-get >/dev/null && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
 	  echo "note: no chromium; the browser test will skip (set JARVIS_CHROMIUM to a Chromium binary)"
 	touch $@
+
+# llama.cpp's convert_hf_to_gguf.py (with its conversion/ and gguf-py/) from the sdist of the
+# installed llama-cpp-python, for the tests that convert tiny Hugging Face models the way
+# llama.cpp does (tests/test_mtmd.py: Idefics3 text model + mmproj). Without it they skip.
+llama-cpp-converter: $(VENV)/.stamp-converter
+$(VENV)/.stamp-converter: $(VENV)/.stamp-run
+	@ver=$$($(PY) -c "import llama_cpp; print(llama_cpp.__version__)"); \
+	dest=$(VENV)/share/llama-cpp-python-$$ver; src=llama_cpp_python-$$ver/vendor/llama.cpp; \
+	tmp=$$(mktemp -d); \
+	if $(PIP) download -q --no-deps --no-binary :all: "llama-cpp-python==$$ver" -d $$tmp; then \
+	  mkdir -p $$dest && tar -xzf $$tmp/llama_cpp_python-$$ver.tar.gz -C $$dest --strip-components=1 \
+	    $$src/convert_hf_to_gguf.py $$src/conversion $$src/gguf-py $$src/models/templates && touch $@; \
+	else echo "note: no llama-cpp-python $$ver sdist; the llama.cpp converter tests will skip"; fi; \
+	rm -rf $$tmp
 
 clean:
 	rm -rf $(VENV)

@@ -142,3 +142,12 @@ def test_a_model_that_fails_to_load_says_so_on_health_and_in_the_log(caplog):
         chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
         assert chat.status_code == 503 and "no-such-model" in chat.json()["error"]["message"]
     assert any("no-such-model" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+
+
+def test_a_client_that_leaves_mid_body_is_counted_499_not_500():
+    """The Guard counted every request it did not answer as a server error."""
+    server = app()
+    call(server, "POST", "/v1/chat/completions", headers=JSON, chunks=[b'{"messages": ['], cut_off=True)
+    statuses = {sample.labels["status"] for metric in server.state.metrics.requests.collect()
+                for sample in metric.samples if sample.name == "prime_requests_total"}
+    assert statuses == {"499"}, statuses

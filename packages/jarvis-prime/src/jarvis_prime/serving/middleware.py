@@ -17,6 +17,7 @@ from jarvis_prime.serving.settings import key_matches
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]", "::1")
 JSON_WRITES = ("POST", "PUT", "PATCH")
 DISCARD_BYTES = 64 << 10  # read, not kept, of a refused request's body
+CLIENT_CLOSED = 499  # nginx's status for a client that closed the request before the answer
 
 
 class Metrics:
@@ -161,6 +162,7 @@ class Guard:
                 except _TooLarge:
                     refusal = self._too_large()
                 except ConnectionResetError:
+                    status = CLIENT_CLOSED  # the client left mid-body: not the server's failure
                     return
             if refusal is not None:
                 await self._discard(receive)

@@ -61,7 +61,7 @@ def test_writes_must_be_json():
     for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
         headers = {"content-type": content_type} if content_type else {}
         for path in ("/v1/chat/completions", "/v1/completions", "/admin/models"):
-            out = call(app(), "POST", path, headers=headers, chunks=[CHAT])
+            out = call(app(admin_key="a"), "POST", path, headers={**headers, "authorization": "Bearer a"}, chunks=[CHAT])
             assert out.status == 415, (path, content_type, out.body)
     assert call(app(), "POST", "/v1/chat/completions", headers={"content-type": "application/json; charset=utf-8"},
                 chunks=[CHAT]).status == 503

@@ -76,3 +76,23 @@ def hf_model(pulled_model):
     model = PrimeModel.from_pretrained(DEFAULT_MODEL, backend="transformers")
     yield model
     model.close()
+
+
+@pytest.fixture
+def model_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A private, empty model store for one test; `add(name)` puts a PRIME model directory
+    in it holding only a prime.json: enough to be found by name (`resolve`), for tests
+    whose stand-in loaders never read weights. Returns the directory."""
+    from jarvis_prime.manifest import PrimeManifest, write_manifest
+    from jarvis_prime.store import models_root
+
+    monkeypatch.setenv("JARVIS_PRIME_HOME", str(tmp_path / "prime-home"))
+
+    def add(name: str, version: str = "1.0.0", root: Path | None = None) -> Path:
+        folder = (root or models_root()) / f"{name}-{version}"
+        folder.mkdir(parents=True)
+        write_manifest(folder, PrimeManifest(name=name, version=version, task="chat", base="stand-in",
+                                             context_length=4096))
+        return folder
+
+    return add

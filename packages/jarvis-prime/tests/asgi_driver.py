@@ -24,12 +24,14 @@ class Exchange:
 
 
 def call(app, method: str, path: str, *, headers: dict[str, str] | None = None, chunks: list[bytes] | None = None,
-         chunk_count: int | None = None, chunk: bytes = b"", host: str = "127.0.0.1:8000", hang_up: bool = False) -> Exchange:
+         chunk_count: int | None = None, chunk: bytes = b"", host: str = "127.0.0.1:8000", hang_up: bool = False,
+         cut_off: bool = False) -> Exchange:
     """One request; its body is `chunks`, or `chunk` sent `chunk_count` times (a bounded
     stand-in for an endless upload), with no Content-Length unless `headers` has one.
     `hang_up`: once the body is sent the client disconnects, before any answer; the
     garbage collector is off meanwhile, so what the request held must be released by
-    the server itself (CPython's collector frees cycles late or, under load, much later)."""
+    the server itself (CPython's collector frees cycles late or, under load, much later).
+    `cut_off`: the client disconnects mid-body (its last chunk said more was coming)."""
     out = Exchange()
     body = list(chunks or ([chunk] * (chunk_count or 0)))
 
@@ -37,11 +39,11 @@ def call(app, method: str, path: str, *, headers: dict[str, str] | None = None, 
         if out.chunks_read < len(body):
             out.chunks_read += 1
             return {"type": "http.request", "body": body[out.chunks_read - 1],
-                    "more_body": out.chunks_read < len(body)}
+                    "more_body": out.chunks_read < len(body) or cut_off}
         if out.chunks_read == len(body) and not body:
             out.chunks_read += 1
             return {"type": "http.request", "body": b"", "more_body": False}
-        if hang_up:
+        if hang_up or cut_off:
             return {"type": "http.disconnect"}
         await asyncio.sleep(3600)  # the client waits for the answer
 

@@ -187,7 +187,8 @@ def test_a_full_queue_answers_429_with_retry_after(pulled_model):
 
 def test_hot_swap_under_load_fails_no_request(chat_model, pulled_model):
     """Clients keep one name (--served-model-name); the fingerprint shows who answered."""
-    config = ServerConfig(model=BASE, backend="llamacpp", context_length=512, max_queue=32, served_name="jarvis")
+    config = ServerConfig(model=BASE, backend="llamacpp", context_length=512, max_queue=32, served_name="jarvis",
+                          admin_key="admin")
     with running(config) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         answered, errors, stop = [], [], threading.Event()
@@ -204,7 +205,8 @@ def test_hot_swap_under_load_fails_no_request(chat_model, pulled_model):
         for w in workers:
             w.start()
         time.sleep(2)
-        status, _, payload = raw(url, "/admin/models", json.dumps({"model": CHAT, "backend": "llamacpp"}).encode())
+        status, _, payload = raw(url, "/admin/models", json.dumps({"model": CHAT, "backend": "llamacpp"}).encode(),
+                                 {"Authorization": "Bearer admin"})
         assert status == 200 and payload["model"] == CHAT
         time.sleep(3)
         stop.set()

@@ -61,7 +61,7 @@ def test_writes_must_be_json():
     for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
         headers = {"content-type": content_type} if content_type else {}
         for path in ("/v1/chat/completions", "/v1/completions", "/admin/models"):
-            out = call(app(), "POST", path, headers=headers, chunks=[CHAT])
+            out = call(app(admin_key="a"), "POST", path, headers={**headers, "authorization": "Bearer a"}, chunks=[CHAT])
             assert out.status == 415, (path, content_type, out.body)
     assert call(app(), "POST", "/v1/chat/completions", headers={"content-type": "application/json; charset=utf-8"},
                 chunks=[CHAT]).status == 503
@@ -142,3 +142,12 @@ def test_a_model_that_fails_to_load_says_so_on_health_and_in_the_log(caplog):
         chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
         assert chat.status_code == 503 and "no-such-model" in chat.json()["error"]["message"]
     assert any("no-such-model" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+
+
+def test_a_client_that_leaves_mid_body_is_counted_499_not_500():
+    """The Guard counted every request it did not answer as a server error."""
+    server = app()
+    call(server, "POST", "/v1/chat/completions", headers=JSON, chunks=[b'{"messages": ['], cut_off=True)
+    statuses = {sample.labels["status"] for metric in server.state.metrics.requests.collect()
+                for sample in metric.samples if sample.name == "prime_requests_total"}
+    assert statuses == {"499"}, statuses

@@ -68,7 +68,7 @@ class Server:
 @pytest.fixture
 def server(jarvis_model, tmp_path):
     store = ConversationStore(tmp_path / "jarvis.db")
-    config = WebConfig(chat=ChatbotConfig(max_new_tokens=40))
+    config = WebConfig(chat=ChatbotConfig(max_new_tokens=40), admin_key="admin")
     s = Server(create_app(config, store=store, model=jarvis_model))
     s.store = store
     yield s
@@ -240,13 +240,13 @@ def test_a_running_page_switches_models_without_restarting(server, pulled_model)
     from jarvis.improve import _hot_swap
 
     said = []
-    assert _hot_swap(server.url + "/api/model", None, "smollm2-135m-instruct", said.append)
+    assert _hot_swap(server.url + "/api/model", "admin", "smollm2-135m-instruct", said.append)
     assert "smollm2-135m-instruct" in said[-1]
     assert json.loads(server.request("GET", "/api/health")[1])["model"] == "smollm2-135m-instruct"
     cid = json.loads(server.request("POST", "/api/conversations", {})[1])["id"]
     status, raw = server.request("POST", f"/api/conversations/{cid}/messages", {"content": "Hi"})
     assert status == 200 and events(raw)[-1]["done"]
     assert server.store.stored_messages(cid)[-1].model.startswith("smollm2-135m-instruct@")
-    status, body = server.request("POST", "/api/model", {"model": "smollm3"})
-    assert status == 400 and "unknown model 'smollm3'" in json.loads(body)["error"]
+    status, body = server.request("POST", "/api/model", {"model": "smollm3"}, key="admin")
+    assert status == 404 and "unknown model 'smollm3'" in json.loads(body)["error"]
     assert json.loads(server.request("GET", "/api/health")[1])["model"] == "smollm2-135m-instruct", "a failed swap changes nothing"

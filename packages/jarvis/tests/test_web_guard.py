@@ -97,3 +97,43 @@ def test_a_client_that_hangs_up_before_the_first_byte_frees_the_conversation(mak
     out = call(server, "POST", f"/api/conversations/{cid}/messages", headers=JSON, chunks=[message])
     assert out.status == 200, out.body
     assert b'"done": true' in out.body
+
+
+def swap(server, model: str, key: str | None = None):
+    headers = {**JSON, **({"authorization": f"Bearer {key}"} if key else {})}
+    return call(server, "POST", "/api/model", headers=headers, chunks=[json.dumps({"model": model}).encode()])
+
+
+def test_switching_models_is_off_without_an_admin_key_and_takes_that_key_only(make, model_store):
+    """Any page client could switch the model (the API key, or none on loopback, sufficed)."""
+    model_store("prime-next")
+    for server, key in ((make(), None), (make(api_key="k"), "k")):
+        out = swap(server, "prime-next", key)
+        assert out.status == 403 and "--admin-key" in out.json()["error"], out.body
+    server = make(api_key="k", admin_key="admin")
+    assert swap(server, "prime-next").status == 401
+    assert swap(server, "prime-next", "wrong").status == 401
+    assert swap(server, "prime-next", "k").status == 403
+    assert call(server, "GET", "/api/conversations", headers={"authorization": "Bearer admin"}).status == 401
+
+
+def test_an_unknown_name_is_404_and_a_path_400_unless_allowed(make, model_store, tmp_path):
+    """An unknown name was a 400 only by luck of PrimeError; any folder with a prime.json loaded.
+    The real loader: nothing is loaded before the name is checked."""
+    out = swap(make(admin_key="admin"), "smollm3", "admin")
+    assert out.status == 404 and "unknown model 'smollm3'" in out.json()["error"], out.body
+    crafted = model_store("crafted", root=tmp_path / "elsewhere")
+    out = swap(make(admin_key="admin"), str(crafted), "admin")
+    assert out.status == 400 and out.json()["error"].startswith("model:"), out.body
+    assert "--allow-model-paths" in out.json()["error"]
+
+
+def test_jarvis_serve_refuses_an_admin_key_equal_to_the_api_key(monkeypatch):
+    """Equal keys would let every page client switch the model too."""
+    from typer.testing import CliRunner
+
+    from jarvis.cli import app as cli
+
+    monkeypatch.delenv("JARVIS_API_KEY", raising=False)
+    result = CliRunner().invoke(cli, ["serve", "--api-key", "same", "--admin-key", "same"])
+    assert result.exit_code == 1 and "must differ from the API key" in result.output, result.output

@@ -1,5 +1,6 @@
 """`jarvis serve`'s POST /api/model closes the model it replaces, once the replies still
-streaming from it have ended (stand-in models: this is about ownership, not text)."""
+streaming from it have ended, and loads one model at a time (stand-in models named in a
+private store: this is about ownership, not text)."""
 
 import json
 import socket
@@ -7,12 +8,16 @@ import threading
 import time
 import urllib.request
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
 from jarvis.memory import ConversationStore
 from jarvis.web.server import create_app
 from jarvis.web.settings import WebConfig
+from jarvis_prime.manifest import read_manifest
+
+ADMIN = "admin-key"
 
 
 class StandInModel:
@@ -48,14 +53,29 @@ class StandInModel:
         self.closed = True
 
 
+class Loaded(list):
+    """The stand-ins loaded, in order. While `hold` is clear a load waits for it (after
+    setting `entered`): how a test keeps a load in progress on cue."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered, self.hold = threading.Event(), threading.Event()
+        self.hold.set()
+
+    def load(self, chat) -> StandInModel:
+        """A stand-in named as the model `chat.model` is (a store folder after a swap)."""
+        self.entered.set()
+        assert self.hold.wait(30)
+        folder = Path(chat.model)
+        self.append(StandInModel(read_manifest(folder).name if folder.is_dir() else chat.model))
+        return self[-1]
+
+
 @contextmanager
 def serving(tmp_path, config: WebConfig):
     store = ConversationStore(tmp_path / "jarvis.db")
-    loaded: list[StandInModel] = []
-
-    def loader(chat):
-        loaded.append(StandInModel(chat.model))
-        return loaded[-1]
+    loaded = Loaded()
+    loader = loaded.load
 
     import uvicorn
 
@@ -74,6 +94,7 @@ def serving(tmp_path, config: WebConfig):
     try:
         yield url, loaded
     finally:
+        loaded.hold.set()
         for model in loaded:
             model.release.set()
         server.should_exit = True
@@ -82,14 +103,16 @@ def serving(tmp_path, config: WebConfig):
 
 
 @pytest.fixture
-def running(tmp_path):
-    with serving(tmp_path, WebConfig()) as served:
+def running(tmp_path, model_store):
+    model_store("prime-next")
+    with serving(tmp_path, WebConfig(admin_key=ADMIN)) as served:
         yield served
 
 
-def request(url, method, path, body=None):
+def request(url, method, path, body=None, key=None):
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url + path, data=data, method=method, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(url + path, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=30) as response:
             return response.status, response.read().decode()
@@ -99,7 +122,7 @@ def request(url, method, path, body=None):
 
 def test_swapping_models_closes_the_old_one(running):
     url, loaded = running
-    status, body = request(url, "POST", "/api/model", {"model": "prime-next"})
+    status, body = request(url, "POST", "/api/model", {"model": "prime-next"}, ADMIN)
     assert status == 200 and json.loads(body)["model"] == "prime-next"
     first, second = loaded
     assert first.closed, "the replaced model was left open"
@@ -116,7 +139,7 @@ def test_a_reply_streaming_during_a_swap_finishes_on_the_old_model_then_it_close
         reply=request(url, "POST", f"/api/conversations/{cid}/messages", {"content": "Hi"})))
     sender.start()
     assert first.streaming.wait(30)
-    assert request(url, "POST", "/api/model", {"model": "prime-next"})[0] == 200
+    assert request(url, "POST", "/api/model", {"model": "prime-next"}, ADMIN)[0] == 200
     assert not first.closed, "closed under a streaming reply"
     first.release.set()
     sender.join(30)
@@ -148,3 +171,33 @@ def test_replies_beyond_max_queue_are_429_with_retry_after(tmp_path):
         assert answer["reply"][0] == 200
         status, raw = request(url, "POST", f"/api/conversations/{second}/messages", {"content": "Hi"})
         assert status == 200 and '"done": true' in raw, "the place was not given back"
+
+
+def test_one_switch_at_a_time_a_second_is_409_and_loads_nothing(running, model_store):
+    """Two switches at once loaded two models. The first load is held open on an Event
+    so the second request surely arrives while it runs."""
+    url, loaded = running
+    model_store("prime-other")
+    loaded.hold.clear()
+    loaded.entered.clear()
+    answers = {}
+    first = threading.Thread(target=lambda: answers.update(
+        next=request(url, "POST", "/api/model", {"model": "prime-next"}, ADMIN)))
+    first.start()
+    assert loaded.entered.wait(10)
+    status, body = request(url, "POST", "/api/model", {"model": "prime-other"}, ADMIN)
+    assert status == 409 and "already loading" in json.loads(body)["error"], body
+    loaded.hold.set()
+    first.join(30)
+    assert answers["next"][0] == 200
+    assert [m.name for m in loaded] == ["prime-135m-chat-v1", "prime-next"], "the refused switch loaded a model"
+    cid = json.loads(request(url, "POST", "/api/conversations", {})[1])["id"]
+    assert json.loads(request(url, "GET", f"/api/conversations/{cid}")[1])["conversation"]["model"] == "prime-next"
+    assert request(url, "POST", "/api/model", {"model": "prime-other"}, ADMIN)[0] == 200, "the gate was not given back"
+
+
+def test_a_directory_loads_only_when_the_operator_allows_paths(tmp_path, model_store):
+    crafted = model_store("crafted", root=tmp_path / "elsewhere")
+    with serving(tmp_path, WebConfig(admin_key=ADMIN, allow_model_paths=True)) as (url, _):
+        status, body = request(url, "POST", "/api/model", {"model": str(crafted)}, ADMIN)
+        assert status == 200 and json.loads(body)["model"] == "crafted", body

@@ -309,26 +309,34 @@ def serve_model(
     host: str = typer.Option("127.0.0.1", help="Address to bind; anything but loopback needs an API key."),
     port: int = typer.Option(8001, min=1, max=65535),
     api_key: Optional[str] = typer.Option(None, help="Bearer key required on every route but /health (or PRIME_API_KEY)."),
+    admin_key: Optional[str] = typer.Option(None, help="Turns on POST /admin/models (hot-swap), which then takes this "
+                                            "key, not the API key (or PRIME_ADMIN_KEY); without one swaps are off."),
+    allow_model_paths: bool = typer.Option(False, "--allow-model-paths", help="Let /admin/models load any directory "
+                                           "holding a prime.json, not only catalog or store names."),
     max_queue: int = typer.Option(16, min=1, help="Requests admitted at once; more get 429 + Retry-After."),
     max_batch: int = typer.Option(8, min=1, help="transformers backend: concurrent requests decoded together."),
     served_model_name: Optional[str] = typer.Option(None, help="Name clients use, kept across hot-swaps (default: NAME's)."),
     context_length: Optional[int] = typer.Option(None, min=16, help="Context tokens to allocate (default min(model, 4096))."),
 ) -> None:
-    """An OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics."""
+    """An OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics,
+    and with --admin-key POST /admin/models (hot-swap)."""
     from jarvis_prime.serving.app import serve
-    from jarvis_prime.serving.settings import ServerConfig, api_key_from_env, require_key_for
+    from jarvis_prime.serving.settings import (ADMIN_KEY_ENV, ServerConfig, api_key_from_env, require_key_for,
+                                               require_separate_admin_key)
 
     if quant not in (None, "8bit", "4bit"):
         _fail(ValueError(f"--quant must be 8bit or 4bit; got {quant!r}"))
     if backend not in ("auto", "llamacpp", "transformers"):
         _fail(ValueError(f"--backend must be auto, llamacpp or transformers; got {backend!r}"))
-    key = api_key_from_env(api_key)
+    key, admin = api_key_from_env(api_key), api_key_from_env(admin_key, ADMIN_KEY_ENV)
     try:
         require_key_for(host, key)
+        require_separate_admin_key(key, admin)
     except ValueError as err:
         err_console.print(f"[bold red]error:[/] {err}")
         raise typer.Exit(code=2)
-    serve(ServerConfig(model=name, quantization=quant, backend=backend, api_key=key, max_queue=max_queue, max_batch=max_batch,
+    serve(ServerConfig(model=name, quantization=quant, backend=backend, api_key=key, admin_key=admin,
+                       allow_model_paths=allow_model_paths, max_queue=max_queue, max_batch=max_batch,
                        context_length=context_length, served_name=served_model_name), host=host, port=port)
 
 

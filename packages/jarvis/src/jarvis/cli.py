@@ -186,9 +186,9 @@ def improve(
         "Replace e-mails, phone/card numbers, IPs and tokens in the training data with placeholders "
         "(--no-scrub-pii trains on the feedback as written).")),
     prime_url: Optional[str] = typer.Option(None, help="A running `prime serve` (http://127.0.0.1:8001) to hot-swap to the new version."),
-    api_key: Optional[str] = typer.Option(None, envvar="PRIME_API_KEY", help="Its API key."),
+    prime_admin_key: Optional[str] = typer.Option(None, envvar="PRIME_ADMIN_KEY", help="Its --admin-key (swaps take the admin key)."),
     jarvis_url: Optional[str] = typer.Option(None, help="A running `jarvis serve` (http://127.0.0.1:8000) to switch to the new version."),
-    jarvis_api_key: Optional[str] = typer.Option(None, envvar="JARVIS_API_KEY", help="Its API key."),
+    jarvis_admin_key: Optional[str] = typer.Option(None, envvar="JARVIS_ADMIN_KEY", help="Its --admin-key."),
     fresh: bool = typer.Option(False, help="Start a new run instead of resuming an unfinished one."),
 ) -> None:
     """Train a better JARVIS on your feedback: export, train (SFT + DPO), evaluate, promote if better."""
@@ -197,8 +197,8 @@ def improve(
 
     try:
         config = ImproveConfig(model=model or _default_model(), holdout_fraction=holdout, max_steps=max_steps,
-                               scrub_pii=scrub_pii, prime_url=prime_url, api_key=api_key, jarvis_url=jarvis_url,
-                               jarvis_api_key=jarvis_api_key, fresh=fresh)
+                               scrub_pii=scrub_pii, prime_url=prime_url, prime_admin_key=prime_admin_key,
+                               jarvis_url=jarvis_url, jarvis_admin_key=jarvis_admin_key, fresh=fresh)
         state = run_improve(config, log=lambda message: console.print(message, markup=False, highlight=False))
     except (PrimeError, ValueError) as err:
         err_console.print(f"[bold red]error:[/] {err}")
@@ -219,6 +219,8 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to bind; anything but loopback needs an API key."),
     port: int = typer.Option(8000, help="Port."),
     api_key: Optional[str] = typer.Option(None, envvar="JARVIS_API_KEY", help="Require `Authorization: Bearer KEY` on the API (the page asks for it)."),
+    admin_key: Optional[str] = typer.Option(None, envvar="JARVIS_ADMIN_KEY", help="Turns on POST /api/model (switch models), which then takes this key, not the API key; without one it is off."),
+    allow_model_paths: bool = typer.Option(False, "--allow-model-paths", help="Let /api/model load any directory holding a prime.json, not only catalog or store names."),
     backend: str = typer.Option("auto", help="auto | llamacpp | transformers."),
     quantization: Optional[str] = typer.Option(None, help="8bit | 4bit."),
     system: Optional[str] = typer.Option(None, help="A system prompt / persona for new conversations."),
@@ -232,7 +234,8 @@ def serve(
     try:
         chat = ChatbotConfig(backend=backend, quantization=quantization, system_prompt=system,
                              max_new_tokens=max_new_tokens, **({"model": model} if model else {}))
-        config = WebConfig(chat=chat, host=host, port=port, api_key=api_key, max_queue=max_queue)
+        config = WebConfig(chat=chat, host=host, port=port, api_key=api_key, admin_key=admin_key,
+                           allow_model_paths=allow_model_paths, max_queue=max_queue)
         console.print(f"JARVIS on http://{host}:{port} (model {chat.model}; Ctrl-C stops)")
         run_server(config)
     except (PrimeError, ValueError) as err:

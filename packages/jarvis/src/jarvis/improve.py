@@ -51,9 +51,9 @@ class ImproveConfig:
     max_steps: int | None = None  # per training stage; quick runs and tests cap it
     scrub_pii: bool = True  # e-mails, phone/card numbers, IPs, tokens -> placeholders before training
     prime_url: str | None = None  # a `prime serve` to hot-swap, e.g. http://127.0.0.1:8001
-    api_key: str | None = None
+    prime_admin_key: str | None = None  # its --admin-key (swaps take the admin key, not the API key)
     jarvis_url: str | None = None  # a `jarvis serve` to switch, e.g. http://127.0.0.1:8000
-    jarvis_api_key: str | None = None
+    jarvis_admin_key: str | None = None  # its --admin-key
     fresh: bool = False  # start a new run even if one is unfinished
 
     def __post_init__(self) -> None:
@@ -260,19 +260,21 @@ def _promote(config: ImproveConfig, candidate: dict[str, Any], evaluation: dict[
     log(f"  promoted {candidate['name']} {candidate['version']}: JARVIS uses it from the next chat")
     swapped = {}
     if config.prime_url:
-        swapped["prime"] = _hot_swap(config.prime_url.rstrip("/") + "/admin/models", config.api_key, candidate["name"], log)
+        swapped["prime"] = _hot_swap(config.prime_url.rstrip("/") + "/admin/models", config.prime_admin_key,
+                                     candidate["name"], log)
     if config.jarvis_url:
-        swapped["jarvis"] = _hot_swap(config.jarvis_url.rstrip("/") + "/api/model", config.jarvis_api_key,
+        swapped["jarvis"] = _hot_swap(config.jarvis_url.rstrip("/") + "/api/model", config.jarvis_admin_key,
                                       candidate["name"], log)
     return {"promoted": True, "version": candidate["version"], "path": str(local.path), "hot_swapped": swapped}
 
 
-def _hot_swap(url: str, api_key: str | None, name: str, log: Log) -> bool:
-    """Ask a running server (`prime serve` /admin/models, `jarvis serve` /api/model) to
-    switch to the promoted version; requests in flight finish on the old one."""
+def _hot_swap(url: str, admin_key: str | None, name: str, log: Log) -> bool:
+    """Ask a running server (`prime serve` /admin/models, `jarvis serve` /api/model, each
+    started with --admin-key) to switch to the promoted version; requests in flight
+    finish on the old one."""
     headers = {"Content-Type": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
+    if admin_key:
+        headers["Authorization"] = f"Bearer {admin_key}"
     request = urllib.request.Request(url, method="POST", headers=headers, data=json.dumps({"model": name}).encode())
     try:
         with urllib.request.urlopen(request, timeout=600) as response:

@@ -18,7 +18,8 @@ from jarvis_prime.serving.errors import install_error_handlers
 from jarvis_prime.serving.formatters import ChatFormatter, TextFormatter
 from jarvis_prime.serving.host import ModelHost
 from jarvis_prime.serving.middleware import Guard, GuardRules, Metrics, allowed_hosts
-from jarvis_prime.serving.settings import ServerConfig, require_key_for
+from jarvis_prime.serving.settings import ServerConfig, require_key_for, require_separate_admin_key
+from jarvis_prime.serving.swap import SwapGate
 from jarvis_prime.serving.types import ChatCompletionRequest, CompletionRequest, SwapRequest
 
 Loader = Callable[..., PrimeModel]
@@ -33,6 +34,7 @@ def create_app(config: ServerConfig, loader: Loader = load_model) -> FastAPI:
     host, metrics = ModelHost(), Metrics()
     executor = ThreadPoolExecutor(max_workers=config.max_queue + 2, thread_name_prefix="prime-gen")
     completions = Completions(config, host, metrics, executor)
+    swaps = SwapGate(host, allow_paths=config.allow_model_paths)
 
     def load(name: str, quantization=None, backend: str = "auto") -> PrimeModel:
         model = loader(name, quantization, backend, config.context_length)
@@ -41,12 +43,13 @@ def create_app(config: ServerConfig, loader: Loader = load_model) -> FastAPI:
 
     async def load_in_background() -> None:
         try:
-            model = await completions.run(lambda: load(config.model, config.quantization, config.backend))
+            model = await completions.run(lambda: swaps.startup(
+                lambda: load(config.model, config.quantization, config.backend)))
         except Exception as err:  # noqa: BLE001  (reported by /health, the log and every request's 503)
             host.error = f"{type(err).__name__}: {err}"
             log.error("could not load %s: %s", config.model, host.error)
             return
-        host.offer(model, config.served_name or model.name)  # a POST /admin/models that finished first wins
+        host.offer(model, config.served_name or model.name)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -60,7 +63,8 @@ def create_app(config: ServerConfig, loader: Loader = load_model) -> FastAPI:
     app.state.host, app.state.metrics = host, metrics
     install_error_handlers(app)
     rules = GuardRules(api_key=config.api_key, max_body_bytes=config.max_body_bytes, hosts=allowed_hosts(config.host),
-                       open_path=lambda path: path == "/health")
+                       open_path=lambda path: path == "/health", admin_key=config.admin_key,
+                       admin_path=lambda path: path.startswith("/admin/"))
     app.add_middleware(Guard, rules=rules, metrics=metrics, routes=app.router.routes)
 
     @app.get("/health")
@@ -95,8 +99,9 @@ def create_app(config: ServerConfig, loader: Loader = load_model) -> FastAPI:
 
     @app.post("/admin/models")
     async def swap_model(req: SwapRequest):
-        model = await completions.run(lambda: load(req.model, req.quantization, req.backend))
-        host.swap(model, config.served_name or model.name)
+        """The admin key only (Guard); a catalog or store name unless --allow-model-paths; one at a time."""
+        model = await completions.run(lambda: swaps.swap(
+            req.model, lambda target: load(target, req.quantization, req.backend), config.served_name))
         return {"model": model.name, "version": model.version, "runtime": model.runtime.describe()}
 
     return app
@@ -106,5 +111,6 @@ def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8001) -> No
     import uvicorn
 
     require_key_for(host, config.api_key)
+    require_separate_admin_key(config.api_key, config.admin_key)
     config.host = host
     uvicorn.run(create_app(config), host=host, port=port, log_level="info")

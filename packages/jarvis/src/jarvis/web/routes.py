@@ -19,13 +19,13 @@ from jarvis.web.replies import Replies
 from jarvis.web.schemas import (ConversationPatch, Correction, ImageQuestion, ModelSwap, NewConversation, Rating,
                                 UserMessage, message_json)
 from jarvis.web.settings import WebConfig
-from jarvis_prime import PrimeError
 from jarvis_prime.serving.errors import APIError
-from jarvis_prime.serving.host import ModelHost
+from jarvis_prime.serving.swap import SwapGate
 
 
-def model_routes(config: WebConfig, host: ModelHost, make_model: Callable[[ChatbotConfig], Any]) -> APIRouter:
+def model_routes(config: WebConfig, swaps: SwapGate, make_model: Callable[[ChatbotConfig], Any]) -> APIRouter:
     router = APIRouter()
+    host = swaps.host
 
     @router.get("/api/health")
     def health() -> JSONResponse:
@@ -38,14 +38,12 @@ def model_routes(config: WebConfig, host: ModelHost, make_model: Callable[[Chatb
     @router.post("/api/model")
     def swap_model(body: ModelSwap) -> dict[str, str]:
         """Load a model (by name: its newest local version) and switch to it. Replies
-        being streamed finish on the model they started with, which is closed after them."""
-        chat = config.chat if body.model is None else replace(config.chat, model=body.model)
-        try:
-            new = make_model(chat)
-        except PrimeError as err:
-            raise APIError(400, str(err)) from None
-        host.swap(new, new.name)
-        config.chat = chat
+        being streamed finish on the model they started with, which is closed after them.
+        The admin key only (Guard); names only unless --allow-model-paths; one at a time."""
+        new = swaps.swap(body.model, lambda target: make_model(
+            config.chat if target is None else replace(config.chat, model=target)))
+        if body.model is not None:
+            config.chat = replace(config.chat, model=body.model)  # new conversations record the name
         return {"model": new.name, "version": new.version}
 
     @router.post("/api/images")

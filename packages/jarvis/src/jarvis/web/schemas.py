@@ -38,7 +38,9 @@ class Correction(_Strict):
 
 
 class ModelSwap(_Strict):
-    model: str | None = Field(None, description="PRIME model name or directory; default: the configured one")
+    model: str | None = Field(None, min_length=1, max_length=4096,
+                              description="PRIME model name (catalog or store; a directory only with "
+                                          "--allow-model-paths); default: the configured one")
 
 
 class ImageQuestion(_Strict):

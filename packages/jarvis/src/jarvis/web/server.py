@@ -14,13 +14,17 @@ JSON API below, so scripts can too:
     POST   /api/messages/{id}/correction       {"content"}
     POST   /api/messages/{id}/regenerate       -> a stream
     POST   /api/images                         {"image": base64, "question"} (vision model)
-    POST   /api/model                          {"model"?} reload (e.g. a version `jarvis improve` promoted)
+    POST   /api/model                          {"model"?} reload (e.g. a version `jarvis improve` promoted):
+                                               admin key only, off without one (below)
 
 Streams are server-sent events, one JSON object per `data:` line: {"delta": text}
 pieces, then {"done": true, "reply_id": N} (or {"error": message}). Generation runs
 in a worker thread so the event loop never blocks; the model serialises requests
 itself. Every /api route but /api/health needs `Authorization: Bearer KEY` when the
 server has a key, and the server refuses to listen beyond loopback without one.
+POST /api/model takes the admin key instead (`--admin-key`, JARVIS_ADMIN_KEY; without
+one it is 403), a catalog or store name (a directory only with `--allow-model-paths`),
+and one switch at a time (409 while a model loads): the serving kit's `SwapGate`.
 Errors are {"error": message} with a 4xx/5xx status.
 
 The model is held by jarvis_prime's serving kit (`ModelHost`): a swap closes the old
@@ -51,19 +55,21 @@ from jarvis_prime.serving.completions import Admission
 from jarvis_prime.serving.errors import PLAIN, install_error_handlers
 from jarvis_prime.serving.host import ModelHost
 from jarvis_prime.serving.middleware import Guard, GuardRules, allowed_hosts
+from jarvis_prime.serving.settings import require_separate_admin_key
+from jarvis_prime.serving.swap import SwapGate
 
 log = logging.getLogger(__name__)
 
 
-def _load_in_background(host: ModelHost, make_model: Callable[[ChatbotConfig], Any], chat: ChatbotConfig) -> None:
+def _load_in_background(swaps: SwapGate, make_model: Callable[[ChatbotConfig], Any], chat: ChatbotConfig) -> None:
     def load() -> None:
         try:
-            model = make_model(chat)
+            model = swaps.startup(lambda: make_model(chat))  # a POST /api/model meanwhile is 409
         except Exception as err:  # noqa: BLE001  (reported by /api/health and every chat request)
-            host.error = str(err)
+            swaps.host.error = str(err)
             log.error("could not load %s: %s", chat.model, err)
             return
-        host.offer(model, model.name)  # a POST /api/model that finished first wins
+        swaps.host.offer(model, model.name)
 
     threading.Thread(target=load, daemon=True, name="jarvis-load").start()
 
@@ -81,6 +87,7 @@ def create_app(config: WebConfig, *, store: ConversationStore | None = None,
     when it is ready. `loader` makes a model from a ChatbotConfig (default: the Chatbot's)."""
     store = store or ConversationStore()
     host, executor = ModelHost(), ThreadPoolExecutor(max_workers=4, thread_name_prefix="jarvis-web")
+    swaps = SwapGate(host, allow_paths=config.allow_model_paths)
     make_model = loader or (lambda chat: Chatbot(chat).model)
 
     @asynccontextmanager
@@ -91,20 +98,21 @@ def create_app(config: WebConfig, *, store: ConversationStore | None = None,
 
     app = FastAPI(title="JARVIS", version="2", docs_url=None, redoc_url=None, lifespan=lifespan)
     # Before routing and before the body is read: the Host allow-list (DNS rebinding),
-    # the key, JSON-only writes (cross-site forms), the body limit (the serving kit's Guard).
+    # the keys, JSON-only writes (cross-site forms), the body limit (the serving kit's Guard).
     app.add_middleware(Guard, rules=GuardRules(api_key=config.api_key, max_body_bytes=config.max_body_bytes,
-                                               hosts=allowed_hosts(config.host), open_path=_open_path, shape=PLAIN))
+                                               hosts=allowed_hosts(config.host), open_path=_open_path, shape=PLAIN,
+                                               admin_key=config.admin_key, admin_path=lambda path: path == "/api/model"))
     install_error_handlers(app, PLAIN, {NotFoundError: 404, ConflictError: 409, ValueError: 400})
     if model is not None:
         host.swap(model, model.name, owned=False)
     else:
-        _load_in_background(host, make_model, config.chat)
+        _load_in_background(swaps, make_model, config.chat)
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
         return resources.files("jarvis.web").joinpath("static/index.html").read_text(encoding="utf-8")
 
-    app.include_router(model_routes(config, host, make_model))
+    app.include_router(model_routes(config, swaps, make_model))
     app.include_router(conversation_routes(config, store))
     app.include_router(reply_routes(config, store, Replies(host, executor, Admission(config.max_queue, config.retry_after_s))))
     return app
@@ -114,5 +122,6 @@ def serve(config: WebConfig, *, store: ConversationStore | None = None) -> None:
     import uvicorn
 
     require_key_for(config.host, config.api_key)
+    require_separate_admin_key(config.api_key, config.admin_key)
     app = create_app(config, store=store)
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning")

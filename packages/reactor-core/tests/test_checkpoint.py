@@ -289,3 +289,57 @@ def test_rewriting_a_model_directory_keeps_the_old_one_until_the_new_one_is_in_p
     assert (final / "model.safetensors").read_bytes() == b"old" and (final / "prime.json").is_file()
     assert (write(b"new") / "model.safetensors").read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m-1.0.0"]
+
+
+@pytest.mark.parametrize("during", ["eval", "samples"])
+def test_a_preemption_during_eval_checkpoints_within_one_batch_and_resumes_exactly(tiny_llama_dir, chat_file,
+                                                                                   tmp_path, during):
+    """SIGTERM (the real signal, sent to this process) while the eval after step 4 runs:
+    after its first of four validation batches, or inside its first of two samples. The
+    loop used to hear it only after step 5, a whole eval (and step) later than GCP's
+    ~30 s notice allows; now it leaves the eval at once, writes the emergency checkpoint
+    at step 4 and raises Preempted (what `reactor train` turns into exit 75). The resumed
+    run redoes that eval and ends exactly where an uninterrupted one does."""
+    config = config_for(tiny_llama_dir, tmp_path / "straight", max_steps=6, eval_every_steps=2, packing=False,
+                        batch_size=2, val_fraction=0.25, num_samples=2 if during == "samples" else 0,
+                        merge_adapter=False)
+    straight = Trainer(config, progress=False).train(chat_file)
+
+    interrupted = config.model_copy(update={"output_dir": str(tmp_path / "interrupted")})
+    recipe = Trainer(interrupted, progress=False).recipe
+    calls: list[int] = []  # the step of each eval batch (or sample) that ran
+    real_loss_sum, real_sample = recipe.loss_sum, recipe._sample
+
+    def count_then_preempt() -> None:
+        calls.append(recipe.state.step)
+        if recipe.state.step == 4 and calls.count(4) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def loss_sum(batch, training=False):
+        if not training and during == "eval":
+            count_then_preempt()
+        return real_loss_sum(batch, training)
+
+    def sample(example):
+        count_then_preempt()
+        return real_sample(example)
+
+    recipe.loss_sum, recipe._sample = loss_sum, sample
+    recipe.setup(chat_file)
+    assert len(list(recipe.val_batches())) == 4
+    with pytest.raises(Preempted) as err:
+        recipe.train()
+    assert calls.count(4) == 1  # nothing more of that eval ran
+    assert err.value.step == 4 and err.value.reason == "SIGTERM"
+    checkpoint = LocalCheckpointStore(tmp_path / "interrupted/checkpoints").latest()
+    assert checkpoint is not None and checkpoint.step == 4 and err.value.checkpoint == str(checkpoint.path)
+    assert checkpoint.state()["reason"] == "preemption"
+
+    resumed = Trainer(interrupted, progress=False).train(chat_file)
+    assert resumed.metrics["train_loss"] == straight.metrics["train_loss"]
+    assert resumed.metrics["eval"] == straight.metrics["eval"]
+    assert [e["step"] for e in resumed.metrics["eval"]] == [2, 4, 6]
+    a, b = adapter(tmp_path / "straight"), adapter(tmp_path / "interrupted")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

@@ -7,6 +7,12 @@ preemption's emergency checkpoint is mostly in the bucket by the time the last s
 on disk. A fresh VM with an empty disk downloads the newest remote checkpoint whose
 files match its marker.
 
+A bucket has bad minutes: each file (and the marker) is sent again on any error, a
+bounded number of times with exponential backoff and jitter (`Retry`); what still
+fails raises `UploadError`, and the trainer keeps the checkpoint on local disk only. A
+step uploaded again (a re-run of a finished run re-saves its last step) first loses its
+old marker, so the remote never shows a marker over files from two different saves.
+
 gs:// goes through google-cloud-storage; `STORAGE_EMULATOR_HOST` points it at an
 emulator, as in the tests.
 """
@@ -16,44 +22,103 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import shutil
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Protocol
 
 from reactor_core.checkpoints.store import COMPLETE, PREFIX, CheckpointError, step_dirname, verify
-from reactor_core.files import replace_dir, write_atomic
+from reactor_core.files import fsync_dir, replace_dir, write_atomic
 
 log = logging.getLogger("reactor_core")
+
+
+class UploadError(CheckpointError):
+    """A checkpoint did not reach its remote, retries included; the local copy is intact."""
+
+
+@dataclass(frozen=True)
+class Retry:
+    """How many times one file is sent before its upload fails, and the pause between
+    tries: doubling from `first_delay_s` up to `max_delay_s`, each drawn between half and
+    all of that (jitter: files that failed together do not all retry in the same instant).
+
+    Any error is retried: a permanent one (a 403) then costs a few seconds before the same
+    warning, while a transient one taken for permanent would cost the upload. Five tries
+    sleep at most 0.5 + 1 + 2 + 4 = 7.5 s, inside GCP's ~30 s preemption notice, which
+    google-cloud-storage's own retry (up to 120 s) would overrun; it is turned off.
+    """
+
+    attempts: int = 5
+    first_delay_s: float = 0.5
+    max_delay_s: float = 8.0
+
+    def call(self, action: Callable[[], None], what: str) -> None:
+        """Run `action` until it returns; after the last try its error propagates."""
+        jitter = random.Random()  # not the global generator: its state is checkpointed for an exact resume
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return action()
+            except Exception as err:
+                if attempt == self.attempts:
+                    raise
+                delay = min(self.max_delay_s, self.first_delay_s * 2 ** (attempt - 1)) * jitter.uniform(0.5, 1.0)
+                log.warning("%s failed (%s: %s); try %d of %d in %.1f s", what, type(err).__name__, err,
+                            attempt + 1, self.attempts, delay)
+                time.sleep(delay)
 
 
 class Upload:
     """One checkpoint on its way to a remote: files in parallel as they are handed over,
     then the COMPLETE marker, only once every file has arrived.
 
-    A file is opened when it is handed over, so the local store may rename its folder
-    (temp -> final) while the bytes are still going up. Leaving the `with` block without
-    `finish` (an error while writing) cancels what has not started and sends no marker.
+    `prepare` (making the folder, removing a previous upload's marker) runs first, and
+    no file is sent before it has succeeded. Every send is retried per `retry`. A file is
+    opened when it is handed over, so the local store may rename its folder (temp ->
+    final) while the bytes are still going up. Leaving the `with` block without `finish`
+    (an error while writing) cancels what has not started and sends no marker.
     """
 
-    def __init__(self, url: str, send: Callable[[BinaryIO, str], None], workers: int) -> None:
+    def __init__(self, url: str, send: Callable[[BinaryIO, str], None], workers: int, retry: Retry = Retry(),
+                 prepare: Callable[[], None] | None = None) -> None:
         self.url = url
         self._send = send
+        self._retry = retry
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="checkpoint-upload")
+        self._prepared = self._pool.submit(retry.call, prepare, f"preparing {url}") if prepare else None
         self._sending: list[tuple[Path, BinaryIO, Future[None]]] = []
 
     def send(self, file: Path) -> None:
         handle = open(file, "rb")
-        self._sending.append((file, handle, self._pool.submit(self._send, handle, file.name)))
+        self._sending.append((file, handle, self._pool.submit(self._send_file, handle, file.name)))
+
+    def _send_file(self, handle: BinaryIO, name: str) -> None:
+        if self._prepared is not None:
+            self._prepared.result()  # an old marker must be gone before a new file lands under it
+
+        def send_from_start() -> None:
+            handle.seek(0)  # a retry sends the whole file again
+            self._send(handle, name)
+
+        self._retry.call(send_from_start, f"upload of {name} to {self.url}")
 
     def finish(self, marker: Path) -> None:
+        """Wait for every file, then send the marker; UploadError says what failed."""
         for file, _, future in self._sending:
-            try:
-                future.result()
-            except Exception as err:
-                raise CheckpointError(f"upload of {file.name} to {self.url} failed: {type(err).__name__}: {err}") from err
+            self._check(future, file.name)
         with open(marker, "rb") as handle:
-            self._send(handle, marker.name)
+            self._check(self._pool.submit(self._send_file, handle, marker.name), marker.name)
+
+    def _check(self, future: Future[None], name: str) -> None:
+        try:
+            future.result()
+        except Exception as err:
+            tries = f"{self._retry.attempts} {'try' if self._retry.attempts == 1 else 'tries'}"
+            raise UploadError(f"upload of {name} to {self.url} failed: {type(err).__name__}: {err} "
+                              f"(after {tries})") from err
 
     def __enter__(self) -> "Upload":
         return self
@@ -99,18 +164,23 @@ def _step_of(name: str) -> int | None:
 class LocalDirRemote:
     """A directory (an NFS or gcsfuse mount, a second disk) used exactly like a bucket."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, retry: Retry = Retry()) -> None:
         self.root = Path(root).expanduser()
         self.url = str(self.root)
+        self.retry = retry
 
     def start_upload(self, name: str, workers: int = 4) -> Upload:
         target = self.root / name
-        target.mkdir(parents=True, exist_ok=True)
+
+        def prepare() -> None:
+            target.mkdir(parents=True, exist_ok=True)
+            (target / COMPLETE).unlink(missing_ok=True)  # a re-upload: unmarked until the new marker
+            fsync_dir(target)
 
         def send(handle: BinaryIO, filename: str) -> None:
             write_atomic(target / filename, handle)  # the marker, sent last, appears whole
 
-        return Upload(self.url, send, workers)
+        return Upload(self.url, send, workers, self.retry, prepare)
 
     def steps(self) -> list[int]:
         if not self.root.is_dir():
@@ -130,7 +200,7 @@ class LocalDirRemote:
 class GcsRemote:
     """gs://bucket/prefix through google-cloud-storage."""
 
-    def __init__(self, url: str, workers: int = 8) -> None:
+    def __init__(self, url: str, workers: int = 8, retry: Retry = Retry()) -> None:
         try:
             from google.cloud import storage
         except ImportError as err:
@@ -142,6 +212,7 @@ class GcsRemote:
         self.url = url
         self.prefix = prefix.strip("/")
         self.workers = workers
+        self.retry = retry
         if os.environ.get("STORAGE_EMULATOR_HOST"):
             from google.auth.credentials import AnonymousCredentials
 
@@ -154,11 +225,19 @@ class GcsRemote:
         return "/".join(p for p in (self.prefix, *parts) if p)
 
     def start_upload(self, name: str) -> Upload:
+        from google.api_core.exceptions import NotFound
+
+        def prepare() -> None:
+            try:  # a re-upload: unmarked until the new marker
+                self.bucket.blob(self._name(name, COMPLETE)).delete(retry=None)
+            except NotFound:
+                pass
+
         def send(handle: BinaryIO, filename: str) -> None:
             blob = self.bucket.blob(self._name(name, filename))
-            blob.upload_from_file(handle, size=os.fstat(handle.fileno()).st_size)
+            blob.upload_from_file(handle, size=os.fstat(handle.fileno()).st_size, retry=None)  # Upload retries
 
-        return Upload(self.url, send, self.workers)
+        return Upload(self.url, send, self.workers, self.retry, prepare)
 
     def steps(self) -> list[int]:
         found = set()
@@ -213,8 +292,8 @@ def _read_marker(raw: bytes) -> dict[str, str]:
     return marker
 
 
-def open_remote(url: str) -> RemoteStore:
-    return GcsRemote(url) if url.startswith("gs://") else LocalDirRemote(url)
+def open_remote(url: str, retry: Retry = Retry()) -> RemoteStore:
+    return GcsRemote(url, retry=retry) if url.startswith("gs://") else LocalDirRemote(url, retry)
 
 
 def download_newest(remote: RemoteStore, local_root: Path, newer_than: int = -1) -> Path | None:

@@ -4,7 +4,8 @@ Two sources set the same flag: SIGTERM/SIGINT (what systemd, Kubernetes, SkyPilo
 GCE's shutdown send), and the GCP metadata server's `instance/preempted`, long-polled
 by a daemon thread so the loop hears about a spot preemption when the notice is
 posted, ~30 s before the ACPI shutdown. The loop checks the flag at each step
-boundary, writes an emergency checkpoint and exits with `EXIT_PREEMPTED`.
+boundary and between eval batches and samples, writes an emergency checkpoint and
+exits with `EXIT_PREEMPTED`.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class PreemptionGuard:
     def trigger(self, reason: str) -> None:
         if not self.triggered.is_set():
             self.reason = reason
-            log.warning("preemption notice (%s): checkpointing at the end of this step", reason)
+            log.warning("preemption notice (%s): checkpointing at the end of this step or eval batch", reason)
             self.triggered.set()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:

@@ -4,6 +4,10 @@ The on-disk format and the remote mirror are `reactor_core.checkpoints`; this mo
 is the recipe's side: the trainable weights, optimizer, scheduler, RNG and loop
 position that make a resume bitwise exact, the step/clock cadence, the choice between
 local and remote checkpoints on a restart, and the spot-VM defaults.
+
+An upload that fails (after `checkpoint_upload_attempts` tries) costs the mirror one
+checkpoint, never the run: the local checkpoint is complete, a warning names the step
+and the remote, training goes on, and a preemption still exits 75.
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from reactor_core.checkpoints.remote import download_newest, open_remote
+from reactor_core.checkpoints.remote import Retry, UploadError, download_newest, open_remote
 from reactor_core.checkpoints.store import (
     COMPLETE,
+    Checkpoint,
     LEGACY_OPTIMIZER,
     OPTIMIZER,
     RNG,
@@ -72,7 +77,8 @@ class Checkpointer:
         self.dist = dist
         self.store = LocalCheckpointStore(Path(c.checkpoint_dir or Path(c.output_dir) / "checkpoints"),
                                           keep_last=c.keep_last_checkpoints)
-        self.remote = open_remote(c.checkpoint_remote) if c.checkpoint_remote else None
+        retry = Retry(attempts=c.checkpoint_upload_attempts)
+        self.remote = open_remote(c.checkpoint_remote, retry) if c.checkpoint_remote else None
         self.data_hash = hashlib.sha256("".join(f["sha256"] for f in data_files).encode()).hexdigest()
         self.last_save = time.monotonic()
         self._uploaded: set[str] = set()
@@ -155,18 +161,43 @@ class Checkpointer:
         if self.remote is None:
             checkpoint = self.store.save(state.step, write, metric=last_eval)
         else:
-            # each file starts uploading as soon as it is written; COMPLETE goes last
-            with self.remote.start_upload(step_dirname(state.step)) as upload:
-                checkpoint = self.store.save(state.step, write, metric=last_eval, on_file=upload.send)
-                upload.finish(checkpoint.path / COMPLETE)
-            self._uploaded.add(checkpoint.path.name)
-            kept = {c.path.name for c in self.store.candidates()}
-            self.remote.delete(sorted(self._uploaded - kept))  # never another run's checkpoints
-            self._uploaded &= kept
+            checkpoint = self._save_and_upload(state.step, write, last_eval)
         self.last_save = time.monotonic()
         log.info("checkpoint (%s) at step %d: %s", reason, state.step, checkpoint.path)
         distributed.barrier()
         return checkpoint.path
+
+    def _save_and_upload(self, step: int, write: Callable[[Path, Callable[[str], None]], None],
+                         metric: float | None) -> Checkpoint:
+        """Save locally while each file uploads as soon as it is written, COMPLETE last.
+
+        A failed upload is a warning, not an error: the local checkpoint is complete
+        and resumable, and the next checkpoint uploads again.
+        """
+        assert self.remote is not None
+        with self.remote.start_upload(step_dirname(step)) as upload:
+            checkpoint = self.store.save(step, write, metric=metric, on_file=upload.send)
+            try:
+                upload.finish(checkpoint.path / COMPLETE)
+            except UploadError as err:
+                log.warning("checkpoint step %d is on local disk only (%s), not in %s: %s",
+                            step, checkpoint.path, self.remote.url, err)
+        self._uploaded.add(checkpoint.path.name)  # a partial upload too: retention removes it
+        self._delete_remote_beyond_retention()
+        return checkpoint
+
+    def _delete_remote_beyond_retention(self) -> None:
+        """Remove from the remote what this run uploaded and local retention dropped
+        (never another run's checkpoints); what cannot be removed now is tried next time."""
+        assert self.remote is not None
+        kept = {c.path.name for c in self.store.candidates()}
+        try:
+            self.remote.delete(sorted(self._uploaded - kept))
+        except Exception as err:
+            log.warning("could not delete old checkpoints from %s (%s: %s); trying again after the next one",
+                        self.remote.url, type(err).__name__, err)
+            return
+        self._uploaded &= kept
 
     def load(self, path: Path, *, loss_module: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer,
              scheduler: Any) -> tuple[TrainState, dict[str, Any]]:

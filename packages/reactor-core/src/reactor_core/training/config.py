@@ -40,6 +40,7 @@ FIELD_SINCE: dict[str, str] = {
         "checkpoint_remote", "spot_defaults", "resume", "force_resume", "watch_gcp_preemption",
         "beta", "loss_type", "label_smoothing", "precompute_ref_logps", "kl_to_base"), "1.1.0"),
     **dict.fromkeys(("kl_anchor_path", "kl_anchor_tokens", "compile"), "1.2.0"),
+    "checkpoint_upload_attempts": "1.4.0",
 }
 
 
@@ -115,6 +116,9 @@ class TrainingConfig(BaseModel):
     checkpoint_remote: str | None = Field(
         default=None, description="Mirror checkpoints to gs://bucket/prefix (or a directory); resume pulls from it."
     )
+    checkpoint_upload_attempts: int = Field(default=5, ge=1, le=10, description=(
+        "Tries per file of a checkpoint upload (backoff 0.5 s doubling, jittered: 5 tries wait at most 7.5 s); "
+        "when they run out the checkpoint stays local only, with a warning, and training goes on."))
     spot_defaults: bool = Field(
         default=True, description="On a detected GCP spot VM: 5-minute checkpoints and the preemption watcher."
     )
@@ -161,7 +165,7 @@ class TrainingConfig(BaseModel):
     # may resume with different values of these.
     RESUME_NEUTRAL: ClassVar[frozenset[str]] = frozenset({
         "data_path", "val_data_path", "kl_anchor_path",  # the data's sha256 is checked on its own
-        "output_dir", "checkpoint_dir", "checkpoint_remote", "spot_defaults", "checkpoint_every_steps", "checkpoint_every_minutes", "keep_last_checkpoints",
+        "output_dir", "checkpoint_dir", "checkpoint_remote", "checkpoint_upload_attempts", "spot_defaults", "checkpoint_every_steps", "checkpoint_every_minutes", "keep_last_checkpoints",
         "resume", "force_resume", "watch_gcp_preemption", "log_every_steps", "num_samples", "sample_max_new_tokens",
         "eval_every_steps", "merge_adapter", "output_name", "output_version", "compile",
     })

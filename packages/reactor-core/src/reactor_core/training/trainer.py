@@ -49,7 +49,7 @@ class Trainer:
     async def train_async(self, data_path: str | Path | None = None, on_event: EventCallback | None = None) -> TrainResult:
         """`train()` in a child process; `on_event` (sync or async) runs on the event loop.
 
-        `cancel()` reaches the child and stops it at a step boundary; cancelling the
+        `cancel()` reaches the child and stops it at a step boundary or eval batch; cancelling the
         awaiting task does the same. See `reactor_core.training.background`.
         """
         stop = background.shared_event()
@@ -61,5 +61,5 @@ class Trainer:
         return result
 
     def cancel(self) -> None:
-        """Stop at the next step boundary (thread-safe); `train` returns cancelled=True."""
+        """Stop at the next step boundary or eval batch (thread-safe); `train` returns cancelled=True."""
         self.recipe.cancel()

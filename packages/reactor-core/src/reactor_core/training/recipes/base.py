@@ -11,6 +11,11 @@ clipping, the schedule), so checkpoints can capture and restore it exactly.
 A method (SFT, DPO, ...) is a subclass that says what its items are and what its
 loss is: `setup_data`, `collate`, `batch_weight`, `loss_sum` and `evaluate`, plus
 `setup_model` when it needs more than the policy (DPO's reference).
+
+A cancel or a preemption is heard at each step boundary and also between eval batches
+(`eval_batches`) and generated samples: GCP's notice gives ~30 s, less than a long eval.
+The cut-short eval logs nothing and runs again first thing on resume (`eval_missed`),
+so a resumed run's metrics are the uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, NoReturn, Protocol
 
 import torch
 from rich.console import Console
@@ -29,7 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from reactor_core.data import Batch
-from reactor_core.gcp.preemption import Preempted, preemption_guard
+from reactor_core.gcp.preemption import Preempted, PreemptionGuard, preemption_guard
 from reactor_core.training import attention, distributed
 from reactor_core.training.checkpointing import Checkpointer, with_spot_defaults
 from reactor_core.training.config import ConfigError, TrainingConfig
@@ -53,6 +58,19 @@ from reactor_core.training.state import EpochSampler, TrainState, seed_everythin
 log = logging.getLogger("reactor_core")
 
 
+class StopFlag(Protocol):
+    """A stop request the loop polls: a threading.Event, a multiprocessing Event
+    (train_async's child), or the preemption guard's flag."""
+
+    def is_set(self) -> bool: ...
+
+    def set(self) -> None: ...
+
+
+class Interrupted(Exception):
+    """An eval or sample loop left early: the run was cancelled or preempted meanwhile."""
+
+
 class Recipe(ABC):
     """One training method on the shared loop; `setup(data_path)` then `train()`."""
 
@@ -62,14 +80,15 @@ class Recipe(ABC):
         *,
         on_event: EventCallback | None = None,
         progress: bool = True,
-        stop: threading.Event | None = None,
+        stop: StopFlag | None = None,
     ) -> None:
         """`stop`: set it (from any thread, or another process for a multiprocessing
-        Event) and the loop stops at the next step boundary; see `cancel`."""
+        Event) and the loop stops at the next step boundary or eval batch; see `cancel`."""
         self.config = config
         self.on_event = on_event
         self.show_progress = progress
-        self.stop = stop if stop is not None else threading.Event()
+        self.stop: StopFlag = stop if stop is not None else threading.Event()
+        self.preemption: StopFlag = threading.Event()  # the guard's flag while `train` runs
         self.state = TrainState()
 
     # -- what a method defines -------------------------------------------------------------
@@ -94,10 +113,12 @@ class Recipe(ABC):
 
     @abstractmethod
     def evaluate(self) -> dict[str, float]:
-        """Validation metrics over every validation item (`{}` without any)."""
+        """Validation metrics over every validation item (`{}` without any), batch by
+        batch from `eval_batches`, which raises Interrupted when the run must stop."""
 
     def samples(self) -> list[dict[str, str]]:
-        """Generated replies to log beside the eval loss ({prompt, reply, reference})."""
+        """Generated replies to log beside the eval loss ({prompt, reply, reference});
+        call `check_interrupted` before each one."""
         return []
 
     # -- setup -------------------------------------------------------------------------------
@@ -216,8 +237,11 @@ class Recipe(ABC):
         self.checkpointer.last_save = time.monotonic()
         cancelled = False
         guard = preemption_guard(c.watch_gcp_preemption)
+        self.preemption = guard.triggered
         with MetricsLogger(output_dir / "logs", enabled=main) as logger, progress, guard:
             task = progress.add_task("train", total=self.total_steps, completed=self.state.step, loss="-", tps="-")
+            if self.eval_missed():
+                self.eval_or_preempt(logger, self.state.step, guard)
             while self.state.step < self.total_steps:
                 if self.stop.is_set():
                     cancelled = True
@@ -235,19 +259,21 @@ class Recipe(ABC):
                 # every rank stops or checkpoints at the same step, whichever rank saw why
                 preempted, due = distributed.all_reduce([guard.triggered.is_set(), self.checkpointer.due(step)], "max")
                 if preempted:  # before eval: the notice gives ~30 s, not an eval's worth
-                    path = self.save_checkpoint("preemption")
-                    raise Preempted(step, str(path) if path else None, guard.reason or "another rank was preempted")
-                if c.eval_every_steps and step % c.eval_every_steps == 0 and step < self.total_steps:
-                    self.log_eval(logger, step)
+                    self.raise_preempted(guard, self.save_checkpoint("preemption"))
+                if self.eval_due(step):
+                    self.eval_or_preempt(logger, step, guard)
                 if due and step < self.total_steps:
                     self.save_checkpoint("interval")
             if not cancelled:
-                if self.checkpointer.enabled and self.state.step > 0:
-                    # the finished state: a crash in eval or export, or a re-run of the same
-                    # recipe, resumes here instead of retraining the tail
-                    self.save_checkpoint("final")
+                # the finished state: a crash in eval or export, or a re-run of the same
+                # recipe, resumes here instead of retraining the tail
+                saved = self.checkpointer.enabled and self.state.step > 0
+                final_checkpoint = self.save_checkpoint("final") if saved else None
                 final = self.log_eval(logger, self.state.step)
-                metrics.update(final)
+                if final is None and self.preempted_anywhere():  # the final checkpoint holds this state
+                    self.raise_preempted(guard, final_checkpoint if saved else self.save_checkpoint("preemption"))
+                cancelled = final is None
+                metrics.update(final or {})
 
         metrics.update(steps=self.state.step, train_tokens=self.state.tokens_seen, train_seconds=self.state.train_seconds,
                        tokens_per_s=self.state.tokens_seen / max(self.state.train_seconds, 1e-9),
@@ -311,11 +337,27 @@ class Recipe(ABC):
         mine = items[self.dist.rank * size:(self.dist.rank + 1) * size]
         return self.collate(mine) if mine else self.collate(items[:1]).without_loss()
 
-    def val_batches(self):
+    def val_batches(self) -> Iterator[Batch]:
         """This rank's share of the validation items, global micro-batch by micro-batch."""
         step = self.config.batch_size * self.dist.world_size
         for start in range(0, len(self.val_items), step):
             yield self.rank_batch(self.val_items[start:start + step])
+
+    def eval_batches(self) -> Iterator[Batch]:
+        """`val_batches`, asking before each one whether the run must stop (Interrupted)."""
+        for batch in self.val_batches():
+            self.check_interrupted()
+            yield batch
+
+    def check_interrupted(self) -> None:
+        """Raise Interrupted when the run is cancelled or preempted on any rank (collective:
+        every rank calls it at the same point, so all leave the eval together)."""
+        if max(distributed.all_reduce([self.stop.is_set(), self.preemption.is_set()], "max")):
+            raise Interrupted
+
+    def preempted_anywhere(self) -> bool:
+        """Whether any rank heard a preemption notice (collective)."""
+        return bool(distributed.all_reduce([self.preemption.is_set()], "max")[0])
 
     def model_inputs(self, batch: Batch) -> tuple:
         to = lambda t: None if t is None else t.to(self.device)  # noqa: E731
@@ -324,22 +366,51 @@ class Recipe(ABC):
     def autocast_context(self):
         return torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None)
 
-    def log_eval(self, logger: MetricsLogger, step: int) -> dict[str, float]:
-        values = self.evaluate()
+    def eval_due(self, step: int) -> bool:
+        """Whether `eval_every_steps` evaluates after `step` (the last step always does, apart)."""
+        every = self.config.eval_every_steps
+        return bool(every) and step % every == 0 and 0 < step < self.total_steps
+
+    def eval_missed(self) -> bool:
+        """Whether the run this one resumes stopped before or during the eval due after its
+        last step: that eval runs first, as the uninterrupted run would have."""
+        step = self.state.step
+        return self.eval_due(step) and all(e["step"] != step for e in self.metrics["eval"])
+
+    def log_eval(self, logger: MetricsLogger, step: int) -> dict[str, float] | None:
+        """Evaluate and generate samples, then log both; None, with nothing logged, when a
+        cancel or preemption cut it short (`eval_missed` redoes it after a resume)."""
+        try:
+            values = self.evaluate()
+            samples = self.samples()
+        except Interrupted:
+            log.warning("eval after step %d cut short: the run is stopping", step)
+            return None
         if values:
             logger.log(step, "eval", values)
             self.metrics["eval"].append({"step": step, **values})
             self.emit(TrainEvent("eval", step, self.total_steps, values))
-        for i, sample in enumerate(self.samples()):
+        for i, sample in enumerate(samples):
             logger.log_text(step, f"sample_{i}", f"{sample['prompt']}\n-> {sample['reply']}")
         return values
+
+    def eval_or_preempt(self, logger: MetricsLogger, step: int, guard: PreemptionGuard) -> None:
+        """The eval due after `step`; a preemption meanwhile writes the emergency checkpoint
+        and raises Preempted (a cancel returns, and the loop stops at its next check)."""
+        if self.log_eval(logger, step) is None and self.preempted_anywhere():
+            self.raise_preempted(guard, self.save_checkpoint("preemption"))
+
+    def raise_preempted(self, guard: PreemptionGuard, checkpoint: Path | None) -> NoReturn:
+        """Stop for a preemption, once `checkpoint` (the emergency one) is written."""
+        raise Preempted(self.state.step, str(checkpoint) if checkpoint else None,
+                        guard.reason or "another rank was preempted")
 
     def emit(self, event: TrainEvent) -> None:
         if self.on_event is not None:
             self.on_event(event)
 
     def cancel(self) -> None:
-        """Stop at the next step boundary (thread-safe); `train` returns cancelled=True."""
+        """Stop at the next step boundary or eval batch (thread-safe); `train` returns cancelled=True."""
         self.stop.set()
 
     # -- checkpoints and output -------------------------------------------------------------

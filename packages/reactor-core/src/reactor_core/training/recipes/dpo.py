@@ -180,7 +180,7 @@ class DPORecipe(Recipe):
         self.loss_module.eval()
         self._stats = []
         loss_sum, pairs = 0.0, 0
-        for batch in self.val_batches():
+        for batch in self.eval_batches():
             loss_sum += self.loss_sum(batch).item()
             pairs += self.batch_weight(batch)
         loss_sum, pairs = distributed.all_reduce([loss_sum, pairs])

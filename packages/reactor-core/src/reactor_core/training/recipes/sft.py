@@ -96,7 +96,7 @@ class SFTRecipe(Recipe):
             return {}
         self.loss_module.eval()
         loss_sum, tokens = 0.0, 0
-        for batch in self.val_batches():
+        for batch in self.eval_batches():
             loss_sum += self.loss_sum(batch).item()
             tokens += batch.num_loss_tokens
         loss_sum, tokens = distributed.all_reduce([loss_sum, tokens])
@@ -117,6 +117,7 @@ class SFTRecipe(Recipe):
         # compiled layers (`compile: true`) would recompile for every decode length: eager here
         with torch.compiler.set_stance("force_eager"):
             for example in self.val_examples[: self.config.num_samples]:
+                self.check_interrupted()  # a preemption notice does not wait for the samples
                 out.append(self._sample(example))
         return out
 

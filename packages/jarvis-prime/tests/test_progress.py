@@ -76,3 +76,15 @@ def test_prime_export_shows_its_steps_and_no_llama_cpp_log_or_progress_bars(pull
         assert noise not in result.stderr, (noise, result.stderr)
     assert "gguf/smollm2-135m-instruct-q8_0.gguf" in result.stdout
     assert read_manifest(target).quantizations["q8_0"].bits == 8
+
+
+def test_a_file_llama_cpp_cannot_quantize_is_an_export_error_with_its_log(tmp_path):
+    """quantize() read its captured log after the temporary file was closed, so this
+    failure surfaced as `ValueError: seek of closed file` instead of llama.cpp's reason."""
+    from jarvis_prime.errors import ExportError
+    from jarvis_prime.export.quantize import quantize
+
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 60)
+    with pytest.raises(ExportError, match=r"(?s)could not quantize bad\.gguf to q8_0 \(code \d+\):\n.*gguf"):
+        quantize(bad, tmp_path / "out.gguf", "q8_0")

@@ -32,7 +32,8 @@ def verbose() -> bool:
 
 @contextlib.contextmanager
 def captured_stderr() -> Iterator[Callable[[], str]]:
-    """Send file descriptor 2 (C libraries, and Python's own sys.stderr) to a temporary file.
+    """Send file descriptor 2 (C libraries) and sys.stderr (Python code, llama-cpp-python's log
+    callback among it, even where sys.stderr is not fd 2) to a temporary file.
 
     Yields a function returning what was written so far, for error messages. With
     `verbose()` nothing is captured (the output is on screen) and the function returns "".
@@ -41,22 +42,24 @@ def captured_stderr() -> Iterator[Callable[[], str]]:
         yield lambda: ""
         return
     with tempfile.TemporaryFile(mode="w+b") as sink:
-        sys.stderr.flush()
+        with contextlib.suppress(ValueError, OSError):  # a closed sys.stderr must not stop the build
+            sys.stderr.flush()
         saved = os.dup(2)
         os.dup2(sink.fileno(), 2)
+        text = open(sink.fileno(), "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
         try:
-            yield lambda: _read(sink)
+            with contextlib.redirect_stderr(text):
+                yield lambda: _read(sink, text)
         finally:
-            with contextlib.suppress(ValueError, OSError):  # a closed sys.stderr must not hide the real error
-                sys.stderr.flush()
+            text.close()
             os.dup2(saved, 2)
             os.close(saved)
 
 
-def _read(sink) -> str:
-    sys.stderr.flush()
-    sink.seek(0)
-    return sink.read().decode(errors="replace")
+def _read(sink, text) -> str:
+    """All of the file so far; pread leaves the offset fd 2 shares with it where it is."""
+    text.flush()
+    return os.pread(sink.fileno(), os.fstat(sink.fileno()).st_size, 0).decode(errors="replace")
 
 
 def log_tail(text: str, lines: int = FAILURE_TAIL_LINES) -> str:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -21,6 +22,7 @@ from jarvis_prime.publish import push
 from jarvis_prime.recipes.chat_model import train_chat_model
 from jarvis_prime.recipes.feedback import FeedbackRecipe, train_from_feedback
 from jarvis_prime.store import find_local, import_path, list_local, models_root, pull, resolve
+from jarvis_prime.tables import Col, print_table
 from jarvis_prime.version import __version__
 
 app = typer.Typer(
@@ -55,45 +57,75 @@ def _fail(err: Exception) -> None:
 
 
 def _gb(x: float | None) -> str:
-    return "-" if x is None else f"{x:g} GB"
+    return "-" if x is None else f"{x:g}"
 
 
 @app.command("list")
-def list_models() -> None:
+def list_models(
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON array (one object per model) for scripts."),
+) -> None:
     """Show the catalog and local models, marking what can run now."""
+    models = _model_records()
+    if as_json:
+        typer.echo(json.dumps(models, indent=2))
+        return
+    columns = [Col("name", keep=True), Col("version", keep=True), Col("task"), Col("params", justify="right"),
+               Col("RAM GB\nfp16 8bit 4bit"), Col("Apple GB\n4bit fp16"), Col("status")]
+    print_table(console, columns, [_list_row(m) for m in models], title="PRIME models")
+
+
+def _model_records() -> list[dict[str, Any]]:
+    """Every catalog model, then every local model the catalog does not name: what `prime list --json` prints."""
+    records = []
     catalog = load_catalog()
-    table = Table(title="PRIME models")
-    for column in ("name", "task", "params", "base", "RAM fp16 / 8bit / 4bit", "Apple Silicon (4bit / fp16)", "available",
-                   "variants"):
-        table.add_column(column)
-    local_names = set()
     for entry in catalog.models:
         local = find_local(entry.name)
-        local_names.add(entry.name)
-        if local is not None:
-            available = f"[green]local[/] {local.manifest.version}"
-        elif entry.offline_source() is not None:
-            available = f"[green]offline[/] ({entry.offline_source().package})"
-        else:
-            available = "[dim]prime pull[/]"
-        fits = [entry.apple_silicon_fit(q) for q in ("4bit", "fp16")]
-        table.add_row(
-            entry.name, entry.task, f"{entry.parameters / 1e9:.2f}B", entry.base,
-            " / ".join(_gb(entry.ram_gb.get(q)) for q in ("fp16", "8bit", "4bit")),
-            " / ".join(f">= {f} GB" if f else "no" for f in fits),
-            available,
-            _variants(local.manifest) if local is not None else "-",
-        )
+        offline = entry.offline_source()
+        records.append({
+            "name": entry.name, "version": local.manifest.version if local else entry.version,
+            "catalog_version": entry.version, "task": entry.task, "description": entry.description,
+            "base": entry.base, "parameters": entry.parameters, "ram_gb": dict(entry.ram_gb),
+            "apple_silicon_gb": {q: entry.apple_silicon_fit(q) for q in ("4bit", "fp16")},
+            "offline_package": offline.package if offline is not None else None,
+            **_local_fields(local),
+        })
     for local in list_local():
-        if local.manifest.name not in local_names:
+        if catalog.find(local.manifest.name) is None:
             m = local.manifest
-            table.add_row(m.name, m.task, "-", m.base, "-", "-", f"[green]local[/] {m.version}", _variants(m))
-    console.print(table)
+            records.append({
+                "name": m.name, "version": m.version, "catalog_version": None, "task": m.task, "description": None,
+                "base": m.base, "parameters": None, "ram_gb": {}, "apple_silicon_gb": {}, "offline_package": None,
+                **_local_fields(local),
+            })
+    return records
 
 
-def _variants(manifest) -> str:
-    """The runnable weight files of a local model: f32 (safetensors), f16, q8_0, q4_k_m..."""
-    return ", ".join(sorted(manifest.quantizations, key=lambda q: -manifest.quantizations[q].bits)) or "-"
+def _local_fields(local) -> dict[str, Any]:
+    """Whether the model is in the store, where, and its runnable weight files with their sizes."""
+    if local is None:
+        return {"installed": False, "path": None, "variants": [], "sizes": {}}
+    quants = local.manifest.quantizations
+    variants = sorted(quants, key=lambda q: -quants[q].bits)  # f32 (safetensors), f16, q8_0, q4_k_m...
+    files = local.manifest.files
+    return {"installed": True, "path": str(local.path), "variants": variants,
+            "sizes": {q: files[quants[q].file].bytes for q in variants if quants[q].file in files}}
+
+
+def _list_row(model: dict[str, Any]) -> list[str]:
+    ram, fits = model["ram_gb"], model["apple_silicon_gb"]
+    if model["installed"]:
+        available = f"[green]local[/]: {', '.join(model['variants']) or '-'}"
+    elif model["offline_package"]:
+        available = "[green]offline[/]"
+    else:
+        available = "[dim]prime pull[/]"
+    return [
+        model["name"], model["version"], model["task"],
+        "-" if model["parameters"] is None else f"{model['parameters'] / 1e9:.2f}B",
+        " ".join(_gb(ram.get(q)) for q in ("fp16", "8bit", "4bit")) if ram else "-",
+        " ".join(str(fits[q]) if fits[q] else "no" for q in ("4bit", "fp16")) if fits else "-",
+        available,
+    ]
 
 
 @app.command("pull")

@@ -121,3 +121,17 @@ def test_prime_list_json_is_one_array_for_scripts(store_with_a_long_name, pulled
     assert (remote["installed"], remote["path"], remote["offline_package"], remote["variants"]) == (False, None, None, [])
     assert remote["ram_gb"]["4bit"] > 0 and remote["parameters"] > 6e9
     assert models["prime-135m-chat-v1"]["offline_package"] == "jarvis-prime"
+
+
+@pytest.mark.parametrize("columns", ["40", "80"])
+def test_prime_info_never_cuts_a_file_name(pulled_model, columns):
+    """`prime info` at 80 columns showed `gguf/smollm2-…` and `model.safeten…`: the files
+    to check by hand were the ones a reader could not name."""
+    output = prime("info", "smollm2-135m-instruct", columns=columns).stdout
+    lines = output.splitlines()
+    assert "…" not in re.sub(r"\b[0-9a-f]{16}…", "", output)  # sha256 prefixes are shortened on purpose
+    for rel, entry in pulled_model.manifest.files.items():
+        assert any(re.search(whole(rel) + ".*" + whole(f"{entry.bytes:,}"), line) for line in lines), (rel, output)
+    for quant in pulled_model.manifest.quantizations.values():
+        assert any(re.search(whole(quant.file), line) for line in lines)
+    assert any(line == f"path: {pulled_model.path}" for line in lines)

@@ -8,7 +8,6 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from jarvis_prime.catalog import load_catalog
 from jarvis_prime.errors import PrimeError
@@ -164,11 +163,11 @@ def info(
     except PrimeError as err:
         _fail(err)
     m = local.manifest
-    console.print(f"[bold]{m.name}[/] {m.version}  ({m.task}, {m.architecture}) from {m.base}")
-    console.print(f"path: {local.path}")
-    console.print(f"context length: {m.context_length}   stop: {m.stop}   chat template: {m.chat_template}")
-    console.print(f"source: {m.lineage.source}   created: {m.created}")
-    table = Table("file", "bytes", "sha256", "status")
+    for line in (f"[bold]{m.name}[/] {m.version}  ({m.task}, {m.architecture}) from {m.base}", f"path: {local.path}",
+                 f"context length: {m.context_length}   stop: {m.stop}   chat template: {m.chat_template}",
+                 f"source: {m.lineage.source}   created: {m.created}"):
+        console.print(line, soft_wrap=True)  # paths and names stay whole: the terminal wraps, rich does not
+    rows = []
     failures = []
     for rel, entry in m.files.items():
         status = "[dim]not checked[/]"
@@ -178,12 +177,13 @@ def info(
                 status = "[green]verified[/]"
             except PrimeError as err:
                 status, _ = "[red]MISMATCH[/]", failures.append(str(err))
-        table.add_row(rel, f"{entry.bytes:,}", entry.sha256[:16] + "…", status)
-    console.print(table)
-    quant_table = Table("quantization", "file", "format", "bits", "quality delta")
-    for qname, q in m.quantizations.items():
-        quant_table.add_row(qname, q.file, q.format, str(q.bits), "-" if q.quality_delta is None else f"{q.quality_delta:+.4f}")
-    console.print(quant_table)
+        rows.append([rel, f"{entry.bytes:,}", entry.sha256[:16] + "…", status])
+    print_table(console, [Col("file", keep=True), Col("bytes", keep=True, justify="right"), Col("sha256", keep=True),
+                          Col("status")], rows)
+    print_table(console, [Col("quantization", keep=True), Col("file", keep=True), Col("format"), Col("bits"),
+                          Col("quality delta")],
+                [[qname, q.file, q.format, str(q.bits), "-" if q.quality_delta is None else f"{q.quality_delta:+.4f}"]
+                 for qname, q in m.quantizations.items()])
     if runtime:
         try:
             plan = plan_runtime(m, quantization=quantization, hardware=detect_hardware(), libraries=detect_libraries())
@@ -218,14 +218,15 @@ def export(
                                    progress=False, log=log)
     except (PrimeError, ValueError) as err:
         _fail(err)
-    table = Table("quantization", "file", "bits", "size", "rounding")
+    rows = []
     for q in quants:
         entry = manifest.quantizations[q]
         rounding = (f"imatrix ({entry.importance['tokens']} tokens)" if entry.importance
                     else "plain" if q in IMPORTANCE_QUANTS else "-")
-        table.add_row(q, entry.file, str(entry.bits), f"{manifest.files[entry.file].bytes / 1e6:,.1f} MB", rounding)
-    console.print(table)
-    console.print(f"Ollama: cd {local.path / 'gguf'} && ollama create {manifest.name} -f Modelfile")
+        rows.append([q, entry.file, str(entry.bits), f"{manifest.files[entry.file].bytes / 1e6:,.1f} MB", rounding])
+    print_table(console, [Col("quantization", keep=True), Col("file", keep=True), Col("bits"), Col("size"),
+                          Col("rounding")], rows)
+    console.print(f"Ollama: cd {local.path / 'gguf'} && ollama create {manifest.name} -f Modelfile", soft_wrap=True)
 
 
 @app.command("eval")
@@ -251,20 +252,18 @@ def eval_model(
                 result = evaluate(model, suite, system_prompt)
     except (PrimeError, ValueError) as err:
         _fail(err)
-    table = Table(title=f"{local.manifest.name} {local.manifest.version} · {variant} on {runtime.backend}")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
+    rows = []
     if "perplexity" in result:
-        table.add_row("perplexity (general text)", f"{result['perplexity']['perplexity']:.3f}")
+        rows.append(["perplexity (general text)", f"{result['perplexity']['perplexity']:.3f}"])
     if "jarvis" in result:
         jarvis = result["jarvis"]
-        table.add_row(f"{jarvis['suite']} score{'' if system_prompt else ' (no system prompt)'}", f"{jarvis['score']:.1%}")
-        for category, score in jarvis["by_category"].items():
-            table.add_row(f"  {category}", f"{score:.0%}")
-    table.add_row("prompt tokens/s", f"{result['speed']['prompt_tokens_per_s']:.0f}")
-    table.add_row("decode tokens/s", f"{result['speed']['decode_tokens_per_s']:.1f}")
-    table.add_row("peak RSS", f"{result['peak_rss_mb']:.0f} MB")
-    console.print(table)
+        rows.append([f"{jarvis['suite']} score{'' if system_prompt else ' (no system prompt)'}", f"{jarvis['score']:.1%}"])
+        rows += [[f"  {category}", f"{score:.0%}"] for category, score in jarvis["by_category"].items()]
+    rows.append(["prompt tokens/s", f"{result['speed']['prompt_tokens_per_s']:.0f}"])
+    rows.append(["decode tokens/s", f"{result['speed']['decode_tokens_per_s']:.1f}"])
+    rows.append(["peak RSS", f"{result['peak_rss_mb']:.0f} MB"])
+    print_table(console, [Col("metric"), Col("value", keep=True, justify="right")], rows,
+                title=f"{local.manifest.name} {local.manifest.version} · {variant} on {runtime.backend}")
     if show_replies and "jarvis" in result:
         for case in result["jarvis"]["cases"]:
             mark = "[green]pass[/]" if case["passed"] else f"[red]fail[/] ({'; '.join(case['failures'])})"

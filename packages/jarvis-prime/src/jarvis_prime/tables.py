@@ -33,12 +33,14 @@ def print_table(console: Console, columns: Sequence[Col], rows: Iterable[Sequenc
     """Print `rows` (cells may hold rich markup) as a table whose kept columns are whole and whose
     other columns wrap between words; when the console is too narrow for that, as blocks."""
     rows = [list(row) for row in rows]
+    if title:  # its own line: a table's title wraps to the table's width, maybe inside a name
+        console.print(title, style="bold", soft_wrap=True)
     overhead = 3 * len(columns) - 1  # a rule between columns, a space either side of each cell; no outer edge
     widths = _fit(columns, rows, console.width - overhead)
     if widths is None:
-        _print_blocks(console, columns, rows, title)
+        _print_blocks(console, columns, rows)
         return
-    table = Table(title=title, show_edge=False)
+    table = Table(show_edge=False)
     for col, width in zip(columns, widths):
         table.add_column(col.header, justify=col.justify, width=width, no_wrap=col.keep, overflow="fold")
     for row in rows:
@@ -66,10 +68,8 @@ def _fit(columns: Sequence[Col], rows: list[list[str]], room: int) -> list[int] 
     return widths
 
 
-def _print_blocks(console: Console, columns: Sequence[Col], rows: list[list[str]], title: str | None) -> None:
+def _print_blocks(console: Console, columns: Sequence[Col], rows: list[list[str]]) -> None:
     """One block per row: its kept values on the first line, then one `header: value` line per other column."""
-    if title:
-        console.print(title, style="italic", soft_wrap=True)
     for row in rows:
         console.print("  ".join(cell for col, cell in zip(columns, row) if col.keep), style="bold", soft_wrap=True)
         for col, cell in zip(columns, row):

@@ -132,16 +132,19 @@ def history(
     delete: bool = typer.Option(False, "--delete", help="Delete the conversation."),
 ) -> None:
     """List saved conversations, newest first, or show one with its feedback."""
-    from rich.table import Table
+    from rich.markup import escape
+
+    from jarvis_prime.tables import Col, print_table
 
     store = ConversationStore()
     try:
         if conversation is None:
-            table = Table("id", "updated", "messages", "model", "private", "title")
-            for c in store.list():
-                table.add_row(c.id, time.strftime("%Y-%m-%d %H:%M", time.localtime(c.updated)), str(c.messages),
-                              c.model or "-", "yes" if c.private else "", c.title)
-            console.print(table)
+            columns = [Col("id", keep=True), Col("updated"), Col("messages"), Col("model", keep=True), Col("private"),
+                       Col("title")]
+            print_table(console, columns, [
+                [c.id, time.strftime("%Y-%m-%d %H:%M", time.localtime(c.updated)), str(c.messages),
+                 escape(c.model or "-"), "yes" if c.private else "", escape(c.title)]
+                for c in store.list()])
             return
         if delete:
             store.get(conversation)

@@ -11,7 +11,7 @@ from typing import Any
 
 from jarvis_prime.errors import ExportError
 from jarvis_prime.export.imatrix import importance_matrix, round_with_importance
-from jarvis_prime.export.metadata import FILE_TYPES
+from jarvis_prime.gguf_names import FILE_TYPES
 from jarvis_prime.hardware import detect_libraries
 from jarvis_prime.progress import Log, captured_stderr, log_tail
 

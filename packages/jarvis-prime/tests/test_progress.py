@@ -22,7 +22,8 @@ if "-v" in sys.argv:
 with quiet_build("building demo") as log:
     log("step one")
     os.write(2, b"llama_model_loader: loaded meta data with 32 key-value pairs\\n")  # what C code does
-    print("Loading weights: 100%|##########| 272/272 [00:00<00:00, 9000.00it/s]", file=sys.stderr)
+    print("Loading weights:  50%|#####     | 136/272\\rLoading weights: 100%|##########| 272/272 [00:00<00:00, 9000.00it/s]",
+          file=sys.stderr)
     if "fail" in sys.argv:
         raise RuntimeError("the build broke")
 print("built")
@@ -49,6 +50,7 @@ def test_a_failed_build_shows_the_tail_of_its_captured_log():
     assert result.returncode == 1
     assert "building demo failed; the last lines of its log:" in result.stderr
     assert NATIVE in result.stderr and BAR in result.stderr
+    assert "Loading weights:  50%" not in result.stderr  # of a bar's redraws, the last
     assert "RuntimeError: the build broke" in result.stderr  # the error itself still propagates
 
 

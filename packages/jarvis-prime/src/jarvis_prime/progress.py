@@ -64,7 +64,7 @@ def _read(sink, text) -> str:
 
 def log_tail(text: str, lines: int = FAILURE_TAIL_LINES) -> str:
     """The last `lines` lines of a captured log; of a progress bar's `\\r` redraws only the last."""
-    kept = [line.rsplit("\r", 1)[-1].rstrip() for line in text.splitlines()]
+    kept = [line.rsplit("\r", 1)[-1].rstrip() for line in text.split("\n")]  # not splitlines: it splits at \r
     return "\n".join([line for line in kept if line][-lines:])
 
 

@@ -63,7 +63,11 @@ def _gb(x: float | None) -> str:
 def list_models(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON array (one object per model) for scripts."),
 ) -> None:
-    """Show the catalog and local models, marking what can run now."""
+    """Show the catalog and local models, marking what can run now.
+
+    RAM GB: memory needed at fp16 / 8bit / 4bit. Apple GB: the smallest Apple Silicon
+    memory that runs it at 4bit / fp16. Names and versions are never cut.
+    """
     models = _model_records()
     if as_json:
         typer.echo(json.dumps(models, indent=2))

@@ -232,3 +232,24 @@ def test_image_questions_name_the_model_to_pull(chat_model, tmp_path):
     assert "prime pull prime-7b-vision-v1" in result.stderr
     result = jarvis("chat", "--image", str(tmp_path / "missing.png"), "--once", "What is this?")
     assert result.returncode == 1 and "no such image" in result.stderr
+
+
+@pytest.mark.parametrize("columns", ["40", "80"])
+def test_jarvis_history_never_cuts_an_id_or_a_model(columns, monkeypatch, tmp_path):
+    """`jarvis history` cut ids and model names at 80 columns, the very values
+    `jarvis chat -c ID` and `--model` take."""
+    from jarvis.memory import ConversationStore
+
+    monkeypatch.setenv("JARVIS_HOME", str(tmp_path))
+    monkeypatch.setenv("COLUMNS", columns)
+    model = "jarvis-feedback-candidate-of-prime-135m-chat-v1@1.10.0-rc.2"
+    store = ConversationStore()
+    try:
+        cid = store.create(title="a [bold]title[/] long enough to wrap " * 3, model=model)
+        store.add_exchange(cid, "hi", "hello", model=model)
+    finally:
+        store.close()
+    result = jarvis("history")
+    assert result.returncode == 0, result.stderr
+    assert any(cid in line and model in line for line in result.stdout.splitlines()), result.stdout
+    assert "[bold]title[/]" in result.stdout.replace("\n", "")  # user text is shown, never read as markup

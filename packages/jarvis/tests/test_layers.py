@@ -71,6 +71,16 @@ def test_jarvis_prime_loads_torch_only_in_the_transformers_backend():
     assert violations("jarvis_prime", HEAVY, module_level_only=True, allow=allow) == []
 
 
+def test_importing_jarvis_prime_loads_no_numerical_library():
+    """`import jarvis_prime` (every `prime` and `jarvis` command pays it) loaded numpy through
+    the GGUF exporter, imported at module level for file names and a rare export branch."""
+    script = ("import sys, jarvis_prime\n"
+              "print(sorted(m for m in ('numpy', 'torch', 'transformers', 'gguf', 'llama_cpp', 'jarvis_prime.export')"
+              " if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_reactor_core_imports_neither_upper_layer():
     assert violations("reactor_core", {"jarvis", "jarvis_prime"}) == []
 

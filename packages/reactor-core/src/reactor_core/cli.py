@@ -91,7 +91,7 @@ def env(
 
 def _environment_table(env: Environment) -> Table:
     table = Table(title="Environment", show_header=False, title_justify="left")
-    table.add_column("key", style="bold")
+    table.add_column("key", style="bold", no_wrap=True)  # values wrap; keys and names are never cut
     table.add_column("value")
 
     gpus = ", ".join(f"{gpu.name} ({gpu.memory_gb:g} GB)" for gpu in env.cuda_gpus) or "none"

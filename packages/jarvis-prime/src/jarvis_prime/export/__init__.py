@@ -19,7 +19,7 @@ tokenizers (SmolLM, Llama 3, Mistral Nemo style).
     imatrix.py    importance matrices, and rounding with them through ggml
     lora.py       a LoRA adapter merged into a GGUF, without torch
     modelfile.py  the Ollama Modelfile
-    metadata.py   GGUF file names, supported architectures and file types, metadata copy
+    metadata.py   one GGUF's metadata copied into another (file names and types: jarvis_prime.gguf_names)
 """
 
 from jarvis_prime.errors import ExportError

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from jarvis_prime.errors import ExportError
-from jarvis_prime.export.metadata import FILE_TYPES, copy_metadata
+from jarvis_prime.export.metadata import copy_metadata
 from jarvis_prime.export.writer import unpermute_rope
+from jarvis_prime.gguf_names import FILE_TYPES
 
 
 def merge_lora_gguf(base_gguf: Path, adapter_dir: Path, out: Path, *, name: str, progress: bool = False) -> None:

@@ -1,21 +1,7 @@
-"""What PRIME's GGUF files are called and what they carry: the file names in a model
-directory, the architectures the exporter writes, llama.cpp's file type numbers, and
-the copy of one GGUF's metadata (tokenizer, hyperparameters, template) into another.
-
-A leaf: the runtime planner (`models.selection`) and the store's builders name GGUF
-files without loading the writer.
-"""
+"""The copy of one GGUF's metadata (tokenizer, hyperparameters, template) into another.
+File names, architectures and llama.cpp file types are in `jarvis_prime.gguf_names`."""
 
 from __future__ import annotations
-
-SUPPORTED_ARCHITECTURES = ("llama", "mistral")
-# llama.cpp file types (enum llama_ftype) of the quantizations we export.
-FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "q4_k_s": 14, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
-
-
-def gguf_filename(name: str, quant: str) -> str:
-    return f"gguf/{name}-{quant}.gguf"
-
 
 def copy_metadata(reader, writer, replaced: set[str] | frozenset[str] = frozenset()) -> None:
     """Every key/value of a GGUF (tokenizer, hyperparameters, template) into a new writer,

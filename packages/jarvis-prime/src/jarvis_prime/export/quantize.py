@@ -4,19 +4,16 @@ types, each tensor rounded again with the model's importance matrix (`export.ima
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
-import tempfile
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from jarvis_prime.errors import ExportError
 from jarvis_prime.export.imatrix import importance_matrix, round_with_importance
-from jarvis_prime.export.metadata import FILE_TYPES
+from jarvis_prime.gguf_names import FILE_TYPES
 from jarvis_prime.hardware import detect_libraries
-from jarvis_prime.progress import Log
+from jarvis_prime.progress import Log, captured_stderr, log_tail
 
 # Rounded with an importance matrix when one can be computed (q8_0 does not use it).
 IMPORTANCE_QUANTS = ("q4_0", "q4_k_s", "q4_k_m", "q5_k_m", "q6_k")
@@ -71,20 +68,8 @@ def quantize(src: Path, dst: Path, quant: str, threads: int | None = None) -> No
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = FILE_TYPES[quant]
     params.nthread = threads or os.cpu_count() or 1
-    with _c_stderr_to_file() as captured:
+    with captured_stderr() as captured:  # llama.cpp logs every tensor to fd 2: kept for the error
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    if rc != 0 or not dst.is_file():
-        raise ExportError(f"llama.cpp could not quantize {src.name} to {quant} (code {rc}):\n{captured()[-2000:]}")
+        if rc != 0 or not dst.is_file():
+            raise ExportError(f"llama.cpp could not quantize {src.name} to {quant} (code {rc}):\n{log_tail(captured())}")
 
-
-@contextlib.contextmanager
-def _c_stderr_to_file() -> Iterator[Callable[[], str]]:
-    """llama.cpp logs every tensor to fd 2; keep that for errors instead of the terminal."""
-    with tempfile.TemporaryFile(mode="w+b") as sink:
-        saved = os.dup(2)
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield lambda: (sink.seek(0), sink.read().decode(errors="replace"))[1]
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)

@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 
 from jarvis_prime.errors import ExportError
-from jarvis_prime.export.metadata import FILE_TYPES, SUPPORTED_ARCHITECTURES, gguf_filename
 from jarvis_prime.export.modelfile import write_modelfile
 from jarvis_prime.export.quantize import quantize_files
 from jarvis_prime.export.tokenizer import add_tokenizer
+from jarvis_prime.gguf_names import FILE_TYPES, SUPPORTED_ARCHITECTURES, gguf_filename
 from jarvis_prime.manifest import (
     PrimeManifest,
     Quantization,

@@ -26,7 +26,6 @@ from typing import Any, AsyncIterator, Callable, Iterator, Literal, Mapping, Seq
 from typing_extensions import Unpack
 
 from jarvis_prime.errors import ManifestError
-from jarvis_prime.export import export_gguf
 from jarvis_prime.hardware import detect_hardware, detect_libraries
 from jarvis_prime.manifest import PrimeManifest, verify_files
 from jarvis_prime.models.base import Backend, Chunk, Generation, GenerationParams
@@ -125,6 +124,8 @@ class PrimeModel:
         log.info("%s: %s", local.manifest.name, runtime.describe())
         if runtime.export:
             log.warning("%s: exporting %s GGUF for llama.cpp (once)", local.manifest.name, runtime.export)
+            from jarvis_prime.export import export_gguf  # numpy and the gguf writer, only when exporting
+
             local = LocalModel(local.path, export_gguf(local.path, [runtime.export], log=log.info))
         return cls.load(local.path, local.manifest, runtime, context_length=context_length)
 

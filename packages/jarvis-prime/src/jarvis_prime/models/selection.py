@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from jarvis_prime.errors import BackendUnavailableError
-from jarvis_prime.export.metadata import SUPPORTED_ARCHITECTURES, gguf_filename
+from jarvis_prime.gguf_names import SUPPORTED_ARCHITECTURES, gguf_filename
 from jarvis_prime.hardware import Hardware, Libraries
 from jarvis_prime.manifest import PrimeManifest, matching_gguf
 

@@ -14,9 +14,7 @@ from pathlib import Path
 
 from jarvis_prime.catalog import CatalogEntry, HubSource, WheelSource
 from jarvis_prime.errors import ModelNotAvailableError, PrimeError
-from jarvis_prime.export.lora import merge_lora_gguf
-from jarvis_prime.export.metadata import gguf_filename
-from jarvis_prime.export.quantize import quantize_files
+from jarvis_prime.gguf_names import gguf_filename
 from jarvis_prime.hardware import detect_libraries
 from jarvis_prime.manifest import Lineage, PrimeManifest, Quantization, quant_bits
 from jarvis_prime.progress import Log
@@ -36,6 +34,9 @@ def from_adapter(staging: Path, manifest: PrimeManifest, base_dir: Path, base_ma
                  adapter_dir: Path, log: Log) -> PrimeManifest:
     """The base GGUF with the LoRA merged in (numpy), quantized to q8_0 and q4_k_m, plus
     float32 safetensors when transformers is here; the adapter and its chat template kept."""
+    from jarvis_prime.export.lora import merge_lora_gguf  # numpy and llama.cpp: only when a model is built
+    from jarvis_prime.export.quantize import quantize_files
+
     (staging / "gguf").mkdir()
     f16 = staging / gguf_filename(manifest.name, "f16")
     log(f"merging the LoRA adapter into {base_gguf.name}")

@@ -30,6 +30,7 @@ from jarvis_prime.manifest import (
     inside,
     quant_bits,
     read_manifest,
+    refuse_unlisted_weights,
     store_lock,
     verify_files,
     write_manifest,
@@ -105,6 +106,7 @@ def _check_exportable(model_dir: Path, manifest: PrimeManifest) -> dict[str, Any
         raise ExportError(f"{manifest.name}: rope_scaling {config['rope_scaling']} is not supported by this exporter")
     if "tokenizer.json" not in manifest.files:
         raise ExportError(f"{model_dir}: no tokenizer.json; the GGUF must carry the tokenizer")
+    refuse_unlisted_weights(model_dir, manifest)  # every top-level *.safetensors is read below
     verify_files(model_dir, manifest, ["config.json", "tokenizer.json", *weights])
     return config
 

@@ -7,14 +7,16 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from typer.testing import CliRunner
 
 from jarvis_prime import IntegrityError, PrimeModel
+from jarvis_prime.cli import app
 from jarvis_prime.evaluation import load_variant
 from jarvis_prime.manifest import read_manifest
 from jarvis_prime.store import import_path
 
 
-def test_an_unlisted_gguf_is_refused_by_llama_cpp_and_by_load_variant(pulled_model, tmp_path):
+def test_an_unlisted_gguf_is_refused_by_llama_cpp_and_load_variant_and_flagged_by_info(pulled_model, tmp_path):
     copy = tmp_path / "model"  # without its 540 MB safetensors (llama.cpp does not read it)
     shutil.copytree(pulled_model.path, copy, ignore=shutil.ignore_patterns("model.safetensors"))
     gguf = pulled_model.manifest.quantizations["q4_1"].file
@@ -23,6 +25,9 @@ def test_an_unlisted_gguf_is_refused_by_llama_cpp_and_by_load_variant(pulled_mod
         PrimeModel.from_pretrained(copy, backend="llamacpp")
     with pytest.raises(IntegrityError, match="gguf/dropped-in.gguf"):
         load_variant(copy, "q4_1")
+    info = CliRunner().invoke(app, ["info", str(copy)], env={"COLUMNS": "200"})
+    assert info.exit_code == 1 and "NOT LISTED" in info.output
+    assert "weight files not listed in prime.json: gguf/dropped-in.gguf" in " ".join(info.output.split())
     (copy / "gguf/dropped-in.gguf").unlink()
     with load_variant(copy, "q4_1") as model:  # the listed files alone load
         assert model.runtime.weights == gguf

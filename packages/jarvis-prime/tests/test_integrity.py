@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from jarvis_prime import IntegrityError, PrimeModel
 from jarvis_prime.cli import app
 from jarvis_prime.evaluation import load_variant
-from jarvis_prime.manifest import read_manifest
+from jarvis_prime.manifest import read_manifest, verify_files
 from jarvis_prime.store import import_path
 
 
@@ -60,3 +60,23 @@ def test_an_unlisted_model_safetensors_beside_a_listed_sharded_checkpoint_is_ref
         assert read_manifest(local.path).files == local.manifest.files
     finally:
         shutil.rmtree(local.path, ignore_errors=True)
+
+
+def test_recording_eval_metrics_does_not_vouch_for_a_tampered_or_unlisted_file(pulled_model, tmp_path):
+    """`prime eval` rewrote prime.json by hashing the whole folder again, so a tampered
+    file got its new hash recorded and a dropped-in one got listed: both then loaded."""
+    from jarvis_prime.evaluation import record
+
+    copy = tmp_path / "model"
+    shutil.copytree(pulled_model.path, copy, ignore=shutil.ignore_patterns("model.safetensors"))
+    before = read_manifest(copy).files
+    (copy / "tokenizer.json").write_text("{}")
+    shutil.copyfile(copy / pulled_model.manifest.quantizations["q4_1"].file, copy / "gguf/dropped-in.gguf")
+    record(copy, "q4_1", {"perplexity": 9.9})
+    after = read_manifest(copy)
+    assert after.metrics["eval"]["q4_1"]["perplexity"] == 9.9
+    assert after.files == before
+    with pytest.raises(IntegrityError, match="tokenizer.json: size"):
+        verify_files(copy, after, ["tokenizer.json"])
+    with pytest.raises(IntegrityError, match="gguf/dropped-in.gguf"):
+        load_variant(copy, "q4_1")

@@ -117,9 +117,19 @@ def hash_files(model_dir: Path) -> dict[str, FileEntry]:
     return entries
 
 
-def write_manifest(model_dir: Path, manifest: PrimeManifest) -> PrimeManifest:
-    """Hash every file, then write `prime.json` atomically (`files.atomic_write`)."""
-    manifest = manifest.model_copy(update={"files": hash_files(model_dir)})
+def write_manifest(model_dir: Path, manifest: PrimeManifest, changed: list[str] | None = None) -> PrimeManifest:
+    """Write `prime.json` atomically (`files.atomic_write`) with the sha256 and size of
+    every file: all hashed afresh for a new directory (`changed=None`); else only the
+    files this writer wrote (`changed`), every other entry kept as recorded, so rewriting
+    the manifest (new metrics, a new GGUF) never vouches for a file nobody checked."""
+    if changed is None:
+        files = hash_files(model_dir)
+    else:
+        files = dict(manifest.files)
+        for rel in changed:
+            path = model_dir / rel
+            files[rel] = FileEntry(sha256=sha256_file(path), bytes=path.stat().st_size)
+    manifest = manifest.model_copy(update={"files": files})
     payload = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=False) + "\n"
     atomic_write(model_dir / MANIFEST_NAME, payload)
     return manifest

@@ -90,7 +90,8 @@ def export_gguf(
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         log("hashing files (sha256)")
-        return write_manifest(model_dir, manifest.model_copy(update={"quantizations": quantizations}))
+        written = [quantizations[quant].file for quant in todo] + ["gguf/Modelfile"]
+        return write_manifest(model_dir, manifest.model_copy(update={"quantizations": quantizations}), changed=written)
 
 
 def _check_exportable(model_dir: Path, manifest: PrimeManifest) -> dict[str, Any]:

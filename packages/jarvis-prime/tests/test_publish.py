@@ -1,19 +1,13 @@
 """`prime push`: the model card, and a real huggingface_hub upload to a loopback Hub.
 
-The Hub here is a small HTTP server speaking the calls `create_repo` and
-`upload_folder` make (repo creation, model-card validation, preupload, commit); it writes what it receives
-to disk, and the test loads that with plain transformers and llama-cpp-python.
-Every file is offered as a regular (non-LFS) upload, so the Hub's LFS/Xet storage
-path is not exercised here.
+The Hub here (`loopback_hub.py`) is a small HTTP server speaking the calls `create_repo`
+and `upload_folder` make; it writes what it receives to disk, and the test loads that
+with plain transformers and llama-cpp-python.
 """
 
 from __future__ import annotations
 
-import base64
-import http.server
-import json
 import shutil
-import threading
 from pathlib import Path
 
 import pytest
@@ -23,45 +17,7 @@ from jarvis_prime.cli import app
 from jarvis_prime.manifest import read_manifest
 from jarvis_prime.publish import build_folder, model_card
 
-
-class FakeHub(http.server.BaseHTTPRequestHandler):
-    root: Path
-    calls: list[str] = []
-
-    def _reply(self, payload: dict, status: int = 200) -> None:
-        body = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_POST(self):  # noqa: N802
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        self.calls.append(f"POST {self.path.split('?')[0]} auth={self.headers.get('Authorization')}")
-        if self.path.startswith("/api/repos/create"):
-            repo = json.loads(body)
-            host = f"http://127.0.0.1:{self.server.server_port}"
-            return self._reply({"url": f"{host}/{repo.get('organization') or 'me'}/{repo['name']}"})
-        if self.path.startswith("/api/validate-yaml"):  # the model card's metadata block
-            return self._reply({"errors": [], "warnings": []})
-        if "/preupload/" in self.path:
-            files = json.loads(body)["files"]
-            return self._reply({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                                          for f in files]})
-        if "/commit/" in self.path:
-            for line in body.decode().splitlines():
-                item = json.loads(line)
-                if item["key"] == "file":
-                    target = self.root / item["value"]["path"]
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_bytes(base64.b64decode(item["value"]["content"]))
-            host = f"http://127.0.0.1:{self.server.server_port}"
-            return self._reply({"commitUrl": f"{host}/me/tiny-jarvis/commit/{'a' * 40}", "commitOid": "a" * 40})
-        return self._reply({"error": "not found"}, 404)
-
-    def log_message(self, *args):
-        pass
+from loopback_hub import LoopbackHub, running
 
 
 @pytest.fixture
@@ -105,15 +61,10 @@ def test_push_uploads_a_repo_that_transformers_and_llama_cpp_load(tiny_prime_mod
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the session is offline; loopback is fine
     received = tmp_path / "hub"
-    handler = type("Hub", (FakeHub,), {"root": received, "calls": []})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    handler = type("Hub", (LoopbackHub,), {"root": received, "calls": []})
+    with running(handler) as endpoint:
         result = CliRunner().invoke(app, ["push", str(tiny_prime_model), "--repo", "me/tiny-jarvis", "--token",
-                                          "hf_test", "--endpoint", f"http://127.0.0.1:{server.server_port}"],
-                                    env={"COLUMNS": "200"})
-    finally:
-        server.shutdown()
+                                          "hf_test", "--endpoint", endpoint], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert any("/preupload/" in c and "Bearer hf_test" in c for c in handler.calls)
     manifest = read_manifest(tiny_prime_model)

@@ -47,13 +47,26 @@ class WheelSource(BaseModel):
         return path if path.is_file() else None
 
 
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
 class HubSource(BaseModel):
-    """A Hugging Face Hub repository (needs the network and, for gated repos, a token)."""
+    """A Hugging Face Hub repository (needs the network and, for gated repos, a token).
+
+    A branch moves and a server can answer with other bytes, so a source can pin both:
+    `revision`, the commit a pull asks for, and `sha256`, the bytes of every file it
+    installs (`store.builders.verify_download` checks them before anything enters the
+    store). Unpinned, a pull takes what the Hub serves and records the commit that arrived.
+    """
 
     model_config = ConfigDict(extra="forbid")
     kind: Literal["hub"]
     repo_id: str
-    revision: str | None = None
+    revision: str | None = Field(default=None, pattern=r"^[0-9a-f]{40}$",
+                                 description="The commit to download (a full sha: a branch or tag could move).")
+    sha256: dict[str, Sha256] = Field(
+        default_factory=dict, description="Expected sha256 of each file a pull installs, by path in the repository; "
+                                          "when given, every installed file must be listed.")
 
 
 class AdapterSource(BaseModel):

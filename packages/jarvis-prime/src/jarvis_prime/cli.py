@@ -14,7 +14,7 @@ from jarvis_prime.errors import PrimeError
 from jarvis_prime.evaluation import JARVIS_SYSTEM_PROMPT, eval_key, evaluate, load_variant, record, variant_runtime
 from jarvis_prime.export import IMPORTANCE_QUANTS, export_gguf
 from jarvis_prime.hardware import detect_hardware, detect_libraries
-from jarvis_prime.manifest import verify_files
+from jarvis_prime.manifest import refuse_unlisted_weights, unlisted_weights, verify_files
 from jarvis_prime.models.selection import plan_runtime
 from jarvis_prime.progress import quiet_build
 from jarvis_prime.publish import push
@@ -157,7 +157,7 @@ def pull_model(
 @app.command("info")
 def info(
     name: str = typer.Argument(..., help="Model name or PRIME model directory."),
-    verify: bool = typer.Option(True, help="Check every file's sha256 against prime.json."),
+    verify: bool = typer.Option(True, help="Check every file's sha256 against prime.json; flag weight files it does not list."),
     runtime: bool = typer.Option(False, "--runtime", help="Show which backend would run it here, and why."),
     quantization: Optional[str] = typer.Option(None, help="With --runtime: 8bit | 4bit."),
 ) -> None:
@@ -182,6 +182,13 @@ def info(
             except PrimeError as err:
                 status, _ = "[red]MISMATCH[/]", failures.append(str(err))
         rows.append([rel, f"{entry.bytes:,}", entry.sha256[:16] + "…", status])
+    if verify:
+        for rel in unlisted_weights(local.path, m):
+            rows.append([rel, f"{(local.path / rel).stat().st_size:,}", "-", "[red]NOT LISTED[/]"])
+        try:
+            refuse_unlisted_weights(local.path, m)
+        except PrimeError as err:
+            failures.append(str(err))
     print_table(console, [Col("file", keep=True), Col("bytes", keep=True, justify="right"), Col("sha256", keep=True),
                           Col("status")], rows)
     print_table(console, [Col("quantization", keep=True), Col("file", keep=True), Col("format"), Col("bits"),

@@ -271,4 +271,4 @@ def record(model_dir: Path, key: str, result: dict[str, Any]) -> None:
         evals = dict(metrics.get("eval", {}))
         evals[key] = {**evals.get(key, {}), **summary}
         metrics["eval"] = evals
-        write_manifest(model_dir, manifest.model_copy(update={"metrics": metrics}))
+        write_manifest(model_dir, manifest.model_copy(update={"metrics": metrics}), changed=[])

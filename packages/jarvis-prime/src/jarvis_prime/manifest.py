@@ -3,7 +3,8 @@ held by whoever writes the directory, and which of its GGUF files serves a reque
 
 A PRIME model directory (docs/architecture.md) is the one artifact that crosses package
 boundaries. Its manifest lists every file with sha256 and size; loading verifies the
-files it reads, so a truncated download or a tampered weight file is an error, not a
+files it reads and refuses weight files the manifest does not list, so a truncated
+download, a tampered weight file or one dropped beside the others is an error, not a
 model that quietly speaks gibberish.
 """
 
@@ -116,9 +117,19 @@ def hash_files(model_dir: Path) -> dict[str, FileEntry]:
     return entries
 
 
-def write_manifest(model_dir: Path, manifest: PrimeManifest) -> PrimeManifest:
-    """Hash every file, then write `prime.json` atomically (`files.atomic_write`)."""
-    manifest = manifest.model_copy(update={"files": hash_files(model_dir)})
+def write_manifest(model_dir: Path, manifest: PrimeManifest, changed: list[str] | None = None) -> PrimeManifest:
+    """Write `prime.json` atomically (`files.atomic_write`) with the sha256 and size of
+    every file: all hashed afresh for a new directory (`changed=None`); else only the
+    files this writer wrote (`changed`), every other entry kept as recorded, so rewriting
+    the manifest (new metrics, a new GGUF) never vouches for a file nobody checked."""
+    if changed is None:
+        files = hash_files(model_dir)
+    else:
+        files = dict(manifest.files)
+        for rel in changed:
+            path = model_dir / rel
+            files[rel] = FileEntry(sha256=sha256_file(path), bytes=path.stat().st_size)
+    manifest = manifest.model_copy(update={"files": files})
     payload = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=False) + "\n"
     atomic_write(model_dir / MANIFEST_NAME, payload)
     return manifest
@@ -161,6 +172,42 @@ def verify_files(model_dir: Path, manifest: PrimeManifest, paths: list[str] | No
         actual = sha256_file(path)
         if actual != entry.sha256:
             raise IntegrityError(f"{path}: sha256 {actual} does not match manifest {entry.sha256}")
+
+
+# What a backend, converter or trainer could open as weights: safetensors and GGUF, the
+# pickle formats (`.bin`, `.pt`, ...) and a sharded checkpoint's index.
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".npz", ".h5",
+                   ".msgpack", ".onnx")
+
+
+def is_weight_file(rel: str) -> bool:
+    """True for a file name a loader could take weights from (`model.safetensors.index.json` too)."""
+    return rel.lower().removesuffix(".index.json").endswith(WEIGHT_SUFFIXES)
+
+
+def unlisted_weights(model_dir: Path, manifest: PrimeManifest) -> list[str]:
+    """Weight files under `model_dir` that `prime.json` does not list, as relative paths.
+
+    transformers picks its weight file by name from the folder (a `model.safetensors`
+    wins over a listed sharded index) and the exporter reads every top-level safetensors,
+    so a file the manifest does not vouch for could be what runs. Hidden paths are
+    skipped: they are writers' temporary files and staging folders (`atomic_path`,
+    `.export-*`), which no loader opens.
+    """
+    found = []
+    for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+        rel = path.relative_to(model_dir).as_posix()
+        if rel not in manifest.files and is_weight_file(rel) and not any(part.startswith(".") for part in rel.split("/")):
+            found.append(rel)
+    return found
+
+
+def refuse_unlisted_weights(model_dir: Path, manifest: PrimeManifest) -> None:
+    """IntegrityError naming every weight file present in `model_dir` but not in its `prime.json`."""
+    extra = unlisted_weights(model_dir, manifest)
+    if extra:
+        raise IntegrityError(f"{model_dir}: weight files not listed in {MANIFEST_NAME}: {', '.join(extra)}; "
+                             "refusing to load the model (remove them)")
 
 
 _BITS_OF_REQUEST = {"8bit": 8, "4bit": 4}

@@ -30,6 +30,7 @@ from jarvis_prime.manifest import (
     inside,
     quant_bits,
     read_manifest,
+    refuse_unlisted_weights,
     store_lock,
     verify_files,
     write_manifest,
@@ -89,7 +90,8 @@ def export_gguf(
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         log("hashing files (sha256)")
-        return write_manifest(model_dir, manifest.model_copy(update={"quantizations": quantizations}))
+        written = [quantizations[quant].file for quant in todo] + ["gguf/Modelfile"]
+        return write_manifest(model_dir, manifest.model_copy(update={"quantizations": quantizations}), changed=written)
 
 
 def _check_exportable(model_dir: Path, manifest: PrimeManifest) -> dict[str, Any]:
@@ -105,6 +107,7 @@ def _check_exportable(model_dir: Path, manifest: PrimeManifest) -> dict[str, Any
         raise ExportError(f"{manifest.name}: rope_scaling {config['rope_scaling']} is not supported by this exporter")
     if "tokenizer.json" not in manifest.files:
         raise ExportError(f"{model_dir}: no tokenizer.json; the GGUF must carry the tokenizer")
+    refuse_unlisted_weights(model_dir, manifest)  # every top-level *.safetensors is read below
     verify_files(model_dir, manifest, ["config.json", "tokenizer.json", *weights])
     return config
 

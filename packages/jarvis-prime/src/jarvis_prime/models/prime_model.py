@@ -10,7 +10,7 @@ Three ways to generate, each with `stream=`: `generate` (a prompt) and `chat`
 gives what a server reports (finish reason, token usage).
 
 Every file the chosen backend reads is checked against the sha256 in `prime.json`
-before it is loaded. Chats are formatted with the model's own Jinja chat template.
+before it is loaded, and a weight file `prime.json` does not list stops the load. Chats are formatted with the model's own Jinja chat template.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing_extensions import Unpack
 
 from jarvis_prime.errors import ManifestError
 from jarvis_prime.hardware import detect_hardware, detect_libraries
-from jarvis_prime.manifest import PrimeManifest, verify_files
+from jarvis_prime.manifest import PrimeManifest, refuse_unlisted_weights, verify_files
 from jarvis_prime.models.base import Backend, Chunk, Generation, GenerationParams
 from jarvis_prime.models.chat_template import ChatTemplate
 from jarvis_prime.models.selection import BackendName, Device, Quantization, Runtime, plan_runtime
@@ -136,6 +136,7 @@ class PrimeModel:
 
         `scoring=True` keeps every position's logits on llama.cpp, for `token_logprobs`.
         """
+        refuse_unlisted_weights(path, manifest)
         verify_files(path, manifest, _files_read(manifest, runtime))
         n_ctx = context_length or min(manifest.context_length, DEFAULT_CONTEXT_CAP)
         if runtime.backend == "llamacpp":

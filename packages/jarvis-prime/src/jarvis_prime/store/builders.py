@@ -13,7 +13,8 @@ from importlib.metadata import version
 from pathlib import Path
 
 from jarvis_prime.catalog import CatalogEntry, HubSource, WheelSource
-from jarvis_prime.errors import ModelNotAvailableError, PrimeError
+from jarvis_prime.errors import IntegrityError, ModelNotAvailableError, PrimeError
+from jarvis_prime.files import sha256_file
 from jarvis_prime.gguf_names import gguf_filename
 from jarvis_prime.hardware import detect_libraries
 from jarvis_prime.manifest import Lineage, PrimeManifest, Quantization, quant_bits
@@ -149,9 +150,11 @@ def gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
 
 
 def download_from_hub(hub: HubSource, log: Log) -> Path:
+    """The repository's files at `hub.revision` (the default branch when unpinned) in the
+    Hugging Face cache; the folder's name is the commit that arrived."""
     from huggingface_hub import snapshot_download
 
-    log(f"downloading {hub.repo_id} from the Hugging Face Hub")
+    log(f"downloading {hub.repo_id} from the Hugging Face Hub" + (f" at {hub.revision}" if hub.revision else ""))
     try:
         return Path(snapshot_download(
             hub.repo_id, revision=hub.revision,
@@ -160,21 +163,52 @@ def download_from_hub(hub: HubSource, log: Log) -> Path:
     except Exception as err:  # network, auth (gated repos) or offline mode: all end the same way
         reason = " ".join(str(err).split())  # huggingface_hub's messages span lines; ours is one
         raise ModelNotAvailableError(
-            f"could not download {hub.repo_id} from the Hugging Face Hub ({type(err).__name__}: {reason}); "
+            f"could not download {hub.repo_id}{f' at {hub.revision}' if hub.revision else ''} from the Hugging Face "
+            f"Hub ({type(err).__name__}: {reason}); "
             "pulling needs the network, and gated models need `hf auth login`"
         ) from err
 
 
+def verify_download(snapshot: Path, hub: HubSource, log: Log) -> None:
+    """Check a Hub download against the catalog's pinned sha256 before anything is built
+    from it: every file `from_hf_dir` would install must be pinned and match. IntegrityError
+    names the file, the expected and the actual hash; the store is not touched."""
+    where = f"{hub.repo_id}@{snapshot.name}"
+    if not hub.sha256:
+        log(f"{where}: the catalog pins no sha256 for this source; taking the files as they arrived")
+        return
+    unpinned = [rel for rel in hf_dir_files(snapshot) if rel not in hub.sha256]
+    if unpinned:
+        raise IntegrityError(f"{where}: {', '.join(unpinned)} not pinned by the catalog's sha256; refusing to install")
+    for rel, expected in hub.sha256.items():
+        path = snapshot / rel
+        if not path.is_file():
+            raise IntegrityError(f"{where}: {rel}: pinned by the catalog but not in the download")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise IntegrityError(f"{where}: {rel}: sha256 {actual}, the catalog expects {expected}; nothing installed "
+                                 f"(the download is cached at {path}: delete it to fetch it again)")
+    log(f"{where}: {len(hub.sha256)} files match the catalog's sha256")
+
+
+def hf_dir_files(src: Path) -> list[str]:
+    """What `from_hf_dir` copies out of a Hugging Face directory: the safetensors weights
+    (and a sharded checkpoint's index), then whichever of `HF_FILES` are there."""
+    weights = sorted(p.name for p in src.glob("*.safetensors")) + sorted(p.name for p in src.glob("*.safetensors.index.json"))
+    return weights + [f for f in HF_FILES if (src / f).is_file()]
+
+
 def from_hf_dir(staging: Path, manifest: PrimeManifest, src: Path) -> PrimeManifest:
     """Copy a Hugging Face model directory; only safetensors weights are accepted."""
-    weights = sorted(p.name for p in src.glob("*.safetensors")) + sorted(p.name for p in src.glob("*.safetensors.index.json"))
+    files = hf_dir_files(src)
+    weights = [f for f in files if f.endswith((".safetensors", ".safetensors.index.json"))]
     if not any(w.endswith(".safetensors") for w in weights):
         pickles = sorted(p.name for p in src.glob("*.bin")) + sorted(p.name for p in src.glob("*.pt"))
         raise PrimeError(
             f"{src}: no *.safetensors weights"
             + (f" (found {', '.join(pickles)}: pickled weights are never loaded)" if pickles else "")
         )
-    for name in weights + [f for f in HF_FILES if (src / f).is_file()]:
+    for name in files:
         shutil.copyfile(src / name, staging / name)
     config = json.loads((staging / "config.json").read_text()) if (staging / "config.json").is_file() else {}
     tok_config = json.loads((staging / "tokenizer_config.json").read_text()) if (staging / "tokenizer_config.json").is_file() else {}

@@ -33,6 +33,7 @@ from jarvis_prime.store.builders import (
     from_gguf,
     from_hf_dir,
     read_gguf_info,
+    verify_download,
     wheel_lineage,
 )
 from jarvis_prime.version import __version__
@@ -163,7 +164,8 @@ def _pull_unlocked(entry: CatalogEntry, target: Path, source: str, log: Log) -> 
     if hub is None:
         raise ModelNotAvailableError(f"{name}: the catalog lists no Hub source for it")
     snapshot = download_from_hub(hub, log)
-    lineage = {"kind": "hub", "repo_id": hub.repo_id, "revision": hub.revision}
+    verify_download(snapshot, hub, log)
+    lineage = {"kind": "hub", "repo_id": hub.repo_id, "revision": snapshot.name}  # the commit that arrived
     return _materialize(target, log, lambda staging: from_hf_dir(staging, entry_manifest(entry, lineage), snapshot))
 
 

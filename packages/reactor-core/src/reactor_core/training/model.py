@@ -1,7 +1,8 @@
 """Where the model comes from, how it is loaded, and how LoRA/QLoRA wrap it.
 
 Model sources, in the order they are tried:
-  1. a PRIME model directory (has prime.json): its safetensors, or its GGUF;
+  1. a PRIME model directory (has prime.json): its safetensors, or its GGUF, once every
+     file prime.json lists matches its sha256 and no weight file it does not list is there;
   2. a Hugging Face model directory (has config.json);
   3. a .gguf file, dequantized to float32 through transformers' GGUF loader;
   4. a name that an installed plugin resolves (entry point group
@@ -21,6 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from reactor_core.files import sha256_file
 from reactor_core.training.config import TrainingConfig
 
 RESOLVER_GROUP = "reactor_core.model_resolvers"
@@ -54,9 +56,65 @@ class ModelSource:
         return {"pretrained_model_name_or_path": self.location}
 
 
+# What transformers (or a converter) could take weights from; the same list as
+# jarvis_prime.manifest.WEIGHT_SUFFIXES (the PRIME contract is shared on disk, not in code).
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".npz", ".h5",
+                   ".msgpack", ".onnx")
+
+
+def verified_prime_manifest(path: Path) -> dict[str, Any]:
+    """`path/prime.json`, once every file it lists has its size and sha256 and no weight
+    file it does not list is present; else ModelSourceError naming the file.
+
+    Training reads the base's weights, config and tokenizer by name from the folder, so
+    a tampered, truncated or dropped-in file would quietly become the base of the run.
+    Hidden paths (writers' temporary files and staging folders) are not weights.
+    """
+    manifest_path = path / "prime.json"
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelSourceError(f"{manifest_path}: not valid JSON ({err}); not a PRIME model directory") from err
+    listed = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(listed, dict):
+        raise ModelSourceError(f"{manifest_path}: no `files` table; cannot verify the model's files")
+    for rel, entry in listed.items():
+        _check_listed_file(path, rel, entry)
+    unlisted = [rel for rel in _weight_files(path) if rel not in listed]
+    if unlisted:
+        raise ModelSourceError(f"{path}: weight files not listed in prime.json: {', '.join(unlisted)}; "
+                               "refusing to train from it (remove them)")
+    return manifest
+
+
+def _weight_files(model_dir: Path) -> list[str]:
+    """Relative paths of the files under `model_dir` a loader could take weights from."""
+    found = []
+    for file in sorted(model_dir.rglob("*")):
+        rel = file.relative_to(model_dir)
+        hidden = any(part.startswith(".") for part in rel.parts)
+        if file.is_file() and not hidden and rel.name.lower().removesuffix(".index.json").endswith(WEIGHT_SUFFIXES):
+            found.append(rel.as_posix())
+    return found
+
+
+def _check_listed_file(model_dir: Path, rel: str, entry: Any) -> None:
+    file = model_dir / rel
+    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+        raise ModelSourceError(f"{model_dir / 'prime.json'}: files.{rel}: needs a sha256")
+    if not file.is_file():
+        raise ModelSourceError(f"{file}: listed in prime.json but missing")
+    if entry.get("bytes") is not None and file.stat().st_size != entry["bytes"]:
+        raise ModelSourceError(f"{file}: size {file.stat().st_size} bytes, prime.json says {entry['bytes']}")
+    actual = sha256_file(file)
+    if actual != entry["sha256"]:
+        raise ModelSourceError(f"{file}: sha256 {actual} does not match prime.json {entry['sha256']}; "
+                               "refusing to train from it")
+
+
 def _from_directory(path: Path) -> ModelSource | None:
     if (path / "prime.json").is_file():
-        manifest = json.loads((path / "prime.json").read_text())
+        manifest = verified_prime_manifest(path)
         if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
             return ModelSource("prime", str(path), description=f"PRIME model {manifest.get('name')} {manifest.get('version')}")
         ggufs = [q["file"] for q in manifest.get("quantizations", {}).values() if q.get("format") == "gguf"]

@@ -4,7 +4,9 @@ types, each tensor rounded again with the model's importance matrix (`export.ima
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -68,8 +70,22 @@ def quantize(src: Path, dst: Path, quant: str, threads: int | None = None) -> No
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = FILE_TYPES[quant]
     params.nthread = threads or os.cpu_count() or 1
-    with captured_stderr() as captured:  # llama.cpp logs every tensor to fd 2: kept for the error
+    with captured_stderr() as captured, _llama_cpp_logs_on():  # every tensor logged: kept for the error
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
         if rc != 0 or not dst.is_file():
             raise ExportError(f"llama.cpp could not quantize {src.name} to {quant} (code {rc}):\n{log_tail(captured())}")
 
+
+
+@contextlib.contextmanager
+def _llama_cpp_logs_on():
+    """llama-cpp-python's log callback drops llama.cpp's messages once any `Llama(verbose=False)`
+    has been made in the process (it sets the "llama-cpp-python" logger to ERROR); while the
+    output is captured anyway, let them through so a failed quantize can say why."""
+    logger = logging.getLogger("llama-cpp-python")
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

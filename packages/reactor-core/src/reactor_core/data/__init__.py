@@ -10,19 +10,23 @@ The pipeline, in the order a recipe calls it:
     batch = collate_packed(rows[:8], 2048, tokenizer.pad_token_id)
 
 Everything that can be wrong with the data is found before the first step, and each
-problem points at its `path:line`.
+problem points at its `path:line`. Chat lines may carry images (images.py checks each
+one as the file is read); `example.processor_inputs()` gives a vision processor its
+messages and RGB images.
 """
 
 from reactor_core.data.formats import (
     ChatExample,
     DataFormatError,
     Message,
+    Part,
     Role,
     messages_from_alpaca,
     messages_from_chat,
     messages_from_sharegpt,
     parse_record,
 )
+from reactor_core.data.images import ImageError, ImageLimits, ImagePart, open_rgb
 from reactor_core.data.packing import Batch, collate_packed, collate_padded, pack_examples
 from reactor_core.data.tokenize import (
     IGNORE_INDEX,
@@ -48,12 +52,17 @@ __all__ = [
     "DataIssue",
     "DataReport",
     "DataValidationError",
+    "ImageError",
+    "ImageLimits",
+    "ImagePart",
     "Message",
+    "Part",
     "Role",
     "TokenizedExample",
     "collate_packed",
     "collate_padded",
     "load_chat_file",
+    "open_rgb",
     "messages_from_alpaca",
     "messages_from_chat",
     "messages_from_sharegpt",

@@ -15,13 +15,26 @@ reason a person can act on and a `kind` the report counts by. A record is reject
 (never repaired) when a role is unknown, a content is not a string, an assistant turn
 is empty, or there is no assistant turn at all: training on it would either crash later
 or teach the model nothing.
+
+Multimodal chat: in the `messages` format a content may also be a list of OpenAI-style
+parts, `{"type": "text", "text": str}` and image parts (`images.py` lists their three
+forms and checks each one). Images are allowed in user turns only (a model is never
+trained to emit one, and a system image has no place in any chat template), at most
+`ImageLimits.max_images_per_example` per example. A part list without images becomes
+the plain string it spells (its texts joined as the processor templates join them:
+directly), so text data written that way trains as text; a turn with images keeps
+its parts in order, `str` for text and `ImagePart` for each image.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Union, get_args
+
+from PIL import Image
+
+from reactor_core.data.images import ImageError, ImagePart, ImageReader, open_rgb
 
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = get_args(Role)
@@ -43,6 +56,12 @@ UNKNOWN_ROLE = "unknown_role"
 NON_STRING_CONTENT = "non_string_content"
 EMPTY_ASSISTANT = "empty_assistant"
 NO_ASSISTANT = "no_assistant"
+BAD_PART = "bad_content_part"
+MISPLACED_IMAGE = "misplaced_image"
+TOO_MANY_IMAGES = "too_many_images"
+
+# A turn's parts, in order: text as `str`, each image as a checked `ImagePart`.
+Part = Union[str, ImagePart]
 
 
 class DataFormatError(ValueError):
@@ -59,7 +78,13 @@ class Message:
     """One turn of a conversation, already in the roles chat templates understand."""
 
     role: Role
-    content: str
+    content: str | tuple[Part, ...]  # a tuple only in a user turn that holds images
+
+    @property
+    def images(self) -> tuple[ImagePart, ...]:
+        if isinstance(self.content, str):
+            return ()
+        return tuple(part for part in self.content if isinstance(part, ImagePart))
 
 
 @dataclass(frozen=True)
@@ -73,9 +98,38 @@ class ChatExample:
     messages: tuple[Message, ...]
     source: str
 
+    @property
+    def images(self) -> tuple[ImagePart, ...]:
+        """Every image of the conversation, in the order a processor consumes them."""
+        return tuple(image for m in self.messages for image in m.images)
+
     def to_dicts(self) -> list[dict[str, str]]:
-        """The `[{"role", "content"}, ...]` list `tokenizer.apply_chat_template` takes."""
-        return [{"role": m.role, "content": m.content} for m in self.messages]
+        """The `[{"role", "content"}, ...]` list `tokenizer.apply_chat_template` takes.
+
+        Text only: a text tokenizer's template would print an image part's repr into
+        the prompt, so an example with images raises and goes through
+        `processor_inputs` instead.
+        """
+        if self.images:
+            raise ValueError(f"{self.source}: the example holds {len(self.images)} image(s); "
+                             "a text tokenizer cannot render it (use processor_inputs)")
+        return [{"role": m.role, "content": m.content} for m in self.messages]  # type: ignore[misc]
+
+    def processor_inputs(self) -> tuple[list[dict[str, Any]], list[Image.Image]]:
+        """(messages, images) for a Hugging Face vision processor's chat template.
+
+        Every content becomes a part list (Idefics3's template iterates the content, so a
+        bare string would be read character by character), each image a `{"type":
+        "image"}` placeholder; the images follow in placeholder order, decoded to RGB.
+        Raises `ImageError` when an image file changed or vanished since validation.
+        """
+        messages: list[dict[str, Any]] = []
+        for m in self.messages:
+            parts = (m.content,) if isinstance(m.content, str) else m.content
+            messages.append({"role": m.role, "content": [
+                {"type": "text", "text": p} if isinstance(p, str) else {"type": "image"}
+                for p in parts]})
+        return messages, [open_rgb(image) for image in self.images]
 
 
 # --------------------------------------------------------------------------------------
@@ -83,10 +137,18 @@ class ChatExample:
 # --------------------------------------------------------------------------------------
 
 
-def messages_from_chat(record: Mapping[str, Any]) -> tuple[Message, ...]:
-    """`{"messages": [{"role", "content"}, ...]}`: the native format, checked as is."""
+def messages_from_chat(
+    record: Mapping[str, Any], images: ImageReader | None = None
+) -> tuple[Message, ...]:
+    """`{"messages": [{"role", "content"}, ...]}`: the native format, checked as is.
+
+    A content may be a list of parts (module docstring); `images` reads the image parts,
+    relative to the data file's folder. Without it (a record not read from a file) an
+    image part is refused: there is no folder its path could be relative to.
+    """
     turns = _list_of_objects(record["messages"], "messages")
-    messages = []
+    messages: list[Message] = []
+    count = 0
     for i, turn in enumerate(turns):
         for key in ("role", "content"):
             if key not in turn:
@@ -97,7 +159,14 @@ def messages_from_chat(record: Mapping[str, Any]) -> tuple[Message, ...]:
                 f"messages[{i}]: unknown role {role!r} (expected one of {', '.join(ROLES)})",
                 UNKNOWN_ROLE,
             )
-        messages.append(Message(role, _content(turn["content"], f"messages[{i}].content")))
+        where = f"messages[{i}].content"
+        content = turn["content"]
+        if isinstance(content, list):
+            message = Message(role, _parts(content, where, role, images, count))
+        else:
+            message = Message(role, _content(content, where))
+        count += len(message.images)
+        messages.append(message)
     return _checked(messages, lambda i: f"messages[{i}]")
 
 
@@ -146,12 +215,12 @@ _CONVERTERS: dict[str, Callable[[Mapping[str, Any]], tuple[Message, ...]]] = {
 }
 
 
-def parse_record(obj: Any) -> tuple[Message, ...]:
+def parse_record(obj: Any, images: ImageReader | None = None) -> tuple[Message, ...]:
     """Turn one decoded JSONL object, in any accepted format, into checked messages.
 
     Raises `DataFormatError` (a `ValueError`) whose message is the reason and whose
     `kind` names the problem. A record carrying the keys of two formats is rejected
-    rather than read one way silently.
+    rather than read one way silently. `images` reads image parts (chat format only).
     """
     if not isinstance(obj, Mapping):
         raise DataFormatError(f"expected a JSON object, got {_json_type(obj)}")
@@ -163,6 +232,8 @@ def parse_record(obj: Any) -> tuple[Message, ...]:
         )
     if len(present) > 1:
         raise DataFormatError(f"ambiguous record: has both {present[0]!r} and {present[1]!r}")
+    if present[0] == "messages":
+        return messages_from_chat(obj, images)
     return _CONVERTERS[present[0]](obj)
 
 
@@ -178,6 +249,52 @@ def _list_of_objects(value: Any, field: str) -> list[Mapping[str, Any]]:
         if not isinstance(item, Mapping):
             raise DataFormatError(f"{field}[{i}] must be an object, got {_json_type(item)}")
     return value
+
+
+def _parts(
+    value: list[Any], where: str, role: str, images: ImageReader | None, seen: int
+) -> str | tuple[Part, ...]:
+    """A content part list -> its text (no images) or its parts; `seen`: images so far."""
+    if not value:
+        raise DataFormatError(f"{where} must be a string or a non-empty list of parts", BAD_PART)
+    parts: list[Part] = []
+    for j, part in enumerate(value):
+        here = f"{where}[{j}]"
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind == "text":
+            if "text" not in part:
+                raise DataFormatError(f"{here} has no 'text'", BAD_PART)
+            parts.append(_content(part["text"], f"{here}.text"))
+        elif kind in ("image", "image_url"):
+            parts.append(_image(part, here, role, images,
+                                seen + sum(isinstance(p, ImagePart) for p in parts)))
+        elif not isinstance(part, Mapping):
+            raise DataFormatError(f"{here} must be an object, got {_json_type(part)}", BAD_PART)
+        else:
+            raise DataFormatError(f"{here}: unknown part type {kind!r} (expected 'text', "
+                                  "'image' or 'image_url')", BAD_PART)
+    if not any(isinstance(p, ImagePart) for p in parts):
+        return "".join(parts)  # type: ignore[arg-type]
+    return tuple(parts)
+
+
+def _image(part: Mapping[str, Any], where: str, role: str, images: ImageReader | None,
+           seen: int) -> ImagePart:
+    """One image part, checked where it is, how many came before it, then read."""
+    if role != "user":
+        raise DataFormatError(f"{where}: an image part in the {role} turn; images belong in user turns",
+                              MISPLACED_IMAGE)
+    if images is None:
+        raise DataFormatError(f"{where}: image parts are read only from a data file (their "
+                              "paths are relative to its folder)", BAD_PART)
+    limit = images.limits.max_images_per_example
+    if seen >= limit:
+        raise DataFormatError(f"{where}: image {seen + 1} of the example, over "
+                              f"max_images_per_example {limit}", TOO_MANY_IMAGES)
+    try:
+        return images.read(part, where)
+    except ImageError as err:
+        raise DataFormatError(err.reason, err.kind) from None
 
 
 def _content(value: Any, where: str) -> str:

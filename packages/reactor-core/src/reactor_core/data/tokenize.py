@@ -42,6 +42,7 @@ IGNORE_INDEX = -100  # what torch's cross_entropy and HF losses skip
 # Issue kinds raised here.
 TOO_LONG = "too_long"
 TEMPLATE_MISMATCH = "template_mismatch"
+HAS_IMAGES = "has_images"
 
 
 class ChatTemplateError(ValueError):
@@ -98,7 +99,9 @@ def tokenize_dataset(
     """Tokenize every example; report the ones that cannot be trained on.
 
     An example longer than `max_seq_length` tokens, or one the template cannot split
-    into turns, is a `DataIssue` at its `path:line`. Examples are never truncated:
+    into turns, is a `DataIssue` at its `path:line`; so is one with images, which a
+    text tokenizer cannot render (`ChatExample.processor_inputs` is their way to a
+    vision processor). Examples are never truncated:
     cutting a reply off would teach the model to stop mid-sentence. With "error" all
     issues are raised together as `DataValidationError`; with "skip" the bad examples
     are dropped and their issues returned. Either way an error is raised when examples
@@ -117,6 +120,11 @@ def tokenize_dataset(
     issues: list[DataIssue] = []
     for example in examples:
         path, line = _split_source(example.source)
+        if example.images:
+            reason = (f"{len(example.images)} image(s): text-only training cannot use them; "
+                      "they need a vision model's processor")
+            issues.append(DataIssue(path, line, reason, HAS_IMAGES))
+            continue
         try:
             result = tokenize_chat(example, tokenizer)
         except ChatTemplateError as err:

@@ -25,9 +25,12 @@ import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
 from typing import Any, Callable, Hashable, Literal
 
 from reactor_core.data.formats import ChatExample, DataFormatError, parse_record
+from reactor_core.data.images import ImageLimits, ImageReader
 
 OnBadExample = Literal["error", "skip"]
 ON_BAD_EXAMPLE: tuple[str, ...] = ("error", "skip")
@@ -63,13 +66,15 @@ class DataReport:
     """What reading one data file found.
 
     lines: lines in the file, blank ones included (so every issue's line is <= lines).
-    examples: examples kept. skipped: bad lines dropped (only with "skip").
-    duplicates: exact duplicates dropped. counts: issue kind -> number of issues.
+    examples: examples kept. images: images in the kept examples. skipped: bad lines
+    dropped (only with "skip"). duplicates: exact duplicates dropped. counts: issue
+    kind -> number of issues.
     """
 
     path: str
     lines: int = 0
     examples: int = 0
+    images: int = 0
     skipped: int = 0
     duplicates: int = 0
     issues: list[DataIssue] = field(default_factory=list)
@@ -83,7 +88,10 @@ class DataReport:
         """One line for the training log, e.g.
         `train.jsonl: 980 examples from 1000 lines; 12 duplicates dropped; 8 bad lines
         skipped (bad_json: 3, too_long: 5)`."""
-        text = f"{self.path}: {self.examples} examples from {self.lines} lines"
+        text = f"{self.path}: {self.examples} examples"
+        if self.images:
+            text += f" with {self.images} images"
+        text += f" from {self.lines} lines"
         if self.duplicates:
             text += f"; {self.duplicates} duplicates dropped"
         if self.skipped:
@@ -122,15 +130,23 @@ class DataValidationError(ValueError):
 
 
 def load_chat_file(
-    path: str | os.PathLike[str], *, on_bad_example: OnBadExample = "error"
+    path: str | os.PathLike[str],
+    *,
+    on_bad_example: OnBadExample = "error",
+    image_limits: ImageLimits = ImageLimits(),
 ) -> tuple[list[ChatExample], DataReport]:
     """Read a chat JSONL file (any accepted format) into checked, de-duplicated examples.
 
-    Raises `DataValidationError` when any line is bad and `on_bad_example` is "error",
-    and in either mode when no usable example is left.
+    Image parts are read relative to the file's folder and checked against
+    `image_limits` (`images.py`); every image is decoded once here, so a bad one is an
+    issue at its line like any other. Raises `DataValidationError` when any line is
+    bad and `on_bad_example` is "error", and in either mode when no usable example is
+    left.
     """
-    records, report = read_jsonl(path, parse_record, on_bad_example)
+    reader = ImageReader(Path(path).parent.absolute(), image_limits)
+    records, report = read_jsonl(path, partial(parse_record, images=reader), on_bad_example)
     examples = [ChatExample(messages, source) for messages, source in records]
+    report.images = sum(len(example.images) for example in examples)
     return examples, report
 
 

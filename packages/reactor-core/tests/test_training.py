@@ -204,6 +204,43 @@ def test_bad_data_fails_before_anything_is_written(tiny_llama_dir, tmp_path):
     assert not out.exists()
 
 
+def test_image_limits_from_the_config_apply_before_anything_is_written(tiny_llama_dir, tmp_path):
+    """`max_images_per_example` reaches the validator; and an image line that passes it
+    stops the text SFT recipe at its line instead of training on the parts' repr (#20)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4), (255, 0, 0)).save(buffer, "PNG")
+    (tmp_path / "red.png").write_bytes(buffer.getvalue())
+    red = {"type": "image", "path": "red.png"}
+    data = tmp_path / "images.jsonl"
+    lines = [{"messages": [{"role": "user", "content": [red, {"type": "text", "text": f"Colour {i}?"}]},
+                           {"role": "assistant", "content": "Red."}]} for i in range(3)]
+    lines[1]["messages"][0]["content"].append(red)
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "out"
+    with pytest.raises(DataValidationError, match=f"{data}:2: messages\\[0\\].content\\[2\\]: image 2 of the "
+                                                  "example, over max_images_per_example 1"):
+        Trainer(config_for(tiny_llama_dir, out, max_images_per_example=1), progress=False).train(data)
+    with pytest.raises(DataValidationError, match=f"{data}:1: 1 image\\(s\\): text-only training cannot use them"):
+        Trainer(config_for(tiny_llama_dir, out, val_fraction=0.0), progress=False).train(data)
+    assert not out.exists()
+
+
+def test_keys_added_in_1_5_0_leave_1_4_0_checkpoints_resumable():
+    """A checkpoint records its config's training hash; at their defaults the image keys
+    must leave it as reactor-core 1.4.0 computed it (the literals below), or every run
+    interrupted before the upgrade would refuse to resume. Set, they count."""
+    assert TrainingConfig(model_name="m").training_hash() == (
+        "701ef70530c3c39a6f94c45974726ddf56d9e6c5b40b95dfc5986aafe74ab202")
+    assert TrainingConfig(model_name="m", method="dpo", use_lora=False, lora_rank=8).training_hash() == (
+        "0e72c6eb38bccb298d85161580b262c4dd346be29489c71c27483eb7d29c0664")
+    assert TrainingConfig(model_name="m", max_images_per_example=2).training_hash() != (
+        "701ef70530c3c39a6f94c45974726ddf56d9e6c5b40b95dfc5986aafe74ab202")
+
+
 def test_recipe_errors_name_the_key(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("model_name: x\nlora_rnak: 8\n")

@@ -18,6 +18,8 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from reactor_core.data.images import ImageLimits
+
 
 class ConfigError(ValueError):
     """A recipe or override that does not describe a valid run."""
@@ -41,6 +43,7 @@ FIELD_SINCE: dict[str, str] = {
         "beta", "loss_type", "label_smoothing", "precompute_ref_logps", "kl_to_base"), "1.1.0"),
     **dict.fromkeys(("kl_anchor_path", "kl_anchor_tokens", "compile"), "1.2.0"),
     "checkpoint_upload_attempts": "1.4.0",
+    **dict.fromkeys(("max_images_per_example", "max_image_bytes", "max_image_pixels"), "1.5.0"),  # images
 }
 
 
@@ -54,6 +57,13 @@ class TrainingConfig(BaseModel):
     val_fraction: float = Field(default=0.05, ge=0.0, lt=1.0, description="Share of examples held out for validation.")
     on_bad_example: Literal["error", "skip"] = Field(default="error", description="Bad lines stop the run, or are skipped.")
     max_seq_length: int = Field(default=1024, gt=0, description="Tokens per example (and per packed row).")
+    max_images_per_example: int = Field(default=ImageLimits.max_images_per_example, gt=0, description=(
+        "Image parts one chat example may hold (user turns only); an example with more is a bad line."))
+    max_image_bytes: int = Field(default=ImageLimits.max_bytes, gt=0, description=(
+        "Largest image file (or decoded base64) a data line may reference; checked before it is read."))
+    max_image_pixels: int = Field(default=ImageLimits.max_pixels, gt=0, description=(
+        "Largest width x height, checked before decoding (decompression bombs); default PIL's own "
+        "MAX_IMAGE_PIXELS, about 89 M."))
     packing: bool = Field(default=True, description="Pack several examples per row; attention never crosses them.")
 
     # -- output ----------------------------------------------------------------------------
@@ -170,10 +180,22 @@ class TrainingConfig(BaseModel):
         "eval_every_steps", "merge_adapter", "output_name", "output_version", "compile",
     })
 
+    # Keys introduced from this release on count only when set off their default, so an
+    # upgrade that adds keys still resumes the checkpoints the previous release wrote.
+    HASHED_WHEN_SET_SINCE: ClassVar[str] = "1.5.0"
+
     def training_hash(self) -> str:
         """sha256 of the fields that decide the trained weights."""
-        relevant = {k: v for k, v in sorted(self.to_dict().items()) if k not in self.RESUME_NEUTRAL}
+        relevant = {k: v for k, v in sorted(self.to_dict().items())
+                    if k not in self.RESUME_NEUTRAL and not self._default_and_new(k, v)}
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+    def _default_and_new(self, key: str, value: Any) -> bool:
+        def version(text: str) -> tuple[int, ...]:
+            return tuple(int(part) for part in text.split("."))
+
+        new = version(FIELD_SINCE[key]) >= version(self.HASHED_WHEN_SET_SINCE)
+        return new and value == type(self).model_fields[key].default
 
 
 def _format_validation_error(err: ValidationError, origin: str) -> str:

@@ -20,6 +20,7 @@ import torch
 from reactor_core.data import (
     Batch,
     ChatExample,
+    ImageLimits,
     TokenizedExample,
     collate_packed,
     collate_padded,
@@ -40,10 +41,11 @@ class SFTRecipe(Recipe):
     def setup_data(self, data_path: Path) -> None:
         c = self.config
         self.anchor: AnchorRows | None = None  # kl_anchor_path's text
-        train, report = load_chat_file(data_path, on_bad_example=c.on_bad_example)
+        limits = ImageLimits(c.max_images_per_example, c.max_image_bytes, c.max_image_pixels)
+        train, report = load_chat_file(data_path, on_bad_example=c.on_bad_example, image_limits=limits)
         self.data_files = [{"path": str(data_path), "sha256": sha256_file(data_path), "examples": report.examples}]
         if c.val_data_path:
-            val, val_report = load_chat_file(c.val_data_path, on_bad_example=c.on_bad_example)
+            val, val_report = load_chat_file(c.val_data_path, on_bad_example=c.on_bad_example, image_limits=limits)
             self.data_files.append({"path": c.val_data_path, "sha256": sha256_file(c.val_data_path), "examples": val_report.examples, "split": "validation"})
         else:
             train, val = split_examples(train, val_fraction=c.val_fraction, seed=c.seed)

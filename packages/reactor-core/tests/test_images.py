@@ -267,3 +267,41 @@ def test_text_tokenization_reports_image_examples_instead_of_rendering_them(data
 def test_limits_must_be_positive():
     with pytest.raises(ValueError, match="`max_images_per_example` must be positive, got 0"):
         ImageLimits(max_images_per_example=0)
+
+
+# SmolVLM's (Idefics3's) own chat template: it reads every content as a list of parts.
+SMOLVLM_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+def test_processor_inputs_feed_an_idefics3_processor(data_dir, tokenizer, tmp_path):
+    """What the vision recipe will do next: the messages render through SmolVLM's template
+    (system and reply strings included) and the processor expands each image placeholder."""
+    from transformers import AutoTokenizer, Idefics3ImageProcessorPil, Idefics3Processor
+
+    tokenizer.save_pretrained(tmp_path / "tok")  # a copy: the session's tokenizer stays as it is
+    vlm_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    vlm_tokenizer.add_special_tokens({"additional_special_tokens": [
+        "<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]})
+    processor = Idefics3Processor(
+        image_processor=Idefics3ImageProcessorPil(size={"longest_edge": 128}, max_image_size={"longest_edge": 64}),
+        tokenizer=vlm_tokenizer, chat_template=SMOLVLM_TEMPLATE, image_seq_len=4)
+    (data_dir / "images" / "wide.png").write_bytes(png((80, 40), (255, 0, 0)))
+    path = write_lines(data_dir / "train.jsonl", [
+        line({"role": "system", "content": "Be brief."}, user(image("images/wide.png"), text("Colour?")), reply("Red."))])
+    [example], _ = load_chat_file(path)
+
+    messages, images = example.processor_inputs()
+    rendered = processor.apply_chat_template(messages, tokenize=False)
+    assert rendered == ("<|im_start|>System: Be brief.<end_of_utterance>\nUser:<image>Colour?<end_of_utterance>\n"
+                        "Assistant: Red.<end_of_utterance>\n")
+    batch = processor(text=rendered, images=[images], return_tensors="pt")
+    # 80 x 40 -> 128 x 64 -> two 64 x 64 tiles plus the global view, 4 tokens each
+    assert tuple(batch["pixel_values"].shape) == (1, 3, 3, 64, 64)
+    assert int((batch["input_ids"] == vlm_tokenizer.convert_tokens_to_ids("<image>")).sum()) == 12
+    assert batch["pixel_values"][0, 2, :, 32, 32].tolist() == [1.0, -1.0, -1.0]  # red, normalized

@@ -121,7 +121,8 @@ class ChatExample:
         Every content becomes a part list (Idefics3's template iterates the content, so a
         bare string would be read character by character), each image a `{"type":
         "image"}` placeholder; the images follow in placeholder order, decoded to RGB.
-        Raises `ImageError` when an image file changed or vanished since validation.
+        Raises `ImageError`, at this example's `path:line`, when an image file changed or
+        vanished since validation.
         """
         messages: list[dict[str, Any]] = []
         for m in self.messages:
@@ -129,7 +130,10 @@ class ChatExample:
             messages.append({"role": m.role, "content": [
                 {"type": "text", "text": p} if isinstance(p, str) else {"type": "image"}
                 for p in parts]})
-        return messages, [open_rgb(image) for image in self.images]
+        try:
+            return messages, [open_rgb(image) for image in self.images]
+        except ImageError as err:
+            raise ImageError(f"{self.source}: {err.reason}", err.kind) from None
 
 
 # --------------------------------------------------------------------------------------

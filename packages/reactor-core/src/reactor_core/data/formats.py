@@ -13,9 +13,8 @@ Three JSONL record shapes are accepted; `parse_record` recognises them by their 
 Each converter checks the record as it converts it and raises `DataFormatError` with a
 reason a person can act on and a `kind` the report counts by. A record is rejected
 (never repaired) when a role is unknown, a content is not a string (or, in `messages`,
-a list of parts), an assistant turn
-is empty, or there is no assistant turn at all: training on it would either crash later
-or teach the model nothing.
+a list of parts), an assistant turn is empty, or there is no assistant turn at all:
+training on it would either crash later or teach the model nothing.
 
 Multimodal chat: in the `messages` format a content may also be a list of OpenAI-style
 parts, `{"type": "text", "text": str}` and image parts (`images.py` lists their three

@@ -250,3 +250,38 @@ def test_two_thousand_records_take_well_under_a_minute(tmp_path):
     report = vd.write_split(tmp_path, "train", 2000, seed=0)
     seconds = time.perf_counter() - start
     assert report.records == 2000 and seconds < 30, seconds
+
+
+def test_prime_eval_runs_the_vqa_suite_and_prints_it_per_category(dataset, monkeypatch):
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    import jarvis_prime.cli as cli
+    import jarvis_prime.evaluation as evaluation
+
+    data = dataset / "heldout.jsonl"
+
+    class Loaded(TruthModel):
+        runtime = SimpleNamespace(backend="llamacpp", weights="gguf/fake-q8_0.gguf")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    local = SimpleNamespace(manifest=SimpleNamespace(name="prime-135m-vision-v1", version="1.0.0"), path=dataset)
+    monkeypatch.setattr(cli, "resolve", lambda name, auto_pull: local)
+    monkeypatch.setattr(cli, "variant_runtime", lambda manifest, quant: ("q8_0", Loaded.runtime))
+    monkeypatch.setattr(cli, "load_variant", lambda path, runtime: Loaded(data))
+    monkeypatch.setattr(evaluation, "speed", lambda model: {"prompt_tokens_per_s": 1.0, "decode_tokens_per_s": 1.0})
+    result = CliRunner().invoke(cli.app, ["eval", "prime-135m-vision-v1", "--suite", "vqa", "--vqa-data", str(data),
+                                          "--no-save"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "vqa-heldout.jsonl accuracy" in result.output and "100.0%" in result.output
+    assert all(category in result.output for category in vd.CATEGORIES) and "unseen phrasings" in result.output
+    assert "perplexity" not in result.output  # --suite vqa runs that suite only
+
+    refused = CliRunner().invoke(cli.app, ["eval", "prime-135m-vision-v1", "--suite", "vqa"])
+    assert refused.exit_code != 0 and "--vqa-data" in refused.output

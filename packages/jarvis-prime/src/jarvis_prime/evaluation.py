@@ -38,7 +38,7 @@ from jarvis_prime.models.prime_model import PrimeModel
 from jarvis_prime.models.selection import Runtime, plan_runtime
 from jarvis_prime.persona import JARVIS_SYSTEM_PROMPT, REFUSAL
 
-Suite = Literal["jarvis", "perplexity", "all"]
+Suite = Literal["jarvis", "perplexity", "vqa", "all"]  # vqa: only the VQA suite (needs its data)
 PERPLEXITY_WINDOW = 256  # tokens scored per forward pass
 
 
@@ -382,8 +382,10 @@ def load_variant(path: Path, variant: str | None = None, *, runtime: Runtime | N
 
 def evaluate(model: PrimeModel, suite: Suite = "all", system_prompt: str | None = JARVIS_SYSTEM_PROMPT,
              vqa_data: Path | None = None) -> dict[str, Any]:
-    """The suites asked for, plus the VQA suite on `vqa_data` when given (a vision model's
+    """The suites asked for (the VQA suite whenever `vqa_data` is given: a vision model's
     held-out questions), then speed and memory."""
+    if suite == "vqa" and vqa_data is None:
+        raise PrimeError("the vqa suite needs its data: a VQA chat JSONL (python -m jarvis_prime.recipes.vision_data)")
     result: dict[str, Any] = {"backend": model.runtime.backend, "weights": model.runtime.weights,
                               "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if suite in ("perplexity", "all"):

@@ -5,6 +5,7 @@ training never asks, and a scorer that reads replies as a person would."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -222,6 +223,7 @@ def test_the_vqa_suite_gives_a_perfect_model_100_and_a_constant_one_its_share(da
 
 
 def test_vqa_results_go_into_prime_json_without_their_cases(tmp_path, dataset, monkeypatch):
+    """Per-category figures are kept per variant; the replies stay out (too long for prime.json)."""
     stored = {}
 
     def fake_write(model_dir, manifest, changed):
@@ -239,7 +241,7 @@ def test_vqa_results_go_into_prime_json_without_their_cases(tmp_path, dataset, m
 
     monkeypatch.setattr(evaluation, "read_manifest", lambda path: Manifest())
     monkeypatch.setattr(evaluation, "write_manifest", fake_write)
-    monkeypatch.setattr(evaluation, "store_lock", lambda path: __import__("contextlib").nullcontext())
+    monkeypatch.setattr(evaluation, "store_lock", lambda path: contextlib.nullcontext())
     result = run_vqa_suite(AlwaysRed(), dataset / "heldout.jsonl", limit=10)
     record(tmp_path, "q8_0", {"vqa": result})
     assert "cases" not in stored["eval"]["q8_0"]["vqa"] and stored["eval"]["q8_0"]["vqa"]["by_category"]

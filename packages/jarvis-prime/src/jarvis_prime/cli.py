@@ -246,21 +246,28 @@ def eval_model(
     quant: Optional[str] = typer.Option(None, "--quant", help=(
         "Variant to evaluate: a GGUF (f16, q8_0, q4_k_m, ...) on llama.cpp, f32 (safetensors) on transformers, "
         "int8 / nf4 through bitsandbytes. Default: what from_pretrained would serve here.")),
-    suite: str = typer.Option("all", help="jarvis | perplexity | all."),
+    suite: str = typer.Option("all", help="jarvis | perplexity | vqa | all (vqa: only the VQA suite)."),
+    vqa_data: Optional[str] = typer.Option(None, "--vqa-data", help=(
+        "Vision models: also score visual questions from this chat JSONL with category and answer per record "
+        "(python -m jarvis_prime.recipes.vision_data OUT writes OUT/heldout.jsonl).")),
     no_system_prompt: bool = typer.Option(False, "--no-system-prompt", help="Run the JARVIS suite without the persona."),
     show_replies: bool = typer.Option(False, "--show-replies", help="Print every suite reply and why it failed."),
     save: bool = typer.Option(True, help="Record the results in prime.json metrics.eval."),
 ) -> None:
-    """Evaluate the exact file that would be served: perplexity, the JARVIS suite, speed, memory."""
-    if suite not in ("jarvis", "perplexity", "all"):
-        _fail(ValueError(f"--suite must be jarvis, perplexity or all; got {suite!r}"))
+    """Evaluate the exact file that would be served: perplexity, the JARVIS suite, VQA, speed, memory."""
+    from pathlib import Path
+
+    if suite not in ("jarvis", "perplexity", "vqa", "all"):
+        _fail(ValueError(f"--suite must be jarvis, perplexity, vqa or all; got {suite!r}"))
+    if suite == "vqa" and vqa_data is None:
+        _fail(ValueError("--suite vqa needs --vqa-data PATH (python -m jarvis_prime.recipes.vision_data writes one)"))
     system_prompt = None if no_system_prompt else JARVIS_SYSTEM_PROMPT
     try:
         local = resolve(name, auto_pull=False)
         variant, runtime = variant_runtime(local.manifest, quant)
         with console.status(f"evaluating {local.manifest.name} {variant} ({runtime.backend})"):
             with load_variant(local.path, runtime=runtime) as model:
-                result = evaluate(model, suite, system_prompt)
+                result = evaluate(model, suite, system_prompt, vqa_data=Path(vqa_data) if vqa_data else None)
     except (PrimeError, ValueError) as err:
         _fail(err)
     rows = []
@@ -270,6 +277,11 @@ def eval_model(
         jarvis = result["jarvis"]
         rows.append([f"{jarvis['suite']} score{'' if system_prompt else ' (no system prompt)'}", f"{jarvis['score']:.1%}"])
         rows += [[f"  {category}", f"{score:.0%}"] for category, score in jarvis["by_category"].items()]
+    if "vqa" in result:
+        vqa = result["vqa"]
+        rows.append([f"{vqa['suite']} accuracy", f"{vqa['score']:.1%}"])
+        rows += [[f"  {key}", f"{score:.0%}"] for key, score in {**vqa["by_category"], **{
+            f"{phrasing} phrasings": score for phrasing, score in vqa["by_phrasing"].items()}}.items()]
     rows.append(["prompt tokens/s", f"{result['speed']['prompt_tokens_per_s']:.0f}"])
     rows.append(["decode tokens/s", f"{result['speed']['decode_tokens_per_s']:.1f}"])
     rows.append(["peak RSS", f"{result['peak_rss_mb']:.0f} MB"])
@@ -279,6 +291,10 @@ def eval_model(
         for case in result["jarvis"]["cases"]:
             mark = "[green]pass[/]" if case["passed"] else f"[red]fail[/] ({'; '.join(case['failures'])})"
             console.print(f"{case['id']}: {mark}\n  {case['reply']!r}", highlight=False)
+    if show_replies and "vqa" in result:
+        for case in result["vqa"]["cases"]:
+            mark = "[green]pass[/]" if case["passed"] else f"[red]fail[/] (expected {case['answer']!r})"
+            console.print(f"{case['category']}: {mark}  {case['reply']!r}", highlight=False)
     if save:
         record(local.path, eval_key(variant, system_prompt), result)
         console.print(f"recorded in {local.path / 'prime.json'} (metrics.eval.{eval_key(variant, system_prompt)})")

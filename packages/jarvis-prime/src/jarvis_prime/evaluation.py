@@ -8,6 +8,9 @@ runs, or the safetensors transformers runs, quantized as asked):
                identity, concise helpful answers, following the system prompt,
                declining unsafe actions; greedy replies, checked by simple rules
   speed        prompt and decode tokens/s, and the process's peak memory
+  vqa          (vision models) short questions about images, per category, from a chat JSONL
+               whose records carry `category` and `answer` (recipes/vision_data.py writes
+               one); a reply is right when it names the answer and nothing else of its kind
 
 Results go to a table and into `prime.json` under metrics.eval[<variant>], with the
 suite's version, so numbers of different models are only compared like for like.
@@ -25,16 +28,17 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 from jarvis_prime.errors import PrimeError
+from jarvis_prime.files import sha256_file
 from jarvis_prime.hardware import detect_hardware, detect_libraries
 from jarvis_prime.manifest import read_manifest, store_lock, write_manifest
 from jarvis_prime.models.prime_model import PrimeModel
 from jarvis_prime.models.selection import Runtime, plan_runtime
 from jarvis_prime.persona import JARVIS_SYSTEM_PROMPT, REFUSAL
 
-Suite = Literal["jarvis", "perplexity", "all"]
+Suite = Literal["jarvis", "perplexity", "vqa", "all"]  # vqa: only the VQA suite (needs its data)
 PERPLEXITY_WINDOW = 256  # tokens scored per forward pass
 
 
@@ -102,6 +106,138 @@ def run_jarvis_suite(model: PrimeModel, system_prompt: str | None = JARVIS_SYSTE
     return {"suite": f"{suite['name']}-{suite['version']}", "system_prompt": system_prompt,
             "score": sum(r.passed for r in results) / len(results), "by_category": by_category,
             "cases": [asdict(r) for r in results]}
+
+
+# -- visual questions (VQA) -------------------------------------------------------------------
+
+# The words a reply may use to name a colour, a shape or a side: wider than what the
+# synthetic data draws, so a reply naming another colour ("pink") counts as naming one.
+VQA_WORDS: dict[str, frozenset[str]] = {
+    "colour": frozenset({"red", "green", "blue", "yellow", "orange", "purple", "violet", "pink", "brown", "black",
+                         "white", "gray", "cyan", "magenta", "teal", "gold"}),
+    "shape": frozenset({"circle", "square", "triangle", "rectangle", "oval", "ellipse", "star", "diamond", "pentagon",
+                        "hexagon", "heart", "cross"}),
+    "side": frozenset({"left", "right"}),
+}
+NUMERIC_CATEGORIES = frozenset({"count", "number"})
+SPELLINGS = {"grey": "gray", "colour": "color"}  # British and US spellings read the same
+_UNITS = {w: i for i, w in enumerate(("zero one two three four five six seven eight nine ten eleven twelve thirteen "
+                                      "fourteen fifteen sixteen seventeen eighteen nineteen").split())}
+_TENS = {w: 10 * i for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), start=2)}
+
+
+def reply_words(reply: str) -> list[str]:
+    """Lower-case words and digit runs, "4,096" read as 4096, plurals of VQA words singular."""
+    text = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", reply.lower())
+    words = []
+    for word in re.findall(r"[a-z]+|\d+", text):
+        word = SPELLINGS.get(word, word)
+        if word.endswith("s") and any(word[:-1] in vocabulary for vocabulary in VQA_WORDS.values()):
+            word = word[:-1]
+        words.append(word)
+    return words
+
+
+def reply_numbers(words: Sequence[str]) -> list[int]:
+    """Every number a reply states, in digits or words ("four thousand and ninety-six" -> 4096).
+
+    A run of number words is one number; a unit right after a unit ("two three") starts
+    another, as a list of numbers would read.
+    """
+    numbers: list[int] = []
+    total = current = 0
+    in_run = last_unit = False
+
+    def flush() -> None:
+        nonlocal total, current, in_run
+        if in_run:
+            numbers.append(total + current)
+        total = current = 0
+        in_run = False
+
+    for i, word in enumerate(words):
+        if word.isdigit():
+            flush()
+            numbers.append(int(word))
+            last_unit = False
+            continue
+        if word == "and" and in_run and i + 1 < len(words) and (words[i + 1] in _UNITS or words[i + 1] in _TENS):
+            continue
+        if word in _UNITS or word in _TENS:
+            value = _UNITS.get(word, _TENS.get(word, 0))
+            if in_run and (last_unit or (word in _TENS and current % 100 != 0)):
+                flush()
+            current += value
+            in_run, last_unit = True, word in _UNITS
+        elif word == "hundred" and in_run:
+            current = max(current, 1) * 100
+            last_unit = False
+        elif word == "thousand" and in_run:
+            total, current, last_unit = total + max(current, 1) * 1000, 0, False
+        else:
+            flush()
+            last_unit = False
+    flush()
+    return numbers
+
+
+def score_vqa(category: str, answer: str, reply: str) -> bool:
+    """Does `reply` give `answer`? Case, punctuation, spelling (grey/gray, colour/color),
+    plurals and number words do not matter; naming the answer *and* something else of its
+    kind ("red or blue", "3 or 4") is wrong, as is "13" for 3."""
+    words = reply_words(reply)
+    if category in NUMERIC_CATEGORIES:
+        numbers = reply_numbers(words)
+        return bool(numbers) and all(n == int(answer) for n in numbers)
+    if category not in VQA_WORDS:
+        raise PrimeError(f"no VQA scoring for category {category!r}; categories: "
+                         f"{', '.join([*VQA_WORDS, *sorted(NUMERIC_CATEGORIES)])}")
+    expected = reply_words(answer)
+    return {w for w in words if w in VQA_WORDS[category]} == set(expected)
+
+
+def load_vqa_records(path: Path) -> list[dict[str, Any]]:
+    """A VQA chat JSONL, image paths made absolute (they are relative to the file)."""
+    path = Path(path)
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if "category" not in record or "answer" not in record:
+            raise PrimeError(f"{path}:{number}: a VQA record needs `category` and `answer`")
+        for message in record["messages"]:
+            if isinstance(message["content"], list):
+                for part in message["content"]:
+                    if part.get("type") == "image" and "path" in part:
+                        part["path"] = str((path.parent / part["path"]).resolve())
+        records.append(record)
+    return records
+
+
+def run_vqa_suite(model, data: Path, max_new_tokens: int = 16, limit: int | None = None) -> dict[str, Any]:
+    """Greedy replies to each record's question (its turns before the assistant's answer),
+    scored by `score_vqa`: accuracy overall, per category and per phrasing (seen in
+    training or not). `model` is anything with PrimeModel's `chat(messages, ...)`."""
+    records = load_vqa_records(data)[:limit]
+    if not records:
+        raise PrimeError(f"{data}: no VQA records")
+    cases = []
+    for record in records:
+        question = record["messages"][:-1] if record["messages"][-1]["role"] == "assistant" else record["messages"]
+        reply = model.chat(question, max_new_tokens=max_new_tokens, temperature=0.0).strip()
+        cases.append({"category": record["category"], "answer": record["answer"], "reply": reply,
+                      "phrasing": record.get("phrasing", "seen"),
+                      "passed": score_vqa(record["category"], record["answer"], reply)})
+    return {"suite": f"vqa-{Path(data).name}", "data_sha256": sha256_file(Path(data)),
+            "score": sum(c["passed"] for c in cases) / len(cases),
+            "by_category": accuracy_by(cases, "category"), "by_phrasing": accuracy_by(cases, "phrasing"),
+            "cases": cases}
+
+
+def accuracy_by(cases: list[dict[str, Any]], key: str) -> dict[str, float]:
+    groups = sorted({c[key] for c in cases})
+    return {g: sum(c["passed"] for c in cases if c[key] == g) / sum(c[key] == g for c in cases) for g in groups}
 
 
 # -- held-out feedback -----------------------------------------------------------------------
@@ -244,13 +380,20 @@ def load_variant(path: Path, variant: str | None = None, *, runtime: Runtime | N
     return PrimeModel.load(path, manifest, runtime, scoring=True)
 
 
-def evaluate(model: PrimeModel, suite: Suite = "all", system_prompt: str | None = JARVIS_SYSTEM_PROMPT) -> dict[str, Any]:
+def evaluate(model: PrimeModel, suite: Suite = "all", system_prompt: str | None = JARVIS_SYSTEM_PROMPT,
+             vqa_data: Path | None = None) -> dict[str, Any]:
+    """The suites asked for (the VQA suite whenever `vqa_data` is given: a vision model's
+    held-out questions), then speed and memory."""
+    if suite == "vqa" and vqa_data is None:
+        raise PrimeError("the vqa suite needs its data: a VQA chat JSONL (python -m jarvis_prime.recipes.vision_data)")
     result: dict[str, Any] = {"backend": model.runtime.backend, "weights": model.runtime.weights,
                               "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if suite in ("perplexity", "all"):
         result["perplexity"] = perplexity(model)
     if suite in ("jarvis", "all"):
         result["jarvis"] = run_jarvis_suite(model, system_prompt)
+    if vqa_data is not None:
+        result["vqa"] = run_vqa_suite(model, vqa_data)
     result["speed"] = speed(model)
     result["peak_rss_mb"] = peak_rss_mb()
     return result
@@ -263,8 +406,9 @@ def eval_key(variant: str, system_prompt: str | None) -> str:
 def record(model_dir: Path, key: str, result: dict[str, Any]) -> None:
     """Merge `result` into prime.json metrics.eval[key] (replies stay out: too long)."""
     summary = json.loads(json.dumps(result))
-    if "jarvis" in summary:
-        summary["jarvis"].pop("cases", None)
+    for suite in ("jarvis", "vqa"):
+        if suite in summary:
+            summary[suite].pop("cases", None)
     with store_lock(model_dir):
         manifest = read_manifest(model_dir)
         metrics = dict(manifest.metrics)

@@ -304,3 +304,40 @@ def test_manifest_refuses_a_misplaced_projector(tmp_path, quant, message):
         "quantizations": {"q": quant}}))
     with pytest.raises(ManifestError, match=f"field quantizations.q.*{message}"):
         read_manifest(tmp_path)
+
+
+# -- the transformers backend on the same PRIME directory ---------------------------------
+
+@pytest.fixture(scope="module")
+def hf_vision_model(vision_dir: Path):
+    pytest.importorskip("transformers")
+    from jarvis_prime import PrimeModel
+
+    model = PrimeModel.from_pretrained(vision_dir, backend="transformers", device="cpu")
+    yield model
+    model.close()
+
+
+def test_transformers_backend_answers_the_same_image_call(hf_vision_model, vision_model, tmp_path):
+    """AutoModelForImageTextToText + AutoProcessor from the PRIME directory take the same
+    content parts. Greedy answers are compared with llama.cpp but not required to agree:
+    the two preprocess images differently (see the report in the test's output)."""
+    from tiny_vision import png_bytes
+
+    assert hf_vision_model.runtime.backend == "transformers" and hf_vision_model.sees_images
+    (tmp_path / "img.png").write_bytes(png_bytes(0))
+    messages = ask(tmp_path / "img.png")
+    answer = hf_vision_model.chat(messages, max_new_tokens=6)
+    assert answer and hf_vision_model.chat(ask(image_url(0), kind="image_url"), max_new_tokens=6) == answer
+    assert "".join(hf_vision_model.chat(messages, stream=True, max_new_tokens=6)) == answer
+    prompt = hf_vision_model.encode_chat(messages)
+    image_token = hf_vision_model._backend.tokenizer.convert_tokens_to_ids("<image>")
+    assert prompt.ids.count(image_token) >= 5 * 4  # the processor expanded the image: tiles + overview
+    reply = hf_vision_model.complete(prompt, max_new_tokens=3)
+    assert reply.prompt_tokens == len(prompt.ids)
+    other = hf_vision_model.complete(hf_vision_model.encode_chat(ask(png_bytes(1))), max_new_tokens=6)
+    assert other.text != answer  # it sees the image
+    assert len(prompt.ids) == len(vision_model.encode_chat(messages).ids)  # same tiles, same image tokens
+    print(f"\ngreedy answers, same image: transformers {answer!r}, llama.cpp "
+          f"{vision_model.chat(messages, max_new_tokens=6)!r}; other image on transformers {other.text!r}; "
+          f"prompt tokens transformers {len(prompt.ids)}, llama.cpp {len(vision_model.encode_chat(messages).ids)}")

@@ -77,6 +77,9 @@ def build_idefics3(path: Path, tokenizer) -> Path:
         "max_image_size": {"longest_edge": 64}, "do_image_splitting": True, "image_mean": [0.5] * 3,
         "image_std": [0.5] * 3, "do_normalize": True, "do_rescale": True, "rescale_factor": 1 / 255,
         "resample": 1}))
+    # 64 / 16 = 4x4 patches, pixel-shuffled by 2: 4 image tokens per tile (Idefics3Processor's default is 169)
+    (path / "processor_config.json").write_text(json.dumps({"processor_class": "Idefics3Processor",
+                                                            "image_seq_len": 4}))
     return path
 
 

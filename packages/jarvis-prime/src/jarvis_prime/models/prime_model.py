@@ -154,7 +154,8 @@ class PrimeModel:
         else:
             from jarvis_prime.models.transformers_backend import TransformersBackend
 
-            loaded = TransformersBackend(path, device=runtime.device, quantization=runtime.quantization)
+            loaded = TransformersBackend(path, device=runtime.device, quantization=runtime.quantization,
+                                         vision=manifest.task == "vision")
         return cls(path, manifest, runtime, loaded, n_ctx)
 
     @property
@@ -216,7 +217,7 @@ class PrimeModel:
         if self.runtime.backend == "llamacpp":
             return (f"{self.name}: {self.runtime.weights} has no projector (`mmproj`) recorded in prime.json, "
                     "so llama.cpp cannot encode images with it")
-        return f"{self.name}: the {self.runtime.backend} backend does not take images; use backend='llamacpp'"
+        return f"{self.name}: the {self.runtime.backend} backend cannot take images for this model"
 
     # -- generation ---------------------------------------------------------------------
 

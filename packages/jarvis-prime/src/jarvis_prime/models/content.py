@@ -30,7 +30,7 @@ _MAGIC = {b"\x89PNG\r\n\x1a\n": "png", b"\xff\xd8\xff": "jpeg", b"GIF87a": "gif"
 
 
 @dataclass(frozen=True)
-class Image:
+class EncodedImage:
     """One encoded image and the part it came from (`messages[0].content[1]`), for errors."""
 
     data: bytes
@@ -42,7 +42,7 @@ class Media:
     """A chat prompt with images: the rendered text (a marker where each image goes) and the images."""
 
     text: str
-    images: tuple[Image, ...]
+    images: tuple[EncodedImage, ...]
 
 
 def image_format(data: bytes) -> str | None:
@@ -128,14 +128,14 @@ def _part_image(part: Mapping[str, Any], where: str) -> Any:
 
 
 def split_images(messages: Sequence[Mapping[str, Any]],
-                 placeholder: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[Image]]:
+                 placeholder: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[EncodedImage]]:
     """(messages for the chat template, the images in order).
 
     Each image part becomes `placeholder` (e.g. {"type": "text", "text": marker} or
     {"type": "image"}); a message without images gets its text parts joined into one
     string, which every chat template renders. Unknown part types are an error."""
     rendered: list[dict[str, Any]] = []
-    images: list[Image] = []
+    images: list[EncodedImage] = []
     for i, message in enumerate(messages):
         content = message.get("content")
         if not isinstance(content, (list, tuple)):
@@ -149,7 +149,7 @@ def split_images(messages: Sequence[Mapping[str, Any]],
             if kind == "text" and isinstance(part.get("text"), str):
                 parts.append({"type": "text", "text": part["text"]})
             elif kind in ("image", "image_url"):
-                images.append(Image(image_bytes(_part_image(part, where), where), where))
+                images.append(EncodedImage(image_bytes(_part_image(part, where), where), where))
                 parts.append(dict(placeholder))
             else:
                 raise ImageInputError(f"{where}: unknown content part {kind!r}; expected text, image or image_url "

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from jarvis_prime.errors import ImageInputError, PrimeError
-from jarvis_prime.models.content import Image
+from jarvis_prime.models.content import EncodedImage
 
 LLAMA_TOKEN_NULL = -1
 
@@ -194,7 +194,7 @@ IMAGE_POSITION = LLAMA_TOKEN_NULL
 
 
 @contextmanager
-def bitmaps(handler: Any, images: Sequence[Image]) -> Iterator[list[Any]]:
+def bitmaps(handler: Any, images: Sequence[EncodedImage]) -> Iterator[list[Any]]:
     """mtmd bitmaps of `images` (decoded by llama.cpp's stb_image), freed on exit."""
     import llama_cpp.mtmd_cpp as mtmd
 
@@ -211,7 +211,7 @@ def bitmaps(handler: Any, images: Sequence[Image]) -> Iterator[list[Any]]:
         yield out
 
 
-def media_ids(handler: Any, text: str, images: Sequence[Image]) -> list[int]:
+def media_ids(handler: Any, text: str, images: Sequence[EncodedImage]) -> list[int]:
     """The prompt's token ids as llama.cpp will decode them, IMAGE_POSITION for each image
     embedding: what a caller counts against the context, without encoding any image."""
     import llama_cpp.mtmd_cpp as mtmd
@@ -221,7 +221,7 @@ def media_ids(handler: Any, text: str, images: Sequence[Image]) -> list[int]:
                 for token in (ids if ids is not None else [IMAGE_POSITION] * mtmd.mtmd_input_chunk_get_n_tokens(chunk))]
 
 
-def evaluate_media(handler: Any, llama: Any, text: str, images: Sequence[Image]) -> list[int]:
+def evaluate_media(handler: Any, llama: Any, text: str, images: Sequence[EncodedImage]) -> list[int]:
     """Decode the prompt into `llama`'s KV cache, text chunks with `Llama.eval` and images
     with mtmd (encoder, projector, then their embeddings), as MTMDChatHandler does; returns
     the prompt ids to hand `create_completion`, which finds them all cached and samples.

@@ -71,6 +71,7 @@ class TransformersBackend:
         dtype = torch.float16 if quantization == "8bit" and device == "cuda" else _dtype_for(device)
         # A vision model: its processor (image processor + tokenizer) and the image-text-to-text class.
         self.processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True) if vision else None
+        self._last_media: tuple[Media, dict] | None = None
         self.tokenizer = self.processor.tokenizer if vision else AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         model_class = AutoModelForImageTextToText if vision else AutoModelForCausalLM
         self.model = model_class.from_pretrained(
@@ -103,13 +104,18 @@ class TransformersBackend:
     image_part = {"type": "image"}
 
     def _processed(self, media: Media) -> dict:
-        """The processor's tensors for `media`: input_ids with every image expanded, pixel values."""
+        """The processor's tensors for `media`: input_ids with every image expanded, pixel values.
+        The last result is kept: `encode_chat` and the generation that follows ask for the same."""
+        if self._last_media is not None and self._last_media[0] is media:
+            return self._last_media[1]
         from PIL import Image
 
         images = [Image.open(io.BytesIO(image.data)).convert("RGB") for image in media.images]
         inputs = self.processor(text=media.text, images=[images], return_tensors="pt", add_special_tokens=False)
-        return {k: v.to(self.model.device, dtype=self.model.dtype if v.is_floating_point() else v.dtype)
-                for k, v in inputs.items()}
+        tensors = {k: v.to(self.model.device, dtype=self.model.dtype if v.is_floating_point() else v.dtype)
+                   for k, v in inputs.items()}
+        self._last_media = (media, tensors)
+        return tensors
 
     def tokenize_media(self, media: Media) -> list[int]:
         return self._processed(media)["input_ids"][0].tolist()

@@ -345,3 +345,21 @@ def test_transformers_backend_answers_the_same_image_call(hf_vision_model, visio
     print(f"\ngreedy answers, same image: transformers {answer!r}, llama.cpp "
           f"{vision_model.chat(messages, max_new_tokens=6)!r}; other image on transformers {other.text!r}; "
           f"prompt tokens transformers {len(prompt.ids)}, llama.cpp {len(vision_model.encode_chat(messages).ids)}")
+
+
+def test_a_vision_directory_whose_vocabulary_lacks_the_image_tokens_fails_at_load(tmp_path_factory, tmp_path):
+    """The projector is opened, and the text vocabulary checked, when the model loads: not on
+    the first image question (issue #20's llama_decode -1)."""
+    import shutil
+
+    from jarvis_prime import PrimeModel
+    from jarvis_prime.manifest import read_manifest, write_manifest
+    from jarvis_prime.models.mtmd import MediaTokenError
+
+    built = tiny_vision(tmp_path_factory)
+    folder = tmp_path / "plain-vocab"
+    shutil.copytree(built.prime_dir, folder)
+    shutil.copy(built.plain_text_gguf, folder / "gguf/tiny-vision-f16.gguf")
+    write_manifest(folder, read_manifest(folder), changed=["gguf/tiny-vision-f16.gguf"])
+    with pytest.raises(MediaTokenError, match="<fake_token_around_image>.*<global-img>"):
+        PrimeModel.from_pretrained(folder, backend="llamacpp", device="cpu")

@@ -73,6 +73,9 @@ class LlamaCppBackend:
         )
         self.scoring = scoring
         self._vision = self._open_projector(mmproj, gpu_offload) if mmproj is not None else None
+        # The mtmd context is shared: tokenizing an image prompt (encode_chat, any thread)
+        # waits for an image being encoded into the KV cache, and the other way round.
+        self._media_lock = threading.Lock()
         self.bos_token = self._token_text(self._llm.token_bos())
         self.eos_token = self._token_text(self._llm.token_eos())
 
@@ -103,7 +106,8 @@ class LlamaCppBackend:
     def tokenize_media(self, media: Media) -> list[int]:
         from jarvis_prime.models.mtmd import media_ids
 
-        return media_ids(self._vision, media.text, media.images)
+        with self._media_lock:
+            return media_ids(self._vision, media.text, media.images)
 
     def _token_text(self, token_id: int) -> str:
         if token_id < 0:
@@ -134,7 +138,8 @@ class LlamaCppBackend:
             return prompt_ids
         from jarvis_prime.models.mtmd import evaluate_media
 
-        return evaluate_media(self._vision, self._llm, media.text, media.images)
+        with self._media_lock:
+            return evaluate_media(self._vision, self._llm, media.text, media.images)
 
     def generate(self, prompt_ids: Sequence[int], params: GenerationParams, media: Media | None = None) -> Generation:
         prompt_ids = self._prompt(prompt_ids, media)

@@ -171,6 +171,8 @@ def test_image_prompt_counts_its_image_embeddings(vision_model):
     text_only = vision_model.encode_chat([{"role": "user", "content": [QUESTION]}])
     assert with_image.ids.count(IMAGE_POSITION) >= 5 * 4  # 2x2 tiles + overview, 4 tokens each
     assert text_only.media is None and IMAGE_POSITION not in text_only.ids
+    # text parts alone are joined: the prompt a plain string makes, for any chat template
+    assert text_only.ids == vision_model.encode_chat([{"role": "user", "content": QUESTION["text"]}]).ids
     reply = vision_model.complete(with_image, max_new_tokens=3)
     assert reply.prompt_tokens == len(with_image.ids) and reply.completion_tokens >= 1
 

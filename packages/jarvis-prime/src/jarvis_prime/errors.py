@@ -43,3 +43,11 @@ class BackendUnavailableError(PrimeError):
 
 class ExportError(PrimeError):
     """A model the GGUF exporter cannot turn into GGUF, with what it does support."""
+
+
+class ImageInputError(PrimeError, ValueError):
+    """An image part a model cannot take: unreadable bytes, an unknown part type, a remote URL."""
+
+
+class ImageNotSupportedError(PrimeError, ValueError):
+    """Images sent to a model (or a weight file) that cannot see: refused, never silently dropped."""

@@ -16,3 +16,8 @@ FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "q4_k_s": 14, "q4_k_m": 
 
 def gguf_filename(name: str, quant: str) -> str:
     return f"gguf/{name}-{quant}.gguf"
+
+
+def mmproj_filename(name: str, quant: str) -> str:
+    """A vision model's projector GGUF (llama.cpp's mmproj), recorded as its text GGUF's `mmproj`."""
+    return f"gguf/mmproj-{name}-{quant}.gguf"

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from jarvis_prime.errors import IntegrityError, ManifestError, UnsafeNameError
 from jarvis_prime.files import atomic_write, sha256_file
@@ -65,6 +65,26 @@ class Quantization(BaseModel):
     importance: dict[str, Any] | None = Field(
         default=None, description="The importance matrix the weights were rounded with (calibration sha256, tokens)."
     )
+    mmproj: str | None = Field(
+        default=None, description="Vision models: the projector GGUF llama.cpp (libmtmd) encodes images with, "
+        "listed in `files` like every weight file (e.g. gguf/mmproj-<name>-f16.gguf)."
+    )
+
+    @field_validator("mmproj")
+    @classmethod
+    def _projector_path(cls, value: str | None) -> str | None:
+        """A relative `.gguf` path inside the directory: it is opened as weights."""
+        if value is not None and (not value.endswith(".gguf") or value.startswith("/")
+                                  or any(part in ("", ".", "..") for part in value.split("/"))):
+            raise ValueError(f"must be a relative path to a .gguf file inside the model directory, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _projector_needs_gguf(self) -> "Quantization":
+        if self.mmproj is not None and self.format != "gguf":
+            raise ValueError("`mmproj` goes with a gguf quantization (llama.cpp); transformers reads the "
+                             "vision weights from the safetensors")
+        return self
 
 
 class Lineage(BaseModel):
@@ -228,6 +248,12 @@ def matching_gguf(manifest: PrimeManifest, quantization: Literal["8bit", "4bit"]
         candidates = [n for n, q in ggufs.items() if q.bits == _BITS_OF_REQUEST[quantization]]
     rank = {name: i for i, name in enumerate(_GGUF_PREFERENCE)}
     return min(candidates, key=lambda n: rank.get(n, len(rank)), default=None)
+
+
+def projector_for(manifest: PrimeManifest, gguf_file: str) -> str | None:
+    """The mmproj GGUF recorded with the text GGUF `gguf_file`, or None (a text-only file)."""
+    return next((q.mmproj for q in manifest.quantizations.values() if q.file == gguf_file and q.format == "gguf"),
+                None)
 
 
 _BITS_OF_QUANT = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8}

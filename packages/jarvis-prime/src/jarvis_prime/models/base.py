@@ -56,7 +56,12 @@ class Chunk:
 
 
 class Backend(Protocol):
-    """A loaded model that turns token ids into text. Not thread-safe: callers hold a lock."""
+    """A loaded model that turns token ids into text. Not thread-safe: callers hold a lock.
+
+    A backend that sees images also has `sees_images` (True), `image_part` (what an image
+    part becomes before the chat template), `tokenize_media(media)`, and takes
+    `media=` in `generate` and `stream` (see `models/content.py` and `models/mtmd.py`).
+    """
 
     name: str
     bos_token: str

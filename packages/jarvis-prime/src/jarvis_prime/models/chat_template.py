@@ -42,8 +42,16 @@ def _compile(source: str) -> jinja2.Template:
     return env.from_string(source)
 
 
-def validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
-    """Plain {'role', 'content'} dicts, or a ChatTemplateError naming the bad message."""
+def _parts(content: Any) -> bool:
+    """Content parts as a vision template reads them (`models.content.split_images` makes them)."""
+    return isinstance(content, list) and all(isinstance(p, Mapping) and p.get("type") in ("text", "image")
+                                             for p in content)
+
+
+def validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Plain {'role', 'content'} dicts, or a ChatTemplateError naming the bad message.
+
+    Content is a string, or a list of text / image parts for a vision model's template."""
     if not messages:
         raise ChatTemplateError("messages: at least one message is required")
     clean = []
@@ -51,8 +59,9 @@ def validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, s
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
             raise ChatTemplateError(f"messages[{i}].role: must be one of {ROLES}, got {role!r}")
-        if not isinstance(content, str):
-            raise ChatTemplateError(f"messages[{i}].content: must be a string, got {type(content).__name__}")
+        if not isinstance(content, str) and not _parts(content):
+            raise ChatTemplateError(f"messages[{i}].content: must be a string or text/image parts, "
+                                    f"got {type(content).__name__}")
         clean.append({"role": role, "content": content})
     return clean
 

@@ -14,6 +14,7 @@ from typing import Any, Iterator, Sequence
 
 from jarvis_prime.errors import BackendUnavailableError
 from jarvis_prime.models.base import Chunk, Generation, GenerationParams
+from jarvis_prime.models.content import Media
 
 
 _PARAMS_LOCK = threading.Lock()
@@ -54,7 +55,7 @@ class LlamaCppBackend:
     name = "llamacpp"
 
     def __init__(self, gguf_path: Path, *, n_ctx: int, gpu_offload: bool, n_threads: int | None = None,
-                 scoring: bool = False) -> None:
+                 scoring: bool = False, mmproj: Path | None = None) -> None:
         import llama_cpp  # optional at import time of jarvis_prime; installed by default
 
         if gpu_offload and not llama_cpp.llama_supports_gpu_offload():
@@ -71,8 +72,42 @@ class LlamaCppBackend:
             verbose=False,
         )
         self.scoring = scoring
+        self._vision = self._open_projector(mmproj, gpu_offload) if mmproj is not None else None
+        # The mtmd context is shared: tokenizing an image prompt (encode_chat, any thread)
+        # waits for an image being encoded into the KV cache, and the other way round.
+        self._media_lock = threading.Lock()
         self.bos_token = self._token_text(self._llm.token_bos())
         self.eos_token = self._token_text(self._llm.token_eos())
+
+    def _open_projector(self, mmproj: Path, gpu_offload: bool):
+        """The projector, opened now: a text vocabulary without the image tokens fails the load
+        (MediaTokenError), not the first image question."""
+        from jarvis_prime.models.mtmd import vision_chat_handler
+
+        handler = vision_chat_handler(mmproj, use_gpu=gpu_offload)
+        try:
+            handler._init_mtmd_context(self._llm)
+        except BaseException:
+            self._llm.close()
+            raise
+        return handler
+
+    @property
+    def sees_images(self) -> bool:
+        return self._vision is not None
+
+    @property
+    def image_part(self) -> dict[str, str]:
+        """What an image part becomes before the chat template: libmtmd's marker as text."""
+        import llama_cpp.mtmd_cpp as mtmd
+
+        return {"type": "text", "text": mtmd.mtmd_default_marker().decode("utf-8")}
+
+    def tokenize_media(self, media: Media) -> list[int]:
+        from jarvis_prime.models.mtmd import media_ids
+
+        with self._media_lock:
+            return media_ids(self._vision, media.text, media.images)
 
     def _token_text(self, token_id: int) -> str:
         if token_id < 0:
@@ -96,7 +131,18 @@ class LlamaCppBackend:
             seed=params.seed,
         )
 
-    def generate(self, prompt_ids: Sequence[int], params: GenerationParams) -> Generation:
+    def _prompt(self, prompt_ids: Sequence[int], media: Media | None) -> Sequence[int]:
+        """The ids `create_completion` decodes: with images, the prompt is first decoded here
+        (mtmd), and the returned ids are all in the cache, so sampling starts at once."""
+        if media is None:
+            return prompt_ids
+        from jarvis_prime.models.mtmd import evaluate_media
+
+        with self._media_lock:
+            return evaluate_media(self._vision, self._llm, media.text, media.images)
+
+    def generate(self, prompt_ids: Sequence[int], params: GenerationParams, media: Media | None = None) -> Generation:
+        prompt_ids = self._prompt(prompt_ids, media)
         result = self._llm.create_completion(**self._completion_args(prompt_ids, params))
         choice, usage = result["choices"][0], result["usage"]
         return Generation(
@@ -106,7 +152,8 @@ class LlamaCppBackend:
             completion_tokens=usage["completion_tokens"],
         )
 
-    def stream(self, prompt_ids: Sequence[int], params: GenerationParams) -> Iterator[Chunk]:
+    def stream(self, prompt_ids: Sequence[int], params: GenerationParams, media: Media | None = None) -> Iterator[Chunk]:
+        prompt_ids = self._prompt(prompt_ids, media)
         for part in self._llm.create_completion(**self._completion_args(prompt_ids, params), stream=True):
             choice = part["choices"][0]
             yield Chunk(text=choice["text"], finish_reason=choice["finish_reason"])

@@ -3,6 +3,8 @@
     model = PrimeModel.from_pretrained("smollm2-135m-instruct", quantization="4bit")
     print(model.runtime.describe())   # what was picked, and why
     model.chat([{"role": "user", "content": "What is the capital of France?"}])    # -> str
+    vision.chat([{"role": "user", "content": [{"type": "image", "image": "cat.png"},  # path, bytes,
+                                              {"type": "text", "text": "What colour?"}]}])  # PIL image
     model.generate("What is machine learning?", stream=True)                     # -> text pieces
 
 Three ways to generate, each with `stream=`: `generate` (a prompt) and `chat`
@@ -25,11 +27,12 @@ from typing import Any, AsyncIterator, Callable, Iterator, Literal, Mapping, Seq
 
 from typing_extensions import Unpack
 
-from jarvis_prime.errors import ManifestError
+from jarvis_prime.errors import ImageNotSupportedError, ManifestError
 from jarvis_prime.hardware import detect_hardware, detect_libraries
 from jarvis_prime.manifest import PrimeManifest, refuse_unlisted_weights, verify_files
 from jarvis_prime.models.base import Backend, Chunk, Generation, GenerationParams
 from jarvis_prime.models.chat_template import ChatTemplate
+from jarvis_prime.models.content import Media, has_images, split_images
 from jarvis_prime.models.selection import BackendName, Device, Quantization, Runtime, plan_runtime
 from jarvis_prime.store import LocalModel, resolve
 
@@ -56,10 +59,14 @@ def _params(options: SamplingOptions, extra_stop: Sequence[str] = ()) -> Generat
 
 @dataclass(frozen=True)
 class Prompt:
-    """Token ids ready to decode, and the stop strings that belong with them."""
+    """Token ids ready to decode, and the stop strings that belong with them.
+
+    A prompt with images also carries them (`media`): its ids then hold a placeholder per
+    image embedding, so `len(ids)` is what the prompt takes of the context."""
 
     ids: list[int]
     stop: tuple[str, ...] = field(default=())
+    media: Media | None = None
 
 
 def _text(result: Generation | Iterator[Chunk]) -> str | Iterator[str]:
@@ -77,7 +84,7 @@ def _pieces(chunks: Iterator[Chunk]) -> Iterator[str]:
 def _files_read(manifest: PrimeManifest, runtime: Runtime) -> list[str]:
     """The manifest files a backend opens: its weights, tokenizer and template."""
     if runtime.weights_format == "gguf":
-        names = [runtime.weights, "chat_template.jinja"]
+        names = [runtime.weights, "chat_template.jinja", *([runtime.mmproj] if runtime.mmproj else [])]
     else:
         names = [f for f in manifest.files if not f.startswith(("gguf/", "adapter/"))]
     return [f for f in names if f in manifest.files or f == runtime.weights]
@@ -143,11 +150,12 @@ class PrimeModel:
             from jarvis_prime.models.llamacpp import LlamaCppBackend
 
             loaded: Backend = LlamaCppBackend(path / runtime.weights, n_ctx=n_ctx, gpu_offload=runtime.device != "cpu",
-                                              scoring=scoring)
+                                              scoring=scoring, mmproj=path / runtime.mmproj if runtime.mmproj else None)
         else:
             from jarvis_prime.models.transformers_backend import TransformersBackend
 
-            loaded = TransformersBackend(path, device=runtime.device, quantization=runtime.quantization)
+            loaded = TransformersBackend(path, device=runtime.device, quantization=runtime.quantization,
+                                         vision=manifest.task == "vision")
         return cls(path, manifest, runtime, loaded, n_ctx)
 
     @property
@@ -183,10 +191,33 @@ class PrimeModel:
 
     def encode_chat(self, messages: Messages) -> Prompt:
         """`messages` through the chat template, as token ids, with the model's end-of-turn
-        stop strings, so a reply ends where the assistant's turn does."""
+        stop strings, so a reply ends where the assistant's turn does.
+
+        Content may be OpenAI-style parts (`models/content.py`); images go to a model that
+        sees them, and anywhere else are an ImageNotSupportedError, never dropped."""
+        if has_images(messages) and not self.sees_images:
+            raise ImageNotSupportedError(self._why_blind())
+        rendered, images = split_images(messages, getattr(self._backend, "image_part", {"type": "image"}))
+        text = self.apply_chat_template(rendered)
+        if images:
+            media = Media(text, tuple(images))
+            return Prompt(self._backend.tokenize_media(media), tuple(self.manifest.stop), media)
         # The template writes the special tokens itself, so none are added here.
-        ids = self._backend.tokenize(self.apply_chat_template(messages), add_special=False)
-        return Prompt(ids, tuple(self.manifest.stop))
+        return Prompt(self._backend.tokenize(text, add_special=False), tuple(self.manifest.stop))
+
+    @property
+    def sees_images(self) -> bool:
+        """Whether this loaded model answers image parts (a vision model with its projector)."""
+        return bool(getattr(self._backend, "sees_images", False))
+
+    def _why_blind(self) -> str:
+        if self.manifest.task != "vision":
+            return (f"{self.name} is a {self.manifest.task} model and cannot see images; "
+                    "ask a vision model (task 'vision') about them")
+        if self.runtime.backend == "llamacpp":
+            return (f"{self.name}: {self.runtime.weights} has no projector (`mmproj`) recorded in prime.json, "
+                    "so llama.cpp cannot encode images with it")
+        return f"{self.name}: the {self.runtime.backend} backend cannot take images for this model"
 
     # -- generation ---------------------------------------------------------------------
 
@@ -217,7 +248,10 @@ class PrimeModel:
         self._batcher = Batcher(self._backend, self._lock, max_batch, on_batch=on_batch)
         return True
 
-    def _generate(self, ids: list[int], params: GenerationParams) -> Generation:
+    def _generate(self, ids: list[int], params: GenerationParams, media: Media | None = None) -> Generation:
+        if media is not None:  # one image prompt at a time: the batcher takes token ids only
+            with self._exclusive():
+                return self._backend.generate(ids, params, media=media)
         if self._batcher is None:
             with self._exclusive():
                 return self._backend.generate(ids, params)
@@ -263,9 +297,15 @@ class PrimeModel:
         that leaves no room) without tokenizing twice.
         """
         params = _params(options, prompt.stop)
-        return self._chunks(prompt.ids, params) if stream else self._generate(prompt.ids, params)
+        if stream:
+            return self._chunks(prompt.ids, params, prompt.media)
+        return self._generate(prompt.ids, params, prompt.media)
 
-    def _chunks(self, ids: list[int], params: GenerationParams) -> Iterator[Chunk]:
+    def _chunks(self, ids: list[int], params: GenerationParams, media: Media | None = None) -> Iterator[Chunk]:
+        if media is not None:
+            with self._exclusive():
+                yield from self._backend.stream(ids, params, media=media)
+            return
         if self._batcher is not None:
             yield from self._batcher.stream(ids, params)
             return

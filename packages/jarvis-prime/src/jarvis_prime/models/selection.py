@@ -14,7 +14,7 @@ from typing import Literal
 from jarvis_prime.errors import BackendUnavailableError
 from jarvis_prime.gguf_names import SUPPORTED_ARCHITECTURES, gguf_filename
 from jarvis_prime.hardware import Hardware, Libraries
-from jarvis_prime.manifest import PrimeManifest, matching_gguf
+from jarvis_prime.manifest import PrimeManifest, matching_gguf, projector_for
 
 Quantization = Literal["8bit", "4bit"] | None
 Device = Literal["auto", "cpu", "cuda", "mps"]
@@ -38,6 +38,7 @@ class Runtime:
     weights_format: Literal["gguf", "safetensors"]
     reason: str
     export: str | None = None  # a GGUF quantization to export before loading (first use)
+    mmproj: str | None = None  # llama.cpp on a vision model: the projector GGUF that encodes images
 
     def describe(self) -> str:
         asked = self.quantization or "no extra quantization"
@@ -99,7 +100,8 @@ def _llamacpp(manifest: PrimeManifest, quantization: Quantization, device, libs:
     weights, export = choice
     if export:
         reason += f"; {export} is exported from the safetensors on first use"
-    return Runtime("llamacpp", device, quantization, weights, "gguf", reason, export=export)
+    return Runtime("llamacpp", device, quantization, weights, "gguf", reason, export=export,
+                   mmproj=projector_for(manifest, weights))
 
 
 def _transformers(manifest: PrimeManifest, quantization: Quantization, device, libs: Libraries, reason: str) -> Runtime:

@@ -7,6 +7,7 @@ thread with a `TextIteratorStreamer`, the pattern transformers documents.
 
 from __future__ import annotations
 
+import io
 import threading
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
@@ -14,6 +15,8 @@ from typing import Iterator, Literal, Sequence
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
     AutoTokenizer,
     BitsAndBytesConfig,
     StoppingCriteria,
@@ -23,6 +26,7 @@ from transformers import (
 
 from jarvis_prime.errors import BackendUnavailableError
 from jarvis_prime.models.base import Chunk, Generation, GenerationParams, StopStringFilter, cut_at_stop
+from jarvis_prime.models.content import Media
 
 
 def _dtype_for(device: str) -> torch.dtype:
@@ -56,7 +60,8 @@ class _StopFlag(StoppingCriteria):
 class TransformersBackend:
     name = "transformers"
 
-    def __init__(self, model_dir: Path, *, device: str, quantization: Literal["8bit", "4bit"] | None) -> None:
+    def __init__(self, model_dir: Path, *, device: str, quantization: Literal["8bit", "4bit"] | None,
+                 vision: bool = False) -> None:
         if device == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailableError("device='cuda' but torch sees no CUDA GPU")
         if device == "mps" and not torch.backends.mps.is_available():
@@ -64,8 +69,12 @@ class TransformersBackend:
         self.device = device
         # bitsandbytes int8 matmuls run in float16; bf16 inputs would be cast every call
         dtype = torch.float16 if quantization == "8bit" and device == "cuda" else _dtype_for(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        self.model = AutoModelForCausalLM.from_pretrained(
+        # A vision model: its processor (image processor + tokenizer) and the image-text-to-text class.
+        self.processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True) if vision else None
+        self._last_media: tuple[Media, dict] | None = None
+        self.tokenizer = self.processor.tokenizer if vision else AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        model_class = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+        self.model = model_class.from_pretrained(
             model_dir,
             dtype=dtype,
             quantization_config=_quantization_config(quantization, dtype),
@@ -86,7 +95,32 @@ class TransformersBackend:
     def tokenize(self, text: str, add_special: bool) -> list[int]:
         return self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
 
-    def _generate_kwargs(self, prompt_ids: Sequence[int], params: GenerationParams) -> dict:
+    @property
+    def sees_images(self) -> bool:
+        return self.processor is not None
+
+    # What an image part becomes before the chat template: the template's own image token,
+    # which the processor expands to the image's tiles.
+    image_part = {"type": "image"}
+
+    def _processed(self, media: Media) -> dict:
+        """The processor's tensors for `media`: input_ids with every image expanded, pixel values.
+        The last result is kept: `encode_chat` and the generation that follows ask for the same."""
+        if self._last_media is not None and self._last_media[0] is media:
+            return self._last_media[1]
+        from PIL import Image
+
+        images = [Image.open(io.BytesIO(image.data)).convert("RGB") for image in media.images]
+        inputs = self.processor(text=media.text, images=[images], return_tensors="pt", add_special_tokens=False)
+        tensors = {k: v.to(self.model.device, dtype=self.model.dtype if v.is_floating_point() else v.dtype)
+                   for k, v in inputs.items()}
+        self._last_media = (media, tensors)
+        return tensors
+
+    def tokenize_media(self, media: Media) -> list[int]:
+        return self._processed(media)["input_ids"][0].tolist()
+
+    def _generate_kwargs(self, prompt_ids: Sequence[int], params: GenerationParams, media: Media | None = None) -> dict:
         input_ids = torch.tensor([list(prompt_ids)], device=self.model.device)
         sampling = params.temperature > 0
         kwargs = dict(
@@ -104,6 +138,8 @@ class TransformersBackend:
             kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
         if params.seed is not None:
             torch.manual_seed(params.seed)
+        if media is not None:  # pixel values (and masks) beside the ids tokenize_media made
+            kwargs.update({k: v for k, v in self._processed(media).items() if k not in ("input_ids", "attention_mask")})
         return kwargs
 
     def _finish(self, new_ids: list[int], params: GenerationParams, stopped_by_string: bool) -> str:
@@ -112,17 +148,17 @@ class TransformersBackend:
         return "length"
 
     @torch.inference_mode()
-    def generate(self, prompt_ids: Sequence[int], params: GenerationParams) -> Generation:
-        output = self.model.generate(**self._generate_kwargs(prompt_ids, params))
+    def generate(self, prompt_ids: Sequence[int], params: GenerationParams, media: Media | None = None) -> Generation:
+        output = self.model.generate(**self._generate_kwargs(prompt_ids, params, media))
         new_ids = output[0, len(prompt_ids):].tolist()
         text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
         text, found = cut_at_stop(text, params.stop)
         return Generation(text, self._finish(new_ids, params, found), len(prompt_ids), len(new_ids))
 
-    def stream(self, prompt_ids: Sequence[int], params: GenerationParams) -> Iterator[Chunk]:
+    def stream(self, prompt_ids: Sequence[int], params: GenerationParams, media: Media | None = None) -> Iterator[Chunk]:
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         flag = _StopFlag()
-        kwargs = self._generate_kwargs(prompt_ids, params)
+        kwargs = self._generate_kwargs(prompt_ids, params, media)
         kwargs.update(streamer=streamer, stopping_criteria=StoppingCriteriaList([flag]))
         result: dict = {}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import threading
@@ -19,7 +20,7 @@ from typer.testing import CliRunner
 from jarvis_prime.cli import app as cli
 from jarvis_prime.persona import JARVIS_SYSTEM_PROMPT
 from jarvis_prime.serving.app import create_app
-from jarvis_prime.serving.settings import ServerConfig
+from jarvis_prime.serving.settings import DEFAULT_MAX_BODY_BYTES, ServerConfig
 
 pytestmark = pytest.mark.real_model
 BASE = "smollm2-135m-instruct"
@@ -68,6 +69,22 @@ def raw(url: str, path: str, body: bytes | None = None, headers: dict | None = N
             return r.status, dict(r.headers), json.loads(r.read() or b"{}")
     except urllib.error.HTTPError as err:
         return err.code, dict(err.headers), json.loads(err.read() or b"{}")
+
+
+def declare_body(url: str, path: str, length: int, sent: int = 128 << 10) -> tuple[int, dict]:
+    """A POST that declares `length` bytes and sends `sent` of them (more than the Guard
+    reads of a refused body): the answer comes from the declared length, as a client
+    uploading 16 MiB sees it without a reset from a server that already refused it."""
+    connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=30)
+    try:
+        connection.putrequest("POST", path)
+        connection.putheader("Content-Type", "application/json")
+        connection.putheader("Content-Length", str(length))
+        connection.endheaders(b" " * sent)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read() or b"{}")
+    finally:
+        connection.close()
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +158,7 @@ def test_invalid_json_unknown_model_and_huge_bodies(server, client):
     assert status == 400 and payload["error"]["code"] == "invalid_json"
     with pytest.raises(openai.NotFoundError, match="not served here"):
         client.chat.completions.create(model="gpt-9", messages=FRANCE)
-    status, _, payload = raw(server, "/v1/chat/completions", b" " * (2 << 20))
+    status, payload = declare_body(server, "/v1/chat/completions", DEFAULT_MAX_BODY_BYTES + 1)
     assert status == 413 and payload["error"]["code"] == "body_too_large"
     assert raw(server, "/v2/nothing")[0] == 404
 

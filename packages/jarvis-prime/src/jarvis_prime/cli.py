@@ -20,6 +20,7 @@ from jarvis_prime.progress import quiet_build
 from jarvis_prime.publish import push
 from jarvis_prime.recipes.chat_model import train_chat_model
 from jarvis_prime.recipes.feedback import FeedbackRecipe, train_from_feedback
+from jarvis_prime.serving.settings import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGES
 from jarvis_prime.store import find_local, import_path, list_local, models_root, pull, resolve
 from jarvis_prime.tables import Col, print_table
 from jarvis_prime.version import __version__
@@ -376,9 +377,15 @@ def serve_model(
     max_batch: int = typer.Option(8, min=1, help="transformers backend: concurrent requests decoded together."),
     served_model_name: Optional[str] = typer.Option(None, help="Name clients use, kept across hot-swaps (default: NAME's)."),
     context_length: Optional[int] = typer.Option(None, min=16, help="Context tokens to allocate (default min(model, 4096))."),
+    max_images: int = typer.Option(DEFAULT_MAX_IMAGES, min=0, help="Image parts (image_url, data: URLs) per chat request; more is a 400."),
+    max_image_bytes: int = typer.Option(DEFAULT_MAX_IMAGE_BYTES, min=1, help="Decoded bytes per image; more is a 413 (checked "
+                                        "before decoding)."),
+    max_body_bytes: int = typer.Option(DEFAULT_MAX_BODY_BYTES, min=1024, help="Request body limit, counted as it arrives; images "
+                                       "come base64 (4/3 of their size), so keep it above --max-image-bytes."),
 ) -> None:
     """An OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics,
-    and with --admin-key POST /admin/models (hot-swap)."""
+    and with --admin-key POST /admin/models (hot-swap). A vision model takes images as OpenAI image_url
+    parts with data: URLs (remote URLs are refused, never fetched); a model that cannot see answers 400."""
     from jarvis_prime.serving.app import serve
     from jarvis_prime.serving.settings import (ADMIN_KEY_ENV, ServerConfig, api_key_from_env, require_key_for,
                                                require_separate_admin_key)
@@ -396,7 +403,8 @@ def serve_model(
         raise typer.Exit(code=2)
     serve(ServerConfig(model=name, quantization=quant, backend=backend, api_key=key, admin_key=admin,
                        allow_model_paths=allow_model_paths, max_queue=max_queue, max_batch=max_batch,
-                       context_length=context_length, served_name=served_model_name), host=host, port=port)
+                       context_length=context_length, served_name=served_model_name, max_images=max_images,
+                       max_image_bytes=max_image_bytes, max_body_bytes=max_body_bytes), host=host, port=port)
 
 
 @app.command("path")

@@ -14,7 +14,8 @@ from prometheus_client import generate_latest
 
 from jarvis_prime.models.prime_model import PrimeModel
 from jarvis_prime.serving.completions import Completions
-from jarvis_prime.serving.errors import install_error_handlers
+from jarvis_prime.errors import ImageInputError, ImageNotSupportedError
+from jarvis_prime.serving.errors import image_error, install_error_handlers
 from jarvis_prime.serving.formatters import ChatFormatter, TextFormatter
 from jarvis_prime.serving.host import ModelHost
 from jarvis_prime.serving.middleware import Guard, GuardRules, Metrics, allowed_hosts
@@ -88,8 +89,16 @@ def create_app(config: ServerConfig, loader: Loader = load_model) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest):
         req.check_supported()
+        req.check_images(config.max_images, config.max_image_bytes)
         messages = req.chat_messages()
-        return await completions.answer(req, lambda model: model.encode_chat(messages), ChatFormatter)
+
+        def encode(model: PrimeModel):
+            try:
+                return model.encode_chat(messages)
+            except (ImageInputError, ImageNotSupportedError) as err:
+                raise image_error(err) from None
+
+        return await completions.answer(req, encode, ChatFormatter)
 
     @app.post("/v1/completions")
     async def text_completions(req: CompletionRequest):

@@ -15,6 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from jarvis_prime.errors import ImageInputError, ImageNotSupportedError
+
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error", param: str | None = None,
@@ -41,13 +43,36 @@ OPENAI = ErrorShape(lambda e: {"error": {"message": e.message, "type": e.type, "
 PLAIN = ErrorShape(lambda e: {"error": e.message}, 422)
 
 
+_UNION_LABELS = {"body", "str", "int", "float", "bool", "bytes"}
+
+
+def _field(loc: tuple[Any, ...]) -> str:
+    """A field's path as a client wrote it: without "body" and pydantic's union branch
+    labels (`str`, `list[tagged-union[TextPart,ImagePart]]`), which name types, not fields."""
+    return ".".join(str(p) for p in loc if p not in _UNION_LABELS and "[" not in str(p)) or "body"
+
+
 def invalid_request(err: RequestValidationError, status: int) -> APIError:
-    """The first thing wrong with a request, naming the field."""
-    first = err.errors()[0] if err.errors() else {}
+    """The most specific thing wrong with a request, naming the field: of a union's failed
+    branches (content: a string or a list of parts) the deepest is what the client meant;
+    otherwise the first."""
+    errors = err.errors()
+    first = max(errors, key=lambda e: len(_field(tuple(e.get("loc", ()))).split("."))) if errors else {}
     if first.get("type") == "json_invalid":
         return APIError(status, f"invalid JSON: {first.get('msg')}", code="invalid_json")
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+    where = _field(tuple(first.get("loc", ())))
     return APIError(status, f"{where}: {first.get('msg', 'invalid request')}", param=where, code="invalid_value")
+
+
+def image_error(err: ImageInputError | ImageNotSupportedError) -> APIError:
+    """A 400 for an image the model cannot take: a bad one names its part (the message
+    starts `messages[i].content[j]: `), one sent to a model that cannot see says so."""
+    if isinstance(err, ImageNotSupportedError):
+        return APIError(400, f"the served model cannot see images: {err}", param="messages",
+                        code="images_not_supported")
+    where, sep, _ = str(err).partition(": ")
+    return APIError(400, str(err), param=where if sep and where.startswith("messages[") else "messages",
+                    code="invalid_image")
 
 
 def install_error_handlers(app: FastAPI, shape: ErrorShape = OPENAI,

@@ -12,7 +12,10 @@ from typing import Literal
 
 API_KEY_ENV = "PRIME_API_KEY"
 ADMIN_KEY_ENV = "PRIME_ADMIN_KEY"
-DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB of JSON is a very long chat
+DEFAULT_MAX_IMAGES = 4  # image parts per chat request
+DEFAULT_MAX_IMAGE_BYTES = 10 << 20  # one decoded image: a large photo
+# The body holds images as base64 (4/3 of their bytes): one image at the limit, and a long chat, fit.
+DEFAULT_MAX_BODY_BYTES = 16 << 20
 DEFAULT_MAX_TOKENS = 512
 
 
@@ -28,6 +31,8 @@ class ServerConfig:
     max_queue: int = 16  # requests admitted at once (one generating, the rest waiting)
     max_batch: int = 8  # transformers backend: concurrent requests decoded together
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_images: int = DEFAULT_MAX_IMAGES  # image parts per chat request, more is a 400
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES  # decoded bytes per image, more is a 413
     context_length: int | None = None
     retry_after_s: int = 1
     host: str = "127.0.0.1"  # the address it listens on: its Host header is served (loopback names always)

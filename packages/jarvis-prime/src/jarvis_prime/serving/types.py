@@ -6,7 +6,7 @@ cannot honour are refused by `check_supported`, never silently ignored.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -19,13 +19,65 @@ class TextPart(BaseModel):
     text: str
 
 
+class ImageURL(BaseModel):
+    """OpenAI's `image_url`: a `data:` URL here. `detail` is accepted for OpenAI clients that
+    send it; the model's own processor decides how an image is tiled, whatever it says."""
+
+    model_config = ConfigDict(extra="ignore")
+    url: str = Field(min_length=1)
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart]
+    content: str | list[Part]
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return self.content if isinstance(self.content, str) else "".join(
+            p.text for p in self.content if isinstance(p, TextPart))
+
+    def images(self) -> list[tuple[int, ImagePart]]:
+        """(index in content, part) for every image part."""
+        return [] if isinstance(self.content, str) else [
+            (j, p) for j, p in enumerate(self.content) if isinstance(p, ImagePart)]
+
+    def template_content(self) -> str | list[dict[str, Any]]:
+        """The content as `PrimeModel.encode_chat` takes it: text joined, or the parts when images are there."""
+        if not self.images():
+            return self.text()
+        return [p.model_dump(exclude_none=True) for p in self.content]  # type: ignore[union-attr]
+
+
+def base64_decoded_size(payload: str) -> int:
+    """How many bytes a base64 payload decodes to, without decoding it (limits come first)."""
+    payload = payload.strip()
+    return len(payload) * 3 // 4 - payload[-2:].count("=")
+
+
+def check_image_part(part: ImagePart, where: str, max_image_bytes: int) -> None:
+    """A part's URL is a `data:` URL no larger than the limit, checked before anything is
+    decoded. Anything else is refused: a remote URL is never fetched (the server would
+    make requests for its clients) and a bare string is never read as a server-side path."""
+    url = part.image_url.url
+    if url.startswith(("http://", "https://")):
+        raise APIError(400, f"{where}: remote image URLs are not fetched by this server; send the image inline as "
+                       "a data: URL (data:image/png;base64,...)", param=where, code="remote_image_url")
+    if not url.startswith("data:"):
+        raise APIError(400, f"{where}: an image_url must be a data: URL (data:image/png;base64,...)", param=where,
+                       code="invalid_image_url")
+    size = base64_decoded_size(url.partition(",")[2])
+    if size > max_image_bytes:
+        raise APIError(413, f"{where}: the image is {size} bytes, over this server's limit of {max_image_bytes} "
+                       "bytes per image (--max-image-bytes)", param=where, code="image_too_large")
 
 
 class ResponseFormat(BaseModel):
@@ -100,9 +152,19 @@ class ChatCompletionRequest(SamplingRequest):
         if self.tools:
             raise APIError(400, "tools are not supported", param="tools", code="unsupported_parameter")
 
-    def chat_messages(self) -> list[dict[str, str]]:
+    def check_images(self, max_images: int, max_image_bytes: int) -> None:
+        """The image limits, before any image is decoded: how many, and each one's URL and size."""
+        parts = [(f"messages[{i}].content[{j}]", part) for i, m in enumerate(self.messages) for j, part in m.images()]
+        if len(parts) > max_images:
+            raise APIError(400, f"{len(parts)} images in one request; this server takes at most {max_images} "
+                           "(--max-images)", param="messages", code="too_many_images")
+        for where, part in parts:
+            check_image_part(part, where, max_image_bytes)
+
+    def chat_messages(self) -> list[dict[str, Any]]:
         """The messages as the chat template takes them ("developer" is OpenAI's newer "system")."""
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.template_content()}
+                for m in self.messages]
 
 
 class CompletionRequest(SamplingRequest):

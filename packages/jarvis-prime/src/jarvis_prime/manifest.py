@@ -126,6 +126,11 @@ class PrimeManifest(BaseModel):
         return f"{self.name}-{self.version}"
 
 
+def file_entry(path: Path) -> FileEntry:
+    """sha256 and size of one file, as prime.json records it."""
+    return FileEntry(sha256=sha256_file(path), bytes=path.stat().st_size)
+
+
 def hash_files(model_dir: Path) -> dict[str, FileEntry]:
     """sha256 and size of every file under `model_dir` except the manifest itself."""
     entries: dict[str, FileEntry] = {}
@@ -133,7 +138,7 @@ def hash_files(model_dir: Path) -> dict[str, FileEntry]:
         rel = path.relative_to(model_dir).as_posix()
         if rel == MANIFEST_NAME:
             continue
-        entries[rel] = FileEntry(sha256=sha256_file(path), bytes=path.stat().st_size)
+        entries[rel] = file_entry(path)
     return entries
 
 
@@ -145,10 +150,7 @@ def write_manifest(model_dir: Path, manifest: PrimeManifest, changed: list[str] 
     if changed is None:
         files = hash_files(model_dir)
     else:
-        files = dict(manifest.files)
-        for rel in changed:
-            path = model_dir / rel
-            files[rel] = FileEntry(sha256=sha256_file(path), bytes=path.stat().st_size)
+        files = dict(manifest.files) | {rel: file_entry(model_dir / rel) for rel in changed}
     manifest = manifest.model_copy(update={"files": files})
     payload = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=False) + "\n"
     atomic_write(model_dir / MANIFEST_NAME, payload)

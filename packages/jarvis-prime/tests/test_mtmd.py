@@ -232,6 +232,8 @@ def test_bad_images_and_parts_are_errors_naming_the_part(vision_model, tmp_path)
         (ask("https://example.com/a.png", kind="image_url"), r"content\[0\]: remote image URLs are not fetched"),
         ([{"role": "user", "content": [QUESTION, {"type": "audio", "audio": "x"}]}],
          r"messages\[0\]\.content\[1\]: unknown content part 'audio'"),
+        ([*ask(image_url(0), kind="image_url"), {"role": "assistant", "content": ask(image_url(1))[0]["content"]}],
+         r"messages\[1\]\.content\[0\]: an image part in a turn of role 'assistant'; images go in user turns only"),
     ]
     for messages, pattern in cases:
         with pytest.raises(ImageInputError, match=pattern):

@@ -97,6 +97,11 @@ NOT_AN_IMAGE = "data:image/png;base64," + base64.b64encode(b"plain text, not pix
      "messages.0.content.0.image_url.image_url.url", "invalid_value", "required"),
     ([{"role": "user", "content": [{"type": "video", "video": "x"}]}], 400, "messages.0.content.0", "invalid_value",
      "'video'"),
+    # images go in user turns only (refused before any image is read)
+    ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": [QUESTION, *ask(image_url(0))[0]["content"]]}],
+     400, "messages[1].content[1]", "invalid_image", "role 'assistant'; images go in user turns only"),
+    ([{"role": "system", "content": ask("https://example.com/cat.png")[0]["content"]}, *ask(image_url(0))], 400,
+     "messages[0].content[0]", "invalid_image", "role 'system'"),
 ])
 def test_bad_images_are_4xx_naming_the_field(server, messages, status, param, code, words):
     for stream in (False, True):

@@ -20,7 +20,8 @@ from jarvis_prime.progress import quiet_build
 from jarvis_prime.publish import push
 from jarvis_prime.recipes.chat_model import train_chat_model
 from jarvis_prime.recipes.feedback import FeedbackRecipe, train_from_feedback
-from jarvis_prime.serving.settings import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGES
+from jarvis_prime.serving.settings import (ALLOW_PRIVATE_IMAGE_HOSTS_ENV, ALLOW_REMOTE_IMAGES_ENV, DEFAULT_MAX_BODY_BYTES,
+                                           DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGES)
 from jarvis_prime.store import find_local, import_path, list_local, models_root, pull, resolve
 from jarvis_prime.tables import Col, print_table
 from jarvis_prime.version import __version__
@@ -377,15 +378,25 @@ def serve_model(
     max_batch: int = typer.Option(8, min=1, help="transformers backend: concurrent requests decoded together."),
     served_model_name: Optional[str] = typer.Option(None, help="Name clients use, kept across hot-swaps (default: NAME's)."),
     context_length: Optional[int] = typer.Option(None, min=16, help="Context tokens to allocate (default min(model, 4096))."),
-    max_images: int = typer.Option(DEFAULT_MAX_IMAGES, min=0, help="Image parts (image_url, data: URLs) per chat request; more is a 400."),
+    max_images: int = typer.Option(DEFAULT_MAX_IMAGES, min=0, help="Image parts (image_url) per chat request; more is a 400."),
     max_image_bytes: int = typer.Option(DEFAULT_MAX_IMAGE_BYTES, min=1, help="Decoded bytes per image; more is a 413 (checked "
-                                        "before decoding)."),
+                                        "before decoding; a remote image's download stops there)."),
     max_body_bytes: int = typer.Option(DEFAULT_MAX_BODY_BYTES, min=1024, help="Request body limit, counted as it arrives; images "
                                        "come base64 (4/3 of their size), so keep it above --max-image-bytes."),
+    allow_remote_images: bool = typer.Option(False, "--allow-remote-images", envvar=ALLOW_REMOTE_IMAGES_ENV,
+                                             help="Fetch http(s) image_url parts (within --max-image-bytes, "
+                                             "--image-fetch-timeout, 3 redirects; public addresses only)."),
+    allow_private_image_hosts: bool = typer.Option(False, "--allow-private-image-hosts",
+                                                   envvar=ALLOW_PRIVATE_IMAGE_HOSTS_ENV,
+                                                   help="With --allow-remote-images: fetch from loopback and private "
+                                                   "(LAN) addresses too; link-local ones stay refused."),
+    image_fetch_timeout: float = typer.Option(10.0, min=0.1, help="Seconds to connect to a remote image's host, and "
+                                              "for each read; one whole download gets 3x."),
 ) -> None:
     """An OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics,
     and with --admin-key POST /admin/models (hot-swap). A vision model takes images as OpenAI image_url
-    parts with data: URLs (remote URLs are refused, never fetched); a model that cannot see answers 400."""
+    parts with data: URLs; http(s) URLs only with --allow-remote-images (refused otherwise, never fetched);
+    a model that cannot see answers 400."""
     from jarvis_prime.serving.app import serve
     from jarvis_prime.serving.settings import (ADMIN_KEY_ENV, ServerConfig, api_key_from_env, require_key_for,
                                                require_separate_admin_key)
@@ -404,7 +415,10 @@ def serve_model(
     serve(ServerConfig(model=name, quantization=quant, backend=backend, api_key=key, admin_key=admin,
                        allow_model_paths=allow_model_paths, max_queue=max_queue, max_batch=max_batch,
                        context_length=context_length, served_name=served_model_name, max_images=max_images,
-                       max_image_bytes=max_image_bytes, max_body_bytes=max_body_bytes), host=host, port=port)
+                       max_image_bytes=max_image_bytes, max_body_bytes=max_body_bytes,
+                       allow_remote_images=allow_remote_images, allow_private_image_hosts=allow_private_image_hosts,
+                       image_fetch_timeout_s=image_fetch_timeout, image_fetch_total_s=3 * image_fetch_timeout),
+          host=host, port=port)
 
 
 @app.command("path")

@@ -10,7 +10,7 @@ A message's `content` is a string or a list of parts:
 (`image_bytes`: the one function that reads every image form), and puts a placeholder
 part where each was, so each backend renders the chat template its own way: llama.cpp's
 libmtmd wants its media marker in the text, a transformers processor the template's own
-image token. Errors name the part (`messages[0].content[1]`), so a client knows what to fix.
+image token. Images go in user turns only. Errors name the part (`messages[0].content[1]`), so a client knows what to fix.
 """
 
 from __future__ import annotations
@@ -115,6 +115,13 @@ def _reencoded(data: bytes, where: str) -> bytes:
                               f"{len(data)} bytes)") from None
 
 
+def check_image_role(role: Any, where: str) -> None:
+    """Images go in user turns: a vision chat template renders them there, and Reactor Core
+    refuses them anywhere else in training data, so a model has never seen one elsewhere."""
+    if role != "user":
+        raise ImageInputError(f"{where}: an image part in a turn of role {role!r}; images go in user turns only")
+
+
 def _part_image(part: Mapping[str, Any], where: str) -> Any:
     """The image value of an `image` or `image_url` part."""
     if part["type"] == "image":
@@ -149,6 +156,7 @@ def split_images(messages: Sequence[Mapping[str, Any]],
             if kind == "text" and isinstance(part.get("text"), str):
                 parts.append({"type": "text", "text": part["text"]})
             elif kind in ("image", "image_url"):
+                check_image_role(message.get("role"), where)
                 images.append(EncodedImage(image_bytes(_part_image(part, where), where), where))
                 parts.append(dict(placeholder))
             else:

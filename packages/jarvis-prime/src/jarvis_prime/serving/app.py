@@ -19,6 +19,7 @@ from jarvis_prime.serving.errors import image_error, install_error_handlers
 from jarvis_prime.serving.formatters import ChatFormatter, TextFormatter
 from jarvis_prime.serving.host import ModelHost
 from jarvis_prime.serving.middleware import Guard, GuardRules, Metrics, allowed_hosts
+from jarvis_prime.serving.remote_images import FetchPolicy, fetch_remote_images
 from jarvis_prime.serving.settings import ServerConfig, require_key_for, require_separate_admin_key
 from jarvis_prime.serving.swap import SwapGate
 from jarvis_prime.serving.types import ChatCompletionRequest, CompletionRequest, SwapRequest
@@ -36,6 +37,9 @@ def create_app(config: ServerConfig, loader: Loader = load_model) -> FastAPI:
     executor = ThreadPoolExecutor(max_workers=config.max_queue + 2, thread_name_prefix="prime-gen")
     completions = Completions(config, host, metrics, executor)
     swaps = SwapGate(host, allow_paths=config.allow_model_paths)
+    fetching = FetchPolicy(max_bytes=config.max_image_bytes, allow_private=config.allow_private_image_hosts,
+                           connect_timeout_s=config.image_fetch_timeout_s, read_timeout_s=config.image_fetch_timeout_s,
+                           total_timeout_s=config.image_fetch_total_s, max_redirects=config.max_image_redirects)
 
     def load(name: str, quantization=None, backend: str = "auto") -> PrimeModel:
         model = loader(name, quantization, backend, config.context_length)
@@ -89,8 +93,12 @@ def create_app(config: ServerConfig, loader: Loader = load_model) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest):
         req.check_supported()
-        req.check_images(config.max_images, config.max_image_bytes)
+        req.check_images(config.max_images, config.max_image_bytes, remote=config.allow_remote_images)
         messages = req.chat_messages()
+
+        async def fetch() -> None:
+            nonlocal messages
+            messages = await fetch_remote_images(messages, fetching)
 
         def encode(model: PrimeModel):
             try:
@@ -98,7 +106,7 @@ def create_app(config: ServerConfig, loader: Loader = load_model) -> FastAPI:
             except (ImageInputError, ImageNotSupportedError) as err:
                 raise image_error(err) from None
 
-        return await completions.answer(req, encode, ChatFormatter)
+        return await completions.answer(req, encode, ChatFormatter, prepare=fetch if req.remote_images() else None)
 
     @app.post("/v1/completions")
     async def text_completions(req: CompletionRequest):

@@ -14,7 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 
 from fastapi.responses import StreamingResponse
 
@@ -104,13 +104,17 @@ class Completions:
     async def run(self, fn: Callable[[], Any]) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
 
-    async def answer(self, req: SamplingRequest, encode: Callable[[PrimeModel], Prompt],
-                     formatter: type[Formatter]) -> dict[str, Any] | HeldStream:
+    async def answer(self, req: SamplingRequest, encode: Callable[[PrimeModel], Prompt], formatter: type[Formatter],
+                     prepare: Callable[[], Awaitable[None]] | None = None) -> dict[str, Any] | HeldStream:
         """The ExitStack holds the queue place and the model; a stream hands it to its
-        response (HeldStream), which releases both when the stream ends or the client leaves."""
+        response (HeldStream), which releases both when the stream ends or the client leaves.
+        `prepare` (fetching remote images) runs once the request is admitted, so the queue
+        bounds it too, and before the model is pinned, so a slow download holds no model."""
         held = ExitStack()
         try:
             held.enter_context(self.admission())
+            if prepare is not None:
+                await prepare()
             slot = held.enter_context(self.host.use())
             check_model(req.model, slot)
             prompt = await self.run(lambda: encode(slot.model))

@@ -12,6 +12,8 @@ from typing import Literal
 
 API_KEY_ENV = "PRIME_API_KEY"
 ADMIN_KEY_ENV = "PRIME_ADMIN_KEY"
+ALLOW_REMOTE_IMAGES_ENV = "PRIME_ALLOW_REMOTE_IMAGES"
+ALLOW_PRIVATE_IMAGE_HOSTS_ENV = "PRIME_ALLOW_PRIVATE_IMAGE_HOSTS"
 DEFAULT_MAX_IMAGES = 4  # image parts per chat request
 DEFAULT_MAX_IMAGE_BYTES = 10 << 20  # one decoded image: a large photo
 # The body holds images as base64 (4/3 of their bytes): one image at the limit, and a long chat, fit.
@@ -33,6 +35,12 @@ class ServerConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_images: int = DEFAULT_MAX_IMAGES  # image parts per chat request, more is a 400
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES  # decoded bytes per image, more is a 413
+    # Remote images (serving/remote_images.py): off, http(s) image_url parts are a 400; on, fetched within these bounds.
+    allow_remote_images: bool = False
+    allow_private_image_hosts: bool = False  # loopback and private addresses too (a LAN's images); never link-local
+    image_fetch_timeout_s: float = 10.0  # connecting, and each read
+    image_fetch_total_s: float = 30.0  # one whole download, redirects included
+    max_image_redirects: int = 3
     context_length: int | None = None
     retry_after_s: int = 1
     host: str = "127.0.0.1"  # the address it listens on: its Host header is served (loopback names always)

@@ -10,7 +10,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from jarvis_prime.serving.errors import APIError
+from jarvis_prime.errors import ImageInputError
+from jarvis_prime.models.content import check_image_role
+from jarvis_prime.serving.errors import APIError, image_error
 from jarvis_prime.serving.settings import DEFAULT_MAX_TOKENS
 
 
@@ -20,7 +22,8 @@ class TextPart(BaseModel):
 
 
 class ImageURL(BaseModel):
-    """OpenAI's `image_url`: a `data:` URL here. `detail` is accepted for OpenAI clients that
+    """OpenAI's `image_url`: a `data:` URL, or an http(s) URL on a server that fetches them
+    (`--allow-remote-images`). `detail` is accepted for OpenAI clients that
     send it; the model's own processor decides how an image is tiled, whatever it says."""
 
     model_config = ConfigDict(extra="ignore")
@@ -63,14 +66,18 @@ def base64_decoded_size(payload: str) -> int:
     return len(payload) * 3 // 4 - payload[-2:].count("=")
 
 
-def check_image_part(part: ImagePart, where: str, max_image_bytes: int) -> None:
+def check_image_part(part: ImagePart, where: str, max_image_bytes: int, remote: bool = False) -> None:
     """A part's URL is a `data:` URL no larger than the limit, checked before anything is
-    decoded. Anything else is refused: a remote URL is never fetched (the server would
-    make requests for its clients) and a bare string is never read as a server-side path."""
+    decoded, or with `remote` an http(s) URL (fetched later, within limits of its own).
+    Anything else is refused: without `remote` a remote URL is never fetched (the server
+    would make requests for its clients), and a bare string is never read as a server-side path."""
     url = part.image_url.url
     if url.startswith(("http://", "https://")):
-        raise APIError(400, f"{where}: remote image URLs are not fetched by this server; send the image inline as "
-                       "a data: URL (data:image/png;base64,...)", param=where, code="remote_image_url")
+        if remote:
+            return
+        raise APIError(400, f"{where}: remote image URLs are not fetched by this server (--allow-remote-images is "
+                       "off); send the image inline as a data: URL (data:image/png;base64,...)", param=where,
+                       code="remote_image_url")
     if not url.startswith("data:"):
         raise APIError(400, f"{where}: an image_url must be a data: URL (data:image/png;base64,...)", param=where,
                        code="invalid_image_url")
@@ -152,14 +159,24 @@ class ChatCompletionRequest(SamplingRequest):
         if self.tools:
             raise APIError(400, "tools are not supported", param="tools", code="unsupported_parameter")
 
-    def check_images(self, max_images: int, max_image_bytes: int) -> None:
-        """The image limits, before any image is decoded: how many, and each one's URL and size."""
-        parts = [(f"messages[{i}].content[{j}]", part) for i, m in enumerate(self.messages) for j, part in m.images()]
+    def check_images(self, max_images: int, max_image_bytes: int, remote: bool = False) -> None:
+        """The image limits, before any image is fetched or decoded: how many, in which turns,
+        and each one's URL and size."""
+        parts = [(f"messages[{i}].content[{j}]", m.role, part) for i, m in enumerate(self.messages)
+                 for j, part in m.images()]
         if len(parts) > max_images:
             raise APIError(400, f"{len(parts)} images in one request; this server takes at most {max_images} "
                            "(--max-images)", param="messages", code="too_many_images")
-        for where, part in parts:
-            check_image_part(part, where, max_image_bytes)
+        for where, role, part in parts:
+            try:
+                check_image_role(role, where)
+            except ImageInputError as err:
+                raise image_error(err) from None
+            check_image_part(part, where, max_image_bytes, remote)
+
+    def remote_images(self) -> bool:
+        """Whether any image part is an http(s) URL (to fetch)."""
+        return any(p.image_url.url.startswith(("http://", "https://")) for m in self.messages for _, p in m.images())
 
     def chat_messages(self) -> list[dict[str, Any]]:
         """The messages as the chat template takes them ("developer" is OpenAI's newer "system")."""

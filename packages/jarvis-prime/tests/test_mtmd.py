@@ -241,6 +241,16 @@ def test_bad_images_and_parts_are_errors_naming_the_part(vision_model, tmp_path)
     assert vision_model.chat(ask(image_url(0), kind="image_url"), max_new_tokens=2)  # still answers
 
 
+def test_prime_eval_variants_of_a_vision_gguf_see_through_its_projector(vision_dir, vision_model):
+    """`prime eval --quant f16` (load_variant) loads the mmproj recorded with the GGUF and
+    answers an image as from_pretrained's model does."""
+    from jarvis_prime.evaluation import load_variant
+
+    with load_variant(vision_dir, "f16") as model:
+        assert model.sees_images and model.runtime.mmproj
+        assert model.chat(ask(image_url(0)), max_new_tokens=4) == vision_model.chat(ask(image_url(0)), max_new_tokens=4)
+
+
 def _variant(vision_dir: Path, folder: Path, **changes) -> Path:
     """A copy of the PRIME directory with its f16 quantization / manifest changed (no rehash)."""
     import json

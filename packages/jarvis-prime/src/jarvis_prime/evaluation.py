@@ -367,7 +367,9 @@ def variant_runtime(manifest, variant: str | None, device: str = "cpu") -> tuple
         have = ", ".join([*manifest.quantizations, "int8", "nf4"])
         raise PrimeError(f"{manifest.name} has no {variant!r} variant (have: {have}); `prime export` writes GGUF ones")
     backend = "llamacpp" if entry.format == "gguf" else "transformers"
-    return variant, Runtime(backend, device, None, entry.file, entry.format, f"prime eval --quant {variant}")
+    # A vision model's GGUF sees through the projector recorded with it (None on other entries).
+    return variant, Runtime(backend, device, None, entry.file, entry.format, f"prime eval --quant {variant}",
+                            mmproj=entry.mmproj)
 
 
 def load_variant(path: Path, variant: str | None = None, *, runtime: Runtime | None = None) -> PrimeModel:

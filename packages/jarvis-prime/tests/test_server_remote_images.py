@@ -166,13 +166,14 @@ def test_a_remote_image_is_answered_as_the_same_image_inline(lan_server, images,
 ])
 def test_a_remote_image_that_abuses_the_server_is_a_4xx_naming_the_part(lan_server, images, path, status, code,
                                                                         words):
-    start = time.monotonic()
-    got, payload = post(lan_server, ask(image_url(1), f"{images.url}{path}"))
-    assert got == status, payload
-    error = payload["error"]
-    assert error["param"] == "messages[0].content[1]" and error["message"].startswith("messages[0].content[1]: ")
-    assert error["code"] == code and words in error["message"], error
-    assert time.monotonic() - start < 4.5  # a stall or a drip costs the timeout, not the stall
+    for stream in (False, True):  # a stream is refused before its first event
+        start = time.monotonic()
+        got, payload = post(lan_server, ask(image_url(1), f"{images.url}{path}"), stream=stream)
+        assert got == status, payload
+        error = payload["error"]
+        assert error["param"] == "messages[0].content[1]" and error["message"].startswith("messages[0].content[1]: ")
+        assert error["code"] == code and words in error["message"], error
+        assert time.monotonic() - start < 4.5  # a stall or a drip costs the timeout, not the stall
     if path == "/endless.png":  # the download was cut off, not read to the end of time
         assert images.endless_stopped.wait(10)
 

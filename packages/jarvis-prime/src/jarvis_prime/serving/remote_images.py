@@ -93,7 +93,9 @@ async def _open(client: Any, url: Any, where: str, policy: FetchPolicy) -> Any:
             return await client.send(request, stream=True, follow_redirects=False)
         except httpx2.ConnectError as err:  # the next address may answer
             failure = err
-    raise failure or RuntimeError("no address")
+    if failure is None:
+        raise _fail(where, f"the image host {host!r} resolves to no address", "image_fetch_failed")
+    raise failure
 
 
 def _check_scheme(url: Any, where: str) -> None:
@@ -166,7 +168,7 @@ async def fetch_image(url: str, where: str, policy: FetchPolicy) -> bytes:
                                           timeout=policy.total_timeout_s)
         except (httpx2.TimeoutException, asyncio.TimeoutError):
             raise _timeout(where, policy) from None
-        except httpx2.HTTPError as err:
+        except (httpx2.HTTPError, httpx2.InvalidURL) as err:  # InvalidURL: a redirect's bad Location
             raise _fail(where, f"could not fetch the image ({type(err).__name__}: {err})",
                         "image_fetch_failed") from None
 

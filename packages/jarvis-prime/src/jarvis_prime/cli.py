@@ -20,6 +20,7 @@ from jarvis_prime.progress import quiet_build
 from jarvis_prime.publish import push
 from jarvis_prime.recipes.chat_model import train_chat_model
 from jarvis_prime.recipes.feedback import FeedbackRecipe, train_from_feedback
+from jarvis_prime.recipes.vision_model import RECIPES as VISION_RECIPES
 from jarvis_prime.serving.settings import (ALLOW_PRIVATE_IMAGE_HOSTS_ENV, ALLOW_REMOTE_IMAGES_ENV, DEFAULT_MAX_BODY_BYTES,
                                            DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGES)
 from jarvis_prime.store import find_local, import_path, list_local, models_root, pull, resolve
@@ -304,7 +305,8 @@ def eval_model(
 
 @app.command("train")
 def train(
-    name: str = typer.Argument(..., help="Recipe (prime-135m-chat-v1), or with --sft/--dpo the model to improve."),
+    name: str = typer.Argument(..., help="Recipe (prime-135m-chat-v1, prime-135m-vision-v1), or with --sft/--dpo "
+                                         "the model to improve."),
     work_dir: str = typer.Option("./prime-train", help="Where the dataset, checkpoints and logs go."),
     ship: bool = typer.Option(False, help="Maintainers: write the float16 adapter into the package (adapters/NAME)."),
     fresh: bool = typer.Option(False, help="Regenerate the dataset even if WORK_DIR has one."),
@@ -332,6 +334,17 @@ def train(
                       f"{summary['model_dir']}")
         return
 
+    if name in VISION_RECIPES:
+        from jarvis_prime.recipes.vision_model import train_vision_model
+
+        try:
+            summary = train_vision_model(name, Path(work_dir), ship=ship, fresh=fresh, log=log)
+        except (PrimeError, ValueError) as err:
+            _fail(err)
+        by_category = summary["heldout"].get("by_category", {})
+        console.print(f"[green]done[/]: {summary['train_metrics'].get('steps')} steps; held-out accuracy (llama.cpp) "
+                      + ", ".join(f"{k} {v:.0%}" for k, v in by_category.items()) + f"; model: {summary['model_dir']}")
+        return
     try:
         summary = train_chat_model(name, Path(work_dir), ship=ship, fresh=fresh, log=log)
     except (PrimeError, ValueError) as err:

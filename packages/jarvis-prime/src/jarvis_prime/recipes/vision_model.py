@@ -1,0 +1,172 @@
+"""`prime train prime-135m-vision-v1`: the small offline vision model, Idefics3 / SmolVLM-shaped.
+
+SmolVLM-256M is SmolLM2-135M plus a SigLIP encoder and a pixel-shuffle connector; this is
+the same architecture (transformers' Idefics3ForConditionalGeneration, llama.cpp's IDEFICS3
+projector), built on the embedded SmolLM2-135M-Instruct with an encoder trained here from
+scratch, because no pretrained vision weights are reachable offline. It sees what
+`vision_data` draws (colours, shapes, counts, sides, printed numbers) and nothing else.
+
+The recipe, top to bottom:
+
+1. **Data**: `vision_data` writes the training and held-out splits (images + chat JSONL).
+2. **Encoder** (`vision_encoder`, plain PyTorch): the SigLIP encoder learns from dense
+   per-patch scene labels, alone, which is cheap.
+3. **Assemble**: SmolLM2-135M-Instruct + that encoder + a fresh connector, SmolVLM's image
+   tokens added to the tokenizer, the Idefics3 processor configured for this encoder.
+4. **Connector and LoRA** (Reactor Core, `method: sft` with images): the connector and a
+   LoRA on the language model learn to answer from the encoder's patches; the encoder
+   stays frozen (`train_vision_tower: false`).
+5. **Store**: the merged model becomes a PRIME directory (safetensors, text GGUF and the
+   projector's mmproj GGUF); the held-out set is scored through llama.cpp.
+
+`--ship` (maintainers) writes what the package needs to rebuild it on first use (the
+encoder, the LoRA with the connector, the Idefics3 config and processor files, float16)
+into `jarvis_prime/adapters/<name>/`; the catalog's `adapter` source for a `vision`
+entry rebuilds it onto the embedded base with `build_from_shipped` on `prime pull`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from jarvis_prime.errors import PrimeError
+from jarvis_prime.models.idefics3 import ENCODER_FILE, EncoderShape, assemble_vision_model
+from jarvis_prime.progress import Log
+from jarvis_prime.recipes import require_reactor_core
+from jarvis_prime.recipes.vision_encoder import EncoderTraining, align_connector, pretrain_encoder, word_vectors
+
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "chat_template.jinja")
+
+
+@dataclass(frozen=True)
+class VisionRecipe:
+    name: str
+    base: str
+    encoder: EncoderShape = field(default_factory=EncoderShape)
+    encoder_training: EncoderTraining = field(default_factory=EncoderTraining)
+    train_examples: int = 2000
+    heldout_examples: int = 500
+    data_seed: int = 0
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    learning_rate: float = 1e-3
+    batch_size: int = 8
+    num_epochs: int = 1
+    max_seq_length: int = 256
+    seed: int = 0
+    max_steps: int | None = None  # tests run a few steps of the same recipe
+
+
+RECIPES = {"prime-135m-vision-v1": VisionRecipe(name="prime-135m-vision-v1", base="smollm2-135m-instruct")}
+
+
+def train_vision_model(name: str, work_dir: Path, *, ship: bool = False, fresh: bool = False, log: Log = print,
+                       progress: bool = True) -> dict[str, Any]:
+    """All five steps; data and the encoder already in `work_dir` are reused unless `fresh`."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from jarvis_prime.export import export_gguf
+    from jarvis_prime.recipes.vision_data import build_vision_dataset
+    from jarvis_prime.store import import_path, resolve
+
+    if name not in RECIPES:
+        raise PrimeError(f"no training recipe for {name!r}; recipes: {', '.join(RECIPES)}")
+    recipe = RECIPES[name]
+    reactor_core = require_reactor_core()
+    work_dir = Path(work_dir)
+    data_dir = work_dir / "data"
+    base = resolve(recipe.base, log=log)
+
+    if fresh or not (data_dir / "dataset-report.json").is_file():
+        log(f"1/5 drawing {recipe.train_examples} training and {recipe.heldout_examples} held-out images")
+        build_vision_dataset(data_dir, train=recipe.train_examples, heldout=recipe.heldout_examples,
+                             seed=recipe.data_seed, log=log)
+    else:
+        log(f"1/5 reusing {data_dir} (--fresh draws it again)")
+
+    encoder_path, connector_path = work_dir / ENCODER_FILE, work_dir / "connector.safetensors"
+    if fresh or not (encoder_path.is_file() and connector_path.is_file()):
+        log("2/5 training the vision encoder on scene labels, then fitting the connector to word embeddings")
+        encoder = pretrain_encoder(recipe.encoder, recipe.encoder_training, log=log, progress=progress)
+        save_file({k: v.contiguous() for k, v in encoder["state_dict"].items()}, encoder_path)
+        from transformers import AutoTokenizer
+
+        embeddings = load_file(base.path / "model.safetensors")["model.embed_tokens.weight"]
+        words = word_vectors(AutoTokenizer.from_pretrained(base.path), embeddings)
+        fit = align_connector(encoder["state_dict"], recipe.encoder, recipe.encoder_training, words, log=log)
+        save_file({"weight": fit["weight"]}, connector_path)
+        (work_dir / "encoder.json").write_text(json.dumps({**{k: v for k, v in encoder.items() if k != "state_dict"},
+                                                           "connector_r2": fit["r2"]}))
+    else:
+        log(f"2/5 reusing {encoder_path} and {connector_path}")
+    encoder_state = load_file(encoder_path)
+
+    log("3/5 assembling SmolLM2 + encoder + connector")
+    assembled = assemble_vision_model(base.path, encoder_state, recipe.encoder, work_dir / "assembled",
+                                      connector=load_file(connector_path)["weight"], seed=recipe.seed)
+
+    log("4/5 connector + LoRA with Reactor Core (the encoder frozen)")
+    config = reactor_core.TrainingConfig(
+        model_name=str(assembled), data_path=str(data_dir / "train.jsonl"), output_dir=str(work_dir / "reactor-output"),
+        output_name=name, output_version="1.0.0", use_lora=True, lora_rank=recipe.lora_rank,
+        lora_alpha=recipe.lora_alpha, lora_dropout=0.0, train_projector=True, train_vision_tower=False,
+        num_epochs=recipe.num_epochs, learning_rate=recipe.learning_rate, batch_size=recipe.batch_size,
+        max_seq_length=recipe.max_seq_length, warmup_steps=10, val_fraction=0.02, eval_every_steps=0,
+        seed=recipe.seed, resume="never", num_samples=2, packing=False, max_steps=recipe.max_steps,
+    )
+    result = reactor_core.Trainer(config, progress=progress).train()
+
+    log("5/5 adding it to the store and scoring the held-out set through llama.cpp")
+    local = import_path(result.model_dir, name=name, version="1.0.0", task="vision", base=base.manifest.base, log=log,
+                        force=True)
+    export_gguf(local.path, ["q8_0"], log=log, progress=progress)
+    scores = score_heldout(local.path, data_dir / "heldout.jsonl", log=log)
+    summary = {"recipe": asdict(recipe), "model_dir": str(local.path), "heldout": scores,
+               "train_metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
+               "encoder": json.loads((work_dir / "encoder.json").read_text())}
+    if ship:
+        summary["shipped"] = str(ship_vision_model(result.model_dir / "adapter", assembled, encoder_path, name, summary))
+    del torch  # imported above so a missing torch fails before an hour of work, not after
+    return summary
+
+
+def score_heldout(model_dir: Path, data: Path, *, log: Log = print, limit: int | None = None) -> dict[str, Any]:
+    """Greedy VQA accuracy of the store's model on `data` through the default (llama.cpp) backend."""
+    from jarvis_prime.evaluation import run_vqa_suite
+    from jarvis_prime.models.prime_model import PrimeModel
+
+    with PrimeModel.from_pretrained(model_dir, backend="llamacpp", quantization="8bit") as model:
+        scores = run_vqa_suite(model, data, limit=limit)
+    log("held-out accuracy: " + ", ".join(f"{k} {v:.0%}" for k, v in scores.get("by_category", {}).items()))
+    return scores
+
+
+def ship_vision_model(adapter_dir: Path, assembled: Path, encoder_path: Path, name: str, summary: dict[str, Any]) -> Path:
+    """What the package needs to rebuild the model on the embedded base, in float16: the
+    encoder, the LoRA adapter with the connector (peft's modules_to_save), the Idefics3
+    config and the processor files."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    target = Path(str(resources.files("jarvis_prime") / "adapters" / name))
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    half = lambda path: {k: v.astype("float16") for k, v in load_file(path).items()}  # noqa: E731
+    save_file(half(adapter_dir / "adapter_model.safetensors"), target / "adapter_model.safetensors")
+    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    adapter_config["base_model_name_or_path"] = RECIPES[name].base
+    (target / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
+    save_file(half(encoder_path), target / ENCODER_FILE)
+    for file in ("config.json", *PROCESSOR_FILES):
+        shutil.copy(assembled / file, target / file)
+    (target / "training.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return target
+
+

@@ -113,8 +113,12 @@ def test_export_writes_text_and_projector_ggufs_each_text_file_naming_its_projec
         assert ("Q8_0" in types) == (quant == "q8_0")
     text = gguf.GGUFReader(model_dir / manifest.quantizations["f16"].file)
     assert text.fields["general.architecture"].contents() == "llama"
+    assert text.fields["tokenizer.chat_template"].contents() == (model_dir / "chat_template.jinja").read_text()
     assert "<image>" in [text.fields["tokenizer.ggml.tokens"].contents(i)
                          for i in range(len(text.fields["tokenizer.ggml.tokens"].data))]
+    # the 4-bit text file is rounded with an importance matrix measured on the text model alone
+    assert manifest.quantizations["q4_k_m"].importance["tokens"] > 1000
+    assert "imatrix" in next(line for line in output.splitlines() if "q4_k_m.gguf" in line)
     sizes = {q: manifest.files[manifest.quantizations[q].file].bytes for q in ("f16", "q8_0", "q4_k_m")}
     assert sizes["q4_k_m"] < sizes["q8_0"] < sizes["f16"]
     assert all(rel in output for rel in projector.values())  # `prime export` lists the projectors it wrote
@@ -248,3 +252,25 @@ def test_a_failing_converter_shows_the_tail_of_its_log(pulled, monkeypatch, tmp_
                                           r"\(exit code 3\).*loading model parts.*KeyError: vision_model"):
         export_gguf(copy, ["f16"], progress=False, force=True)
     assert {p.relative_to(copy).as_posix(): p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
+
+
+def test_from_pretrained_8bit_exports_the_text_file_and_its_projector_on_first_use(pulled, tmp_path):
+    """A pulled vision model with no GGUF yet: `quantization="8bit"` on llama.cpp exports
+    q8_0 and its projector once, and the model it loads sees images."""
+    from jarvis_prime.manifest import write_manifest
+
+    model_dir, _ = pulled
+    copy = tmp_path / model_dir.name
+    shutil.copytree(model_dir, copy)
+    shutil.rmtree(copy / "gguf", ignore_errors=True)
+    manifest = read_manifest(copy)
+    manifest = manifest.model_copy(update={
+        "quantizations": {n: q for n, q in manifest.quantizations.items() if q.format != "gguf"},
+        "files": {rel: e for rel, e in manifest.files.items() if not rel.startswith("gguf/")}})
+    write_manifest(copy, manifest, changed=[])
+    with PrimeModel.from_pretrained(copy, quantization="8bit", backend="llamacpp", device="cpu") as model:
+        assert model.runtime.weights == f"gguf/{NAME}-q8_0.gguf"
+        assert model.runtime.mmproj == f"gguf/mmproj-{NAME}-q8_0.gguf" and model.sees_images
+        assert model.chat([{"role": "user", "content": [{"type": "image", "image": png_bytes(2)},
+                                                        {"type": "text", "text": QUESTION}]}], max_new_tokens=3).strip()
+    verify_files(copy, read_manifest(copy))

@@ -14,7 +14,7 @@ from jarvis_prime.store import resolve
 
 SEED_MODELS = {
     "prime-7b-chat-v1": ("chat", "meta-llama/Llama-2-7b-chat-hf"),
-    "prime-7b-vision-v1": ("vision", "llava-hf/llava-1.5-7b-hf"),
+    "prime-7b-vision-v1": ("vision", "HuggingFaceTB/SmolVLM-Instruct"),
     "prime-13b-reasoning-v1": ("reasoning", "meta-llama/Llama-2-13b-chat-hf"),
 }
 
@@ -24,7 +24,8 @@ def test_catalog_holds_seed_models_and_the_offline_default():
     for name, (task, base) in SEED_MODELS.items():
         entry = catalog.get(name)
         assert (entry.task, entry.base) == (task, base)
-        assert entry.parameters > 6e9
+        # the vision model is the largest Idefics3 both backends run (README: why not Idefics3-8B)
+        assert entry.parameters > (2e9 if task == "vision" else 6e9)
         assert set(entry.ram_gb) == {"fp16", "8bit", "4bit"}
         assert entry.ram_gb["4bit"] < entry.ram_gb["8bit"] < entry.ram_gb["fp16"]
     default = catalog.get("smollm2-135m-instruct")

@@ -275,8 +275,9 @@ def test_prime_eval_runs_the_vqa_suite_and_prints_it_per_category(dataset, monke
 
     local = SimpleNamespace(manifest=SimpleNamespace(name="prime-135m-vision-v1", version="1.0.0"), path=dataset)
     monkeypatch.setattr(cli, "resolve", lambda name, auto_pull: local)
-    monkeypatch.setattr(cli, "variant_runtime", lambda manifest, quant: ("q8_0", Loaded.runtime))
-    monkeypatch.setattr(cli, "load_variant", lambda path, runtime: Loaded(data))
+    monkeypatch.setattr(evaluation, "read_manifest", lambda path: local.manifest)
+    monkeypatch.setattr(evaluation, "variant_runtime", lambda manifest, quant: ("q8_0", Loaded.runtime))
+    monkeypatch.setattr(evaluation, "load_variant", lambda path, runtime: Loaded(data))
     monkeypatch.setattr(evaluation, "speed", lambda model: {"prompt_tokens_per_s": 1.0, "decode_tokens_per_s": 1.0})
     result = CliRunner().invoke(cli.app, ["eval", "prime-135m-vision-v1", "--suite", "vqa", "--vqa-data", str(data),
                                           "--no-save"], env={"COLUMNS": "200"})

@@ -2,10 +2,11 @@
 
 The model is built here (transformers Idefics3ForConditionalGeneration: 2-layer Llama text
 model, 2-layer SigLIP-style vision encoder, pixel-shuffle connector, SmolLM2's tokenizer)
-and converted with llama.cpp's own convert_hf_to_gguf.py, text GGUF and `--mmproj` both.
-The converter is not part of this repository: it ships in llama-cpp-python's sdist
-(vendor/llama.cpp); `make llama-cpp-converter` unpacks the one matching the installed
-llama-cpp-python, or LLAMA_CPP_CONVERT_HF names a convert_hf_to_gguf.py.
+and converted with llama.cpp's own convert_hf_to_gguf.py, text GGUF and `--mmproj` both,
+through `jarvis_prime.export.converter` (what `prime export` runs). The converter is not
+part of this repository: it ships in llama-cpp-python's sdist (vendor/llama.cpp);
+`make llama-cpp-converter` unpacks the one matching the installed llama-cpp-python, or
+LLAMA_CPP_CONVERT_HF names a convert_hf_to_gguf.py; without one these tests skip.
 
 `tiny_vision(tmp_path_factory)` returns every artifact: the HF folder, the GGUFs (with
 and without SmolVLM's image tokens in the vocabulary) and a PRIME model directory
@@ -19,10 +20,7 @@ import copy
 import importlib.util
 import io
 import json
-import os
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,15 +35,6 @@ CHAT_TEMPLATE = (
     "{% elif part['type'] == 'image' %}<image>{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-
-def find_converter() -> Path | None:
-    """LLAMA_CPP_CONVERT_HF, else what `make llama-cpp-converter` unpacked into this venv."""
-    import llama_cpp
-
-    candidates = [os.environ.get("LLAMA_CPP_CONVERT_HF", ""),
-                  f"{sys.prefix}/share/llama-cpp-python-{llama_cpp.__version__}/vendor/llama.cpp/convert_hf_to_gguf.py"]
-    return next((Path(c) for c in candidates if c and Path(c).is_file()), None)
 
 
 def build_idefics3(path: Path, tokenizer) -> Path:
@@ -83,32 +72,6 @@ def build_idefics3(path: Path, tokenizer) -> Path:
     return path
 
 
-# Runs the converter's main() once per argv list, in one process (torch is imported once).
-# sentencepiece is stubbed: the Llama converter imports it before it looks for
-# tokenizer.model (absent here, so it goes on to tokenizer.json); the venv has no sentencepiece.
-CONVERT_DRIVER = """
-import importlib.machinery, json, os, sys, types
-stub = types.ModuleType("sentencepiece")
-stub.__spec__ = importlib.machinery.ModuleSpec("sentencepiece", None)
-stub.SentencePieceProcessor = None
-sys.modules.setdefault("sentencepiece", stub)
-converter, jobs = sys.argv[1], json.loads(sys.argv[2])
-sys.path.insert(0, os.path.dirname(converter))
-import convert_hf_to_gguf
-for job in jobs:
-    sys.argv = [converter, *job]
-    convert_hf_to_gguf.main()
-"""
-
-
-def convert(converter: Path, jobs: list[list[str]]) -> None:
-    """llama.cpp's convert_hf_to_gguf.py, one argv per job."""
-    done = subprocess.run([sys.executable, "-c", CONVERT_DRIVER, str(converter), json.dumps(jobs)],
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
-
 @dataclass(frozen=True)
 class TinyVision:
     hf_dir: Path  # the transformers model, image tokens in its tokenizer
@@ -130,10 +93,13 @@ def tiny_vision(tmp_path_factory: pytest.TempPathFactory) -> TinyVision:
 
 
 def _build(root: Path) -> TinyVision:
-    converter = find_converter()
-    if converter is None:
-        pytest.skip("llama.cpp's convert_hf_to_gguf.py not found: run `make llama-cpp-converter` "
-                    "or set LLAMA_CPP_CONVERT_HF")
+    from jarvis_prime.errors import ExportError
+    from jarvis_prime.export.converter import convert_hf, find_converter
+
+    try:
+        find_converter()
+    except ExportError as err:  # names `make llama-cpp-converter` and LLAMA_CPP_CONVERT_HF
+        pytest.skip(str(err))
     pytest.importorskip("transformers")
     from transformers import AutoTokenizer
 
@@ -150,9 +116,9 @@ def _build(root: Path) -> TinyVision:
     out = root / "gguf"
     out.mkdir()
     mmproj, text, plain = out / "mmproj-f16.gguf", out / "text-f16.gguf", out / "plain-text-f16.gguf"
-    convert(converter, [[str(with_tokens), "--mmproj", "--outtype", "f16", "--outfile", str(mmproj)],
-                        [str(with_tokens), "--outtype", "f16", "--outfile", str(text)],
-                        [str(without), "--outtype", "f16", "--outfile", str(plain)]])
+    convert_hf(with_tokens, mmproj, "f16", mmproj=True)
+    convert_hf(with_tokens, text, "f16")
+    convert_hf(without, plain, "f16")
     prime = prime_dir(root / f"{NAME}-0.0.1", with_tokens, text, mmproj)
     return TinyVision(with_tokens, text, plain, mmproj, prime)
 

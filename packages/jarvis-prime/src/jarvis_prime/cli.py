@@ -11,7 +11,7 @@ from rich.console import Console
 
 from jarvis_prime.catalog import load_catalog
 from jarvis_prime.errors import PrimeError
-from jarvis_prime.evaluation import JARVIS_SYSTEM_PROMPT, eval_key, evaluate, load_variant, record, variant_runtime
+from jarvis_prime.evaluation import JARVIS_SYSTEM_PROMPT, eval_key, record
 from jarvis_prime.export import IMPORTANCE_QUANTS, export_gguf
 from jarvis_prime.hardware import detect_hardware, detect_libraries
 from jarvis_prime.manifest import refuse_unlisted_weights, unlisted_weights, verify_files
@@ -221,7 +221,10 @@ def export(
         "Round the 4-6-bit quantizations with an importance matrix measured on the package's calibration text "
         "(needs the transformers extra).")),
 ) -> None:
-    """Write GGUF files (chat template and stop tokens embedded) and an Ollama Modelfile into the model's gguf/."""
+    """Write GGUF files (chat template and stop tokens embedded) and an Ollama Modelfile into the model's gguf/.
+
+    A vision model (Idefics3 / SmolVLM) also gets its projector (mmproj) in f16 and q8_0, through
+    llama.cpp's own convert_hf_to_gguf.py (`make llama-cpp-converter` or LLAMA_CPP_CONVERT_HF)."""
     if fmt != "gguf":
         _fail(ValueError(f"--format must be gguf; got {fmt!r}"))
     quants = [q.strip().lower() for q in quant.split(",") if q.strip()]
@@ -238,6 +241,8 @@ def export(
         rounding = (f"imatrix ({entry.importance['tokens']} tokens)" if entry.importance
                     else "plain" if q in IMPORTANCE_QUANTS else "-")
         rows.append([q, entry.file, str(entry.bits), f"{manifest.files[entry.file].bytes / 1e6:,.1f} MB", rounding])
+    for projector in dict.fromkeys(manifest.quantizations[q].mmproj for q in quants if manifest.quantizations[q].mmproj):
+        rows.append(["projector", projector, "-", f"{manifest.files[projector].bytes / 1e6:,.1f} MB", "-"])
     print_table(console, [Col("quantization", keep=True), Col("file", keep=True), Col("bits"), Col("size"),
                           Col("rounding")], rows)
     console.print(f"Ollama: cd {local.path / 'gguf'} && ollama create {manifest.name} -f Modelfile", soft_wrap=True)
@@ -248,31 +253,67 @@ def eval_model(
     name: str = typer.Argument(..., help="Model name or PRIME model directory."),
     quant: Optional[str] = typer.Option(None, "--quant", help=(
         "Variant to evaluate: a GGUF (f16, q8_0, q4_k_m, ...) on llama.cpp, f32 (safetensors) on transformers, "
-        "int8 / nf4 through bitsandbytes. Default: what from_pretrained would serve here.")),
+        "int8 / nf4 through bitsandbytes; `all`: every variant in prime.json, one after the other, in one table. "
+        "Default: what from_pretrained would serve here.")),
     suite: str = typer.Option("all", help="jarvis | perplexity | vqa | all (vqa: only the VQA suite)."),
     vqa_data: Optional[str] = typer.Option(None, "--vqa-data", help=(
         "Vision models: also score visual questions from this chat JSONL with category and answer per record "
         "(python -m jarvis_prime.recipes.vision_data OUT writes OUT/heldout.jsonl).")),
     no_system_prompt: bool = typer.Option(False, "--no-system-prompt", help="Run the JARVIS suite without the persona."),
     show_replies: bool = typer.Option(False, "--show-replies", help="Print every suite reply and why it failed."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON ({variant: result}, replies left out)."),
     save: bool = typer.Option(True, help="Record the results in prime.json metrics.eval."),
 ) -> None:
     """Evaluate the exact file that would be served: perplexity, the JARVIS suite, VQA, speed, memory."""
     from pathlib import Path
+
+    from jarvis_prime.evaluation import all_variants, evaluate_variants, summary
 
     if suite not in ("jarvis", "perplexity", "vqa", "all"):
         _fail(ValueError(f"--suite must be jarvis, perplexity, vqa or all; got {suite!r}"))
     if suite == "vqa" and vqa_data is None:
         _fail(ValueError("--suite vqa needs --vqa-data PATH (python -m jarvis_prime.recipes.vision_data writes one)"))
     system_prompt = None if no_system_prompt else JARVIS_SYSTEM_PROMPT
+    runtimes: dict[str, Any] = {}
     try:
         local = resolve(name, auto_pull=False)
-        variant, runtime = variant_runtime(local.manifest, quant)
-        with console.status(f"evaluating {local.manifest.name} {variant} ({runtime.backend})"):
-            with load_variant(local.path, runtime=runtime) as model:
-                result = evaluate(model, suite, system_prompt, vqa_data=Path(vqa_data) if vqa_data else None)
+        variants = all_variants(local.manifest) if quant == "all" else [quant]
+        with console.status(f"evaluating {local.manifest.name}") as status:
+            def starting(variant: str, runtime) -> None:
+                runtimes[variant] = runtime
+                status.update(f"evaluating {local.manifest.name} {variant} ({runtime.backend})")
+
+            results = evaluate_variants(local.path, variants, suite, system_prompt,
+                                        vqa_data=Path(vqa_data) if vqa_data else None, on_variant=starting)
     except (PrimeError, ValueError) as err:
         _fail(err)
+    if as_json:
+        typer.echo(json.dumps({"model": local.manifest.name, "version": local.manifest.version,
+                               "variants": {v: summary(r) for v, r in results.items()}}, indent=2))
+    elif len(results) == 1:
+        variant, result = next(iter(results.items()))
+        print_table(console, [Col("metric"), Col("value", keep=True, justify="right")], _metric_rows(result, system_prompt),
+                    title=f"{local.manifest.name} {local.manifest.version} · {variant} on {runtimes[variant].backend}")
+    else:
+        _print_variant_table(local.manifest, results, system_prompt)
+    for variant, result in results.items():
+        if show_replies and "jarvis" in result:
+            for case in result["jarvis"]["cases"]:
+                mark = "[green]pass[/]" if case["passed"] else f"[red]fail[/] ({'; '.join(case['failures'])})"
+                console.print(f"{variant} {case['id']}: {mark}\n  {case['reply']!r}", highlight=False)
+        if show_replies and "vqa" in result:
+            for case in result["vqa"]["cases"]:
+                mark = "[green]pass[/]" if case["passed"] else f"[red]fail[/] (expected {case['answer']!r})"
+                console.print(f"{variant} {case['category']}: {mark}  {case['reply']!r}", highlight=False)
+        if save:
+            record(local.path, eval_key(variant, system_prompt), result)
+    if save and not as_json:
+        keys = ", ".join(eval_key(v, system_prompt) for v in results)
+        console.print(f"recorded in {local.path / 'prime.json'} (metrics.eval: {keys})")
+
+
+def _metric_rows(result: dict[str, Any], system_prompt: str | None) -> list[list[str]]:
+    """One variant's results as (metric, value) rows."""
     rows = []
     if "perplexity" in result:
         rows.append(["perplexity (general text)", f"{result['perplexity']['perplexity']:.3f}"])
@@ -288,19 +329,35 @@ def eval_model(
     rows.append(["prompt tokens/s", f"{result['speed']['prompt_tokens_per_s']:.0f}"])
     rows.append(["decode tokens/s", f"{result['speed']['decode_tokens_per_s']:.1f}"])
     rows.append(["peak RSS", f"{result['peak_rss_mb']:.0f} MB"])
-    print_table(console, [Col("metric"), Col("value", keep=True, justify="right")], rows,
-                title=f"{local.manifest.name} {local.manifest.version} · {variant} on {runtime.backend}")
-    if show_replies and "jarvis" in result:
-        for case in result["jarvis"]["cases"]:
-            mark = "[green]pass[/]" if case["passed"] else f"[red]fail[/] ({'; '.join(case['failures'])})"
-            console.print(f"{case['id']}: {mark}\n  {case['reply']!r}", highlight=False)
-    if show_replies and "vqa" in result:
-        for case in result["vqa"]["cases"]:
-            mark = "[green]pass[/]" if case["passed"] else f"[red]fail[/] (expected {case['answer']!r})"
-            console.print(f"{case['category']}: {mark}  {case['reply']!r}", highlight=False)
-    if save:
-        record(local.path, eval_key(variant, system_prompt), result)
-        console.print(f"recorded in {local.path / 'prime.json'} (metrics.eval.{eval_key(variant, system_prompt)})")
+    return rows
+
+
+def _print_variant_table(manifest, results: dict[str, dict[str, Any]], system_prompt: str | None) -> None:
+    """Every variant as a row, every metric as a column (`prime eval --quant all`)."""
+    first = next(iter(results.values()))
+    vqa_categories = sorted({c for r in results.values() if "vqa" in r for c in r["vqa"]["by_category"]})
+    columns = [Col("variant", keep=True), Col("backend"), Col("bits", justify="right")]
+    if "perplexity" in first:
+        columns.append(Col("perplexity", justify="right"))
+    if "jarvis" in first:
+        columns.append(Col("jarvis" + ("" if system_prompt else " (no sys)"), justify="right"))
+    if "vqa" in first:
+        columns += [Col("VQA", justify="right")] + [Col(c, justify="right") for c in vqa_categories]
+    columns += [Col("decode tok/s", justify="right"), Col("process peak RSS MB", justify="right")]
+    rows = []
+    for variant, result in results.items():
+        bits = manifest.quantizations[variant].bits if variant in manifest.quantizations else "-"
+        row = [variant, result["backend"], str(bits)]
+        if "perplexity" in first:
+            row.append(f"{result['perplexity']['perplexity']:.3f}")
+        if "jarvis" in first:
+            row.append(f"{result['jarvis']['score']:.1%}")
+        if "vqa" in first:
+            by = result["vqa"]["by_category"]
+            row += [f"{result['vqa']['score']:.1%}"] + [f"{by[c]:.0%}" if c in by else "-" for c in vqa_categories]
+        row += [f"{result['speed']['decode_tokens_per_s']:.1f}", f"{result['peak_rss_mb']:.0f}"]
+        rows.append(row)
+    print_table(console, columns, rows, title=f"{manifest.name} {manifest.version} · every variant")
 
 
 @app.command("train")

@@ -401,20 +401,47 @@ def evaluate(model: PrimeModel, suite: Suite = "all", system_prompt: str | None 
     return result
 
 
+def all_variants(manifest) -> list[str]:
+    """Every quantization prime.json records, most precise first: each GGUF (on llama.cpp,
+    with its projector for a vision model) and the safetensors (on transformers)."""
+    return sorted(manifest.quantizations, key=lambda name: (-manifest.quantizations[name].bits, name))
+
+
+def evaluate_variants(path: Path, variants: Sequence[str], suite: Suite = "all",
+                      system_prompt: str | None = JARVIS_SYSTEM_PROMPT, vqa_data: Path | None = None,
+                      on_variant=lambda variant, runtime: None) -> dict[str, dict[str, Any]]:
+    """`evaluate` on each variant in turn (loaded, scored, closed before the next), for one
+    table across quantizations: what 4 bits cost against 8, 16 and the transformers model."""
+    manifest = read_manifest(path)
+    results = {}
+    for variant in variants:
+        name, runtime = variant_runtime(manifest, variant)
+        on_variant(name, runtime)
+        with load_variant(path, runtime=runtime) as model:
+            results[name] = evaluate(model, suite, system_prompt, vqa_data=vqa_data)
+    return results
+
+
+def summary(result: dict[str, Any]) -> dict[str, Any]:
+    """A result without the per-case replies (too long for prime.json or a JSON report)."""
+    kept = json.loads(json.dumps(result))
+    for suite in ("jarvis", "vqa"):
+        if suite in kept:
+            kept[suite].pop("cases", None)
+    return kept
+
+
 def eval_key(variant: str, system_prompt: str | None) -> str:
     return variant if system_prompt else f"{variant}/no-system-prompt"
 
 
 def record(model_dir: Path, key: str, result: dict[str, Any]) -> None:
     """Merge `result` into prime.json metrics.eval[key] (replies stay out: too long)."""
-    summary = json.loads(json.dumps(result))
-    for suite in ("jarvis", "vqa"):
-        if suite in summary:
-            summary[suite].pop("cases", None)
+    kept = summary(result)
     with store_lock(model_dir):
         manifest = read_manifest(model_dir)
         metrics = dict(manifest.metrics)
         evals = dict(metrics.get("eval", {}))
-        evals[key] = {**evals.get(key, {}), **summary}
+        evals[key] = {**evals.get(key, {}), **kept}
         metrics["eval"] = evals
         write_manifest(model_dir, manifest.model_copy(update={"metrics": metrics}), changed=[])

@@ -9,7 +9,10 @@ its `__init__`, which loads the writer and numpy (`import jarvis_prime` stays li
 
 from __future__ import annotations
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral")  # written by export/writer.py
+# Vision models (config.json model_type) exported through llama.cpp's own converter (export/converter.py):
+# the text GGUF and the projector (mmproj) libmtmd runs.
+VISION_ARCHITECTURES = ("idefics3", "smolvlm")
 # llama.cpp file types (enum llama_ftype) of the quantizations we export.
 FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "q4_k_s": 14, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
 

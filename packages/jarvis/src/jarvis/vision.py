@@ -1,9 +1,9 @@
 """Image questions: they go to the catalog's vision model.
 
-The catalog names one (`task: vision`, LLaVA 1.5 today). It is 5+ GB and comes from
-the Hugging Face Hub, so on an offline machine it is absent; then JARVIS says which
-model to pull and what it needs, instead of pretending to see. PRIME's backends run
-chat (llama-family) models only so far: a pulled LLaVA is reported as such.
+The catalog names one (`task: vision`, SmolVLM-Instruct today). It comes from the
+Hugging Face Hub, so on an offline machine it is absent; then JARVIS says which model
+to pull and what it needs, instead of pretending to see. A pulled one is reported as
+not yet wired to JARVIS.
 """
 
 from __future__ import annotations

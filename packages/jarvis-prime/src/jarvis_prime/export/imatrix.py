@@ -34,6 +34,7 @@ import numpy as np
 
 from jarvis_prime.export.metadata import copy_metadata
 from jarvis_prime.files import atomic_path
+from jarvis_prime.gguf_names import VISION_ARCHITECTURES
 from jarvis_prime.persona import load_prompts
 
 CHUNK_TOKENS = 512
@@ -69,14 +70,20 @@ def importance_matrix(model_dir: Path, *, progress: bool = True) -> ImportanceMa
     import gguf
     import torch
     from rich.progress import Progress
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    # A vision model (Idefics3 / SmolVLM): its text model is what the text GGUF holds; it runs
+    # on text alone, and only its layers (`model.text_model.*`, `lm_head`) are hooked.
+    vision = AutoConfig.from_pretrained(model_dir).model_type in VISION_ARCHITECTURES
+    auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
     # The checkpoint's own dtype: a bf16 7B model needs 14 GB here, not 28; squares are summed in float64.
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").to(device).eval()
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
-    output = "token_embd.weight" if model.config.tie_word_embeddings else "output.weight"
+    model = auto.from_pretrained(model_dir, dtype="auto").to(device).eval()
+    text_config = model.config.text_config if vision else model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, text_config.num_hidden_layers)
+    tied = text_config.tie_word_embeddings if vision else model.config.tie_word_embeddings
+    output = "token_embd.weight" if tied else "output.weight"
 
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
@@ -91,6 +98,9 @@ def importance_matrix(model_dir: Path, *, progress: bool = True) -> ImportanceMa
     hooks = []
     for module_name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
+            if vision and module_name != "lm_head" and ".text_model." not in module_name:
+                continue  # the image encoder and connector: the projector GGUF, not quantized here
+            module_name = module_name.replace("text_model.", "")  # as llama.cpp's converter renames them
             name = output if module_name == "lm_head" else names.get_name(module_name + ".weight",
                                                                           try_suffixes=(".weight",))
             if name is not None:

@@ -22,14 +22,14 @@ import logging
 import threading
 from contextlib import closing, contextmanager
 from pathlib import Path
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Callable, Iterator, Literal, Mapping, Sequence, TypedDict, overload
 
 from typing_extensions import Unpack
 
 from jarvis_prime.errors import ImageNotSupportedError, ManifestError
 from jarvis_prime.hardware import detect_hardware, detect_libraries
-from jarvis_prime.manifest import PrimeManifest, refuse_unlisted_weights, verify_files
+from jarvis_prime.manifest import PrimeManifest, projector_for, refuse_unlisted_weights, verify_files
 from jarvis_prime.models.base import Backend, Chunk, Generation, GenerationParams
 from jarvis_prime.models.chat_template import ChatTemplate
 from jarvis_prime.models.content import Media, has_images, split_images
@@ -134,6 +134,8 @@ class PrimeModel:
             from jarvis_prime.export import export_gguf  # numpy and the gguf writer, only when exporting
 
             local = LocalModel(local.path, export_gguf(local.path, [runtime.export], log=log.info))
+            # a vision model's export also wrote the projector the new file runs with
+            runtime = replace(runtime, mmproj=projector_for(local.manifest, runtime.weights))
         return cls.load(local.path, local.manifest, runtime, context_length=context_length)
 
     @classmethod

@@ -10,7 +10,8 @@ interrupted pull never leaves a half model that looks complete.
         prime.json  config.json  model.safetensors  tokenizer.json  tokenizer_config.json
         chat_template.jinja  gguf/<name>-<quant>.gguf
 
-    index.py     what is in the store: list_local, find_local, resolve, pull, import_path
+    index.py     what is in the store: list_local, find_local, resolve, pull, import_path,
+                 materialize_vision_model (an HF Idefics3 / SmolVLM folder -> a PRIME vision model, GGUFs included)
     builders.py  filling a staging folder from each kind of source
 """
 
@@ -20,6 +21,7 @@ from jarvis_prime.store.index import (
     find_local,
     import_path,
     list_local,
+    materialize_vision_model,
     models_root,
     prime_home,
     pull,
@@ -32,6 +34,7 @@ __all__ = [
     "find_local",
     "import_path",
     "list_local",
+    "materialize_vision_model",
     "models_root",
     "prime_home",
     "pull",

@@ -26,9 +26,18 @@ HF_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
     "tokenizer.model",
     "chat_template.jinja",
+    "chat_template.json",  # installed as chat_template.jinja (see from_hf_dir)
+    # vision models: what transformers' AutoProcessor and llama.cpp's mmproj converter read
+    "preprocessor_config.json",
+    "processor_config.json",
 )
+# What a Hub pull downloads: every file above (and weights), nothing else of the repository.
+HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", *HF_FILES]
 
 
 def from_adapter(staging: Path, manifest: PrimeManifest, base_dir: Path, base_manifest: PrimeManifest, base_gguf: Path,
@@ -158,7 +167,7 @@ def download_from_hub(hub: HubSource, log: Log) -> Path:
     try:
         return Path(snapshot_download(
             hub.repo_id, revision=hub.revision,
-            allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer.model"],
+            allow_patterns=HUB_PATTERNS,
         ))
     except Exception as err:  # network, auth (gated repos) or offline mode: all end the same way
         reason = " ".join(str(err).split())  # huggingface_hub's messages span lines; ours is one
@@ -209,10 +218,17 @@ def from_hf_dir(staging: Path, manifest: PrimeManifest, src: Path) -> PrimeManif
             + (f" (found {', '.join(pickles)}: pickled weights are never loaded)" if pickles else "")
         )
     for name in files:
-        shutil.copyfile(src / name, staging / name)
+        if name != "chat_template.json":
+            shutil.copyfile(src / name, staging / name)
     config = json.loads((staging / "config.json").read_text()) if (staging / "config.json").is_file() else {}
     tok_config = json.loads((staging / "tokenizer_config.json").read_text()) if (staging / "tokenizer_config.json").is_file() else {}
     template_source = "chat_template.jinja" if (staging / "chat_template.jinja").is_file() else None
+    if template_source is None and "chat_template.json" in files:  # processors' (SmolVLM, Idefics3) template file
+        template = json.loads((src / "chat_template.json").read_text(encoding="utf-8")).get("chat_template")
+        if not isinstance(template, str):
+            raise PrimeError(f"{src / 'chat_template.json'}: field chat_template: expected a string")
+        (staging / "chat_template.jinja").write_text(template, encoding="utf-8")
+        template_source = "chat_template.json"
     if template_source is None and isinstance(tok_config.get("chat_template"), str):
         (staging / "chat_template.jinja").write_text(tok_config["chat_template"], encoding="utf-8")
         template_source = "tokenizer_config.json:chat_template"
@@ -221,7 +237,9 @@ def from_hf_dir(staging: Path, manifest: PrimeManifest, src: Path) -> PrimeManif
     quant = {"float32": "f32", "bfloat16": "bf16"}.get(dtype, "f16")
     update = {
         "architecture": manifest.architecture or config.get("model_type"),
-        "context_length": config.get("max_position_embeddings") or manifest.context_length,
+        "context_length": (config.get("max_position_embeddings")
+                           or (config.get("text_config") or {}).get("max_position_embeddings")  # vision models
+                           or manifest.context_length),
         "chat_template": template_source,
         "quantizations": {quant: Quantization(file=main, format="safetensors", bits=quant_bits(quant))},
     }

@@ -185,6 +185,40 @@ def import_path(
         return _import_unlocked(src, target, name=name, version=version, task=task, base=base, log=log)
 
 
+def materialize_vision_model(
+    path: str | os.PathLike, *, name: str, version: str = "1.0.0", base: str | None = None,
+    quants: tuple[str, ...] | list[str] | None = None, force: bool = False, log: Log | None = None,
+) -> LocalModel:
+    """A Hugging Face Idefics3 / SmolVLM directory (safetensors, tokenizer with the image
+    tokens, preprocessor_config.json, processor_config.json) -> a complete PRIME vision model
+    in the store, in one step: the HF files (what transformers runs), the text GGUFs
+    (`quants`, default f16, q8_0, q4_k_m) and the projector GGUFs (f16, q8_0) through
+    llama.cpp's converter, each text GGUF recording its `mmproj`, all hashed in prime.json.
+
+    Built in a staging folder and renamed into place whole, like every store entry; what
+    Reactor Core trains (prime-135m-vision-v1) and a pulled base both become models this way.
+    """
+    from jarvis_prime.export.writer import DEFAULT_QUANTS, write_ggufs  # numpy, llama.cpp: only when building
+
+    log = log or (lambda message: None)
+    src = Path(path).expanduser().resolve()
+    if not src.is_dir():
+        raise PrimeError(f"{src}: expected a Hugging Face Idefics3 / SmolVLM model directory")
+    target = inside(models_root(), models_root() / f"{check_name('name', name)}-{check_name('version', version)}",
+                    "name")
+    manifest = PrimeManifest(name=name, version=version, task="vision", base=base or str(src), context_length=1,
+                             lineage=Lineage(source={"kind": "path", "path": str(src)}))
+
+    def build(staging: Path) -> PrimeManifest:
+        built = write_manifest(staging, from_hf_dir(staging, manifest, src))  # hashed: the exporter verifies
+        return write_ggufs(staging, built, quants or DEFAULT_QUANTS, log=log)
+
+    with store_lock(target):
+        if (target / MANIFEST_NAME).exists() and not force:
+            raise PrimeError(f"{target} already exists; pick another version (or force=True)")
+        return _materialize(target, log, build)
+
+
 def _import_unlocked(src: Path, target: Path, *, name: str, version: str, task: str, base: str | None, log: Log) -> LocalModel:
     if src.is_file() and src.suffix == ".gguf":
         info = read_gguf_info(src)

@@ -121,6 +121,10 @@ def write_model_dir(
     else:
         model.save_pretrained(staging, safe_serialization=True)
     (processor or tokenizer).save_pretrained(staging)
+    if processor is not None:
+        # transformers 5 nests the image processor in processor_config.json; llama.cpp's
+        # converter (the mmproj GGUF) and older transformers read preprocessor_config.json
+        processor.image_processor.save_pretrained(staging)
     base_config = getattr(model, "config", None)
     text_config = base_config.get_text_config() if base_config is not None else None
     write_prime_manifest(

@@ -146,7 +146,8 @@ def train(
         "Processes on this machine: more than 1 launches torchrun and shards the model with FSDP2 "
         "(gloo on CPU, nccl on CUDA). batch_size is per process."))] = 1,
 ) -> None:
-    """Train from a YAML recipe (SFT or DPO; LoRA, QLoRA or full fine-tuning).
+    """Train from a YAML recipe (SFT or DPO; LoRA, QLoRA or full fine-tuning; SFT of
+    vision models on chat data with images).
 
     Data is validated completely before anything is written; the result is a PRIME
     model directory under `output_dir`. The run resumes from the newest complete checkpoint (`resume: auto`).

@@ -27,10 +27,11 @@ from reactor_core.data.formats import (
     parse_record,
 )
 from reactor_core.data.images import ImageError, ImageLimits, ImagePart, open_rgb
-from reactor_core.data.packing import Batch, collate_packed, collate_padded, pack_examples
+from reactor_core.data.packing import Batch, collate_packed, collate_padded, pack_examples, with_images
 from reactor_core.data.tokenize import (
     IGNORE_INDEX,
     ChatTemplateError,
+    ImageTokens,
     TokenizedExample,
     tokenize_chat,
     tokenize_dataset,
@@ -54,6 +55,7 @@ __all__ = [
     "DataValidationError",
     "ImageError",
     "ImageLimits",
+    "ImageTokens",
     "ImagePart",
     "Message",
     "Part",
@@ -71,4 +73,5 @@ __all__ = [
     "split_examples",
     "tokenize_chat",
     "tokenize_dataset",
+    "with_images",
 ]

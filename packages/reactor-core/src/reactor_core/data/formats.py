@@ -115,6 +115,17 @@ class ChatExample:
                              "a text tokenizer cannot render it (use processor_inputs)")
         return [{"role": m.role, "content": m.content} for m in self.messages]  # type: ignore[misc]
 
+    def processor_messages(self) -> list[dict[str, Any]]:
+        """Every message as a part list, each image a `{"type": "image"}` placeholder (no
+        image is read: what a vision processor's chat template renders)."""
+        messages: list[dict[str, Any]] = []
+        for m in self.messages:
+            parts = (m.content,) if isinstance(m.content, str) else m.content
+            messages.append({"role": m.role, "content": [
+                {"type": "text", "text": p} if isinstance(p, str) else {"type": "image"}
+                for p in parts]})
+        return messages
+
     def processor_inputs(self) -> tuple[list[dict[str, Any]], list[Image.Image]]:
         """(messages, images) for a Hugging Face vision processor's chat template.
 
@@ -124,14 +135,8 @@ class ChatExample:
         Raises `ImageError`, at this example's `path:line`, when an image file changed or
         vanished since validation.
         """
-        messages: list[dict[str, Any]] = []
-        for m in self.messages:
-            parts = (m.content,) if isinstance(m.content, str) else m.content
-            messages.append({"role": m.role, "content": [
-                {"type": "text", "text": p} if isinstance(p, str) else {"type": "image"}
-                for p in parts]})
         try:
-            return messages, [open_rgb(image) for image in self.images]
+            return self.processor_messages(), [open_rgb(image) for image in self.images]
         except ImageError as err:
             raise ImageError(f"{self.source}: {err.reason}", err.kind) from None
 

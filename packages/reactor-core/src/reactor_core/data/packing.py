@@ -22,7 +22,8 @@ model shifts labels by one, so an example's last token is asked for the next exa
 first token, and that token (the template's opening header) is never labelled.
 
 Without packing, `collate_padded` pads a batch to its longest example and returns a
-normal attention mask.
+normal attention mask. Examples with images (vision models, never packed) get their
+pixels in `with_images`: the image processor runs there, once per micro-batch.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import Any
 
 import torch
 
+from reactor_core.data.images import open_rgb
 from reactor_core.data.tokenize import IGNORE_INDEX, TokenizedExample
 
 
@@ -53,6 +55,17 @@ class Batch:
     attention_mask: torch.Tensor | None
     num_loss_tokens: int
     num_tokens: int
+    # vision models: (E, tiles, C, H, W) for the E examples with images, in batch order,
+    # padded to the largest tile count with all-zero tiles (Idefics3 drops those), and
+    # (E, tiles, H, W) which pixels are image rather than padding; None without images
+    pixel_values: torch.Tensor | None = None
+    pixel_attention_mask: torch.Tensor | None = None
+
+    def vision_inputs(self) -> dict[str, torch.Tensor]:
+        """The image keyword arguments of a vision model's forward ({} without images)."""
+        if self.pixel_values is None:
+            return {}
+        return {"pixel_values": self.pixel_values, "pixel_attention_mask": self.pixel_attention_mask}
 
     def model_inputs(self) -> dict[str, Any]:
         """Keyword arguments for a Hugging Face causal LM's forward (labels left out).
@@ -76,13 +89,15 @@ class Batch:
 
     def to(self, device: torch.device | str) -> Batch:
         """The same batch with its tensors on `device`."""
-        mask = None if self.attention_mask is None else self.attention_mask.to(device)
+        to = lambda t: None if t is None else t.to(device)  # noqa: E731
         return dataclasses.replace(
             self,
             input_ids=self.input_ids.to(device),
             labels=self.labels.to(device),
             position_ids=self.position_ids.to(device),
-            attention_mask=mask,
+            attention_mask=to(self.attention_mask),
+            pixel_values=to(self.pixel_values),
+            pixel_attention_mask=to(self.pixel_attention_mask),
         )
 
 
@@ -155,6 +170,21 @@ def collate_padded(examples: Sequence[TokenizedExample], pad_id: int) -> Batch:
         attention_mask.append([1] * len(example) + [0] * pad)
     num_tokens = sum(len(example) for example in examples)
     return _batch(input_ids, labels, position_ids, attention_mask, num_tokens)
+
+
+def with_images(batch: Batch, examples: Sequence[TokenizedExample], image_processor: Any) -> Batch:
+    """`batch` (of `examples`) with the pixels of their images: the images decoded (RGB)
+    and run through the model's image processor, which tiles them and pads the batch to
+    its largest tile count (Idefics3: all-zero tiles, which the model skips, plus
+    `pixel_attention_mask`). Examples without images add nothing: the model merges image
+    features at the image tokens in batch order, so only the images' order matters."""
+    per_example = [[open_rgb(image) for image in example.images] for example in examples if example.images]
+    if not per_example:
+        return batch
+    pixels = image_processor(images=per_example, return_tensors="pt")
+    mask = pixels.get("pixel_attention_mask")
+    return dataclasses.replace(batch, pixel_values=pixels["pixel_values"],
+                               pixel_attention_mask=None if mask is None else mask.bool())
 
 
 def _batch(

@@ -20,15 +20,23 @@ the reply is the character span between their ends. The full text is tokenized o
 with offsets, and a token is learnt when any of its characters lie in a reply span.
 Templates that rewrite earlier turns (some strip reasoning from past replies) break the
 prefix property; that is reported as `ChatTemplateError` rather than guessed around.
+
+Vision models (`ImageTokens`): the processor's chat template renders every message as
+parts, one placeholder (`<image>`) per image; each placeholder is then replaced by the
+text the processor expands it into (a block of image tokens per tile, the tile count set
+by the image's size), the reply spans shifted accordingly, and the whole tokenized once
+as above. The images stay on the example as their `ImagePart`s; pixels are read only
+when a batch is collated.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from reactor_core.data.formats import ChatExample
+from reactor_core.data.images import ImagePart
 from reactor_core.data.validation import (
     NO_EXAMPLES,
     ON_BAD_EXAMPLE,
@@ -56,20 +64,40 @@ class TokenizedExample:
     input_ids: list[int]
     labels: list[int]
     source: str
+    images: tuple[ImagePart, ...] = ()  # in the order of their image tokens
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
 
-def tokenize_chat(example: ChatExample, tokenizer: Any) -> TokenizedExample:
+@dataclass(frozen=True)
+class ImageTokens:
+    """How a vision model's processor turns images into text: its chat template writes
+    `placeholder` for each image, and `expand(image)` is what that placeholder becomes
+    (the image tokens of every tile). `processor` renders; its `.tokenizer` tokenizes."""
+
+    processor: Any
+    placeholder: str
+    expand: Callable[[ImagePart], str]
+
+
+def tokenize_chat(example: ChatExample, tokenizer: Any, images: ImageTokens | None = None) -> TokenizedExample:
     """Render `example` with the tokenizer's chat template and label its replies.
 
     `tokenizer` is a Hugging Face fast tokenizer (offsets need the Rust backend).
-    Raises `ChatTemplateError` when the template does not render turn by turn.
+    With `images`, the vision processor renders (module docstring) and the example's
+    images may be there. Raises `ChatTemplateError` when the template does not render
+    turn by turn, or writes another number of image placeholders than there are images.
     """
-    messages = example.to_dicts()
-    text = _render(tokenizer, messages)
-    spans = _reply_spans(tokenizer, messages, text)
+    if images is None:
+        messages = example.to_dicts()
+        text = _render(tokenizer, messages)
+        spans = _reply_spans(tokenizer, messages, text)
+    else:
+        messages = example.processor_messages()
+        text = _render(images.processor, messages)
+        spans = _reply_spans(images.processor, messages, text)
+        text, spans = _expand_images(text, spans, example.images, images)
 
     # add_special_tokens=False: the template already wrote every special token it wants
     # (BOS included, where the model has one); adding more would change the format.
@@ -86,7 +114,26 @@ def tokenize_chat(example: ChatExample, tokenizer: Any) -> TokenizedExample:
         raise ChatTemplateError(f"{example.source}: the first token is part of a reply")
     if all(label == IGNORE_INDEX for label in labels):
         raise ChatTemplateError(f"{example.source}: no token falls inside an assistant reply")
-    return TokenizedExample(input_ids, labels, example.source)
+    return TokenizedExample(input_ids, labels, example.source, example.images if images else ())
+
+
+def _expand_images(
+    text: str, spans: list[tuple[int, int]], parts: tuple[ImagePart, ...], images: ImageTokens
+) -> tuple[str, list[tuple[int, int]]]:
+    """`text` with each image placeholder replaced by its expansion; `spans` moved along."""
+    pieces = text.split(images.placeholder)
+    if len(pieces) - 1 != len(parts):
+        raise ChatTemplateError(f"the template wrote {len(pieces) - 1} {images.placeholder} placeholder(s) for "
+                                f"{len(parts)} image(s)")
+    out, shifts, at = [pieces[0]], [], len(pieces[0])  # shifts: (placeholder position, growth)
+    for piece, part in zip(pieces[1:], parts):
+        expanded = images.expand(part)
+        shifts.append((at, len(expanded) - len(images.placeholder)))
+        out += [expanded, piece]
+        at += len(images.placeholder) + len(piece)
+    moved = [(start + sum(g for pos, g in shifts if pos < start), end + sum(g for pos, g in shifts if pos < start))
+             for start, end in spans]  # placeholders sit in user turns: never inside a reply span
+    return "".join(out), moved
 
 
 def tokenize_dataset(
@@ -95,13 +142,14 @@ def tokenize_dataset(
     *,
     max_seq_length: int,
     on_bad_example: OnBadExample = "error",
+    images: ImageTokens | None = None,
 ) -> tuple[list[TokenizedExample], list[DataIssue]]:
     """Tokenize every example; report the ones that cannot be trained on.
 
     An example longer than `max_seq_length` tokens, or one the template cannot split
-    into turns, is a `DataIssue` at its `path:line`; so is one with images, which a
-    text tokenizer cannot render (`ChatExample.processor_inputs` is their way to a
-    vision processor). Examples are never truncated:
+    into turns, is a `DataIssue` at its `path:line`; so is one with images when no
+    vision processor is given (`images`: a text tokenizer cannot render them). Examples
+    are never truncated:
     cutting a reply off would teach the model to stop mid-sentence. With "error" all
     issues are raised together as `DataValidationError`; with "skip" the bad examples
     are dropped and their issues returned. Either way an error is raised when examples
@@ -113,20 +161,20 @@ def tokenize_dataset(
         raise ValueError(
             f"`on_bad_example` must be one of {ON_BAD_EXAMPLE}, got {on_bad_example!r}"
         )
-    if not getattr(tokenizer, "chat_template", None):
+    if not getattr(images.processor if images else tokenizer, "chat_template", None):
         raise ChatTemplateError("the tokenizer has no chat template to render conversations")
 
     tokenized: list[TokenizedExample] = []
     issues: list[DataIssue] = []
     for example in examples:
         path, line = _split_source(example.source)
-        if example.images:
+        if example.images and images is None:
             reason = (f"{len(example.images)} image(s): text-only training cannot use them; "
                       "they need a vision model's processor")
             issues.append(DataIssue(path, line, reason, HAS_IMAGES))
             continue
         try:
-            result = tokenize_chat(example, tokenizer)
+            result = tokenize_chat(example, tokenizer, images)
         except ChatTemplateError as err:
             issues.append(DataIssue(path, line, f"chat template: {err}", TEMPLATE_MISMATCH))
             continue

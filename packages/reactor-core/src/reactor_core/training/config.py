@@ -44,6 +44,8 @@ FIELD_SINCE: dict[str, str] = {
     **dict.fromkeys(("kl_anchor_path", "kl_anchor_tokens", "compile"), "1.2.0"),
     "checkpoint_upload_attempts": "1.4.0",
     **dict.fromkeys(("max_images_per_example", "max_image_bytes", "max_image_pixels"), "1.5.0"),  # images
+    **dict.fromkeys(("train_projector", "train_vision_tower", "freeze_language_model", "projector_learning_rate"),
+                    "1.6.0"),  # vision models
 }
 
 
@@ -96,6 +98,18 @@ class TrainingConfig(BaseModel):
         "JSONL of {\"text\": ...} lines: plain text on which `kl_to_base` is measured instead (about "
         "`kl_anchor_tokens` of it per micro-batch), e.g. prose the base wrote, to keep general-text perplexity."))
     kl_anchor_tokens: int = Field(default=512, gt=0, description="Anchor-text tokens per micro-batch.")
+
+    # -- vision models (config.json with `vision_config`; an error on a text model) ----------
+    train_projector: bool = Field(default=True, description=(
+        "Vision models: train the projector (the connector from image features to the language model) in "
+        "full; with LoRA it is saved with the adapter (peft modules_to_save)."))
+    train_vision_tower: bool = Field(default=False, description=(
+        "Vision models: train the image encoder too (in full; with LoRA saved with the adapter)."))
+    freeze_language_model: bool = Field(default=False, description=(
+        "Vision models, without LoRA: keep the language model (and its LM head) frozen, the align stage that "
+        "trains the projector (and tower) alone."))
+    projector_learning_rate: float | None = Field(default=None, gt=0, description=(
+        "Vision models: the projector's learning rate (its own optimizer group); null = learning_rate."))
 
     # -- optimization ----------------------------------------------------------------------
     num_epochs: int = Field(default=1, gt=0)
@@ -164,6 +178,11 @@ class TrainingConfig(BaseModel):
                              "with its adapters disabled)")
         if self.kl_anchor_path and not self.kl_to_base:
             raise ValueError("`kl_anchor_path` needs `kl_to_base` > 0: the anchor text is where the KL is measured")
+        if self.freeze_language_model and self.use_lora:
+            raise ValueError("`freeze_language_model` needs `use_lora: false`: LoRA adapts the language model, "
+                             "so it would not be frozen (the align stage trains the projector alone)")
+        if self.projector_learning_rate is not None and not self.train_projector:
+            raise ValueError("`projector_learning_rate` needs `train_projector: true`")
         if self.quantize_base and not self.use_lora:
             raise ValueError("`quantize_base` (QLoRA) needs `use_lora: true`: a 4-bit base cannot be trained directly")
         return self

@@ -4,12 +4,17 @@ The LM head is the single largest matmul of a small model's step: (tokens, hidde
 (hidden, vocab). Chat SFT labels only the assistant replies, so the head runs on
 those positions alone instead of on every token and then masking: same loss, a
 fraction of the FLOPs and of the (tokens, vocab) logits memory.
+
+Vision-language models run their multimodal body instead of the bare decoder (the
+image features are computed from `pixel_values` and merged in at the image tokens),
+then the same head on the same selected positions; `vision` carries the batch's
+`pixel_values` / `pixel_attention_mask` (empty for a batch without images).
 """
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,12 +42,15 @@ def _hidden_at(
     position_ids: torch.Tensor,  # (B, T), restarting per packed example
     attention_mask: torch.Tensor | None,  # (B, T) for padded batches; None when packed
     select: torch.Tensor,  # (B, T-1) bool: the positions whose next-token logits are wanted
+    vision: dict[str, Any] | None = None,  # pixel_values, pixel_attention_mask
 ) -> torch.Tensor:
     """The decoder's last hidden states (N, hidden) at the N selected positions."""
     base = _unwrap(model)
-    hidden = base.get_decoder()(
+    # a vision model's body (base_model: vision tower, projector, language model) merges the images in
+    body = base.base_model if hasattr(base.config, "vision_config") else base.get_decoder()
+    hidden = body(
         input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False,
-        **decoder_kwargs(base, attention_mask),
+        **(vision or {}), **decoder_kwargs(base, attention_mask),
     ).last_hidden_state  # (B, T, H)
     return hidden[:, :-1][select]
 
@@ -96,6 +104,7 @@ def causal_lm_loss_sum(
     position_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     head_loss: HeadLoss = head_loss_sum,
+    vision: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """Sum (not mean) of token losses, so gradient accumulation can divide by the
     token count of the whole optimizer step and weight every token equally."""
@@ -103,9 +112,11 @@ def causal_lm_loss_sum(
     keep = targets != IGNORE_INDEX
     base = _unwrap(model)
     if _needs_full_logits(base):
+        if vision:
+            raise ValueError(f"{base.config.model_type}: logit post-processing with images is not supported")
         logits = _logits_at(model, input_ids, position_ids, attention_mask, keep)
         return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-    hidden = _hidden_at(model, input_ids, position_ids, attention_mask, keep)
+    hidden = _hidden_at(model, input_ids, position_ids, attention_mask, keep, vision)
     return head_loss(base.get_output_embeddings(), hidden, targets[keep])
 
 
@@ -211,13 +222,20 @@ class LossModule(nn.Module):
         adapters: bool = True,
         kl_weight: float = 0.0,
         anchor_ids: torch.Tensor | None = None,
+        vision: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The loss sum, or (sequence log-probs, labelled counts) with `per_sequence`.
 
         `adapters=False` runs a peft model with its LoRA adapters disabled: the base
         model, DPO's reference, with no second copy in memory. `kl_weight` adds the
         KL-to-base term of `sft_loss_sum_with_kl` (LoRA only), on `anchor_ids` when given.
+        `vision`: a vision model's image inputs (SFT loss only).
         """
+        if vision:
+            if kl_weight or per_sequence or not adapters:
+                raise ValueError("images reach the plain SFT loss only (no KL term, DPO or reference pass)")
+            return causal_lm_loss_sum(self.model, input_ids, labels, position_ids, attention_mask,
+                                      head_loss=self.head_loss, vision=vision)
         if kl_weight:
             return sft_loss_sum_with_kl(self.model, input_ids, labels, position_ids, attention_mask, kl_weight,
                                         anchor_ids)

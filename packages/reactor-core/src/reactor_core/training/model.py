@@ -24,6 +24,7 @@ from torch import nn
 
 from reactor_core.files import sha256_file
 from reactor_core.training.config import TrainingConfig
+from reactor_core.training.vision import family_for, modules_to_save, set_trainable_parts, vision_model_type
 
 RESOLVER_GROUP = "reactor_core.model_resolvers"
 
@@ -49,6 +50,12 @@ class ModelSource:
     location: str  # directory, file or hub id
     gguf_file: str | None = None  # set when weights come from a GGUF
     description: str = ""
+
+    @property
+    def vision_model_type(self) -> str | None:
+        """The model_type when the weights are a vision-language model (config.json has
+        `vision_config`); None for text models and GGUF files (their text model only)."""
+        return None if self.gguf_file or self.kind == "hub" else vision_model_type(self.location)
 
     def load_kwargs(self) -> dict[str, Any]:
         if self.gguf_file:
@@ -190,9 +197,24 @@ def load_tokenizer(source: ModelSource):
     return tokenizer
 
 
+def load_processor(source: ModelSource):
+    """A vision model's processor (image processor, tokenizer, chat template: AutoProcessor
+    reads processor_config.json / preprocessor_config.json and the template in the folder)."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(**source.load_kwargs())
+    tokenizer = processor.tokenizer
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not getattr(processor, "chat_template", None):
+        raise ModelSourceError(f"{source.location}: the processor has no chat template; chat SFT needs one")
+    return processor
+
+
 def load_base_model(source: ModelSource, *, quantize_4bit: bool, device: torch.device) -> nn.Module:
-    """The base model in float32 (or NF4 for QLoRA), ready to be adapted."""
-    from transformers import AutoModelForCausalLM
+    """The base model in float32 (or NF4 for QLoRA), ready to be adapted; a vision model
+    (config.json with `vision_config`) through AutoModelForImageTextToText."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     kwargs: dict[str, Any] = {"dtype": torch.float32}
     if quantize_4bit:
@@ -203,7 +225,8 @@ def load_base_model(source: ModelSource, *, quantize_4bit: bool, device: torch.d
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute, bnb_4bit_use_double_quant=True
         )
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": device.type}
-    model = AutoModelForCausalLM.from_pretrained(**source.load_kwargs(), **kwargs)
+    auto = AutoModelForImageTextToText if source.vision_model_type else AutoModelForCausalLM
+    model = auto.from_pretrained(**source.load_kwargs(), **kwargs)
     if source.gguf_file:  # weights are plain float32 now; forget the GGUF quantizer
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -219,17 +242,42 @@ def target_modules_for(model: nn.Module, requested: list[str] | str) -> list[str
     return TARGET_MODULES.get(getattr(model.config, "model_type", ""), "all-linear")
 
 
+def is_vision_model(model: nn.Module) -> bool:
+    return hasattr(model.config, "vision_config")
+
+
 def apply_lora(model: nn.Module, config: TrainingConfig) -> nn.Module:
-    """Wrap `model` with LoRA adapters (peft); for QLoRA, prepare the 4-bit base first."""
+    """Wrap `model` with LoRA adapters (peft); for QLoRA, prepare the 4-bit base first.
+
+    A vision model gets adapters in its language model only, and the parts the recipe
+    trains in full (`train_projector`, `train_vision_tower`) as peft `modules_to_save`,
+    so the adapter folder holds them too and merging puts them in place.
+    """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if config.quantize_base:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+    targets, extra = target_modules_for(model, config.target_modules), None
+    if is_vision_model(model):
+        family = family_for(model.config.model_type, config.model_name)
+        text_type = getattr(model.config.get_text_config(), "model_type", "")
+        targets = family.lora_targets(model, config.target_modules, TARGET_MODULES.get(text_type, "all-linear"))
+        extra = modules_to_save(family, config) or None
     lora = LoraConfig(
         r=config.lora_rank,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
-        target_modules=target_modules_for(model, config.target_modules),
+        target_modules=targets,
+        modules_to_save=extra,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)
+
+
+def prepare_trainable(model: nn.Module, config: TrainingConfig) -> nn.Module:
+    """LoRA adapters, or for full fine-tuning of a vision model requires_grad per part."""
+    if config.use_lora:
+        return apply_lora(model, config)
+    if is_vision_model(model):
+        set_trainable_parts(model, family_for(model.config.model_type, config.model_name), config)
+    return model

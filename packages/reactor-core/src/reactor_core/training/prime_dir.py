@@ -9,6 +9,11 @@ tests load what this writes.
         config.json  model.safetensors   merged full weights (Hugging Face format)
         tokenizer.json  tokenizer_config.json  chat_template.jinja
         adapter/adapter_config.json  adapter/adapter_model.safetensors   (LoRA runs)
+        preprocessor_config.json  processor_config.json   (vision models: their processor)
+
+A vision model's directory holds the merged weights of all three parts (vision tower,
+projector, language model) and its processor's files, and says `task: vision`; its LoRA
+adapter folder carries the fully trained parts (peft `modules_to_save`).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from reactor_core.training import distributed
 from reactor_core.training.config import TrainingConfig
 from reactor_core.training.distributed import DistContext
 from reactor_core.training.loss import unwrapped_state
-from reactor_core.training.model import ModelSource, apply_lora, load_base_model
+from reactor_core.training.model import ModelSource, load_base_model, prepare_trainable
 
 PRIME_FORMAT_VERSION = 1
 
@@ -94,8 +99,10 @@ def write_model_dir(
     config: TrainingConfig,
     data_files: list[dict[str, Any]],
     metrics: dict[str, Any],
+    processor: Any = None,
 ) -> Path:
-    """Write the PRIME model directory: adapter/, merged weights, tokenizer, prime.json.
+    """Write the PRIME model directory: adapter/, merged weights, tokenizer (a vision
+    model's whole `processor` when given), prime.json.
 
     Built in a staging folder and renamed into place, so a crash mid-save never
     leaves a directory that looks complete.
@@ -113,15 +120,21 @@ def write_model_dir(
             merged_model(source, staging / "adapter").save_pretrained(staging, safe_serialization=True)
     else:
         model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
+    (processor or tokenizer).save_pretrained(staging)
+    if processor is not None:
+        # transformers 5 nests the image processor in processor_config.json; llama.cpp's
+        # converter (the mmproj GGUF) and older transformers read preprocessor_config.json
+        processor.image_processor.save_pretrained(staging)
     base_config = getattr(model, "config", None)
+    text_config = base_config.get_text_config() if base_config is not None else None
     write_prime_manifest(
         staging,
         name=name,
         version=version,
         base=source.location,
         architecture=getattr(base_config, "model_type", None),
-        context_length=min(c.max_seq_length, getattr(base_config, "max_position_embeddings", c.max_seq_length)),
+        task="vision" if processor is not None else "chat",
+        context_length=min(c.max_seq_length, getattr(text_config, "max_position_embeddings", c.max_seq_length)),
         stop=[tokenizer.eos_token] if tokenizer.eos_token else [],
         lineage={
             "parent": c.model_name,
@@ -149,9 +162,7 @@ def exportable_model(model: nn.Module, loss_module: nn.Module, dist: DistContext
     state = unwrapped_state(distributed.model_state(loss_module, trainable_only=config.use_lora))
     if not dist.is_main:
         return None
-    model = load_base_model(source, quantize_4bit=False, device=torch.device("cpu"))
-    if config.use_lora:
-        model = apply_lora(model, config)
+    model = prepare_trainable(load_base_model(source, quantize_4bit=False, device=torch.device("cpu")), config)
     unexpected = model.load_state_dict(state, strict=False).unexpected_keys
     if unexpected:
         raise RuntimeError(f"gathered weights do not fit the model: {unexpected[:3]}")

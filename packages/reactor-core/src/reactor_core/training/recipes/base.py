@@ -44,16 +44,18 @@ from reactor_core.training.loss import LossModule
 from reactor_core.training.metrics import MetricsLogger
 from reactor_core.training.model import (
     ModelSource,
-    apply_lora,
     autocast_dtype,
     load_base_model,
+    load_processor,
     load_tokenizer,
     pick_device,
+    prepare_trainable,
     resolve_model_source,
 )
 from reactor_core.training.prime_dir import exportable_model, write_model_dir
 from reactor_core.training.schedule import build_scheduler
 from reactor_core.training.state import EpochSampler, TrainState, seed_everything
+from reactor_core.training.vision import VisionFamily, check_vision_keys, family_for
 
 log = logging.getLogger("reactor_core")
 
@@ -146,7 +148,13 @@ class Recipe(ABC):
             raise ValueError("quantize_base (QLoRA) runs in one process: FSDP cannot shard bitsandbytes 4-bit weights")
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
-        self.tokenizer = load_tokenizer(self.source)
+        # a vision model (config.json with `vision_config`) comes with its processor, whose
+        # chat template and tokenizer are the ones used; the vision keys are refused elsewhere
+        vision_type = self.source.vision_model_type
+        check_vision_keys(self.config, vision_type is not None, self.config.model_name)
+        self.family: VisionFamily | None = family_for(vision_type, self.config.model_name) if vision_type else None
+        self.processor = load_processor(self.source) if self.family else None
+        self.tokenizer = self.processor.tokenizer if self.processor else load_tokenizer(self.source)
 
     def setup_sampler(self) -> None:
         """The epoch order over `train_items`, and the step count it implies."""
@@ -173,7 +181,7 @@ class Recipe(ABC):
         self.autocast = autocast_dtype(c, self.device)
         if c.packing and attention.use_packed_attention(model):
             log.info("packed rows: attention computed example by example (%s)", attention.NAME)
-        model = apply_lora(model, c) if c.use_lora else model
+        model = prepare_trainable(model, c)  # LoRA, or a vision model's parts frozen as the keys say
         if c.compile:
             # per layer, in place (state-dict keys unchanged): the layers share one graph (two
             # with LoRA: layer 0's input needs no gradient), compiled in about a minute; packed
@@ -198,13 +206,19 @@ class Recipe(ABC):
         self.trainable = [p for p in self.loss_module.parameters() if p.requires_grad]
 
     def setup_optimizer(self) -> None:
+        """AdamW; a vision model's projector in groups of its own at `projector_learning_rate`."""
         c = self.config
-        decay = [p for p in self.trainable if p.ndim >= 2]
-        no_decay = [p for p in self.trainable if p.ndim < 2]  # norms and biases
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=c.learning_rate, betas=(0.9, 0.999), eps=1e-8,
-        )
+        projector: set[int] = set()
+        if self.family is not None and c.projector_learning_rate is not None:
+            projector = {id(p) for name, p in self.loss_module.named_parameters()
+                         if p.requires_grad and self.family.part_of(name) == "projector"}
+        groups = []
+        for i, (lr, params) in enumerate(((c.learning_rate, [p for p in self.trainable if id(p) not in projector]),
+                                          (c.projector_learning_rate, [p for p in self.trainable if id(p) in projector]))):
+            if i == 0 or params:
+                groups += [{"params": [p for p in params if p.ndim >= 2], "weight_decay": c.weight_decay, "lr": lr},
+                           {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": lr}]  # norms, biases
+        self.optimizer = torch.optim.AdamW(groups, lr=c.learning_rate, betas=(0.9, 0.999), eps=1e-8)
 
     def setup_scheduler(self) -> None:
         c = self.config
@@ -431,4 +445,4 @@ class Recipe(ABC):
         if model is None:
             return None
         return write_model_dir(output_dir, model, tokenizer=self.tokenizer, source=self.source, config=self.config,
-                               data_files=self.data_files, metrics=metrics)
+                               data_files=self.data_files, metrics=metrics, processor=self.processor)

@@ -8,11 +8,18 @@
 Items are packed rows of examples (or single examples without `packing`); the loss is
 the token-mean cross-entropy, plus the optional KL-to-base term (`kl_to_base`) on the
 batch or on separate anchor text (`kl_anchor_path`).
+
+Vision models (config.json with `vision_config`): the processor's chat template renders
+each example and expands its images into image tokens at setup (tokenized once); the
+images stay on the example and become pixels in `collate` (the image processor, once
+per micro-batch); items are single examples (no packing); the loss, eval and samples
+take the images to the model.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -21,13 +28,16 @@ from reactor_core.data import (
     Batch,
     ChatExample,
     ImageLimits,
+    ImageTokens,
     TokenizedExample,
     collate_packed,
     collate_padded,
     load_chat_file,
     pack_examples,
     split_examples,
+    open_rgb,
     tokenize_dataset,
+    with_images,
 )
 from reactor_core.data.anchor import AnchorRows, load_text_file
 from reactor_core.files import sha256_file
@@ -50,8 +60,13 @@ class SFTRecipe(Recipe):
         else:
             train, val = split_examples(train, val_fraction=c.val_fraction, seed=c.seed)
         self.data_report = report
-        train_tok, _ = tokenize_dataset(train, self.tokenizer, max_seq_length=c.max_seq_length, on_bad_example=c.on_bad_example)
-        val_tok, _ = tokenize_dataset(val, self.tokenizer, max_seq_length=c.max_seq_length, on_bad_example=c.on_bad_example)
+        images = None
+        if self.family is not None:  # the vision processor renders; images expand to their tokens
+            images = ImageTokens(self.processor, self.processor.image_token, partial(self.family.image_text, self.processor))
+        train_tok, _ = tokenize_dataset(train, self.tokenizer, max_seq_length=c.max_seq_length,
+                                        on_bad_example=c.on_bad_example, images=images)
+        val_tok, _ = tokenize_dataset(val, self.tokenizer, max_seq_length=c.max_seq_length,
+                                      on_bad_example=c.on_bad_example, images=images)
         if not train_tok:
             raise ValueError(f"{data_path}: no usable training examples")
         self.train_items: list[Item] = pack_examples(train_tok, c.max_seq_length) if c.packing else [[e] for e in train_tok]
@@ -72,7 +87,9 @@ class SFTRecipe(Recipe):
             # already compiled instead of compiling a dynamic one (a minute on 2 cores).
             rows = list(items) + [[]] * (c.batch_size - len(items)) if c.compile else items
             return collate_packed(rows, c.max_seq_length, pad_id)
-        return collate_padded([row[0] for row in items], pad_id)
+        examples = [row[0] for row in items]
+        batch = collate_padded(examples, pad_id)
+        return with_images(batch, examples, self.processor.image_processor) if self.processor else batch
 
     def batch_weight(self, batch: Batch) -> int:
         """Labelled tokens: every one weighs the same."""
@@ -81,9 +98,11 @@ class SFTRecipe(Recipe):
     def loss_sum(self, batch: Batch, training: bool = False) -> torch.Tensor:
         """The SFT loss sum; training adds the KL-to-base term when configured, eval never does."""
         kl_weight, anchor_ids = (self.config.kl_to_base, self.anchor_batch()) if training else (0.0, None)
+        vision = {key: value.to(self.device) for key, value in batch.vision_inputs().items()}
         with self.autocast_context():
             return self.loss_module(*self.model_inputs(batch), kl_weight=kl_weight,
-                                    anchor_ids=None if anchor_ids is None else anchor_ids.to(self.device))
+                                    anchor_ids=None if anchor_ids is None else anchor_ids.to(self.device),
+                                    vision=vision or None)
 
     def anchor_batch(self) -> torch.Tensor | None:
         """This micro-step's rows of anchor text (a function of the micro-step: resumes exactly)."""
@@ -124,12 +143,28 @@ class SFTRecipe(Recipe):
         return out
 
     def _sample(self, example: ChatExample) -> dict[str, str]:
-        messages = example.to_dicts()
+        if self.processor is not None:  # the texts to log, an image as <image>
+            messages = [{"role": m["role"], "content": "".join(p.get("text", "<image>") for p in m["content"])}
+                        for m in example.processor_messages()]
+        else:
+            messages = example.to_dicts()
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        inputs = self.tokenizer.apply_chat_template(
-            messages[:last], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        ).to(self.device)
+        if self.processor is not None:
+            inputs = self._vision_prompt(example, last)
+        else:
+            inputs = self.tokenizer.apply_chat_template(
+                messages[:last], add_generation_prompt=True, return_tensors="pt", return_dict=True
+            ).to(self.device)
         ids = self.model.generate(**inputs, max_new_tokens=self.config.sample_max_new_tokens, do_sample=False,
                                   pad_token_id=self.tokenizer.pad_token_id)
         reply = self.tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         return {"prompt": messages[last - 1]["content"], "reply": reply, "reference": messages[last]["content"]}
+
+    def _vision_prompt(self, example: ChatExample, last: int):
+        """The processor's inputs (ids, pixels) for the conversation before message `last`."""
+        prompt = self.processor.apply_chat_template(example.processor_messages()[:last], add_generation_prompt=True,
+                                                    tokenize=False)
+        shown = prompt.count(self.processor.image_token)  # the images of the turns before `last`
+        images = [open_rgb(image) for image in example.images[:shown]]
+        return self.processor(text=prompt, images=images or None, add_special_tokens=False,
+                              return_tensors="pt").to(self.device)

@@ -9,7 +9,7 @@ PYPROJECTS := packages/reactor-core/pyproject.toml packages/jarvis-prime/pyproje
 
 .PHONY: run test setup setup-test bench clean llama-cpp-converter
 
-run: $(VENV)/.stamp-run
+run: $(VENV)/.stamp-run $(VENV)/.stamp-converter  # the converter builds the vision model on its first image
 	$(VENV)/bin/jarvis chat
 
 test: $(VENV)/.stamp-test $(VENV)/.stamp-converter

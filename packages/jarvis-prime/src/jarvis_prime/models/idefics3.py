@@ -91,6 +91,7 @@ def assemble_vision_model(base_dir: Path, encoder_state: dict[str, Any], shape: 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     tokenizer.add_special_tokens({"additional_special_tokens": list(IDEFICS3_SPECIAL_TOKENS)})
     tokenizer.chat_template = CHAT_TEMPLATE
+    processor = processor_for(tokenizer, shape)  # first: it adds <end_of_utterance> to the tokenizer
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     text_config = base.config.to_dict()
     text_config.update(vocab_size=len(tokenizer), architectures=["VLlama3ForCausalLM"])  # what SmolVLM's says
@@ -111,9 +112,27 @@ def assemble_vision_model(base_dir: Path, encoder_state: dict[str, Any], shape: 
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
-    processor_for(tokenizer, shape).save_pretrained(out)
+    save_processor(processor, out)
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
     return out
+
+
+def save_processor(processor, out: Path) -> None:
+    """The processor (tokenizer, processor_config.json) plus preprocessor_config.json:
+    transformers 5 keeps the image settings inside processor_config.json, llama.cpp's
+    converter reads them from preprocessor_config.json."""
+    processor.save_pretrained(out)
+    processor.image_processor.save_pretrained(out)
+
+
+def image_processor_config(folder: Path) -> dict[str, Any]:
+    """The image processor's settings: inside processor_config.json (transformers 5 writes
+    them there) or, from older writers, preprocessor_config.json."""
+    if (folder / "processor_config.json").is_file():
+        config = json.loads((folder / "processor_config.json").read_text())
+        if "image_processor" in config:
+            return config["image_processor"]
+    return json.loads((folder / "preprocessor_config.json").read_text())
 
 
 def build_from_shipped(base_dir: Path, shipped: Path, out: Path) -> Path:
@@ -129,13 +148,13 @@ def build_from_shipped(base_dir: Path, shipped: Path, out: Path) -> Path:
     shape = EncoderShape(hidden_size=vision["hidden_size"], intermediate_size=vision["intermediate_size"],
                          num_layers=vision["num_hidden_layers"], num_heads=vision["num_attention_heads"],
                          tile=vision["image_size"], patch=vision["patch_size"], scale_factor=config["scale_factor"],
-                         longest_edge=json.loads((shipped / "preprocessor_config.json").read_text())["size"]["longest_edge"])
+                         longest_edge=image_processor_config(shipped)["size"]["longest_edge"])
     encoder = {k: v.float() for k, v in load_file(shipped / ENCODER_FILE).items()}
     staging = assemble_vision_model(base_dir, encoder, shape, out.with_name(out.name + ".assembled"))
     model = Idefics3ForConditionalGeneration.from_pretrained(staging, dtype=torch.float32)
     merged = PeftModel.from_pretrained(model, shipped).merge_and_unload()
     merged.save_pretrained(out, safe_serialization=True)
-    AutoProcessor.from_pretrained(staging).save_pretrained(out)
+    save_processor(AutoProcessor.from_pretrained(staging), out)
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
     shutil.rmtree(staging)
     return out

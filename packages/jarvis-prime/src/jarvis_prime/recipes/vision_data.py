@@ -357,7 +357,7 @@ def write_split(out_dir: Path, split: str, count: int, seed: int = 0) -> SplitRe
     for index, category in enumerate(balanced_categories(count, seed, split)):
         image, record = make_example(seed, split, index, category)
         relative = f"images/{split}/{index:06d}.png"
-        image.save(out_dir / relative, format="PNG")
+        image.save(out_dir / relative, format="PNG", compress_level=1)  # 10x faster than the default 6
         record["messages"][0]["content"][0]["path"] = relative
         lines.append(json.dumps(record, ensure_ascii=False) + "\n")
         report.by_category[category] = report.by_category.get(category, 0) + 1

@@ -39,6 +39,7 @@ from jarvis_prime.progress import Log
 from jarvis_prime.recipes import require_reactor_core
 from jarvis_prime.recipes.vision_encoder import EncoderTraining, align_connector, pretrain_encoder, word_vectors
 
+QUANTS = ("q8_0", "q4_k_m")  # text GGUFs; the projector is written in f16 and q8_0 beside them
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "chat_template.jinja")
 
 
@@ -47,7 +48,8 @@ class VisionRecipe:
     name: str
     base: str
     encoder: EncoderShape = field(default_factory=EncoderShape)
-    encoder_training: EncoderTraining = field(default_factory=EncoderTraining)
+    encoder_training: EncoderTraining = field(default_factory=lambda: EncoderTraining(steps=500))
+    connector_batches: int = 40  # encoder batches the connector's ridge fit sees
     train_examples: int = 2000
     heldout_examples: int = 500
     data_seed: int = 0
@@ -65,18 +67,18 @@ RECIPES = {"prime-135m-vision-v1": VisionRecipe(name="prime-135m-vision-v1", bas
 
 
 def train_vision_model(name: str, work_dir: Path, *, ship: bool = False, fresh: bool = False, log: Log = print,
-                       progress: bool = True) -> dict[str, Any]:
-    """All five steps; data and the encoder already in `work_dir` are reused unless `fresh`."""
+                       progress: bool = True, recipe: VisionRecipe | None = None) -> dict[str, Any]:
+    """All five steps; data and the encoder already in `work_dir` are reused unless `fresh`.
+    `recipe` replaces the named one (tests run a small copy of it)."""
     import torch
     from safetensors.torch import load_file, save_file
 
-    from jarvis_prime.export import export_gguf
     from jarvis_prime.recipes.vision_data import build_vision_dataset
-    from jarvis_prime.store import import_path, resolve
+    from jarvis_prime.store import materialize_vision_model, resolve
 
     if name not in RECIPES:
         raise PrimeError(f"no training recipe for {name!r}; recipes: {', '.join(RECIPES)}")
-    recipe = RECIPES[name]
+    recipe = recipe or RECIPES[name]
     reactor_core = require_reactor_core()
     work_dir = Path(work_dir)
     data_dir = work_dir / "data"
@@ -98,7 +100,8 @@ def train_vision_model(name: str, work_dir: Path, *, ship: bool = False, fresh: 
 
         embeddings = load_file(base.path / "model.safetensors")["model.embed_tokens.weight"]
         words = word_vectors(AutoTokenizer.from_pretrained(base.path), embeddings)
-        fit = align_connector(encoder["state_dict"], recipe.encoder, recipe.encoder_training, words, log=log)
+        fit = align_connector(encoder["state_dict"], recipe.encoder, recipe.encoder_training, words,
+                              batches=recipe.connector_batches, log=log)
         save_file({"weight": fit["weight"]}, connector_path)
         (work_dir / "encoder.json").write_text(json.dumps({**{k: v for k, v in encoder.items() if k != "state_dict"},
                                                            "connector_r2": fit["r2"]}))
@@ -116,15 +119,14 @@ def train_vision_model(name: str, work_dir: Path, *, ship: bool = False, fresh: 
         output_name=name, output_version="1.0.0", use_lora=True, lora_rank=recipe.lora_rank,
         lora_alpha=recipe.lora_alpha, lora_dropout=0.0, train_projector=True, train_vision_tower=False,
         num_epochs=recipe.num_epochs, learning_rate=recipe.learning_rate, batch_size=recipe.batch_size,
-        max_seq_length=recipe.max_seq_length, warmup_steps=10, val_fraction=0.02, eval_every_steps=0,
+        max_seq_length=recipe.max_seq_length, warmup_steps=10, val_fraction=0.02,
         seed=recipe.seed, resume="never", num_samples=2, packing=False, max_steps=recipe.max_steps,
     )
     result = reactor_core.Trainer(config, progress=progress).train()
 
     log("5/5 adding it to the store and scoring the held-out set through llama.cpp")
-    local = import_path(result.model_dir, name=name, version="1.0.0", task="vision", base=base.manifest.base, log=log,
-                        force=True)
-    export_gguf(local.path, ["q8_0"], log=log, progress=progress)
+    local = materialize_vision_model(result.model_dir, name=name, version="1.0.0", base=base.manifest.base,
+                                     quants=QUANTS, force=True, log=log)
     scores = score_heldout(local.path, data_dir / "heldout.jsonl", log=log)
     summary = {"recipe": asdict(recipe), "model_dir": str(local.path), "heldout": scores,
                "train_metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
@@ -146,6 +148,11 @@ def score_heldout(model_dir: Path, data: Path, *, log: Log = print, limit: int |
     return scores
 
 
+def package_folder(name: str) -> Path:
+    """Where the package keeps a shipped model's parts (the catalog entry's `path`)."""
+    return Path(str(resources.files("jarvis_prime") / "adapters" / name))
+
+
 def ship_vision_model(adapter_dir: Path, assembled: Path, encoder_path: Path, name: str, summary: dict[str, Any]) -> Path:
     """What the package needs to rebuild the model on the embedded base, in float16: the
     encoder, the LoRA adapter with the connector (peft's modules_to_save), the Idefics3
@@ -154,7 +161,7 @@ def ship_vision_model(adapter_dir: Path, assembled: Path, encoder_path: Path, na
 
     from safetensors.numpy import load_file, save_file
 
-    target = Path(str(resources.files("jarvis_prime") / "adapters" / name))
+    target = package_folder(name)
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
@@ -165,7 +172,8 @@ def ship_vision_model(adapter_dir: Path, assembled: Path, encoder_path: Path, na
     (target / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
     save_file(half(encoder_path), target / ENCODER_FILE)
     for file in ("config.json", *PROCESSOR_FILES):
-        shutil.copy(assembled / file, target / file)
+        if (assembled / file).is_file():  # transformers 5 keeps the image processor in processor_config.json
+            shutil.copy(assembled / file, target / file)
     (target / "training.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return target
 

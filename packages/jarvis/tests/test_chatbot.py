@@ -30,7 +30,8 @@ def test_answers_and_keeps_history(bot):
 
 def test_history_reaches_the_model_through_the_chat_template(bot):
     bot.ask("What is the capital of France?")
-    _, messages = bot._fit_context({"role": "user", "content": "Thanks"})
+    _, messages, model = bot._fit_context({"role": "user", "content": "Thanks"})
+    assert model is bot.model, "no image: the chat model answers"
     assert messages[0] == {"role": "system", "content": bot.config.system_prompt}
     assert messages[1:3] == bot.history and messages[-1]["content"] == "Thanks"
     assert "<|im_start|>assistant\nThe capital of France is Paris" in bot.model.apply_chat_template(messages)
@@ -138,7 +139,7 @@ def test_a_resumed_conversation_reaches_the_model(llama_model, tmp_path):
     resumed = Chatbot(ChatbotConfig(max_new_tokens=16, system_prompt=DEFAULT_PERSONA), model=llama_model, store=store,
                       conversation=bot.conversation)
     assert resumed.history == bot.history
-    _, messages = resumed._fit_context({"role": "user", "content": "What is my name?"})
+    _, messages, _ = resumed._fit_context({"role": "user", "content": "What is my name?"})
     assert messages[1] == {"role": "user", "content": "My name is Ada."}
     store.close()
 
@@ -227,7 +228,8 @@ def test_reasoning_votes_over_samples(llama_model):
 def test_image_questions_name_the_model_to_pull(chat_model, tmp_path):
     png = tmp_path / "dot.png"
     png.write_bytes(bytes.fromhex("89504e470d0a1a0a") + b"\0" * 32)
-    result = jarvis("chat", "--image", str(png), "--once", "What is this?")
+    # the Hub-only vision model (the picker's own message is tested in test_vision.py)
+    result = jarvis("chat", "--image", str(png), "--once", "What is this?", "--vision-model", "prime-7b-vision-v1")
     assert result.returncode == 1
     assert "prime pull prime-7b-vision-v1" in result.stderr
     result = jarvis("chat", "--image", str(tmp_path / "missing.png"), "--once", "What is this?")

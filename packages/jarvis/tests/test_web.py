@@ -3,6 +3,7 @@
 import base64
 import json
 import os
+import re
 import shutil
 import socket
 import threading
@@ -68,12 +69,17 @@ class Server:
 @pytest.fixture
 def server(jarvis_model, tmp_path):
     store = ConversationStore(tmp_path / "jarvis.db")
-    config = WebConfig(chat=ChatbotConfig(max_new_tokens=40), admin_key="admin")
+    # image turns go to prime-7b-vision-v1, which is not here (a Hub download)
+    config = WebConfig(chat=ChatbotConfig(max_new_tokens=40, vision_model="prime-7b-vision-v1"), admin_key="admin")
     s = Server(create_app(config, store=store, model=jarvis_model))
     s.store = store
     yield s
     s.stop()
     store.close()
+
+
+def png_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
 def events(raw: str) -> list[dict]:
@@ -114,12 +120,23 @@ def test_api_errors_are_clear_4xx(server):
     assert status == 400 and "message too long" in json.loads(body)["error"]
     status, body = server.request("POST", "/api/messages/1/rating", {"rating": 7})
     assert status == 422
-    status, body = server.request("POST", "/api/images", {"image": "!!not base64", "question": "what is it?"})
-    assert status == 400 and "base64" in json.loads(body)["error"]
-    status, body = server.request("POST", "/api/images", {"image": base64.b64encode(PNG_1PX).decode(), "question": "what is it?"})
-    assert status == 503 and "prime pull prime-7b-vision-v1" in json.loads(body)["error"]
-    status, body = server.request("POST", "/api/images", {"image": base64.b64encode(b"hello").decode()})
-    assert status == 400 and "not an image" in json.loads(body)["error"]
+
+    def ask(*urls):
+        parts = [{"type": "image_url", "image_url": {"url": url}} for url in urls] + [{"type": "text", "text": "what?"}]
+        status, body = server.request("POST", f"/api/conversations/{cid}/messages", {"content": parts})
+        return status, json.loads(body)["error"]
+
+    status, error = ask("data:image/png;base64,!!not base64")
+    assert status == 400 and error.startswith("content[0]: ") and "base64" in error
+    status, error = ask(png_url(PNG_1PX), "data:image/png;base64," + base64.b64encode(b"hello").decode())
+    assert status == 400 and error.startswith("content[1]: ") and "not an image" in error
+    status, error = ask("https://example.com/cat.png")
+    assert status == 400 and error.startswith("content[0]: remote image URLs are not fetched")
+    status, error = ask(*[png_url(PNG_1PX)] * 5)
+    assert status == 400 and "5 images in one message; at most 4" in error
+    status, error = ask(png_url(PNG_1PX))  # a good image, and no vision model here
+    assert status == 503 and "prime pull prime-7b-vision-v1" in error
+    assert server.store.messages(cid) == [], "nothing was written"
 
 
 def test_cross_site_writes_and_foreign_hosts_are_refused(server):
@@ -225,7 +242,13 @@ def test_the_page_in_a_real_browser(server, tmp_path):
         assert len(set(lengths)) >= 2, f"the reply grew on screen piece by piece: {lengths}"
 
         page.get_by_test_id("image").set_input_files({"name": "dot.png", "mimeType": "image/png", "buffer": PNG_1PX})
+        expect(page.get_by_test_id("attachment")).to_have_count(1)
+        page.get_by_test_id("input").fill("What is this?")
+        page.get_by_test_id("send").click()
         expect(page.get_by_test_id("error")).to_contain_text("prime pull prime-7b-vision-v1")
+        # nothing was answered: the question and its image are back in the composer, not lost
+        expect(page.get_by_test_id("input")).to_have_value("What is this?")
+        expect(page.get_by_test_id("attachment")).to_have_count(1)
         page.screenshot(path=str(tmp_path / "page.png"))
         browser.close()
 
@@ -250,3 +273,115 @@ def test_a_running_page_switches_models_without_restarting(server, pulled_model)
     status, body = server.request("POST", "/api/model", {"model": "smollm3"}, key="admin")
     assert status == 404 and "unknown model 'smollm3'" in json.loads(body)["error"]
     assert json.loads(server.request("GET", "/api/health")[1])["model"] == "smollm2-135m-instruct", "a failed swap changes nothing"
+
+
+# -- images (issue #20): the tiny random vision model of jarvis-prime's tests answers image turns ------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_vision_model(tmp_path_factory):
+    from tiny_vision import tiny_vision
+
+    model = PrimeModel.from_pretrained(tiny_vision(tmp_path_factory).prime_dir, backend="llamacpp")
+    yield model
+    model.close()
+
+
+@pytest.fixture
+def vision_server(jarvis_model, tiny_vision_model, tmp_path):
+    store = ConversationStore(tmp_path / "jarvis.db")
+    config = WebConfig(chat=ChatbotConfig(max_new_tokens=8))
+    s = Server(create_app(config, store=store, model=jarvis_model, vision_model=tiny_vision_model))
+    s.store = store
+    yield s
+    s.stop()
+    store.close()
+
+
+def test_api_image_turns_reach_the_vision_model_and_are_stored(vision_server):
+    from tiny_vision import png_bytes
+
+    server = vision_server
+    cid = json.loads(server.request("POST", "/api/conversations", {})[1])["id"]
+    image = png_bytes(11)
+    parts = [{"type": "image_url", "image_url": {"url": png_url(image)}}, {"type": "text", "text": "What colour?"}]
+    status, raw = server.request("POST", f"/api/conversations/{cid}/messages", {"content": parts})
+    assert status == 200 and events(raw)[-1]["done"], raw
+    messages = json.loads(server.request("GET", f"/api/conversations/{cid}")[1])["messages"]
+    assert messages[0]["content"] == "What colour?" and len(messages[0]["images"]) == 1
+    assert messages[1]["model"].startswith("tiny-vision@"), "the chat model cannot see: the vision model answered"
+    request = urllib.request.Request(f"{server.url}/api/images/{messages[0]['images'][0]}")
+    with urllib.request.urlopen(request) as response:
+        assert response.headers["Content-Type"] == "image/png" and response.read() == image
+    assert server.request("GET", "/api/images/" + "0" * 64)[0] == 404
+    assert server.request("GET", "/api/images/..%2Fjarvis.db")[0] in (404, 422)
+
+    status, raw = server.request("POST", f"/api/conversations/{cid}/messages", {"content": "Hello?"})
+    assert status == 200 and server.store.stored_messages(cid)[-1].model.startswith("tiny-vision@"), \
+        "the image is still in context: the vision model answers the follow-up"
+
+
+DROP_FILE = """([selector, event, b64]) => {
+  const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+  const data = new DataTransfer();
+  data.items.add(new File([bytes], event + ".png", { type: "image/png" }));
+  const target = document.querySelector(selector);
+  if (event === "paste") target.dispatchEvent(new ClipboardEvent("paste", { clipboardData: data, bubbles: true, cancelable: true }));
+  else for (const kind of ["dragover", "drop"]) target.dispatchEvent(new DragEvent(kind, { dataTransfer: data, bubbles: true, cancelable: true }));
+}"""
+
+THUMBNAILS_SHOWN = """(n) => {
+  const shown = [...document.querySelectorAll('[data-testid=user-message] [data-testid=thumbnail]')];
+  return shown.length === n && shown.every((img) => img.complete && img.naturalWidth > 0);
+}"""
+
+
+def test_the_page_sends_images_by_button_drop_and_paste(vision_server, tmp_path):
+    """Attach by the button, by dropping a file on the page and by pasting one; each shows
+    as a thumbnail in the user's bubble, the vision model answers, and after a reload the
+    thumbnails come back from the stored conversation."""
+    browser_path = chromium_path()
+    if browser_path is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: `make test` installs Debian's chromium")
+        pytest.skip("no chromium here (make test installs Debian's on Debian)")
+    from playwright.sync_api import expect, sync_playwright
+
+    from tiny_vision import png_bytes
+
+    images = [png_bytes(21), png_bytes(22), png_bytes(23)]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(vision_server.url)
+        expect(page.get_by_test_id("model")).to_contain_text("prime-135m-chat-v1")
+
+        page.get_by_test_id("image").set_input_files({"name": "a.png", "mimeType": "image/png", "buffer": images[0]})
+        expect(page.get_by_test_id("attachment")).to_have_count(1)
+        page.get_by_test_id("input").fill("What colour?")
+        page.get_by_test_id("send").click()
+        expect(page.get_by_test_id("reply").last.get_by_test_id("thumbs-down")).to_be_visible(timeout=60_000)
+        expect(page.get_by_test_id("attachment")).to_have_count(0)
+        expect(page.get_by_test_id("reply").last).to_have_attribute("data-model", re.compile(r"^tiny-vision@"))
+        expect(page.get_by_test_id("reply").last.locator(".who")).to_contain_text("tiny-vision@")  # who saw it
+
+        page.evaluate(DROP_FILE, ["main", "drop", base64.b64encode(images[1]).decode()])
+        page.evaluate(DROP_FILE, ["#input", "paste", base64.b64encode(images[2]).decode()])
+        expect(page.get_by_test_id("attachment")).to_have_count(2)
+        page.get_by_test_id("input").fill("And these?")
+        page.get_by_test_id("send").click()
+        expect(page.get_by_test_id("reply")).to_have_count(2, timeout=60_000)
+        expect(page.get_by_test_id("reply").last.get_by_test_id("thumbs-down")).to_be_visible(timeout=60_000)
+        page.wait_for_function(THUMBNAILS_SHOWN, arg=3)
+
+        page.reload()
+        expect(page.get_by_test_id("user-message")).to_have_count(2)
+        page.wait_for_function(THUMBNAILS_SHOWN, arg=3)
+        page.screenshot(path=str(tmp_path / "images.png"))
+        browser.close()
+
+    (conversation,) = vision_server.store.list()
+    first, _, second, reply = vision_server.store.stored_messages(conversation.id)
+    stored = [vision_server.store.image(sha).data for m in (first, second) for sha in m.images]
+    assert stored == images, "the bytes the browser sent, in order"
+    assert reply.model.startswith("tiny-vision@")

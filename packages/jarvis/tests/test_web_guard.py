@@ -49,7 +49,7 @@ def make(tmp_path):
 
 def test_an_unauthenticated_upload_is_refused_before_it_is_read(make):
     """The key was a route dependency: FastAPI read and decoded the whole body first."""
-    out = call(make(api_key="k"), "POST", "/api/images", headers=JSON, chunk=b" " * 65536, chunk_count=400)  # 25 MiB
+    out = call(make(api_key="k"), "POST", "/api/conversations/c1/messages", headers=JSON, chunk=b" " * 65536, chunk_count=400)  # 25 MiB
     assert out.status == 401
     assert out.chunks_read <= 2, f"read {out.chunks_read} chunks of an unauthenticated request"
 
@@ -57,24 +57,33 @@ def test_an_unauthenticated_upload_is_refused_before_it_is_read(make):
 def test_a_body_over_the_limit_is_413_counted_as_it_arrives(make):
     server = make(api_key="k", max_body_bytes=100_000)
     auth = {**JSON, "authorization": "Bearer k"}
-    out = call(server, "POST", "/api/images", headers=auth, chunk=b" " * 65536, chunk_count=400)  # no Content-Length
+    out = call(server, "POST", "/api/conversations/c1/messages", headers=auth, chunk=b" " * 65536,
+               chunk_count=400)  # no Content-Length
     assert out.status == 413 and "body" in out.json()["error"]
     assert out.chunks_read <= 100_000 // 65536 + 3
-    out = call(server, "POST", "/api/images", headers={**auth, "content-length": str(1 << 30)}, chunk=b" " * 65536,
-               chunk_count=400)
+    out = call(server, "POST", "/api/conversations/c1/messages", headers={**auth, "content-length": str(1 << 30)},
+               chunk=b" " * 65536, chunk_count=400)
     assert out.status == 413 and out.chunks_read <= 100_000 // 65536 + 3
 
 
 def test_an_image_is_bounded_and_a_small_body_still_reaches_its_route(make):
-    from jarvis.web.schemas import ImageQuestion
-    assert ImageQuestion.model_fields["image"].metadata, "image has no length limit"
     server = make(api_key="k")
     auth = {**JSON, "authorization": "Bearer k"}
     body = json.dumps({"title": "x"}).encode()
     out = call(server, "POST", "/api/conversations", headers=auth, chunks=[body[:5], body[5:]])
     assert out.status == 201 and out.json()["id"]
-    image = json.dumps({"image": base64.b64encode(b"not an image").decode()[:5] + "!", "question": "?"}).encode()
-    assert call(server, "POST", "/api/images", headers=auth, chunks=[image]).status == 400
+    url = "data:image/png;base64," + base64.b64encode(b"not an image").decode()[:5] + "!"
+    image = json.dumps({"content": [{"type": "image_url", "image_url": {"url": url}}]}).encode()
+    out = call(server, "POST", f"/api/conversations/{out.json()['id']}/messages", headers=auth, chunks=[image])
+    assert out.status == 400 and out.json()["error"].startswith("content[0]: ")
+    # an image over the per-image limit is refused from its base64 length, before decoding
+    from jarvis.vision import MAX_IMAGE_BYTES
+    from jarvis.web.schemas import UserMessage
+
+    huge = UserMessage(content=[{"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * (
+        MAX_IMAGE_BYTES // 3 * 4 + 8)}}])
+    with pytest.raises(Exception, match=r"content\[0\]: the image is \d+ bytes, over"):
+        huge.images()
 
 
 def test_foreign_hosts_and_non_json_writes_are_refused_before_the_key(make):

@@ -27,7 +27,8 @@ console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)  # errors stay greppable: no hard wraps
 
 HELP = ("/good and /bad rate the last reply, /correct TEXT fixes it, /retry regenerates it, "
-        "/think reasons step by step on a question, /reset starts over, /exit (or Ctrl-D) leaves.")
+        "/think reasons step by step on a question, /image PATH [QUESTION] shows JARVIS an image, "
+        "/reset starts over, /exit (or Ctrl-D) leaves.")
 
 
 def _version(value: bool) -> None:
@@ -44,8 +45,8 @@ def main(
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
 
 
-def _reply(bot: Chatbot, text: str) -> None:
-    _print_stream(bot.stream(text))
+def _reply(bot: Chatbot, text: str, images: list[bytes] | None = None) -> None:
+    _print_stream(bot.stream(text, images or ()))
 
 
 def _print_stream(pieces) -> None:
@@ -74,21 +75,26 @@ def chat(
     context_length: int = typer.Option(4096, help="With --backend-url: the server's context window, in tokens."),
     reasoning: bool = typer.Option(False, "--reasoning", help="Answer every message by step-by-step self-consistency (like /think)."),
     samples: int = typer.Option(5, help="Samples voted on by --reasoning and /think."),
-    image: Optional[Path] = typer.Option(None, "--image", help="Ask about this image (goes to the catalog's vision model)."),
+    image: Optional[list[Path]] = typer.Option(None, "--image", metavar="PATH", help=(
+        "Show JARVIS this image with the first message (repeatable, up to 4). A chat model that cannot see "
+        "hands the turn to the vision model.")),
+    vision_model: Optional[str] = typer.Option(None, "--vision-model", metavar="NAME", help=(
+        "PRIME model name or directory for image turns the chat model cannot see (default: $JARVIS_VISION_MODEL, "
+        "then the catalog's vision model that is here, prime-135m-vision-v1 first).")),
 ) -> None:
     """Chat in the terminal with streamed replies (or one answer with --once)."""
+    from jarvis.vision import MAX_IMAGES_PER_MESSAGE, read_image
+
     store = None
     try:
-        if image is not None:  # the vision model answers; no chat model, store or endpoint needed
-            from jarvis.vision import ask_about_image
-
-            ask_about_image(image, once or "")
-            return
+        if len(image or ()) > MAX_IMAGES_PER_MESSAGE:
+            raise ValueError(f"{len(image)} --image files; at most {MAX_IMAGES_PER_MESSAGE} per message")
+        images = [read_image(path, f"--image {path}") for path in image or ()]  # checked before any model loads
         store = ConversationStore() if save or conversation else None
         config = ChatbotConfig(
             backend=backend, quantization=quantization, device=device, system_prompt=system,
             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, reasoning_samples=samples,
-            **({"model": model} if model else {}),
+            **({"model": model} if model else {}), **({"vision_model": vision_model} if vision_model else {}),
         )
         remote = None
         if backend_url:
@@ -98,11 +104,15 @@ def chat(
         bot = Chatbot(config, model=remote, store=store, conversation=conversation)
         loaded = bot.model if remote is not None else _load(bot)
         if once is not None:
-            _think(bot, once) if reasoning else _reply(bot, once)
+            if images:
+                _load_vision(bot)
+                _reply(bot, once, images)
+            else:
+                _think(bot, once) if reasoning else _reply(bot, once)
             _saved(bot)
             return
         console.print(f"[bold]JARVIS[/] on {loaded.name} {loaded.version} ({loaded.runtime.backend}). {HELP}")
-        _interactive(bot, reasoning)
+        _interactive(bot, reasoning, images)
         _saved(bot)
     except (PrimeError, ValueError, KeyError) as err:
         err_console.print(f"[bold red]error:[/] {err.args[0] if isinstance(err, KeyError) else err}")
@@ -118,6 +128,18 @@ def _load(bot: Chatbot):
     with quiet_build(f"loading {bot.config.model}") as log:
         resolve(bot.config.model, log=log)
         return bot.model
+
+
+def _load_vision(bot: Chatbot) -> None:
+    """The vision model, if this turn needs one, behind one spinner (a first use may build it)."""
+    if getattr(bot.model, "sees_images", False):
+        return
+    from jarvis.vision import pick_vision_model
+
+    name = pick_vision_model(bot.config.vision_model)  # none here: the error says what to pull
+    with quiet_build(f"loading {name} (sees the image)") as log:
+        resolve(name, log=log)
+        bot.vision_model
 
 
 def _saved(bot: Chatbot) -> None:
@@ -157,6 +179,7 @@ def history(
         console.print(f"[bold]{info.title}[/] ({info.id}{', private' if info.private else ''})")
         for m in store.stored_messages(conversation):
             marks = {1: " [green]+1[/]", -1: " [red]-1[/]"}.get(m.rating, "") + (" [yellow]corrected[/]" if m.corrected else "")
+            marks += "".join(f" [cyan]image {sha[:12]}[/]" for sha in m.images)
             console.print(f"[bold]{m.role}[/] #{m.id}{marks}: ", end="")
             console.print(m.content, markup=False)
     except KeyError as err:
@@ -172,7 +195,9 @@ def export_data(
     dpo: Optional[Path] = typer.Option(None, "--dpo", help="Write DPO pairs (correction vs original, preferred vs regenerated) here, JSONL."),
     scrub_pii: bool = typer.Option(False, "--scrub-pii", help="Replace e-mails, phone/card numbers, IPs and tokens with placeholders."),
 ) -> None:
-    """Turn your feedback into reactor-core training data (private conversations are skipped)."""
+    """Turn your feedback into reactor-core training data (private conversations are skipped).
+
+    Image turns become multimodal SFT records; their images are written beside the JSONL (images/<sha256>.png)."""
     from jarvis.feedback import export_data as export
 
     store = ConversationStore()
@@ -185,6 +210,9 @@ def export_data(
         store.close()
     console.print(f"{report.sft} SFT examples, {report.dpo} DPO pairs from {report.conversations} conversations "
                   f"({report.private_skipped} private skipped, {report.duplicates} duplicates dropped)")
+    if report.images or report.image_records_skipped:
+        console.print(f"{report.images} images written beside the SFT file (images/); "
+                      f"{report.image_records_skipped} DPO pairs about images left out (preference data is text only)")
     for path in report.files:
         console.print(f"  wrote {path}")
 
@@ -266,7 +294,9 @@ def _think(bot: Chatbot, text: str) -> None:
         console.print(f"[dim]answer {result.answer}: {result.votes[result.answer]} of {total} samples agree[/]")
 
 
-def _interactive(bot: Chatbot, reasoning: bool = False) -> None:
+def _interactive(bot: Chatbot, reasoning: bool = False, images: list[bytes] | None = None) -> None:
+    """`images` go with the next message (--image, then each /image)."""
+    pending: list[bytes] = list(images or ())
     while True:
         try:
             text = console.input("[bold cyan]you>[/] ").strip()
@@ -291,6 +321,12 @@ def _interactive(bot: Chatbot, reasoning: bool = False) -> None:
                 continue
             _run(lambda: _think(bot, question))
             continue
+        if text == "/image" or text.startswith("/image "):
+            question = _attach(text[len("/image"):].strip(), pending)
+            if question and pending:
+                console.print("[bold green]jarvis>[/] ", end="")
+                _run(lambda: _image_turn(bot, question, pending))
+            continue
         if text == "/retry":
             console.print("[bold green]jarvis>[/] ", end="")
             _run(lambda: _print_stream(bot.regenerate()))
@@ -298,11 +334,48 @@ def _interactive(bot: Chatbot, reasoning: bool = False) -> None:
         if text.startswith("/"):
             console.print(f"[dim]unknown command {text}; {HELP}[/]")
             continue
+        if pending:
+            console.print("[bold green]jarvis>[/] ", end="")
+            _run(lambda: _image_turn(bot, text, pending))
+            continue
         if reasoning:
             _run(lambda: _think(bot, text))
             continue
         console.print("[bold green]jarvis>[/] ", end="")
         _run(lambda: _reply(bot, text))
+
+
+def _attach(arguments: str, pending: list[bytes]) -> str:
+    """`/image PATH [QUESTION]`: the image joins `pending` (checked now); returns the question.
+    A path with spaces goes in quotes."""
+    from jarvis.vision import MAX_IMAGES_PER_MESSAGE, read_image
+
+    if arguments[:1] in ("'", '"') and arguments.find(arguments[0], 1) > 0:
+        end = arguments.find(arguments[0], 1)
+        path, question = arguments[1:end], arguments[end + 1:].strip()
+    else:
+        path, _, question = arguments.partition(" ")
+    if not path:
+        console.print("[dim]usage: /image PATH [QUESTION] (without a question, the image goes with your next message)[/]")
+        return ""
+    if len(pending) >= MAX_IMAGES_PER_MESSAGE:
+        err_console.print(f"[bold red]error:[/] at most {MAX_IMAGES_PER_MESSAGE} images per message")
+        return ""
+    try:
+        pending.append(read_image(Path(path).expanduser(), path))
+    except ValueError as err:
+        err_console.print(f"[bold red]error:[/] {err}")
+        return ""
+    if not question.strip():
+        console.print(f"[dim]{len(pending)} image(s) attached: they go with your next message[/]")
+    return question.strip()
+
+
+def _image_turn(bot: Chatbot, text: str, pending: list[bytes]) -> None:
+    """One message with the pending images; they are used up only once the reply is given."""
+    _load_vision(bot)
+    _reply(bot, text, pending)
+    pending.clear()
 
 
 def _run(turn) -> None:

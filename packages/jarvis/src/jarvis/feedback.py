@@ -9,6 +9,12 @@ up to it as context (corrections applied, the conversation's system prompt first
   over the original reply; in a group of regenerations, a reply rated thumbs-up is
   chosen over each alternative that was not.
 
+A user turn that carried images becomes a multimodal chat message: its images as
+`{"type": "image", "path": "images/<sha256>.<png|jpeg|gif|bmp>"}` parts (the stored
+bytes, written beside the JSONL), then its text: what Reactor Core's chat format reads
+(`reactor_core.data.images`). Reactor Core's preference data is text only, so a DPO pair
+whose prompt holds an image is left out (counted).
+
 Private conversations are never exported. `scrub=True` replaces e-mail addresses,
 phone and card numbers, IP addresses and secrets-looking tokens with placeholders
 (regular expressions: good for the formats they know, not a guarantee; review the
@@ -22,12 +28,14 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from jarvis.memory import ConversationStore, StoredMessage
 from jarvis_prime.files import atomic_write
 
-Message = dict[str, str]
+Message = dict[str, Any]
+
+IMAGES_DIR = "images"  # beside the JSONL; records point into it with relative paths
 
 def _luhn(digits: str) -> bool:
     total = 0
@@ -71,6 +79,8 @@ class ExportReport:
     private_skipped: int = 0
     duplicates: int = 0
     unusable: int = 0  # blank replies, pairs with nothing to prefer
+    image_records_skipped: int = 0  # DPO pairs about an image (and, without images=True, SFT records too)
+    images: int = 0  # image files written
     files: list[str] = field(default_factory=list)
 
 
@@ -101,7 +111,7 @@ def feedback_turns(store: ConversationStore, *, include_private: bool = False,
         used = False
         for group_id, replies in groups.items():
             # the context is what the model saw: active messages before the first reply
-            context = [m.as_chat() for m in everything if m.active and m.id < group_id]
+            context = [_training_message(store, m) for m in everything if m.active and m.id < group_id]
             if system:
                 context = [{"role": "system", "content": system}] + context
             for reply in replies:
@@ -110,6 +120,27 @@ def feedback_turns(store: ConversationStore, *, include_private: bool = False,
                 used = True
                 yield FeedbackTurn(conversation.id, context, reply, [r for r in replies if r.id != reply.id])
         report.conversations += used
+
+
+def image_path(sha256: str, kind: str) -> str:
+    """Where an exported image goes, relative to the JSONL: one file per image, named by its hash."""
+    return f"{IMAGES_DIR}/{sha256}.{kind}"
+
+
+def _training_message(store: ConversationStore, m: StoredMessage) -> Message:
+    """A stored message as Reactor Core's chat format has it: images as relative path parts."""
+    if not m.images:
+        return m.as_chat()
+    parts: list[dict[str, str]] = [{"type": "image", "path": image_path(sha, store.image(sha).format)}
+                                   for sha in m.images]
+    if m.content:
+        parts.append({"type": "text", "text": m.content})
+    return {"role": m.role, "content": parts}
+
+
+def _image_paths(data: dict) -> list[str]:
+    messages = data.get("messages") or (data["prompt"] if isinstance(data.get("prompt"), list) else [])
+    return [p["path"] for m in messages if isinstance(m["content"], list) for p in m["content"] if p["type"] == "image"]
 
 
 def training_examples(turn: FeedbackTurn) -> tuple[list[dict], list[dict]]:
@@ -135,7 +166,7 @@ def _scrubbed(record: dict) -> dict:
         if isinstance(value, list):
             return [clean(v) for v in value]
         if isinstance(value, dict):
-            return {k: clean(v) if k != "role" else v for k, v in value.items()}
+            return {k: clean(v) if k not in ("role", "type", "path") else v for k, v in value.items()}
         return value
 
     return clean(record)
@@ -150,10 +181,16 @@ class Record:
     kind: str  # "sft" | "dpo"
     data: dict
 
+    @property
+    def images(self) -> list[str]:
+        """The image files (paths relative to the JSONL) the record points to."""
+        return _image_paths(self.data)
+
 
 def collect(store: ConversationStore, *, scrub: bool = False, include_private: bool = False,
-            report: ExportReport | None = None) -> list[Record]:
-    """Every training record the feedback yields, de-duplicated, blank replies dropped."""
+            report: ExportReport | None = None, images: bool = True) -> list[Record]:
+    """Every training record the feedback yields, de-duplicated, blank replies dropped.
+    `images=False` leaves out every record about an image (a text model's training data)."""
     report = report if report is not None else ExportReport()
     records: list[Record] = []
     seen: set[str] = set()
@@ -165,6 +202,9 @@ def collect(store: ConversationStore, *, scrub: bool = False, include_private: b
                 data = _scrubbed(data) if scrub else data
                 if not _usable(kind, data):
                     report.unusable += 1
+                    continue
+                if _image_paths(data) and (kind == "dpo" or not images):
+                    report.image_records_skipped += 1
                     continue
                 identity = kind + json.dumps(data, sort_keys=True)
                 if identity in seen:
@@ -181,7 +221,7 @@ def _usable(kind: str, data: dict) -> bool:
     """Reactor Core rejects blank replies and pairs with nothing to prefer (e.g. an empty
     reply the user corrected, or two replies the scrub made equal)."""
     if kind == "sft":
-        return bool(data["messages"][-1]["content"].strip())
+        return bool(data["messages"][-1]["content"].strip())  # a reply: always text
     chosen, rejected = data["chosen"].strip(), data["rejected"].strip()
     return bool(chosen) and bool(rejected) and chosen != rejected
 
@@ -197,9 +237,26 @@ def export_data(store: ConversationStore, *, sft_path: str | os.PathLike | None 
     records = collect(store, scrub=scrub, include_private=include_private, report=report)
     for path, kind in ((sft_path, "sft"), (dpo_path, "dpo")):
         if path is not None:
-            write_jsonl(Path(path), [r.data for r in records if r.kind == kind])
+            mine = [r for r in records if r.kind == kind]
+            report.images += write_images(store, Path(path).parent, mine)
+            write_jsonl(Path(path), [r.data for r in mine])
             report.files.append(str(path))
     return report
+
+
+def write_images(store: ConversationStore, folder: Path, records: list[Record]) -> int:
+    """The stored images `records` point to, as files under `folder` (before the JSONL that
+    names them, so a JSONL on disk never points to a missing image); returns how many."""
+    written = 0
+    for relative in dict.fromkeys(p for r in records for p in r.images):
+        sha = Path(relative).stem
+        target = folder / relative
+        data = store.image(sha).data
+        if not target.is_file() or target.read_bytes() != data:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(target, data)
+        written += 1
+    return written
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:

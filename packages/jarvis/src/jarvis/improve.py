@@ -136,7 +136,8 @@ def _export(config: ImproveConfig, run: Path, store: ConversationStore | None) -
     store = store or ConversationStore()
     report = ExportReport()
     try:
-        records = collect(store, scrub=config.scrub_pii, report=report)
+        # the model improved here is a text chat model: feedback on image turns stays for `export-data`
+        records = collect(store, scrub=config.scrub_pii, report=report, images=False)
     finally:
         if own:
             store.close()
@@ -151,7 +152,8 @@ def _export(config: ImproveConfig, run: Path, store: ConversationStore | None) -
     if not (counts["sft"]["heldout"] or counts["dpo"]["heldout"]) or not (counts["sft"]["train"] or counts["dpo"]["train"]):
         raise PrimeError(f"not enough feedback to train and judge a candidate ({report.sft} SFT examples, "
                          f"{report.dpo} DPO pairs): rate, correct or regenerate more replies, then run again")
-    return {"private_skipped": report.private_skipped, "unusable": report.unusable, "pii_scrubbed": config.scrub_pii,
+    return {"private_skipped": report.private_skipped, "unusable": report.unusable,
+            "image_records_skipped": report.image_records_skipped, "pii_scrubbed": config.scrub_pii,
             **counts}
 
 

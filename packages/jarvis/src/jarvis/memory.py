@@ -20,12 +20,18 @@ user wrote instead; the conversation continues from it), and regenerations. A
 regenerated reply is a new message in the same *alternatives group* (`group_id`, the
 id of the first reply); exactly one member of a group is active, i.e. part of the
 conversation the model sees, and the others stay for preference data.
+
+Images a user sends are stored once each, by sha256 (`images`: the bytes, their sniffed
+format and size), and linked to the messages that carry them (`message_images`), so
+history, `jarvis chat -c` and `jarvis export-data` keep them; deleting the last
+conversation that shows an image deletes the image.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import sqlite3
 import threading
@@ -33,7 +39,10 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Sequence
+
+from jarvis.vision import MAX_IMAGE_BYTES, MAX_IMAGES_PER_MESSAGE, user_message
+from jarvis_prime.models.content import image_format
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
@@ -53,6 +62,19 @@ CREATE TABLE IF NOT EXISTS messages (
     created REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages(conversation_id, id);
+CREATE TABLE IF NOT EXISTS images (
+    sha256 TEXT PRIMARY KEY,
+    format TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS message_images (
+    message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    sha256 TEXT NOT NULL REFERENCES images(sha256),
+    PRIMARY KEY (message_id, position)
+);
 """
 
 # Schema version 2 (PRAGMA user_version): feedback columns. ALTERs, so a database
@@ -65,7 +87,9 @@ FEEDBACK_COLUMNS = {
     "active": "INTEGER NOT NULL DEFAULT 1",
     "feedback_at": "REAL",
 }
-SCHEMA_VERSION = 2
+# Schema version 3: images (the `images` and `message_images` tables above; created by
+# SCHEMA on any older database, nothing to migrate).
+SCHEMA_VERSION = 3
 
 # Python's default is 5 s; a commit stalled by a busy disk (a training run writing
 # checkpoints) or a migration of a large database can hold the write lock longer.
@@ -108,9 +132,18 @@ class StoredMessage:
     group_id: int
     active: bool
     created: float
+    images: tuple[str, ...] = ()  # sha256 of each image the message carries, in order (user messages)
 
     def as_chat(self) -> dict[str, str]:
+        """The message's text as a chat message (`ConversationStore.chat_message` adds its images)."""
         return {"role": self.role, "content": self.content}
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    sha256: str
+    format: str  # png | jpeg | gif | bmp, sniffed from the bytes
+    data: bytes
 
 
 @dataclass(frozen=True)
@@ -222,8 +255,9 @@ class ConversationStore:
 
     @_locked
     def add_exchange(self, cid: str, user: str, reply: str, model: str | None = None,
-                     after: int | None = None) -> tuple[int, int]:
-        """Append a user message and its reply in one transaction; returns their ids.
+                     after: int | None = None, images: Sequence[bytes] = ()) -> tuple[int, int]:
+        """Append a user message (with its `images`, encoded files) and its reply in one
+        transaction; returns their ids.
 
         `after`: the id of the newest message the reply was generated from (None: the
         conversation was empty). If someone else wrote to the conversation meanwhile
@@ -234,8 +268,39 @@ class ConversationStore:
             if self.last_id(cid) != after:
                 raise ConflictError(f"conversation {cid} changed while this reply was written; send it again")
             user_id = self._insert(cid, "user", user, None)
+            self._attach(user_id, images)
             reply_id = self._insert(cid, "assistant", reply, model)
         return user_id, reply_id
+
+    def _attach(self, message_id: int, images: Sequence[bytes]) -> None:
+        """Store each image once (by sha256) and link it to the message, in order. Checked
+        here too (size, then the format from the first bytes), so no caller stores a non-image."""
+        if len(images) > MAX_IMAGES_PER_MESSAGE:
+            raise ValueError(f"{len(images)} images in one message; at most {MAX_IMAGES_PER_MESSAGE}")
+        for position, data in enumerate(images):
+            if len(data) > MAX_IMAGE_BYTES:
+                raise ValueError(f"image {position}: {len(data)} bytes, over the limit of {MAX_IMAGE_BYTES}")
+            kind = image_format(data)
+            if kind is None:
+                raise ValueError(f"image {position}: not a PNG, JPEG, GIF or BMP image")
+            sha = hashlib.sha256(data).hexdigest()
+            self._db.execute("INSERT OR IGNORE INTO images VALUES (?, ?, ?, ?, ?)",
+                             (sha, kind, len(data), data, time.time()))
+            self._db.execute("INSERT INTO message_images VALUES (?, ?, ?)", (message_id, position, sha))
+
+    @_locked
+    def image(self, sha256: str) -> StoredImage:
+        row = self._db.execute("SELECT sha256, format, data FROM images WHERE sha256 = ?", (sha256,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no image {sha256} in {self.path}")
+        return StoredImage(row["sha256"], row["format"], bytes(row["data"]))
+
+    @_locked
+    def chat_message(self, message: StoredMessage) -> dict[str, Any]:
+        """The message as a chat message, its images (bytes) as content parts before the text."""
+        if not message.images:
+            return message.as_chat()
+        return user_message(message.content, [self.image(sha).data for sha in message.images])
 
     def _insert(self, cid: str, role: str, content: str, model: str | None) -> int:
         now = time.time()
@@ -305,7 +370,7 @@ class ConversationStore:
 
     @_locked
     def message(self, message_id: int) -> StoredMessage:
-        row = self._db.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone()
+        row = self._db.execute(f"{MESSAGES} WHERE id = ?", (message_id,)).fetchone()
         if row is None:
             raise NotFoundError(f"no message {message_id} in {self.path}")
         return _stored(row)
@@ -315,22 +380,30 @@ class ConversationStore:
         """The conversation in order; by default only what the model sees (active replies)."""
         self.get(cid)  # a clear error for an unknown id
         where = "" if include_inactive else " AND active = 1"
-        rows = self._db.execute(f"SELECT * FROM messages WHERE conversation_id = ?{where} ORDER BY id", (cid,))
+        rows = self._db.execute(f"{MESSAGES} WHERE conversation_id = ?{where} ORDER BY id", (cid,))
         return [_stored(r) for r in rows]
 
     @_locked
-    def messages(self, cid: str) -> list[dict[str, str]]:
-        """The conversation as chat messages, corrections applied."""
-        return [m.as_chat() for m in self.stored_messages(cid)]
+    def messages(self, cid: str) -> list[dict[str, Any]]:
+        """The conversation as chat messages, corrections applied, images as content parts."""
+        return [self.chat_message(m) for m in self.stored_messages(cid)]
 
     @_locked
     def delete(self, cid: str) -> None:
-        self._db.execute("DELETE FROM conversations WHERE id = ?", (cid,))
+        """The conversation, its messages and the images no other conversation shows."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("DELETE FROM conversations WHERE id = ?", (cid,))
+            self._db.execute("DELETE FROM images WHERE sha256 NOT IN (SELECT sha256 FROM message_images)")
 
     @_locked
     def close(self) -> None:
         self._db.close()
 
+
+# Messages with their images' sha256, in order, comma-separated (NULL: none).
+MESSAGES = ("SELECT *, (SELECT group_concat(sha256, ',') FROM (SELECT sha256 FROM message_images i "
+            "WHERE i.message_id = m.id ORDER BY position)) AS image_shas FROM messages m")
 
 # Each conversation with its number of active messages.
 CONVERSATIONS = ("SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id AND m.active = 1) AS n "
@@ -348,5 +421,5 @@ def _stored(row: sqlite3.Row) -> StoredMessage:
         content=row["correction"] if row["correction"] is not None else row["content"], original=row["content"],
         model=row["model"], rating=row["rating"], corrected=row["correction"] is not None,
         group_id=row["group_id"] if row["group_id"] is not None else row["id"], active=bool(row["active"]),
-        created=row["created"],
+        created=row["created"], images=tuple(row["image_shas"].split(",")) if row["image_shas"] else (),
     )

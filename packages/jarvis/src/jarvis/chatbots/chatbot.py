@@ -4,27 +4,36 @@ It keeps the session's history, puts the persona first, trims the oldest turns w
 the conversation outgrows the model's context window, and formats everything with
 the model's own chat template (through `PrimeModel`), never a hand-made
 "User:/Assistant:" layout.
+
+A turn may carry images (`stream(text, images=[...])`). While images are in what the
+model is sent, the turn goes to a model that sees: the chat model when it does, else
+the vision model (`jarvis.vision.pick_vision_model`), loaded on first need.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Iterator, Literal
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 from jarvis.memory import ConversationStore
 from jarvis.reasoning import Reasoned, self_consistency
+from jarvis.vision import MAX_IMAGES_PER_MESSAGE, VISION_MODEL_ENV, has_images, message_text, pick_vision_model, user_message
 from jarvis_prime import PrimeModel
 from jarvis_prime.persona import JARVIS_SYSTEM_PROMPT
 
 DEFAULT_MODEL = "prime-135m-chat-v1"  # the JARVIS chat model; offline, see jarvis-prime
 DEFAULT_PERSONA = JARVIS_SYSTEM_PROMPT
 
-Message = dict[str, str]
+Message = dict[str, Any]  # content: a string, or parts with images (`jarvis.vision.user_message`)
 
 
 def _default_model() -> str:
     return os.environ.get("JARVIS_MODEL") or DEFAULT_MODEL
+
+
+def _default_vision_model() -> str | None:
+    return os.environ.get(VISION_MODEL_ENV) or None
 
 
 @dataclass
@@ -43,6 +52,8 @@ class ChatbotConfig:
     top_p: float = 1.0
     seed: int | None = None
     reasoning_samples: int = 5  # k for self-consistency (`reason`, /think, --reasoning)
+    # The model for image turns when `model` cannot see; None: picked (`jarvis.vision.pick_vision_model`).
+    vision_model: str | None = field(default_factory=_default_vision_model)
 
     def __post_init__(self) -> None:
         if self.backend not in ("auto", "llamacpp", "transformers"):
@@ -59,17 +70,21 @@ class Chatbot:
     """A conversation with JARVIS. The model loads on first use unless one is given."""
 
     def __init__(self, config: ChatbotConfig | None = None, model: PrimeModel | None = None,
-                 store: ConversationStore | None = None, conversation: str | None = None) -> None:
-        """`store` persists every turn (SQLite); `conversation` resumes one of its conversations."""
+                 store: ConversationStore | None = None, conversation: str | None = None,
+                 vision: PrimeModel | Callable[[], PrimeModel] | None = None) -> None:
+        """`store` persists every turn (SQLite); `conversation` resumes one of its conversations.
+        `vision`: the vision model, or a function that gives it when an image turn first needs it
+        (default: loaded from `config.vision_model`)."""
         self.config = config or ChatbotConfig()
         self._model = model
+        self._vision = vision
         self.store = store
         self.conversation = conversation
         self.history: list[Message] = []
         self.last_reply_id: int | None = None  # the stored id of the newest reply, for feedback
         if store is not None and conversation is not None:
             stored = [m for m in store.stored_messages(conversation) if m.role != "system"]
-            self.history = [m.as_chat() for m in stored]
+            self.history = [store.chat_message(m) for m in stored]
             self.last_reply_id = stored[-1].id if stored and stored[-1].role == "assistant" else None
 
     @property
@@ -79,45 +94,70 @@ class Chatbot:
             self._model = PrimeModel.from_pretrained(c.model, quantization=c.quantization, device=c.device, backend=c.backend)
         return self._model
 
+    @property
+    def vision_model(self) -> PrimeModel:
+        """The model for image turns the chat model cannot see (loaded on first use)."""
+        if callable(self._vision):
+            self._vision = self._vision()
+        if self._vision is None:
+            c = self.config
+            self._vision = PrimeModel.from_pretrained(pick_vision_model(c.vision_model), device=c.device,
+                                                      backend=c.backend)
+        return self._vision
+
+    def _answering(self, messages: list[Message]):
+        """The model for these messages: the chat model unless they hold images it cannot see."""
+        if has_images(messages) and not getattr(self.model, "sees_images", False):
+            return self.vision_model
+        return self.model
+
     def reset(self) -> None:
         """Forget the conversation (the persona stays); with a store, the next turn starts a new one."""
         self.history.clear()
         self.conversation = None
         self.last_reply_id = None
 
-    def _model_label(self) -> str:
-        return f"{self.model.name}@{self.model.version}"
+    @staticmethod
+    def _model_label(model) -> str:
+        return f"{model.name}@{model.version}"
 
-    def _save(self, user: Message, reply: Message, after: int | None) -> None:
+    def _save(self, user: Message, reply: Message, after: int | None, model, images: Sequence[bytes] = ()) -> None:
         """Both messages in one transaction, refused if the conversation moved on meanwhile."""
         if self.store is None:
             return
         if self.conversation is None:
             self.conversation = self.store.create(model=self.config.model, system_prompt=self.config.system_prompt)
-        _, self.last_reply_id = self.store.add_exchange(self.conversation, user["content"], reply["content"],
-                                                        model=self._model_label(), after=after)
+        _, self.last_reply_id = self.store.add_exchange(self.conversation, message_text(user), reply["content"],
+                                                        model=self._model_label(model), after=after, images=images)
 
-    def ask(self, text: str) -> str:
-        """Send one user message; return the whole reply."""
-        return "".join(self.stream(text))
+    def ask(self, text: str, images: Sequence[bytes] = ()) -> str:
+        """Send one user message (with `images`, encoded files); return the whole reply."""
+        return "".join(self.stream(text, images))
 
-    def stream(self, text: str) -> Iterator[str]:
-        """Send one user message; yield the reply as it is generated.
+    def user_turn(self, text: str, images: Sequence[bytes] = ()) -> Message:
+        """The user message `text` and `images` make, checked (what `stream` sends)."""
+        if not text.strip() and not images:
+            raise ValueError("message is empty")
+        if len(images) > MAX_IMAGES_PER_MESSAGE:
+            raise ValueError(f"{len(images)} images in one message; at most {MAX_IMAGES_PER_MESSAGE}")
+        return user_message(text.strip(), list(images))
+
+    def stream(self, text: str, images: Sequence[bytes] = ()) -> Iterator[str]:
+        """Send one user message, with `images` (encoded files: `jarvis.vision.read_image`);
+        yield the reply as it is generated.
 
         The turn enters the history once the reply ends (or is interrupted, keeping
         what was said so far).
         """
-        if not text.strip():
-            raise ValueError("message is empty")
-        user = {"role": "user", "content": text}
-        kept, messages = self._fit_context(user)  # raises before touching the history
+        user = self.user_turn(text, images)
+        kept, messages, model = self._fit_context(user)  # raises before touching the history
         after = self._last_stored_id()
 
         def done(reply: Message) -> None:
             self.history = kept + [user, reply]
-            self._save(user, reply, after)
+            self._save(user, reply, after, model, images)
 
-        yield from self._generate(messages, done)
+        yield from self._generate(model, messages, done)
 
     def reason(self, text: str) -> Reasoned:
         """Answer a question with a checkable answer by self-consistency: k step-by-step
@@ -125,14 +165,14 @@ class Chatbot:
         if not text.strip():
             raise ValueError("message is empty")
         user = {"role": "user", "content": text}
-        kept, messages = self._fit_context(user)
+        kept, messages, model = self._fit_context(user)
         c = self.config
-        result = self_consistency(self.model, messages, k=c.reasoning_samples, max_new_tokens=c.max_new_tokens,
+        result = self_consistency(model, messages, k=c.reasoning_samples, max_new_tokens=c.max_new_tokens,
                                   seed=c.seed or 0)
         reply = {"role": "assistant", "content": result.reply}
         after = self._last_stored_id()
         self.history = kept + [user, reply]
-        self._save(user, reply, after)
+        self._save(user, reply, after, model)
         return result
 
     def _last_stored_id(self) -> int | None:
@@ -149,22 +189,22 @@ class Chatbot:
         if len(self.history) < 2 or self.history[-1]["role"] != "assistant":
             raise ValueError("there is no reply to regenerate yet")
         user = self.history[-2]
-        kept, messages = self._fit_context(user, history=self.history[:-2])
+        kept, messages, model = self._fit_context(user, history=self.history[:-2])
         previous = self.last_reply_id
 
         def done(reply: Message) -> None:
             self.history = kept + [user, reply]
             if self.store is not None and previous is not None:
-                self.last_reply_id = self.store.add_alternative(previous, reply["content"], model=self._model_label())
+                self.last_reply_id = self.store.add_alternative(previous, reply["content"], model=self._model_label(model))
 
-        yield from self._generate(messages, done)
+        yield from self._generate(model, messages, done)
 
-    def _generate(self, messages: list[Message], done) -> Iterator[str]:
+    def _generate(self, model, messages: list[Message], done) -> Iterator[str]:
         c = self.config
         pieces: list[str] = []
         failed = False
         try:
-            for piece in self.model.chat(
+            for piece in model.chat(
                 messages, stream=True, max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, seed=c.seed
             ):
                 pieces.append(piece)
@@ -178,23 +218,30 @@ class Chatbot:
             if not failed and "".join(pieces).strip():
                 done({"role": "assistant", "content": "".join(pieces).strip()})
 
-    def _fit_context(self, user: Message, history: list[Message] | None = None) -> tuple[list[Message], list[Message]]:
-        """(the history that fits, the messages to send): persona + recent history + `user`.
+    def _fit_context(self, user: Message,
+                     history: list[Message] | None = None) -> tuple[list[Message], list[Message], Any]:
+        """(the history that fits, the messages to send, the model that answers them):
+        persona + recent history + `user`.
 
         Whole exchanges are dropped oldest first, so the model never sees half a turn.
-        Works on a copy: a message too long to fit leaves the history as it was.
+        Works on a copy: a message too long to fit leaves the history as it was. Images
+        count as the tokens the answering model encodes them into.
         """
-        budget = self.model.context_length - self.config.max_new_tokens
         system = [{"role": "system", "content": self.config.system_prompt}] if self.config.system_prompt else []
         history = list(self.history if history is None else history)
         while True:
             messages = system + history + [user]
-            used = self.model.count_tokens(self.model.apply_chat_template(messages))
+            model = self._answering(messages)
+            budget = model.context_length - self.config.max_new_tokens
+            if has_images(messages):
+                used = len(model.encode_chat(messages).ids)
+            else:
+                used = model.count_tokens(model.apply_chat_template(messages))
             if used <= budget:
-                return history, messages
+                return history, messages, model
             if not history:
                 raise ValueError(
-                    f"message too long: {used} tokens with the persona; {self.model.name} holds "
-                    f"{self.model.context_length} tokens of context and {self.config.max_new_tokens} are kept for the reply"
+                    f"message too long: {used} tokens with the persona; {model.name} holds "
+                    f"{model.context_length} tokens of context and {self.config.max_new_tokens} are kept for the reply"
                 )
             del history[:2]

@@ -1,25 +1,21 @@
-"""The page's JSON API, one router per job: the model (health, swap, images), the
-conversations and their stored messages, and the replies that stream.
+"""The page's JSON API, one router per job: the model (health, swap), the
+conversations and their stored messages and images, and the replies that stream.
 `server.create_app` puts them together behind the kit's Guard (host, key, JSON, body size)."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 from dataclasses import replace
 from typing import Any, Callable
 
-from fastapi import APIRouter
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import APIRouter, Path
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from jarvis.chatbots import Chatbot, ChatbotConfig
 from jarvis.memory import ConversationStore
-from jarvis.vision import VisionUnavailableError, ask_about_image
 from jarvis.web.replies import Replies
-from jarvis.web.schemas import (ConversationPatch, Correction, ImageQuestion, ModelSwap, NewConversation, Rating,
-                                UserMessage, message_json)
+from jarvis.web.schemas import ConversationPatch, Correction, ModelSwap, NewConversation, Rating, UserMessage, message_json
 from jarvis.web.settings import WebConfig
-from jarvis_prime.serving.errors import APIError
+from jarvis.web.vision_host import VisionHost
 from jarvis_prime.serving.swap import SwapGate
 
 
@@ -45,17 +41,6 @@ def model_routes(config: WebConfig, swaps: SwapGate, make_model: Callable[[Chatb
         if body.model is not None:
             config.chat = replace(config.chat, model=body.model)  # new conversations record the name
         return {"model": new.name, "version": new.version}
-
-    @router.post("/api/images")
-    def image(body: ImageQuestion) -> dict[str, str]:
-        try:
-            data = base64.b64decode(body.image, validate=True)
-        except (binascii.Error, ValueError):
-            raise APIError(400, "image: not valid base64") from None
-        try:
-            return {"answer": ask_about_image(data, body.question)}
-        except VisionUnavailableError as err:
-            raise APIError(503, str(err)) from None
 
     return router
 
@@ -87,6 +72,13 @@ def conversation_routes(config: WebConfig, store: ConversationStore) -> APIRoute
         store.get(cid)
         store.delete(cid)
 
+    @router.get("/api/images/{sha256}")
+    def image(sha256: str = Path(pattern="^[0-9a-f]{64}$")) -> Response:
+        """A stored image's bytes, as sent (the page fetches it with its key, then shows it)."""
+        found = store.image(sha256)
+        return Response(found.data, media_type=f"image/{found.format}",
+                        headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "private, max-age=86400"})
+
     @router.post("/api/messages/{mid}/rating")
     def rate(mid: int, body: Rating) -> dict[str, Any]:
         store.rate(mid, body.rating)
@@ -100,21 +92,21 @@ def conversation_routes(config: WebConfig, store: ConversationStore) -> APIRoute
     return router
 
 
-def reply_routes(config: WebConfig, store: ConversationStore, replies: Replies) -> APIRouter:
+def reply_routes(config: WebConfig, store: ConversationStore, replies: Replies, vision: VisionHost) -> APIRouter:
     router = APIRouter()
 
     def bot(cid: str, model: Any) -> Chatbot:
-        return Chatbot(config.chat, model=model, store=store, conversation=cid)
+        return Chatbot(config.chat, model=model, store=store, conversation=cid, vision=vision.get)
 
     @router.post("/api/conversations/{cid}/messages")
     def send(cid: str, body: UserMessage) -> StreamingResponse:
+        text, images = body.text(), body.images()  # bad images: 400 naming the part, before any model work
+
         def start(model):
             chatbot = bot(cid, model)
-            text = body.content.strip()
-            if not text:
-                raise ValueError("message is empty")
-            chatbot._fit_context({"role": "user", "content": text})  # too long: 400 now, not mid-stream
-            return chatbot, chatbot.stream(text)
+            # too long, or an image and no vision model here: 4xx now, not mid-stream
+            chatbot._fit_context(chatbot.user_turn(text, images))
+            return chatbot, chatbot.stream(text, images)
 
         return replies.stream(cid, start)
 

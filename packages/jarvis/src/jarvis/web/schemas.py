@@ -7,8 +7,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from jarvis.vision import MAX_IMAGE_BYTES, MAX_IMAGES_PER_MESSAGE, read_image
+from jarvis_prime.serving.errors import APIError
+from jarvis_prime.serving.types import ImagePart, Part, TextPart, base64_decoded_size, check_image_part
+
 MAX_MESSAGE_CHARS = 32_000
-MAX_IMAGE_BASE64_CHARS = 16 << 20  # the body limit (WebConfig.max_body_bytes) bounds it first
 
 
 class _Strict(BaseModel):
@@ -26,7 +29,37 @@ class ConversationPatch(_Strict):
 
 
 class UserMessage(_Strict):
-    content: str = Field(min_length=1, max_length=MAX_MESSAGE_CHARS)
+    """A message: text, or OpenAI content parts, `{"type": "text", "text"}` and `{"type":
+    "image_url", "image_url": {"url": "data:image/png;base64,..."}}` (no remote URLs)."""
+
+    content: str | list[Part] = Field(min_length=1)
+
+    def text(self) -> str:
+        text = self.content if isinstance(self.content, str) else "".join(
+            p.text for p in self.content if isinstance(p, TextPart))
+        if len(text) > MAX_MESSAGE_CHARS:
+            raise APIError(400, f"content: {len(text)} characters of text; at most {MAX_MESSAGE_CHARS}")
+        return text.strip()
+
+    def images(self) -> list[bytes]:
+        """The images, each checked before it is decoded (count, data: URL, size), then read;
+        a bad one is a 400 naming its part (`content[1]`)."""
+        parts = [] if isinstance(self.content, str) else [
+            (f"content[{j}]", p) for j, p in enumerate(self.content) if isinstance(p, ImagePart)]
+        if len(parts) > MAX_IMAGES_PER_MESSAGE:
+            raise APIError(400, f"content: {len(parts)} images in one message; at most {MAX_IMAGES_PER_MESSAGE}")
+        images = []
+        for where, part in parts:
+            size = base64_decoded_size(part.image_url.url.partition(",")[2])
+            if size > MAX_IMAGE_BYTES:
+                raise APIError(413, f"{where}: the image is {size} bytes, over JARVIS's limit of "
+                               f"{MAX_IMAGE_BYTES // (1024 * 1024)} MiB per image")
+            check_image_part(part, where, MAX_IMAGE_BYTES)  # a data: URL, never a remote one
+            try:
+                images.append(read_image(part.image_url.url, where))
+            except ValueError as err:
+                raise APIError(400, str(err)) from None
+        return images
 
 
 class Rating(_Strict):
@@ -43,11 +76,7 @@ class ModelSwap(_Strict):
                                           "--allow-model-paths); default: the configured one")
 
 
-class ImageQuestion(_Strict):
-    image: str = Field(max_length=MAX_IMAGE_BASE64_CHARS, description="base64 of a PNG, JPEG, GIF or WebP file")
-    question: str = Field("", max_length=MAX_MESSAGE_CHARS)
-
-
 def message_json(m) -> dict[str, Any]:
+    """A stored message; `images` are sha256s, each served by GET /api/images/{sha256}."""
     return {"id": m.id, "role": m.role, "content": m.content, "original": m.original, "rating": m.rating,
-            "corrected": m.corrected, "model": m.model}
+            "corrected": m.corrected, "model": m.model, "images": list(m.images)}

@@ -9,11 +9,13 @@ JSON API below, so scripts can too:
     GET    /api/conversations/{id}             messages with ids and feedback
     PATCH  /api/conversations/{id}             {"title"?, "private"?}
     DELETE /api/conversations/{id}
-    POST   /api/conversations/{id}/messages    {"content"} -> a stream (below)
+    POST   /api/conversations/{id}/messages    {"content": text | [parts]} -> a stream (below); parts are
+                                               {"type": "text", "text"} and {"type": "image_url",
+                                               "image_url": {"url": "data:image/png;base64,..."}}
     POST   /api/messages/{id}/rating           {"rating": 1 | -1 | null}
     POST   /api/messages/{id}/correction       {"content"}
     POST   /api/messages/{id}/regenerate       -> a stream
-    POST   /api/images                         {"image": base64, "question"} (vision model)
+    GET    /api/images/{sha256}                a stored image (messages list their images' sha256)
     POST   /api/model                          {"model"?} reload (e.g. a version `jarvis improve` promoted):
                                                admin key only, off without one (below)
 
@@ -26,6 +28,12 @@ POST /api/model takes the admin key instead (`--admin-key`, JARVIS_ADMIN_KEY; wi
 one it is 403), a catalog or store name (a directory only with `--allow-model-paths`),
 and one switch at a time (409 while a model loads): the serving kit's `SwapGate`.
 Errors are {"error": message} with a 4xx/5xx status.
+
+Images: at most 4 per message, each a `data:` URL (remote URLs are never fetched) of at
+most 20 MiB, checked before it is decoded; a bad one is 400 naming its part
+(`content[1]: ...`). A turn with images goes to the chat model if it sees them, else to
+the vision model (`jarvis.vision`), loaded on the first image turn (`VisionHost`); with
+no vision model here the turn is 503 saying what to `prime pull`.
 
 The model is held by jarvis_prime's serving kit (`ModelHost`): a swap closes the old
 model once the replies still streaming from it end. The bodies are in `schemas`, the
@@ -49,8 +57,11 @@ from jarvis.chatbots import Chatbot, ChatbotConfig
 from jarvis.memory import ConflictError, ConversationStore, NotFoundError
 from jarvis.web.replies import Replies
 from jarvis.web.routes import conversation_routes, model_routes, reply_routes
+from jarvis.vision import VisionUnavailableError
 from jarvis.web.settings import WebConfig, require_key_for
-from jarvis_prime import PrimeModel
+from jarvis.web.vision_host import VisionHost
+from jarvis_prime import PrimeError, PrimeModel
+from jarvis_prime.errors import ImageInputError, ImageNotSupportedError
 from jarvis_prime.serving.completions import Admission
 from jarvis_prime.serving.errors import PLAIN, install_error_handlers
 from jarvis_prime.serving.host import ModelHost
@@ -81,19 +92,24 @@ def _open_path(path: str) -> bool:
 
 def create_app(config: WebConfig, *, store: ConversationStore | None = None,
                model: PrimeModel | Any | None = None,
-               loader: Callable[[ChatbotConfig], Any] | None = None) -> FastAPI:
+               loader: Callable[[ChatbotConfig], Any] | None = None,
+               vision_model: PrimeModel | Any | None = None) -> FastAPI:
     """The app. `model` skips loading (tests, an already-loaded model: the caller's to
     close); otherwise the configured model loads in the background and /api/health says
-    when it is ready. `loader` makes a model from a ChatbotConfig (default: the Chatbot's)."""
+    when it is ready. `loader` makes a model from a ChatbotConfig (default: the Chatbot's).
+    `vision_model`: the model for image turns, already loaded (the caller's to close);
+    default: `Chatbot.vision_model`'s choice, loaded on the first image turn."""
     store = store or ConversationStore()
     host, executor = ModelHost(), ThreadPoolExecutor(max_workers=4, thread_name_prefix="jarvis-web")
     swaps = SwapGate(host, allow_paths=config.allow_model_paths)
     make_model = loader or (lambda chat: Chatbot(chat).model)
+    vision = VisionHost(lambda: Chatbot(config.chat).vision_model, vision_model)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         host.close()
+        vision.close()
         executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="JARVIS", version="2", docs_url=None, redoc_url=None, lifespan=lifespan)
@@ -102,7 +118,10 @@ def create_app(config: WebConfig, *, store: ConversationStore | None = None,
     app.add_middleware(Guard, rules=GuardRules(api_key=config.api_key, max_body_bytes=config.max_body_bytes,
                                                hosts=allowed_hosts(config.host), open_path=_open_path, shape=PLAIN,
                                                admin_key=config.admin_key, admin_path=lambda path: path == "/api/model"))
-    install_error_handlers(app, PLAIN, {NotFoundError: 404, ConflictError: 409, ValueError: 400})
+    # a bad image or one sent where no model sees it: 400; no vision model here (or it failed to load): 503
+    install_error_handlers(app, PLAIN, {NotFoundError: 404, ConflictError: 409, ImageInputError: 400,
+                                        ImageNotSupportedError: 400, VisionUnavailableError: 503, PrimeError: 503,
+                                        ValueError: 400})
     if model is not None:
         host.swap(model, model.name, owned=False)
     else:
@@ -114,7 +133,8 @@ def create_app(config: WebConfig, *, store: ConversationStore | None = None,
 
     app.include_router(model_routes(config, swaps, make_model))
     app.include_router(conversation_routes(config, store))
-    app.include_router(reply_routes(config, store, Replies(host, executor, Admission(config.max_queue, config.retry_after_s))))
+    app.include_router(reply_routes(config, store, Replies(host, executor, Admission(config.max_queue, config.retry_after_s)),
+                                 vision))
     return app
 
 

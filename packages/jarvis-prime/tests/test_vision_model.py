@@ -12,8 +12,7 @@ import random
 from pathlib import Path
 
 import pytest
-
-from jarvis_prime.models.idefics3 import EncoderShape
+from jarvis_prime.idefics3 import EncoderShape
 from jarvis_prime.recipes.vision_data import COLOURS, SHAPES, make_example
 from jarvis_prime.recipes.vision_encoder import (
     N_COLOURS,
@@ -49,9 +48,8 @@ def test_label_maps_read_what_was_drawn():
 def test_the_encoder_trains_on_the_tiles_the_processor_makes(size, smollm2_tokenizer):
     """Training views are cut as transformers' Idefics3 processor (and libmtmd) tile: the
     same number of tiles, so the same number of image tokens."""
+    from jarvis_prime.idefics3 import processor_for
     from PIL import Image
-
-    from jarvis_prime.models.idefics3 import processor_for
 
     shape = EncoderShape()
     processor = processor_for(smollm2_tokenizer, shape)
@@ -103,11 +101,10 @@ def test_a_small_run_of_the_recipe_ships_parts_that_rebuild_the_same_model(pulle
     exactly as the trained model does."""
     pytest.importorskip("reactor_core")
     need_converter()
-    from transformers import AutoProcessor, Idefics3ForConditionalGeneration
-
-    from jarvis_prime.models import idefics3
+    from jarvis_prime import idefics3
     from jarvis_prime.recipes import vision_model
     from jarvis_prime.recipes.vision_encoder import EncoderTraining
+    from transformers import AutoProcessor, Idefics3ForConditionalGeneration
 
     small = dataclasses.replace(vision_model.RECIPES[NAME], encoder_training=EncoderTraining(steps=3, batch_size=8),
                                 connector_batches=2, train_examples=24, heldout_examples=5, max_steps=2)

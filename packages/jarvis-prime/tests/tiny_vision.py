@@ -42,7 +42,7 @@ def build_idefics3(path: Path, tokenizer) -> Path:
     import torch
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration
 
-    from jarvis_prime.models.mtmd import IDEFICS3_SPECIAL_TOKENS
+    from jarvis_prime.idefics3 import IDEFICS3_SPECIAL_TOKENS
 
     tokenizer.add_special_tokens({"additional_special_tokens": list(IDEFICS3_SPECIAL_TOKENS)})
     tokenizer.chat_template = CHAT_TEMPLATE

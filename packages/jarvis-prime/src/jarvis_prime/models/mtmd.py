@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from jarvis_prime.errors import ImageInputError, PrimeError
+from jarvis_prime.idefics3 import IDEFICS3_SPECIAL_TOKENS
 from jarvis_prime.models.content import EncodedImage
 
 LLAMA_TOKEN_NULL = -1
@@ -40,13 +41,6 @@ LLAMA_TOKEN_NULL = -1
 MEDIA_TOKENS: dict[str, tuple[str, ...]] = {
     "idefics3": ("\n\n", "<fake_token_around_image>", "<global-img>", "\n"),
 }
-
-# What SmolVLM / Idefics3 tokenizers add (transformers Idefics3Processor): the image
-# brackets, the image placeholder and the row/column tags of image slices.
-IDEFICS3_SPECIAL_TOKENS: tuple[str, ...] = (
-    "<fake_token_around_image>", "<image>", "<global-img>",
-    *(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)),
-)
 
 
 class MediaTokenError(PrimeError, ValueError):

@@ -25,14 +25,17 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from jarvis_prime.models.idefics3 import EncoderShape
+from jarvis_prime.idefics3 import EncoderShape
 from jarvis_prime.progress import Log
 from jarvis_prime.recipes.vision_data import CATEGORIES, COLOURS, SHAPES, make_example
 
-if TYPE_CHECKING:  # torch, numpy and Pillow are imported when the encoder trains
-    import numpy as np
-    import torch
+if TYPE_CHECKING:  # Pillow is imported when images are drawn
     from PIL import Image
+
+# torch and numpy are imported when the encoder trains (never at module level: `prime`
+# commands that never train must not pay for them); annotations name them through these.
+Tensor = Any  # torch.Tensor
+Array = Any  # numpy.ndarray
 
 COLOUR_NAMES: tuple[str, ...] = tuple(COLOURS)
 N_COLOURS, N_SHAPES, N_DIGITS = len(COLOURS) + 1, len(SHAPES) + 1, 11  # class 0: nothing there
@@ -53,9 +56,9 @@ class EncoderTraining:
 class LabelMaps:
     """Per-pixel classes of one image (uint8 arrays, height x width) and the shapes' centres."""
 
-    colour: np.ndarray
-    shape: np.ndarray
-    digit: np.ndarray
+    colour: Array
+    shape: Array
+    digit: Array
     centres: tuple[tuple[float, float], ...]
 
 
@@ -101,7 +104,7 @@ def tiling(width: int, height: int, shape: EncoderShape) -> tuple[tuple[int, int
     return resized, (tiles_x * shape.tile, tiles_y * shape.tile)
 
 
-def patch_classes(labels: np.ndarray, classes: int, share: float, patch: int) -> np.ndarray:
+def patch_classes(labels: Array, classes: int, share: float, patch: int) -> Array:
     """(patches,) the most common non-zero class of each patch when it covers `share` of it, else 0."""
     import numpy as np
 
@@ -112,7 +115,7 @@ def patch_classes(labels: np.ndarray, classes: int, share: float, patch: int) ->
 
 
 def training_view(image: Image.Image, maps: LabelMaps, shape: EncoderShape, rng: random.Random
-                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                  ) -> tuple[Tensor, dict[str, Tensor]]:
     """One tile the encoder would see for this image (a random tile or the overview) and its patch targets."""
     import numpy as np
     import torch
@@ -151,7 +154,7 @@ def training_view(image: Image.Image, maps: LabelMaps, shape: EncoderShape, rng:
 
 
 def scene_batch(shape: EncoderShape, training: EncoderTraining, step: int, rng: random.Random
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                ) -> tuple[Tensor, dict[str, Tensor]]:
     """`batch_size` fresh images (categories in turn), one view each: never the same image twice."""
     import torch
 
@@ -165,7 +168,7 @@ def scene_batch(shape: EncoderShape, training: EncoderTraining, step: int, rng: 
     return torch.stack(views), {k: torch.stack([t[k] for t in targets]) for k in targets[0]}
 
 
-def scene_loss(logits: torch.Tensor, targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+def scene_loss(logits: Tensor, targets: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
     """Cross-entropy per patch for colour, shape and digit, plus the centre flags (weighted:
     a centre is one patch in dozens); returns the loss and each label's accuracy on the
     patches that hold something (a patch of background is easy and would flatter it)."""
@@ -220,12 +223,12 @@ def pretrain_encoder(shape: EncoderShape, training: EncoderTraining, *, log: Log
     return {"state_dict": encoder.state_dict(), "accuracy": accuracy, "loss": loss.item(), "seconds": round(seconds, 1)}
 
 
-def word_vectors(tokenizer, embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
+def word_vectors(tokenizer, embeddings: Tensor) -> dict[str, Tensor]:
     """The LM's input embedding of each label's word (" red", " circle", "7"; a word the
     tokenizer splits gets the mean of its pieces) and of " " for a patch of background."""
     import torch
 
-    def vector(word: str) -> torch.Tensor:
+    def vector(word: str) -> Tensor:
         return embeddings[tokenizer.encode(word, add_special_tokens=False)].mean(0)
 
     return {"colour": torch.stack([vector(" " + name) for name in COLOUR_NAMES]),
@@ -234,8 +237,8 @@ def word_vectors(tokenizer, embeddings: torch.Tensor) -> dict[str, torch.Tensor]
             "background": vector(" ")}
 
 
-def align_connector(encoder_state: dict[str, torch.Tensor], shape: EncoderShape, training: EncoderTraining,
-                    words: dict[str, torch.Tensor], *, batches: int = 40, ridge: float = 1e-2,
+def align_connector(encoder_state: dict[str, Tensor], shape: EncoderShape, training: EncoderTraining,
+                    words: dict[str, Tensor], *, batches: int = 40, ridge: float = 1e-2,
                     log: Log = print) -> dict[str, Any]:
     """The connector's projection, fitted in closed form so each image token lands on the
     words for what it covers.
@@ -251,7 +254,10 @@ def align_connector(encoder_state: dict[str, torch.Tensor], shape: EncoderShape,
     import torch
     import torch.nn.functional as F
     from transformers import Idefics3Config, Idefics3VisionConfig
-    from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector, Idefics3VisionTransformer
+    from transformers.models.idefics3.modeling_idefics3 import (
+        Idefics3Connector,
+        Idefics3VisionTransformer,
+    )
 
     encoder = Idefics3VisionTransformer(Idefics3VisionConfig(**shape.vision_config()))
     encoder.load_state_dict(encoder_state)

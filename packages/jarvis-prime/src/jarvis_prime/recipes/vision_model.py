@@ -34,10 +34,19 @@ from pathlib import Path
 from typing import Any
 
 from jarvis_prime.errors import PrimeError
-from jarvis_prime.models.idefics3 import ENCODER_FILE, EncoderShape, assemble_vision_model
+from jarvis_prime.idefics3 import (
+    ENCODER_FILE,
+    EncoderShape,
+    assemble_vision_model,
+)
 from jarvis_prime.progress import Log
 from jarvis_prime.recipes import require_reactor_core
-from jarvis_prime.recipes.vision_encoder import EncoderTraining, align_connector, pretrain_encoder, word_vectors
+from jarvis_prime.recipes.vision_encoder import (
+    EncoderTraining,
+    align_connector,
+    pretrain_encoder,
+    word_vectors,
+)
 
 QUANTS = ("q8_0", "q4_k_m")  # text GGUFs; the projector is written in f16 and q8_0 beside them
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "chat_template.jinja")
@@ -70,8 +79,7 @@ def train_vision_model(name: str, work_dir: Path, *, ship: bool = False, fresh: 
                        progress: bool = True, recipe: VisionRecipe | None = None) -> dict[str, Any]:
     """All five steps; data and the encoder already in `work_dir` are reused unless `fresh`.
     `recipe` replaces the named one (tests run a small copy of it)."""
-    import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save_file  # and torch: a missing one fails here, not after the data
 
     from jarvis_prime.recipes.vision_data import build_vision_dataset
     from jarvis_prime.store import materialize_vision_model, resolve
@@ -133,7 +141,6 @@ def train_vision_model(name: str, work_dir: Path, *, ship: bool = False, fresh: 
                "encoder": json.loads((work_dir / "encoder.json").read_text())}
     if ship:
         summary["shipped"] = str(ship_vision_model(result.model_dir / "adapter", assembled, encoder_path, name, summary))
-    del torch  # imported above so a missing torch fails before an hour of work, not after
     return summary
 
 
@@ -165,7 +172,7 @@ def ship_vision_model(adapter_dir: Path, assembled: Path, encoder_path: Path, na
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
-    half = lambda path: {k: v.astype("float16") for k, v in load_file(path).items()}  # noqa: E731
+    half = lambda path: {k: v.astype("float16") for k, v in load_file(path).items()}
     save_file(half(adapter_dir / "adapter_model.safetensors"), target / "adapter_model.safetensors")
     adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
     adapter_config["base_model_name_or_path"] = RECIPES[name].base

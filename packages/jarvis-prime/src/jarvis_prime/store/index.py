@@ -7,12 +7,25 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
-from jarvis_prime.catalog import AdapterSource, CatalogEntry, HubSource, WheelSource, close_matches, load_catalog
-from jarvis_prime.errors import ManifestError, ModelNotAvailableError, ModelNotFoundError, PrimeError
+from jarvis_prime.catalog import (
+    AdapterSource,
+    CatalogEntry,
+    HubSource,
+    WheelSource,
+    close_matches,
+    load_catalog,
+)
+from jarvis_prime.errors import (
+    ManifestError,
+    ModelNotAvailableError,
+    ModelNotFoundError,
+    PrimeError,
+)
 from jarvis_prime.files import sha256_file
 from jarvis_prime.manifest import (
     MANIFEST_NAME,
@@ -198,7 +211,10 @@ def materialize_vision_model(
     Built in a staging folder and renamed into place whole, like every store entry; what
     Reactor Core trains (prime-135m-vision-v1) and a pulled base both become models this way.
     """
-    from jarvis_prime.export.writer import DEFAULT_QUANTS, write_ggufs  # numpy, llama.cpp: only when building
+    from jarvis_prime.export.writer import (  # numpy, llama.cpp: only when building
+        DEFAULT_QUANTS,
+        write_ggufs,
+    )
 
     log = log or (lambda message: None)
     src = Path(path).expanduser().resolve()
@@ -298,15 +314,17 @@ VISION_QUANTS = ("q8_0", "q4_k_m")  # text GGUFs of a rebuilt vision model; proj
 def _pull_vision_parts(entry: CatalogEntry, source: AdapterSource, base: LocalModel, target: Path, log: Log
                        ) -> LocalModel:
     """A vision model shipped as its trained parts (encoder, LoRA + connector, Idefics3 and
-    processor configs; `models/idefics3.py`), rebuilt on the base's float32 weights with
+    processor configs; `idefics3.py`), rebuilt on the base's float32 weights with
     torch and peft, then converted like any Idefics3 model (text GGUFs + projector)."""
     f32 = base.manifest.quantizations.get("f32")
     if f32 is None or f32.format != "safetensors":
         raise ModelNotAvailableError(
             f"{entry.name} is rebuilt from {source.base}'s float32 weights, which need transformers and torch here: "
             "pip install 'jarvis-prime[transformers]', then `prime pull --force` both")
-    from jarvis_prime.export.writer import write_ggufs  # numpy, llama.cpp: only when building
-    from jarvis_prime.models.idefics3 import ENCODER_FILE, build_from_shipped
+    from jarvis_prime.export.writer import (
+        write_ggufs,  # numpy, llama.cpp: only when building
+    )
+    from jarvis_prime.idefics3 import ENCODER_FILE, build_from_shipped
 
     parts = source.locate()
     lineage = {"kind": "adapter", "package": source.package, "package_version": __version__, "path": source.path,

@@ -4,8 +4,8 @@ One architecture for every PRIME vision model (SmolVLM-256M is SmolLM2-135M + a 
 encoder + a pixel-shuffle connector; the 7B-class catalog entry is the same family):
 transformers runs it as Idefics3ForConditionalGeneration, llama.cpp's converter writes its
 projector as an IDEFICS3 mmproj and libmtmd runs that. This module holds what both the
-training recipe (`recipes/vision_model.py`) and the store (rebuilding the shipped small
-model on `prime pull`) need, below both of them: torch and transformers are imported
+training recipe (`recipes/vision_model.py`), the store (rebuilding the shipped small
+model on `prime pull`) and models/mtmd.py need, below all of them (a leaf): torch and transformers are imported
 inside the functions.
 """
 
@@ -17,7 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jarvis_prime.models.mtmd import IDEFICS3_SPECIAL_TOKENS
+# SmolVLM's image tokens: libmtmd brackets each tile with them, so a text model's vocabulary
+# must hold them (models/mtmd.py checks).
+IDEFICS3_SPECIAL_TOKENS: tuple[str, ...] = (
+    "<fake_token_around_image>", "<image>", "<global-img>",
+    *(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)),
+)
 
 # ChatML like SmolLM2's, without its default system prompt (every token is a position the
 # 135M model pays for), and content either a string or OpenAI-style parts; each image
@@ -86,7 +91,12 @@ def assemble_vision_model(base_dir: Path, encoder_state: dict[str, Any], shape: 
     added to the tokenizer (their embeddings start at the mean of the base's), the
     processor and chat template written beside it."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Idefics3Config, Idefics3ForConditionalGeneration
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     tokenizer.add_special_tokens({"additional_special_tokens": list(IDEFICS3_SPECIAL_TOKENS)})

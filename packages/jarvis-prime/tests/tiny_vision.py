@@ -27,14 +27,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-# Chat template of the SmolVLM kind: content is a string or a list of text/image parts.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}"
-    "{% elif part['type'] == 'image' %}<image>{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+from jarvis_prime.idefics3 import CHAT_TEMPLATE  # content a string or text/image parts
+
 
 
 def build_idefics3(path: Path, tokenizer) -> Path:

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from tiny_vision import png_bytes, tiny_vision
 
+import jarvis.vision as vision_module
 from jarvis.chatbots import Chatbot, ChatbotConfig
 from jarvis.memory import ConversationStore
 from jarvis.vision import (MAX_IMAGE_BYTES, PREFERRED_VISION_MODEL, VisionUnavailableError, pick_vision_model,
@@ -99,8 +100,8 @@ def test_a_text_model_never_pretends_to_see(chat, store):
 
 def test_no_vision_model_here_says_what_to_pull(tmp_path, monkeypatch, chat):
     """An empty store: a configured vision model that must come from the Hub names its
-    `prime pull`; the picker does too when nothing here sees (or picks the offline
-    prime-135m-vision-v1 once the catalog ships it)."""
+    `prime pull`; the picker picks the offline prime-135m-vision-v1 (jarvis-prime ships
+    its parts), and on a machine that cannot build it names every `prime pull`."""
     from jarvis_prime.catalog import load_catalog
 
     monkeypatch.setenv("JARVIS_PRIME_HOME", str(tmp_path / "empty"))
@@ -109,22 +110,17 @@ def test_no_vision_model_here_says_what_to_pull(tmp_path, monkeypatch, chat):
     with pytest.raises(Exception, match="prime pull prime-7b-vision-v1"):
         b.ask(QUESTION, [png_bytes(1)])
     assert b.history == []
-    preferred = load_catalog().find(PREFERRED_VISION_MODEL)
-    if preferred is not None and preferred.offline_source() is not None:
-        assert pick_vision_model() == PREFERRED_VISION_MODEL
-    else:
-        with pytest.raises(VisionUnavailableError, match="prime pull prime-7b-vision-v1"):
-            pick_vision_model()
+    assert load_catalog().find(PREFERRED_VISION_MODEL).offline_source() is not None  # shipped with jarvis-prime
+    assert pick_vision_model() == PREFERRED_VISION_MODEL
+    monkeypatch.setattr(vision_module, "_buildable", lambda name: False)  # a machine with no vision model at all
+    with pytest.raises(VisionUnavailableError, match="prime pull prime-135m-vision-v1.*prime pull prime-7b-vision-v1"):
+        pick_vision_model()
     monkeypatch.setenv("JARVIS_VISION_MODEL", "my-vision")
     assert pick_vision_model() == "my-vision" and pick_vision_model("flag-wins") == "flag-wins"
 
 
 def test_the_picker_finds_a_vision_model_in_the_store(tiny, tmp_path, monkeypatch):
-    from jarvis_prime.catalog import load_catalog
-
-    preferred = load_catalog().find(PREFERRED_VISION_MODEL)
-    if preferred is not None and preferred.offline_source() is not None:
-        pytest.skip(f"the catalog's {PREFERRED_VISION_MODEL} is here and preferred over store models")
+    monkeypatch.setattr(vision_module, "_buildable", lambda name: False)  # no catalog vision model here
     monkeypatch.setenv("JARVIS_PRIME_HOME", str(tmp_path))
     monkeypatch.delenv("JARVIS_VISION_MODEL", raising=False)
     shutil.copytree(tiny.prime_dir, tmp_path / "models" / tiny.prime_dir.name)

@@ -48,7 +48,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from rich.console import Console
-from rich.table import Table
+
+from jarvis_prime.tables import Col, print_table
 
 RESULTS = Path(__file__).parent / "results" / "vision.json"
 TARGET = 0.95
@@ -289,14 +290,15 @@ def speed_ratios(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 def print_report(console: Console, title: str, rows: list[dict[str, Any]], ratios: dict[str, dict[str, float]]) -> None:
     categories = sorted({c for r in rows for c in r["by_category"]})
-    table = Table(title=title)
-    for column in ("quant", "engine", "image encode", "first token", "answer", "accuracy", *categories):
-        table.add_column(column, justify="left" if column in ("quant", "engine") else "right")
-    for r in rows:
-        table.add_row(r["quantization"], r["engine"], f"{r['image_encode_s'] * 1000:.0f} ms",
-                      f"{r['ttft_s'] * 1000:.0f} ms", f"{r['answer_s'] * 1000:.0f} ms", f"{r['accuracy']:.0%}",
-                      *(f"{r['by_category'][c]:.0%}" if c in r["by_category"] else "-" for c in categories))
-    console.print(table)
+    columns = [Col("quant", keep=True), Col("engine", keep=True),
+               *(Col(name, justify="right") for name in ("image encode", "first token", "answer", "accuracy",
+                                                                    *categories))]
+    # tables.print_table: quantization and engine names are never cut; too narrow a terminal gets blocks
+    print_table(console, columns, [
+        [r["quantization"], r["engine"], f"{r['image_encode_s'] * 1000:.0f} ms", f"{r['ttft_s'] * 1000:.0f} ms",
+         f"{r['answer_s'] * 1000:.0f} ms", f"{r['accuracy']:.0%}",
+         *(f"{r['by_category'][c]:.0%}" if c in r["by_category"] else "-" for c in categories)] for r in rows],
+        title=title)
     for quantization, ratio in ratios.items():
         met = "[green]met" if ratio["answer"] >= TARGET else "[red]missed"
         console.print(f"{quantization}: PrimeModel / llama-cpp-python speed {ratio['answer']:.2f}x whole answer, "

@@ -30,7 +30,6 @@ import pytest
 from jarvis_prime.idefics3 import CHAT_TEMPLATE  # content a string or text/image parts
 
 
-
 def build_idefics3(path: Path, tokenizer) -> Path:
     """A tiny random Idefics3 HF directory; the tokenizer carries SmolVLM's image special tokens."""
     import torch

@@ -12,7 +12,6 @@ inside the functions.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,13 +82,13 @@ def processor_for(tokenizer, shape: EncoderShape):
                              chat_template=CHAT_TEMPLATE)
 
 
-def assemble_vision_model(base_dir: Path, encoder_state: dict[str, Any], shape: EncoderShape, out: Path,
-                          *, connector: Any = None, seed: int = 0) -> Path:
-    """An Idefics3 Hugging Face directory: the base LM (float32 safetensors in `base_dir`),
-    `encoder_state` as its vision model, the connector's projection `connector` (a
-    (text hidden, vision hidden * scale^2) tensor) or a fresh one (seeded), SmolVLM's image tokens
-    added to the tokenizer (their embeddings start at the mean of the base's), the
-    processor and chat template written beside it."""
+def assemble_vision_model(base_dir: Path, encoder_state: dict[str, Any], shape: EncoderShape,
+                          *, connector: Any = None, seed: int = 0) -> tuple[Any, Any]:
+    """(model, processor) of an Idefics3 model, in memory: the base LM (float32 safetensors
+    in `base_dir`), `encoder_state` as its vision model, the connector's projection
+    `connector` (a (text hidden, vision hidden * scale^2) tensor) or a fresh one (seeded),
+    SmolVLM's image tokens added to the tokenizer (their embeddings start at the mean of
+    the base's). `save_vision_model` writes them as a Hugging Face directory."""
     import torch
     from transformers import (
         AutoModelForCausalLM,
@@ -120,19 +119,20 @@ def assemble_vision_model(base_dir: Path, encoder_state: dict[str, Any], shape: 
         model.model.connector.modality_projection.proj.weight.data.copy_(connector)
     model.tie_weights()
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return model, processor
+
+
+def save_vision_model(model, processor, out: Path) -> Path:
+    """A Hugging Face directory: the safetensors weights, the processor (tokenizer,
+    processor_config.json) plus preprocessor_config.json (transformers 5 keeps the image
+    settings inside processor_config.json, llama.cpp's converter reads them from
+    preprocessor_config.json) and the chat template."""
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
-    save_processor(processor, out)
-    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
-    return out
-
-
-def save_processor(processor, out: Path) -> None:
-    """The processor (tokenizer, processor_config.json) plus preprocessor_config.json:
-    transformers 5 keeps the image settings inside processor_config.json, llama.cpp's
-    converter reads them from preprocessor_config.json."""
     processor.save_pretrained(out)
     processor.image_processor.save_pretrained(out)
+    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
+    return out
 
 
 def image_processor_config(folder: Path) -> dict[str, Any]:
@@ -147,11 +147,10 @@ def image_processor_config(folder: Path) -> dict[str, Any]:
 
 def build_from_shipped(base_dir: Path, shipped: Path, out: Path) -> Path:
     """The trained model as a Hugging Face directory, rebuilt from the package's files on the
-    base: assemble with the shipped encoder, then merge the LoRA (and load the connector)."""
-    import torch
+    base: assemble with the shipped encoder, then merge the LoRA (and load the connector),
+    all in memory: one directory written."""
     from peft import PeftModel
     from safetensors.torch import load_file
-    from transformers import AutoProcessor, Idefics3ForConditionalGeneration
 
     config = json.loads((shipped / "config.json").read_text())
     vision = config["vision_config"]
@@ -160,11 +159,6 @@ def build_from_shipped(base_dir: Path, shipped: Path, out: Path) -> Path:
                          tile=vision["image_size"], patch=vision["patch_size"], scale_factor=config["scale_factor"],
                          longest_edge=image_processor_config(shipped)["size"]["longest_edge"])
     encoder = {k: v.float() for k, v in load_file(shipped / ENCODER_FILE).items()}
-    staging = assemble_vision_model(base_dir, encoder, shape, out.with_name(out.name + ".assembled"))
-    model = Idefics3ForConditionalGeneration.from_pretrained(staging, dtype=torch.float32)
+    model, processor = assemble_vision_model(base_dir, encoder, shape)
     merged = PeftModel.from_pretrained(model, shipped).merge_and_unload()
-    merged.save_pretrained(out, safe_serialization=True)
-    save_processor(AutoProcessor.from_pretrained(staging), out)
-    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
-    shutil.rmtree(staging)
-    return out
+    return save_vision_model(merged, processor, out)

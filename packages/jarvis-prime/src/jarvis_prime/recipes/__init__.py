@@ -7,6 +7,8 @@ install never needs it.
 
 from __future__ import annotations
 
+from importlib import resources
+from pathlib import Path
 from types import ModuleType
 
 from jarvis_prime.errors import ModelNotFoundError, PrimeError
@@ -16,6 +18,12 @@ from jarvis_prime.store import resolve
 # perplexity further for no better JARVIS score (package README, the chat model), and
 # the feedback recipe keeps the same choice so a round of feedback stays gentle.
 ATTENTION_ONLY: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def package_folder(name: str) -> Path:
+    """Where this package keeps a shipped model's files, `adapters/<name>/` (what `--ship`
+    writes and the catalog entry's `path` names)."""
+    return Path(str(resources.files("jarvis_prime") / "adapters" / name))
 
 
 def require_reactor_core() -> ModuleType:

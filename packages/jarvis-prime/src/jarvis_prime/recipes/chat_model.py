@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ from jarvis_prime.files import sha256_file
 from jarvis_prime.models.prime_model import PrimeModel
 from jarvis_prime.persona import JARVIS_SYSTEM_PROMPT, REFUSAL, load_prompts
 from jarvis_prime.progress import Log
-from jarvis_prime.recipes import ATTENTION_ONLY, require_reactor_core
+from jarvis_prime.recipes import ATTENTION_ONLY, package_folder, require_reactor_core
 from jarvis_prime.store import import_path, resolve
 
 
@@ -209,7 +208,7 @@ def ship_adapter(adapter_dir: Path, name: str, summary: dict[str, Any]) -> Path:
     """The adapter in float16 (half the bytes, far below the base's Q4_1 rounding) in the package."""
     from safetensors.numpy import load_file, save_file
 
-    target = Path(str(resources.files("jarvis_prime") / "adapters" / name))
+    target = package_folder(name)
     target.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.astype("float16") for k, v in load_file(adapter_dir / "adapter_model.safetensors").items()}
     save_file(tensors, target / "adapter_model.safetensors")

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +37,10 @@ from jarvis_prime.idefics3 import (
     ENCODER_FILE,
     EncoderShape,
     assemble_vision_model,
+    save_vision_model,
 )
 from jarvis_prime.progress import Log
-from jarvis_prime.recipes import require_reactor_core
+from jarvis_prime.recipes import package_folder, require_reactor_core
 from jarvis_prime.recipes.vision_encoder import (
     EncoderTraining,
     align_connector,
@@ -118,8 +118,10 @@ def train_vision_model(name: str, work_dir: Path, *, ship: bool = False, fresh: 
     encoder_state = load_file(encoder_path)
 
     log("3/5 assembling SmolLM2 + encoder + connector")
-    assembled = assemble_vision_model(base.path, encoder_state, recipe.encoder, work_dir / "assembled",
-                                      connector=load_file(connector_path)["weight"], seed=recipe.seed)
+    model, processor = assemble_vision_model(base.path, encoder_state, recipe.encoder,
+                                             connector=load_file(connector_path)["weight"], seed=recipe.seed)
+    assembled = save_vision_model(model, processor, work_dir / "assembled")  # Reactor Core's base
+    del model
 
     log("4/5 connector + LoRA with Reactor Core (the encoder frozen)")
     config = reactor_core.TrainingConfig(
@@ -155,11 +157,6 @@ def score_heldout(model_dir: Path, data: Path, *, log: Log = print, limit: int |
     return scores
 
 
-def package_folder(name: str) -> Path:
-    """Where the package keeps a shipped model's parts (the catalog entry's `path`)."""
-    return Path(str(resources.files("jarvis_prime") / "adapters" / name))
-
-
 def ship_vision_model(adapter_dir: Path, assembled: Path, encoder_path: Path, name: str, summary: dict[str, Any]) -> Path:
     """What the package needs to rebuild the model on the embedded base, in float16: the
     encoder, the LoRA adapter with the connector (peft's modules_to_save), the Idefics3
@@ -179,8 +176,7 @@ def ship_vision_model(adapter_dir: Path, assembled: Path, encoder_path: Path, na
     (target / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
     save_file(half(encoder_path), target / ENCODER_FILE)
     for file in ("config.json", *PROCESSOR_FILES):
-        if (assembled / file).is_file():  # transformers 5 keeps the image processor in processor_config.json
-            shutil.copy(assembled / file, target / file)
+        shutil.copy(assembled / file, target / file)
     (target / "training.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return target
 

@@ -211,10 +211,7 @@ def materialize_vision_model(
     Built in a staging folder and renamed into place whole, like every store entry; what
     Reactor Core trains (prime-135m-vision-v1) and a pulled base both become models this way.
     """
-    from jarvis_prime.export.writer import (  # numpy, llama.cpp: only when building
-        DEFAULT_QUANTS,
-        write_ggufs,
-    )
+    from jarvis_prime.export.writer import DEFAULT_QUANTS  # numpy, llama.cpp: only when building
 
     log = log or (lambda message: None)
     src = Path(path).expanduser().resolve()
@@ -226,8 +223,7 @@ def materialize_vision_model(
                              lineage=Lineage(source={"kind": "path", "path": str(src)}))
 
     def build(staging: Path) -> PrimeManifest:
-        built = write_manifest(staging, from_hf_dir(staging, manifest, src))  # hashed: the exporter verifies
-        return write_ggufs(staging, built, quants or DEFAULT_QUANTS, log=log)
+        return _vision_files(staging, manifest, src, quants or DEFAULT_QUANTS, log)
 
     with store_lock(target):
         if (target / MANIFEST_NAME).exists() and not force:
@@ -321,9 +317,6 @@ def _pull_vision_parts(entry: CatalogEntry, source: AdapterSource, base: LocalMo
         raise ModelNotAvailableError(
             f"{entry.name} is rebuilt from {source.base}'s float32 weights, which need transformers and torch here: "
             "pip install 'jarvis-prime[transformers]', then `prime pull --force` both")
-    from jarvis_prime.export.writer import (
-        write_ggufs,  # numpy, llama.cpp: only when building
-    )
     from jarvis_prime.idefics3 import ENCODER_FILE, build_from_shipped
 
     parts = source.locate()
@@ -337,9 +330,18 @@ def _pull_vision_parts(entry: CatalogEntry, source: AdapterSource, base: LocalMo
         log(f"rebuilding {entry.name} from its packaged parts on {source.base}")
         hf = build_from_shipped(base.path, parts, staging.with_name(staging.name + ".hf"))
         try:
-            built = write_manifest(staging, from_hf_dir(staging, manifest, hf))
+            return _vision_files(staging, manifest, hf, VISION_QUANTS, log)
         finally:
             shutil.rmtree(hf, ignore_errors=True)
-        return write_ggufs(staging, built, VISION_QUANTS, log=log)
 
     return _materialize(target, log, build)
+
+
+def _vision_files(staging: Path, manifest: PrimeManifest, hf_dir: Path, quants: tuple[str, ...] | list[str],
+                  log: Log) -> PrimeManifest:
+    """A vision model's PRIME files in `staging`: the HF directory's files, hashed (the
+    exporter verifies them), then its text GGUFs and projectors."""
+    from jarvis_prime.export.writer import write_ggufs  # numpy, llama.cpp: only when building
+
+    built = write_manifest(staging, from_hf_dir(staging, manifest, hf_dir))
+    return write_ggufs(staging, built, quants, log=log)

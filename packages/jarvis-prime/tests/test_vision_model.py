@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -16,9 +15,12 @@ from jarvis_prime.idefics3 import EncoderShape
 from jarvis_prime.recipes.vision_data import COLOURS, SHAPES, make_example
 from jarvis_prime.recipes.vision_encoder import (
     N_COLOURS,
+    SLOTS,
+    WORDS,
+    image_views,
     label_maps,
     tiling,
-    training_view,
+    token_sides,
 )
 
 torch = pytest.importorskip("torch")
@@ -35,7 +37,6 @@ def test_label_maps_read_what_was_drawn():
     assert set(np.unique(maps.colour)) == {0, list(COLOURS).index(obj["colour"]) + 1}
     assert set(np.unique(maps.shape)) == {0, SHAPES.index(obj["shape"]) + 1}
     assert (maps.shape > 0).sum() == (maps.colour > 0).sum()  # the shape is exactly its coloured pixels
-    assert len(maps.centres) == 1
 
     image, record = make_example(0, "train", 3, "number")
     maps, value = label_maps(image, record["scene"]), record["scene"]["text"]["value"]
@@ -61,17 +62,43 @@ def test_the_encoder_trains_on_the_tiles_the_processor_makes(size, smollm2_token
     assert tokens == tiles * shape.tokens_per_tile
 
 
-def test_a_training_view_labels_its_own_patches():
+def words(view, slot: str) -> list[str]:
+    return [WORDS[view.slots[token]] for token in SLOTS[slot]]
+
+
+def test_the_overview_reads_the_whole_scene_and_a_tile_only_its_part():
+    """The encoder's targets: the overview names the number's digits in order, the shapes'
+    colours, kinds and sides and how many there are; a tile names only the colours and
+    kinds of the shapes it holds."""
+    shape = EncoderShape()
+    image, record = make_example(0, "train", 3, "number")
+    value = record["scene"]["text"]["value"]
+    overview, *tiles = image_views(image, record["scene"], shape)
+    assert overview.overview and not any(t.overview for t in tiles)
+    assert overview.pixels.shape == (shape.tile, shape.tile, 3) and overview.pixels.dtype.name == "uint8"
+    assert "".join(words(overview, "digits")).strip() == value
+    assert all(words(t, "digits") == [" "] * 4 for t in tiles)  # a tile's part of the number would contradict
+
+    index = next(i for i in range(50) if len(make_example(0, "train", i, "side")[1]["scene"]["objects"]) == 2)
+    image, record = make_example(0, "train", index, "side")
+    left, right = sorted(record["scene"]["objects"], key=lambda o: o["box"][0])
+    overview, *tiles = image_views(image, record["scene"], shape)
+    assert words(overview, "first") == [" " + left["colour"], " " + left["shape"], " left"]
+    assert words(overview, "last") == [" " + right["colour"], " " + right["shape"], " right"]
+    assert words(overview, "count") == ["2"]
+    sides = token_sides(torch.from_numpy(overview.slots)[None])[0].tolist()  # each shape's tokens carry its side
+    assert [sides[t] for t in SLOTS["first"]] == [1] * 3 and [sides[t] for t in SLOTS["last"]] == [2] * 3
+    assert sum(sides) == 9
+    held = [(words(t, "first"), words(t, "last")) for t in tiles]
+    assert all(first[2] == last[2] == " " and words(t, "count") == [" "] for t, (first, last) in zip(tiles, held))
+    named = sorted(w[:2] for first, last in held for w in (first, last) if w[0] != " ")
+    assert named == sorted([[" " + o["colour"], " " + o["shape"]] for o in (left, right)])  # each shape in one tile
+
     image, record = make_example(0, "train", 12, "colour")
-    maps, shape = label_maps(image, record["scene"]), EncoderShape()
     colour = list(COLOURS).index(record["scene"]["objects"][0]["colour"]) + 1
-    rng = random.Random(0)
-    views = [training_view(image, maps, shape, rng) for _ in range(12)]  # tiles and overviews (OVERVIEW_SHARE)
-    for pixels, targets in views:
-        assert pixels.shape == (3, shape.tile, shape.tile) and -1.0 <= pixels.min() and pixels.max() <= 1.0
-        assert set(targets["colour"].unique().tolist()) <= {0, colour} and targets["colour"].max() < N_COLOURS
-        assert targets["centre"].sum() <= 1
-    assert any(t["centre"].sum() == 1 and (t["colour"] == colour).any() for _, t in views)
+    for view in image_views(image, record["scene"], shape):
+        assert set(view.patches[0].tolist()) <= {0, colour} and view.patches[0].max() < N_COLOURS
+    assert words(image_views(image, record["scene"], shape)[0], "last") == [" "] * 3  # one shape: nothing last
 
 
 def need_converter() -> None:
@@ -106,8 +133,9 @@ def test_a_small_run_of_the_recipe_ships_parts_that_rebuild_the_same_model(pulle
     from jarvis_prime.recipes.vision_encoder import EncoderTraining
     from transformers import AutoProcessor, Idefics3ForConditionalGeneration
 
-    small = dataclasses.replace(vision_model.RECIPES[NAME], encoder_training=EncoderTraining(steps=3, batch_size=8),
-                                connector_batches=2, train_examples=24, heldout_examples=5, max_steps=2)
+    small = dataclasses.replace(vision_model.RECIPES[NAME], connector_images=4, train_examples=24, heldout_examples=5,
+                                max_steps=2, encoder_training=EncoderTraining(steps=3, batch_size=8, pool_images=10,
+                                                                              heldout_images=5))
     shipped = tmp_path / "package"
     monkeypatch.setattr(vision_model, "package_folder", lambda name: shipped)
     summary = vision_model.train_vision_model(NAME, tmp_path / "work", recipe=small, progress=False, ship=True,

@@ -9,13 +9,15 @@ scratch, because no pretrained vision weights are reachable offline. It sees wha
 The recipe, top to bottom:
 
 1. **Data**: `vision_data` writes the training and held-out splits (images + chat JSONL).
-2. **Encoder** (`vision_encoder`, plain PyTorch): the SigLIP encoder learns from dense
-   per-patch scene labels, alone, which is cheap.
+2. **Encoder** (`vision_encoder`, plain PyTorch): the SigLIP encoder learns, alone (which
+   is cheap), to read each view into words in a fixed layout (a number's digits, the shapes'
+   colours, kinds and sides, how many there are); the connector is fitted in closed form
+   so each image token lands on its word's embedding in the LM.
 3. **Assemble**: SmolLM2-135M-Instruct + that encoder + a fresh connector, SmolVLM's image
    tokens added to the tokenizer, the Idefics3 processor configured for this encoder.
 4. **Connector and LoRA** (Reactor Core, `method: sft` with images): the connector and a
-   LoRA on the language model learn to answer from the encoder's patches; the encoder
-   stays frozen (`train_vision_tower: false`).
+   LoRA on the language model learn which image token answers which question; the
+   encoder stays frozen (`train_vision_tower: false`).
 5. **Store**: the merged model becomes a PRIME directory (safetensors, text GGUF and the
    projector's mmproj GGUF); the held-out set is scored through llama.cpp.
 
@@ -57,8 +59,8 @@ class VisionRecipe:
     name: str
     base: str
     encoder: EncoderShape = field(default_factory=EncoderShape)
-    encoder_training: EncoderTraining = field(default_factory=lambda: EncoderTraining(steps=500))
-    connector_batches: int = 40  # encoder batches the connector's ridge fit sees
+    encoder_training: EncoderTraining = field(default_factory=EncoderTraining)
+    connector_images: int = 600  # images whose every view the connector's ridge fit sees
     train_examples: int = 2000
     heldout_examples: int = 500
     data_seed: int = 0
@@ -79,7 +81,8 @@ def train_vision_model(name: str, work_dir: Path, *, ship: bool = False, fresh: 
                        progress: bool = True, recipe: VisionRecipe | None = None) -> dict[str, Any]:
     """All five steps; data and the encoder already in `work_dir` are reused unless `fresh`.
     `recipe` replaces the named one (tests run a small copy of it)."""
-    from safetensors.torch import load_file, save_file  # and torch: a missing one fails here, not after the data
+    # safetensors and torch first: a missing one fails here, not after the data
+    from safetensors.torch import load_file, save_file
 
     from jarvis_prime.recipes.vision_data import build_vision_dataset
     from jarvis_prime.store import materialize_vision_model, resolve
@@ -101,7 +104,7 @@ def train_vision_model(name: str, work_dir: Path, *, ship: bool = False, fresh: 
 
     encoder_path, connector_path = work_dir / ENCODER_FILE, work_dir / "connector.safetensors"
     if fresh or not (encoder_path.is_file() and connector_path.is_file()):
-        log("2/5 training the vision encoder on scene labels, then fitting the connector to word embeddings")
+        log("2/5 training the vision encoder to read scenes, then fitting the connector to word embeddings")
         encoder = pretrain_encoder(recipe.encoder, recipe.encoder_training, log=log, progress=progress)
         save_file({k: v.contiguous() for k, v in encoder["state_dict"].items()}, encoder_path)
         from transformers import AutoTokenizer
@@ -109,7 +112,7 @@ def train_vision_model(name: str, work_dir: Path, *, ship: bool = False, fresh: 
         embeddings = load_file(base.path / "model.safetensors")["model.embed_tokens.weight"]
         words = word_vectors(AutoTokenizer.from_pretrained(base.path), embeddings)
         fit = align_connector(encoder["state_dict"], recipe.encoder, recipe.encoder_training, words,
-                              batches=recipe.connector_batches, log=log)
+                              images=recipe.connector_images, log=log)
         save_file({"weight": fit["weight"]}, connector_path)
         (work_dir / "encoder.json").write_text(json.dumps({**{k: v for k, v in encoder.items() if k != "state_dict"},
                                                            "connector_r2": fit["r2"]}))

@@ -19,10 +19,10 @@ order to the LM, which the budget could not teach (count 23 %, number 1 % on hel
 Per-patch colour, shape and digit labels stay as an auxiliary loss: they give the encoder
 local features to build the readout from.
 
-The overview (the whole image squeezed into one tile, the last view before the question)
-names everything; a tile names only the colours and kinds of the shapes it holds (see
-`view_slots`). The encoder cannot always tell a tile from an overview (a tile holding a
-whole shape looks like one), so it learns the odds from the views themselves. Views are cut exactly as transformers'
+Every view is read the same way, the overview (the whole image squeezed into one tile)
+and each tile (sides relative to the tile, only what lies in it): the encoder cannot tell
+them apart, so their targets must not contradict. The LM learns to answer from the
+overview, the last view before the question. Views are cut exactly as transformers'
 Idefics3ImageProcessor and llama.cpp's libmtmd tile (longest edge to `longest_edge`, then
 up to a multiple of `tile` on each side, cut into tiles, plus the overview); labels go
 through the same resizes (nearest neighbour).
@@ -65,27 +65,6 @@ SLOTS: dict[str, tuple[int, ...]] = {
     "count": (8,),
 }
 MAX_DIGITS = 4
-SIDES = (" left", " right")
-
-
-def token_sides(slots: Tensor) -> Tensor:
-    """(views, tokens) WORDS indices -> (views, tokens) side per token: 0 none, 1 left, 2
-    right, for each of a shape's tokens (colour, kind, side) when its view names the side.
-
-    The connector lands a shape's colour and kind tokens on the mean of that word and its
-    side's (" red" + " left"): asked "Is the red circle on the left or the right?", the LM
-    then finds the side in the very token its question matches, one attention hop. With
-    the side only in a token of its own, reading it meant matching the colour, then moving
-    two tokens on, which the LM stage did not learn (side 58 % while the readout was 92 %)."""
-    import torch
-
-    sides = torch.zeros_like(slots)
-    for slot in ("first", "last"):
-        colour, kind, side = SLOTS[slot]
-        named = (slots[:, side] == WORD_INDEX[SIDES[0]]).long() + 2 * (slots[:, side] == WORD_INDEX[SIDES[1]]).long()
-        for token in (colour, kind, side):
-            sides[:, token] = named
-    return sides
 
 
 @dataclass(frozen=True)
@@ -136,20 +115,16 @@ def label_maps(image: Image.Image, scene: dict[str, Any]) -> LabelMaps:
     return LabelMaps(colour, shape, digit)
 
 
-def view_slots(scene: dict[str, Any], region: tuple[float, float, float, float], tokens: int,
-               whole: bool = True) -> list[int]:
+def view_slots(scene: dict[str, Any], region: tuple[float, float, float, float], tokens: int) -> list[int]:
     """The word (index into WORDS) each of a view's `tokens` should read as, for the part of
     the image `region` (x0, y0, x1, y1 in the image's pixels, end exclusive) covers.
 
-    A shape belongs to the view holding its centre; "left"/"right" is its centre's side of
-    the image's middle (vision_data keeps a margin around it). Only a view of the `whole`
-    image names digits, sides and the count: a tile's would contradict the overview's (a
-    tile holds part of a number, some of the shapes, and its own middle is not the
-    image's), and the LM, which sees both, answered from the tiles (count: "1"). A tile
-    names the colours and kinds it holds, which never contradict."""
+    A digit or a shape belongs to the view holding its centre; "left"/"right" is the shape
+    centre's side of the view's middle (the image's for the overview, where vision_data
+    keeps a margin around the middle)."""
     x0, y0, x1, y1 = region
     slots = [0] * tokens
-    if "text" in scene and whole:
+    if "text" in scene:
         value, (bx0, by0, bx1, by1) = scene["text"]["value"], scene["text"]["box"]
         width, cy = bx1 - bx0 + 1, (by0 + by1 + 1) / 2
         inside = [d for i, d in enumerate(value) if x0 <= bx0 + (i + 0.5) * width / len(value) < x1 and y0 <= cy < y1]
@@ -162,13 +137,12 @@ def view_slots(scene: dict[str, Any], region: tuple[float, float, float, float],
         if x0 <= cx < x1 and y0 <= cy < y1:
             shapes.append((cx, obj))
     shapes.sort(key=lambda item: item[0])
-    if shapes and whole:
+    if shapes:
         slots[SLOTS["count"][0]] = WORD_INDEX[str(len(shapes))]
     for slot, (cx, obj) in zip(("first", "last"), (shapes[0], shapes[-1]) if len(shapes) > 1 else shapes):
         colour, kind, side = SLOTS[slot]
         slots[colour], slots[kind] = WORD_INDEX[" " + obj["colour"]], WORD_INDEX[" " + obj["shape"]]
-        if whole:
-            slots[side] = WORD_INDEX[" left" if cx < (x0 + x1) / 2 else " right"]
+        slots[side] = WORD_INDEX[" left" if cx < (x0 + x1) / 2 else " right"]
     return slots
 
 
@@ -223,7 +197,7 @@ def image_views(image: Image.Image, scene: dict[str, Any], shape: EncoderShape) 
                             patch_classes(kind, N_SHAPES, 0.15, shape.patch),
                             patch_classes(digit, N_DIGITS, 0.04, shape.patch)])  # thin strokes: a little ink is a digit
         return View(np.asarray(pixels, np.uint8), patches,
-                    np.array(view_slots(scene, region, shape.tokens_per_tile, whole=overview)), overview)
+                    np.array(view_slots(scene, region, shape.tokens_per_tile)), overview)
 
     size = (shape.tile, shape.tile)
     views = [view(big.resize(size, Image.LANCZOS), [layer.resize(size, Image.NEAREST) for layer in layers],
@@ -269,10 +243,8 @@ def pixel_shuffle(features: Tensor, scale: int) -> Tensor:
     return Idefics3Connector.pixel_shuffle(None, features, scale)
 
 
-def encoder_loss(hidden: Tensor, slot_logits: Tensor, side_logits: Tensor, patch_logits: Tensor,
-                 batch: dict[str, Tensor]) -> Tensor:
-    """Cross-entropy of each token's word and of its shape's side (`token_sides`), plus half
-    the per-patch colour/shape/digit loss."""
+def encoder_loss(hidden: Tensor, slot_logits: Tensor, patch_logits: Tensor, batch: dict[str, Tensor]) -> Tensor:
+    """Cross-entropy of each token's word, plus half the per-patch colour/shape/digit loss."""
     import torch.nn.functional as F
 
     colour, kind, digit = patch_logits.split([N_COLOURS, N_SHAPES, N_DIGITS], dim=-1)
@@ -280,8 +252,7 @@ def encoder_loss(hidden: Tensor, slot_logits: Tensor, side_logits: Tensor, patch
     aux = (F.cross_entropy(colour.flatten(0, 1), patches[:, 0].flatten())
            + F.cross_entropy(kind.flatten(0, 1), patches[:, 1].flatten())
            + F.cross_entropy(digit.flatten(0, 1), patches[:, 2].flatten()))
-    return (F.cross_entropy(slot_logits.flatten(0, 1), batch["slots"].flatten())
-            + F.cross_entropy(side_logits.flatten(0, 1), token_sides(batch["slots"]).flatten()) + 0.5 * aux)
+    return F.cross_entropy(slot_logits.flatten(0, 1), batch["slots"].flatten()) + 0.5 * aux
 
 
 def readout_accuracy(predicted: Tensor, pool: dict[str, Tensor]) -> dict[str, float]:
@@ -312,9 +283,8 @@ def pretrain_encoder(shape: EncoderShape, training: EncoderTraining, *, log: Log
     torch.manual_seed(training.seed)
     encoder = Idefics3VisionTransformer(Idefics3VisionConfig(**shape.vision_config()))
     slot_head = torch.nn.Linear(shape.hidden_size * shape.scale_factor ** 2, len(WORDS))
-    side_head = torch.nn.Linear(shape.hidden_size * shape.scale_factor ** 2, len(SIDES) + 1)
     patch_head = torch.nn.Linear(shape.hidden_size, N_COLOURS + N_SHAPES + N_DIGITS)
-    params = [*encoder.parameters(), *slot_head.parameters(), *side_head.parameters(), *patch_head.parameters()]
+    params = [*encoder.parameters(), *slot_head.parameters(), *patch_head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=training.learning_rate, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=training.learning_rate,
                                                    total_steps=training.steps, pct_start=0.05)
@@ -334,8 +304,7 @@ def pretrain_encoder(shape: EncoderShape, training: EncoderTraining, *, log: Log
                               tiles[torch.randint(len(tiles), (training.batch_size - n_overviews,), generator=generator)]])
             batch = {k: v[rows] for k, v in pool.items()}
             hidden = encoder(pixel_values=normalise(batch["pixels"])).last_hidden_state
-            tokens = pixel_shuffle(hidden, shape.scale_factor)
-            loss = encoder_loss(hidden, slot_head(tokens), side_head(tokens), patch_head(hidden), batch)
+            loss = encoder_loss(hidden, slot_head(pixel_shuffle(hidden, shape.scale_factor)), patch_head(hidden), batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -365,8 +334,7 @@ def word_vectors(tokenizer, embeddings: Tensor) -> Tensor:
 def align_connector(encoder_state: dict[str, Tensor], shape: EncoderShape, training: EncoderTraining,
                     words: Tensor, *, images: int = 600, ridge: float = 1e-2, log: Log = print) -> dict[str, Any]:
     """The connector's projection, fitted in closed form so each image token lands on the
-    embedding of the word it reads as (a shape's colour and kind: averaged with its side's,
-    `token_sides`).
+    embedding of the word it reads as.
 
     A fresh connector maps the encoder's tokens to vectors the LM has never seen, and
     learning that map through the LM's answers alone took more steps than the budget has.
@@ -386,10 +354,7 @@ def align_connector(encoder_state: dict[str, Tensor], shape: EncoderShape, train
             hidden = encoder(pixel_values=normalise(pool["pixels"][rows])).last_hidden_state
             features.append(pixel_shuffle(hidden, shape.scale_factor))
     x = torch.cat(features).flatten(0, 1).double()
-    sides = token_sides(pool["slots"]).flatten()
     y = words[pool["slots"].flatten()].double()
-    sided = sides > 0
-    y[sided] = (y[sided] + words[[WORD_INDEX[SIDES[k - 1]] for k in sides[sided].tolist()]].double()) / 2
     gram = x.T @ x
     solution = torch.linalg.solve(gram + ridge * gram.diagonal().mean() * torch.eye(x.shape[1], dtype=x.dtype), x.T @ y)
     r2 = 1 - ((x @ solution - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum()).item()

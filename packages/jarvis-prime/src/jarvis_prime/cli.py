@@ -18,6 +18,7 @@ from jarvis_prime.manifest import refuse_unlisted_weights, unlisted_weights, ver
 from jarvis_prime.models.selection import plan_runtime
 from jarvis_prime.progress import quiet_build
 from jarvis_prime.publish import push
+from jarvis_prime.recipes.big_chat_model import BIG_RECIPES
 from jarvis_prime.recipes.chat_model import train_chat_model
 from jarvis_prime.recipes.feedback import FeedbackRecipe, train_from_feedback
 from jarvis_prime.recipes.vision_model import RECIPES as VISION_RECIPES
@@ -362,15 +363,24 @@ def _print_variant_table(manifest, results: dict[str, dict[str, Any]], system_pr
 
 @app.command("train")
 def train(
-    name: str = typer.Argument(..., help="Recipe (prime-135m-chat-v1, prime-135m-vision-v1), or with --sft/--dpo "
-                                         "the model to improve."),
+    name: str = typer.Argument(..., help="Recipe (prime-135m-chat-v1, prime-135m-vision-v1, prime-7b-chat-v1), or "
+                                         "with --sft/--dpo the model to improve."),
     work_dir: str = typer.Option("./prime-train", help="Where the dataset, checkpoints and logs go."),
     ship: bool = typer.Option(False, help="Maintainers: write the float16 adapter into the package (adapters/NAME)."),
     fresh: bool = typer.Option(False, help="Regenerate the dataset even if WORK_DIR has one."),
     sft: Optional[str] = typer.Option(None, "--sft", help="Feedback recipe: SFT JSONL (from `jarvis export-data`)."),
     dpo: Optional[str] = typer.Option(None, "--dpo", help="Feedback recipe: DPO JSONL (from `jarvis export-data`)."),
     version: Optional[str] = typer.Option(None, help="Feedback recipe: the candidate's version (default: next minor)."),
-    max_steps: Optional[int] = typer.Option(None, min=1, help="Feedback recipe: cap on optimizer steps per stage."),
+    max_steps: Optional[int] = typer.Option(None, min=1, help="Feedback recipe: cap on optimizer steps per stage; "
+                                                              "prime-7b-chat-v1: on optimizer steps."),
+    data: Optional[list[str]] = typer.Option(None, "--data", help=(
+        "prime-7b-chat-v1: chat SFT JSONL from `jarvis export-data`, trained on beside the persona data (repeatable).")),
+    base: Optional[str] = typer.Option(None, "--base", help=(
+        "prime-7b-chat-v1: another base (Hub id, short name such as qwen2.5-7b-instruct, or directory).")),
+    nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help=(
+        "prime-7b-chat-v1: processes for FSDP (torchrun); default 1, or 2 on Reactor Core's gcp-full profile.")),
+    checkpoint_remote: Optional[str] = typer.Option(None, "--checkpoint-remote", help=(
+        "prime-7b-chat-v1: mirror checkpoints to gs://bucket/prefix (a spot VM's replacement resumes from it).")),
 ) -> None:
     """Build a PRIME model with its recipe on Reactor Core (needs the jarvis-prime training extra).
 
@@ -391,6 +401,24 @@ def train(
                       f"{summary['model_dir']}")
         return
 
+    if name in BIG_RECIPES:
+        from dataclasses import replace
+
+        from jarvis_prime.recipes.big_chat_model import train_big_chat_model
+
+        recipe = replace(BIG_RECIPES[name], max_steps=max_steps) if max_steps else None
+        try:
+            summary = train_big_chat_model(name, Path(work_dir), data=[Path(p) for p in data or []], base=base,
+                                           nproc=nproc, checkpoint_remote=checkpoint_remote, fresh=fresh,
+                                           recipe=recipe, log=log)
+        except (PrimeError, ValueError) as err:
+            _fail(err)
+        metrics = summary["train_metrics"]
+        console.print(f"[green]done[/]: {summary['conversations']} conversations, {metrics.get('steps')} steps "
+                      f"({summary['plan']['mode']}), eval loss {metrics.get('eval_loss', float('nan')):.4f}; "
+                      f"model: {summary['model_dir']}")
+        console.print(f"next: prime export {name} --quant q4_k_m")
+        return
     if name in VISION_RECIPES:
         from jarvis_prime.recipes.vision_model import train_vision_model
 

@@ -15,6 +15,7 @@ from jarvis_prime.evaluation import JARVIS_SYSTEM_PROMPT, eval_key, record
 from jarvis_prime.export import IMPORTANCE_QUANTS, export_gguf
 from jarvis_prime.hardware import detect_hardware, detect_libraries
 from jarvis_prime.manifest import refuse_unlisted_weights, unlisted_weights, verify_files
+from jarvis_prime.models.memory import read_config
 from jarvis_prime.models.selection import plan_runtime
 from jarvis_prime.progress import quiet_build
 from jarvis_prime.publish import push
@@ -163,7 +164,8 @@ def info(
     name: str = typer.Argument(..., help="Model name or PRIME model directory."),
     verify: bool = typer.Option(True, help="Check every file's sha256 against prime.json; flag weight files it does not list."),
     runtime: bool = typer.Option(False, "--runtime", help="Show which backend would run it here, and why."),
-    quantization: Optional[str] = typer.Option(None, help="With --runtime: 8bit | 4bit."),
+    quantization: Optional[str] = typer.Option(
+        None, help="With --runtime: 8bit | 4bit (default: as shipped, or what fits the free memory)."),
 ) -> None:
     """Show a local model's manifest and verify its files."""
     try:
@@ -201,7 +203,8 @@ def info(
                  for qname, q in m.quantizations.items()])
     if runtime:
         try:
-            plan = plan_runtime(m, quantization=quantization, hardware=detect_hardware(), libraries=detect_libraries())
+            plan = plan_runtime(m, quantization=quantization, hardware=detect_hardware(), libraries=detect_libraries(),
+                                model_config=read_config(local.path))
             console.print(f"runtime here: {plan.describe()}")
         except (PrimeError, ValueError) as err:
             console.print(f"[red]runtime here: not runnable[/]: {err}")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from jarvis_prime.errors import BackendUnavailableError
-from jarvis_prime.gguf_names import SUPPORTED_ARCHITECTURES, VISION_ARCHITECTURES, gguf_filename
+from jarvis_prime.gguf_names import TESTED_ARCHITECTURES, VISION_ARCHITECTURES, gguf_filename
 from jarvis_prime.hardware import Hardware, Libraries
 from jarvis_prime.manifest import PrimeManifest, matching_gguf, projector_for
 
@@ -66,7 +66,7 @@ def _pick_device(device: Device, hw: Hardware) -> Literal["cpu", "cuda", "mps"]:
 
 def exportable(manifest: PrimeManifest) -> bool:
     """Whether `prime export` can write GGUF files for this model (see `jarvis_prime.export`)."""
-    return (manifest.architecture in SUPPORTED_ARCHITECTURES + VISION_ARCHITECTURES
+    return (manifest.architecture in TESTED_ARCHITECTURES + VISION_ARCHITECTURES
             and _safetensors(manifest) is not None)
 
 

@@ -93,7 +93,8 @@ def test_chat_template_and_stop_token_are_in_the_gguf(model):
     from jarvis_prime.models.llamacpp import open_llama
 
     fields = {k: f.contents() for k, f in gguf.GGUFReader(gguf_path(model)).fields.items()
-              if k.startswith("tokenizer.")}
+              if k.startswith(("tokenizer.", "general.name"))}
+    assert fields["general.name"] == f"tiny-{model.arch.id}"
     assert fields["tokenizer.chat_template"] == (model.path / "chat_template.jinja").read_text(encoding="utf-8")
     assert read_manifest(model.path).stop == [model.arch.stop]
     stop_id = AutoTokenizer.from_pretrained(model.path).convert_tokens_to_ids(model.arch.stop)
@@ -106,3 +107,20 @@ def test_chat_template_and_stop_token_are_in_the_gguf(model):
         assert llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(vocab.model), stop_id)
     finally:
         vocab.close()
+
+
+def test_the_importance_matrix_covers_every_matrix_the_gguf_multiplies_with(model):
+    """4-bit files are rounded with an importance matrix keyed by llama.cpp's tensor names for
+    the file's architecture (fused qkv and gate_up in phi3, q/k norms in qwen3, ...): a name
+    it missed would be rounded plainly without a word, so every matrix must have its columns."""
+    import gguf
+
+    from jarvis_prime.export.imatrix import importance_matrix
+
+    reader = gguf.GGUFReader(gguf_path(model))
+    arch = reader.fields["general.architecture"].contents()
+    matrix = importance_matrix(model.path, arch=arch, progress=False)
+    # GGUF lists dimensions innermost first: shape[0] is a matrix's input columns
+    matrices = {t.name: int(t.shape[0]) for t in reader.tensors if len(t.shape) == 2 and t.name != "token_embd.weight"}
+    assert set(matrices) <= set(matrix.columns), sorted(set(matrices) - set(matrix.columns))
+    assert all(matrix.columns[name].shape == (columns,) for name, columns in matrices.items())

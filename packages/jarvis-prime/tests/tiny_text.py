@@ -69,8 +69,8 @@ class Arch:
     extra: dict = field(default_factory=dict)
 
 
-COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False)
+COMMON = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
 
 ARCHES = [
     Arch("llama-spm", "LlamaConfig", COMMON, "spm", ("<unk>", "<s>", "</s>"), LLAMA2_CHAT, eos="</s>", stop="</s>",

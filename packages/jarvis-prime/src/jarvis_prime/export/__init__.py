@@ -3,7 +3,7 @@
 llama.cpp's own `convert_hf_to_gguf.py` (the one matching the installed llama-cpp-python,
 `make llama-cpp-converter`) writes the full-precision file from the model's safetensors:
 every architecture and tokenizer kind it converts (llama with SentencePiece-style or
-byte-level BPE tokenizers, mistral, qwen2/3, gemma2/3, phi3, ...). llama-cpp-python's
+byte-level BPE tokenizers, mistral, qwen2/3, gemma3, phi3, ...; gemma2 with sentencepiece installed). llama-cpp-python's
 `llama_model_quantize` then derives the quantized files (q8_0, k-quants) from it, as
 `llama-quantize` would, the 4-6-bit ones rounded with an importance matrix.
 

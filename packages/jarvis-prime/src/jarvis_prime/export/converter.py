@@ -185,7 +185,8 @@ def convert_hf(model_dir: Path, out: Path, outtype: str, *, mmproj: bool = False
                log: Log = lambda message: None) -> None:
     """`convert_hf_to_gguf.py model_dir [--mmproj] --outtype outtype --outfile out` in a child
     process; ExportError (naming `label`, default the folder's name) with the tail of its log when
-    it fails or writes nothing. `label` (the PRIME name) is also the GGUF's `general.name`. `special_tokens` (kind -> id, e.g. {"eot": 7}) are written after
+    it fails or writes nothing. `general.name` stays the converter's own: llama.cpp keys per-model
+    token rules on it (a name containing "phi3" makes it expect Phi-3's SentencePiece tokens). `special_tokens` (kind -> id, e.g. {"eot": 7}) are written after
     the converter's own; `tokenizer_pre` replaces its pre-tokenizer detection (module docstring)."""
     if outtype not in OUTTYPES:
         raise ExportError(f"llama.cpp's converter writes {', '.join(OUTTYPES)}, not {outtype!r}")
@@ -193,7 +194,7 @@ def convert_hf(model_dir: Path, out: Path, outtype: str, *, mmproj: bool = False
     what = "projector (mmproj)" if mmproj else "text model"
     log(f"writing the {outtype} {what} GGUF with llama.cpp's converter")
     args = [sys.executable, "-c", _DRIVER, str(converter), str(model_dir), *(["--mmproj"] if mmproj else []),
-            "--outtype", outtype, "--outfile", str(out), *(["--model-name", label] if label else [])]
+            "--outtype", outtype, "--outfile", str(out)]
     env = {**os.environ, "PRIME_SPECIAL_TOKENS": json.dumps(special_tokens or {}),
            "PRIME_TOKENIZER_PRE": tokenizer_pre or ""}
     if verbose():  # -v: the converter's own output, live

@@ -220,15 +220,18 @@ def export(
     fmt: str = typer.Option("gguf", "--format", help="Export format (gguf)."),
     quant: str = typer.Option("f16,q8_0,q4_k_m", "--quant", help="Comma-separated: f32, f16, q8_0, q4_0, q4_k_s, q4_k_m, q5_k_m, q6_k."),
     force: bool = typer.Option(False, help="Re-export quantizations that already exist."),
-    tokenizer_pre: Optional[str] = typer.Option(None, help="llama.cpp pre-tokenizer name, when it cannot be inferred."),
+    tokenizer_pre: Optional[str] = typer.Option(None, help=(
+        "llama.cpp pre-tokenizer name (llama-bpe, qwen2, smollm, ...) for a byte-level BPE tokenizer llama.cpp's "
+        "converter does not recognise; replaces its detection.")),
     imatrix: bool = typer.Option(True, "--imatrix/--no-imatrix", help=(
         "Round the 4-6-bit quantizations with an importance matrix measured on the package's calibration text "
         "(needs the transformers extra).")),
 ) -> None:
     """Write GGUF files (chat template and stop tokens embedded) and an Ollama Modelfile into the model's gguf/.
 
-    A vision model (Idefics3 / SmolVLM) also gets its projector (mmproj) in f16 and q8_0, through
-    llama.cpp's own convert_hf_to_gguf.py (`make llama-cpp-converter` or LLAMA_CPP_CONVERT_HF)."""
+    llama.cpp's own convert_hf_to_gguf.py (`make llama-cpp-converter` or LLAMA_CPP_CONVERT_HF) writes the
+    f16 file, for any architecture it converts; a vision model (Idefics3 / SmolVLM) also gets its
+    projector (mmproj) in f16 and q8_0."""
     if fmt != "gguf":
         _fail(ValueError(f"--format must be gguf; got {fmt!r}"))
     quants = [q.strip().lower() for q in quant.split(",") if q.strip()]

@@ -150,7 +150,7 @@ class PrimeModel:
             log.warning("%s will be slow here: %s", local.manifest.name, runtime.memory.describe())
         if runtime.export:
             log.warning("%s: exporting %s GGUF for llama.cpp (once)", local.manifest.name, runtime.export)
-            from jarvis_prime.export import export_gguf  # numpy and the gguf writer, only when exporting
+            from jarvis_prime.export import export_gguf  # the exporter (llama.cpp's converter, numpy), only when exporting
 
             local = LocalModel(local.path, export_gguf(local.path, [runtime.export], log=log.info))
             # a vision model's export also wrote the projector the new file runs with

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from jarvis_prime.errors import BackendUnavailableError, InsufficientMemoryError
-from jarvis_prime.gguf_names import SUPPORTED_ARCHITECTURES, VISION_ARCHITECTURES, gguf_filename
+from jarvis_prime.gguf_names import TESTED_ARCHITECTURES, VISION_ARCHITECTURES, gguf_filename
 from jarvis_prime.hardware import Hardware, Libraries
 from jarvis_prime.manifest import PrimeManifest, matching_gguf, projector_for
 from jarvis_prime.models.memory import MemoryFit, estimate, gb, judge
@@ -76,7 +76,7 @@ def _pick_device(device: Device, hw: Hardware) -> Literal["cpu", "cuda", "mps"]:
 
 def exportable(manifest: PrimeManifest) -> bool:
     """Whether `prime export` can write GGUF files for this model (see `jarvis_prime.export`)."""
-    return (manifest.architecture in SUPPORTED_ARCHITECTURES + VISION_ARCHITECTURES
+    return (manifest.architecture in TESTED_ARCHITECTURES + VISION_ARCHITECTURES
             and _safetensors(manifest) is not None)
 
 

@@ -49,10 +49,17 @@ def chat_model(pulled_model):
 
 @pytest.fixture(scope="session")
 def exported_model(pulled_model, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the default model with f16, q8_0 and q4_k_m GGUF exports (`prime export`)."""
+    """A copy of the default model with f16, q8_0 and q4_k_m GGUF exports (`prime export`); skips
+    without llama.cpp's converter (the message names `make llama-cpp-converter`)."""
     import shutil
 
-    from jarvis_prime.export import export_gguf
+    from jarvis_prime.export import ExportError, export_gguf
+    from jarvis_prime.export.converter import find_converter
+
+    try:
+        find_converter()
+    except ExportError as err:
+        pytest.skip(str(err))
 
     target = tmp_path_factory.mktemp("exported") / pulled_model.path.name
     shutil.copytree(pulled_model.path, target)

@@ -9,7 +9,9 @@ upload, so the Hub's LFS/Xet storage path is not exercised.
 Downloads (`snapshot_download`: revision info, the tree listing, HEAD and GET of each
 file) are served from `repos`: repo id -> commit sha -> {path: bytes}; the branch `main`
 is the last commit added. A revision the repository does not have is a 404 with the
-Hub's `RevisionNotFound` error code.
+Hub's `RevisionNotFound` error code. A repository in `gated` answers as the Hub answers
+a gated one: 401 `GatedRepo` without a token, 403 with a token not in `accepted` (its
+owner has not accepted the license).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ class LoopbackHub(http.server.BaseHTTPRequestHandler):
     root: Path
     calls: list[str] = []
     repos: dict[str, dict[str, dict[str, bytes]]] = {}
+    gated: set[str] = set()
+    accepted: set[str] = set()  # tokens ("Bearer hf_...") whose account accepted the gated licenses
 
     def _reply(self, payload, status: int = 200, headers: dict[str, str] | None = None) -> None:
         body = json.dumps(payload).encode()
@@ -82,6 +86,19 @@ class LoopbackHub(http.server.BaseHTTPRequestHandler):
 
     do_HEAD = do_GET
 
+    def _refused(self, repo_id: str) -> bool:
+        """A gated repository without an accepted token: answered as the Hub does, True."""
+        if repo_id not in self.gated:
+            return False
+        token = self.headers.get("Authorization")
+        if token in self.accepted:
+            return False
+        status = 401 if token is None else 403
+        message = (f"Access to model {repo_id} is restricted. You must have access to it and be authenticated to "
+                   "access it. Please log in.") if status == 401 else f"Access to model {repo_id} is restricted."
+        self._reply({"error": message}, status, {"X-Error-Code": "GatedRepo", "X-Error-Message": message})
+        return True
+
     def _commit(self, repo_id: str, revision: str) -> str | None:
         commits = self.repos.get(repo_id, {})
         if revision == "main" and commits:
@@ -92,6 +109,8 @@ class LoopbackHub(http.server.BaseHTTPRequestHandler):
         self._reply({"error": f"Invalid rev id: {revision}"}, 404, {"X-Error-Code": "RevisionNotFound"})
 
     def _api(self, repo_id: str, kind: str, revision: str) -> None:
+        if self._refused(repo_id):
+            return None
         commit = self._commit(repo_id, revision)
         if commit is None:
             return self._missing_revision(repo_id, revision)
@@ -104,6 +123,8 @@ class LoopbackHub(http.server.BaseHTTPRequestHandler):
         return self._reply({"error": "not found"}, 404)
 
     def _file(self, repo_id: str, revision: str, rel: str) -> None:
+        if self._refused(repo_id):
+            return None
         commit = self._commit(repo_id, revision)
         if commit is None:
             return self._missing_revision(repo_id, revision)
@@ -132,3 +153,20 @@ def running(handler: type[LoopbackHub]) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextmanager
+def hub_for_tests(monkeypatch, tmp_path: Path) -> Iterator[type[LoopbackHub]]:
+    """A fresh loopback Hub that huggingface_hub talks to for one test: online for it (the
+    test session is offline), its own download cache. Put repositories in `.repos`, gate
+    them with `.gated`, read the requests in `.calls`."""
+    import huggingface_hub.constants as constants
+
+    handler = type("Hub", (LoopbackHub,), {"root": tmp_path / "uploads", "calls": [], "repos": {}, "gated": set(),
+                                           "accepted": set()})
+    with running(handler) as endpoint:
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the session is offline; loopback is fine
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+        yield handler

@@ -13,9 +13,9 @@ from jarvis_prime.errors import ModelNotFoundError, PrimeError
 from jarvis_prime.store import resolve
 
 SEED_MODELS = {
-    "prime-7b-chat-v1": ("chat", "meta-llama/Llama-2-7b-chat-hf"),
+    "prime-7b-chat-v1": ("chat", "Qwen/Qwen2.5-7B-Instruct"),
     "prime-7b-vision-v1": ("vision", "HuggingFaceTB/SmolVLM-Instruct"),
-    "prime-13b-reasoning-v1": ("reasoning", "meta-llama/Llama-2-13b-chat-hf"),
+    "prime-13b-reasoning-v1": ("reasoning", "Qwen/Qwen3-14B"),
 }
 
 
@@ -33,9 +33,29 @@ def test_catalog_holds_seed_models_and_the_offline_default():
     assert default.offline_source().locate().name == "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def test_seed_models_are_on_openly_licensed_ungated_bases_whose_license_the_catalog_records():
+    """The 7B and 13B names are labels; what matters is a base anyone can pull without a token
+    (Apache-2.0: no license to accept), recorded with its license page for prime.json and the card."""
+    catalog = load_catalog()
+    for name in SEED_MODELS:
+        entry = catalog.get(name)
+        assert entry.license == "Apache-2.0", name
+        assert entry.license_url.startswith(f"https://huggingface.co/{entry.base}"), name
+        hub = [s for s in entry.sources if s.kind == "hub"]
+        assert [s.repo_id for s in hub] == [entry.base]
+        assert hub[0].revision is None  # no commit is known offline: a pull follows main and records what arrived
+    assert (catalog.get("prime-7b-chat-v1").architecture, catalog.get("prime-13b-reasoning-v1").architecture) == (
+        "qwen2", "qwen3")
+    assert catalog.get("prime-13b-reasoning-v1").parameters > 13e9
+    with pytest.raises(PrimeError, match=r"cat.json: field models.0.license_url: Field required"):
+        parse_catalog('{"schema_version": 1, "models": [{"name": "x", "version": "1", "task": "chat", '
+                      '"description": "", "base": "b", "architecture": "llama", "parameters": 1, "context_length": 8, '
+                      '"license": "MIT", "ram_gb": {}, "sources": []}]}', "cat.json")
+
+
 def test_apple_silicon_fit_follows_ram_needed():
     catalog = load_catalog()
-    assert catalog.get("prime-13b-reasoning-v1").apple_silicon_fit("4bit") == 16  # 8.6 GB > 0.7 * 8
+    assert catalog.get("prime-13b-reasoning-v1").apple_silicon_fit("4bit") == 16  # 10 GB > 0.7 * 8
     assert catalog.get("prime-7b-chat-v1").apple_silicon_fit("4bit") == 8
     assert catalog.get("prime-7b-chat-v1").apple_silicon_fit("fp16") == 24
 
@@ -56,7 +76,7 @@ def test_malformed_catalog_names_the_place():
     with pytest.raises(PrimeError, match=r"cat.json: field models.0.base"):
         parse_catalog('{"schema_version": 1, "models": [{"name": "x", "version": "1", "task": "chat", '
                       '"description": "", "architecture": "llama", "parameters": 1, "context_length": 8, '
-                      '"license": "mit", "ram_gb": {}, "sources": []}]}', "cat.json")
+                      '"license": "mit", "license_url": "https://x/LICENSE", "ram_gb": {}, "sources": []}]}', "cat.json")
 
 
 def test_prime_list_marks_what_is_available(pulled_model):

@@ -1,5 +1,6 @@
-"""`prime export`: GGUF files written with the gguf package and quantized by llama.cpp,
-checked against the transformers model they came from, token by token."""
+"""`prime export` on the real SmolLM2-135M-Instruct: GGUF files written by llama.cpp's converter and
+quantized by llama.cpp, checked against the transformers model they came from, token by token
+(every other architecture: test_export_architectures.py)."""
 
 from __future__ import annotations
 
@@ -46,8 +47,8 @@ def test_export_records_verified_files_and_an_ollama_modelfile(exported_model):
 
 
 def test_exported_tokenizer_and_template_match_the_original_llama_cpp_file(exported_model):
-    """Vocabulary, merges, token types, special ids, pre-tokenizer and chat template are
-    those of the GGUF llama.cpp's own converter wrote for SmolLM2."""
+    """Vocabulary, merges, token types, special ids and pre-tokenizer (recognised by the converter
+    itself) are those of the GGUF shipped with SmolLM2; the chat template is the PRIME directory's."""
     ours = fields(exported_model / "gguf/smollm2-135m-instruct-f16.gguf")
     reference = fields(original_gguf())
     keys = [k for k in reference if k.startswith("tokenizer.")] + [
@@ -123,15 +124,31 @@ def test_q8_0_agrees_on_the_top_token_at_98_percent_of_positions(exported_model,
     assert agree / total >= 0.98, f"{agree}/{total}"
 
 
-def test_unsupported_architecture_is_a_clear_error_and_writes_nothing(pulled_model, tmp_path):
+def test_an_architecture_llama_cpps_converter_does_not_know_is_a_clear_error_and_writes_nothing(pulled_model,
+                                                                                                 tmp_path):
     target = tmp_path / "model"
     shutil.copytree(pulled_model.path, target, ignore=shutil.ignore_patterns("gguf", "*.safetensors"))
     (target / "model.safetensors").write_bytes(b"")  # never read: the architecture check comes first
     config = json.loads((target / "config.json").read_text())
-    (target / "config.json").write_text(json.dumps(config | {"model_type": "gpt2"}))
-    with pytest.raises(ExportError, match="architecture 'gpt2'.*supported: llama, mistral"):
+    (target / "config.json").write_text(json.dumps(config | {"architectures": ["BrandNewForCausalLM"]}))
+    with pytest.raises(ExportError, match=r"architecture 'BrandNewForCausalLM'.*does not convert to GGUF; tested "
+                                          r"here \(model_type\): llama, mistral, qwen2, qwen3, gemma3_text, phi3.*"
+                                          r"--print-supported-models"):
         export_gguf(target, ["q8_0"], progress=False)
     assert not (target / "gguf").exists() and not list(target.glob(".export-*"))
+
+
+def test_without_llama_cpps_converter_a_text_export_says_how_to_get_it(pulled_model, monkeypatch, tmp_path):
+    import sys
+
+    target = tmp_path / pulled_model.path.name
+    shutil.copytree(pulled_model.path, target, ignore=shutil.ignore_patterns("gguf"))
+    before = sorted(p.relative_to(target).as_posix() for p in target.rglob("*"))
+    monkeypatch.delenv("LLAMA_CPP_CONVERT_HF", raising=False)
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "no-venv"))
+    with pytest.raises(ExportError, match=r"make llama-cpp-converter.*LLAMA_CPP_CONVERT_HF"):
+        export_gguf(target, ["q8_0"], progress=False)
+    assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*")) == before
 
 
 def test_unknown_quantization_names_the_choices(pulled_model):

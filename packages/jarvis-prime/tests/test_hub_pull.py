@@ -20,11 +20,12 @@ from jarvis_prime.catalog import CatalogEntry, load_catalog
 from jarvis_prime.cli import app
 from jarvis_prime.store import index, models_root, pull
 
-from loopback_hub import LoopbackHub, running
+from loopback_hub import hub_for_tests
 
 REPO = "me/tiny-hub"
 NAME = "tiny-hub"
 PINNED, MOVED = "1" * 40, "2" * 40
+LICENSE_URL = f"https://huggingface.co/{REPO}/blob/main/LICENSE"
 
 
 def repo_files(weights: np.ndarray) -> dict[str, bytes]:
@@ -48,14 +49,7 @@ def sha256s(files: dict[str, bytes]) -> dict[str, str]:
 def hub(monkeypatch, tmp_path):
     """A loopback Hub that huggingface_hub talks to (online for it, a fresh download
     cache); tests put repositories in `hub.repos` and read the requests in `hub.calls`."""
-    import huggingface_hub.constants as constants
-
-    handler = type("Hub", (LoopbackHub,), {"root": tmp_path / "uploads", "calls": [], "repos": {}})
-    with running(handler) as endpoint:
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the session is offline; loopback is fine
-        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    with hub_for_tests(monkeypatch, tmp_path) as handler:
         yield handler
     shutil.rmtree(models_root() / f"{NAME}-1.0.0", ignore_errors=True)
 
@@ -65,7 +59,8 @@ def catalog_with(monkeypatch):
     """Adds catalog entry NAME whose only source is REPO on the Hub, with `source`'s pins."""
     def add(source: dict) -> None:
         entry = CatalogEntry(name=NAME, version="1.0.0", task="chat", description="a loopback Hub model", base=REPO,
-                             architecture="llama", parameters=32, context_length=64, license="mit", ram_gb={},
+                             architecture="llama", parameters=32, context_length=64, license="MIT",
+                             license_url=LICENSE_URL, ram_gb={},
                              sources=[{"kind": "hub", "repo_id": REPO, **source}])
         shipped = load_catalog()
         catalog = shipped.model_copy(update={"models": [*shipped.models, entry]})
@@ -140,7 +135,61 @@ def test_the_catalog_takes_only_a_commit_sha_and_full_sha256(source, field):
     from jarvis_prime.errors import PrimeError
 
     entry = {"name": "m", "version": "1", "task": "chat", "description": "", "base": "b", "architecture": "llama",
-             "parameters": 1, "context_length": 8, "license": "mit", "ram_gb": {},
+             "parameters": 1, "context_length": 8, "license": "MIT", "license_url": LICENSE_URL, "ram_gb": {},
              "sources": [{"kind": "hub", "repo_id": REPO, **source}]}
     with pytest.raises(PrimeError, match=f"field models.0.sources.0.hub.{field}: String should match pattern"):
         parse_catalog(json.dumps({"schema_version": 1, "models": [entry]}), "catalog.json")
+
+
+def test_an_unpinned_pull_records_the_commit_that_arrived_and_the_license_in_prime_json_and_the_card(hub, catalog_with):
+    from jarvis_prime.publish import model_card
+
+    hub.repos[REPO] = {PINNED: GOOD, MOVED: OTHER}
+    catalog_with({})  # follows `main`, as the shipped seed entries do
+    local = pull(NAME, source="hub")
+    assert local.manifest.lineage.source == {"kind": "hub", "repo_id": REPO, "revision": MOVED, "requested": "main"}
+    recorded = json.loads((local.path / "prime.json").read_text())
+    assert (recorded["license"], recorded["license_url"]) == ("MIT", LICENSE_URL)
+    card = model_card(local.manifest)
+    assert f"license: mit\nlicense_link: {LICENSE_URL}\n" in card
+    assert f"MIT ({LICENSE_URL}), the license of the base model `{REPO}` at commit `{MOVED}`." in card
+
+
+def test_a_gated_repo_says_which_repo_how_to_log_in_and_which_license_to_accept(hub, catalog_with, monkeypatch):
+    """The Hub answers a gated repository 401 without a token and 403 with a token whose
+    account has not accepted the license; huggingface_hub calls the first "Repository
+    Not Found". Both must tell the user what to do; nothing enters the store."""
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", "/nonexistent/token")  # no token a login saved here
+    hub.repos[REPO] = {PINNED: GOOD}
+    hub.gated = {REPO}
+    catalog_with({})
+    for token, status in ((None, 401), ("hf_not_accepted", 403)):
+        if token:
+            monkeypatch.setenv("HF_TOKEN", token)
+        with pytest.raises(ModelNotAvailableError) as err:
+            pull(NAME, source="hub")
+        message = str(err.value)
+        assert f"{REPO}: the Hugging Face Hub refused the download (HTTP {status})" in message
+        assert "gated or private" in message and f"accept its license at {LICENSE_URL}" in message
+        assert "set HF_TOKEN" in message and "huggingface-cli login" in message
+        assert not (models_root() / f"{NAME}-1.0.0").exists()
+    hub.accepted = {"Bearer hf_accepted"}
+    monkeypatch.setenv("HF_TOKEN", "hf_accepted")
+    assert (pull(NAME, source="hub").path / "model.safetensors").read_bytes() == GOOD["model.safetensors"]
+
+
+def test_the_cli_prints_the_gated_repo_advice(hub, catalog_with, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", "/nonexistent/token")
+    hub.repos[REPO] = {PINNED: GOOD}
+    hub.gated = {REPO}
+    catalog_with({})
+    result = CliRunner().invoke(app, ["pull", NAME, "--source", "hub"], env={"COLUMNS": "200"})
+    assert result.exit_code == 1
+    output = " ".join(result.output.split())
+    assert "HTTP 401" in output and "HF_TOKEN" in output and LICENSE_URL in output

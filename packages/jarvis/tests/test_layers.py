@@ -125,7 +125,7 @@ def test_declared_dependencies_follow_the_layers():
     assert not any(lib in agent for lib in ("torch", "transformers", "peft", "reactor-core"))
     prime_base = [r for r in requires("jarvis-prime") if "extra ==" not in r]
     assert not any(r.startswith(("torch", "transformers", "reactor-core")) for r in prime_base)
-    assert any(r.startswith("reactor-core>=1.6.0") and 'extra == "training"' in r for r in requires("jarvis-prime"))
+    assert any(r.startswith("reactor-core>=1.7.0") and 'extra == "training"' in r for r in requires("jarvis-prime"))
 
 
 @pytest.mark.real_model

@@ -72,16 +72,19 @@ def test_sigterm_then_resume_is_bitwise_identical(tiny_llama_dir, chat_file, tmp
         assert torch.equal(a[key], b[key]), key
 
 
-@pytest.mark.parametrize("method", ["full", "lora-kl-anchor"])
+@pytest.mark.parametrize("method", ["full", "lora-kl-anchor", "lora-bf16-base"])
 def test_in_process_resume_is_bitwise_identical(tiny_llama_dir, chat_file, tmp_path, monkeypatch, method):
     """full: every weight trains (the tiny Llama ties its LM head to the embedding, as
     SmolLM2 does), shards forced small so weights and AdamW moments span several files.
-    lora-kl-anchor: the KL-to-base term on anchor text, whose rows follow the micro-step."""
+    lora-kl-anchor: the KL-to-base term on anchor text, whose rows follow the micro-step.
+    lora-bf16-base: the frozen base in bfloat16, the adapters and AdamW state float32."""
     import reactor_core.checkpoints.store as checkpoint_module
 
     monkeypatch.setattr(checkpoint_module, "SHARD_BYTES", 2**20)
     if method == "full":
         extra = dict(use_lora=False, learning_rate=1e-3)
+    elif method == "lora-bf16-base":
+        extra = dict(base_dtype="bfloat16", merge_adapter=True)
     else:
         anchor = tmp_path / "anchor.jsonl"
         anchor.write_text("".join(json.dumps({"text": f"Paragraph {i}: the tide came in over the grey sand, and the "

@@ -6,6 +6,7 @@ backend is chosen, and reactor_core only by the training recipes.
 
 from jarvis_prime.errors import (
     BackendUnavailableError,
+    InsufficientMemoryError,
     IntegrityError,
     ManifestError,
     ModelNotAvailableError,
@@ -19,6 +20,7 @@ __all__ = [
     "BackendUnavailableError",
     "Generation",
     "GenerationParams",
+    "InsufficientMemoryError",
     "IntegrityError",
     "ManifestError",
     "ModelNotAvailableError",

@@ -99,7 +99,10 @@ class CatalogEntry(BaseModel):
     architecture: str
     parameters: int = Field(gt=0)
     context_length: int = Field(gt=0)
-    license: str
+    license: str = Field(description="The base's license: its SPDX id (Apache-2.0), or the Hub's id where SPDX has "
+                                     "none (llama2); the model card's `license:`.")
+    license_url: str = Field(pattern=r"^https://\S+$",
+                             description="The license text a user accepts (the base repository's LICENSE page).")
     stop: list[str] = Field(default_factory=list)
     ram_gb: dict[QuantLevel, float] = Field(description="RAM needed to run it, per quantization.")
     sources: list[Source]

@@ -15,9 +15,11 @@ from jarvis_prime.evaluation import JARVIS_SYSTEM_PROMPT, eval_key, record
 from jarvis_prime.export import IMPORTANCE_QUANTS, export_gguf
 from jarvis_prime.hardware import detect_hardware, detect_libraries
 from jarvis_prime.manifest import refuse_unlisted_weights, unlisted_weights, verify_files
+from jarvis_prime.models.memory import read_config
 from jarvis_prime.models.selection import plan_runtime
 from jarvis_prime.progress import quiet_build
 from jarvis_prime.publish import push
+from jarvis_prime.recipes.big_chat_model import BIG_RECIPES
 from jarvis_prime.recipes.chat_model import train_chat_model
 from jarvis_prime.recipes.feedback import FeedbackRecipe, train_from_feedback
 from jarvis_prime.recipes.vision_model import RECIPES as VISION_RECIPES
@@ -162,7 +164,8 @@ def info(
     name: str = typer.Argument(..., help="Model name or PRIME model directory."),
     verify: bool = typer.Option(True, help="Check every file's sha256 against prime.json; flag weight files it does not list."),
     runtime: bool = typer.Option(False, "--runtime", help="Show which backend would run it here, and why."),
-    quantization: Optional[str] = typer.Option(None, help="With --runtime: 8bit | 4bit."),
+    quantization: Optional[str] = typer.Option(
+        None, help="With --runtime: 8bit | 4bit (default: as shipped, or what fits the free memory)."),
 ) -> None:
     """Show a local model's manifest and verify its files."""
     try:
@@ -200,7 +203,8 @@ def info(
                  for qname, q in m.quantizations.items()])
     if runtime:
         try:
-            plan = plan_runtime(m, quantization=quantization, hardware=detect_hardware(), libraries=detect_libraries())
+            plan = plan_runtime(m, quantization=quantization, hardware=detect_hardware(), libraries=detect_libraries(),
+                                model_config=read_config(local.path))
             console.print(f"runtime here: {plan.describe()}")
         except (PrimeError, ValueError) as err:
             console.print(f"[red]runtime here: not runnable[/]: {err}")
@@ -216,15 +220,18 @@ def export(
     fmt: str = typer.Option("gguf", "--format", help="Export format (gguf)."),
     quant: str = typer.Option("f16,q8_0,q4_k_m", "--quant", help="Comma-separated: f32, f16, q8_0, q4_0, q4_k_s, q4_k_m, q5_k_m, q6_k."),
     force: bool = typer.Option(False, help="Re-export quantizations that already exist."),
-    tokenizer_pre: Optional[str] = typer.Option(None, help="llama.cpp pre-tokenizer name, when it cannot be inferred."),
+    tokenizer_pre: Optional[str] = typer.Option(None, help=(
+        "llama.cpp pre-tokenizer name (llama-bpe, qwen2, smollm, ...) for a byte-level BPE tokenizer llama.cpp's "
+        "converter does not recognise; replaces its detection.")),
     imatrix: bool = typer.Option(True, "--imatrix/--no-imatrix", help=(
         "Round the 4-6-bit quantizations with an importance matrix measured on the package's calibration text "
         "(needs the transformers extra).")),
 ) -> None:
     """Write GGUF files (chat template and stop tokens embedded) and an Ollama Modelfile into the model's gguf/.
 
-    A vision model (Idefics3 / SmolVLM) also gets its projector (mmproj) in f16 and q8_0, through
-    llama.cpp's own convert_hf_to_gguf.py (`make llama-cpp-converter` or LLAMA_CPP_CONVERT_HF)."""
+    llama.cpp's own convert_hf_to_gguf.py (`make llama-cpp-converter` or LLAMA_CPP_CONVERT_HF) writes the
+    f16 file, for any architecture it converts; a vision model (Idefics3 / SmolVLM) also gets its
+    projector (mmproj) in f16 and q8_0."""
     if fmt != "gguf":
         _fail(ValueError(f"--format must be gguf; got {fmt!r}"))
     quants = [q.strip().lower() for q in quant.split(",") if q.strip()]
@@ -362,15 +369,24 @@ def _print_variant_table(manifest, results: dict[str, dict[str, Any]], system_pr
 
 @app.command("train")
 def train(
-    name: str = typer.Argument(..., help="Recipe (prime-135m-chat-v1, prime-135m-vision-v1), or with --sft/--dpo "
-                                         "the model to improve."),
+    name: str = typer.Argument(..., help="Recipe (prime-135m-chat-v1, prime-135m-vision-v1, prime-7b-chat-v1), or "
+                                         "with --sft/--dpo the model to improve."),
     work_dir: str = typer.Option("./prime-train", help="Where the dataset, checkpoints and logs go."),
     ship: bool = typer.Option(False, help="Maintainers: write the float16 adapter into the package (adapters/NAME)."),
     fresh: bool = typer.Option(False, help="Regenerate the dataset even if WORK_DIR has one."),
     sft: Optional[str] = typer.Option(None, "--sft", help="Feedback recipe: SFT JSONL (from `jarvis export-data`)."),
     dpo: Optional[str] = typer.Option(None, "--dpo", help="Feedback recipe: DPO JSONL (from `jarvis export-data`)."),
     version: Optional[str] = typer.Option(None, help="Feedback recipe: the candidate's version (default: next minor)."),
-    max_steps: Optional[int] = typer.Option(None, min=1, help="Feedback recipe: cap on optimizer steps per stage."),
+    max_steps: Optional[int] = typer.Option(None, min=1, help="Feedback recipe: cap on optimizer steps per stage; "
+                                                              "prime-7b-chat-v1: on optimizer steps."),
+    data: Optional[list[str]] = typer.Option(None, "--data", help=(
+        "prime-7b-chat-v1: chat SFT JSONL from `jarvis export-data`, trained on beside the persona data (repeatable).")),
+    base: Optional[str] = typer.Option(None, "--base", help=(
+        "prime-7b-chat-v1: another base (Hub id, short name such as qwen2.5-7b-instruct, or directory).")),
+    nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help=(
+        "prime-7b-chat-v1: processes for FSDP (torchrun); default 1, or 2 on Reactor Core's gcp-full profile.")),
+    checkpoint_remote: Optional[str] = typer.Option(None, "--checkpoint-remote", help=(
+        "prime-7b-chat-v1: mirror checkpoints to gs://bucket/prefix (a spot VM's replacement resumes from it).")),
 ) -> None:
     """Build a PRIME model with its recipe on Reactor Core (needs the jarvis-prime training extra).
 
@@ -391,6 +407,24 @@ def train(
                       f"{summary['model_dir']}")
         return
 
+    if name in BIG_RECIPES:
+        from dataclasses import replace
+
+        from jarvis_prime.recipes.big_chat_model import train_big_chat_model
+
+        recipe = replace(BIG_RECIPES[name], max_steps=max_steps) if max_steps else None
+        try:
+            summary = train_big_chat_model(name, Path(work_dir), data=[Path(p) for p in data or []], base=base,
+                                           nproc=nproc, checkpoint_remote=checkpoint_remote, fresh=fresh,
+                                           recipe=recipe, log=log)
+        except (PrimeError, ValueError) as err:
+            _fail(err)
+        metrics = summary["train_metrics"]
+        console.print(f"[green]done[/]: {summary['conversations']} conversations, {metrics.get('steps')} steps "
+                      f"({summary['plan']['mode']}), eval loss {metrics.get('eval_loss', float('nan')):.4f}; "
+                      f"model: {summary['model_dir']}")
+        console.print(f"next: prime export {name} --quant q4_k_m")
+        return
     if name in VISION_RECIPES:
         from jarvis_prime.recipes.vision_model import train_vision_model
 

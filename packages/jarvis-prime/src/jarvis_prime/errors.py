@@ -41,6 +41,11 @@ class BackendUnavailableError(PrimeError):
     """A backend/quantization/device combination that cannot work here, and why."""
 
 
+class InsufficientMemoryError(PrimeError):
+    """A model (at the quantization asked for, or at every one) larger than this machine's
+    memory, refused before loading: what it needs and what there is, in GB."""
+
+
 class ExportError(PrimeError):
     """A model the GGUF exporter cannot turn into GGUF, with what it does support."""
 

@@ -1,5 +1,5 @@
 """What PRIME's GGUF files are called and what llama.cpp calls their types: the file
-names in a model directory, the architectures the exporter writes, llama.cpp's file
+names in a model directory, the architectures whose export is tested here, llama.cpp's file
 type numbers.
 
 A leaf outside `export/`: the runtime planner (`models.selection`) and the store's
@@ -9,7 +9,10 @@ its `__init__`, which loads the writer and numpy (`import jarvis_prime` stays li
 
 from __future__ import annotations
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral")  # written by export/writer.py
+# config.json model_type of the text architectures whose export round-trips through llama.cpp in
+# tests/test_export_architectures.py. `prime export` takes any architecture llama.cpp's converter
+# knows; `from_pretrained` exports a missing q8_0 / q4_k_m on first use for these.
+TESTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
 # Vision models (config.json model_type) exported through llama.cpp's own converter (export/converter.py):
 # the text GGUF and the projector (mmproj) libmtmd runs.
 VISION_ARCHITECTURES = ("idefics3", "smolvlm")

@@ -5,6 +5,10 @@
 only on a machine with an NVIDIA driver is torch asked whether it can use it (a
 CPU-only torch build next to a GPU is common), and only on GPU machines is
 llama-cpp-python asked whether it was built with GPU offload.
+
+Memory is read too (psutil: RAM, which on Apple Silicon is the unified memory the GPU
+shares; torch for a CUDA GPU's), so a model that will not fit is refused before it
+loads (`models/memory.py`). Tests pass simulated profiles: a 16 GB M1, a CPU box, a GPU.
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ class Hardware:
     apple_silicon: bool
     nvidia_driver: bool
     cuda_usable: bool = False  # driver present and the installed torch can use it
+    memory_total: int | None = None  # bytes of RAM (unified memory on Apple Silicon); None: unknown
+    memory_available: int | None = None  # bytes a new process can take without swapping others out
+    gpu_memory_total: int | None = None  # CUDA: bytes on the GPU torch sees first
+    gpu_memory_available: int | None = None
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,24 @@ def _torch_sees_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _cuda_memory() -> tuple[int | None, int | None]:
+    """(total, free) bytes of the first CUDA GPU; called only once torch sees one."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    return total, free
+
+
+def _memory() -> tuple[int | None, int | None]:
+    """(total, available) bytes of RAM; (None, None) without psutil."""
+    if importlib.util.find_spec("psutil") is None:
+        return None, None
+    import psutil
+
+    memory = psutil.virtual_memory()
+    return memory.total, memory.available
+
+
 def _apple_silicon() -> bool:
     return sys.platform == "darwin" and platform.machine().lower() in ("arm64", "aarch64")
 
@@ -52,12 +78,19 @@ def _nvidia_driver() -> bool:
 
 def detect_hardware() -> Hardware:
     nvidia = _nvidia_driver()
+    cuda = nvidia and _torch_sees_cuda()
+    total, available = _memory()
+    gpu_total, gpu_free = _cuda_memory() if cuda else (None, None)
     return Hardware(
         system=platform.system(),
         machine=platform.machine().lower(),
         apple_silicon=_apple_silicon(),
         nvidia_driver=nvidia,
-        cuda_usable=nvidia and _torch_sees_cuda(),
+        cuda_usable=cuda,
+        memory_total=total,
+        memory_available=available,
+        gpu_memory_total=gpu_total,
+        gpu_memory_available=gpu_free,
     )
 
 

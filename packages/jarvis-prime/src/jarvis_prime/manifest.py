@@ -105,6 +105,10 @@ class PrimeManifest(BaseModel):
     task: Literal["chat", "vision", "reasoning"]
     base: str
     architecture: str | None = None
+    license: str | None = Field(
+        default=None, description="The base's license (SPDX id, or the Hub's id where SPDX has none), from the "
+        "catalog at pull; None when nobody recorded it (an imported folder): the card then says so, never guesses.")
+    license_url: str | None = Field(default=None, description="Where that license's text is.")
     lineage: Lineage = Field(default_factory=Lineage)
     chat_template: str | None = Field(
         default=None, description="Where the chat template came from (e.g. 'gguf:tokenizer.chat_template')."

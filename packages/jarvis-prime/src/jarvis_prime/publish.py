@@ -26,13 +26,13 @@ from jarvis_prime.progress import Log
 def model_card(manifest: PrimeManifest) -> str:
     """README.md for the Hub: YAML metadata the Hub indexes, then what a user needs to know."""
     base = manifest.base
-    license_name = (manifest.model_extra or {}).get("license") or "apache-2.0"
-    lines = ["---", f"license: {license_name}", "library_name: transformers", "pipeline_tag: text-generation",
+    lines = ["---", *_license_metadata(manifest), "library_name: transformers", "pipeline_tag: text-generation",
              "tags: [jarvis, prime, gguf, llama-cpp]"]
     if "/" in base:
         lines.append(f"base_model: {base}")
     lines += ["---", "", f"# {manifest.name} {manifest.version}", "",
               f"A PRIME model of the JARVIS ecosystem ({manifest.task}), from `{base}`.", ""]
+    lines += ["## License", "", _license_text(manifest), ""]
     lines += ["## Use it", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
               "model = AutoModelForCausalLM.from_pretrained(REPO)", "```", "",
               "```bash", f"llama-cli -m gguf/{manifest.name}-q4_k_m.gguf   # or any file under gguf/", "```", ""]
@@ -59,6 +59,28 @@ def model_card(manifest: PrimeManifest) -> str:
         lines.append("- training: " + ", ".join(f"{k}={config[k]}" for k in keys if k in config))
     lines += ["", "Every file's sha256 is in `prime.json`; JARVIS Prime verifies them before loading.", ""]
     return "\n".join(lines)
+
+
+def _license_metadata(manifest: PrimeManifest) -> list[str]:
+    """The card's `license:` lines: the base's recorded license (the Hub's ids are SPDX ids
+    in lower case: Apache-2.0 -> apache-2.0), with its page; `other` when none was
+    recorded, never a guess: a Llama derivative labelled Apache would mislead its users."""
+    if manifest.license is None:
+        return ["license: other", "license_name: unknown"]
+    lines = [f"license: {manifest.license.lower()}"]
+    if manifest.license_url:
+        lines.append(f"license_link: {manifest.license_url}")
+    return lines
+
+
+def _license_text(manifest: PrimeManifest) -> str:
+    source = manifest.lineage.source
+    commit = f" at commit `{source['revision']}`" if source.get("kind") == "hub" and source.get("revision") else ""
+    if manifest.license is None:
+        return (f"Not recorded: this model was not pulled from the PRIME catalog. It inherits the license of "
+                f"`{manifest.base}`; check it before you use or share it.")
+    where = f" ({manifest.license_url})" if manifest.license_url else ""
+    return f"{manifest.license}{where}, the license of the base model `{manifest.base}`{commit}."
 
 
 def build_folder(model_dir: Path, out: Path) -> Path:

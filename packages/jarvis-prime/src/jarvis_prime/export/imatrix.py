@@ -62,10 +62,13 @@ def calibration_texts(tokenizer) -> list[str]:
     return [prose, "".join(chats)]
 
 
-def importance_matrix(model_dir: Path, *, progress: bool = True) -> ImportanceMatrix:
-    """Run the model over the calibration text and average each linear layer's squared inputs.
+def importance_matrix(model_dir: Path, *, arch: str, progress: bool = True) -> ImportanceMatrix:
+    """Run the model over the calibration text and average each linear layer's squared inputs,
+    keyed by the tensor names llama.cpp gives them in a GGUF of architecture `arch` (the
+    converted file's `general.architecture`: llama, qwen2, gemma2, phi3, ...).
 
-    Raises ImportError without torch/transformers (the caller decides what to do).
+    Raises ImportError without torch/transformers (the caller decides what to do), ValueError
+    for an architecture the gguf package has no tensor names for.
     """
     import gguf
     import torch
@@ -81,7 +84,7 @@ def importance_matrix(model_dir: Path, *, progress: bool = True) -> ImportanceMa
     # The checkpoint's own dtype: a bf16 7B model needs 14 GB here, not 28; squares are summed in float64.
     model = auto.from_pretrained(model_dir, dtype="auto").to(device).eval()
     text_config = model.config.text_config if vision else model.config
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, text_config.num_hidden_layers)
+    names = gguf.get_tensor_name_map(gguf_arch(arch), text_config.num_hidden_layers)
     tied = text_config.tie_word_embeddings if vision else model.config.tie_word_embeddings
     output = "token_embd.weight" if tied else "output.weight"
 
@@ -122,6 +125,16 @@ def importance_matrix(model_dir: Path, *, progress: bool = True) -> ImportanceMa
     digest = hashlib.sha256("\0".join(texts).encode("utf-8")).hexdigest()
     columns = {name: (total / counts[name]).float().cpu().numpy() for name, total in sums.items()}
     return ImportanceMatrix(columns, sum(len(c) for c in chunks), digest)
+
+
+def gguf_arch(name: str):
+    """The gguf package's MODEL_ARCH for a GGUF's `general.architecture` string."""
+    import gguf
+
+    for arch, arch_name in gguf.MODEL_ARCH_NAMES.items():
+        if arch_name == name:
+            return arch
+    raise ValueError(f"the gguf package has no tensor names for architecture {name!r}")
 
 
 def round_with_importance(source: Path, typed: Path, importance: ImportanceMatrix,

@@ -10,8 +10,15 @@ import numpy as np
 
 from jarvis_prime.errors import ExportError
 from jarvis_prime.export.metadata import copy_metadata
-from jarvis_prime.export.writer import unpermute_rope
 from jarvis_prime.gguf_names import FILE_TYPES
+
+
+def unpermute_rope(weight: np.ndarray, heads: int) -> np.ndarray:
+    """transformers stores llama's q/k rows rotate-half style; llama.cpp's converter writes
+    them in the original interleaved layout (the inverse of transformers' conversion script's
+    permute), so a delta in transformers' layout is permuted the same way."""
+    return (weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
 
 
 def merge_lora_gguf(base_gguf: Path, adapter_dir: Path, out: Path, *, name: str, progress: bool = False) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from jarvis_prime.export.tokenizer import chat_template
+from jarvis_prime.export.converter import chat_template
 from jarvis_prime.manifest import PrimeManifest, Quantization
 
 _CHATML_TEMPLATE = (

@@ -32,7 +32,7 @@ def quantize_files(base: Path, targets: dict[str, Path], hf_dir: Path | None, *,
     """
     matrix = None
     if hf_dir is not None and any(q in IMPORTANCE_QUANTS for q in targets):
-        matrix = _importance_matrix(hf_dir, progress, log)
+        matrix = _importance_matrix(base, hf_dir, progress, log)
     records: dict[str, dict[str, Any]] = {}
     for quant, out in targets.items():
         log(f"quantizing to {quant} with llama.cpp")
@@ -47,15 +47,19 @@ def quantize_files(base: Path, targets: dict[str, Path], hf_dir: Path | None, *,
     return records
 
 
-def _importance_matrix(hf_dir: Path, progress: bool, log: Log):
-    """The importance matrix of the model, or None (and why) when transformers is missing."""
+def _importance_matrix(base: Path, hf_dir: Path, progress: bool, log: Log):
+    """The importance matrix of the model (named as in the GGUF `base`), or None (and why) when
+    transformers is missing or cannot run it."""
     if not detect_libraries().transformers:
         log("transformers is not installed: files below 8 bits are rounded without an importance matrix "
             "(pip install 'jarvis-prime[transformers]' for better 4-bit quality)")
         return None
     log("measuring the importance matrix on calibration text (transformers)")
     try:
-        matrix = importance_matrix(hf_dir, progress=progress)
+        import gguf
+
+        arch = gguf.GGUFReader(base).fields["general.architecture"].contents()
+        matrix = importance_matrix(hf_dir, arch=arch, progress=progress)
     except (OSError, ValueError, RuntimeError) as err:  # a model transformers cannot run here, out of memory
         log(f"no importance matrix ({type(err).__name__}: {err}); rounding plainly")
         return None

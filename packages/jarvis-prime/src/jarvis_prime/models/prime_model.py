@@ -5,11 +5,15 @@
     model.chat([{"role": "user", "content": "What is the capital of France?"}])    # -> str
     vision.chat([{"role": "user", "content": [{"type": "image", "image": "cat.png"},  # path, bytes,
                                               {"type": "text", "text": "What colour?"}]}])  # PIL image
-    model.generate("What is machine learning?", stream=True)                     # -> text pieces
+    model.generate("What is machine learning?")               # a chat model answers it as one user turn
+    model.generate("Once upon a time", raw=True, stream=True)  # plain continuation -> text pieces
 
 Three ways to generate, each with `stream=`: `generate` (a prompt) and `chat`
 (messages) give text; `complete` takes a prompt from `encode` / `encode_chat` and
-gives what a server reports (finish reason, token usage).
+gives what a server reports (finish reason, token usage). `generate` on a chat model
+(one with a chat template) is `chat` with the prompt as the one user turn, so it answers
+and stops where the assistant's turn ends; `raw=True`, or a base model without a
+template, continues the text as written.
 
 Every file the chosen backend reads is checked against the sha256 in `prime.json`
 before it is loaded, and a weight file `prime.json` does not list stops the load. Chats are formatted with the model's own Jinja chat template.
@@ -33,12 +37,19 @@ from jarvis_prime.manifest import PrimeManifest, projector_for, refuse_unlisted_
 from jarvis_prime.models.base import Backend, Chunk, Generation, GenerationParams
 from jarvis_prime.models.chat_template import ChatTemplate
 from jarvis_prime.models.content import Media, has_images, split_images
-from jarvis_prime.models.selection import BackendName, Device, Quantization, Runtime, plan_runtime
+from jarvis_prime.models.memory import read_config
+from jarvis_prime.models.selection import (
+    DEFAULT_CONTEXT_CAP,
+    BackendName,
+    Device,
+    Quantization,
+    Runtime,
+    plan_runtime,
+)
 from jarvis_prime.store import LocalModel, resolve
 
 log = logging.getLogger("jarvis_prime")
 
-DEFAULT_CONTEXT_CAP = 4096  # KV cache memory grows with it; long-context models opt in
 Messages = Sequence[Mapping[str, Any]]
 
 
@@ -118,20 +129,28 @@ class PrimeModel:
     ) -> "PrimeModel":
         """Load a PRIME model by catalog/store name or directory.
 
-        quantization: None (the model's weights as shipped, most precise available),
-            "8bit" or "4bit". device: "auto", "cpu", "cuda" or "mps".
+        quantization: None (the model's weights as shipped, most precise available, if
+            they fit the free memory; else the most precise of "8bit", "4bit" that does),
+            "8bit" or "4bit" (on CPU and Apple Silicon: GGUF q8_0 and q4_k_m).
+            device: "auto", "cpu", "cuda" or "mps".
             backend: "auto", "llamacpp" or "transformers" (see `selection.plan_runtime`).
         context_length: tokens of context to allocate; default min(model's, 4096).
+
+        A model that cannot fit this machine's memory raises `InsufficientMemoryError`
+        before anything loads; one that will swap loads with a warning.
         """
         local = resolve(name_or_path, log=log.info)
         runtime = plan_runtime(
             local.manifest, quantization=quantization, device=device, backend=backend,
             hardware=detect_hardware(), libraries=detect_libraries(),
+            model_config=read_config(local.path), n_ctx=context_length,
         )
         log.info("%s: %s", local.manifest.name, runtime.describe())
+        if runtime.memory is not None and runtime.memory.verdict == "slow":
+            log.warning("%s will be slow here: %s", local.manifest.name, runtime.memory.describe())
         if runtime.export:
             log.warning("%s: exporting %s GGUF for llama.cpp (once)", local.manifest.name, runtime.export)
-            from jarvis_prime.export import export_gguf  # numpy and the gguf writer, only when exporting
+            from jarvis_prime.export import export_gguf  # the exporter (llama.cpp's converter, numpy), only when exporting
 
             local = LocalModel(local.path, export_gguf(local.path, [runtime.export], log=log.info))
             # a vision model's export also wrote the projector the new file runs with
@@ -261,15 +280,32 @@ class PrimeModel:
         text = "".join(c.text for c in chunks)
         return Generation(text, chunks[-1].finish_reason or "stop", len(ids), self.count_tokens(text))
 
-    @overload
-    def generate(self, prompt: str, *, stream: Literal[False] = False, **options: Unpack[SamplingOptions]) -> str: ...
+    @property
+    def is_chat(self) -> bool:
+        """Whether `generate` answers a prompt as a user turn: the model has a chat template."""
+        return self._template is not None
 
     @overload
-    def generate(self, prompt: str, *, stream: Literal[True], **options: Unpack[SamplingOptions]) -> Iterator[str]: ...
+    def generate(self, prompt: str, *, raw: bool = False, stream: Literal[False] = False,
+                 **options: Unpack[SamplingOptions]) -> str: ...
 
-    def generate(self, prompt: str, *, stream: bool = False, **options: Unpack[SamplingOptions]) -> str | Iterator[str]:
-        """Continue `prompt`: the text, or with `stream=True` its pieces as they are decoded."""
-        return _text(self.complete(self.encode(prompt), stream=stream, **options))
+    @overload
+    def generate(self, prompt: str, *, raw: bool = False, stream: Literal[True],
+                 **options: Unpack[SamplingOptions]) -> Iterator[str]: ...
+
+    def generate(self, prompt: str, *, raw: bool = False, stream: bool = False,
+                 **options: Unpack[SamplingOptions]) -> str | Iterator[str]:
+        """The model's reply to `prompt`: the text, or with `stream=True` its pieces as decoded.
+
+        A chat model (`is_chat`) answers `prompt` as one user turn, exactly as
+        `chat([{"role": "user", "content": prompt}])`: its chat template and end-of-turn
+        stop strings applied, so a chat model answers instead of rambling on. `raw=True`
+        continues `prompt` as written (no template, the tokenizer's BOS added), which is
+        also what a model without a chat template (a base model) always does.
+        """
+        if raw or not self.is_chat:
+            return _text(self.complete(self.encode(prompt), stream=stream, **options))
+        return self.chat([{"role": "user", "content": prompt}], stream=stream, **options)
 
     @overload
     def chat(self, messages: Messages, *, stream: Literal[False] = False,

@@ -4,17 +4,24 @@ A pure function of the model's manifest, the hardware and the installed librarie
 every cell of the quantization matrix is testable on one machine. A combination that
 cannot work is a `BackendUnavailableError` that says what would; nothing falls back
 silently to something the user did not ask for.
+
+Memory is part of the choice (`memory.py`): `quantization=None` takes the most precise
+of as-shipped, 8bit, 4bit that fits the memory free now, and says which and why; a
+request that cannot fit the machine is an `InsufficientMemoryError` before anything
+loads, and one that will swap carries a "slow" verdict the loader warns about.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
-from jarvis_prime.errors import BackendUnavailableError
-from jarvis_prime.gguf_names import SUPPORTED_ARCHITECTURES, VISION_ARCHITECTURES, gguf_filename
+from jarvis_prime.errors import BackendUnavailableError, InsufficientMemoryError
+from jarvis_prime.gguf_names import TESTED_ARCHITECTURES, VISION_ARCHITECTURES, gguf_filename
 from jarvis_prime.hardware import Hardware, Libraries
 from jarvis_prime.manifest import PrimeManifest, matching_gguf, projector_for
+from jarvis_prime.models.memory import MemoryFit, estimate, gb, judge
 
 Quantization = Literal["8bit", "4bit"] | None
 Device = Literal["auto", "cpu", "cuda", "mps"]
@@ -25,6 +32,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 BACKENDS = ("auto", "llamacpp", "transformers")
 # What llama.cpp serves for each request, exported from safetensors on first use.
 GGUF_FOR = {"8bit": "q8_0", "4bit": "q4_k_m"}
+DEFAULT_CONTEXT_CAP = 4096  # KV cache memory grows with it; long-context models opt in
 
 
 @dataclass(frozen=True)
@@ -39,10 +47,12 @@ class Runtime:
     reason: str
     export: str | None = None  # a GGUF quantization to export before loading (first use)
     mmproj: str | None = None  # llama.cpp on a vision model: the projector GGUF that encodes images
+    memory: MemoryFit | None = None  # what it needs against what the device has; None: size unknown
 
     def describe(self) -> str:
         asked = self.quantization or "no extra quantization"
-        return f"{self.backend} on {self.device}, {self.weights} ({asked}): {self.reason}"
+        memory = f"; memory: {self.memory.describe()}" if self.memory is not None else ""
+        return f"{self.backend} on {self.device}, {self.weights} ({asked}): {self.reason}{memory}"
 
 
 def _validate(quantization: object, device: object, backend: object) -> None:
@@ -66,7 +76,7 @@ def _pick_device(device: Device, hw: Hardware) -> Literal["cpu", "cuda", "mps"]:
 
 def exportable(manifest: PrimeManifest) -> bool:
     """Whether `prime export` can write GGUF files for this model (see `jarvis_prime.export`)."""
-    return (manifest.architecture in SUPPORTED_ARCHITECTURES + VISION_ARCHITECTURES
+    return (manifest.architecture in TESTED_ARCHITECTURES + VISION_ARCHITECTURES
             and _safetensors(manifest) is not None)
 
 
@@ -135,15 +145,70 @@ def plan_runtime(
     backend: BackendName = "auto",
     hardware: Hardware,
     libraries: Libraries,
+    model_config: Mapping[str, Any] | None = None,
+    n_ctx: int | None = None,
 ) -> Runtime:
     """Decide backend, device and weight file for `manifest`; explain the choice.
 
     auto: CUDA -> transformers (+ bitsandbytes for 8/4-bit); CPU and Apple Silicon ->
     llama.cpp on a GGUF matching `quantization` (q8_0 for 8bit, q4_k_m for 4bit,
     exported on first use when the model can be), otherwise transformers.
+
+    Memory: the runtime's need (weights, the KV cache of `n_ctx` tokens from
+    `model_config`, the model's config.json) is judged against `hardware`'s memory.
+    `quantization=None` picks the most precise of as shipped, "8bit", "4bit" that fits
+    what is free (the reason says which and why); nothing fitting free memory, the
+    smallest that fits the machine ("slow": swapping); nothing at all, or an explicit
+    request larger than the machine: `InsufficientMemoryError`, with the numbers.
     """
     _validate(quantization, device, backend)
     dev = _pick_device(device, hardware)
+    n_ctx = n_ctx or min(manifest.context_length, DEFAULT_CONTEXT_CAP)
+
+    def fitted(quant: Quantization) -> Runtime:
+        runtime = _plan(manifest, quant, dev, backend, libraries)
+        need = estimate(manifest, backend=runtime.backend, device=runtime.device, quantization=runtime.quantization,
+                        weights=runtime.weights, export=runtime.export, config=model_config, n_ctx=n_ctx)
+        return replace(runtime, memory=None if need is None else judge(need, hardware, runtime.device))
+
+    if quantization is not None:
+        runtime = fitted(quantization)
+        if runtime.memory is not None and runtime.memory.verdict == "too_big":
+            raise InsufficientMemoryError(f"{manifest.name} will not fit at {quantization}: "
+                                          f"{runtime.memory.describe()}")
+        return runtime
+    return _pick_quantization(manifest, fitted)
+
+
+def _pick_quantization(manifest: PrimeManifest, fitted: Callable[[Quantization], Runtime]) -> Runtime:
+    """quantization=None: as shipped if it fits the free memory, else 8bit, else 4bit."""
+    shipped = fitted(None)  # what None always meant; a model this cannot plan is an error as before
+    if shipped.memory is None or shipped.memory.verdict in ("fits", "unknown"):
+        return shipped
+    tried = [shipped]
+    for quant in ("8bit", "4bit"):
+        try:
+            runtime = fitted(quant)
+        except BackendUnavailableError:  # e.g. no bitsandbytes for transformers: not an option here
+            continue
+        if runtime.memory is None:
+            continue
+        if runtime.memory.verdict == "fits":
+            return replace(runtime, reason=f"{runtime.reason}; quantization=None picked {quant}: as shipped "
+                                           f"({shipped.weights}) it {shipped.memory.describe()}")
+        tried.append(runtime)
+    smallest = min(tried, key=lambda r: r.memory.need.total)  # as shipped first on a tie: nothing to export
+    needs = ", ".join(f"{r.quantization or 'as shipped'} {gb(r.memory.need.total)}" for r in tried)
+    if smallest.memory.verdict == "slow":
+        return replace(smallest, reason=f"{smallest.reason}; quantization=None picked "
+                                        f"{smallest.quantization or 'as shipped'}, the smallest: nothing fits the "
+                                        f"free memory (needs: {needs})")
+    raise InsufficientMemoryError(f"{manifest.name} fits no quantization here: needs {needs}; "
+                                  f"{smallest.memory.describe()}")
+
+
+def _plan(manifest: PrimeManifest, quantization: Quantization, dev, backend: BackendName,
+          libraries: Libraries) -> Runtime:
     if backend == "llamacpp":
         return _llamacpp(manifest, quantization, dev, libraries, "backend='llamacpp' requested")
     if backend == "transformers":

@@ -81,6 +81,7 @@ def wheel_lineage(source: WheelSource) -> dict:
 def entry_manifest(entry: CatalogEntry, source: dict) -> PrimeManifest:
     return PrimeManifest(
         name=entry.name, version=entry.version, task=entry.task, base=entry.base, architecture=entry.architecture,
+        license=entry.license, license_url=entry.license_url,
         context_length=entry.context_length, stop=list(entry.stop), lineage=Lineage(source=source),
     )
 
@@ -158,24 +159,45 @@ def gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def download_from_hub(hub: HubSource, log: Log) -> Path:
+def download_from_hub(hub: HubSource, log: Log, license_url: str | None = None) -> Path:
     """The repository's files at `hub.revision` (the default branch when unpinned) in the
-    Hugging Face cache; the folder's name is the commit that arrived."""
-    from huggingface_hub import snapshot_download
+    Hugging Face cache; the folder's name is the commit that arrived.
 
-    log(f"downloading {hub.repo_id} from the Hugging Face Hub" + (f" at {hub.revision}" if hub.revision else ""))
+    A 401 or 403 (a gated or private repository, or a token that has not accepted its
+    license) says which repository, how to authenticate and which license page to accept:
+    huggingface_hub's own message reads as "Repository Not Found"."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
+
+    at = f" at {hub.revision}" if hub.revision else ""
+    log(f"downloading {hub.repo_id} from the Hugging Face Hub{at}")
     try:
         return Path(snapshot_download(
             hub.repo_id, revision=hub.revision,
             allow_patterns=HUB_PATTERNS,
         ))
-    except Exception as err:  # network, auth (gated repos) or offline mode: all end the same way
-        reason = " ".join(str(err).split())  # huggingface_hub's messages span lines; ours is one
+    except HfHubHTTPError as err:
+        status = err.response.status_code if err.response is not None else None
+        if status not in (401, 403):
+            raise _download_failed(hub, err) from err
+        accept = f"accept its license at {license_url} (logged in), then " if license_url else ""
         raise ModelNotAvailableError(
-            f"could not download {hub.repo_id}{f' at {hub.revision}' if hub.revision else ''} from the Hugging Face "
-            f"Hub ({type(err).__name__}: {reason}); "
-            "pulling needs the network, and gated models need `hf auth login`"
+            f"{hub.repo_id}: the Hugging Face Hub refused the download (HTTP {status}): the repository is gated or "
+            f"private{' (or does not exist)' if status == 401 and not isinstance(err, GatedRepoError) else ''}. "
+            f"To pull it, {accept}set HF_TOKEN to a token of that account or run `huggingface-cli login` "
+            "(`hf auth login`)"
         ) from err
+    except Exception as err:  # network or offline mode: both end the same way
+        raise _download_failed(hub, err) from err
+
+
+def _download_failed(hub: HubSource, err: Exception) -> ModelNotAvailableError:
+    reason = " ".join(str(err).split())  # huggingface_hub's messages span lines; ours is one
+    return ModelNotAvailableError(
+        f"could not download {hub.repo_id}{f' at {hub.revision}' if hub.revision else ''} from the Hugging Face "
+        f"Hub ({type(err).__name__}: {reason}); "
+        "pulling needs the network, and gated models need `hf auth login`"
+    )
 
 
 def verify_download(snapshot: Path, hub: HubSource, log: Log) -> None:

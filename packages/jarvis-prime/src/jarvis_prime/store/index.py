@@ -176,9 +176,10 @@ def _pull_unlocked(entry: CatalogEntry, target: Path, source: str, log: Log) -> 
     hub = next((s for s in entry.sources if isinstance(s, HubSource)), None)
     if hub is None:
         raise ModelNotAvailableError(f"{name}: the catalog lists no Hub source for it")
-    snapshot = download_from_hub(hub, log)
+    snapshot = download_from_hub(hub, log, entry.license_url)
     verify_download(snapshot, hub, log)
-    lineage = {"kind": "hub", "repo_id": hub.repo_id, "revision": snapshot.name}  # the commit that arrived
+    # the commit that arrived, and what was asked for (a pinned commit, or the default branch)
+    lineage = {"kind": "hub", "repo_id": hub.repo_id, "revision": snapshot.name, "requested": hub.revision or "main"}
     return _materialize(target, log, lambda staging: from_hf_dir(staging, entry_manifest(entry, lineage), snapshot))
 
 
@@ -246,7 +247,8 @@ def _import_unlocked(src: Path, target: Path, *, name: str, version: str, task: 
         if (src / MANIFEST_NAME).is_file():  # a PRIME directory (Reactor Core's output): keep its story
             origin = read_manifest(src)
             manifest = manifest.model_copy(update={"lineage": origin.lineage, "metrics": origin.metrics,
-                                                   "stop": origin.stop, "architecture": origin.architecture})
+                                                   "stop": origin.stop, "architecture": origin.architecture,
+                                                   "license": origin.license, "license_url": origin.license_url})
 
         def build(staging: Path) -> PrimeManifest:
             built = from_hf_dir(staging, manifest, src)

@@ -46,6 +46,7 @@ FIELD_SINCE: dict[str, str] = {
     **dict.fromkeys(("max_images_per_example", "max_image_bytes", "max_image_pixels"), "1.5.0"),  # images
     **dict.fromkeys(("train_projector", "train_vision_tower", "freeze_language_model", "projector_learning_rate"),
                     "1.6.0"),  # vision models
+    **dict.fromkeys(("base_dtype", "check_memory"), "1.7.0"),  # big bases: half-precision frozen weights, memory estimate
 }
 
 
@@ -89,7 +90,18 @@ class TrainingConfig(BaseModel):
     target_modules: list[str] | Literal["auto", "all-linear"] = Field(
         default="auto", description="Modules to adapt; auto = attention + MLP projections for the architecture."
     )
-    quantize_base: bool = Field(default=False, description="QLoRA: load the frozen base in 4-bit NF4 (bitsandbytes).")
+    quantize_base: bool = Field(default=False, description=(
+        "QLoRA: load the frozen base's linear layers in 4-bit NF4 (bitsandbytes; needs it installed, CUDA or CPU). "
+        "The rest of the frozen base stays in `base_dtype`, the adapters in float32."))
+    base_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(default="auto", description=(
+        "The dtype the frozen base weights are loaded in (LoRA only; the adapters and anything trained in full stay "
+        "float32, as peft and torchtune keep them). auto: the autocast dtype, i.e. bfloat16 where the hardware runs "
+        "it natively (CUDA bf16, AVX512-BF16/AMX CPUs) or with `mixed_precision: bf16`, else float32; float32 with "
+        "`mixed_precision: fp32` or without LoRA. Half precision halves the base's memory: a 7B base is ~15 GB in "
+        "bf16 instead of ~30 GB."))
+    check_memory: bool = Field(default=True, description=(
+        "Estimate the run's memory from config.json and the safetensors headers before loading, print it, and refuse "
+        "a run that cannot fit the free RAM / GPU memory (false: print it, warn, and try anyway)."))
     kl_to_base: float = Field(default=0.0, ge=0.0, description=(
         "SFT with LoRA: weight of a KL(base || model) term on the positions that carry no label (prompt, chat "
         "template; the base is the model with its adapters disabled), or on `kl_anchor_path`'s text when set, "
@@ -185,6 +197,10 @@ class TrainingConfig(BaseModel):
             raise ValueError("`projector_learning_rate` needs `train_projector: true`")
         if self.quantize_base and not self.use_lora:
             raise ValueError("`quantize_base` (QLoRA) needs `use_lora: true`: a 4-bit base cannot be trained directly")
+        if self.base_dtype not in ("auto", "float32") and not self.use_lora:
+            raise ValueError(f"`base_dtype: {self.base_dtype}` needs `use_lora: true`: it sets the dtype of the frozen "
+                             "base, and a full fine-tune trains every weight (kept in float32 for AdamW); use "
+                             "`mixed_precision: bf16` for half-precision math")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -196,7 +212,7 @@ class TrainingConfig(BaseModel):
         "data_path", "val_data_path", "kl_anchor_path",  # the data's sha256 is checked on its own
         "output_dir", "checkpoint_dir", "checkpoint_remote", "checkpoint_upload_attempts", "spot_defaults", "checkpoint_every_steps", "checkpoint_every_minutes", "keep_last_checkpoints",
         "resume", "force_resume", "watch_gcp_preemption", "log_every_steps", "num_samples", "sample_max_new_tokens",
-        "eval_every_steps", "merge_adapter", "output_name", "output_version", "compile",
+        "eval_every_steps", "merge_adapter", "output_name", "output_version", "compile", "check_memory",
     })
 
     # Keys introduced from this release on count only when set off their default, so an

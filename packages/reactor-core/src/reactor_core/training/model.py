@@ -8,11 +8,18 @@ Model sources, in the order they are tried:
   4. a name that an installed plugin resolves (entry point group
      `reactor_core.model_resolvers`; jarvis-prime registers its catalog there, so
      Reactor Core never imports it);
-  5. a Hugging Face Hub id, when online.
+  5. a short name of a common open base (`llama-2-7b`, `qwen2.5-7b-instruct`, ...:
+     `hub_names.SHORT_NAMES`), meaning its Hugging Face Hub id;
+  6. a Hugging Face Hub id, when online.
+
+A Hub source is downloaded (safetensors only, into the Hugging Face cache) by
+`fetch_hub_model` before anything else reads it; offline, or without the token a gated
+repository needs, the error says what it would download, how big, under which license.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -23,7 +30,8 @@ import torch
 from torch import nn
 
 from reactor_core.files import sha256_file
-from reactor_core.training.config import TrainingConfig
+from reactor_core.training import hub_names
+from reactor_core.training.config import ConfigError, TrainingConfig
 from reactor_core.training.vision import family_for, modules_to_save, set_trainable_parts, vision_model_type
 
 RESOLVER_GROUP = "reactor_core.model_resolvers"
@@ -150,11 +158,53 @@ def resolve_model_source(name: str) -> ModelSource:
             source = _from_directory(Path(resolved))
             if source is not None:
                 return ModelSource(source.kind, source.location, source.gguf_file, f"{plugin.name}: {name} -> {resolved}")
+    known = hub_names.lookup(name)
+    if known is not None:
+        return ModelSource("hub", known.repo_id, description=f"{name} -> {known.describe()}")
     if "/" in name:
         return ModelSource("hub", name, description="Hugging Face Hub")
     plugins = [p.name for p in entry_points(group=RESOLVER_GROUP)]
     hint = "" if plugins else " (install jarvis-prime to train catalog names)"
-    raise ModelSourceError(f"unknown model {name!r}: not a path, a Hub id, or a name known to {plugins or 'any plugin'}{hint}")
+    close = difflib.get_close_matches(name.lower(), list(hub_names.SHORT_NAMES), n=3)
+    also = f"; short names like {', '.join(close)}" if close else ""
+    raise ModelSourceError(f"unknown model {name!r}: not a path, a Hub id, a short name of an open base "
+                           f"(reactor_core.training.hub_names){also}, or a name known to {plugins or 'any plugin'}{hint}")
+
+
+# What a Hub download fetches: config, tokenizer, chat template and safetensors weights;
+# never pickled weights (*.bin, *.pt), which would run code when loaded.
+HUB_FILES = ("*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja")
+
+
+def fetch_hub_model(source: ModelSource) -> ModelSource:
+    """A Hub source downloaded into the Hugging Face cache (or found there), as the local
+    Hugging Face directory it now is; ModelSourceError saying what was asked for (repo,
+    size, license; for a gated repository, the token and the license to accept) when it
+    cannot be had: offline (`HF_HUB_OFFLINE=1` or no network), no access, no safetensors."""
+    if source.kind != "hub":
+        return source
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    known = hub_names.BY_REPO.get(source.location)
+    what = known.describe() if known else source.location
+    gate = (f" It is gated: accept the license at {known.page} with your Hugging Face account and set HF_TOKEN "
+            "(or `hf auth login`)." if known and known.gated else "")
+    try:
+        path = Path(snapshot_download(source.location, allow_patterns=list(HUB_FILES)))
+    except GatedRepoError as err:
+        raise ModelSourceError(f"{what}: access refused by the Hub ({type(err).__name__}).{gate or ' Set HF_TOKEN.'}") from None
+    except RepositoryNotFoundError:
+        raise ModelSourceError(f"{source.location}: no such model on the Hugging Face Hub (or it is private: set "
+                               f"HF_TOKEN)") from None
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
+        raise ModelSourceError(f"{what} is not in the Hugging Face cache and cannot be downloaded now "
+                               f"({type(err).__name__}: offline, HF_HUB_OFFLINE=1, or no network). Training it "
+                               f"downloads that into the cache ($HF_HOME) once.{gate}") from None
+    if not any(path.glob("*.safetensors")):
+        raise ModelSourceError(f"{source.location}: the repository has no safetensors weights; pickled weights "
+                               "(*.bin, *.pt) are refused")
+    return ModelSource("hf", str(path), description=f"{source.description} (Hub cache)")
 
 
 def pick_device(device: str) -> torch.device:
@@ -211,28 +261,77 @@ def load_processor(source: ModelSource):
     return processor
 
 
-def load_base_model(source: ModelSource, *, quantize_4bit: bool, device: torch.device) -> nn.Module:
-    """The base model in float32 (or NF4 for QLoRA), ready to be adapted; a vision model
-    (config.json with `vision_config`) through AutoModelForImageTextToText."""
+DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def base_dtype(config: TrainingConfig, device: torch.device) -> torch.dtype:
+    """The dtype the frozen base loads in (`base_dtype`); see TrainingConfig.base_dtype.
+
+    auto follows the autocast dtype: the matmuls run in bf16 under autocast anyway, so a
+    bf16 copy of the frozen weights loses nothing the forward kept, and halves memory.
+    Trainable weights are never in it (`keep_trainable_float32`).
+    """
+    if config.base_dtype != "auto":
+        return DTYPES[config.base_dtype]
+    if not config.use_lora:
+        return torch.float32
+    return autocast_dtype(config, device) or torch.float32
+
+
+def check_quantization_support(device: torch.device) -> None:
+    """ConfigError unless bitsandbytes can hold a 4-bit base on `device` (CUDA or CPU)."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("`quantize_base` (QLoRA) needs bitsandbytes: pip install 'reactor-core[qlora]' "
+                          "(or set `quantize_base: false` and `base_dtype: bfloat16` for a half-precision base)")
+    if device.type not in ("cuda", "cpu"):
+        raise ConfigError(f"`quantize_base` (QLoRA): bitsandbytes' 4-bit weights run on CUDA and CPU, not "
+                          f"{device.type}; set `device: cpu`, or `quantize_base: false` with `base_dtype: bfloat16`")
+
+
+def load_base_model(source: ModelSource, *, quantize_4bit: bool, device: torch.device,
+                    dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The base model in `dtype` (or its linear layers in NF4 for QLoRA, the rest in
+    `dtype`), ready to be adapted; a vision model (config.json with `vision_config`)
+    through AutoModelForImageTextToText.
+
+    Peak memory stays near the model's own size: transformers 5 always loads
+    safetensors straight into the target dtype (no float32 copy first, no
+    `low_cpu_mem_usage` needed), and on CUDA `device_map` puts each tensor on the GPU
+    as it is read instead of building the model in RAM and moving it after.
+    """
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    kwargs: dict[str, Any] = {"dtype": dtype}
     if quantize_4bit:
         from transformers import BitsAndBytesConfig
 
-        compute = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        check_quantization_support(device)
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute, bnb_4bit_use_double_quant=True
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True
         )
+    if quantize_4bit or device.type == "cuda":
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": device.type}
     auto = AutoModelForImageTextToText if source.vision_model_type else AutoModelForCausalLM
     model = auto.from_pretrained(**source.load_kwargs(), **kwargs)
-    if source.gguf_file:  # weights are plain float32 now; forget the GGUF quantizer
+    if source.gguf_file:  # weights are plain tensors now; forget the GGUF quantizer
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-    if not quantize_4bit:
+    if "device_map" not in kwargs:
         model.to(device)
+    return model
+
+
+def keep_trainable_float32(model: nn.Module) -> nn.Module:
+    """Every trainable parameter in float32 (LoRA adapters, peft `modules_to_save`
+    copies of a half-precision base): AdamW's updates on bf16 weights would round away
+    (bf16 keeps 8 bits of mantissa), so mixed precision means half-precision frozen
+    weights and float32 trained ones, as peft and torchtune do it."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
     return model
 
 
@@ -253,10 +352,15 @@ def apply_lora(model: nn.Module, config: TrainingConfig) -> nn.Module:
     trains in full (`train_projector`, `train_vision_tower`) as peft `modules_to_save`,
     so the adapter folder holds them too and merging puts them in place.
     """
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
 
-    if config.quantize_base:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+    # Not peft's prepare_model_for_kbit_training: it casts every frozen non-4-bit weight
+    # (embeddings, LM head, norms) to float32, 4.4 GB more for a 7B Qwen's 1.1 B embedding
+    # and head parameters; they stay in `base_dtype` (norms compute in float32 inside
+    # the model's own RMSNorm). Its other job, inputs that require grad for reentrant
+    # checkpointing, is moot: gradient checkpointing here is non-reentrant.
+    for param in model.parameters():
+        param.requires_grad_(False)
     targets, extra = target_modules_for(model, config.target_modules), None
     if is_vision_model(model):
         family = family_for(model.config.model_type, config.model_name)
@@ -271,7 +375,7 @@ def apply_lora(model: nn.Module, config: TrainingConfig) -> nn.Module:
         modules_to_save=extra,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    return keep_trainable_float32(get_peft_model(model, lora))  # peft upcasts adapters; modules_to_save copies too
 
 
 def prepare_trainable(model: nn.Module, config: TrainingConfig) -> nn.Module:
@@ -280,4 +384,4 @@ def prepare_trainable(model: nn.Module, config: TrainingConfig) -> nn.Module:
         return apply_lora(model, config)
     if is_vision_model(model):
         set_trainable_parts(model, family_for(model.config.model_type, config.model_name), config)
-    return model
+    return keep_trainable_float32(model)

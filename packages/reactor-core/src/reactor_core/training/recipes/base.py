@@ -30,21 +30,26 @@ from typing import Any, Iterator, NoReturn, Protocol
 
 import torch
 from rich.console import Console
+from rich.table import Table
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
 from reactor_core.data import Batch
 from reactor_core.gcp.preemption import Preempted, PreemptionGuard, preemption_guard
-from reactor_core.training import attention, distributed
+from reactor_core.training import attention, distributed, memory
 from reactor_core.training.checkpointing import Checkpointer, with_spot_defaults
 from reactor_core.training.config import ConfigError, TrainingConfig
 from reactor_core.training.distributed import DistContext
 from reactor_core.training.events import EventCallback, TrainEvent, TrainResult
 from reactor_core.training.loss import LossModule
+from reactor_core.training.memory import MemoryEstimate
 from reactor_core.training.metrics import MetricsLogger
 from reactor_core.training.model import (
+    TARGET_MODULES,
     ModelSource,
     autocast_dtype,
+    base_dtype,
+    fetch_hub_model,
     load_base_model,
     load_processor,
     load_tokenizer,
@@ -141,7 +146,8 @@ class Recipe(ABC):
         self.setup_checkpointing()  # last: restoring needs the model, optimizer and scheduler
 
     def setup_model_source(self) -> None:
-        self.source: ModelSource = resolve_model_source(self.config.model_name)
+        # a Hub source (an id or a short name such as llama-2-7b) is downloaded here, safetensors only
+        self.source: ModelSource = fetch_hub_model(resolve_model_source(self.config.model_name))
         self.device = pick_device(self.config.device)
         self.dist: DistContext = distributed.init_distributed(self.device.type)
         if self.dist.enabled and self.config.quantize_base:
@@ -175,10 +181,12 @@ class Recipe(ABC):
         c = self.config
         if c.compile and self.dist.enabled:
             raise ConfigError("`compile`: not supported with --nproc > 1 yet (untested with FSDP2 here)")
-        model = load_base_model(self.source, quantize_4bit=c.quantize_base, device=self.device)
+        self.base_dtype = base_dtype(c, self.device)
+        self.autocast = autocast_dtype(c, self.device)
+        self.check_memory()
+        model = load_base_model(self.source, quantize_4bit=c.quantize_base, device=self.device, dtype=self.base_dtype)
         if c.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.autocast = autocast_dtype(c, self.device)
         if c.packing and attention.use_packed_attention(model):
             log.info("packed rows: attention computed example by example (%s)", attention.NAME)
         model = prepare_trainable(model, c)  # LoRA, or a vision model's parts frozen as the keys say
@@ -190,6 +198,43 @@ class Recipe(ABC):
             for block in distributed.transformer_blocks(model):
                 block.compile()
         return model
+
+    def check_memory(self) -> None:
+        """Estimate the run's memory from config.json and the safetensors headers, print it,
+        and refuse (MemoryCheckError, naming needed vs free and what to change) a run that
+        cannot fit; with `check_memory: false` a warning instead. Before any weight loads."""
+        c = self.config
+        self.memory_estimate: MemoryEstimate | None = None
+        if self.source.gguf_file:
+            log.info("no memory estimate for a GGUF source (its tensors are dequantized on load)")
+            return
+        shape = memory.read_model_shape(self.source.location)
+        targets = c.target_modules if c.target_modules != "auto" else TARGET_MODULES.get(shape.model_type, "all-linear")
+        estimate = memory.estimate_memory(
+            shape, c, dtype_name=str(self.base_dtype).removeprefix("torch."), device=self.device.type,
+            autocast_bytes=2 if self.autocast is not None else 4, world_size=self.dist.world_size, lora_targets=targets)
+        self.memory_estimate = estimate
+        if self.dist.is_main:
+            title = (f"memory estimate: {shape.params / 1e9:.2f} B parameters, base in {self.base_dtype}"
+                     f"{' (linear layers NF4)' if c.quantize_base else ''}, {c.batch_size} x {c.max_seq_length} tokens")
+            log.info("%s: %s", title, ", ".join(f"{k} {v}" for k, v in estimate.rows()))
+            if self.show_progress:
+                table = Table(title=title, title_justify="left", show_header=False)
+                table.add_column("part", no_wrap=True)
+                table.add_column("bytes", justify="right", no_wrap=True)
+                for row in estimate.rows():
+                    table.add_row(*row)
+                Console(stderr=True).print(table)
+        problem = memory.check_fits(estimate, self.available_memory(), c)
+        if problem is None:
+            return
+        if c.check_memory:
+            raise memory.MemoryCheckError(f"{c.model_name}: {problem}")
+        log.warning("%s: %s (check_memory: false, trying anyway)", c.model_name, problem)
+
+    def available_memory(self) -> memory.Available:
+        """Free memory where the run goes (the GPU's, or RAM) and free RAM."""
+        return memory.available_memory(self.device)
 
     def wrap(self, model: nn.Module) -> LossModule:
         """The module the loop calls; sharded with FSDP2 when the run is distributed."""

@@ -92,8 +92,9 @@ def test_pull_installs_every_processor_file_and_nothing_else(pulled):
     assert not any(c.endswith(("/README.md", "/pytorch_model.bin")) and c.startswith("GET") for c in calls)
     assert (manifest.task, manifest.architecture, manifest.stop) == ("vision", "idefics3", ["<end_of_utterance>"])
     assert manifest.context_length == 1024  # text_config.max_position_embeddings of the tiny model
+    # unpinned in the catalog: the pull records the commit that arrived and what it asked for
     assert manifest.lineage.source == {"kind": "hub", "repo_id": load_catalog().get(NAME).sources[0].repo_id,
-                                       "revision": COMMIT}
+                                       "revision": COMMIT, "requested": "main"}
 
 
 def test_export_writes_text_and_projector_ggufs_each_text_file_naming_its_projector(exported):

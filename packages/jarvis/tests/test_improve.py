@@ -83,8 +83,10 @@ def test_improve_end_to_end(chat_model, tmp_path):
     command = [sys.executable, "-m", "jarvis.cli", "improve"]
 
     # interrupted while training: the next run resumes after the export
+    # SIGINT back to its default in the child: a test run started in the background (`cmd &`
+    # without job control) ignores SIGINT, and children inherit that
     first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True)
+                             start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in first.stdout:
         if "2/4 train" in line:
             break

@@ -135,8 +135,10 @@ class SFTRecipe(Recipe):
             return []
         self.model.eval()
         out = []
-        # compiled layers (`compile: true`) would recompile for every decode length: eager here
-        with torch.compiler.set_stance("force_eager"):
+        # compiled layers (`compile: true`) would recompile for every decode length: eager here;
+        # autocast as in training: a half-precision frozen base feeds float32 trainable parts
+        # (a vision model's projector) that only autocast reconciles
+        with torch.compiler.set_stance("force_eager"), self.autocast_context():
             for example in self.val_examples[: self.config.num_samples]:
                 self.check_interrupted()  # a preemption notice does not wait for the samples
                 out.append(self._sample(example))

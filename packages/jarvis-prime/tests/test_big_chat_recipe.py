@@ -54,9 +54,18 @@ def test_prime_train_7b_chat_end_to_end_on_a_tiny_qwen2(tiny_qwen2, tmp_path, mo
     exported.write_text("".join(json.dumps({"messages": [
         {"role": "user", "content": f"Remind me about task {i}."},
         {"role": "assistant", "content": f"Of course. Task {i} is on your list for today."}]}) + "\n" for i in range(12)))
+    from jarvis_prime.errors import ExportError
+    from jarvis_prime.export.converter import find_converter
+
+    try:
+        find_converter()
+        quants: tuple[str, ...] = ("q8_0", "q4_k_m")
+    except ExportError:  # without `make llama-cpp-converter` the recipe still trains; the GGUF step is checked where it exists
+        quants = ()
     recipe = replace(BIG_RECIPES["prime-7b-chat-v1"], base=str(tiny_qwen2), max_steps=2, candidates=1,
                      max_new_tokens=8, max_prompts=16, generation_batch=8, batch_size=2, gradient_accumulation_steps=1,
-                     max_seq_length=128)
+                     max_seq_length=128, quants=quants, tokenizer_pre="smollm")  # llama.cpp's
+    # converter does not recognise SmolLM2's tokenizer saved with a Qwen2 config, so the test names it
     lines = []
     summary = train_big_chat_model("prime-7b-chat-v1", tmp_path / "work", data=[exported], recipe=recipe,
                                    log=lines.append, progress=False)
@@ -76,3 +85,33 @@ def test_prime_train_7b_chat_end_to_end_on_a_tiny_qwen2(tiny_qwen2, tmp_path, mo
     config = manifest["lineage"]["training_config"]
     assert config["gradient_checkpointing"] is True and config["lora_rank"] == 16 and config["target_modules"] == "auto"
     assert (model_dir / "adapter/adapter_model.safetensors").is_file() and (model_dir / "model.safetensors").is_file()
+    assert manifest["license"] is None  # a base other than the catalog's: its license is not guessed
+
+    if not quants:
+        return
+    manifest = json.loads((model_dir / "prime.json").read_text())
+    assert {"q8_0", "q4_k_m"} <= set(manifest["quantizations"])  # what "8bit" / "4bit" load on a Mac or CPU
+    from jarvis_prime import PrimeModel
+
+    for quantization in ("8bit", "4bit"):
+        with PrimeModel.from_pretrained(str(model_dir), backend="llamacpp", quantization=quantization) as model:
+            assert model.runtime.backend == "llamacpp"
+            reply = model.generate("Remind me about task 3.", max_new_tokens=4)
+            assert isinstance(reply, str)
+
+
+def test_the_7b_recipe_records_the_catalog_license_of_its_base(tiny_qwen2, tmp_path, monkeypatch):
+    """The import the recipe ends with, for the catalog's own base: a plain Hugging Face
+    folder (Reactor Core's output records no license) gets the catalog's, which prime.json,
+    the card and `prime info` show."""
+    from jarvis_prime.catalog import load_catalog
+    from jarvis_prime.store import import_path
+
+    monkeypatch.setenv("JARVIS_PRIME_HOME", str(tmp_path / "store"))
+    entry = load_catalog().get("prime-7b-chat-v1")
+    unlabelled = import_path(tiny_qwen2, name="tiny-unlabelled")
+    assert unlabelled.manifest.license is None
+    local = import_path(tiny_qwen2, name="prime-7b-chat-v1", base=entry.base, license=entry.license,
+                        license_url=entry.license_url)
+    manifest = json.loads((local.path / "prime.json").read_text())
+    assert (manifest["license"], manifest["license_url"]) == ("Apache-2.0", entry.license_url)

@@ -143,6 +143,9 @@ def pull_model(
     from_path: Optional[str] = typer.Option(None, "--from", help="Import a local HF directory or .gguf file as NAME."),
     version: str = typer.Option("1.0.0", help="Version for --from imports."),
     task: str = typer.Option("chat", help="Task for --from imports: chat | vision | reasoning."),
+    license: Optional[str] = typer.Option(None, "--license", help="For --from imports: the base's license (SPDX id, "
+                                          "e.g. Apache-2.0), recorded in prime.json and the model card."),
+    license_url: Optional[str] = typer.Option(None, "--license-url", help="For --from imports: the license's page."),
     force: bool = typer.Option(False, help="Rebuild even if the model is already in the store."),
 ) -> None:
     """Materialize a model as a verified PRIME model directory in the store."""
@@ -151,7 +154,8 @@ def pull_model(
     try:
         with quiet_build(f"pulling {name}", echo=True) as log:
             if from_path:
-                local = import_path(from_path, name=name, version=version, task=task, log=log)
+                local = import_path(from_path, name=name, version=version, task=task, log=log, license=license,
+                                    license_url=license_url)
             else:
                 local = pull(name, source=source, force=force, log=log)
     except (PrimeError, ValueError) as err:

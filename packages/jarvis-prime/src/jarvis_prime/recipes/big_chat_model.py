@@ -18,8 +18,10 @@ The recipe, top to bottom:
    processes (torchrun), bf16 base, checkpoints every 5 minutes on a spot VM
    (`--checkpoint-remote gs://...` mirrors them so a fresh VM resumes). Reactor Core's
    memory estimate refuses a plan that cannot fit before anything loads.
-4. **The store**: the PRIME directory (merged weights, adapter, lineage) as
-   `prime-7b-chat-v1`; `prime export prime-7b-chat-v1 --quant q4_k_m` makes its GGUF.
+4. **The store**: the PRIME directory (merged weights, adapter, lineage, the base's license
+   from the catalog) as `prime-7b-chat-v1`, then its GGUF files: q8_0 and q4_k_m (importance
+   matrix), what `quantization="8bit"|"4bit"` loads on a Mac or a CPU. Exporting where the
+   model was trained keeps the merged fp16 weights (15 GB for 7B) off the laptop.
 
 `base` can be overridden (tests run the whole recipe on a tiny random Qwen2 on CPU).
 """
@@ -31,7 +33,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from jarvis_prime.catalog import load_catalog
 from jarvis_prime.errors import PrimeError
+from jarvis_prime.export import export_gguf
 from jarvis_prime.files import sha256_file
 from jarvis_prime.persona import load_prompts
 from jarvis_prime.progress import Log
@@ -61,6 +65,8 @@ class BigChatRecipe:
     seed: int = 0
     max_steps: int | None = None  # tests run a few steps of the same recipe
     max_prompts: int | None = None  # tests put the first few prompts to a tiny base (CPU generation is the slow part)
+    quants: tuple[str, ...] = ("q8_0", "q4_k_m")  # the GGUF files written after training (empty: none)
+    tokenizer_pre: str | None = None  # llama.cpp's pre-tokenizer, for a tokenizer its converter does not recognise
 
 
 BIG_RECIPES = {"prime-7b-chat-v1": BigChatRecipe(name="prime-7b-chat-v1", base="Qwen/Qwen2.5-7B-Instruct")}
@@ -230,7 +236,13 @@ def train_big_chat_model(name: str, work_dir: Path, *, data: list[Path] | None =
         model_dir, metrics = result.model_dir, result.metrics
 
     log("3/3 adding it to the store")
-    local = import_path(model_dir, name=name, version="1.0.0", task="chat", base=recipe.base, log=log, force=True)
+    entry = load_catalog().find(name)
+    licensing = ({"license": entry.license, "license_url": entry.license_url}
+                 if entry is not None and entry.base == recipe.base else {})  # another base: its license is unknown here
+    local = import_path(model_dir, name=name, version="1.0.0", task="chat", base=recipe.base, log=log, force=True,
+                        **licensing)
+    if recipe.quants:
+        export_gguf(local.path, list(recipe.quants), tokenizer_pre=recipe.tokenizer_pre, log=log, progress=progress)
     return {"recipe": asdict(recipe), "plan": asdict(plan), "persona": asdict(report), "conversations": count,
             "model_dir": str(local.path),
             "train_metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}

@@ -181,7 +181,7 @@ def train_chat_model(name: str, work_dir: Path, *, ship: bool = False, fresh: bo
 
     log("3/3 adding it to the store")
     local = import_path(result.model_dir, name=name, version="1.0.0", task="chat", base=base.manifest.base, log=log,
-                        force=True)
+                        force=True, license=base.manifest.license, license_url=base.manifest.license_url)
     export_gguf(local.path, ["q8_0", "q4_k_m"], log=log, progress=progress)
     summary = {"recipe": asdict(recipe), "dataset": asdict(report), "model_dir": str(local.path),
                "train_metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}

@@ -185,10 +185,12 @@ def _pull_unlocked(entry: CatalogEntry, target: Path, source: str, log: Log) -> 
 
 def import_path(
     path: str | os.PathLike, *, name: str, version: str = "1.0.0", task: str = "chat", base: str | None = None,
-    log: Log | None = None, force: bool = False,
+    log: Log | None = None, force: bool = False, license: str | None = None, license_url: str | None = None,
 ) -> LocalModel:
     """Bring a local Hugging Face directory or GGUF file into the store as `name` (`force`
-    replaces an existing one, atomically)."""
+    replaces an existing one, atomically). `license`/`license_url` record the base's license
+    (a recipe knows it from the catalog; Reactor Core's prime.json does not), else the
+    imported PRIME directory's own are kept."""
     log = log or (lambda message: None)
     src = Path(path).expanduser().resolve()
     target = inside(models_root(), models_root() / f"{check_name('name', name)}-{check_name('version', version)}",
@@ -196,7 +198,8 @@ def import_path(
     with store_lock(target):
         if (target / MANIFEST_NAME).exists() and not force:
             raise PrimeError(f"{target} already exists; pick another --version")
-        return _import_unlocked(src, target, name=name, version=version, task=task, base=base, log=log)
+        return _import_unlocked(src, target, name=name, version=version, task=task, base=base, log=log,
+                                licensing={"license": license, "license_url": license_url})
 
 
 def materialize_vision_model(
@@ -232,14 +235,16 @@ def materialize_vision_model(
         return _materialize(target, log, build)
 
 
-def _import_unlocked(src: Path, target: Path, *, name: str, version: str, task: str, base: str | None, log: Log) -> LocalModel:
+def _import_unlocked(src: Path, target: Path, *, name: str, version: str, task: str, base: str | None, log: Log,
+                     licensing: dict[str, str | None]) -> LocalModel:
+    given = {key: value for key, value in licensing.items() if value}
     if src.is_file() and src.suffix == ".gguf":
         info = read_gguf_info(src)
         manifest = PrimeManifest(
             name=name, version=version, task=task, base=base or info.name, architecture=info.architecture,
             context_length=info.context_length, stop=[info.eos_token] if info.eos_token else [],
             lineage=Lineage(source={"kind": "path", "path": str(src)}),
-        )
+        ).model_copy(update=given)
         return _materialize(target, log, lambda staging: from_gguf(staging, manifest, src, info, log))
     if src.is_dir():
         manifest = PrimeManifest(name=name, version=version, task=task, base=base or str(src), context_length=1,
@@ -249,6 +254,7 @@ def _import_unlocked(src: Path, target: Path, *, name: str, version: str, task: 
             manifest = manifest.model_copy(update={"lineage": origin.lineage, "metrics": origin.metrics,
                                                    "stop": origin.stop, "architecture": origin.architecture,
                                                    "license": origin.license, "license_url": origin.license_url})
+        manifest = manifest.model_copy(update=given)
 
         def build(staging: Path) -> PrimeManifest:
             built = from_hf_dir(staging, manifest, src)

@@ -4,7 +4,8 @@ and how close the f16 file stays to transformers, on the tiny random models the 
     python benchmarks/export.py [--arch llama-spm qwen2 ...] [--quants q8_0 q4_k_m] [--out benchmarks/results/export.json]
 
 For each architecture (`packages/jarvis-prime/tests/tiny_text.py`: llama with a SentencePiece-style
-and with a Llama-3 byte-level tokenizer, mistral, qwen2, qwen3, gemma3 text, phi3), a seeded tiny
+tokenizer.json, with a real SentencePiece tokenizer.model and with a Llama-3 byte-level tokenizer,
+mistral, qwen2, qwen3, gemma2, gemma3 text, phi3), a seeded tiny
 model (hidden 64, 2 layers, ~480 tokens) is built, imported into a throw-away store, then exported:
 first f16 (the converter in its child process: start-up, torch import and the conversion), then
 `--quants` from it (llama.cpp's quantizer; 4-6 bits also measure the importance matrix with

@@ -10,6 +10,10 @@ Tokenizer kinds, as the families ship them:
 - "qwen2": byte-level BPE, NFC, split by Qwen2's exact regex (llama.cpp "qwen2"; Qwen3 too).
 - "gpt2": byte-level BPE with GPT-2's regex (tokenizer_class GPT2Tokenizer: Phi-4's route
   through llama.cpp's Phi3 converter; llama.cpp "gpt-2").
+- "sentencepiece": a real SentencePiece `tokenizer.model` (BPE, byte fallback, digits split),
+  trained with the `sentencepiece` library, beside the tokenizer.json transformers converts
+  from it: what Llama 2 and Gemma 2 repositories ship. llama.cpp's converter reads the
+  `.model` itself (`_set_vocab_sentencepiece`); Gemma 2's converter reads nothing else.
 
 Why `tokenizer_pre` is passed for the byte-level kinds: llama.cpp's converter recognises a
 pre-tokenizer by the sha256 of the token ids its tokenizer gives a fixed text
@@ -58,7 +62,7 @@ class Arch:
     id: str
     config_class: str
     config: dict
-    tokenizer: str  # spm | llama3 | qwen2 | gpt2
+    tokenizer: str  # spm | llama3 | qwen2 | gpt2 | sentencepiece
     specials: tuple[str, ...]
     template: str
     eos: str
@@ -92,6 +96,14 @@ ARCHES = [
          ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"
           "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"),
          eos="<eos>", stop="<end_of_turn>", bos="<bos>", tokenizer_pre="llama-bpe"),
+    Arch("llama-sentencepiece", "LlamaConfig", COMMON, "sentencepiece", ("<unk>", "<s>", "</s>"), LLAMA2_CHAT,
+         eos="</s>", stop="</s>", bos="<s>", tokenizer_class="LlamaTokenizer"),
+    Arch("gemma2", "Gemma2Config", COMMON | {"head_dim": 16, "sliding_window": 8, "tie_word_embeddings": True,
+                                             "query_pre_attn_scalar": 16},
+         "sentencepiece", ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"),
+         ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"
+          "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"),
+         eos="<eos>", stop="<end_of_turn>", bos="<bos>", tokenizer_class="GemmaTokenizer"),
     Arch("phi3", "Phi3Config", COMMON | {"num_key_value_heads": 4, "pad_token_id": 0}, "gpt2",
          ("<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>"), PHI3_CHAT, eos="<|endoftext|>", stop="<|end|>",
          tokenizer_class="GPT2Tokenizer", tokenizer_pre="gpt-2"),
@@ -136,6 +148,31 @@ def build_tokenizer(arch: Arch):
     return tok
 
 
+def build_sentencepiece(arch: Arch, folder: Path):
+    """`folder/tokenizer.model` trained by SentencePiece the way Llama 2 (ids unk 0, bos 1, eos 2,
+    a dummy-prefix space) or Gemma 2 (pad 0, eos 1, bos 2, unk 3, no dummy prefix, its turn
+    markers as user-defined pieces) configure it, and the tokenizer.json transformers converts
+    from it. Returns that tokenizer.json as a `tokenizers.Tokenizer`."""
+    sentencepiece = pytest.importorskip("sentencepiece")
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    gemma = arch.bos == "<bos>"
+    ids = dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3) if gemma else dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS), model_prefix=str(folder / "tokenizer"), vocab_size=600, model_type="bpe",
+        byte_fallback=True, split_digits=True, character_coverage=1.0, add_dummy_prefix=not gemma,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", allow_whitespace_only_pieces=True,
+        user_defined_symbols=[t for t in arch.specials if t not in ("<pad>", "<eos>", "<bos>", "<unk>", "<s>", "</s>")],
+        unk_piece="<unk>", bos_piece=arch.bos, eos_piece=arch.eos, pad_piece="<pad>", minloglevel=2, **ids)
+    (folder / "tokenizer.vocab").unlink()
+    (folder / "tokenizer_config.json").write_text(json.dumps({  # as the repositories configure it: a BOS first
+        "tokenizer_class": arch.tokenizer_class, "bos_token": arch.bos, "eos_token": arch.eos, "unk_token": "<unk>",
+        "add_bos_token": True}))
+    AutoTokenizer.from_pretrained(folder).save_pretrained(folder)  # writes tokenizer.json; the .model stays
+    return Tokenizer.from_file(str(folder / "tokenizer.json"))
+
+
 def build_hf_model(arch: Arch, folder: Path) -> Path:
     """A seeded random model of `arch` with its tokenizer and chat template, saved as safetensors.
 
@@ -144,13 +181,16 @@ def build_hf_model(arch: Arch, folder: Path) -> Path:
     import torch
     import transformers
 
-    tok = build_tokenizer(arch)
     folder.mkdir(parents=True)
-    tok.save(str(folder / "tokenizer.json"))
+    if arch.tokenizer == "sentencepiece":
+        tok = build_sentencepiece(arch, folder)
+    else:
+        tok = build_tokenizer(arch)
+        tok.save(str(folder / "tokenizer.json"))
     tokenizer_config = {"tokenizer_class": arch.tokenizer_class, "eos_token": arch.eos, "chat_template": arch.template,
                         "model_max_length": 512, "clean_up_tokenization_spaces": False,
                         **({"bos_token": arch.bos, "add_bos_token": True} if arch.bos else {"bos_token": None}),
-                        **({"unk_token": "<unk>", "legacy": True} if arch.tokenizer == "spm" else {}),
+                        **({"unk_token": "<unk>", "legacy": True} if arch.tokenizer in ("spm", "sentencepiece") else {}),
                         **({"pad_token": "<pad>"} if "<pad>" in arch.specials else {})}
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2), encoding="utf-8")
     config = getattr(transformers, arch.config_class)(
@@ -159,7 +199,8 @@ def build_hf_model(arch: Arch, folder: Path) -> Path:
         **arch.config)
     config.architectures = [{"LlamaConfig": "LlamaForCausalLM", "MistralConfig": "MistralForCausalLM",
                              "Qwen2Config": "Qwen2ForCausalLM", "Qwen3Config": "Qwen3ForCausalLM",
-                             "Gemma3TextConfig": "Gemma3ForCausalLM", "Phi3Config": "Phi3ForCausalLM"}[arch.config_class]]
+                             "Gemma3TextConfig": "Gemma3ForCausalLM", "Gemma2Config": "Gemma2ForCausalLM",
+                             "Phi3Config": "Phi3ForCausalLM"}[arch.config_class]]
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # norms away from 1 (gemma's are stored as w - 1): a wrong norm layout shows

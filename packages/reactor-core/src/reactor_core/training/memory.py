@@ -170,7 +170,7 @@ def estimate_memory(shape: ModelShape, config: Any, *, dtype_name: str, autocast
         trainable = shape.lora_params(c.lora_rank, lora_targets) * 16
     else:
         trainable = params * 16
-        if c.method == "dpo" and not c.precompute_ref_logps:
+        if (c.method == "dpo" and not c.precompute_ref_logps) or (c.method == "grpo" and c.beta > 0):
             trainable += params * 4  # the frozen reference copy
     trainable /= world_size
     tokens = c.batch_size * c.max_seq_length

@@ -202,14 +202,19 @@ def test_loss_agrees_with_trl_on_the_same_model_completions_and_advantages(tiny_
 # -- training ----------------------------------------------------------------------------------------
 
 STARTS_WITH = (
-    "def starts_with(prompts, completions, target, **columns):\n"
-    "    return [float(c.startswith(t)) for c, t in zip(completions, target)]\n"
+    "def starts_with(prompts, completions, targets, **columns):\n"
+    "    return [float(c.startswith(tuple(t))) for c, t in zip(completions, targets)]\n"
 )
 
 
-def write_prompts(path: Path, target: str, n: int = 12) -> Path:
-    rows = [{"prompt": [{"role": "user", "content": f"Say something about {i}."}], "target": target}
-            for i in range(n)]
+PROMPT = "Say something."
+TEMPERATURE = 0.3  # a random model spreads its probability thinly; sampling cooler gives the reward a start
+
+
+def write_prompts(path: Path, targets: list[str], n: int = 12) -> Path:
+    """The same prompt on every line (an `id` column keeps the lines apart), so the
+    reward's starting rate is the one the fixture measured."""
+    rows = [{"prompt": [{"role": "user", "content": PROMPT}], "targets": targets, "id": i} for i in range(n)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -217,44 +222,50 @@ def write_prompts(path: Path, target: str, n: int = 12) -> Path:
 def grpo_config(model_dir: Path, out: Path, reward_file: Path, **overrides) -> TrainingConfig:
     values = dict(method="grpo", reward_funcs=[f"{reward_file}:starts_with"], num_generations=8,
                   max_completion_length=3, batch_size=2, val_fraction=0.0, num_samples=0, merge_adapter=False,
-                  learning_rate=2e-2, warmup_steps=0, lr_scheduler="constant", mixed_precision="fp32")
+                  learning_rate=1e-2, warmup_steps=0, lr_scheduler="constant", mixed_precision="fp32",
+                  temperature=TEMPERATURE)
     return config_for(model_dir, out, **(values | overrides))
 
 
 @pytest.fixture(scope="module")
 def reward_task(tiny_llama_dir, tokenizer, tmp_path_factory):
-    """Prompts whose reward is "the completion starts with X", X the tiny model's most
-    likely first token that is plain text and not already near-certain (so the reward
-    starts well below 1, above 0)."""
+    """Prompts whose reward is "the completion starts with X", X the tiny model's second
+    likeliest first token at the sampling temperature (so the reward starts well above 0
+    and well below 1), and the probability it starts with."""
     from transformers import AutoModelForCausalLM
 
     folder = tmp_path_factory.mktemp("grpo")
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "Say something about 0."}], tokenize=False,
+    text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False,
                                          add_generation_prompt=True)
     ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
-        probs = model(ids).logits[0, -1].softmax(-1)
-    chosen = next(int(i) for i in probs.topk(20).indices if int(i) not in tokenizer.all_special_ids
-                  and tokenizer.decode([int(i)]).strip() and probs[i] < 0.6)
+        probs = (model(ids).logits[0, -1] / TEMPERATURE).softmax(-1)
+    plain = [i for i in probs.argsort(descending=True).tolist()[:20]
+             if i not in tokenizer.all_special_ids and tokenizer.decode([i]).strip()]
+    target = plain[1]
     reward_file = folder / "rewards.py"
     reward_file.write_text(STARTS_WITH)
-    return write_prompts(folder / "prompts.jsonl", tokenizer.decode([chosen])), reward_file, probs[chosen].item()
+    return write_prompts(folder / "prompts.jsonl", [tokenizer.decode([target])]), reward_file, probs[target].item()
+
+
+def train_records(out: Path) -> list[dict]:
+    records = [json.loads(line) for line in (out / "logs/metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r["split"] == "train"]
 
 
 def test_lora_grpo_raises_a_verifiable_reward(tiny_llama_dir, reward_task, tmp_path):
-    data, reward_file, start_probability = reward_task
-    assert 0.01 < start_probability < 0.9
-    config = grpo_config(tiny_llama_dir, tmp_path / "out", reward_file, max_steps=16)
+    data, reward_file, start = reward_task
+    assert 0.05 < start < 0.5
+    config = grpo_config(tiny_llama_dir, tmp_path / "out", reward_file, max_steps=12)
     recipe = Trainer(config, progress=False).recipe
     assert isinstance(recipe, GRPORecipe)
     recipe.setup(data)
     result = recipe.train()
-    records = [json.loads(line) for line in (tmp_path / "out/logs/metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if r["split"] == "train"]
+    train = train_records(tmp_path / "out")
     rewards = [r["reward_starts_with"] for r in train]
-    assert len(rewards) == 16
-    first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
+    assert len(rewards) == 12
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert last > first + 0.3, rewards
     for key in ("reward", "reward_std", "reward_starts_with_std", "completion_length", "clip_ratio", "loss"):
         assert key in train[-1], key
@@ -265,8 +276,8 @@ def test_lora_grpo_raises_a_verifiable_reward(tiny_llama_dir, reward_task, tmp_p
 
 def test_lora_with_kl_uses_the_adapters_disabled_reference(tiny_llama_dir, reward_task, tmp_path):
     data, reward_file, _ = reward_task
-    config = grpo_config(tiny_llama_dir, tmp_path / "out", reward_file, max_steps=3, beta=0.05, loss_type="grpo",
-                         val_fraction=0.25)
+    config = grpo_config(tiny_llama_dir, tmp_path / "out", reward_file, max_steps=2, beta=0.05, loss_type="grpo",
+                         val_fraction=0.25, num_generations=4)
     recipe = Trainer(config, progress=False).recipe
     recipe.setup(data)
     result = recipe.train()
@@ -276,8 +287,7 @@ def test_lora_with_kl_uses_the_adapters_disabled_reference(tiny_llama_dir, rewar
     held = {id(p): p.numel() for value in vars(recipe).values() if isinstance(value, torch.nn.Module)
             for p in value.parameters()}
     assert sum(held.values()) == base + lora  # every parameter the recipe holds, counted once
-    train = [r for r in (json.loads(line) for line in (tmp_path / "out/logs/metrics.jsonl").read_text().splitlines())
-             if r["split"] == "train"]
+    train = train_records(tmp_path / "out")
     assert train[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # step 1 samples from the reference itself
     assert train[-1]["kl"] > 0  # the adapters have moved the policy since
     assert result.metrics["eval_loss"] == -result.metrics["eval_reward"]  # eval: rewards on the held-out prompts
@@ -299,19 +309,19 @@ def test_full_fine_tune_with_kl_keeps_a_frozen_reference(tiny_llama_dir, reward_
 
 
 def test_in_process_resume_is_bitwise_identical(tiny_llama_dir, reward_task, tmp_path):
-    """Cancelled after step 4, resumed from the step-3 checkpoint: the resumed run samples
+    """Cancelled after step 3, resumed from the step-2 checkpoint: the resumed run samples
     the same completions (the sampling RNG is in the checkpoint), so its rewards, losses
     and weights are the uninterrupted run's, bit for bit."""
     data, reward_file, _ = reward_task
-    config = grpo_config(tiny_llama_dir, tmp_path / "straight", reward_file, max_steps=6, gradient_accumulation_steps=2,
-                         checkpoint_every_steps=3, beta=0.05, lora_dropout=0.1, merge_adapter=False)
+    config = grpo_config(tiny_llama_dir, tmp_path / "straight", reward_file, max_steps=4, gradient_accumulation_steps=2,
+                         checkpoint_every_steps=2, beta=0.05, lora_dropout=0.1, num_generations=4)
     straight = Trainer(config, progress=False).train(data)
 
     resumed_config = config.model_copy(update={"output_dir": str(tmp_path / "resumed")})
     first = Trainer(resumed_config, progress=False)
-    first.recipe.on_event = lambda event: event.kind == "step" and event.step == 4 and first.cancel()
+    first.recipe.on_event = lambda event: event.kind == "step" and event.step == 3 and first.cancel()
     assert first.train(data).cancelled
-    assert LocalCheckpointStore(tmp_path / "resumed/checkpoints").latest().step == 3
+    assert LocalCheckpointStore(tmp_path / "resumed/checkpoints").latest().step == 2
     resumed = Trainer(resumed_config, progress=False).train(data)
 
     def logged(out: Path) -> list[dict]:
@@ -321,7 +331,7 @@ def test_in_process_resume_is_bitwise_identical(tiny_llama_dir, reward_task, tmp
 
     assert resumed.metrics["train_loss"] == straight.metrics["train_loss"]
     straight_log, resumed_log = logged(tmp_path / "straight"), logged(tmp_path / "resumed")
-    by_step = {r["step"]: r for r in resumed_log}  # steps 1-4, then 4-6 again after the resume
+    by_step = {r["step"]: r for r in resumed_log}  # steps 1-3, then 3-4 again after the resume
     assert [by_step[r["step"]] for r in straight_log] == straight_log
     assert len({r["reward"] for r in straight_log}) > 1  # rewards vary: the sampled completions matter
     a = load_file(straight.model_dir / "adapter/adapter_model.safetensors")
@@ -330,9 +340,9 @@ def test_in_process_resume_is_bitwise_identical(tiny_llama_dir, reward_task, tmp
 
 
 def test_a_reward_that_fails_in_training_names_the_function_and_the_line(tiny_llama_dir, tmp_path):
-    data = write_prompts(tmp_path / "prompts.jsonl", "x", n=4)
+    data = write_prompts(tmp_path / "prompts.jsonl", ["x"], n=4)
     rewards = tmp_path / "bad.py"
-    rewards.write_text("def starts_with(prompts, completions, target, **kw):\n    return ['yes'] * len(completions)\n")
+    rewards.write_text("def starts_with(prompts, completions, targets, **kw):\n    return ['yes'] * len(completions)\n")
     recipe = Trainer(grpo_config(tiny_llama_dir, tmp_path / "out", rewards, max_steps=1), progress=False).recipe
     recipe.setup(data)
     with pytest.raises(RewardError, match=rf"reward 'starts_with' returned 'yes' for the completion of {data}:\d"):

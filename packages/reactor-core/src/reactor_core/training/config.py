@@ -286,7 +286,7 @@ class TrainingConfig(BaseModel):
             return tuple(int(part) for part in text.split("."))
 
         new = version(FIELD_SINCE[key]) >= version(self.HASHED_WHEN_SET_SINCE)
-        return new and value == type(self).model_fields[key].default
+        return new and value == type(self).model_fields[key].get_default(call_default_factory=True)
 
 
 def _format_validation_error(err: ValidationError, origin: str) -> str:

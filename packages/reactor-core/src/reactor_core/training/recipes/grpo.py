@@ -186,9 +186,13 @@ class GRPORecipe(Recipe):
         # left padding: every row's next token is sampled at the same column
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
         attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+        # the tokenizer's EOS and the model's own stop tokens (an instruct model's end-of-turn)
+        own = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        stops = [tokenizer.eos_token_id, *(own if isinstance(own, list) else [own])]
+        stops = list(dict.fromkeys(t for t in stops if t is not None))
         generation = GenerationConfig(
             do_sample=True, temperature=c.temperature, top_p=c.top_p, top_k=0, max_new_tokens=c.max_completion_length,
-            pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, use_cache=True)
+            pad_token_id=pad, eos_token_id=stops, use_cache=True)
         was_training = self.loss_module.training
         self.loss_module.eval()
         root_unsharded = self.dist.enabled
@@ -205,9 +209,8 @@ class GRPORecipe(Recipe):
             self.loss_module.train(was_training)
         completions = []
         for row in out[:, width:].tolist():
-            if tokenizer.eos_token_id in row:
-                row = row[:row.index(tokenizer.eos_token_id) + 1]
-            completions.append(row)
+            end = next((i for i, token in enumerate(row) if token in stops), None)
+            completions.append(row if end is None else row[:end + 1])
         return completions
 
     def rewards(self, prompts: list[TokenizedPrompt], texts: list[str]) -> torch.Tensor:

@@ -27,8 +27,8 @@ from reactor_core.gcp.metadata import DEFAULT_METADATA_TIMEOUT_S, MetadataClient
 app = typer.Typer(
     name="reactor",
     help=(
-        "Reactor Core: the JARVIS training engine. It turns chat and preference data "
-        "into PRIME model directories (SFT, LoRA/QLoRA, DPO) on a laptop, a GPU box or "
+        "Reactor Core: the JARVIS training engine. It turns chat, preference and prompt data "
+        "into PRIME model directories (SFT, LoRA/QLoRA, DPO, GRPO) on a laptop, a GPU box or "
         "a spot GCP VM, for jarvis-prime to serve."
     ),
     no_args_is_help=True,
@@ -146,7 +146,7 @@ def train(
         "Processes on this machine: more than 1 launches torchrun and shards the model with FSDP2 "
         "(gloo on CPU, nccl on CUDA). batch_size is per process."))] = 1,
 ) -> None:
-    """Train from a YAML recipe (SFT or DPO; LoRA, QLoRA or full fine-tuning; SFT of
+    """Train from a YAML recipe (SFT, DPO or GRPO; LoRA, QLoRA or full fine-tuning; SFT of
     vision models on chat data with images).
 
     Data is validated completely before anything is written; the result is a PRIME

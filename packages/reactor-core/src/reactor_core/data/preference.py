@@ -59,7 +59,7 @@ class TokenizedPair:
     reference: tuple[float, float] | None = None  # precomputed reference log-probs (chosen, rejected)
 
 
-def _prompt(value: Any) -> tuple[Message, ...]:
+def prompt_messages(value: Any) -> tuple[Message, ...]:
     if isinstance(value, str):
         if not value.strip():
             raise DataFormatError("`prompt` is empty")
@@ -101,7 +101,7 @@ def parse_preference(obj: Any) -> tuple[tuple[Message, ...], str, str]:
     missing = [k for k in ("prompt", "chosen", "rejected") if k not in obj]
     if missing:
         raise DataFormatError(f"missing field(s): {', '.join(missing)}", BAD_FORMAT)
-    prompt, chosen, rejected = _prompt(obj["prompt"]), _reply(obj, "chosen"), _reply(obj, "rejected")
+    prompt, chosen, rejected = prompt_messages(obj["prompt"]), _reply(obj, "chosen"), _reply(obj, "rejected")
     if chosen.strip() == rejected.strip():
         raise DataFormatError("`chosen` and `rejected` are the same reply: nothing to prefer", SAME_REPLIES)
     return prompt, chosen, rejected

@@ -2,7 +2,8 @@
 
     config.py         TrainingConfig: every recipe key, validated
     trainer.py        Trainer: picks the recipe for `config.method`, runs it here or async
-    recipes/          base.py (setup + the loop), sft.py, dpo.py, and the registry
+    recipes/          base.py (setup + the loop), sft.py, dpo.py, grpo.py, and the registry
+    rewards.py        GRPO's reward functions: built-ins, loading, scoring
     background.py     train_async's child process
     checkpointing.py  what a checkpoint holds, when one is due, which to resume, spot defaults
     prime_dir.py      the PRIME model directory: weights, merge, tokenizer, prime.json

@@ -47,7 +47,12 @@ FIELD_SINCE: dict[str, str] = {
     **dict.fromkeys(("train_projector", "train_vision_tower", "freeze_language_model", "projector_learning_rate"),
                     "1.6.0"),  # vision models
     **dict.fromkeys(("base_dtype", "check_memory"), "1.7.0"),  # big bases: half-precision frozen weights, memory estimate
+    **dict.fromkeys(("num_generations", "max_completion_length", "temperature", "top_p", "epsilon", "epsilon_high",
+                     "reward_funcs", "reward_weights"), "1.8.0"),  # GRPO
 }
+
+# `loss_type` values per method; GRPO's default is "dapo", as current TRL's
+LOSS_TYPES: dict[str, tuple[str, ...]] = {"dpo": ("sigmoid", "ipo"), "grpo": ("dapo", "grpo", "dr_grpo")}
 
 
 class TrainingConfig(BaseModel):
@@ -76,9 +81,15 @@ class TrainingConfig(BaseModel):
     merge_adapter: bool = Field(default=True, description="Also write merged full weights next to adapter/.")
 
     # -- method ----------------------------------------------------------------------------
-    method: Literal["sft", "dpo"] = Field(default="sft", description="sft: chat data; dpo: preference pairs.")
-    beta: float = Field(default=0.1, gt=0, description="DPO: strength of the pull towards the reference model.")
-    loss_type: Literal["sigmoid", "ipo"] = Field(default="sigmoid", description="DPO loss: sigmoid (DPO/cDPO) or ipo.")
+    method: Literal["sft", "dpo", "grpo"] = Field(default="sft", description=(
+        "sft: chat data; dpo: preference pairs; grpo: prompts, sampled completions and reward functions."))
+    beta: float = Field(default=0.1, ge=0, description=(
+        "DPO: strength of the pull towards the reference model (> 0). GRPO: weight of the KL to the reference "
+        "(default 0 for grpo, as TRL: no reference is loaded or kept)."))
+    loss_type: Literal["sigmoid", "ipo", "dapo", "grpo", "dr_grpo"] = Field(default="sigmoid", description=(
+        "DPO loss: sigmoid (DPO/cDPO) or ipo. GRPO loss (default dapo): dapo = mean over every completion token "
+        "of the step; grpo = mean per completion, then over completions; dr_grpo = sum over tokens / "
+        "(completions x max_completion_length), and advantages not divided by the group's std (Dr. GRPO)."))
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5, description="DPO sigmoid: assumed label noise (cDPO).")
     precompute_ref_logps: bool = Field(default=False, description=(
         "DPO: score every pair with the reference model once before training, instead of at every step; "
@@ -110,6 +121,23 @@ class TrainingConfig(BaseModel):
         "JSONL of {\"text\": ...} lines: plain text on which `kl_to_base` is measured instead (about "
         "`kl_anchor_tokens` of it per micro-batch), e.g. prose the base wrote, to keep general-text perplexity."))
     kl_anchor_tokens: int = Field(default=512, gt=0, description="Anchor-text tokens per micro-batch.")
+
+    # -- GRPO (method: grpo) ---------------------------------------------------------------
+    num_generations: int = Field(default=8, ge=2, description=(
+        "GRPO: completions sampled per prompt (the group its advantages are normalised in); a micro-batch of "
+        "`batch_size` prompts is batch_size x num_generations sequences."))
+    max_completion_length: int = Field(default=256, gt=0, description="GRPO: most tokens sampled per completion.")
+    temperature: float = Field(default=1.0, gt=0, description=(
+        "GRPO: sampling temperature; the log-probs of the loss use the same temperature, as TRL's do."))
+    top_p: float = Field(default=1.0, gt=0, le=1.0, description="GRPO: nucleus sampling (1.0: off).")
+    epsilon: float = Field(default=0.2, gt=0, lt=1.0, description="GRPO: clip range, ratio kept in [1 - eps, 1 + eps_high].")
+    epsilon_high: float | None = Field(default=None, gt=0, description=(
+        "GRPO: upper clip (DAPO's clip-higher, e.g. 0.28); null = epsilon."))
+    reward_funcs: list[str] = Field(default_factory=list, description=(
+        "GRPO: reward functions, each a built-in (exact_answer, think_format, length), 'package.module:function' "
+        "or 'path/to/file.py:function', called as f(prompts, completions, **columns) -> list[float | None]."))
+    reward_weights: list[float] | None = Field(default=None, description=(
+        "GRPO: one weight per reward function (null: all 1.0); the reward is their weighted sum."))
 
     # -- vision models (config.json with `vision_config`; an error on a text model) ----------
     train_projector: bool = Field(default=True, description=(
@@ -179,8 +207,36 @@ class TrainingConfig(BaseModel):
                              "(not '.' or '..', no '/')")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _method_defaults(cls, values: Any) -> Any:
+        # GRPO's own defaults for the keys it shares with DPO: TRL's loss ("dapo") and no KL
+        if isinstance(values, dict) and values.get("method") == "grpo":
+            values = {"loss_type": "dapo", "beta": 0.0, **values}
+        return values
+
     @model_validator(mode="after")
     def _check_combinations(self) -> "TrainingConfig":
+        owner = next(method for method, types in LOSS_TYPES.items() if self.loss_type in types)
+        if self.method != owner and not (self.method == "sft" and self.loss_type == "sigmoid"):  # sft: the default
+            takes = f" (`method: {self.method}` takes {', '.join(LOSS_TYPES[self.method])})" if self.method in LOSS_TYPES else ""
+            raise ValueError(f"`loss_type: {self.loss_type}` applies to `method: {owner}` only{takes}")
+        if self.method == "dpo" and self.beta <= 0:
+            raise ValueError(f"`beta` must be > 0 for `method: dpo`, got {self.beta}")
+        grpo_keys = [k for k in ("num_generations", "max_completion_length", "temperature", "top_p", "epsilon",
+                                 "epsilon_high", "reward_funcs", "reward_weights")
+                     if getattr(self, k) != type(self).model_fields[k].get_default(call_default_factory=True)]
+        if self.method != "grpo" and grpo_keys:
+            raise ValueError(f"`{grpo_keys[0]}` applies to `method: grpo` only")
+        if self.method == "grpo":
+            if not self.reward_funcs:
+                raise ValueError("`method: grpo` needs `reward_funcs`: at least one (e.g. [exact_answer])")
+            if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+                raise ValueError(f"`reward_weights` has {len(self.reward_weights)} weight(s) for "
+                                 f"{len(self.reward_funcs)} reward function(s)")
+            if self.max_completion_length >= self.max_seq_length:
+                raise ValueError(f"`max_completion_length` ({self.max_completion_length}) leaves no room for the "
+                                 f"prompt in `max_seq_length` ({self.max_seq_length})")
         if self.precompute_ref_logps and self.method != "dpo":
             raise ValueError("`precompute_ref_logps` applies to `method: dpo` only")
         if self.label_smoothing and (self.method != "dpo" or self.loss_type != "sigmoid"):
@@ -230,7 +286,7 @@ class TrainingConfig(BaseModel):
             return tuple(int(part) for part in text.split("."))
 
         new = version(FIELD_SINCE[key]) >= version(self.HASHED_WHEN_SET_SINCE)
-        return new and value == type(self).model_fields[key].default
+        return new and value == type(self).model_fields[key].get_default(call_default_factory=True)
 
 
 def _format_validation_error(err: ValidationError, origin: str) -> str:

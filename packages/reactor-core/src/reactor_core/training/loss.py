@@ -139,6 +139,25 @@ def sequence_logps(
     return sums, counts
 
 
+def token_logps(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    position_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(token) (N,) of each of the N labelled tokens, in row-major order, its row (N,)).
+
+    GRPO's per-token log-probabilities of sampled completions. The logits are divided
+    by the sampling `temperature` first, as TRL does: the ratio and KL then compare the
+    distributions the completions were actually drawn from.
+    """
+    logits, targets, rows = labelled_logits(model, input_ids, labels, position_ids, attention_mask)
+    logps = torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+    return logps, rows
+
+
 def sft_loss_sum_with_kl(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -223,8 +242,10 @@ class LossModule(nn.Module):
         kl_weight: float = 0.0,
         anchor_ids: torch.Tensor | None = None,
         vision: dict[str, torch.Tensor] | None = None,
+        temperature: float | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """The loss sum, or (sequence log-probs, labelled counts) with `per_sequence`.
+        """The loss sum, or (sequence log-probs, labelled counts) with `per_sequence`, or
+        (token log-probs (N,), their rows (N,)) at `temperature` when it is given (GRPO).
 
         `adapters=False` runs a peft model with its LoRA adapters disabled: the base
         model, DPO's reference, with no second copy in memory. `kl_weight` adds the
@@ -239,7 +260,10 @@ class LossModule(nn.Module):
         if kl_weight:
             return sft_loss_sum_with_kl(self.model, input_ids, labels, position_ids, attention_mask, kl_weight,
                                         anchor_ids)
-        fn = sequence_logps if per_sequence else partial(causal_lm_loss_sum, head_loss=self.head_loss)
+        if temperature is not None:
+            fn = partial(token_logps, temperature=temperature)
+        else:
+            fn = sequence_logps if per_sequence else partial(causal_lm_loss_sum, head_loss=self.head_loss)
         if adapters:
             return fn(self.model, input_ids, labels, position_ids, attention_mask)
         with self.model.disable_adapter():

@@ -170,10 +170,11 @@ def estimate_memory(shape: ModelShape, config: Any, *, dtype_name: str, autocast
         trainable = shape.lora_params(c.lora_rank, lora_targets) * 16
     else:
         trainable = params * 16
-        if c.method == "dpo" and not c.precompute_ref_logps:
+        if (c.method == "dpo" and not c.precompute_ref_logps) or (c.method == "grpo" and c.beta > 0):
             trainable += params * 4  # the frozen reference copy
     trainable /= world_size
-    tokens = c.batch_size * c.max_seq_length
+    rows = c.batch_size * (c.num_generations if c.method == "grpo" else 1)  # GRPO: a group per prompt
+    tokens = rows * c.max_seq_length
     per_layer = (10 * shape.hidden_size + 4 * shape.intermediate_size) * autocast_bytes * tokens
     if c.gradient_checkpointing:
         activations = shape.num_layers * shape.hidden_size * autocast_bytes * tokens + per_layer

@@ -1,0 +1,163 @@
+"""JARVIS with a thinking model: the reasoning shown folded (terminal: one dim line; page: a
+closed <details>, in Chromium), never stored or sent back as the answer; /think asks the
+reasoning model when one is installed and says self-consistency otherwise."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from rich.console import Console
+
+from jarvis import cli
+from jarvis.chatbots import Chatbot, ChatbotConfig, Thought
+from jarvis.memory import ConversationStore
+from jarvis.reasoning import pick_reasoning_model
+from jarvis_prime import PrimeModel
+
+pytestmark = pytest.mark.real_model
+NAME = "smollm2-135m-thinking"  # the default model made a thinking one (conftest.thinking_model)
+
+
+@pytest.fixture(scope="module")
+def thinker(thinking_model):
+    model = PrimeModel.from_pretrained(NAME, backend="llamacpp", context_length=1024)
+    yield model
+    model.close()
+
+
+def captured(monkeypatch) -> io.StringIO:
+    out = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=out, width=200, highlight=False))
+    return out
+
+
+def test_thinking_streams_apart_and_only_the_answer_is_the_reply(thinker, tmp_path):
+    store = ConversationStore(tmp_path / "jarvis.db")
+    bot = Chatbot(ChatbotConfig(max_new_tokens=32, thinking_budget=6), model=thinker, store=store)
+    pieces = list(bot.stream("What is the capital of France?"))
+    thoughts = "".join(p for p in pieces if isinstance(p, Thought))
+    answer = "".join(p for p in pieces if not isinstance(p, Thought))
+    assert thoughts.strip() and answer.strip()
+    assert pieces.index(next(p for p in pieces if not isinstance(p, Thought))) > 0, "thinking comes first"
+
+    assert bot.history[-1] == {"role": "assistant", "content": answer.strip()}, "the history holds the answer alone"
+    assert bot.last_thinking == thoughts.strip()
+    (reply,) = [m for m in store.stored_messages(bot.conversation) if m.role == "assistant"]
+    assert reply.content == answer.strip() and thoughts.strip() not in reply.content
+    assert reply.thinking == thoughts.strip(), "kept beside the answer"
+    assert store.messages(bot.conversation)[-1]["content"] == answer.strip()
+
+    # the next turn sends the model the answer only (what the template renders of the history)
+    _, messages, _ = bot._fit_context({"role": "user", "content": "Thanks"})
+    assert thoughts.strip() not in thinker.apply_chat_template(messages)
+    store.close()
+
+
+def test_the_terminal_folds_the_thinking_to_one_dim_line(thinker, monkeypatch):
+    out = captured(monkeypatch)
+    bot = Chatbot(ChatbotConfig(max_new_tokens=32, thinking_budget=6), model=thinker)
+    cli._reply(bot, "What is the capital of France?")
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("thought: ") and lines[0].endswith("of thinking; /show-thinking)")
+    first = bot.last_thinking.splitlines()[0].strip()
+    assert first[:40] in lines[0]
+    assert bot.history[-1]["content"] in out.getvalue()
+    assert len(bot.last_thinking) <= 40 or bot.last_thinking not in out.getvalue(), "folded, not printed whole"
+    assert cli.folded_thinking("one\n\ntwo\nthree") == "thought: one (3 lines of thinking; /show-thinking)"
+
+    # out of tokens while thinking: said so, and nothing stored as an answer
+    out.truncate(0), out.seek(0)
+    cut = Chatbot(ChatbotConfig(max_new_tokens=5), model=thinker)
+    cli._reply(cut, "What is the capital of France?")
+    assert "no answer: the reply ran out of tokens while thinking" in out.getvalue() and cut.history == []
+
+
+def test_think_asks_the_reasoning_model_when_installed(thinker, llama_model, monkeypatch, model_store):
+    """pick: a catalog reasoning model in the (tmp) store, else None; /think then says which way it went."""
+    assert pick_reasoning_model() is None, "an empty store has no reasoning model"
+    model_store("prime-13b-reasoning-v1")
+    assert pick_reasoning_model() == "prime-13b-reasoning-v1"
+    assert pick_reasoning_model("my-own") == "my-own"
+
+    bot = Chatbot(ChatbotConfig(max_new_tokens=24, thinking_budget=6), model=llama_model)
+    bot._reasoner = thinker  # what `reasoning_model` loads (a stand-in for the 14B one the store names)
+    out = captured(monkeypatch)
+    monkeypatch.setattr(cli, "pick_reasoning_model", lambda configured=None: NAME, raising=False)
+    result = bot.reason("What is 2 + 2?")
+    assert result.method == "reasoning model" and result.model == NAME and result.thinking
+    assert bot.history[-1]["content"] == result.reply and result.thinking not in result.reply
+
+
+def test_think_says_self_consistency_when_no_reasoning_model_is_installed(llama_model, monkeypatch, tmp_path):
+    monkeypatch.setenv("JARVIS_PRIME_HOME", str(tmp_path / "empty-store"))
+    monkeypatch.delenv("JARVIS_REASONING_MODEL", raising=False)
+    out = captured(monkeypatch)
+    bot = Chatbot(ChatbotConfig(max_new_tokens=24, reasoning_samples=2), model=llama_model)
+    cli._think(bot, "What is 2 + 2?")
+    said = out.getvalue()
+    assert "no reasoning model installed" in said and "self-consistency on smollm2-135m-instruct, 2 samples" in said
+    assert "prime pull prime-" in said, "it names what to pull"
+
+
+def test_think_on_a_thinking_chat_model_uses_it_and_says_so(thinker, monkeypatch):
+    out = captured(monkeypatch)
+    bot = Chatbot(ChatbotConfig(max_new_tokens=24, thinking_budget=6), model=thinker)
+    cli._think(bot, "What is 2 + 2?")
+    said = out.getvalue()
+    assert said.startswith("thought: ") and f"thought by the reasoning model {NAME}" in said
+    assert bot.last_thinking and bot.last_thinking not in bot.history[-1]["content"]
+
+
+def test_the_page_folds_the_thinking_in_a_real_browser(thinker, tmp_path):
+    from test_web import Server, chromium_path, events
+
+    from jarvis.web.server import create_app
+    from jarvis.web.settings import WebConfig
+
+    store = ConversationStore(tmp_path / "jarvis.db")
+    server = Server(create_app(WebConfig(chat=ChatbotConfig(max_new_tokens=32, thinking_budget=6)), store=store,
+                               model=thinker))
+    try:
+        status, body = server.request("POST", "/api/conversations", {})
+        cid = json.loads(body)["id"]
+        stream = events(server.request("POST", f"/api/conversations/{cid}/messages", {"content": "Hi, who are you?"})[1])
+        thinking = "".join(e.get("thinking", "") for e in stream)
+        answer = "".join(e.get("delta", "") for e in stream)
+        assert thinking.strip() and answer.strip() and stream[-1]["done"]
+        kinds = [("thinking" if "thinking" in e else "delta") for e in stream if "thinking" in e or "delta" in e]
+        assert kinds == sorted(kinds, key=lambda k: k == "delta"), "thinking first, then the answer"
+        stored = json.loads(server.request("GET", f"/api/conversations/{cid}")[1])["messages"][-1]
+        assert stored["content"] == answer.strip() and stored["thinking"] == thinking.strip()
+
+        browser_path = chromium_path()
+        if browser_path is None:
+            pytest.skip("no chromium here (make test installs Debian's on Debian)")
+        from playwright.sync_api import expect, sync_playwright
+
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+            page = browser.new_page()
+            page.goto(server.url)
+            page.get_by_test_id("input").fill("What is the capital of France?")
+            page.get_by_test_id("send").click()
+            reply = page.get_by_test_id("reply").last
+            expect(reply.get_by_test_id("thumbs-down")).to_be_visible(timeout=60_000)  # the stream ended
+            block = reply.get_by_test_id("thinking")
+            expect(block).to_have_count(1)
+            expect(block).not_to_have_attribute("open", "")  # folded
+            expect(block.locator(".thought")).not_to_be_visible()
+            saved = store.stored_messages(store.list()[0].id)[-1]
+            assert saved.thinking and saved.content
+            expect(reply.get_by_test_id("text")).to_have_text(saved.content)  # the answer alone
+            block.locator("summary").click()
+            expect(block.locator(".thought")).to_be_visible()
+            expect(block.locator(".thought")).to_have_text(saved.thinking)
+            page.reload()  # stored: still folded above the reply after a reload
+            expect(page.get_by_test_id("reply").last.get_by_test_id("thinking")).to_have_count(1)
+            page.screenshot(path=str(tmp_path / "thinking.png"))
+            browser.close()
+    finally:
+        server.stop()
+        store.close()

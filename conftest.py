@@ -65,6 +65,7 @@ def thinking_model(pulled_model):
 
     from jarvis_prime.manifest import write_manifest
     from jarvis_prime.store import find_local, models_root
+    from jarvis_prime.thinking import ThinkingMarkers
 
     target = models_root() / "smollm2-135m-thinking-1.0.0"
     if find_local("smollm2-135m-thinking") is None:
@@ -72,8 +73,8 @@ def thinking_model(pulled_model):
         (target / "chat_template.jinja").write_text(THINKING_TEMPLATE, encoding="utf-8")
         manifest = pulled_model.manifest.model_copy(update={
             "name": "smollm2-135m-thinking", "version": "1.0.0", "task": "reasoning",
-            "thinking": {"start": "<think>", "end": "</think>"}})
-        write_manifest(target, type(manifest).model_validate(manifest.model_dump()), changed=["chat_template.jinja"])
+            "thinking": ThinkingMarkers(start="<think>", end="</think>")})
+        write_manifest(target, manifest, changed=["chat_template.jinja"])
     return target
 
 

@@ -122,7 +122,10 @@ def chat(
         "PRIME model name or directory for image turns the chat model cannot see (default: $JARVIS_VISION_MODEL, "
         "then the catalog's vision model that is here, prime-135m-vision-v1 first).")),
 ) -> None:
-    """Chat in the terminal with streamed replies (or one answer with --once)."""
+    """Chat in the terminal with streamed replies (or one answer with --once).
+
+    A thinking model's thinking is folded to one dim line above its answer (/show-thinking prints it);
+    only the answer is kept as the reply."""
     from jarvis.vision import MAX_IMAGES_PER_MESSAGE, read_image
 
     store = None

@@ -116,3 +116,23 @@ def test_think_on_a_thinking_chat_model_uses_it_and_says_so(thinker, monkeypatch
     assert said.startswith("thought: ") and f"thought by the reasoning model {NAME}" in said
     assert bot.last_thinking and "think>" not in bot.history[-1]["content"] + bot.last_thinking
     assert said.count("thought: ") == 1 and bot.history[-1]["content"] in said
+
+
+def test_a_remote_thinking_model_streams_its_reasoning_apart(thinker):
+    """`jarvis chat --backend-url` on `prime serve`: the server's `reasoning_content` becomes
+    `Chunk.reasoning`, as a local model's split does, so the Chatbot folds it the same way."""
+    from test_server import running
+
+    from jarvis.remote import RemoteModel
+    from jarvis_prime.serving.settings import ServerConfig
+
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    local = thinker.complete(thinker.encode_chat(question), max_new_tokens=30, temperature=0.0, thinking_budget=6)
+    with running(ServerConfig(model=NAME, backend="llamacpp", context_length=1024)) as url:
+        remote = RemoteModel(f"{url}/v1")
+        chunks = list(remote.complete(remote.encode_chat(question), max_new_tokens=30, thinking_budget=6))
+        bot = Chatbot(ChatbotConfig(max_new_tokens=30, thinking_budget=6), model=remote)
+        answer = bot.ask("What is the capital of France?")
+    assert "".join(c.reasoning for c in chunks) == local.reasoning
+    assert "".join(c.text for c in chunks) == local.text
+    assert answer == local.text.strip() and bot.last_thinking == local.reasoning.strip()

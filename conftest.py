@@ -47,6 +47,37 @@ def chat_model(pulled_model):
     return pull("prime-135m-chat-v1")
 
 
+# The default model's ChatML with the generation prompt opening the reasoning, as Qwen3's and
+# DeepSeek-R1's templates do in their thinking modes.
+THINKING_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                     "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def thinking_model(pulled_model):
+    """The default model as a thinking model in the test store (`smollm2-135m-thinking`, task
+    reasoning): prime.json names `<think>` / `</think>` and its template opens `<think>`.
+
+    Real weights, no fake: SmolLM2 never closes the reasoning by itself, so a reply is all
+    reasoning (cut off) unless a thinking budget makes it answer, which is what the tests of
+    the budget need; whole split replies (markers written by the model) are unit-tested on text."""
+    import shutil
+
+    from jarvis_prime.manifest import write_manifest
+    from jarvis_prime.store import find_local, models_root
+    from jarvis_prime.thinking import ThinkingMarkers
+
+    target = models_root() / "smollm2-135m-thinking-1.0.0"
+    if find_local("smollm2-135m-thinking") is None:
+        shutil.copytree(pulled_model.path, target)
+        (target / "chat_template.jinja").write_text(THINKING_TEMPLATE, encoding="utf-8")
+        manifest = pulled_model.manifest.model_copy(update={
+            "name": "smollm2-135m-thinking", "version": "1.0.0", "task": "reasoning",
+            "thinking": ThinkingMarkers(start="<think>", end="</think>")})
+        write_manifest(target, manifest, changed=["chat_template.jinja"])
+    return target
+
+
 @pytest.fixture(scope="session")
 def exported_model(pulled_model, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the default model with f16, q8_0 and q4_k_m GGUF exports (`prime export`); skips

@@ -211,6 +211,7 @@ def test_a_model_that_will_swap_loads_with_a_warning_that_says_so(pulled_model, 
     with model:
         assert model.runtime.memory.verdict == "slow" and model.runtime.quantization is None
         assert model.generate("Hi", max_new_tokens=2)
-    assert any(re.search(r"smollm2-135m-instruct will be slow here: needs \d\.\d GiB, 0\.1 GiB free of 64\.0 GiB RAM: "
-                         r"it will load but page other memory out \(swap\)", r.getMessage())
+    assert any(re.search(r"smollm2-135m-instruct will be slow here at full precision \(model\.safetensors\): "
+                         r"needs \d\.\d GiB, 0\.1 GiB free of 64\.0 GiB RAM: it will load but page other memory out \(swap\)",
+                         r.getMessage())
                for r in caplog.records), caplog.text

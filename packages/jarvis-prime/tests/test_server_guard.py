@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 
 from asgi_driver import call
+from jarvis_prime.models.base import Chunk
 from jarvis_prime.models.prime_model import Prompt
 from jarvis_prime.serving.app import create_app
 from jarvis_prime.serving.settings import ServerConfig
@@ -99,12 +99,6 @@ class StandInModel:
 
     def close(self) -> None:
         self.closed = True
-
-
-@dataclass
-class Chunk:
-    text: str
-    finish_reason: str | None
 
 
 def test_a_client_that_hangs_up_before_the_first_byte_releases_its_queue_place_and_model():

@@ -215,9 +215,11 @@ def test_regenerate_keeps_the_old_reply_for_preferences(llama_model, tmp_path):
     store.close()
 
 
-def test_reasoning_votes_over_samples(llama_model):
+def test_reasoning_votes_over_samples(llama_model, monkeypatch, tmp_path):
+    monkeypatch.setenv("JARVIS_PRIME_HOME", str(tmp_path))  # no reasoning model installed: self-consistency
     bot = Chatbot(ChatbotConfig(max_new_tokens=96, system_prompt=DEFAULT_PERSONA, reasoning_samples=3), model=llama_model)
     result = bot.reason("Sam has 3 boxes with 4 pencils in each box. How many pencils does Sam have?")
+    assert result.method == "self-consistency" and result.model == "smollm2-135m-instruct"
     assert len(result.samples) == 3 and len(set(result.samples)) > 1, "k distinct samples"
     assert sum(result.votes.values()) <= 3
     if result.answer is not None:

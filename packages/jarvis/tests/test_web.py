@@ -385,3 +385,56 @@ def test_the_page_sends_images_by_button_drop_and_paste(vision_server, tmp_path)
     stored = [vision_server.store.image(sha).data for m in (first, second) for sha in m.images]
     assert stored == images, "the bytes the browser sent, in order"
     assert reply.model.startswith("tiny-vision@")
+
+
+def test_the_page_folds_a_thinking_models_thinking_in_a_real_browser(thinking_model, tmp_path):
+    """A thinking model's reply: {"thinking"} events before the {"delta"} ones, the thinking stored
+    beside the answer, and on the page a closed block above the answer (opens on a click; there
+    after a reload)."""
+    thinker = PrimeModel.from_pretrained("smollm2-135m-thinking", backend="llamacpp", context_length=1024)
+    store = ConversationStore(tmp_path / "jarvis.db")
+    server = Server(create_app(WebConfig(chat=ChatbotConfig(max_new_tokens=32, thinking_budget=6)), store=store,
+                               model=thinker))
+    try:
+        status, body = server.request("POST", "/api/conversations", {})
+        cid = json.loads(body)["id"]
+        stream = events(server.request("POST", f"/api/conversations/{cid}/messages", {"content": "Hi, who are you?"})[1])
+        thinking = "".join(e.get("thinking", "") for e in stream)
+        answer = "".join(e.get("delta", "") for e in stream)
+        assert thinking.strip() and answer.strip() and stream[-1]["done"]
+        kinds = [("thinking" if "thinking" in e else "delta") for e in stream if "thinking" in e or "delta" in e]
+        assert kinds == sorted(kinds, key=lambda k: k == "delta"), "thinking first, then the answer"
+        stored = json.loads(server.request("GET", f"/api/conversations/{cid}")[1])["messages"][-1]
+        assert stored["content"] == answer.strip() and stored["thinking"] == thinking.strip()
+
+        browser_path = chromium_path()
+        if browser_path is None:
+            pytest.skip("no chromium here (make test installs Debian's on Debian)")
+        from playwright.sync_api import expect, sync_playwright
+
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+            page = browser.new_page()
+            page.goto(server.url)
+            page.get_by_test_id("input").fill("What is the capital of France?")
+            page.get_by_test_id("send").click()
+            reply = page.get_by_test_id("reply").last
+            expect(reply.get_by_test_id("thumbs-down")).to_be_visible(timeout=60_000)  # the stream ended
+            block = reply.get_by_test_id("thinking")
+            expect(block).to_have_count(1)
+            expect(block).not_to_have_attribute("open", "")  # folded
+            expect(block.locator(".thought")).not_to_be_visible()
+            saved = store.stored_messages(store.list()[0].id)[-1]
+            assert saved.thinking and saved.content
+            expect(reply.get_by_test_id("text")).to_have_text(saved.content)  # the answer alone
+            block.locator("summary").click()
+            expect(block.locator(".thought")).to_be_visible()
+            expect(block.locator(".thought")).to_have_text(saved.thinking)
+            page.reload()  # stored: still folded above the reply after a reload
+            expect(page.get_by_test_id("reply").last.get_by_test_id("thinking")).to_have_count(1)
+            page.screenshot(path=str(tmp_path / "thinking.png"))
+            browser.close()
+    finally:
+        server.stop()
+        store.close()
+        thinker.close()

@@ -12,6 +12,7 @@ from asgi_driver import call
 from jarvis.memory import ConversationStore
 from jarvis.web.server import create_app
 from jarvis.web.settings import WebConfig
+from jarvis_prime.models.base import Chunk
 
 JSON = {"content-type": "application/json"}
 
@@ -27,8 +28,11 @@ class StandIn:
     def count_tokens(self, text: str) -> int:
         return len(text.split())
 
-    def chat(self, messages, *, stream=False, **options):
-        return iter(["Hello", " there."])
+    def encode_chat(self, messages):
+        return messages
+
+    def complete(self, prompt, *, stream=False, **options):
+        return iter([Chunk("Hello"), Chunk(" there.", "stop")])
 
     def close(self) -> None:
         pass

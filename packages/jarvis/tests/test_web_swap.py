@@ -16,12 +16,13 @@ from jarvis.memory import ConversationStore
 from jarvis.web.server import create_app
 from jarvis.web.settings import WebConfig
 from jarvis_prime.manifest import read_manifest
+from jarvis_prime.models.base import Chunk
 
 ADMIN = "admin-key"
 
 
 class StandInModel:
-    """What the Chatbot uses of a PrimeModel; `chat(stream=True)` pauses after its first
+    """What the Chatbot uses of a PrimeModel; `complete(stream=True)` pauses after its first
     piece until `release` is set, so a test can swap models mid-reply."""
 
     context_length = 4096
@@ -38,16 +39,19 @@ class StandInModel:
     def count_tokens(self, text: str) -> int:
         return len(text.split())
 
-    def chat(self, messages, *, stream=False, **options):
+    def encode_chat(self, messages):
+        return messages
+
+    def complete(self, prompt, *, stream=False, **options):
         assert stream and not self.closed
         return self._pieces()
 
     def _pieces(self):
-        yield "Hello"
+        yield Chunk("Hello")
         self.streaming.set()
         assert self.release.wait(30)
         assert not self.closed, "closed while a reply was streaming from it"
-        yield " there."
+        yield Chunk(" there.", "stop")
 
     def close(self) -> None:
         self.closed = True

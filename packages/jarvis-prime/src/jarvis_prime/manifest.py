@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from jarvis_prime.errors import IntegrityError, ManifestError, UnsafeNameError
 from jarvis_prime.files import atomic_write, sha256_file
+from jarvis_prime.thinking import ThinkingMarkers
 
 MANIFEST_NAME = "prime.json"
 PRIME_FORMAT_VERSION = 1
@@ -114,6 +115,10 @@ class PrimeManifest(BaseModel):
         default=None, description="Where the chat template came from (e.g. 'gguf:tokenizer.chat_template')."
     )
     stop: list[str] = Field(default_factory=list)
+    thinking: ThinkingMarkers | None = Field(
+        default=None, description="A model that thinks: the markers around its reasoning ({'start': '<think>', "
+        "'end': '</think>'}), so every layer gets reasoning and answer apart (jarvis_prime.thinking). Absent: "
+        "the model does not think.")
     context_length: int
     files: dict[str, FileEntry] = Field(default_factory=dict)
     quantizations: dict[str, Quantization] = Field(default_factory=dict)

@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from jarvis.chatbots import DEFAULT_PERSONA, Chatbot, ChatbotConfig
+from jarvis.chatbots import DEFAULT_PERSONA, Chatbot, ChatbotConfig, Thought
 from jarvis.memory import ConversationStore
 from jarvis.version import __version__
 from jarvis_prime import PrimeError
@@ -27,7 +27,8 @@ console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)  # errors stay greppable: no hard wraps
 
 HELP = ("/good and /bad rate the last reply, /correct TEXT fixes it, /retry regenerates it, "
-        "/think reasons step by step on a question, /image PATH [QUESTION] shows JARVIS an image, "
+        "/think asks the reasoning model (self-consistency when none is installed), /show-thinking shows "
+        "the last reply's folded thinking, /image PATH [QUESTION] shows JARVIS an image, "
         "/reset starts over, /exit (or Ctrl-D) leaves.")
 
 
@@ -49,9 +50,42 @@ def _reply(bot: Chatbot, text: str, images: list[bytes] | None = None) -> None:
     _print_stream(bot.stream(text, images or ()))
 
 
+def folded_thinking(thinking: str) -> str:
+    """A thinking model's reasoning folded to one line: its first line, and how many there are."""
+    lines = [line for line in thinking.strip().splitlines() if line.strip()]
+    first = lines[0].strip() if lines else ""
+    first = first if len(first) <= 72 else first[:71] + "\u2026"
+    return f"thought: {first} ({len(lines)} line{'s' if len(lines) != 1 else ''} of thinking; /show-thinking)"
+
+
 def _print_stream(pieces) -> None:
-    for piece in pieces:
-        console.print(piece, end="", markup=False, soft_wrap=True)
+    """The reply as it comes; a thinking model's reasoning is not printed as it streams but
+    counted under a spinner, then folded to one dim line above the answer."""
+    thought: list[str] = []
+    status = None
+    answered = False
+    try:
+        for piece in pieces:
+            if isinstance(piece, Thought):
+                thought.append(piece)
+                lines = "".join(thought).count("\n") + 1
+                if status is None:
+                    status = console.status("thinking")
+                    status.start()
+                status.update(f"thinking ({lines} line{'s' if lines != 1 else ''})")
+                continue
+            if not answered and thought:
+                status.stop()
+                console.print(folded_thinking("".join(thought)), style="dim", markup=False, highlight=False)
+            answered = True
+            console.print(piece, end="", markup=False, soft_wrap=True)
+    finally:
+        if status is not None:
+            status.stop()
+    if thought and not answered:
+        console.print(folded_thinking("".join(thought)), style="dim", markup=False, highlight=False)
+        console.print("[dim](no answer: the reply ran out of tokens while thinking; raise --max-new-tokens or "
+                      "set --thinking-budget)[/]", end="")
     console.print()
 
 
@@ -74,7 +108,13 @@ def chat(
     api_key: Optional[str] = typer.Option(None, envvar="JARVIS_API_KEY", help="Bearer key for --backend-url."),
     context_length: int = typer.Option(4096, help="With --backend-url: the server's context window, in tokens."),
     reasoning: bool = typer.Option(False, "--reasoning", help="Answer every message by step-by-step self-consistency (like /think)."),
-    samples: int = typer.Option(5, help="Samples voted on by --reasoning and /think."),
+    samples: int = typer.Option(5, help="Samples voted on by --reasoning and /think (self-consistency)."),
+    thinking_budget: Optional[int] = typer.Option(None, "--thinking-budget", min=0, help=(
+        "Thinking models: most tokens of reasoning before JARVIS makes the model answer (0: answer without "
+        "thinking). Default: no limit but --max-new-tokens; /think on a reasoning model: 3 x --max-new-tokens.")),
+    reasoning_model: Optional[str] = typer.Option(None, "--reasoning-model", metavar="NAME", help=(
+        "The model /think and --reasoning ask (default: $JARVIS_REASONING_MODEL, then the catalog's reasoning "
+        "model that is installed; none: self-consistency on the chat model).")),
     image: Optional[list[Path]] = typer.Option(None, "--image", metavar="PATH", help=(
         "Show JARVIS this image with the first message (repeatable, up to 4). A chat model that cannot see "
         "hands the turn to the vision model.")),
@@ -82,7 +122,10 @@ def chat(
         "PRIME model name or directory for image turns the chat model cannot see (default: $JARVIS_VISION_MODEL, "
         "then the catalog's vision model that is here, prime-135m-vision-v1 first).")),
 ) -> None:
-    """Chat in the terminal with streamed replies (or one answer with --once)."""
+    """Chat in the terminal with streamed replies (or one answer with --once).
+
+    A thinking model's thinking is folded to one dim line above its answer (/show-thinking prints it);
+    only the answer is kept as the reply."""
     from jarvis.vision import MAX_IMAGES_PER_MESSAGE, read_image
 
     store = None
@@ -94,7 +137,9 @@ def chat(
         config = ChatbotConfig(
             backend=backend, quantization=quantization, device=device, system_prompt=system,
             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, reasoning_samples=samples,
+            thinking_budget=thinking_budget,
             **({"model": model} if model else {}), **({"vision_model": vision_model} if vision_model else {}),
+            **({"reasoning_model": reasoning_model} if reasoning_model else {}),
         )
         remote = None
         if backend_url:
@@ -266,6 +311,8 @@ def serve(
     system: Optional[str] = typer.Option(None, help="A system prompt / persona for new conversations."),
     max_new_tokens: int = typer.Option(256, help="Longest reply, in tokens."),
     max_queue: int = typer.Option(16, min=1, help="Replies in progress at once (4 generating, the rest waiting); beyond: 429."),
+    thinking_budget: Optional[int] = typer.Option(None, "--thinking-budget", min=0, help=(
+        "Thinking models: most tokens of reasoning before the model is made to answer (the page folds the thinking).")),
 ) -> None:
     """Serve the chat page and its JSON API (http://127.0.0.1:8000 by default)."""
     from jarvis.web.server import serve as run_server
@@ -273,7 +320,8 @@ def serve(
 
     try:
         chat = ChatbotConfig(backend=backend, quantization=quantization, system_prompt=system,
-                             max_new_tokens=max_new_tokens, **({"model": model} if model else {}))
+                             max_new_tokens=max_new_tokens, thinking_budget=thinking_budget,
+                             **({"model": model} if model else {}))
         config = WebConfig(chat=chat, host=host, port=port, api_key=api_key, admin_key=admin_key,
                            allow_model_paths=allow_model_paths, max_queue=max_queue)
         console.print(f"JARVIS on http://{host}:{port} (model {chat.model}; Ctrl-C stops)")
@@ -284,10 +332,37 @@ def serve(
 
 
 def _think(bot: Chatbot, text: str) -> None:
-    with console.status(f"reasoning ({bot.config.reasoning_samples} samples)"):
-        result = bot.reason(text)
+    """/think: the reasoning model when there is one, else self-consistency; it says which."""
+    from jarvis.reasoning import pick_reasoning_model, reasoning_models_to_pull
+
+    thinker = pick_reasoning_model(bot.config.reasoning_model)
+    thinks_itself = getattr(getattr(bot.model, "manifest", None), "thinking", None) is not None
+    if thinks_itself or thinker is None:
+        label = f"thinking ({bot.model.name})" if thinks_itself else \
+            f"reasoning ({bot.config.reasoning_samples} samples)"
+        with console.status(label):
+            result = bot.reason(text)
+    else:
+        with quiet_build(f"loading {thinker} (the reasoning model)") as log:
+            resolve(thinker, log=log)
+            bot.reasoning_model
+        with console.status(f"thinking ({thinker})"):
+            result = bot.reason(text)
+    if result.method == "reasoning model":
+        if result.thinking:
+            console.print(folded_thinking(result.thinking), style="dim", markup=False, highlight=False)
+        if result.truncated:
+            console.print("[dim](no answer: the reply ran out of tokens while thinking; raise --max-new-tokens or "
+                          "--thinking-budget)[/]")
+        else:
+            console.print(result.reply, markup=False)
+        console.print(f"[dim]thought by the reasoning model {result.model}[/]", highlight=False)
+        return
     console.print(result.reply, markup=False)
     total = len(result.samples)
+    pulls = " or ".join(f"`prime pull {name}`" for name in reasoning_models_to_pull()[:1])
+    console.print(f"[dim]no reasoning model installed{f' ({pulls} adds one)' if pulls else ''}: "
+                  f"self-consistency on {result.model}, {total} samples[/]", highlight=False)
     if result.answer is None:
         console.print(f"[dim]no sample reached a final answer ({total} tried)[/]")
     else:
@@ -307,6 +382,12 @@ def _interactive(bot: Chatbot, reasoning: bool = False, images: list[bytes] | No
             continue
         if text in ("/exit", "/quit"):
             return
+        if text == "/show-thinking":
+            if bot.last_thinking:
+                console.print(bot.last_thinking, style="dim", markup=False, highlight=False)
+            else:
+                console.print("[dim]the last reply had no thinking[/]")
+            continue
         if text == "/reset":
             bot.reset()
             console.print("[dim]conversation cleared[/]")

@@ -86,10 +86,13 @@ FEEDBACK_COLUMNS = {
     "group_id": "INTEGER",  # regenerations share the first reply's id
     "active": "INTEGER NOT NULL DEFAULT 1",
     "feedback_at": "REAL",
+    "thinking": "TEXT",  # schema version 4 (below)
 }
 # Schema version 3: images (the `images` and `message_images` tables above; created by
 # SCHEMA on any older database, nothing to migrate).
-SCHEMA_VERSION = 3
+# Schema version 4: the `thinking` column, a thinking model's reasoning beside its reply
+# (issue #22): kept apart from `content`, so the answer alone is the conversation and the training data.
+SCHEMA_VERSION = 4
 
 # Python's default is 5 s; a commit stalled by a busy disk (a training run writing
 # checkpoints) or a migration of a large database can hold the write lock longer.
@@ -133,6 +136,7 @@ class StoredMessage:
     active: bool
     created: float
     images: tuple[str, ...] = ()  # sha256 of each image the message carries, in order (user messages)
+    thinking: str | None = None  # a thinking model's reasoning before `content` (shown folded, never sent back)
 
     def as_chat(self) -> dict[str, str]:
         """The message's text as a chat message (`ConversationStore.chat_message` adds its images)."""
@@ -255,9 +259,11 @@ class ConversationStore:
 
     @_locked
     def add_exchange(self, cid: str, user: str, reply: str, model: str | None = None,
-                     after: int | None = None, images: Sequence[bytes] = ()) -> tuple[int, int]:
+                     after: int | None = None, images: Sequence[bytes] = (),
+                     thinking: str | None = None) -> tuple[int, int]:
         """Append a user message (with its `images`, encoded files) and its reply in one
-        transaction; returns their ids.
+        transaction; returns their ids. `thinking`: the reasoning a thinking model wrote before
+        `reply`, kept beside it (never as the reply).
 
         `after`: the id of the newest message the reply was generated from (None: the
         conversation was empty). If someone else wrote to the conversation meanwhile
@@ -269,7 +275,7 @@ class ConversationStore:
                 raise ConflictError(f"conversation {cid} changed while this reply was written; send it again")
             user_id = self._insert(cid, "user", user, None)
             self._attach(user_id, images)
-            reply_id = self._insert(cid, "assistant", reply, model)
+            reply_id = self._insert(cid, "assistant", reply, model, thinking)
         return user_id, reply_id
 
     def _attach(self, message_id: int, images: Sequence[bytes]) -> None:
@@ -302,11 +308,11 @@ class ConversationStore:
             return message.as_chat()
         return user_message(message.content, [self.image(sha).data for sha in message.images])
 
-    def _insert(self, cid: str, role: str, content: str, model: str | None) -> int:
+    def _insert(self, cid: str, role: str, content: str, model: str | None, thinking: str | None = None) -> int:
         now = time.time()
         cursor = self._db.execute(
-            "INSERT INTO messages (conversation_id, role, content, created, model) VALUES (?, ?, ?, ?, ?)",
-            (cid, role, content, now, model))
+            "INSERT INTO messages (conversation_id, role, content, created, model, thinking) VALUES (?, ?, ?, ?, ?, ?)",
+            (cid, role, content, now, model, thinking))
         self._db.execute("UPDATE messages SET group_id = id WHERE id = ?", (cursor.lastrowid,))
         self._db.execute("UPDATE conversations SET updated = ?, title = CASE WHEN title = '' AND ? = 'user' "
                          "THEN substr(?, 1, 60) ELSE title END WHERE id = ?", (now, role, content, cid))
@@ -319,7 +325,8 @@ class ConversationStore:
                                 (cid,)).fetchone()[0]
 
     @_locked
-    def add_alternative(self, message_id: int, content: str, model: str | None = None) -> int:
+    def add_alternative(self, message_id: int, content: str, model: str | None = None,
+                        thinking: str | None = None) -> int:
         """Store a regenerated reply to the same prompt; it becomes the active one.
 
         Only the conversation's last reply can be regenerated: what came after an
@@ -337,8 +344,9 @@ class ConversationStore:
             # COALESCE: a row a still-running jarvis 2.0 wrote after the migration has no group_id
             self._db.execute("UPDATE messages SET active = 0 WHERE COALESCE(group_id, id) = ?", (old.group_id,))
             cursor = self._db.execute(
-                "INSERT INTO messages (conversation_id, role, content, created, model, group_id) "
-                "VALUES (?, 'assistant', ?, ?, ?, ?)", (old.conversation_id, content, now, model, old.group_id))
+                "INSERT INTO messages (conversation_id, role, content, created, model, group_id, thinking) "
+                "VALUES (?, 'assistant', ?, ?, ?, ?, ?)",
+                (old.conversation_id, content, now, model, old.group_id, thinking))
             self._db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (now, old.conversation_id))
         return cursor.lastrowid
 
@@ -422,4 +430,5 @@ def _stored(row: sqlite3.Row) -> StoredMessage:
         model=row["model"], rating=row["rating"], corrected=row["correction"] is not None,
         group_id=row["group_id"] if row["group_id"] is not None else row["id"], active=bool(row["active"]),
         created=row["created"], images=tuple(row["image_shas"].split(",")) if row["image_shas"] else (),
+        thinking=row["thinking"],
     )

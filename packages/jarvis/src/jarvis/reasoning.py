@@ -1,6 +1,11 @@
-"""Reasoning for questions with a checkable answer: step-by-step prompting plus
-self-consistency (Wang et al., 2022): sample k chains of thought at a moderate
-temperature, read the final answer off each, and return the majority answer.
+"""/think: reasoning for questions with a checkable answer, two ways.
+
+A reasoning model (catalog task "reasoning", a model that thinks before answering) when
+one is installed: it is asked once, thinks (within a budget), answers
+(`ask_reasoning_model`); `pick_reasoning_model` says which. Otherwise step-by-step
+prompting plus self-consistency (Wang et al., 2022) on the chat model: sample k chains of
+thought at a moderate temperature, read the final answer off each, and return the majority
+answer. `Reasoned.method` says which way answered, and the CLI says it too.
 
 Small models are unreliable on one greedy chain; voting over several samples trades
 k times the compute for accuracy. `benchmarks/reasoning.py` measures the trade on
@@ -10,11 +15,17 @@ the held-out problems shipped in `jarvis/data/reasoning_problems.json`.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Literal, Mapping, Protocol, Sequence
+
+from jarvis_prime.catalog import load_catalog
+from jarvis_prime.store import find_local
+
+REASONING_MODEL_ENV = "JARVIS_REASONING_MODEL"
 
 STEP_BY_STEP = (
     "Solve the problem step by step, showing your reasoning briefly. "
@@ -32,9 +43,13 @@ class ChatModel(Protocol):
 @dataclass(frozen=True)
 class Reasoned:
     answer: str | None  # the majority answer, normalised (None: no sample gave one)
-    reply: str  # the full reply of a sample that gave the majority answer
+    reply: str  # the full reply of a sample that gave the majority answer (a reasoning model: its answer)
     votes: dict[str, int]
     samples: list[str]
+    method: Literal["self-consistency", "reasoning model"] = "self-consistency"
+    model: str = ""  # name of the model that answered
+    thinking: str | None = None  # a reasoning model's thinking (never part of `reply`)
+    truncated: bool = False  # a reasoning model ran out of tokens while thinking: no answer
 
 
 def normalise(answer: str) -> str:
@@ -89,7 +104,37 @@ def self_consistency(model: ChatModel, messages: Sequence[Mapping[str, Any]], *,
     answers = [extract_answer(s) for s in samples]
     winner, votes = majority(answers)
     reply = samples[answers.index(winner)] if winner is not None else samples[0]
-    return Reasoned(winner, reply.strip(), votes, samples)
+    return Reasoned(winner, reply.strip(), votes, samples, model=getattr(model, "name", ""))
+
+
+def pick_reasoning_model(configured: str | None = None) -> str | None:
+    """The model /think asks: `configured` (a name or directory), else $JARVIS_REASONING_MODEL,
+    else the catalog's reasoning model (task "reasoning") installed in the store, the largest
+    if several; None when there is none (the caller falls back to self-consistency)."""
+    chosen = configured or os.environ.get(REASONING_MODEL_ENV)
+    if chosen:
+        return chosen
+    entries = sorted((m for m in load_catalog().models if m.task == "reasoning"), key=lambda m: -m.parameters)
+    return next((m.name for m in entries if find_local(m.name) is not None), None)
+
+
+def reasoning_models_to_pull() -> list[str]:
+    """The catalog's reasoning models, smallest first (what to `prime pull` for /think)."""
+    return [m.name for m in sorted((m for m in load_catalog().models if m.task == "reasoning"),
+                                   key=lambda m: m.parameters)]
+
+
+def ask_reasoning_model(model: Any, messages: Sequence[Mapping[str, Any]], *, max_new_tokens: int,
+                        thinking_budget: int | None, seed: int | None = None) -> Reasoned:
+    """One greedy reply from a thinking model (a `PrimeModel` whose prime.json has `thinking`):
+    its reasoning and answer apart, as `PrimeModel.complete` splits them."""
+    result = model.complete(model.encode_chat(messages), max_new_tokens=max_new_tokens, temperature=0.0,
+                            seed=seed, thinking_budget=thinking_budget)
+    reply = result.text.strip()
+    answer = extract_answer(reply)
+    truncated = not reply and result.finish_reason == "length"
+    return Reasoned(answer, reply, {answer: 1} if answer else {}, [reply], method="reasoning model",
+                    model=model.name, thinking=(result.reasoning or "").strip() or None, truncated=truncated)
 
 
 def load_problems() -> list[dict[str, str]]:

@@ -6,6 +6,9 @@ this is how JARVIS scales past one machine. `RemoteModel` offers the part of
 replies are server-sent events). The remote tokenizer is out of reach, so context
 trimming counts ~3 characters a token: an over-estimate for English, which keeps the
 prompt inside the server's window at the cost of trimming a little early.
+
+A thinking model's reasoning arrives as `reasoning_content` (prime serve, vLLM, llama.cpp's
+server) and comes out as `Chunk.reasoning`, apart from the answer, as a local model's does.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
 from jarvis_prime import PrimeError
+from jarvis_prime.models.base import Chunk
 
 CHARS_PER_TOKEN = 3
 
@@ -74,17 +78,31 @@ class RemoteModel:
     def count_tokens(self, text: str) -> int:
         return math.ceil(len(text) / CHARS_PER_TOKEN)
 
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+        """As `PrimeModel.encode_chat`: what `complete` sends (the server applies the template)."""
+        return list(messages)
+
     def chat(self, messages: Sequence[Mapping[str, Any]], *, stream: bool = False, **options: Any) -> str | Iterator[str]:
-        """As `PrimeModel.chat`: the reply, or with `stream=True` its pieces (always streamed over HTTP)."""
-        pieces = self._stream(messages, **options)
+        """As `PrimeModel.chat`: the reply (the answer), or with `stream=True` its pieces."""
+        pieces = (chunk.text for chunk in self.complete(messages, stream=True, **options) if chunk.text)
         return pieces if stream else "".join(pieces)
 
+    def complete(self, messages: Sequence[Mapping[str, Any]], *, stream: bool = True, **options: Any) -> Iterator[Chunk]:
+        """As `PrimeModel.complete(..., stream=True)`: `Chunk`s, a thinking model's reasoning in
+        `Chunk.reasoning` (always streamed over HTTP)."""
+        if not stream:
+            raise ValueError("RemoteModel.complete streams only")
+        return self._stream(messages, **options)
+
     def _stream(self, messages: Sequence[Mapping[str, Any]], *, max_new_tokens: int = 256,
-                temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> Iterator[str]:
+                temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                thinking_budget: int | None = None) -> Iterator[Chunk]:
         body = {"model": self.name, "messages": list(messages), "max_tokens": max_new_tokens,
                 "temperature": temperature, "top_p": top_p, "stream": True}
         if seed is not None:
             body["seed"] = seed
+        if thinking_budget is not None:
+            body["max_thinking_tokens"] = thinking_budget
         with self._request("/chat/completions", body) as response:
             for raw in response:
                 line = raw.decode("utf-8").strip()
@@ -94,9 +112,10 @@ class RemoteModel:
                 if payload == "[DONE]":
                     return
                 choices = json.loads(payload).get("choices") or []
-                piece = choices[0].get("delta", {}).get("content") if choices else None
-                if piece:
-                    yield piece
+                delta = choices[0].get("delta") or {} if choices else {}
+                text, reasoning = delta.get("content") or "", delta.get("reasoning_content") or ""
+                if text or reasoning:
+                    yield Chunk(text, reasoning=reasoning)
 
     def close(self) -> None:
         pass

@@ -39,20 +39,27 @@ class GenerationParams:
 
 @dataclass(frozen=True)
 class Generation:
-    """A finished generation, with usage counted in the model's own tokens."""
+    """A finished generation, with usage counted in the model's own tokens.
+
+    A thinking model's chat reply (`jarvis_prime.thinking`) comes split: `text` is the
+    answer, `reasoning` what the model thought first (None: it did not think). A reply cut
+    off while thinking has `reasoning`, an empty `text` and finish_reason "length"."""
 
     text: str
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    reasoning: str | None = None
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """One streamed piece; `finish_reason` is set on the last one."""
+    """One streamed piece; `finish_reason` is set on the last one. A thinking model's
+    pieces carry its reasoning in `reasoning` and the answer in `text`, as they come."""
 
     text: str
     finish_reason: FinishReason | None = None
+    reasoning: str = ""
 
 
 class Backend(Protocol):

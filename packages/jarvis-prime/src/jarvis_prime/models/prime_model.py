@@ -15,6 +15,12 @@ gives what a server reports (finish reason, token usage). `generate` on a chat m
 and stops where the assistant's turn ends; `raw=True`, or a base model without a
 template, continues the text as written.
 
+A thinking model (`thinking` markers in prime.json) answers `chat` and `generate` with
+the answer alone; `complete` gives its reasoning beside it (`Generation.reasoning`,
+`Chunk.reasoning`), split by `jarvis_prime.thinking`, and honours `thinking_budget`:
+
+    model.complete(model.encode_chat(messages), thinking_budget=512)  # -> Generation(text, ..., reasoning)
+
 Every file the chosen backend reads is checked against the sha256 in `prime.json`
 before it is loaded, and a weight file `prime.json` does not list stops the load. Chats are formatted with the model's own Jinja chat template.
 """
@@ -47,6 +53,7 @@ from jarvis_prime.models.selection import (
     plan_runtime,
 )
 from jarvis_prime.store import LocalModel, resolve
+from jarvis_prime.thinking import ReasoningSplitter, ReplyParts, ThinkingMarkers, opens_thinking, split_reasoning
 
 log = logging.getLogger("jarvis_prime")
 
@@ -60,6 +67,7 @@ class SamplingOptions(TypedDict, total=False):
     top_k: int
     stop: Sequence[str] | None
     seed: int | None
+    thinking_budget: int | None  # thinking models: most tokens of reasoning before the answer (see `complete`)
 
 
 def _params(options: SamplingOptions, extra_stop: Sequence[str] = ()) -> GenerationParams:
@@ -73,11 +81,16 @@ class Prompt:
     """Token ids ready to decode, and the stop strings that belong with them.
 
     A prompt with images also carries them (`media`): its ids then hold a placeholder per
-    image embedding, so `len(ids)` is what the prompt takes of the context."""
+    image embedding, so `len(ids)` is what the prompt takes of the context.
+
+    A thinking model's chat prompt carries its markers (`thinking`), and whether the chat
+    template already opened the reasoning (`opened`: the reply then starts mid-thought)."""
 
     ids: list[int]
     stop: tuple[str, ...] = field(default=())
     media: Media | None = None
+    thinking: ThinkingMarkers | None = None
+    opened: bool = False
 
 
 def _text(result: Generation | Iterator[Chunk]) -> str | Iterator[str]:
@@ -90,6 +103,20 @@ def _pieces(chunks: Iterator[Chunk]) -> Iterator[str]:
         for chunk in chunks:
             if chunk.text:
                 yield chunk.text
+
+
+def _split(chunks: Iterator[Chunk], markers: ThinkingMarkers, opened: bool) -> Iterator[Chunk]:
+    """A thinking model's raw pieces as reasoning and answer pieces (`jarvis_prime.thinking`)."""
+    splitter = ReasoningSplitter(markers, opened)
+    with closing(chunks):
+        for chunk in chunks:
+            parts = splitter.feed(chunk.text)
+            if chunk.finish_reason is not None:
+                last = splitter.flush()
+                parts = ReplyParts(parts.reasoning + last.reasoning, parts.content + last.content)
+                yield Chunk(parts.content, chunk.finish_reason, parts.reasoning)
+            elif parts.reasoning or parts.content:
+                yield Chunk(parts.content, None, parts.reasoning)
 
 
 def _files_read(manifest: PrimeManifest, runtime: Runtime) -> list[str]:
@@ -147,7 +174,9 @@ class PrimeModel:
         )
         log.info("%s: %s", local.manifest.name, runtime.describe())
         if runtime.memory is not None and runtime.memory.verdict == "slow":
-            log.warning("%s will be slow here: %s", local.manifest.name, runtime.memory.describe())
+            log.warning("%s will be slow here at %s (%s): %s", local.manifest.name,
+                        runtime.quantization or "full precision", runtime.export or runtime.weights,
+                        runtime.memory.describe())
         if runtime.export:
             log.warning("%s: exporting %s GGUF for llama.cpp (once)", local.manifest.name, runtime.export)
             from jarvis_prime.export import export_gguf  # the exporter (llama.cpp's converter, numpy), only when exporting
@@ -220,11 +249,13 @@ class PrimeModel:
             raise ImageNotSupportedError(self._why_blind())
         rendered, images = split_images(messages, getattr(self._backend, "image_part", {"type": "image"}))
         text = self.apply_chat_template(rendered)
+        markers = self.manifest.thinking
+        thinking = dict(thinking=markers, opened=opens_thinking(text, markers)) if markers else {}
         if images:
             media = Media(text, tuple(images))
-            return Prompt(self._backend.tokenize_media(media), tuple(self.manifest.stop), media)
+            return Prompt(self._backend.tokenize_media(media), tuple(self.manifest.stop), media, **thinking)
         # The template writes the special tokens itself, so none are added here.
-        return Prompt(self._backend.tokenize(text, add_special=False), tuple(self.manifest.stop))
+        return Prompt(self._backend.tokenize(text, add_special=False), tuple(self.manifest.stop), **thinking)
 
     @property
     def sees_images(self) -> bool:
@@ -315,7 +346,9 @@ class PrimeModel:
     def chat(self, messages: Messages, *, stream: Literal[True], **options: Unpack[SamplingOptions]) -> Iterator[str]: ...
 
     def chat(self, messages: Messages, *, stream: bool = False, **options: Unpack[SamplingOptions]) -> str | Iterator[str]:
-        """The assistant's next reply to `messages`: the text, or with `stream=True` its pieces."""
+        """The assistant's next reply to `messages`: the text, or with `stream=True` its pieces.
+
+        A thinking model's reasoning is not in it (its answer only); `complete` gives both."""
         return _text(self.complete(self.encode_chat(messages), stream=stream, **options))
 
     @overload
@@ -333,11 +366,85 @@ class PrimeModel:
 
         The prompt is encoded by the caller so it can count its tokens (and refuse one
         that leaves no room) without tokenizing twice.
+
+        A thinking model's chat prompt (`Prompt.thinking`) gives the answer as `text` and
+        the reasoning apart (`Generation.reasoning`, `Chunk.reasoning`). `thinking_budget`
+        caps the reasoning at that many tokens, then makes the model answer (`_budgeted`);
+        None lets it think up to `max_new_tokens`, 0 answers without thinking.
         """
+        options = dict(options)
+        budget = options.pop("thinking_budget", None)
         params = _params(options, prompt.stop)
-        if stream:
-            return self._chunks(prompt.ids, params, prompt.media)
-        return self._generate(prompt.ids, params, prompt.media)
+        if prompt.thinking is None:
+            if stream:
+                return self._chunks(prompt.ids, params, prompt.media)
+            return self._generate(prompt.ids, params, prompt.media)
+        if budget is None:
+            if stream:
+                return _split(self._chunks(prompt.ids, params, prompt.media), prompt.thinking, prompt.opened)
+            result = self._generate(prompt.ids, params, prompt.media)
+            split = split_reasoning(result.text, prompt.thinking, prompt.opened)
+            return replace(result, text=split.content, reasoning=split.reasoning)
+        if budget < 0:
+            raise ValueError(f"`thinking_budget` must be >= 0 (or None: no limit), got {budget}")
+        if prompt.media is not None:
+            raise ValueError("`thinking_budget` works on text prompts only (this one has images)")
+        chunks = _split(self._budgeted(prompt, params, budget), prompt.thinking, prompt.opened)
+        return chunks if stream else self._gather(prompt, chunks)
+
+    @staticmethod
+    def _thought(prompt: Prompt, text: str) -> bool:
+        """Whether a raw reply to `prompt` has reasoning: opened by the template, or by the model."""
+        return prompt.opened or text.lstrip().startswith(prompt.thinking.start)
+
+    def _gather(self, prompt: Prompt, chunks: Iterator[Chunk]) -> Generation:
+        reasoning, content, finish = [], [], "stop"
+        for chunk in chunks:
+            reasoning.append(chunk.reasoning)
+            content.append(chunk.text)
+            finish = chunk.finish_reason or finish
+        thought, answer = "".join(reasoning), "".join(content)
+        return Generation(answer, finish, len(prompt.ids), self.count_tokens(thought) + self.count_tokens(answer),
+                          thought)
+
+    def _budgeted(self, prompt: Prompt, params: GenerationParams, budget: int) -> Iterator[Chunk]:
+        """A thinking reply whose reasoning stops at `budget` tokens (raw text, markers included).
+
+        How (both backends, as llama.cpp's server does with `reasoning_budget`): decode at most
+        `budget` tokens with the end marker as a stop string. If the reasoning ended by then,
+        or the budget ran out first, the end marker and a newline are written into the reply
+        and decoding goes on from there (the prompt plus the reply so far, re-tokenized) for
+        the answer, within what is left of `max_new_tokens`. A reply that did not start
+        thinking is left as it came (continued past the budget if it was cut there). Budget 0
+        writes an empty reasoning (start and end markers) before the model says anything.
+        """
+        markers, text = prompt.thinking, ""
+        if budget == 0:
+            forced = ("" if prompt.opened else markers.start) + markers.end + "\n"
+        else:
+            first = replace(params, max_new_tokens=min(budget, params.max_new_tokens), stop=params.stop + (markers.end,))
+            pieces, finish = [], "stop"
+            with closing(self._chunks(prompt.ids, first)) as chunks:
+                for chunk in chunks:
+                    if chunk.text:
+                        pieces.append(chunk.text)
+                        yield Chunk(chunk.text)
+                    finish = chunk.finish_reason or finish
+            text = "".join(pieces)
+            thought = self._thought(prompt, text)
+            if not thought and (finish == "stop" or budget >= params.max_new_tokens):
+                yield Chunk("", finish)  # an answer without thinking, whole
+                return
+            forced = markers.end + "\n" if thought else ""
+        left = params.max_new_tokens - (self.count_tokens(text) if text else 0)
+        if left < 1:
+            yield Chunk("", "length")
+            return
+        if forced:
+            yield Chunk(forced)
+        ids = list(prompt.ids) + self._backend.tokenize(text + forced, add_special=False)
+        with closing(self._chunks(ids, replace(params, max_new_tokens=left))) as chunks:
+            yield from chunks
 
     def _chunks(self, ids: list[int], params: GenerationParams, media: Media | None = None) -> Iterator[Chunk]:
         if media is not None:

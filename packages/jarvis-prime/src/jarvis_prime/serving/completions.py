@@ -139,11 +139,12 @@ class Completions:
                 yield out.event(opening)
             decode = lambda: model.complete(stream.prompt, stream=True, **stream.options)  # noqa: E731
             async for chunk in iterate_in_thread(decode, self.executor):
-                if chunk.text:
-                    if not pieces:
-                        self.metrics.ttft.observe(time.perf_counter() - start)
-                    pieces.append(chunk.text)
-                    yield out.event(out.delta(chunk.text))
+                for text, choice in ((chunk.reasoning, out.reasoning_delta), (chunk.text, out.delta)):
+                    if text:  # a thinking model's piece may carry the end of its reasoning and the answer's start
+                        if not pieces:
+                            self.metrics.ttft.observe(time.perf_counter() - start)
+                        pieces.append(text)
+                        yield out.event(choice(text))
                 finish = chunk.finish_reason or finish
             completion_tokens = await self.run(lambda: model.count_tokens("".join(pieces)))
             yield out.event(out.closing(finish))

@@ -4,6 +4,10 @@ event, for /v1/chat/completions (`ChatFormatter`) and /v1/completions (`TextForm
 The two kinds differ only in object names, id prefix and where the text goes in a
 choice (a chat's `message` / `delta`, a completion's `text`); the envelope (id,
 created, model, system_fingerprint, usage) is the same, so it lives in `Formatter`.
+
+A thinking model's reasoning goes beside the answer as `reasoning_content`, in the
+message and in stream deltas, where vLLM and llama.cpp's server put it, so OpenAI
+clients that know the field show it and others read `content` as the answer alone.
 """
 
 from __future__ import annotations
@@ -38,8 +42,9 @@ class Formatter:
         self.include_usage = include_usage  # streams: a last event with usage (stream_options.include_usage)
 
     def completion(self, result: Generation) -> dict[str, Any]:
+        choice = self.choice(result.text, result.finish_reason, result.reasoning)
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "system_fingerprint": self.fingerprint, "choices": [self.choice(result.text, result.finish_reason)],
+                "system_fingerprint": self.fingerprint, "choices": [choice],
                 "usage": usage(result.prompt_tokens, result.completion_tokens)}
 
     def event(self, choice: Choice | None, usage: dict[str, int] | None = None) -> str:
@@ -54,10 +59,14 @@ class Formatter:
         """The choice of the event before any text, if this kind sends one."""
         return None
 
-    def choice(self, text: str, finish_reason: str) -> Choice:
+    def choice(self, text: str, finish_reason: str, reasoning: str | None = None) -> Choice:
         raise NotImplementedError
 
     def delta(self, text: str) -> Choice:
+        raise NotImplementedError
+
+    def reasoning_delta(self, reasoning: str) -> Choice:
+        """A streamed piece of a thinking model's reasoning (chat only: raw prompts never think)."""
         raise NotImplementedError
 
     def closing(self, finish_reason: str) -> Choice:
@@ -71,11 +80,17 @@ class ChatFormatter(Formatter):
     def opening(self) -> Choice:
         return {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
 
-    def choice(self, text: str, finish_reason: str) -> Choice:
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
+    def choice(self, text: str, finish_reason: str, reasoning: str | None = None) -> Choice:
+        message = {"role": "assistant", "content": text}
+        if reasoning is not None:
+            message["reasoning_content"] = reasoning
+        return {"index": 0, "message": message, "finish_reason": finish_reason}
 
     def delta(self, text: str) -> Choice:
         return {"index": 0, "delta": {"content": text}, "finish_reason": None}
+
+    def reasoning_delta(self, reasoning: str) -> Choice:
+        return {"index": 0, "delta": {"reasoning_content": reasoning}, "finish_reason": None}
 
     def closing(self, finish_reason: str) -> Choice:
         return {"index": 0, "delta": {}, "finish_reason": finish_reason}
@@ -84,7 +99,7 @@ class ChatFormatter(Formatter):
 class TextFormatter(Formatter):
     object, chunk_object, id_prefix = "text_completion", "text_completion", "cmpl"
 
-    def choice(self, text: str, finish_reason: str | None) -> Choice:
+    def choice(self, text: str, finish_reason: str | None, reasoning: str | None = None) -> Choice:
         return {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
 
     def delta(self, text: str) -> Choice:

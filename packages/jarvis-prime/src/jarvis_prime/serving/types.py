@@ -112,6 +112,10 @@ class SamplingRequest(BaseModel):
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     logprobs: bool | int | None = None
+    # Thinking models: the most tokens of reasoning before the model is made to answer.
+    # Two spellings: `max_thinking_tokens`, and llama.cpp server's `reasoning_budget` (-1: no limit).
+    max_thinking_tokens: int | None = Field(default=None, ge=0, le=1_000_000)
+    reasoning_budget: int | None = Field(default=None, ge=-1, le=1_000_000)
 
     @field_validator("stop")
     @classmethod
@@ -131,6 +135,16 @@ class SamplingRequest(BaseModel):
                            code="unsupported_parameter")
         if self.logprobs:
             raise APIError(400, "logprobs are not supported", param="logprobs", code="unsupported_parameter")
+        budgets = {self.max_thinking_tokens, self.reasoning_budget} - {None, -1}
+        if self.max_thinking_tokens is not None and self.reasoning_budget is not None and len(budgets) > 1:
+            raise APIError(400, f"max_thinking_tokens ({self.max_thinking_tokens}) and reasoning_budget "
+                           f"({self.reasoning_budget}) disagree; send one", param="reasoning_budget",
+                           code="invalid_value")
+
+    def thinking_budget(self) -> int | None:
+        """The reasoning budget asked for, whichever its spelling; None: no limit."""
+        budget = self.max_thinking_tokens if self.max_thinking_tokens is not None else self.reasoning_budget
+        return None if budget is None or budget < 0 else budget
 
 
     def sampling_options(self, prompt_tokens: int, context_length: int) -> dict[str, Any]:
@@ -142,7 +156,8 @@ class SamplingRequest(BaseModel):
                            f"length ({context_length})", param="max_tokens" if room >= 1 else "messages",
                            code="context_length_exceeded")
         return {"max_new_tokens": wanted or min(DEFAULT_MAX_TOKENS, room), "temperature": self.temperature,
-                "top_p": self.top_p, "stop": self.stop or None, "seed": self.seed}
+                "top_p": self.top_p, "stop": self.stop or None, "seed": self.seed,
+                "thinking_budget": self.thinking_budget()}
 
 
 class ChatCompletionRequest(SamplingRequest):

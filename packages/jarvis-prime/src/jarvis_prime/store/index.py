@@ -252,7 +252,8 @@ def _import_unlocked(src: Path, target: Path, *, name: str, version: str, task: 
         if (src / MANIFEST_NAME).is_file():  # a PRIME directory (Reactor Core's output): keep its story
             origin = read_manifest(src)
             manifest = manifest.model_copy(update={"lineage": origin.lineage, "metrics": origin.metrics,
-                                                   "stop": origin.stop, "architecture": origin.architecture,
+                                                   "stop": origin.stop, "thinking": origin.thinking,
+                                                   "architecture": origin.architecture,
                                                    "license": origin.license, "license_url": origin.license_url})
         manifest = manifest.model_copy(update=given)
 

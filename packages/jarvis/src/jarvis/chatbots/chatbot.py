@@ -8,6 +8,11 @@ the model's own chat template (through `PrimeModel`), never a hand-made
 A turn may carry images (`stream(text, images=[...])`). While images are in what the
 model is sent, the turn goes to a model that sees: the chat model when it does, else
 the vision model (`jarvis.vision.pick_vision_model`), loaded on first need.
+
+A thinking model's reasoning comes apart from its answer (`jarvis_prime.thinking`, through
+`PrimeModel.complete` or a server's `reasoning_content`): `stream` yields it as `Thought`
+pieces, for the terminal and the page to show folded; the history and the training data
+hold the answer alone, and the store keeps the reasoning beside it.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Literal, Sequence
 
 from jarvis.memory import ConversationStore
-from jarvis.reasoning import Reasoned, self_consistency
+from jarvis.reasoning import REASONING_MODEL_ENV, Reasoned, ask_reasoning_model, pick_reasoning_model, self_consistency
 from jarvis.vision import MAX_IMAGES_PER_MESSAGE, VISION_MODEL_ENV, has_images, message_text, pick_vision_model, user_message
 from jarvis_prime import PrimeModel
 from jarvis_prime.persona import JARVIS_SYSTEM_PROMPT
@@ -28,12 +33,21 @@ DEFAULT_PERSONA = JARVIS_SYSTEM_PROMPT
 Message = dict[str, Any]  # content: a string, or parts with images (`jarvis.vision.user_message`)
 
 
+class Thought(str):
+    """A piece of a thinking model's reasoning among `Chatbot.stream`'s answer pieces (plain
+    `str`): shown folded, never part of the answer."""
+
+
 def _default_model() -> str:
     return os.environ.get("JARVIS_MODEL") or DEFAULT_MODEL
 
 
 def _default_vision_model() -> str | None:
     return os.environ.get(VISION_MODEL_ENV) or None
+
+
+def _default_reasoning_model() -> str | None:
+    return os.environ.get(REASONING_MODEL_ENV) or None
 
 
 @dataclass
@@ -52,6 +66,11 @@ class ChatbotConfig:
     top_p: float = 1.0
     seed: int | None = None
     reasoning_samples: int = 5  # k for self-consistency (`reason`, /think, --reasoning)
+    # Thinking models: most tokens of reasoning before the answer (None: up to max_new_tokens;
+    # /think on a reasoning model: 3 x max_new_tokens, the answer keeps max_new_tokens).
+    thinking_budget: int | None = None
+    # The model /think asks; None: the catalog's reasoning model that is installed (`pick_reasoning_model`).
+    reasoning_model: str | None = field(default_factory=_default_reasoning_model)
     # The model for image turns when `model` cannot see; None: picked (`jarvis.vision.pick_vision_model`).
     vision_model: str | None = field(default_factory=_default_vision_model)
 
@@ -64,6 +83,8 @@ class ChatbotConfig:
             raise ValueError(f"`temperature` must be >= 0, got {self.temperature}")
         if self.reasoning_samples < 1:
             raise ValueError(f"`reasoning_samples` must be >= 1, got {self.reasoning_samples}")
+        if self.thinking_budget is not None and self.thinking_budget < 0:
+            raise ValueError(f"`thinking_budget` must be >= 0, got {self.thinking_budget}")
 
 
 class Chatbot:
@@ -82,6 +103,8 @@ class Chatbot:
         self.conversation = conversation
         self.history: list[Message] = []
         self.last_reply_id: int | None = None  # the stored id of the newest reply, for feedback
+        self.last_thinking: str | None = None  # the newest reply's reasoning (a thinking model), for /show-thinking
+        self._reasoner: PrimeModel | None = None  # the reasoning model /think loaded
         if store is not None and conversation is not None:
             stored = [m for m in store.stored_messages(conversation) if m.role != "system"]
             self.history = [store.chat_message(m) for m in stored]
@@ -121,18 +144,21 @@ class Chatbot:
     def _model_label(model) -> str:
         return f"{model.name}@{model.version}"
 
-    def _save(self, user: Message, reply: Message, after: int | None, model, images: Sequence[bytes] = ()) -> None:
+    def _save(self, user: Message, reply: Message, after: int | None, model, images: Sequence[bytes] = (),
+              thinking: str | None = None) -> None:
         """Both messages in one transaction, refused if the conversation moved on meanwhile."""
         if self.store is None:
             return
         if self.conversation is None:
             self.conversation = self.store.create(model=self.config.model, system_prompt=self.config.system_prompt)
         _, self.last_reply_id = self.store.add_exchange(self.conversation, message_text(user), reply["content"],
-                                                        model=self._model_label(model), after=after, images=images)
+                                                        model=self._model_label(model), after=after, images=images,
+                                                        thinking=thinking)
 
     def ask(self, text: str, images: Sequence[bytes] = ()) -> str:
-        """Send one user message (with `images`, encoded files); return the whole reply."""
-        return "".join(self.stream(text, images))
+        """Send one user message (with `images`, encoded files); return the whole reply (the
+        answer: a thinking model's reasoning is in `last_thinking`)."""
+        return "".join(p for p in self.stream(text, images) if not isinstance(p, Thought))
 
     def user_turn(self, text: str, images: Sequence[bytes] = ()) -> Message:
         """The user message `text` and `images` make, checked (what `stream` sends)."""
@@ -144,7 +170,8 @@ class Chatbot:
 
     def stream(self, text: str, images: Sequence[bytes] = ()) -> Iterator[str]:
         """Send one user message, with `images` (encoded files: `jarvis.vision.read_image`);
-        yield the reply as it is generated.
+        yield the reply as it is generated: text pieces of the answer, and `Thought` pieces
+        of a thinking model's reasoning before it.
 
         The turn enters the history once the reply ends (or is interrupted, keeping
         what was said so far).
@@ -153,26 +180,52 @@ class Chatbot:
         kept, messages, model = self._fit_context(user)  # raises before touching the history
         after = self._last_stored_id()
 
-        def done(reply: Message) -> None:
+        def done(reply: Message, thinking: str | None) -> None:
             self.history = kept + [user, reply]
-            self._save(user, reply, after, model, images)
+            self._save(user, reply, after, model, images, thinking)
 
         yield from self._generate(model, messages, done)
 
+    @property
+    def reasoning_model(self) -> PrimeModel | None:
+        """The model /think asks: the chat model if it thinks itself, else the configured or
+        installed catalog reasoning model (loaded on first use), else None (self-consistency)."""
+        if getattr(getattr(self.model, "manifest", None), "thinking", None) is not None:
+            return self.model
+        if self._reasoner is None:
+            name = pick_reasoning_model(self.config.reasoning_model)
+            if name is None:
+                return None
+            c = self.config
+            self._reasoner = PrimeModel.from_pretrained(name, device=c.device, backend=c.backend)
+        return self._reasoner
+
     def reason(self, text: str) -> Reasoned:
-        """Answer a question with a checkable answer by self-consistency: k step-by-step
-        samples, majority vote. The winning sample's reply enters the conversation."""
+        """Answer a question with a checkable answer: by the reasoning model when there is one
+        (it thinks, then answers), else by self-consistency on the chat model (k step-by-step
+        samples, majority vote). `Reasoned.method` says which. The answer enters the
+        conversation; a reasoning model's thinking is stored beside it."""
         if not text.strip():
             raise ValueError("message is empty")
         user = {"role": "user", "content": text}
         kept, messages, model = self._fit_context(user)
         c = self.config
-        result = self_consistency(model, messages, k=c.reasoning_samples, max_new_tokens=c.max_new_tokens,
-                                  seed=c.seed or 0)
+        thinker = self.reasoning_model
+        if thinker is not None:
+            budget = c.thinking_budget if c.thinking_budget is not None else 3 * c.max_new_tokens
+            result = ask_reasoning_model(thinker, messages, max_new_tokens=c.max_new_tokens + budget,
+                                         thinking_budget=budget, seed=c.seed)
+            model = thinker
+        else:
+            result = self_consistency(model, messages, k=c.reasoning_samples, max_new_tokens=c.max_new_tokens,
+                                      seed=c.seed or 0)
+        self.last_thinking = result.thinking
+        if not result.reply:  # it ran out of tokens while thinking: no answer to keep
+            return result
         reply = {"role": "assistant", "content": result.reply}
         after = self._last_stored_id()
         self.history = kept + [user, reply]
-        self._save(user, reply, after, model)
+        self._save(user, reply, after, model, thinking=result.thinking)
         return result
 
     def _last_stored_id(self) -> int | None:
@@ -192,31 +245,43 @@ class Chatbot:
         kept, messages, model = self._fit_context(user, history=self.history[:-2])
         previous = self.last_reply_id
 
-        def done(reply: Message) -> None:
+        def done(reply: Message, thinking: str | None) -> None:
             self.history = kept + [user, reply]
             if self.store is not None and previous is not None:
-                self.last_reply_id = self.store.add_alternative(previous, reply["content"], model=self._model_label(model))
+                self.last_reply_id = self.store.add_alternative(previous, reply["content"],
+                                                                model=self._model_label(model), thinking=thinking)
 
         yield from self._generate(model, messages, done)
 
     def _generate(self, model, messages: list[Message], done) -> Iterator[str]:
+        """The reply's pieces: answer text, and `Thought`s of a thinking model's reasoning,
+        as `complete` splits them (a remote model: from the server's `reasoning_content`)."""
         c = self.config
         pieces: list[str] = []
+        thoughts: list[str] = []
         failed = False
+        options = dict(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, seed=c.seed)
+        if c.thinking_budget is not None:
+            options["thinking_budget"] = c.thinking_budget
+        self.last_thinking = None
         try:
-            for piece in model.chat(
-                messages, stream=True, max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, seed=c.seed
-            ):
-                pieces.append(piece)
-                yield piece
+            for chunk in model.complete(model.encode_chat(messages), stream=True, **options):
+                if chunk.reasoning:
+                    thoughts.append(chunk.reasoning)
+                    yield Thought(chunk.reasoning)
+                if chunk.text:
+                    pieces.append(chunk.text)
+                    yield chunk.text
         except Exception:
             failed = True
             raise
         finally:
+            self.last_thinking = "".join(thoughts).strip() or None
             # a reply that ended, or that the user interrupted (generator closed, Ctrl-C),
-            # is part of the conversation; one the backend failed on is not
+            # is part of the conversation; one the backend failed on is not, nor one that
+            # never got past its thinking (there is no answer to keep)
             if not failed and "".join(pieces).strip():
-                done({"role": "assistant", "content": "".join(pieces).strip()})
+                done({"role": "assistant", "content": "".join(pieces).strip()}, self.last_thinking)
 
     def _fit_context(self, user: Message,
                      history: list[Message] | None = None) -> tuple[list[Message], list[Message], Any]:

@@ -77,6 +77,7 @@ class ModelSwap(_Strict):
 
 
 def message_json(m) -> dict[str, Any]:
-    """A stored message; `images` are sha256s, each served by GET /api/images/{sha256}."""
+    """A stored message; `images` are sha256s, each served by GET /api/images/{sha256}; `thinking`
+    a thinking model's reasoning (the page folds it above the reply)."""
     return {"id": m.id, "role": m.role, "content": m.content, "original": m.original, "rating": m.rating,
-            "corrected": m.corrected, "model": m.model, "images": list(m.images)}
+            "corrected": m.corrected, "model": m.model, "images": list(m.images), "thinking": m.thinking}

@@ -17,6 +17,7 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from jarvis_prime.errors import ModelNotFoundError, PrimeError
+from jarvis_prime.manifest import Thinking
 
 Task = Literal["chat", "vision", "reasoning"]
 QuantLevel = Literal["fp16", "8bit", "4bit"]
@@ -104,6 +105,7 @@ class CatalogEntry(BaseModel):
     license_url: str = Field(pattern=r"^https://\S+$",
                              description="The license text a user accepts (the base repository's LICENSE page).")
     stop: list[str] = Field(default_factory=list)
+    thinking: Thinking | None = Field(default=None, description="A reasoning model's thinking tags (copied to prime.json).")
     ram_gb: dict[QuantLevel, float] = Field(description="RAM needed to run it, per quantization.")
     sources: list[Source]
 

@@ -96,6 +96,15 @@ class Lineage(BaseModel):
     training_config: dict[str, Any] | None = None
 
 
+class Thinking(BaseModel):
+    """The tags a reasoning model writes its thinking between (`<think>`, `</think>`), so a
+    reader can keep the thinking apart from the answer."""
+
+    model_config = ConfigDict(extra="forbid")
+    start: str = Field(min_length=1)
+    end: str = Field(min_length=1)
+
+
 class PrimeManifest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -114,6 +123,7 @@ class PrimeManifest(BaseModel):
         default=None, description="Where the chat template came from (e.g. 'gguf:tokenizer.chat_template')."
     )
     stop: list[str] = Field(default_factory=list)
+    thinking: Thinking | None = None
     context_length: int
     files: dict[str, FileEntry] = Field(default_factory=dict)
     quantizations: dict[str, Quantization] = Field(default_factory=dict)

@@ -4,25 +4,22 @@ temperature, read the final answer off each, and return the majority answer.
 
 Small models are unreliable on one greedy chain; voting over several samples trades
 k times the compute for accuracy. `benchmarks/reasoning.py` measures the trade on
-the held-out problems shipped in `jarvis/data/reasoning_problems.json`.
+the held-out problems shipped in `jarvis/data/reasoning_problems.json`. Answers are read
+by `jarvis_prime.answers`, the same reader the reasoning model's recipe scores with.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Mapping, Protocol, Sequence
 
-STEP_BY_STEP = (
-    "Solve the problem step by step, showing your reasoning briefly. "
-    "Then give the final answer on the last line as 'Answer: <answer>'."
-)
+from jarvis_prime.answers import STEP_BY_STEP, extract_answer, normalise
 
-_ANSWER_LINE = re.compile(r"answer[ \t]*(?:is|:)[ \t]*(.+)", re.IGNORECASE)
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+__all__ = ["STEP_BY_STEP", "extract_answer", "normalise", "majority", "self_consistency", "step_by_step_messages",
+           "load_problems", "Reasoned"]
 
 
 class ChatModel(Protocol):
@@ -35,28 +32,6 @@ class Reasoned:
     reply: str  # the full reply of a sample that gave the majority answer
     votes: dict[str, int]
     samples: list[str]
-
-
-def normalise(answer: str) -> str:
-    """Comparable form of an answer: one that starts with a number is that number as a
-    plain decimal ("$1,200.00 total" -> "1200"), else lowercase words without articles
-    or punctuation ("The Cat." -> "cat")."""
-    text = answer.strip().strip("*").strip()
-    number = re.match(r"\$?\s*(-?\d[\d,]*(?:\.\d+)?)(?![\d/:])", text)
-    if number:
-        value = float(number.group(1).replace(",", ""))
-        return str(int(value)) if value.is_integer() else str(value)
-    words = re.sub(r"[^\w\s-]", "", text.lower()).split()
-    return " ".join(w for w in words if w not in ("a", "an", "the"))
-
-
-def extract_answer(reply: str) -> str | None:
-    """The final answer in a reply: the last 'Answer: X' line, else the last number."""
-    matches = [m.strip() for m in _ANSWER_LINE.findall(reply) if m.strip()]
-    if matches:
-        return normalise(matches[-1])
-    numbers = _NUMBER.findall(reply)
-    return normalise(numbers[-1]) if numbers else None
 
 
 def majority(answers: Sequence[str | None]) -> tuple[str | None, dict[str, int]]:

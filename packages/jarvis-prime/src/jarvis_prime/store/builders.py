@@ -82,7 +82,8 @@ def entry_manifest(entry: CatalogEntry, source: dict) -> PrimeManifest:
     return PrimeManifest(
         name=entry.name, version=entry.version, task=entry.task, base=entry.base, architecture=entry.architecture,
         license=entry.license, license_url=entry.license_url,
-        context_length=entry.context_length, stop=list(entry.stop), lineage=Lineage(source=source),
+        context_length=entry.context_length, stop=list(entry.stop), thinking=entry.thinking,
+        lineage=Lineage(source=source),
     )
 
 

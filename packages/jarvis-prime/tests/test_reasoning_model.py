@@ -87,7 +87,7 @@ def tiny_llama(pulled_model, tmp_path_factory) -> Path:
 
 def test_prime_train_reasoning_end_to_end_on_a_tiny_llama(tiny_llama, pulled_model, tmp_path, monkeypatch):
     pytest.importorskip("reactor_core")
-    from jarvis_prime.export import ExportError
+    from jarvis_prime.export import ExportError, export_gguf
     from jarvis_prime.export.converter import find_converter
     from jarvis_prime.recipes.reasoning_model import train_reasoning_model
     from jarvis_prime.store import import_path
@@ -96,10 +96,11 @@ def test_prime_train_reasoning_end_to_end_on_a_tiny_llama(tiny_llama, pulled_mod
         find_converter()
     except ExportError as err:
         pytest.skip(str(err))
-    import_path(tiny_llama, name="tiny-llama", base="tiny", force=True)
+    monkeypatch.setenv("JARVIS_PRIME_HOME", str(tmp_path / "store"))  # the session store keeps the real model's name
+    export_gguf(import_path(tiny_llama, name="tiny-llama", base="tiny", force=True).path, ["q8_0"], progress=False)
     recipe = small_recipe(RECIPES[NAME], base="tiny-llama", train_examples=40, heldout_examples=6, grpo_prompts=5,
                           max_steps=2, batch_size=2, max_seq_length=256, warmup_steps=0,
-                          compare_with=("smollm2-135m-instruct",), compare_prompting=("direct",),
+                          compare_with=("tiny-llama",), compare_prompting=("direct",),
                           heldout_limit=3, max_new_tokens=8)
     extra = tmp_path / "someone-elses.json"
     extra.write_text(json.dumps({"problems": [{"question": "Sam has 3 boxes with 4 pencils in each box. "
@@ -118,11 +119,12 @@ def test_prime_train_reasoning_end_to_end_on_a_tiny_llama(tiny_llama, pulled_mod
     config = manifest["lineage"]["training_config"]
     assert config["method"] == "sft" and config["packing"] is True and "down_proj" in config["target_modules"]
     rows = {(r["model"], r["prompting"]): r for r in summary["heldout"]["rows"]}
-    assert set(rows) == {(NAME, "direct"), ("smollm2-135m-instruct", "direct")}
+    assert set(rows) == {(NAME, "direct"), ("tiny-llama", "direct")}  # the base it was trained from, same problems
     for row in rows.values():
         assert row["heldout"]["problems"] == 3 and row["extra"]["problems"] == 1
         assert row["weights"].endswith(".gguf")  # the default llama.cpp file
     assert any(line.startswith("5/5") for line in lines)
+    assert model_dir.parent == tmp_path / "store/models"
 
 
 @pytest.mark.real_model

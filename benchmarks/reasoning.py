@@ -24,10 +24,10 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.progress import Progress
-from rich.table import Table
 
 from jarvis.reasoning import extract_answer, load_problems, self_consistency, step_by_step_messages
 from jarvis_prime import PrimeModel
+from jarvis_prime.tables import Col, print_table
 
 RESULTS = Path(__file__).parent / "results" / "reasoning.json"
 
@@ -73,17 +73,18 @@ def main() -> None:
     names = {mode: f"{model.name} {model.version}" for mode in modes}
     if reasoner is not None:
         names["reasoning model"] = f"{reasoner.name} {reasoner.version}"
-    table = Table(title=f"accuracy on {len(problems)} held-out problems (llama.cpp, {platform.processor() or platform.machine()})")
-    for column in ["mode", "model", *kinds, "all", "s/problem"]:
-        table.add_column(column, justify="right" if column not in ("mode", "model") else "left")
+    columns = [Col("mode", keep=True), Col("model", keep=True), *(Col(k, justify="right") for k in kinds),
+               Col("all", justify="right"), Col("s/problem", justify="right")]
+    table = []
     rows = {}
     for mode in modes:
         per_kind = {k: sum(correct[mode][k]) / len(correct[mode][k]) for k in kinds}
         overall = sum(sum(v) for v in correct[mode].values()) / len(problems)
         rows[mode] = {"model": names[mode], "accuracy": overall, "by_kind": per_kind,
                       "seconds_per_problem": seconds[mode] / len(problems)}
-        table.add_row(mode, names[mode], *(f"{per_kind[k]:.0%}" for k in kinds), f"{overall:.0%}", f"{seconds[mode] / len(problems):.1f}")
-    console.print(table)
+        table.append([mode, names[mode], *(f"{per_kind[k]:.0%}" for k in kinds), f"{overall:.0%}", f"{seconds[mode] / len(problems):.1f}"])
+    print_table(console, columns, table, title=f"accuracy on {len(problems)} held-out problems "
+                                               f"(llama.cpp, {platform.processor() or platform.machine()})")
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps({"model": f"{model.name}@{model.version}",
                                    "reasoning_model": f"{reasoner.name}@{reasoner.version}" if reasoner else None,

@@ -38,3 +38,11 @@ def test_the_problem_set_is_well_formed():
     assert {p["kind"] for p in problems} == {"arithmetic", "logic"}
     for p in problems:
         assert p["question"].strip() and normalise(p["answer"]) == p["answer"], p
+
+
+def test_replies_are_read_by_the_reader_the_reasoning_model_is_scored_with():
+    from jarvis_prime import answers
+
+    assert extract_answer is answers.extract_answer, "one answer reader for jarvis, the recipe and the benchmark"
+    assert extract_answer("<think>\nthe answer is 3\n3 + 1 = 4\n</think>\nThe answer is 4.") == "4"
+    assert extract_answer("<think>\n3 + 1 = 4") == "4", "thinking that never closes is read whole"

@@ -22,6 +22,7 @@ from jarvis_prime.publish import push
 from jarvis_prime.recipes.big_chat_model import BIG_RECIPES
 from jarvis_prime.recipes.chat_model import train_chat_model
 from jarvis_prime.recipes.feedback import FeedbackRecipe, train_from_feedback
+from jarvis_prime.recipes.reasoning_model import RECIPES as REASONING_RECIPES
 from jarvis_prime.recipes.vision_model import RECIPES as VISION_RECIPES
 from jarvis_prime.serving.settings import (ALLOW_PRIVATE_IMAGE_HOSTS_ENV, ALLOW_REMOTE_IMAGES_ENV, DEFAULT_MAX_BODY_BYTES,
                                            DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGES)
@@ -373,8 +374,8 @@ def _print_variant_table(manifest, results: dict[str, dict[str, Any]], system_pr
 
 @app.command("train")
 def train(
-    name: str = typer.Argument(..., help="Recipe (prime-135m-chat-v1, prime-135m-vision-v1, prime-7b-chat-v1), or "
-                                         "with --sft/--dpo the model to improve."),
+    name: str = typer.Argument(..., help="Recipe (prime-135m-chat-v1, prime-135m-vision-v1, prime-135m-reasoning-v1, "
+                                         "prime-7b-chat-v1), or with --sft/--dpo the model to improve."),
     work_dir: str = typer.Option("./prime-train", help="Where the dataset, checkpoints and logs go."),
     ship: bool = typer.Option(False, help="Maintainers: write the float16 adapter into the package (adapters/NAME)."),
     fresh: bool = typer.Option(False, help="Regenerate the dataset even if WORK_DIR has one."),
@@ -391,6 +392,9 @@ def train(
         "prime-7b-chat-v1: processes for FSDP (torchrun); default 1, or 2 on Reactor Core's gcp-full profile.")),
     checkpoint_remote: Optional[str] = typer.Option(None, "--checkpoint-remote", help=(
         "prime-7b-chat-v1: mirror checkpoints to gs://bucket/prefix (a spot VM's replacement resumes from it).")),
+    problems: Optional[str] = typer.Option(None, "--problems", help=(
+        "prime-135m-reasoning-v1: more word problems to score every model on, written apart from the generator "
+        "(JSON {\"problems\": [{\"question\", \"answer\"}]}, e.g. jarvis/data/reasoning_problems.json).")),
 ) -> None:
     """Build a PRIME model with its recipe on Reactor Core (needs the jarvis-prime training extra).
 
@@ -439,6 +443,19 @@ def train(
         by_category = summary["heldout"].get("by_category", {})
         console.print(f"[green]done[/]: {summary['train_metrics'].get('steps')} steps; held-out accuracy (llama.cpp) "
                       + ", ".join(f"{k} {v:.0%}" for k, v in by_category.items()) + f"; model: {summary['model_dir']}")
+        return
+    if name in REASONING_RECIPES:
+        from jarvis_prime.recipes.reasoning_model import train_reasoning_model
+
+        try:
+            summary = train_reasoning_model(name, Path(work_dir), ship=ship, fresh=fresh, log=log,
+                                            also_score=Path(problems) if problems else None)
+        except (PrimeError, ValueError) as err:
+            _fail(err)
+        rows = summary["heldout"]["rows"]
+        console.print(f"[green]done[/]: held-out exact answers (llama.cpp, greedy) "
+                      + ", ".join(f"{r['model']} {r['prompting']} {r['heldout']['accuracy']:.0%}" for r in rows)
+                      + f"; model: {summary['model_dir']}")
         return
     try:
         summary = train_chat_model(name, Path(work_dir), ship=ship, fresh=fresh, log=log)

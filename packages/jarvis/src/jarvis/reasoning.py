@@ -9,31 +9,27 @@ answer. `Reasoned.method` says which way answered, and the CLI says it too.
 
 Small models are unreliable on one greedy chain; voting over several samples trades
 k times the compute for accuracy. `benchmarks/reasoning.py` measures the trade on
-the held-out problems shipped in `jarvis/data/reasoning_problems.json`.
+the held-out problems shipped in `jarvis/data/reasoning_problems.json`. Answers are read
+by `jarvis_prime.answers`, the same reader the reasoning model's recipe scores with.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Literal, Mapping, Protocol, Sequence
 
+from jarvis_prime.answers import STEP_BY_STEP, extract_answer, normalise
 from jarvis_prime.catalog import load_catalog
 from jarvis_prime.store import find_local
 
 REASONING_MODEL_ENV = "JARVIS_REASONING_MODEL"
 
-STEP_BY_STEP = (
-    "Solve the problem step by step, showing your reasoning briefly. "
-    "Then give the final answer on the last line as 'Answer: <answer>'."
-)
-
-_ANSWER_LINE = re.compile(r"answer[ \t]*(?:is|:)[ \t]*(.+)", re.IGNORECASE)
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+__all__ = ["STEP_BY_STEP", "extract_answer", "normalise", "majority", "self_consistency", "step_by_step_messages",
+           "load_problems", "Reasoned"]
 
 
 class ChatModel(Protocol):
@@ -50,28 +46,6 @@ class Reasoned:
     model: str = ""  # name of the model that answered
     thinking: str | None = None  # a reasoning model's thinking (never part of `reply`)
     truncated: bool = False  # a reasoning model ran out of tokens while thinking: no answer
-
-
-def normalise(answer: str) -> str:
-    """Comparable form of an answer: one that starts with a number is that number as a
-    plain decimal ("$1,200.00 total" -> "1200"), else lowercase words without articles
-    or punctuation ("The Cat." -> "cat")."""
-    text = answer.strip().strip("*").strip()
-    number = re.match(r"\$?\s*(-?\d[\d,]*(?:\.\d+)?)(?![\d/:])", text)
-    if number:
-        value = float(number.group(1).replace(",", ""))
-        return str(int(value)) if value.is_integer() else str(value)
-    words = re.sub(r"[^\w\s-]", "", text.lower()).split()
-    return " ".join(w for w in words if w not in ("a", "an", "the"))
-
-
-def extract_answer(reply: str) -> str | None:
-    """The final answer in a reply: the last 'Answer: X' line, else the last number."""
-    matches = [m.strip() for m in _ANSWER_LINE.findall(reply) if m.strip()]
-    if matches:
-        return normalise(matches[-1])
-    numbers = _NUMBER.findall(reply)
-    return normalise(numbers[-1]) if numbers else None
 
 
 def majority(answers: Sequence[str | None]) -> tuple[str | None, dict[str, int]]:

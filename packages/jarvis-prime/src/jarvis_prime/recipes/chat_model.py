@@ -204,8 +204,9 @@ def write_anchor_text(data_path: Path, out: Path) -> Path:
     return out
 
 
-def ship_adapter(adapter_dir: Path, name: str, summary: dict[str, Any]) -> Path:
-    """The adapter in float16 (half the bytes, far below the base's Q4_1 rounding) in the package."""
+def ship_adapter(adapter_dir: Path, name: str, summary: dict[str, Any], base: str | None = None) -> Path:
+    """The adapter in float16 (half the bytes, far below the base's Q4_1 rounding) in the package;
+    `base`: the catalog base it merges into (default: this module's recipe of that name)."""
     from safetensors.numpy import load_file, save_file
 
     target = package_folder(name)
@@ -213,7 +214,7 @@ def ship_adapter(adapter_dir: Path, name: str, summary: dict[str, Any]) -> Path:
     tensors = {k: v.astype("float16") for k, v in load_file(adapter_dir / "adapter_model.safetensors").items()}
     save_file(tensors, target / "adapter_model.safetensors")
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    config["base_model_name_or_path"] = RECIPES[name].base
+    config["base_model_name_or_path"] = base or RECIPES[name].base
     (target / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (target / "training.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return target

@@ -1,0 +1,430 @@
+"""The arithmetic word problems `prime-135m-reasoning-v1` is trained and scored on (issue #22).
+
+A problem is a *structure* (the arithmetic: `each_left` is a * b - c) told in one of a
+few *wordings*; a template is one (structure, wording) pair with an id such as
+`each_left/2`. Each structure keeps one or two wordings for the held-out split only, so
+the held-out figure measures whether the model learnt to read a problem, not the
+training sentences. Numbers, names and objects are drawn per problem.
+
+  add       a + b                 "Ava has 35 shells. She finds 48 more. ..."
+  left      a - b                 "... gives 12 to Omar. How many are left?"
+  each      a * b                 "6 boxes with 9 pencils in each box"
+  share     a / b (exact)         "shares 72 stickers equally among 8 friends"
+  twice     a * 2                 "twice as many"
+  half      a / 2 (exact)         "half as many"
+  times     a * b                 "4 times as many"
+  groups    a / b (exact)         "72 pencils packed in boxes of 8: how many boxes"
+  two and three steps combine them: each_left, add_left, twice_total, half_total,
+  change (bill - n * price), rate_days (rate * (d1 + d2)), share_left ((a - b) / c),
+  each_add_left (a * b + c - d), twice_total_left (a + 2a - c), each_half_left.
+
+The target is what a 135M model can learn: one short line per step with the arithmetic
+written out, then the answer line that `jarvis_prime.answers.extract_answer` reads:
+
+  <think>
+  6 * 9 = 54
+  54 - 14 = 40
+  </think>
+  The answer is 40.
+
+SmolLM2 tokenizes digits one by one, so a one-digit times two-digit product is written
+as the two easy products it is made of ("7 * 23 = 7 * 20 + 7 * 3 = 140 + 21 = 161").
+
+Every problem is drawn from its own random stream, seeded by (seed, split, index), so a
+split is reproducible and independent of its size.
+
+    python -m jarvis_prime.recipes.reasoning_data OUT_DIR --train 4000 --heldout 200 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from jarvis_prime.answers import THINK_END, THINK_START
+from jarvis_prime.files import atomic_write, sha256_file
+from jarvis_prime.progress import Log
+
+DATA_VERSION = 1  # bump when what is drawn or how it is written changes: scores of different versions do not compare
+SPLITS: tuple[str, ...] = ("train", "heldout")
+
+NAMES = ("Ava", "Ben", "Mia", "Omar", "Lena", "Raj", "Sofia", "Tom", "Yuki", "Kofi", "Nora", "Leo", "Ines", "Sam",
+         "Priya", "Hugo", "Zara", "Ali", "Emma", "Jonas", "Chloe", "Diego", "Hana", "Ivan", "Maya", "Noah", "Lucy")
+OBJECTS = ("apples", "pencils", "stickers", "marbles", "cookies", "books", "shells", "stamps", "cards", "flowers",
+           "eggs", "coins", "balloons", "candles", "crayons", "buttons", "oranges", "toy cars", "beads", "cupcakes")
+CONTAINERS = ("boxes", "bags", "baskets", "jars", "packs", "crates", "trays", "shelves")
+PLACES = ("a box", "a basket", "a jar", "a shop", "the library", "a classroom", "a bag")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One line of the solution: `a op b = result`."""
+    a: int
+    op: str  # + - * /
+    b: int
+    result: int
+
+    def line(self) -> str:
+        """The step as written in the target; a one-digit times two-digit product is split
+        into the tens and units products a small model can do digit by digit."""
+        if self.op == "*":
+            small, big = sorted((self.a, self.b))
+            if 2 <= small <= 9 and big > 10 and big % 10 and big < 100:
+                tens, units = big - big % 10, big % 10
+                return (f"{self.a} * {self.b} = {small} * {tens} + {small} * {units} = "
+                        f"{small * tens} + {small * units} = {self.result}")
+        return f"{self.a} {self.op} {self.b} = {self.result}"
+
+
+def step(a: int, op: str, b: int) -> Step:
+    """A step with its result; division must be exact and nothing goes below zero."""
+    if op == "+":
+        result = a + b
+    elif op == "-":
+        result = a - b
+    elif op == "*":
+        result = a * b
+    elif op == "/":
+        if b == 0 or a % b:
+            raise ValueError(f"{a} / {b} is not a whole number")
+        result = a // b
+    else:
+        raise ValueError(f"unknown operation {op!r}")
+    if result < 0:
+        raise ValueError(f"{a} {op} {b} is negative")
+    return Step(a, op, b, result)
+
+
+# A structure draws its numbers and returns (values for the wordings, the steps).
+Draw = Callable[[random.Random], tuple[dict[str, int], list[Step]]]
+
+
+def _add(r):
+    a, b = r.randint(5, 300), r.randint(3, 200)
+    return {"a": a, "b": b}, [step(a, "+", b)]
+
+
+def _left(r):
+    a = r.randint(10, 400)
+    b = r.randint(1, a - 1)
+    return {"a": a, "b": b}, [step(a, "-", b)]
+
+
+def _each(r):
+    a, b = r.randint(2, 9), r.randint(2, 40)
+    return {"a": a, "b": b}, [step(a, "*", b)]
+
+
+def _share(r):
+    b, q = r.randint(2, 9), r.randint(2, 30)
+    return {"a": b * q, "b": b}, [step(b * q, "/", b)]
+
+
+def _twice(r):
+    a = r.randint(3, 150)
+    return {"a": a}, [step(a, "*", 2)]
+
+
+def _half(r):
+    a = 2 * r.randint(2, 150)
+    return {"a": a}, [step(a, "/", 2)]
+
+
+def _times(r):
+    a, k = r.randint(2, 40), r.randint(3, 9)
+    return {"a": a, "k": k}, [step(a, "*", k)]
+
+
+def _groups(r):
+    b, q = r.randint(2, 12), r.randint(2, 25)
+    return {"a": b * q, "b": b}, [step(b * q, "/", b)]
+
+
+def _each_left(r):
+    a, b = r.randint(2, 9), r.randint(3, 30)
+    c = r.randint(1, a * b - 1)
+    first = step(a, "*", b)
+    return {"a": a, "b": b, "c": c}, [first, step(first.result, "-", c)]
+
+
+def _add_left(r):
+    a, b = r.randint(10, 200), r.randint(5, 150)
+    c = r.randint(1, a + b - 1)
+    first = step(a, "+", b)
+    return {"a": a, "b": b, "c": c}, [first, step(first.result, "-", c)]
+
+
+def _twice_total(r):
+    a = r.randint(3, 120)
+    first = step(a, "*", 2)
+    return {"a": a}, [first, step(a, "+", first.result)]
+
+
+def _half_total(r):
+    a = 2 * r.randint(3, 120)
+    first = step(a, "/", 2)
+    return {"a": a}, [first, step(a, "+", first.result)]
+
+
+def _change(r):
+    n, p = r.randint(2, 9), r.randint(2, 15)
+    bill = next(x for x in (10, 20, 50, 100, 200) if x >= n * p)
+    first = step(n, "*", p)
+    return {"n": n, "p": p, "bill": bill}, [first, step(bill, "-", first.result)]
+
+
+def _rate_days(r):
+    rate, d1, d2 = r.randint(3, 25), r.randint(2, 9), r.randint(2, 9)
+    first = step(d1, "+", d2)
+    return {"rate": rate, "d1": d1, "d2": d2}, [first, step(rate, "*", first.result)]
+
+
+def _share_left(r):
+    c, q = r.randint(2, 9), r.randint(2, 25)
+    b = r.randint(1, 60)
+    a = c * q + b
+    first = step(a, "-", b)
+    return {"a": a, "b": b, "c": c}, [first, step(first.result, "/", c)]
+
+
+def _each_add_left(r):
+    a, b, c = r.randint(2, 9), r.randint(3, 25), r.randint(2, 60)
+    d = r.randint(1, a * b + c - 1)
+    first = step(a, "*", b)
+    second = step(first.result, "+", c)
+    return {"a": a, "b": b, "c": c, "d": d}, [first, second, step(second.result, "-", d)]
+
+
+def _twice_total_left(r):
+    a = r.randint(3, 90)
+    c = r.randint(1, 3 * a - 1)
+    first = step(a, "*", 2)
+    second = step(a, "+", first.result)
+    return {"a": a, "c": c}, [first, second, step(second.result, "-", c)]
+
+
+def _each_half_left(r):
+    a, b = r.randint(2, 9), r.randint(2, 20)
+    if (a * b) % 2:
+        b += 1
+    first = step(a, "*", b)
+    return {"a": a, "b": b}, [first, step(first.result, "/", 2)]
+
+
+# structure -> (draw, wordings); the last `HELDOUT_WORDINGS[structure]` wordings are held out.
+# Wordings are str.format templates over the drawn numbers and {n1} {n2} (names), {obj}
+# (plural object), {box} (plural container), {place}.
+STRUCTURES: dict[str, tuple[Draw, tuple[str, ...]]] = {
+    "add": (_add, (
+        "{n1} has {a} {obj}. {n2} gives {n1} {b} more. How many {obj} does {n1} have now?",
+        "{n1} collected {a} {obj} in the morning and {b} in the afternoon. How many {obj} did {n1} collect in all?",
+        "There are {a} {obj} in {place}. {n1} puts in {b} more. How many {obj} are there now?",
+        "{n1} had {a} {obj} and found {b} more. What is the total number of {obj} {n1} has?",
+        "A shelf holds {a} {obj}. Then {b} more {obj} are added. How many {obj} are on the shelf altogether?",
+    )),
+    "left": (_left, (
+        "{n1} has {a} {obj}. {n1} gives {b} {obj} to {n2}. How many {obj} does {n1} have left?",
+        "There were {a} {obj} in {place}. {n1} took {b} of them. How many {obj} are left?",
+        "{n1} bought {a} {obj} and used {b}. How many {obj} are left?",
+        "{n1} starts with {a} {obj} and loses {b}. How many {obj} remain?",
+        "A store had {a} {obj}. It sold {b} of them. How many {obj} does the store still have?",
+    )),
+    "each": (_each, (
+        "{n1} has {a} {box} with {b} {obj} in each. How many {obj} does {n1} have?",
+        "There are {a} {box}. Each holds {b} {obj}. How many {obj} are there in total?",
+        "{n1} buys {a} {box} of {obj}. Each has {b} {obj}. How many {obj} did {n1} buy?",
+        "{a} children each bring {b} {obj}. How many {obj} do they bring altogether?",
+        "One ticket costs {b} dollars. How many dollars do {a} tickets cost?",
+    )),
+    "share": (_share, (
+        "{n1} has {a} {obj} and shares them equally among {b} friends. How many {obj} does each friend get?",
+        "{a} {obj} are put into {b} {box} with the same number in each. How many {obj} are in each?",
+        "{n1} splits {a} {obj} into {b} equal groups. How many {obj} are in each group?",
+        "A teacher gives {a} {obj} to {b} students equally. How many {obj} does each student get?",
+    )),
+    "twice": (_twice, (
+        "{n1} has {a} {obj}. {n2} has twice as many {obj} as {n1}. How many {obj} does {n2} have?",
+        "{n1} made {a} {obj}. {n2} made twice as many. How many {obj} did {n2} make?",
+        "{n1} owns {a} {obj}, and {n2} owns twice that number. How many {obj} does {n2} own?",
+    )),
+    "half": (_half, (
+        "{n1} has {a} {obj}. {n2} has half as many {obj} as {n1}. How many {obj} does {n2} have?",
+        "{n1} had {a} {obj} and gave half of them to {n2}. How many {obj} does {n1} have left?",
+        "Half of the {a} {obj} in {place} are red. How many red {obj} are there?",
+    )),
+    "times": (_times, (
+        "{n1} has {a} {obj}. {n2} has {k} times as many. How many {obj} does {n2} have?",
+        "A small jar holds {a} {obj}. A big jar holds {k} times as many. How many {obj} does the big jar hold?",
+        "{n1} is {a} years old. {n1}'s grandfather is {k} times as old. How old is the grandfather?",
+    )),
+    "groups": (_groups, (
+        "{n1} packs {a} {obj} into {box} of {b}. How many {box} does {n1} fill?",
+        "There are {a} {obj}. They are put in groups of {b}. How many groups are there?",
+        "A class of {a} students is split into teams of {b}. How many teams are there?",
+    )),
+    "each_left": (_each_left, (
+        "{n1} has {a} {box} with {b} {obj} in each. {n1} gives away {c} {obj}. How many {obj} are left?",
+        "There are {a} {box} of {obj} with {b} in each. {c} {obj} are eaten. How many {obj} are left?",
+        "A parking lot has {a} rows with {b} cars in each row. {c} cars leave. How many cars are still there?",
+    )),
+    "add_left": (_add_left, (
+        "{n1} had {a} {obj}. {n1} got {b} more and then gave {c} to {n2}. How many {obj} does {n1} have now?",
+        "There were {a} {obj} in {place}. {b} more were added and {c} were taken out. How many {obj} are there now?",
+        "{n1} saved {a} dollars and earned {b} more, then spent {c} dollars. How many dollars are left?",
+    )),
+    "twice_total": (_twice_total, (
+        "{n1} has {a} {obj}. {n2} has twice as many. How many {obj} do they have together?",
+        "{n1} read {a} pages on Monday and twice as many on Tuesday. How many pages did {n1} read in the two days?",
+        "On Saturday {n1} sold {a} {obj}. On Sunday {n1} sold double that. How many {obj} were sold over the weekend?",
+    )),
+    "half_total": (_half_total, (
+        "{n1} has {a} {obj}. {n2} has half as many. How many {obj} do they have together?",
+        "A farm has {a} cows and half as many horses. How many cows and horses are there in all?",
+        "{n1} walked {a} metres before lunch and half that distance after lunch. How many metres did {n1} walk?",
+    )),
+    "change": (_change, (
+        "{n1} buys {n} {obj} at {p} dollars each and pays with a {bill} dollar bill. How much change does {n1} get?",
+        "{obj_cap} cost {p} dollars each. {n1} buys {n} of them with {bill} dollars. How many dollars are left?",
+        "A shop sells {obj} for {p} dollars each. {n1} buys {n} and pays with a {bill} dollar note. What is the change?",
+    )),
+    "rate_days": (_rate_days, (
+        "{n1} earns {rate} dollars a day. {n1} works {d1} days one week and {d2} days the next. How many dollars does {n1} earn?",
+        "A machine makes {rate} {obj} an hour. It runs {d1} hours on Monday and {d2} hours on Tuesday. How many {obj} does it make?",
+        "{n1} reads {rate} pages each day for {d1} days, then {d2} more days. How many pages does {n1} read?",
+    )),
+    "share_left": (_share_left, (
+        "{n1} had {a} {obj} and ate {b}. {n1} shared the rest equally among {c} friends. How many {obj} did each friend get?",
+        "There are {a} {obj}. {b} are broken and the rest go into {c} {box} equally. How many {obj} are in each?",
+        "{n1} picked {a} {obj}, kept {b}, and split the others equally between {c} neighbours. How many {obj} did each neighbour get?",
+    )),
+    "each_add_left": (_each_add_left, (
+        "{n1} has {a} {box} with {b} {obj} in each and {c} loose {obj}. {n1} gives {d} {obj} to {n2}. How many {obj} does {n1} have left?",
+        "A shop gets {a} {box} of {obj} with {b} in each, and has {c} already. It sells {d}. How many {obj} does it have now?",
+        "There are {a} {box} of {b} {obj} and {c} more {obj} on a table. {n1} takes {d}. How many {obj} remain?",
+    )),
+    "twice_total_left": (_twice_total_left, (
+        "{n1} has {a} {obj} and {n2} has twice as many. Together they give away {c}. How many {obj} do they have left?",
+        "On Monday {a} people visited and on Tuesday twice as many. {c} of all the visitors were children. How many visitors were adults?",
+        "{n1} baked {a} {obj}, and {n2} baked double that. They sold {c} of them. How many {obj} are left?",
+    )),
+    "each_half_left": (_each_half_left, (
+        "{n1} has {a} {box} with {b} {obj} in each. {n1} gives half of the {obj} to {n2}. How many {obj} does {n1} keep?",
+        "There are {a} {box} of {b} {obj}. Half of them are sold. How many {obj} are not sold?",
+        "A garden has {a} rows of {b} {obj}. Half of them are picked. How many {obj} are still in the garden?",
+    )),
+}
+# Held out: the last wording of every structure (the last two of the five-wording ones).
+HELDOUT_WORDINGS: dict[str, int] = {name: 2 if len(w) >= 5 else 1 for name, (_, w) in STRUCTURES.items()}
+
+
+def template_ids(split: str) -> list[str]:
+    """The template ids (`structure/wording`) a split draws from."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    ids = []
+    for name, (_, wordings) in STRUCTURES.items():
+        held = range(len(wordings) - HELDOUT_WORDINGS[name], len(wordings))
+        ids += [f"{name}/{i}" for i in range(len(wordings)) if (i in held) == (split == "heldout")]
+    return ids
+
+
+def solution(steps: list[Step]) -> str:
+    """The target text: the steps inside the thinking tags, then the answer line."""
+    lines = "\n".join(s.line() for s in steps)
+    return f"{THINK_START}\n{lines}\n{THINK_END}\nThe answer is {steps[-1].result}."
+
+
+def draw_problem(seed: int, split: str, index: int) -> dict[str, Any]:
+    """Problem `index` of `split`, from its own random stream."""
+    rng = random.Random(f"reasoning/{seed}/{split}/{index}")
+    template = rng.choice(template_ids(split))
+    structure, wording = template.split("/")
+    draw, wordings = STRUCTURES[structure]
+    values, steps = draw(rng)
+    n1, n2 = rng.sample(NAMES, 2)
+    obj = rng.choice(OBJECTS)
+    question = wordings[int(wording)].format(n1=n1, n2=n2, obj=obj, obj_cap=obj.capitalize(), box=rng.choice(CONTAINERS),
+                                             place=rng.choice(PLACES), **values)
+    return {"question": question, "answer": str(steps[-1].result), "solution": solution(steps),
+            "template": template, "steps": len(steps),
+            "ops": [s.op for s in steps], "numbers": values}
+
+
+def write_split(path: Path, seed: int, split: str, count: int) -> dict[str, Any]:
+    """A split as chat SFT JSONL (user question -> thinking + answer), with each record's
+    `answer` and `template` kept for scoring and tests."""
+    rows = []
+    for index in range(count):
+        p = draw_problem(seed, split, index)
+        rows.append({"messages": [{"role": "user", "content": p["question"]},
+                                  {"role": "assistant", "content": p["solution"]}],
+                     "answer": p["answer"], "template": p["template"], "steps": p["steps"]})
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return {"file": path.name, "examples": count, "sha256": sha256_file(path)}
+
+
+def write_grpo_prompts(path: Path, seed: int, count: int) -> dict[str, Any]:
+    """Prompts with checked answers for a GRPO stage after SFT (issue #22): training
+    templates, a stream of their own (`split` "grpo"), so they are not the SFT problems.
+
+        {"prompt": [{"role": "user", "content": q}], "answer": "48"}
+    """
+    rows = []
+    for index in range(count):
+        rng = random.Random(f"reasoning/{seed}/grpo/{index}")
+        p = draw_problem(seed, "train", 10**9 + rng.randrange(10**9))  # train templates, indices no SFT run reaches
+        rows.append({"prompt": [{"role": "user", "content": p["question"]}], "answer": p["answer"]})
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return {"file": path.name, "examples": count, "sha256": sha256_file(path)}
+
+
+def build_reasoning_dataset(out: Path, *, train: int, heldout: int, grpo: int = 0, seed: int = 0,
+                            log: Log = print) -> dict[str, Any]:
+    """train.jsonl, heldout.jsonl (and grpo.jsonl) in `out`, with dataset-report.json last
+    (its presence says the folder is complete)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"version": DATA_VERSION, "seed": seed,
+                              "train": write_split(out / "train.jsonl", seed, "train", train),
+                              "heldout": write_split(out / "heldout.jsonl", seed, "heldout", heldout),
+                              "templates": {s: template_ids(s) for s in SPLITS}}
+    if grpo:
+        report["grpo"] = write_grpo_prompts(out / "grpo.jsonl", seed, grpo)
+    atomic_write(out / "dataset-report.json", json.dumps(report, indent=1))
+    log(f"reasoning data: {train} training and {heldout} held-out problems"
+        + (f", {grpo} GRPO prompts" if grpo else "") + f" in {out}")
+    return report
+
+
+def load_problems(path: Path) -> list[dict[str, Any]]:
+    """Problems from a split file: [{"question", "answer", "template"}], errors naming file:line."""
+    problems = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            problems.append({"question": row["messages"][0]["content"], "answer": str(row["answer"]),
+                             "template": row.get("template", "")})
+        except (json.JSONDecodeError, KeyError, IndexError, TypeError) as err:
+            raise ValueError(f"{path}:{number}: not a reasoning record ({type(err).__name__}: {err})") from err
+    return problems
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--train", type=int, default=4000)
+    parser.add_argument("--heldout", type=int, default=200)
+    parser.add_argument("--grpo", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    build_reasoning_dataset(args.out, train=args.train, heldout=args.heldout, grpo=args.grpo, seed=args.seed)
+
+
+if __name__ == "__main__":
+    main()

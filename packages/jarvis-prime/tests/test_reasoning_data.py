@@ -1,0 +1,100 @@
+"""The reasoning model's word problems (issue #22): reproducible, correct by recomputation,
+every operation drawn, and a held-out split whose templates and sentences training never sees."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from jarvis_prime.answers import extract_answer
+from jarvis_prime.recipes.reasoning_data import (
+    STRUCTURES,
+    build_reasoning_dataset,
+    draw_problem,
+    load_problems,
+    step,
+    template_ids,
+)
+
+LINE = re.compile(r"^(\d+) ([-+*/]) (\d+) = (?:.* = )?(\d+)$")  # a step; the split product's middle parts skipped
+
+
+def recompute(solution: str) -> int:
+    """Check every step's arithmetic and that each step after the first uses the result before it."""
+    body = solution.split("<think>\n", 1)[1].split("\n</think>", 1)[0]
+    results = []
+    for line in body.splitlines():
+        a, op, b, result = LINE.match(line).groups()
+        a, b, result = int(a), int(b), int(result)
+        assert result == {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op], line
+        if op == "/":
+            assert a % b == 0, f"inexact division: {line}"
+        if op == "*" and " = " in line.split(" = ", 1)[1]:  # the tens-and-units form adds up
+            parts = [int(x) for x in re.findall(r"= (\d+) \+ (\d+) =", line)[0]]
+            assert sum(parts) == result, line
+        if results:
+            assert results[-1] in (a, b), f"step does not use the result before it: {line}"
+        results.append(result)
+    return results[-1]
+
+
+def test_a_split_is_reproducible_and_each_problem_independent_of_the_split_size(tmp_path):
+    first = build_reasoning_dataset(tmp_path / "a", train=60, heldout=20, grpo=10, seed=3, log=lambda m: None)
+    second = build_reasoning_dataset(tmp_path / "b", train=40, heldout=20, grpo=10, seed=3, log=lambda m: None)
+    assert first["heldout"]["sha256"] == second["heldout"]["sha256"]
+    assert first["grpo"]["sha256"] == second["grpo"]["sha256"]
+    assert (tmp_path / "a/train.jsonl").read_text().startswith((tmp_path / "b/train.jsonl").read_text())
+    other = build_reasoning_dataset(tmp_path / "c", train=40, heldout=20, seed=4, log=lambda m: None)
+    assert other["train"]["sha256"] != second["train"]["sha256"]
+
+
+def test_the_heldout_templates_and_questions_never_appear_in_training(tmp_path):
+    train_ids, heldout_ids = set(template_ids("train")), set(template_ids("heldout"))
+    assert train_ids and heldout_ids and not train_ids & heldout_ids
+    assert {t.split("/")[0] for t in heldout_ids} == set(STRUCTURES), "every structure is asked in unseen words"
+    build_reasoning_dataset(tmp_path, train=3000, heldout=300, grpo=300, seed=0, log=lambda m: None)
+    train = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    heldout = load_problems(tmp_path / "heldout.jsonl")
+    grpo = [json.loads(line) for line in (tmp_path / "grpo.jsonl").read_text().splitlines()]
+    assert {r["template"] for r in train} == train_ids and {p["template"] for p in heldout} == heldout_ids
+    train_questions = {r["messages"][0]["content"] for r in train}
+    assert not train_questions & {p["question"] for p in heldout}
+    assert all(r["prompt"][0]["content"] not in {p["question"] for p in heldout} for r in grpo)
+
+
+@pytest.mark.parametrize("split", ["train", "heldout"])
+def test_answers_are_right_by_recomputation_and_read_back_from_the_target(split):
+    steps_seen, ops_seen = set(), set()
+    for index in range(400):
+        p = draw_problem(0, split, index)
+        assert recompute(p["solution"]) == int(p["answer"])
+        assert extract_answer(p["solution"]) == p["answer"], "the reader every model is scored by reads the target"
+        assert p["solution"].startswith("<think>\n") and p["solution"].endswith(f"</think>\nThe answer is {p['answer']}.")
+        assert int(p["answer"]) >= 0
+        steps_seen.add(p["steps"])
+        ops_seen |= set(p["ops"])
+        for value in p["numbers"].values():
+            assert str(value) in p["question"] or value == 2, "every drawn number is in the question"
+    assert steps_seen == {1, 2, 3} and ops_seen == {"+", "-", "*", "/"}
+    words = " ".join(draw_problem(0, split, i)["question"].lower() for i in range(400))
+    for word in ("twice", "half", "each", "left"):
+        assert word in words, word
+
+
+def test_a_step_refuses_inexact_division_and_negative_results():
+    assert step(48, "/", 6).result == 8
+    with pytest.raises(ValueError, match="not a whole number"):
+        step(49, "/", 6)
+    with pytest.raises(ValueError, match="negative"):
+        step(3, "-", 5)
+    assert step(7, "*", 23).line() == "7 * 23 = 7 * 20 + 7 * 3 = 140 + 21 = 161"
+    assert step(12, "*", 40).line() == "12 * 40 = 480"
+
+
+def test_a_bad_split_file_names_its_line(tmp_path):
+    bad = tmp_path / "heldout.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}], "answer": "1"}) + "\n{not json}\n")
+    with pytest.raises(ValueError, match=r"heldout.jsonl:2:"):
+        load_problems(bad)

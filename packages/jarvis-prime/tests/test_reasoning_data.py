@@ -31,9 +31,9 @@ def recompute(solution: str) -> int:
         assert result == {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op], line
         if op == "/":
             assert a % b == 0, f"inexact division: {line}"
-        if op == "*" and " = " in line.split(" = ", 1)[1]:  # the tens-and-units form adds up
-            parts = [int(x) for x in re.findall(r"= (\d+) \+ (\d+) =", line)[0]]
-            assert sum(parts) == result, line
+        for part in line.split(" = "):  # every form in the chain (tens and units, place values) is equal
+            assert re.fullmatch(r"\d+( [-+*/] \d+)*", part), line
+            assert eval(part) == result, f"{part} != {result} in {line}"  # digits and + - * / only (matched above)
         if results:
             assert results[-1] in (a, b), f"step does not use the result before it: {line}"
         results.append(result)
@@ -98,3 +98,11 @@ def test_a_bad_split_file_names_its_line(tmp_path):
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}], "answer": "1"}) + "\n{not json}\n")
     with pytest.raises(ValueError, match=r"heldout.jsonl:2:"):
         load_problems(bad)
+
+
+def test_sums_and_differences_are_written_one_place_value_at_a_time():
+    """What a 135M model can add: each move of the chain adds or takes one place value."""
+    assert step(264, "+", 196).line() == "264 + 196 = 264 + 100 + 90 + 6 = 364 + 90 + 6 = 454 + 6 = 460"
+    assert step(291, "-", 223).line() == "291 - 223 = 291 - 200 - 20 - 3 = 91 - 20 - 3 = 71 - 3 = 68"
+    assert step(381, "-", 50).line() == "381 - 50 = 331"  # one place value: nothing to split
+    assert step(7, "*", 23).line() == "7 * 23 = 7 * 20 + 7 * 3 = 140 + 21 = 161"

@@ -28,7 +28,10 @@ written out, then the answer line that `jarvis_prime.answers.extract_answer` rea
   The answer is 40.
 
 SmolLM2 tokenizes digits one by one, so a one-digit times two-digit product is written
-as the two easy products it is made of ("7 * 23 = 7 * 20 + 7 * 3 = 140 + 21 = 161").
+as the two easy products it is made of ("7 * 23 = 7 * 20 + 7 * 3 = 140 + 21 = 161"), and a
+sum or difference one place value at a time ("264 + 196 = 264 + 100 + 90 + 6 = 364 + 90 + 6
+= 454 + 6 = 460"): the first model, trained with sums written in one go, got 3-digit sums
+and differences wrong about half the time (held-out add 33 %, left 17 %).
 
 Every problem is drawn from its own random stream, seeded by (seed, split, index), so a
 split is reproducible and independent of its size.
@@ -49,7 +52,7 @@ from jarvis_prime.answers import THINK_END, THINK_START
 from jarvis_prime.files import atomic_write, sha256_file
 from jarvis_prime.progress import Log
 
-DATA_VERSION = 1  # bump when what is drawn or how it is written changes: scores of different versions do not compare
+DATA_VERSION = 2  # bump when what is drawn or how it is written changes: scores of different versions do not compare
 SPLITS: tuple[str, ...] = ("train", "heldout")
 
 NAMES = ("Ava", "Ben", "Mia", "Omar", "Lena", "Raj", "Sofia", "Tom", "Yuki", "Kofi", "Nora", "Leo", "Ines", "Sam",
@@ -69,15 +72,32 @@ class Step:
     result: int
 
     def line(self) -> str:
-        """The step as written in the target; a one-digit times two-digit product is split
-        into the tens and units products a small model can do digit by digit."""
+        """The step as written in the target. A 135M model cannot add, subtract or multiply
+        multi-digit numbers in one go, so the step is written as the easy steps it is made
+        of: a one-digit times two-digit product as its tens and units products, a sum or
+        difference one place value of the second number at a time (each move changes one
+        digit of the running total, plus a carry)."""
         if self.op == "*":
             small, big = sorted((self.a, self.b))
             if 2 <= small <= 9 and big > 10 and big % 10 and big < 100:
                 tens, units = big - big % 10, big % 10
                 return (f"{self.a} * {self.b} = {small} * {tens} + {small} * {units} = "
                         f"{small * tens} + {small * units} = {self.result}")
+        if self.op in "+-":
+            parts = place_values(self.b)
+            if len(parts) > 1:
+                chain, total = [f"{self.a} {self.op} " + f" {self.op} ".join(map(str, parts))], self.a
+                for i, part in enumerate(parts[:-1]):
+                    total = total + part if self.op == "+" else total - part
+                    chain.append(f"{total} {self.op} " + f" {self.op} ".join(map(str, parts[i + 1:])))
+                return f"{self.a} {self.op} {self.b} = " + " = ".join(chain) + f" = {self.result}"
         return f"{self.a} {self.op} {self.b} = {self.result}"
+
+
+def place_values(n: int) -> list[int]:
+    """`n`'s non-zero place values, largest first: 196 -> [100, 90, 6], 40 -> [40]."""
+    digits = str(n)
+    return [int(d) * 10 ** (len(digits) - 1 - i) for i, d in enumerate(digits) if d != "0"] or [0]
 
 
 def step(a: int, op: str, b: int) -> Step:
@@ -223,6 +243,8 @@ STRUCTURES: dict[str, tuple[Draw, tuple[str, ...]]] = {
         "{n1} has {a} {obj}. {n2} gives {n1} {b} more. How many {obj} does {n1} have now?",
         "{n1} collected {a} {obj} in the morning and {b} in the afternoon. How many {obj} did {n1} collect in all?",
         "There are {a} {obj} in {place}. {n1} puts in {b} more. How many {obj} are there now?",
+        "{n1} counted {a} {obj} and then {b} more. How many {obj} did {n1} count?",
+        "{n1} has {a} {obj} and {n2} has {b} {obj}. How many {obj} do they have together?",
         "{n1} had {a} {obj} and found {b} more. What is the total number of {obj} {n1} has?",
         "A shelf holds {a} {obj}. Then {b} more {obj} are added. How many {obj} are on the shelf altogether?",
     )),
@@ -230,6 +252,8 @@ STRUCTURES: dict[str, tuple[Draw, tuple[str, ...]]] = {
         "{n1} has {a} {obj}. {n1} gives {b} {obj} to {n2}. How many {obj} does {n1} have left?",
         "There were {a} {obj} in {place}. {n1} took {b} of them. How many {obj} are left?",
         "{n1} bought {a} {obj} and used {b}. How many {obj} are left?",
+        "{n1} had {a} {obj}. After giving away {b}, how many {obj} does {n1} have?",
+        "There are {a} {obj}. {b} of them are sold. How many {obj} are not sold?",
         "{n1} starts with {a} {obj} and loses {b}. How many {obj} remain?",
         "A store had {a} {obj}. It sold {b} of them. How many {obj} does the store still have?",
     )),
@@ -237,6 +261,8 @@ STRUCTURES: dict[str, tuple[Draw, tuple[str, ...]]] = {
         "{n1} has {a} {box} with {b} {obj} in each. How many {obj} does {n1} have?",
         "There are {a} {box}. Each holds {b} {obj}. How many {obj} are there in total?",
         "{n1} buys {a} {box} of {obj}. Each has {b} {obj}. How many {obj} did {n1} buy?",
+        "{n1} fills {a} {box}, putting {b} {obj} in every one. How many {obj} is that?",
+        "Each of {a} {box} contains {b} {obj}. How many {obj} are in all the {box}?",
         "{a} children each bring {b} {obj}. How many {obj} do they bring altogether?",
         "One ticket costs {b} dollars. How many dollars do {a} tickets cost?",
     )),
@@ -244,81 +270,112 @@ STRUCTURES: dict[str, tuple[Draw, tuple[str, ...]]] = {
         "{n1} has {a} {obj} and shares them equally among {b} friends. How many {obj} does each friend get?",
         "{a} {obj} are put into {b} {box} with the same number in each. How many {obj} are in each?",
         "{n1} splits {a} {obj} into {b} equal groups. How many {obj} are in each group?",
+        "{a} {obj} are shared equally by {b} children. How many {obj} does each child get?",
+        "{n1} divides {a} {obj} evenly into {b} {box}. How many {obj} go in each?",
         "A teacher gives {a} {obj} to {b} students equally. How many {obj} does each student get?",
     )),
     "twice": (_twice, (
         "{n1} has {a} {obj}. {n2} has twice as many {obj} as {n1}. How many {obj} does {n2} have?",
         "{n1} made {a} {obj}. {n2} made twice as many. How many {obj} did {n2} make?",
+        "{n1} has {a} {obj}. {n2} has double the number {n1} has. How many {obj} does {n2} have?",
+        "{n1} scored {a} points. {n2} scored two times as many. How many points did {n2} score?",
         "{n1} owns {a} {obj}, and {n2} owns twice that number. How many {obj} does {n2} own?",
     )),
     "half": (_half, (
         "{n1} has {a} {obj}. {n2} has half as many {obj} as {n1}. How many {obj} does {n2} have?",
         "{n1} had {a} {obj} and gave half of them to {n2}. How many {obj} does {n1} have left?",
+        "{n1} has {a} {obj}. {n2} has half of that. How many {obj} does {n2} have?",
+        "{n1} cut {a} {obj} into two equal piles. How many {obj} are in one pile?",
         "Half of the {a} {obj} in {place} are red. How many red {obj} are there?",
     )),
     "times": (_times, (
         "{n1} has {a} {obj}. {n2} has {k} times as many. How many {obj} does {n2} have?",
         "A small jar holds {a} {obj}. A big jar holds {k} times as many. How many {obj} does the big jar hold?",
+        "{n2} has {k} times the {obj} that {n1} has. {n1} has {a}. How many {obj} does {n2} have?",
+        "A bus carries {a} people. A train carries {k} times as many. How many people does the train carry?",
         "{n1} is {a} years old. {n1}'s grandfather is {k} times as old. How old is the grandfather?",
     )),
     "groups": (_groups, (
         "{n1} packs {a} {obj} into {box} of {b}. How many {box} does {n1} fill?",
         "There are {a} {obj}. They are put in groups of {b}. How many groups are there?",
+        "{n1} has {a} {obj} and puts {b} in each bag. How many bags does {n1} need?",
+        "{a} {obj} are sold in packs of {b}. How many packs are there?",
         "A class of {a} students is split into teams of {b}. How many teams are there?",
     )),
     "each_left": (_each_left, (
         "{n1} has {a} {box} with {b} {obj} in each. {n1} gives away {c} {obj}. How many {obj} are left?",
         "There are {a} {box} of {obj} with {b} in each. {c} {obj} are eaten. How many {obj} are left?",
+        "{n1} bought {a} {box} of {obj} with {b} in each and lost {c}. How many {obj} does {n1} have now?",
+        "Each of {a} {box} holds {b} {obj}. {n1} removes {c} {obj}. How many {obj} remain in the {box}?",
         "A parking lot has {a} rows with {b} cars in each row. {c} cars leave. How many cars are still there?",
     )),
     "add_left": (_add_left, (
         "{n1} had {a} {obj}. {n1} got {b} more and then gave {c} to {n2}. How many {obj} does {n1} have now?",
         "There were {a} {obj} in {place}. {b} more were added and {c} were taken out. How many {obj} are there now?",
+        "{n1} has {a} {obj}, gets {b} more, then loses {c}. How many {obj} does {n1} have?",
+        "A bus has {a} people. At a stop {b} get on and {c} get off. How many people are on the bus?",
         "{n1} saved {a} dollars and earned {b} more, then spent {c} dollars. How many dollars are left?",
     )),
     "twice_total": (_twice_total, (
         "{n1} has {a} {obj}. {n2} has twice as many. How many {obj} do they have together?",
         "{n1} read {a} pages on Monday and twice as many on Tuesday. How many pages did {n1} read in the two days?",
+        "{n1} has {a} {obj}. {n2} has two times as many. How many {obj} do the two have in all?",
+        "A red box holds {a} {obj} and a blue box holds twice as many. How many {obj} are in both boxes?",
         "On Saturday {n1} sold {a} {obj}. On Sunday {n1} sold double that. How many {obj} were sold over the weekend?",
     )),
     "half_total": (_half_total, (
         "{n1} has {a} {obj}. {n2} has half as many. How many {obj} do they have together?",
         "A farm has {a} cows and half as many horses. How many cows and horses are there in all?",
+        "{n1} has {a} {obj} and {n2} has half that many. How many {obj} do the two have altogether?",
+        "A red box holds {a} {obj} and a blue box holds half as many. How many {obj} are in both boxes?",
         "{n1} walked {a} metres before lunch and half that distance after lunch. How many metres did {n1} walk?",
     )),
     "change": (_change, (
         "{n1} buys {n} {obj} at {p} dollars each and pays with a {bill} dollar bill. How much change does {n1} get?",
         "{obj_cap} cost {p} dollars each. {n1} buys {n} of them with {bill} dollars. How many dollars are left?",
+        "{n1} has {bill} dollars and buys {n} {obj} that cost {p} dollars each. How many dollars does {n1} have left?",
+        "{n} {obj} cost {p} dollars each. {n1} pays {bill} dollars. How much money does {n1} get back?",
         "A shop sells {obj} for {p} dollars each. {n1} buys {n} and pays with a {bill} dollar note. What is the change?",
     )),
     "rate_days": (_rate_days, (
         "{n1} earns {rate} dollars a day. {n1} works {d1} days one week and {d2} days the next. How many dollars does {n1} earn?",
         "A machine makes {rate} {obj} an hour. It runs {d1} hours on Monday and {d2} hours on Tuesday. How many {obj} does it make?",
+        "{n1} saves {rate} dollars a week for {d1} weeks and then {d2} more weeks. How many dollars does {n1} save?",
+        "A baker makes {rate} {obj} a day. The baker works {d1} days, then {d2} days more. How many {obj} are made?",
         "{n1} reads {rate} pages each day for {d1} days, then {d2} more days. How many pages does {n1} read?",
     )),
     "share_left": (_share_left, (
         "{n1} had {a} {obj} and ate {b}. {n1} shared the rest equally among {c} friends. How many {obj} did each friend get?",
         "There are {a} {obj}. {b} are broken and the rest go into {c} {box} equally. How many {obj} are in each?",
+        "{n1} has {a} {obj}, gives {b} to {n2}, and puts the rest equally into {c} {box}. How many {obj} are in each?",
+        "Out of {a} {obj}, {b} are kept and the rest are shared equally by {c} friends. How many {obj} does each friend get?",
         "{n1} picked {a} {obj}, kept {b}, and split the others equally between {c} neighbours. How many {obj} did each neighbour get?",
     )),
     "each_add_left": (_each_add_left, (
         "{n1} has {a} {box} with {b} {obj} in each and {c} loose {obj}. {n1} gives {d} {obj} to {n2}. How many {obj} does {n1} have left?",
         "A shop gets {a} {box} of {obj} with {b} in each, and has {c} already. It sells {d}. How many {obj} does it have now?",
+        "{n1} buys {a} {box} of {b} {obj}, already has {c}, and gives away {d}. How many {obj} does {n1} have?",
+        "There are {a} {box} with {b} {obj} in each and {c} extra {obj}. {d} are used. How many {obj} are left?",
         "There are {a} {box} of {b} {obj} and {c} more {obj} on a table. {n1} takes {d}. How many {obj} remain?",
     )),
     "twice_total_left": (_twice_total_left, (
         "{n1} has {a} {obj} and {n2} has twice as many. Together they give away {c}. How many {obj} do they have left?",
         "On Monday {a} people visited and on Tuesday twice as many. {c} of all the visitors were children. How many visitors were adults?",
+        "{n1} picked {a} {obj} and {n2} picked twice as many. They gave {c} away. How many {obj} do they still have?",
+        "A shop sold {a} {obj} in the morning and twice as many in the afternoon. {c} were returned. How many {obj} stayed sold?",
         "{n1} baked {a} {obj}, and {n2} baked double that. They sold {c} of them. How many {obj} are left?",
     )),
     "each_half_left": (_each_half_left, (
         "{n1} has {a} {box} with {b} {obj} in each. {n1} gives half of the {obj} to {n2}. How many {obj} does {n1} keep?",
         "There are {a} {box} of {b} {obj}. Half of them are sold. How many {obj} are not sold?",
+        "{n1} gets {a} {box} with {b} {obj} in each and eats half of them. How many {obj} are left?",
+        "There are {a} {box} with {b} {obj} each. Half of the {obj} are given away. How many {obj} remain?",
         "A garden has {a} rows of {b} {obj}. Half of them are picked. How many {obj} are still in the garden?",
     )),
 }
-# Held out: the last wording of every structure (the last two of the five-wording ones).
-HELDOUT_WORDINGS: dict[str, int] = {name: 2 if len(w) >= 5 else 1 for name, (_, w) in STRUCTURES.items()}
+# Held out: the last wording of every structure (the last two of add, left, each). The training
+# wordings come first; more of them were added in data version 2 (the held-out ones are unchanged).
+HELDOUT_WORDINGS: dict[str, int] = {name: 2 if name in ("add", "left", "each") else 1 for name in STRUCTURES}
 
 
 def template_ids(split: str) -> list[str]:

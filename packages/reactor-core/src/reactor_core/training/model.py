@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
+import warnings
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -33,6 +35,14 @@ from reactor_core.files import sha256_file
 from reactor_core.training import hub_names
 from reactor_core.training.config import ConfigError, TrainingConfig
 from reactor_core.training.vision import family_for, modules_to_save, set_trainable_parts, vision_model_type
+
+# Libraries' noise a run's user cannot act on, kept off the progress display:
+# - bitsandbytes (imported through peft) asks the Hub for an optional CPU 4-bit kernel on
+#   AVX512-BF16 CPUs and logs a warning when it cannot have it (offline, or the repository is
+#   not on `kernels`' trust list); its own kernel is used instead.
+# - transformers 5 deprecates `is_gradient_checkpointing`, which peft still reads.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 RESOLVER_GROUP = "reactor_core.model_resolvers"
 

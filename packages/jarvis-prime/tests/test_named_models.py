@@ -21,6 +21,7 @@ from jarvis_prime import ModelNotAvailableError, PrimeModel
 from jarvis_prime.catalog import load_catalog
 from jarvis_prime.manifest import verify_files
 from jarvis_prime.store import models_root, pull
+from jarvis_prime.thinking import split_reasoning
 
 from loopback_hub import hub_for_tests
 
@@ -85,7 +86,8 @@ def test_a_named_model_pulls_verifies_loads_and_answers(name, architecture, hub,
         with PrimeModel.from_pretrained(name, backend="transformers") as model:
             assert (model.runtime.backend, model.runtime.memory.verdict) == ("transformers", "fits")
             assert model.is_chat
-            answer = model.complete(model.encode_chat([{"role": "user", "content": QUESTION}]), max_new_tokens=12)
+            prompt = model.encode_chat([{"role": "user", "content": QUESTION}])
+            answer = model.complete(prompt, max_new_tokens=12)
             assert model.generate(QUESTION, max_new_tokens=12) == answer.text
             # what transformers itself makes of the same turn, greedy: the reply is the templated turn's
             tokenizer = AutoTokenizer.from_pretrained(local.path)
@@ -94,7 +96,10 @@ def test_a_named_model_pulls_verifies_loads_and_answers(name, architecture, hub,
                                                    return_tensors="pt", return_dict=True)
             assert answer.prompt_tokens == inputs["input_ids"].shape[1]
             out = raw.generate(**inputs, max_new_tokens=12, do_sample=False)
-            assert answer.text == tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            reply = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            if prompt.thinking is not None:  # a thinking model (the 14B): its answer is the reply after the reasoning
+                reply = split_reasoning(reply, prompt.thinking, prompt.opened).content
+            assert answer.text == reply
             assert model.generate(QUESTION, raw=True, max_new_tokens=12) != answer.text  # continuation: other ids
     finally:
         shutil.rmtree(target, ignore_errors=True)

@@ -148,7 +148,11 @@ def test_the_shipped_adapter_answers_a_heldout_problem_in_its_format(pulled_mode
     ours = next(r for r in training["heldout"]["rows"] if r["model"] == NAME)
     assert ours["heldout"]["problems"] >= 100  # the recorded figure is measured, on the whole held-out set
     problem = draw_problem(0, "heldout", 0)
+    messages = [{"role": "user", "content": problem["question"]}]
     with PrimeModel.from_pretrained(NAME, backend="llamacpp") as model:
-        reply = model.chat([{"role": "user", "content": problem["question"]}], max_new_tokens=160, temperature=0.0)
-    assert reply.lstrip().startswith("<think>") and "</think>" in reply, reply
-    assert extract_answer(reply) is not None and "The answer is" in reply.rsplit("</think>", 1)[1], reply
+        result = model.complete(model.encode_chat(messages), max_new_tokens=160, temperature=0.0)
+        answer = model.chat(messages, max_new_tokens=160, temperature=0.0)
+    # it thought in <think> (prime.json's markers split it off) and then answered in the trained form
+    assert result.reasoning and " = " in result.reasoning and "<think>" not in result.text, result
+    assert result.text.startswith("The answer is") and extract_answer(result.text) is not None, result
+    assert answer == result.text  # chat() is the answer alone

@@ -161,8 +161,10 @@ def test_jarvis_prime_requires_a_reactor_core_that_knows_every_key_its_recipes_p
         text = path.read_text()
         if "TrainingConfig(" not in text:
             continue
-        for node in ast.walk(ast.parse(text)):  # keywords of every call in a module that builds a TrainingConfig
-            if isinstance(node, ast.Call):
+        for node in ast.walk(ast.parse(text)):  # keywords of TrainingConfig(...) and of the dict(...) of its keys
+            name = getattr(node, "func", None)
+            name = getattr(name, "attr", None) or getattr(name, "id", None)
+            if isinstance(node, ast.Call) and name in ("TrainingConfig", "dict"):
                 for kw in node.keywords:
                     if kw.arg in since:
                         passed.setdefault(kw.arg, f"{path.relative_to(SOURCES['jarvis_prime'])}:{kw.value.lineno}")

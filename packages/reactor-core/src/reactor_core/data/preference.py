@@ -33,7 +33,6 @@ from reactor_core.data.validation import (
     DataValidationError,
     OnBadExample,
     read_jsonl,
-    split_examples,
 )
 
 SAME_REPLIES = "same_replies"
@@ -112,11 +111,6 @@ def load_preference_file(
 ) -> tuple[list[PreferenceExample], DataReport]:
     records, report = read_jsonl(path, parse_preference, on_bad_example)
     return [PreferenceExample(prompt, chosen, rejected, source) for (prompt, chosen, rejected), source in records], report
-
-
-def split_preferences(examples: Sequence[PreferenceExample], *, val_fraction: float, seed: int):
-    """The same seeded split as chat data."""
-    return split_examples(examples, val_fraction=val_fraction, seed=seed)  # type: ignore[arg-type]
 
 
 def _completion_only(tokenized: TokenizedExample, prompt_tokens: int) -> TokenizedExample:

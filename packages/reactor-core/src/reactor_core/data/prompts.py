@@ -21,7 +21,7 @@ from typing import Any
 
 from reactor_core.data.formats import BAD_FORMAT, DataFormatError, Message
 from reactor_core.data.preference import prompt_messages
-from reactor_core.data.validation import DataIssue, DataReport, DataValidationError, OnBadExample, read_jsonl, split_examples
+from reactor_core.data.validation import DataIssue, DataReport, DataValidationError, OnBadExample, read_jsonl
 
 
 @dataclass(frozen=True)
@@ -72,11 +72,6 @@ def load_prompt_file(
 ) -> tuple[list[PromptExample], DataReport]:
     records, report = read_jsonl(path, parse_prompt, on_bad_example)
     return [PromptExample(prompt, columns, source) for (prompt, columns), source in records], report
-
-
-def split_prompts(examples: Sequence[PromptExample], *, val_fraction: float, seed: int):
-    """The same seeded split as chat data."""
-    return split_examples(examples, val_fraction=val_fraction, seed=seed)  # type: ignore[arg-type]
 
 
 def tokenize_prompts(

@@ -26,7 +26,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Iterator, NoReturn, Protocol
+from typing import Any, Callable, Iterator, NoReturn, Protocol
 
 import torch
 from rich.console import Console
@@ -34,7 +34,8 @@ from rich.table import Table
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
-from reactor_core.data import Batch
+from reactor_core.data import Batch, split_examples
+from reactor_core.files import sha256_file
 from reactor_core.gcp.preemption import Preempted, PreemptionGuard, preemption_guard
 from reactor_core.training import attention, distributed, memory
 from reactor_core.training.checkpointing import Checkpointer, with_spot_defaults
@@ -161,6 +162,23 @@ class Recipe(ABC):
         self.family: VisionFamily | None = family_for(vision_type, self.config.model_name) if vision_type else None
         self.processor = load_processor(self.source) if self.family else None
         self.tokenizer = self.processor.tokenizer if self.processor else load_tokenizer(self.source)
+
+    def read_splits(self, data_path: Path, read: Callable[[str | Path], tuple[list[Any], Any]]) -> tuple[list[Any], list[Any]]:
+        """Training and validation examples of any method: `data_path` and `val_data_path`
+        (else a seeded `val_fraction` split of the training file), each read by `read` (the
+        method's validating reader: path -> (examples, report)); every file with its sha256
+        goes into the lineage (`data_files`), the training file's report into `data_report`."""
+        c = self.config
+        train, report = read(data_path)
+        self.data_files = [{"path": str(data_path), "sha256": sha256_file(data_path), "examples": report.examples}]
+        if c.val_data_path:
+            val, val_report = read(c.val_data_path)
+            self.data_files.append({"path": c.val_data_path, "sha256": sha256_file(c.val_data_path),
+                                    "examples": val_report.examples, "split": "validation"})
+        else:
+            train, val = split_examples(train, val_fraction=c.val_fraction, seed=c.seed)
+        self.data_report = report
+        return train, val
 
     def setup_sampler(self) -> None:
         """The epoch order over `train_items`, and the step count it implies."""

@@ -20,14 +20,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from reactor_core.data import Batch, collate_padded
-from reactor_core.data.preference import TokenizedPair, load_preference_file, split_preferences, tokenize_preferences
-from reactor_core.files import sha256_file
+from reactor_core.data.preference import TokenizedPair, load_preference_file, tokenize_preferences
 from reactor_core.training import distributed
 from reactor_core.training.recipes.base import Recipe
 
@@ -66,16 +66,7 @@ class DPORecipe(Recipe):
 
     def setup_data(self, data_path: Path) -> None:
         c = self.config
-        examples, report = load_preference_file(data_path, on_bad_example=c.on_bad_example)
-        self.data_files = [{"path": str(data_path), "sha256": sha256_file(data_path), "examples": report.examples}]
-        if c.val_data_path:
-            val, val_report = load_preference_file(c.val_data_path, on_bad_example=c.on_bad_example)
-            self.data_files.append({"path": c.val_data_path, "sha256": sha256_file(c.val_data_path),
-                                    "examples": val_report.examples, "split": "validation"})
-            train = examples
-        else:
-            train, val = split_preferences(examples, val_fraction=c.val_fraction, seed=c.seed)
-        self.data_report = report
+        train, val = self.read_splits(data_path, partial(load_preference_file, on_bad_example=c.on_bad_example))
         self.train_items, _ = tokenize_preferences(train, self.tokenizer, max_seq_length=c.max_seq_length,
                                                    on_bad_example=c.on_bad_example)
         self.val_items, _ = tokenize_preferences(val, self.tokenizer, max_seq_length=c.max_seq_length,

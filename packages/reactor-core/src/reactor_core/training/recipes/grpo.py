@@ -45,15 +45,15 @@ import copy
 import dataclasses
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from reactor_core.data import Batch, TokenizedExample, collate_padded
-from reactor_core.data.prompts import TokenizedPrompt, load_prompt_file, split_prompts, tokenize_prompts
+from reactor_core.data.prompts import TokenizedPrompt, load_prompt_file, tokenize_prompts
 from reactor_core.data.tokenize import IGNORE_INDEX
-from reactor_core.files import sha256_file
 from reactor_core.training import distributed
 from reactor_core.training.recipes.base import Recipe
 from reactor_core.training.rewards import load_reward, reward_name, score
@@ -141,16 +141,7 @@ class GRPORecipe(Recipe):
         self.reward_funcs = [load_reward(spec) for spec in c.reward_funcs]
         self.reward_names = [reward_name(spec) for spec in c.reward_funcs]
         self.reward_weights = torch.tensor(c.reward_weights or [1.0] * len(c.reward_funcs))
-        examples, report = load_prompt_file(data_path, on_bad_example=c.on_bad_example)
-        self.data_files = [{"path": str(data_path), "sha256": sha256_file(data_path), "examples": report.examples}]
-        if c.val_data_path:
-            val, val_report = load_prompt_file(c.val_data_path, on_bad_example=c.on_bad_example)
-            self.data_files.append({"path": c.val_data_path, "sha256": sha256_file(c.val_data_path),
-                                    "examples": val_report.examples, "split": "validation"})
-            train = examples
-        else:
-            train, val = split_prompts(examples, val_fraction=c.val_fraction, seed=c.seed)
-        self.data_report = report
+        train, val = self.read_splits(data_path, partial(load_prompt_file, on_bad_example=c.on_bad_example))
         limit = c.max_seq_length - c.max_completion_length
         self.train_items, _ = tokenize_prompts(train, self.tokenizer, max_prompt_length=limit,
                                                on_bad_example=c.on_bad_example)

@@ -35,7 +35,6 @@ from reactor_core.data import (
     load_chat_file,
     open_rgb,
     pack_examples,
-    split_examples,
     tokenize_dataset,
     with_images,
 )
@@ -52,14 +51,8 @@ class SFTRecipe(Recipe):
         c = self.config
         self.anchor: AnchorRows | None = None  # kl_anchor_path's text
         limits = ImageLimits(c.max_images_per_example, c.max_image_bytes, c.max_image_pixels)
-        train, report = load_chat_file(data_path, on_bad_example=c.on_bad_example, image_limits=limits)
-        self.data_files = [{"path": str(data_path), "sha256": sha256_file(data_path), "examples": report.examples}]
-        if c.val_data_path:
-            val, val_report = load_chat_file(c.val_data_path, on_bad_example=c.on_bad_example, image_limits=limits)
-            self.data_files.append({"path": c.val_data_path, "sha256": sha256_file(c.val_data_path), "examples": val_report.examples, "split": "validation"})
-        else:
-            train, val = split_examples(train, val_fraction=c.val_fraction, seed=c.seed)
-        self.data_report = report
+        train, val = self.read_splits(data_path, partial(load_chat_file, on_bad_example=c.on_bad_example,
+                                                         image_limits=limits))
         images = None
         if self.family is not None:  # the vision processor renders; images expand to their tokens
             images = ImageTokens(self.processor, self.processor.image_token, partial(self.family.image_text, self.processor))

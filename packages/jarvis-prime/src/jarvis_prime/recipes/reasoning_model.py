@@ -9,10 +9,12 @@ directly or step by step. The recipe, top to bottom, one stage a function:
    split whose templates and wordings training never sees, and GRPO prompts with their
    checked answers.
 2. **SFT**: LoRA with Reactor Core on the solutions (the loss on the reply only).
-3. **GRPO** (the seam, issue #22): Reactor Core's `method: grpo` is not in this branch.
-   When it is, it is one more `Stage` in `RECIPES[...].stages` that starts from the SFT
-   model directory (`train_stage` with `model_name=` that directory, `data_path=`
-   grpo.jsonl, `method="grpo"` and its keys); nothing else here changes.
+3. **GRPO** (not a stage yet, issue #22): Reactor Core has `method: grpo`, and a GRPO
+   stage would start from the SFT model directory on grpo.jsonl with its keys
+   (`num_generations`, `reward_funcs`, ...). Two things stand before it: `train_stage`
+   passes SFT's keys and train.jsonl only, and `--ship` ships one adapter, so the GRPO
+   stage's LoRA (trained on the merged SFT model) must be folded into it first. It ran on
+   this model at about 2 minutes a step on 2 CPU cores: too slow to measure here.
 4. **Store**: the last stage's model becomes a PRIME directory (`task: reasoning`, its
    `thinking` tags recorded), exported to GGUF.
 5. **Held-out score** through the default llama.cpp backend, greedy, every model's
@@ -47,7 +49,7 @@ QUANTS = ("q8_0", "q4_k_m")
 @dataclass(frozen=True)
 class Stage:
     """One Reactor Core run; each starts from the model the stage before it wrote."""
-    method: Literal["sft"]  # "grpo" joins when Reactor Core has it (module docstring, step 3)
+    method: Literal["sft"]  # GRPO: what a stage of it needs first is in the module docstring, step 3
     learning_rate: float = 1e-3
     num_epochs: int = 1
     # packed rows of max_seq_length tokens: 4 x 512 is ~19 problems a step, ~11 s a step on 2 CPU cores

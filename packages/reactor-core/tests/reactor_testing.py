@@ -9,7 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
-from reactor_core import TrainingConfig
+from reactor_core import Trainer, TrainingConfig
 
 # SmolVLM's image special tokens: the processor expands <image> into these.
 IDEFICS3_SPECIAL_TOKENS: tuple[str, ...] = (
@@ -81,6 +81,16 @@ def logged(output_dir: Path, split: str, key: str) -> list[tuple[int, float]]:
     """(step, value) of `key` in the run's metrics.jsonl, for one split."""
     records = [json.loads(line) for line in (output_dir / "logs/metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r[key]) for r in records if r["split"] == split]
+
+
+def train_cancelled_at(config: TrainingConfig, data: Path, step: int):
+    """A run of `config` cancelled once step `step` is done (what Ctrl-C does), its result;
+    the checkpoints it wrote stay for a resume."""
+    trainer = Trainer(config, progress=False)
+    trainer.recipe.on_event = lambda event: event.kind == "step" and event.step == step and trainer.cancel()
+    result = trainer.train(data)
+    assert result.cancelled
+    return result
 
 
 def model_dir(output_dir: Path) -> Path:

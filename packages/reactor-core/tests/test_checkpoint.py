@@ -18,7 +18,7 @@ from reactor_core.checkpoints.store import COMPLETE, WEIGHTS, CheckpointError, L
 from reactor_core.gcp.preemption import EXIT_PREEMPTED, Preempted
 
 from reactor_testing import (PreemptionNoticeServer, config_for, logged, model_dir, reactor_train,
-                             write_chat_data, write_recipe)
+                             train_cancelled_at, write_chat_data, write_recipe)
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +96,7 @@ def test_in_process_resume_is_bitwise_identical(tiny_llama_dir, chat_file, tmp_p
     straight = Trainer(config, progress=False).train(chat_file)
 
     resumed_config = config.model_copy(update={"output_dir": str(tmp_path / "resumed")})
-    first = Trainer(resumed_config, progress=False)
-    first.recipe.on_event = lambda event: event.kind == "step" and event.step == 4 and first.cancel()
-    assert first.train(chat_file).cancelled
+    train_cancelled_at(resumed_config, chat_file, step=4)
     saved = LocalCheckpointStore(tmp_path / "resumed/checkpoints").latest()
     assert saved.step == 3
     names = sorted(p.name for p in saved.path.iterdir())

@@ -20,7 +20,7 @@ from reactor_core.training.loss import IGNORE_INDEX, token_logps
 from reactor_core.training.recipes.grpo import LOSS_NORMS, GRPORecipe, clipped_token_loss, group_advantages
 from reactor_core.training.rewards import RewardError, exact_answer, length, load_reward, score, think_format
 
-from reactor_testing import config_for
+from reactor_testing import config_for, train_cancelled_at
 
 # -- config and data ---------------------------------------------------------------------------
 
@@ -317,9 +317,7 @@ def test_in_process_resume_is_bitwise_identical(tiny_llama_dir, reward_task, tmp
     straight = Trainer(config, progress=False).train(data)
 
     resumed_config = config.model_copy(update={"output_dir": str(tmp_path / "resumed")})
-    first = Trainer(resumed_config, progress=False)
-    first.recipe.on_event = lambda event: event.kind == "step" and event.step == 3 and first.cancel()
-    assert first.train(data).cancelled
+    train_cancelled_at(resumed_config, data, step=3)
     assert LocalCheckpointStore(tmp_path / "resumed/checkpoints").latest().step == 2
     resumed = Trainer(resumed_config, progress=False).train(data)
 

@@ -22,7 +22,7 @@ from reactor_core.gcp.preemption import EXIT_PREEMPTED
 from reactor_core.training.config import ConfigError
 
 from reactor_testing import (build_idefics3, config_for, logged, model_dir, reactor_train, write_recipe,
-                             write_vision_data)
+                             train_cancelled_at, write_vision_data)
 
 
 @pytest.fixture(scope="module")
@@ -188,9 +188,7 @@ def test_resume_with_images_is_exact(vision_dir, vision_file, tmp_path):
                            batch_size=2, gradient_accumulation_steps=2)
     straight = Trainer(config, progress=False).train(vision_file)
     resumed_config = config.model_copy(update={"output_dir": str(tmp_path / "resumed")})
-    first = Trainer(resumed_config, progress=False)
-    first.recipe.on_event = lambda event: event.kind == "step" and event.step == 3 and first.cancel()
-    assert first.train(vision_file).cancelled
+    train_cancelled_at(resumed_config, vision_file, step=3)
     assert LocalCheckpointStore(tmp_path / "resumed/checkpoints").latest().step == 2
     resumed = Trainer(resumed_config, progress=False).train(vision_file)
     assert resumed.metrics["train_loss"] == straight.metrics["train_loss"]

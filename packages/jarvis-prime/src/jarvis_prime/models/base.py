@@ -13,8 +13,15 @@ class GenerationParams:
     """Sampling settings, identical in meaning on every backend.
 
     temperature == 0 is greedy decoding. top_k == 0 and top_p == 1.0 disable those
-    filters. `stop` strings end the reply and are not part of it. No repetition penalty:
-    both backends sample from the model's own distribution.
+    filters. `stop` strings end the reply and are not part of it.
+
+    The OpenAI API's extras, as OpenAI defines them: `presence_penalty` subtracts a flat
+    amount from the logit of every token already generated, `frequency_penalty` that
+    amount times how often it was generated (both over the completion only, -2..2, 0 off).
+    `grammar` (GBNF, llama.cpp's grammar language) constrains decoding so the reply always
+    matches it (response_format). `logprobs`: None reports none; k >= 0 reports each
+    generated token's log-probability and the k most likely alternatives (OpenAI's
+    `top_logprobs`, at most 20), from the model's distribution before sampling filters.
     """
 
     max_new_tokens: int = 256
@@ -23,6 +30,10 @@ class GenerationParams:
     top_k: int = 0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    grammar: str | None = None
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -35,6 +46,23 @@ class GenerationParams:
             raise ValueError(f"`top_k` must be >= 0, got {self.top_k}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"`stop` must be non-empty strings, got {list(self.stop)}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"`{name}` must be in [-2, 2], got {getattr(self, name)}")
+        if self.grammar is not None and not self.grammar.strip():
+            raise ValueError("`grammar` must be a non-empty GBNF grammar or None")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError(f"`logprobs` (top alternatives) must be in [0, 20], got {self.logprobs}")
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability and the most likely alternatives at its
+    position (`GenerationParams.logprobs` of them, most likely first), as OpenAI reports them."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -50,6 +78,7 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     reasoning: str | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None  # when GenerationParams.logprobs asked for them
 
 
 @dataclass(frozen=True)
@@ -60,6 +89,7 @@ class Chunk:
     text: str
     finish_reason: FinishReason | None = None
     reasoning: str = ""
+    logprobs: tuple[TokenLogprob, ...] = ()  # the tokens this piece was decoded from, when asked for
 
 
 class Backend(Protocol):

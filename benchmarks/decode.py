@@ -29,6 +29,8 @@ from typing import Callable
 from rich.console import Console
 from rich.table import Table
 
+from jarvis_prime.hardware import cpu_name
+
 MODEL = "smollm2-135m-instruct"
 MESSAGES = [
     {"role": "system", "content": "You are JARVIS, a helpful AI assistant."},
@@ -138,7 +140,7 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({
         "model": MODEL, "max_new_tokens": n, "repeats": args.repeats,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "machine": {"platform": platform.platform(), "processor": cpu_name(), "cpus": os.cpu_count()},
         "results": results, "ratios": ratios,
         "jarvis_chat_once_wall_s": {"median": statistics.median(walls), "runs": walls},
     }, indent=2) + "\n")

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ from typing import Any, Sequence
 
 from rich.console import Console
 
+from jarvis_prime.hardware import cpu_name
 from jarvis_prime.tables import Col, print_table
 
 TESTS = Path(__file__).resolve().parents[1] / "packages" / "jarvis-prime" / "tests"
@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 os.environ.pop("JARVIS_PRIME_HOME", None)
             else:
                 os.environ["JARVIS_PRIME_HOME"] = saved
-    result = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "rows": rows}
+    result = {"machine": cpu_name(), "cpus": os.cpu_count(), "rows": rows}
     console = Console()
     quants = "+".join(args.quants) or "-"
     print_table(console, [Col("architecture", keep=True), Col("tokenizer", keep=True), Col("params", keep=True),

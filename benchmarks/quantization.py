@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+from jarvis_prime.hardware import cpu_name
 
 RESULTS = Path(__file__).parent / "results" / "quantization.json"
 VARIANTS = ["f32", "int8", "nf4", "f16", "q8_0", "q4_k_m"]
@@ -76,7 +77,7 @@ def main() -> None:
         rows[variant] = json.loads(out.stdout.strip().splitlines()[-1])
 
     ref = rows["f32"]
-    table = Table(title=f"{args.model}: variants on {platform.processor() or platform.machine()}")
+    table = Table(title=f"{args.model}: variants on {cpu_name()}")
     for column in ("variant", "backend", "file", "x fp32", "peak RSS", "decode tok/s", "x fp32 speed", "perplexity",
                    "x fp32 ppl"):
         table.add_column(column, justify="left" if column in ("variant", "backend") else "right")
@@ -101,7 +102,7 @@ def main() -> None:
     for target, ok in targets.items():
         console.print(f"{'[green]met' if ok else '[red]missed'}[/]: {target}")
     RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"model": args.model, "machine": platform.machine(), "rows": rows,
+    RESULTS.write_text(json.dumps({"model": args.model, "machine": cpu_name(), "rows": rows,
                                    "targets": targets}, indent=2))
     console.print(f"wrote {RESULTS}")
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from jarvis.reasoning import extract_answer, load_problems, self_consistency, step_by_step_messages
+from jarvis_prime.hardware import cpu_name
 from jarvis_prime import PrimeModel
 from jarvis_prime.tables import Col, print_table
 
@@ -84,12 +84,12 @@ def main() -> None:
                       "seconds_per_problem": seconds[mode] / len(problems)}
         table.append([mode, names[mode], *(f"{per_kind[k]:.0%}" for k in kinds), f"{overall:.0%}", f"{seconds[mode] / len(problems):.1f}"])
     print_table(console, columns, table, title=f"accuracy on {len(problems)} held-out problems "
-                                               f"(llama.cpp, {platform.processor() or platform.machine()})")
+                                               f"(llama.cpp, {cpu_name()})")
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps({"model": f"{model.name}@{model.version}",
                                    "reasoning_model": f"{reasoner.name}@{reasoner.version}" if reasoner else None,
                                    "problems": len(problems),
-                                   "samples": args.samples, "machine": platform.machine(), "results": rows}, indent=2))
+                                   "samples": args.samples, "machine": cpu_name(), "results": rows}, indent=2))
     console.print(f"wrote {RESULTS}")
 
 

@@ -49,6 +49,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from rich.console import Console
 
+from jarvis_prime.hardware import cpu_name
 from jarvis_prime.tables import Col, print_table
 
 RESULTS = Path(__file__).parent / "results" / "vision.json"
@@ -339,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result = {"model": local.manifest.name, "version": local.manifest.version, "data": str(args.data),
               "data_sha256": sha256_file(args.data), "questions": len(questions),
               "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "target_speed_ratio": TARGET,
-              "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+              "machine": {"platform": platform.platform(), "processor": cpu_name(),
                           "cpus": os.cpu_count()},
               "rows": rows, "speed_ratios": ratios}
     args.out.parent.mkdir(parents=True, exist_ok=True)

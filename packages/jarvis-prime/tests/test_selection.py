@@ -207,3 +207,16 @@ def test_unknown_memory_or_size_changes_nothing():
     assert plan(m, hw=MAC, model_config=config).memory.verdict == "unknown"
     assert plan(m, hw=MAC, model_config=config).quantization is None
     assert plan(manifest("q4_1"), hw=M1_8GB).memory is None  # prime.json lists no sizes
+
+
+def test_cpu_name_reads_the_marketing_name(tmp_path):
+    """Benchmarks label their figures with it: x86 kernels say `model name`, ARM ones `Model`."""
+    from jarvis_prime.hardware import cpu_name
+
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9B14\nflags\t: avx2\n")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nBogoMIPS\t: 108.00\n\nModel\t\t: Raspberry Pi 5 Model B Rev 1.0\n")
+    assert cpu_name(x86) == "AMD EPYC 9B14"
+    assert cpu_name(arm) == "Raspberry Pi 5 Model B Rev 1.0"
+    assert cpu_name(tmp_path / "absent")  # falls back to what platform knows, never empty

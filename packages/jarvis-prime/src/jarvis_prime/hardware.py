@@ -76,6 +76,24 @@ def _nvidia_driver() -> bool:
     return Path("/proc/driver/nvidia/version").exists() or shutil.which("nvidia-smi") is not None
 
 
+def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's marketing name ("AMD EPYC 9B14", "Apple M1"), which benchmark tables carry:
+    speeds here are only comparable on the same CPU, and `platform.processor()` says just
+    "x86_64" on Linux."""
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model") and value.strip():
+                return value.strip()
+    if platform.system() == "Darwin" and shutil.which("sysctl"):
+        import subprocess
+
+        brand = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True)
+        if brand.returncode == 0 and brand.stdout.strip():
+            return brand.stdout.strip()
+    return platform.processor() or platform.machine()
+
+
 def detect_hardware() -> Hardware:
     nvidia = _nvidia_driver()
     cuda = nvidia and _torch_sees_cuda()

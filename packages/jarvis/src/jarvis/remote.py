@@ -12,11 +12,14 @@ A thinking model's reasoning arrives as `reasoning_content` (prime serve, vLLM, 
 server), a field outside OpenAI's schema that the client keeps as an extra, and comes out as
 `Chunk.reasoning`, apart from the answer, as a local model's does. Tool calls stream as
 deltas keyed by `index` (the id and name first, the arguments in pieces); they are assembled
-here and come out whole, as `ToolCall`s, once the reply ends.
+here and come out whole, as `ToolCall`s, once the reply ends. An endpoint that refuses `tools`
+by name (400 with `param: "tools"`, as `prime serve` without tool support answers) is then
+asked without them, for the rest of the session, and the log says so once.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
@@ -27,8 +30,14 @@ from jarvis.tools.calls import ToolCall
 from jarvis_prime import PrimeError
 from jarvis_prime.models.base import Chunk
 
+log = logging.getLogger(__name__)
+
 CHARS_PER_TOKEN = 3
 MAX_RETRIES = 2  # the client's: connection errors, 408, 409, 429 and 5xx, with backoff
+
+
+class _ToolsRefused(Exception):
+    """The endpoint answered 400 naming `tools`: it cannot take them."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,7 @@ class RemoteModel:
         # the client insists on a key; servers without one ignore the header
         self.client = openai.OpenAI(base_url=self.base_url, api_key=api_key or "none", timeout=timeout,
                                     max_retries=MAX_RETRIES)
+        self.tools_refused = False  # the endpoint answered 400 to `tools`: chat without them
         self.runtime = RemoteRuntime("remote", self.base_url)
         self.version = "remote"
         self.name = model or self._first_model()
@@ -105,7 +115,22 @@ class RemoteModel:
                         **options: Any) -> Iterator[Chunk | ToolCall]:
         """The reply to `messages` with `tools` offered (OpenAI's `tools=`): text `Chunk`s as they
         come, then the `ToolCall`s the model asked for, each assembled from its deltas."""
-        return self._stream(messages, list(tools), **options)
+        if self.tools_refused:
+            return self._stream(messages, None, **options)
+        return self._with_tools(messages, list(tools), options)
+
+    def _with_tools(self, messages, tools, options) -> Iterator[Chunk | ToolCall]:
+        try:
+            first = self._stream(messages, tools, **options)
+            yield next(first)  # the request is sent, and refused, before the first piece
+        except StopIteration:
+            return
+        except _ToolsRefused as refused:
+            self.tools_refused = True
+            log.warning("%s does not take tools (%s): chatting without them", self.base_url, refused)
+            yield from self._stream(messages, None, **options)
+            return
+        yield from first
 
     def _stream(self, messages: Sequence[Mapping[str, Any]], tools: list[Mapping[str, Any]] | None, *,
                 max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
@@ -132,6 +157,10 @@ class RemoteModel:
                         if piece.function is not None:
                             call["name"] += piece.function.name or ""
                             call["arguments"] += piece.function.arguments or ""
+        except openai.BadRequestError as err:
+            if tools and (err.param == "tools" or err.code == "unsupported_parameter"):
+                raise _ToolsRefused(err.message) from None
+            raise self._error(err, "/chat/completions") from None
         except openai.OpenAIError as err:
             raise self._error(err, "/chat/completions") from None
         for index in sorted(calls):

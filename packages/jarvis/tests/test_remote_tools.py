@@ -149,3 +149,25 @@ def test_the_terminal_shows_each_tool_call_as_one_line(server, tmp_path):
                             "--backend-url", url, "--api-key", KEY, "--no-save"],
                            capture_output=True, text=True, timeout=120, env=env)
     assert plain.stdout.strip() == "no tools offered"
+
+
+def test_remember_in_the_terminal_then_list_and_forget(server, tmp_path):
+    """/remember in `jarvis chat`, `jarvis memory list` in a narrow pipe (the fact whole), `forget`."""
+    url, _ = server
+    env = {**os.environ, "JARVIS_HOME": str(tmp_path), "COLUMNS": "40"}
+
+    def jarvis(*args, stdin=None):
+        return subprocess.run([sys.executable, "-m", "jarvis.cli", *args], input=stdin, capture_output=True,
+                              text=True, timeout=120, env=env)
+
+    fact = "My sister's birthday is 3 May, and she likes orchids and long walks by the sea."
+    chat = jarvis("chat", "--backend-url", url, "--api-key", KEY, stdin=f"/remember {fact}\n/remember {fact.upper()}\n/exit\n")
+    assert chat.returncode == 0, chat.stderr
+    assert "remembered as fact 1" in chat.stdout and "already remembered as fact 1" in chat.stdout
+    listed = jarvis("memory", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert " ".join(w for w in listed.stdout.split() if w != "\u2502").count(fact) == 1  # wrapped, never cut
+    assert jarvis("memory", "forget", "1").stdout.strip() == f"forgot 1: {fact}"
+    missing = jarvis("memory", "forget", "1")
+    assert missing.returncode == 1 and "no remembered fact 1" in missing.stderr
+    assert "nothing remembered yet" in jarvis("memory", "list").stdout

@@ -540,7 +540,7 @@ def memory_forget(fact_id: int = typer.Argument(..., metavar="ID", help="The fac
         raise typer.Exit(code=1)
     finally:
         store.close()
-    console.print(f"forgot {fact.id}: {fact.text}", markup=False)
+    console.print(f"forgot {fact.id}: {fact.text}", markup=False, soft_wrap=True)
 
 
 def _feedback(bot: Chatbot, command: str) -> None:

@@ -160,9 +160,21 @@ def test_a_tool_that_fails_answers_the_model_with_an_error():
     assert results["hangs"].output == "error: no answer within 0.3 s"
 
 
-def test_user_tools_come_from_jarvis_tools_setting(monkeypatch):
-    monkeypatch.setenv("JARVIS_TOOLS", "jarvis.tools.builtin:calculator")
-    assert [t.name for t in user_tools()] == ["calculator"]
+def test_user_tools_come_from_entry_points_and_the_jarvis_tools_setting(monkeypatch):
+    from importlib.metadata import EntryPoint
+
+    import jarvis.tools.registry as registry
+
+    installed = [EntryPoint("sum_up", "jarvis.tools.builtin:calculator", "jarvis.tools")]
+    monkeypatch.setattr(registry, "entry_points", lambda group: installed if group == "jarvis.tools" else [])
+    monkeypatch.setenv("JARVIS_TOOLS", "jarvis.tools.builtin:current_datetime")
+    found = user_tools()
+    assert [t.name for t in found] == ["sum_up", "current_datetime"]  # an entry point's name names the tool
+    assert ToolRegistry(found).call(ToolCall("1", "sum_up", '{"expression": "2+2"}')).result == "4"
+    installed[0] = EntryPoint("broken", "jarvis.tools.nowhere:fn", "jarvis.tools")
+    with pytest.raises(ToolDefinitionError, match=r"entry point broken = 'jarvis.tools.nowhere:fn' \(jarvis.tools\)"):
+        user_tools()
+    monkeypatch.setattr(registry, "entry_points", lambda group: [])
     monkeypatch.setenv("JARVIS_TOOLS", "jarvis.tools.builtin:nothing_here")
     with pytest.raises(ToolDefinitionError, match=r"\$JARVIS_TOOLS: cannot load 'jarvis.tools.builtin:nothing_here'"):
         user_tools()

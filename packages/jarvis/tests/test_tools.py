@@ -245,6 +245,21 @@ def test_tools_stay_off_when_configured_or_for_a_model_without_them():
         list(run_tool_loop(model, [], ToolRegistry([]), max_steps=0))
 
 
+def test_the_tools_schemas_count_against_the_context_window(store):
+    """A model that calls tools is sent their schemas with the prompt: an old exchange that fits
+    beside the message alone is dropped when the schemas would push the prompt past the window."""
+    model = ScriptedModel(lambda m: [Chunk("ok")])
+    model.context_length = 600  # 500 tokens for the prompt once 100 are kept for the reply
+    schemas = len(json.dumps(ToolRegistry(builtin_tools(ToolContext(store, lambda: None))).schemas())) // 4
+    assert 250 < schemas < 490, "the exchange below must fit without the schemas and not with them"
+    old = [{"role": "user", "content": "u" * 400}, {"role": "assistant", "content": "a" * 400}]
+    for tools, kept in [(False, old), (True, [])]:
+        bot = Chatbot(ChatbotConfig(model="s", max_new_tokens=100, tools=tools), model=model, store=store,
+                      extra_tools=[])
+        bot.history = list(old)
+        assert bot._fit_context({"role": "user", "content": "hi"})[0] == kept
+
+
 # --- long-term memory -------------------------------------------------------------------------
 
 FACT = "The user's sister's birthday is 3 May."

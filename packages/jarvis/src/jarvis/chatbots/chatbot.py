@@ -26,6 +26,7 @@ tool saved this turn is stored with the turn's ids (never from a private convers
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Literal, Sequence
@@ -386,7 +387,10 @@ class Chatbot:
 
         Whole exchanges are dropped oldest first, so the model never sees half a turn.
         Works on a copy: a message too long to fit leaves the history as it was. Images
-        count as the tokens the answering model encodes them into.
+        count as the tokens the answering model encodes them into; the tools' schemas, which
+        go with the prompt to a model that calls tools, count as their JSON's tokens (the
+        results a reply's tool calls add later are not known here: each is cut at
+        `jarvis.tools.registry.MAX_RESULT_CHARS`).
         """
         system_prompt = self._with_memory(self.config.system_prompt, message_text(user))
         system = [{"role": "system", "content": system_prompt}] if system_prompt else []
@@ -399,6 +403,8 @@ class Chatbot:
                 used = len(model.encode_chat(messages).ids)
             else:
                 used = model.count_tokens(model.apply_chat_template(messages))
+            if self._uses_tools(model, messages):
+                used += model.count_tokens(json.dumps(self._tools(self._tool_context()).schemas()))
             if used <= budget:
                 return history, messages, model
             if not history:

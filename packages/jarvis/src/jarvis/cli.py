@@ -10,8 +10,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from jarvis.chatbots import DEFAULT_PERSONA, Chatbot, ChatbotConfig, Thought
-from jarvis.memory import ConversationStore
+from jarvis.chatbots import DEFAULT_PERSONA, Chatbot, ChatbotConfig, Thought, ToolUse
+from jarvis.memory import ConversationStore, PrivateConversationError
 from jarvis.version import __version__
 from jarvis_prime import PrimeError
 from jarvis_prime.progress import quiet_build
@@ -29,7 +29,12 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True)  # errors st
 HELP = ("/good and /bad rate the last reply, /correct TEXT fixes it, /retry regenerates it, "
         "/think asks the reasoning model (self-consistency when none is installed), /show-thinking shows "
         "the last reply's folded thinking, /image PATH [QUESTION] shows JARVIS an image, "
+        "/remember TEXT saves a fact for later conversations (`jarvis memory list`), "
         "/reset starts over, /exit (or Ctrl-D) leaves.")
+
+memory_app = typer.Typer(help="What JARVIS remembers across conversations: list it, forget a fact.",
+                         no_args_is_help=True)
+app.add_typer(memory_app, name="memory")
 
 
 def _version(value: bool) -> None:
@@ -60,10 +65,12 @@ def folded_thinking(thinking: str) -> str:
 
 def _print_stream(pieces) -> None:
     """The reply as it comes; a thinking model's reasoning is not printed as it streams but
-    counted under a spinner, then folded to one dim line above the answer."""
+    counted under a spinner, then folded to one dim line above the answer; each tool call is
+    one dim line (`⚙ calculator(expression="12*7") → 84`)."""
     thought: list[str] = []
     status = None
     answered = False
+    midline = False  # answer text printed since the last line break
     try:
         for piece in pieces:
             if isinstance(piece, Thought):
@@ -74,11 +81,18 @@ def _print_stream(pieces) -> None:
                     status.start()
                 status.update(f"thinking ({lines} line{'s' if lines != 1 else ''})")
                 continue
-            if not answered and thought:
+            if status is not None:
                 status.stop()
+            if not answered and thought:
                 console.print(folded_thinking("".join(thought)), style="dim", markup=False, highlight=False)
             answered = True
+            if isinstance(piece, ToolUse):
+                console.print(("\n" if midline else "") + piece, style="dim", markup=False, highlight=False,
+                              soft_wrap=True)
+                midline = False
+                continue
             console.print(piece, end="", markup=False, soft_wrap=True)
+            midline = midline or bool(piece)
     finally:
         if status is not None:
             status.stop()
@@ -121,6 +135,10 @@ def chat(
     vision_model: Optional[str] = typer.Option(None, "--vision-model", metavar="NAME", help=(
         "PRIME model name or directory for image turns the chat model cannot see (default: $JARVIS_VISION_MODEL, "
         "then the catalog's vision model that is here, prime-135m-vision-v1 first).")),
+    tools: bool = typer.Option(True, "--tools/--no-tools", help=(
+        "Let the model call JARVIS's tools (calculator, clock, search of past conversations, memory, and yours: "
+        "$JARVIS_TOOLS or the `jarvis.tools` entry points). Today with --backend-url; a local model runs without.")),
+    max_tool_steps: int = typer.Option(4, min=1, help="Rounds of tool calls in one reply before JARVIS stops the model."),
 ) -> None:
     """Chat in the terminal with streamed replies (or one answer with --once).
 
@@ -137,7 +155,7 @@ def chat(
         config = ChatbotConfig(
             backend=backend, quantization=quantization, device=device, system_prompt=system,
             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, reasoning_samples=samples,
-            thinking_budget=thinking_budget,
+            thinking_budget=thinking_budget, tools=tools, max_tool_steps=max_tool_steps,
             **({"model": model} if model else {}), **({"vision_model": vision_model} if vision_model else {}),
             **({"reasoning_model": reasoning_model} if reasoning_model else {}),
         )
@@ -388,6 +406,9 @@ def _interactive(bot: Chatbot, reasoning: bool = False, images: list[bytes] | No
             else:
                 console.print("[dim]the last reply had no thinking[/]")
             continue
+        if text == "/remember" or text.startswith("/remember "):
+            _remember(bot, text[len("/remember"):].strip())
+            continue
         if text == "/reset":
             bot.reset()
             console.print("[dim]conversation cleared[/]")
@@ -467,6 +488,59 @@ def _run(turn) -> None:
     except (PrimeError, ValueError) as err:  # one bad turn does not end the chat
         console.print()
         err_console.print(f"[bold red]error:[/] {err}")
+
+
+def _remember(bot: Chatbot, text: str) -> None:
+    """/remember TEXT: the user saves a fact (never from a private conversation)."""
+    if not text:
+        console.print("[dim]usage: /remember A FACT JARVIS SHOULD KNOW IN LATER CONVERSATIONS[/]")
+        return
+    try:
+        fact, new = bot.remember(text)
+    except PrivateConversationError:
+        err_console.print("[dim]not saved: this conversation is private, and private conversations never feed memory[/]")
+        return
+    except ValueError as err:
+        err_console.print(f"[bold red]error:[/] {err}")
+        return
+    console.print(f"[dim]{'remembered' if new else 'already remembered'} as fact {fact.id} "
+                  f"(`jarvis memory forget {fact.id}` removes it)[/]")
+
+
+@memory_app.command("list")
+def memory_list() -> None:
+    """Every fact JARVIS remembers, newest first, with where it came from."""
+    from rich.markup import escape
+
+    from jarvis_prime.tables import Col, print_table
+
+    store = ConversationStore()
+    try:
+        facts = store.facts()
+    finally:
+        store.close()
+    if not facts:
+        console.print("nothing remembered yet (/remember TEXT in `jarvis chat`, or the model's remember tool)")
+        return
+    columns = [Col("id", keep=True), Col("saved"), Col("by"), Col("conversation", keep=True), Col("fact")]
+    print_table(console, columns, [
+        [str(f.id), time.strftime("%Y-%m-%d %H:%M", time.localtime(f.created)), "you" if f.source == "user" else "jarvis",
+         (f"{f.conversation_id}#{f.message_id}" if f.message_id else f.conversation_id) if f.conversation_id else "-",
+         escape(f.text)] for f in facts])
+
+
+@memory_app.command("forget")
+def memory_forget(fact_id: int = typer.Argument(..., metavar="ID", help="The fact's id (`jarvis memory list`).")) -> None:
+    """Delete a remembered fact."""
+    store = ConversationStore()
+    try:
+        fact = store.forget(fact_id)
+    except KeyError as err:
+        err_console.print(f"[bold red]error:[/] {err.args[0]}")
+        raise typer.Exit(code=1)
+    finally:
+        store.close()
+    console.print(f"forgot {fact.id}: {fact.text}", markup=False, soft_wrap=True)
 
 
 def _feedback(bot: Chatbot, command: str) -> None:

@@ -25,6 +25,16 @@ Images a user sends are stored once each, by sha256 (`images`: the bytes, their 
 format and size), and linked to the messages that carry them (`message_images`), so
 history, `jarvis chat -c` and `jarvis export-data` keep them; deleting the last
 conversation that shows an image deletes the image.
+
+Schema 5 (issue #24) adds search and long-term memory, both SQLite FTS5 (porter stemming):
+`messages_fts` indexes every message's text (`search_messages`: the `search_conversations`
+tool; private conversations never answer), and `facts` holds what JARVIS should remember
+across conversations ("my sister's birthday is 3 May"), each with the conversation and message
+it came from, deduplicated by its normalised text (case, spaces, final punctuation), listed and
+forgotten by the user. `recall` ranks the facts against a message by bm25 over its words (short
+common words left out), best first: the top few go into a later conversation's system
+message. Private conversations never feed memory: `remember` refuses to save from one.
+A reply's tool calls and results are kept beside it (`tool_calls`, JSON), as its thinking is.
 """
 
 from __future__ import annotations
@@ -32,7 +42,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -75,6 +87,31 @@ CREATE TABLE IF NOT EXISTS message_images (
     sha256 TEXT NOT NULL REFERENCES images(sha256),
     PRIMARY KEY (message_id, position)
 );
+CREATE VIRTUAL TABLE IF NOT EXISTS messages_fts USING fts5(content, content='messages', content_rowid='id',
+                                                          tokenize='porter unicode61');
+CREATE TRIGGER IF NOT EXISTS messages_fts_insert AFTER INSERT ON messages BEGIN
+    INSERT INTO messages_fts(rowid, content) VALUES (new.id, new.content);
+END;
+CREATE TRIGGER IF NOT EXISTS messages_fts_delete AFTER DELETE ON messages BEGIN
+    INSERT INTO messages_fts(messages_fts, rowid, content) VALUES ('delete', old.id, old.content);
+END;
+CREATE TABLE IF NOT EXISTS facts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    text TEXT NOT NULL,
+    normalized TEXT NOT NULL UNIQUE,
+    source TEXT NOT NULL CHECK (source IN ('model', 'user')),
+    conversation_id TEXT REFERENCES conversations(id) ON DELETE SET NULL,
+    message_id INTEGER REFERENCES messages(id) ON DELETE SET NULL,
+    created REAL NOT NULL
+);
+CREATE VIRTUAL TABLE IF NOT EXISTS facts_fts USING fts5(text, content='facts', content_rowid='id',
+                                                       tokenize='porter unicode61');
+CREATE TRIGGER IF NOT EXISTS facts_fts_insert AFTER INSERT ON facts BEGIN
+    INSERT INTO facts_fts(rowid, text) VALUES (new.id, new.text);
+END;
+CREATE TRIGGER IF NOT EXISTS facts_fts_delete AFTER DELETE ON facts BEGIN
+    INSERT INTO facts_fts(facts_fts, rowid, text) VALUES ('delete', old.id, old.text);
+END;
 """
 
 # Schema version 2 (PRAGMA user_version): feedback columns. ALTERs, so a database
@@ -87,12 +124,24 @@ FEEDBACK_COLUMNS = {
     "active": "INTEGER NOT NULL DEFAULT 1",
     "feedback_at": "REAL",
     "thinking": "TEXT",  # schema version 4 (below)
+    "tool_calls": "TEXT",  # schema version 5: JSON list of {id, name, arguments, result, error}
 }
 # Schema version 3: images (the `images` and `message_images` tables above; created by
 # SCHEMA on any older database, nothing to migrate).
 # Schema version 4: the `thinking` column, a thinking model's reasoning beside its reply
 # (issue #22): kept apart from `content`, so the answer alone is the conversation and the training data.
-SCHEMA_VERSION = 4
+# Schema version 5: `tool_calls`, and the FTS5 tables `messages_fts` (filled from the messages
+# already stored) and `facts` / `facts_fts` (long-term memory), created by SCHEMA (issue #24).
+SCHEMA_VERSION = 5
+FTS_SCHEMA_VERSION = 5  # below it, messages_fts is rebuilt from the stored messages
+
+MAX_FACT_CHARS = 500
+# Left out of recall and search queries: they match nearly everything and say nothing.
+STOPWORDS = frozenset("""
+a about an and are as at be but by can could did do does for from had has have how i i'm in is it its me my
+no not of on or our please she he so tell that the their them there they this to us was we what when where
+which who why will with would you your
+""".split())
 
 # Python's default is 5 s; a commit stalled by a busy disk (a training run writing
 # checkpoints) or a migration of a large database can hold the write lock longer.
@@ -106,6 +155,10 @@ class ConflictError(ValueError):
 class StoreBusyError(ConflictError):
     """Another process held the database's write lock past the busy timeout; nothing
     was written. A ConflictError: the caller tries again (the web API answers 409)."""
+
+
+class PrivateConversationError(ValueError):
+    """Something would have fed memory from a private conversation; nothing was saved."""
 
 
 class NotFoundError(KeyError):
@@ -137,6 +190,7 @@ class StoredMessage:
     created: float
     images: tuple[str, ...] = ()  # sha256 of each image the message carries, in order (user messages)
     thinking: str | None = None  # a thinking model's reasoning before `content` (shown folded, never sent back)
+    tool_calls: tuple[dict[str, Any], ...] = ()  # the tools the reply called: {id, name, arguments, result, error}
 
     def as_chat(self) -> dict[str, str]:
         """The message's text as a chat message (`ConversationStore.chat_message` adds its images)."""
@@ -148,6 +202,42 @@ class StoredImage:
     sha256: str
     format: str  # png | jpeg | gif | bmp, sniffed from the bytes
     data: bytes
+
+
+@dataclass(frozen=True)
+class Fact:
+    """Something JARVIS remembers across conversations, and where it came from."""
+
+    id: int
+    text: str
+    source: str  # "model" (its remember tool) or "user" (/remember, the API)
+    conversation_id: str | None  # None once that conversation is deleted (the fact stays until forgotten)
+    message_id: int | None
+    created: float
+
+
+@dataclass(frozen=True)
+class MessageHit:
+    """A stored message that matches a search, with the words that matched in [brackets]."""
+
+    message_id: int
+    conversation_id: str
+    title: str
+    role: str
+    snippet: str
+    created: float
+
+
+def normalize_fact(text: str) -> str:
+    """What makes two facts the same: case, runs of spaces and final punctuation do not count."""
+    return " ".join(text.casefold().split()).rstrip(" .!;,")
+
+
+def fts_query(text: str) -> str | None:
+    """An FTS5 query matching any of `text`'s words (each quoted: no FTS syntax from the user gets
+    through), short common words left out; None when nothing is left."""
+    words = [w for w in re.findall(r"\w+", text.casefold()) if len(w) > 1 and w not in STOPWORDS]
+    return " OR ".join(f'"{w}"' for w in dict.fromkeys(words)) or None
 
 
 @dataclass(frozen=True)
@@ -201,7 +291,8 @@ class ConversationStore:
                                  f"write lock for over {self.busy_timeout:g} s; nothing was written, try again") from err
 
     def _migrate(self) -> None:
-        if self._db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version >= SCHEMA_VERSION:
             return
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
@@ -210,6 +301,8 @@ class ConversationStore:
                 if column not in have:
                     self._db.execute(f"ALTER TABLE messages ADD COLUMN {column} {kind}")
             self._db.execute("UPDATE messages SET group_id = id WHERE group_id IS NULL")
+            if version < FTS_SCHEMA_VERSION:  # the messages written before the index existed
+                self._db.execute("INSERT INTO messages_fts(messages_fts) VALUES ('rebuild')")
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @_locked
@@ -260,10 +353,10 @@ class ConversationStore:
     @_locked
     def add_exchange(self, cid: str, user: str, reply: str, model: str | None = None,
                      after: int | None = None, images: Sequence[bytes] = (),
-                     thinking: str | None = None) -> tuple[int, int]:
+                     thinking: str | None = None, tool_calls: Sequence[dict[str, Any]] = ()) -> tuple[int, int]:
         """Append a user message (with its `images`, encoded files) and its reply in one
         transaction; returns their ids. `thinking`: the reasoning a thinking model wrote before
-        `reply`, kept beside it (never as the reply).
+        `reply`, kept beside it (never as the reply); `tool_calls`: the tools it called on the way.
 
         `after`: the id of the newest message the reply was generated from (None: the
         conversation was empty). If someone else wrote to the conversation meanwhile
@@ -275,7 +368,7 @@ class ConversationStore:
                 raise ConflictError(f"conversation {cid} changed while this reply was written; send it again")
             user_id = self._insert(cid, "user", user, None)
             self._attach(user_id, images)
-            reply_id = self._insert(cid, "assistant", reply, model, thinking)
+            reply_id = self._insert(cid, "assistant", reply, model, thinking, tool_calls)
         return user_id, reply_id
 
     def _attach(self, message_id: int, images: Sequence[bytes]) -> None:
@@ -308,11 +401,13 @@ class ConversationStore:
             return message.as_chat()
         return user_message(message.content, [self.image(sha).data for sha in message.images])
 
-    def _insert(self, cid: str, role: str, content: str, model: str | None, thinking: str | None = None) -> int:
+    def _insert(self, cid: str, role: str, content: str, model: str | None, thinking: str | None = None,
+                tool_calls: Sequence[dict[str, Any]] = ()) -> int:
         now = time.time()
         cursor = self._db.execute(
-            "INSERT INTO messages (conversation_id, role, content, created, model, thinking) VALUES (?, ?, ?, ?, ?, ?)",
-            (cid, role, content, now, model, thinking))
+            "INSERT INTO messages (conversation_id, role, content, created, model, thinking, tool_calls) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (cid, role, content, now, model, thinking, json.dumps(list(tool_calls)) if tool_calls else None))
         self._db.execute("UPDATE messages SET group_id = id WHERE id = ?", (cursor.lastrowid,))
         self._db.execute("UPDATE conversations SET updated = ?, title = CASE WHEN title = '' AND ? = 'user' "
                          "THEN substr(?, 1, 60) ELSE title END WHERE id = ?", (now, role, content, cid))
@@ -326,7 +421,7 @@ class ConversationStore:
 
     @_locked
     def add_alternative(self, message_id: int, content: str, model: str | None = None,
-                        thinking: str | None = None) -> int:
+                        thinking: str | None = None, tool_calls: Sequence[dict[str, Any]] = ()) -> int:
         """Store a regenerated reply to the same prompt; it becomes the active one.
 
         Only the conversation's last reply can be regenerated: what came after an
@@ -344,9 +439,10 @@ class ConversationStore:
             # COALESCE: a row a still-running jarvis 2.0 wrote after the migration has no group_id
             self._db.execute("UPDATE messages SET active = 0 WHERE COALESCE(group_id, id) = ?", (old.group_id,))
             cursor = self._db.execute(
-                "INSERT INTO messages (conversation_id, role, content, created, model, group_id, thinking) "
-                "VALUES (?, 'assistant', ?, ?, ?, ?, ?)",
-                (old.conversation_id, content, now, model, old.group_id, thinking))
+                "INSERT INTO messages (conversation_id, role, content, created, model, group_id, thinking, tool_calls) "
+                "VALUES (?, 'assistant', ?, ?, ?, ?, ?, ?)",
+                (old.conversation_id, content, now, model, old.group_id, thinking,
+                 json.dumps(list(tool_calls)) if tool_calls else None))
             self._db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (now, old.conversation_id))
         return cursor.lastrowid
 
@@ -405,6 +501,72 @@ class ConversationStore:
             self._db.execute("DELETE FROM images WHERE sha256 NOT IN (SELECT sha256 FROM message_images)")
 
     @_locked
+    def search_messages(self, query: str, k: int = 5, *, exclude: str | None = None) -> list[MessageHit]:
+        """The stored messages that best match `query`'s words (bm25), never from a private
+        conversation nor from `exclude` (the conversation asking), nor replaced replies."""
+        match = fts_query(query)
+        if match is None:
+            return []
+        rows = self._db.execute(
+            "SELECT m.id, m.conversation_id, c.title, m.role, m.created, "
+            "snippet(messages_fts, 0, '[', ']', '...', 24) AS snippet FROM messages_fts "
+            "JOIN messages m ON m.id = messages_fts.rowid JOIN conversations c ON c.id = m.conversation_id "
+            "WHERE messages_fts MATCH ? AND c.private = 0 AND m.active = 1 AND m.role IN ('user', 'assistant') "
+            "AND c.id IS NOT ? ORDER BY bm25(messages_fts) LIMIT ?", (match, exclude, k))
+        return [MessageHit(r["id"], r["conversation_id"], r["title"], r["role"], r["snippet"], r["created"])
+                for r in rows]
+
+    @_locked
+    def remember(self, text: str, *, source: str = "user", conversation_id: str | None = None,
+                 message_id: int | None = None) -> tuple[Fact, bool]:
+        """Save a fact (from `conversation_id` / `message_id`, when it came from one); returns it and
+        whether it is new: a fact already known (same normalised text) is returned as it was.
+        Refused (PrivateConversationError) when the conversation is private."""
+        text = " ".join(text.split())
+        if not text:
+            raise ValueError("a fact to remember cannot be empty")
+        if len(text) > MAX_FACT_CHARS:
+            raise ValueError(f"a fact is at most {MAX_FACT_CHARS} characters; this one has {len(text)}")
+        if source not in ("model", "user"):
+            raise ValueError(f"source must be 'model' or 'user', got {source!r}")
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            if conversation_id is not None and self.get(conversation_id).private:
+                raise PrivateConversationError(f"conversation {conversation_id} is private: private conversations "
+                                               "never feed memory, nothing was saved")
+            known = self._db.execute("SELECT * FROM facts WHERE normalized = ?", (normalize_fact(text),)).fetchone()
+            if known is not None:
+                return _fact(known), False
+            cursor = self._db.execute(
+                "INSERT INTO facts (text, normalized, source, conversation_id, message_id, created) "
+                "VALUES (?, ?, ?, ?, ?, ?)", (text, normalize_fact(text), source, conversation_id, message_id, time.time()))
+            return _fact(self._db.execute("SELECT * FROM facts WHERE id = ?", (cursor.lastrowid,)).fetchone()), True
+
+    @_locked
+    def facts(self) -> list[Fact]:
+        """Everything remembered, newest first."""
+        return [_fact(r) for r in self._db.execute("SELECT * FROM facts ORDER BY id DESC")]
+
+    @_locked
+    def forget(self, fact_id: int) -> Fact:
+        """Delete a fact; returns what it was."""
+        row = self._db.execute("SELECT * FROM facts WHERE id = ?", (fact_id,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no remembered fact {fact_id} in {self.path} (`jarvis memory list` shows them)")
+        self._db.execute("DELETE FROM facts WHERE id = ?", (fact_id,))
+        return _fact(row)
+
+    @_locked
+    def recall(self, query: str, k: int = 3) -> list[Fact]:
+        """The `k` facts that best match `query`'s words (FTS5 bm25, best first); none match: []."""
+        match = fts_query(query)
+        if match is None or k < 1:
+            return []
+        rows = self._db.execute("SELECT f.* FROM facts_fts JOIN facts f ON f.id = facts_fts.rowid "
+                                "WHERE facts_fts MATCH ? ORDER BY bm25(facts_fts) LIMIT ?", (match, k))
+        return [_fact(r) for r in rows]
+
+    @_locked
     def close(self) -> None:
         self._db.close()
 
@@ -423,6 +585,10 @@ def _conversation(row: sqlite3.Row) -> Conversation:
                         row["n"])
 
 
+def _fact(row: sqlite3.Row) -> Fact:
+    return Fact(row["id"], row["text"], row["source"], row["conversation_id"], row["message_id"], row["created"])
+
+
 def _stored(row: sqlite3.Row) -> StoredMessage:
     return StoredMessage(
         id=row["id"], conversation_id=row["conversation_id"], role=row["role"],
@@ -430,5 +596,5 @@ def _stored(row: sqlite3.Row) -> StoredMessage:
         model=row["model"], rating=row["rating"], corrected=row["correction"] is not None,
         group_id=row["group_id"] if row["group_id"] is not None else row["id"], active=bool(row["active"]),
         created=row["created"], images=tuple(row["image_shas"].split(",")) if row["image_shas"] else (),
-        thinking=row["thinking"],
+        thinking=row["thinking"], tool_calls=tuple(json.loads(row["tool_calls"])) if row["tool_calls"] else (),
     )

@@ -2,28 +2,42 @@
 
 `prime serve`, vLLM, Ollama and llama.cpp's server all speak /v1/chat/completions;
 this is how JARVIS scales past one machine. `RemoteModel` offers the part of
-`PrimeModel` the `Chatbot` uses, over HTTP with the standard library (streamed
-replies are server-sent events). The remote tokenizer is out of reach, so context
+`PrimeModel` the `Chatbot` uses, through the official `openai` client (its streaming, its
+retries of dropped connections and 5xx, its error types), plus `chat_with_tools`, which the
+tool loop drives (`jarvis.tool_loop`). The remote tokenizer is out of reach, so context
 trimming counts ~3 characters a token: an over-estimate for English, which keeps the
 prompt inside the server's window at the cost of trimming a little early.
 
 A thinking model's reasoning arrives as `reasoning_content` (prime serve, vLLM, llama.cpp's
-server) and comes out as `Chunk.reasoning`, apart from the answer, as a local model's does.
+server), a field outside OpenAI's schema that the client keeps as an extra, and comes out as
+`Chunk.reasoning`, apart from the answer, as a local model's does. Tool calls stream as
+deltas keyed by `index` (the id and name first, the arguments in pieces); they are assembled
+here and come out whole, as `ToolCall`s, once the reply ends. An endpoint that refuses `tools`
+by name (400 with `param: "tools"`, as `prime serve` without tool support answers) is then
+asked without them, for the rest of the session, and the log says so once.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import math
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
+import openai
+
+from jarvis.tools.calls import ToolCall
 from jarvis_prime import PrimeError
 from jarvis_prime.models.base import Chunk
 
+log = logging.getLogger(__name__)
+
 CHARS_PER_TOKEN = 3
+MAX_RETRIES = 2  # the client's: connection errors, 408, 409, 429 and 5xx, with backoff
+
+
+class _ToolsRefused(Exception):
+    """The endpoint answered 400 naming `tools`: it cannot take them."""
 
 
 @dataclass(frozen=True)
@@ -42,38 +56,41 @@ class RemoteModel:
         self.api_key = api_key
         self.context_length = context_length
         self.timeout = timeout
+        # the client insists on a key; servers without one ignore the header
+        self.client = openai.OpenAI(base_url=self.base_url, api_key=api_key or "none", timeout=timeout,
+                                    max_retries=MAX_RETRIES)
+        self.tools_refused = False  # the endpoint answered 400 to `tools`: chat without them
         self.runtime = RemoteRuntime("remote", self.base_url)
         self.version = "remote"
         self.name = model or self._first_model()
 
-    def _request(self, path: str, body: dict[str, Any] | None = None):
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(self.base_url + path, data=data, headers=headers,
-                                         method="POST" if data is not None else "GET")
-        try:
-            return urllib.request.urlopen(request, timeout=self.timeout)
-        except urllib.error.HTTPError as err:
-            try:
-                message = json.loads(err.read())["error"]["message"]
-            except Exception:  # noqa: BLE001  (not OpenAI-shaped: say what we got)
-                message = err.reason
-            raise PrimeError(f"{self.base_url}{path}: HTTP {err.code}: {message}") from None
-        except urllib.error.URLError as err:
-            raise PrimeError(f"{self.base_url}: unreachable ({err.reason})") from None
+    def _error(self, err: openai.OpenAIError, path: str) -> PrimeError:
+        """The client's error as JARVIS's: the URL, the HTTP status and the server's own message."""
+        if isinstance(err, openai.APITimeoutError):
+            return PrimeError(f"{self.base_url}{path}: no answer within {self.timeout:g} s")
+        if isinstance(err, openai.APIConnectionError):
+            cause = err.__cause__ or err.__context__
+            return PrimeError(f"{self.base_url}: unreachable ({cause or err.message})")
+        if isinstance(err, openai.APIStatusError):
+            body = err.body
+            message = body.get("message") if isinstance(body, dict) else None
+            if isinstance(body, dict) and isinstance(body.get("error"), dict):  # not unwrapped by the client
+                message = body["error"].get("message")
+            return PrimeError(f"{self.base_url}{path}: HTTP {err.status_code}: {message or err.message}")
+        return PrimeError(f"{self.base_url}{path}: {err}")
 
     def _first_model(self) -> str:
-        with self._request("/models") as response:
-            models = json.loads(response.read())["data"]
+        try:
+            models = list(self.client.models.list())
+        except openai.OpenAIError as err:
+            raise self._error(err, "/models") from None
         if not models:
             raise PrimeError(f"{self.base_url}/models lists no model; pass --model")
-        return models[0]["id"]
+        return models[0].id
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]]) -> str:
         """A stand-in for sizing only: the server applies the model's real template."""
-        return "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages)
+        return "".join(f"<|{m['role']}|>\n{m.get('content') or ''}\n" for m in messages)
 
     def count_tokens(self, text: str) -> int:
         return math.ceil(len(text) / CHARS_PER_TOKEN)
@@ -92,30 +109,63 @@ class RemoteModel:
         `Chunk.reasoning` (always streamed over HTTP)."""
         if not stream:
             raise ValueError("RemoteModel.complete streams only")
-        return self._stream(messages, **options)
+        return (piece for piece in self._stream(messages, None, **options) if isinstance(piece, Chunk))
 
-    def _stream(self, messages: Sequence[Mapping[str, Any]], *, max_new_tokens: int = 256,
-                temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                thinking_budget: int | None = None) -> Iterator[Chunk]:
-        body = {"model": self.name, "messages": list(messages), "max_tokens": max_new_tokens,
-                "temperature": temperature, "top_p": top_p, "stream": True}
-        if seed is not None:
-            body["seed"] = seed
-        if thinking_budget is not None:
-            body["max_thinking_tokens"] = thinking_budget
-        with self._request("/chat/completions", body) as response:
-            for raw in response:
-                line = raw.decode("utf-8").strip()
-                if not line.startswith("data:"):
-                    continue
-                payload = line[len("data:"):].strip()
-                if payload == "[DONE]":
-                    return
-                choices = json.loads(payload).get("choices") or []
-                delta = choices[0].get("delta") or {} if choices else {}
-                text, reasoning = delta.get("content") or "", delta.get("reasoning_content") or ""
-                if text or reasoning:
-                    yield Chunk(text, reasoning=reasoning)
+    def chat_with_tools(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]],
+                        **options: Any) -> Iterator[Chunk | ToolCall]:
+        """The reply to `messages` with `tools` offered (OpenAI's `tools=`): text `Chunk`s as they
+        come, then the `ToolCall`s the model asked for, each assembled from its deltas."""
+        if self.tools_refused:
+            return self._stream(messages, None, **options)
+        return self._with_tools(messages, list(tools), options)
+
+    def _with_tools(self, messages, tools, options) -> Iterator[Chunk | ToolCall]:
+        try:
+            first = self._stream(messages, tools, **options)
+            yield next(first)  # the request is sent, and refused, before the first piece
+        except StopIteration:
+            return
+        except _ToolsRefused as refused:
+            self.tools_refused = True
+            log.warning("%s does not take tools (%s): chatting without them", self.base_url, refused)
+            yield from self._stream(messages, None, **options)
+            return
+        yield from first
+
+    def _stream(self, messages: Sequence[Mapping[str, Any]], tools: list[Mapping[str, Any]] | None, *,
+                max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                thinking_budget: int | None = None) -> Iterator[Chunk | ToolCall]:
+        extra = {"max_thinking_tokens": thinking_budget} if thinking_budget is not None else None
+        calls: dict[int, dict[str, str]] = {}  # index -> id, name, arguments (pieces joined)
+        try:
+            stream = self.client.chat.completions.create(
+                model=self.name, messages=list(messages), max_tokens=max_new_tokens, temperature=temperature,
+                top_p=top_p, stream=True, **({"seed": seed} if seed is not None else {}),
+                **({"tools": tools} if tools else {}), **({"extra_body": extra} if extra else {}))
+            with stream:
+                for event in stream:
+                    if not event.choices:
+                        continue
+                    delta = event.choices[0].delta
+                    text = delta.content or ""
+                    reasoning = (delta.model_extra or {}).get("reasoning_content") or ""
+                    if text or reasoning:
+                        yield Chunk(text, reasoning=reasoning)
+                    for piece in delta.tool_calls or ():
+                        call = calls.setdefault(piece.index, {"id": "", "name": "", "arguments": ""})
+                        call["id"] = piece.id or call["id"]
+                        if piece.function is not None:
+                            call["name"] += piece.function.name or ""
+                            call["arguments"] += piece.function.arguments or ""
+        except openai.BadRequestError as err:
+            if tools and (err.param == "tools" or err.code == "unsupported_parameter"):
+                raise _ToolsRefused(err.message) from None
+            raise self._error(err, "/chat/completions") from None
+        except openai.OpenAIError as err:
+            raise self._error(err, "/chat/completions") from None
+        for index in sorted(calls):
+            call = calls[index]
+            yield ToolCall(call["id"] or f"call_{index}", call["name"], call["arguments"])
 
     def close(self) -> None:
-        pass
+        self.client.close()

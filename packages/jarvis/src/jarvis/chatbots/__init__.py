@@ -1,5 +1,5 @@
 """Chatbots: a conversation on top of a PrimeModel."""
 
-from jarvis.chatbots.chatbot import DEFAULT_MODEL, DEFAULT_PERSONA, Chatbot, ChatbotConfig, Thought
+from jarvis.chatbots.chatbot import DEFAULT_MODEL, DEFAULT_PERSONA, Chatbot, ChatbotConfig, Thought, ToolUse
 
-__all__ = ["DEFAULT_MODEL", "DEFAULT_PERSONA", "Chatbot", "ChatbotConfig", "Thought"]
+__all__ = ["DEFAULT_MODEL", "DEFAULT_PERSONA", "Chatbot", "ChatbotConfig", "Thought", "ToolUse"]

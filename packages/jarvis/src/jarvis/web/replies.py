@@ -1,6 +1,7 @@
 """Reply streams: server-sent events, one JSON object per `data:` line ({"delta": text}
 pieces, then {"done": true, "reply_id": N, "conversation": id} or {"error": message}).
-A thinking model's reasoning comes first as {"thinking": text} pieces (the page folds them).
+A thinking model's reasoning comes first as {"thinking": text} pieces (the page folds them), and
+each tool call as {"tool": {id, name, arguments, result, error}} when it is answered.
 
 One reply at a time per conversation (a second tab gets 409, not a tangle), and at
 most `max_queue` replies in progress (streaming or waiting for a worker thread) in all:
@@ -18,7 +19,7 @@ from contextlib import ExitStack, contextmanager
 from typing import Any, AsyncIterator, Callable, Iterator
 
 
-from jarvis.chatbots import Chatbot, Thought
+from jarvis.chatbots import Chatbot, Thought, ToolUse
 from jarvis_prime import PrimeError
 from jarvis_prime.models.prime_model import iterate_in_thread
 from jarvis_prime.serving.completions import Admission, HeldStream
@@ -66,7 +67,10 @@ class Replies:
         try:
             try:
                 async for piece in iterate_in_thread(lambda: pieces, self.executor):
-                    yield _event({"thinking": piece} if isinstance(piece, Thought) else {"delta": piece})
+                    if isinstance(piece, ToolUse):
+                        yield _event({"tool": piece.result.as_json()})
+                    else:
+                        yield _event({"thinking": piece} if isinstance(piece, Thought) else {"delta": piece})
             finally:
                 held.close()  # before the last event: a client that reads it may send the next message at once
             yield _event({"done": True, "reply_id": chatbot.last_reply_id, "conversation": chatbot.conversation})

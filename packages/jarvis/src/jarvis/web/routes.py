@@ -1,5 +1,5 @@
 """The page's JSON API, one router per job: the model (health, swap), the
-conversations and their stored messages and images, and the replies that stream.
+conversations and their stored messages and images, long-term memory, and the replies that stream.
 `server.create_app` puts them together behind the kit's Guard (host, key, JSON, body size)."""
 
 from __future__ import annotations
@@ -88,6 +88,21 @@ def conversation_routes(config: WebConfig, store: ConversationStore) -> APIRoute
     def correct(mid: int, body: Correction) -> dict[str, Any]:
         store.correct(mid, body.content)
         return message_json(store.message(mid))
+
+    return router
+
+
+def memory_routes(store: ConversationStore) -> APIRouter:
+    """What JARVIS remembers (`ConversationStore.facts`), for the page to list and forget."""
+    router = APIRouter()
+
+    @router.get("/api/memory")
+    def facts() -> list[dict[str, Any]]:
+        return [f.__dict__ for f in store.facts()]
+
+    @router.delete("/api/memory/{fact_id}", status_code=204)
+    def forget(fact_id: int) -> None:
+        store.forget(fact_id)
 
     return router
 

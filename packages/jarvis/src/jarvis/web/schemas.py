@@ -78,6 +78,8 @@ class ModelSwap(_Strict):
 
 def message_json(m) -> dict[str, Any]:
     """A stored message; `images` are sha256s, each served by GET /api/images/{sha256}; `thinking`
-    a thinking model's reasoning (the page folds it above the reply)."""
+    a thinking model's reasoning (the page folds it above the reply); `tool_calls` the tools the
+    reply called, {id, name, arguments, result, error} each (folded too)."""
     return {"id": m.id, "role": m.role, "content": m.content, "original": m.original, "rating": m.rating,
-            "corrected": m.corrected, "model": m.model, "images": list(m.images), "thinking": m.thinking}
+            "corrected": m.corrected, "model": m.model, "images": list(m.images), "thinking": m.thinking,
+            "tool_calls": list(m.tool_calls)}

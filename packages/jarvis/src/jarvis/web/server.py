@@ -18,9 +18,14 @@ JSON API below, so scripts can too:
     GET    /api/images/{sha256}                a stored image (messages list their images' sha256)
     POST   /api/model                          {"model"?} reload (e.g. a version `jarvis improve` promoted):
                                                admin key only, off without one (below)
+    GET    /api/memory                         the facts JARVIS remembers, newest first (issue #24)
+    DELETE /api/memory/{id}                    forget one
+    GET    /static/{file}                      the page's vendored scripts (marked, DOMPurify: static/VENDORED.md)
 
 Streams are server-sent events, one JSON object per `data:` line: {"delta": text}
-pieces, then {"done": true, "reply_id": N} (or {"error": message}). Generation runs
+pieces, a {"tool": {id, name, arguments, result, error}} per tool call, then {"done": true,
+"reply_id": N} (or {"error": message}). The page renders a reply as Markdown (marked) and
+sanitizes the HTML (DOMPurify) before showing it: never raw HTML from the model. Generation runs
 in a worker thread so the event loop never blocks; the model serialises requests
 itself. Every /api route but /api/health needs `Authorization: Bearer KEY` when the
 server has a key, and the server refuses to listen beyond loopback without one.
@@ -52,11 +57,12 @@ from typing import Any, Callable
 
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
 
 from jarvis.chatbots import Chatbot, ChatbotConfig
 from jarvis.memory import ConflictError, ConversationStore, NotFoundError
 from jarvis.web.replies import Replies
-from jarvis.web.routes import conversation_routes, model_routes, reply_routes
+from jarvis.web.routes import conversation_routes, memory_routes, model_routes, reply_routes
 from jarvis.vision import VisionUnavailableError
 from jarvis.web.settings import WebConfig, require_key_for
 from jarvis.web.vision_host import VisionHost
@@ -132,7 +138,9 @@ def create_app(config: WebConfig, *, store: ConversationStore | None = None,
         return resources.files("jarvis.web").joinpath("static/index.html").read_text(encoding="utf-8")
 
     app.include_router(model_routes(config, swaps, make_model))
+    app.mount("/static", StaticFiles(packages=[("jarvis.web", "static")]), name="static")
     app.include_router(conversation_routes(config, store))
+    app.include_router(memory_routes(store))
     app.include_router(reply_routes(config, store, Replies(host, executor, Admission(config.max_queue, config.retry_after_s)),
                                  vision))
     return app

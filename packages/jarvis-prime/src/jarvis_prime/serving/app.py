@@ -32,6 +32,22 @@ def load_model(name: str, quantization=None, backend: str = "auto", context_leng
     return PrimeModel.from_pretrained(name, quantization=quantization, backend=backend, context_length=context_length)
 
 
+def fit_context(model: PrimeModel, messages: list[dict], tools: list[dict] | None, req: ChatCompletionRequest):
+    """`truncate: true`: the conversation without its oldest non-system turns, as few dropped
+    as make the prompt and max_tokens fit the context (at least one token of reply). The
+    last message is never dropped: a prompt that still overflows is the usual 400."""
+    wanted = req.max_completion_tokens or req.max_tokens or 1
+    kept = list(messages)
+    while True:
+        prompt = model.encode_chat(kept, tools=tools)
+        droppable = [i for i, m in enumerate(kept[:-1]) if m["role"] != "system"]
+        if len(prompt.ids) + wanted <= model.context_length or not droppable:
+            return prompt
+        del kept[droppable[0]]
+        while droppable[0] < len(kept) - 1 and kept[droppable[0]]["role"] == "tool":
+            del kept[droppable[0]]  # a tool result goes with the call it answers
+
+
 def create_app(config: ServerConfig, loader: Loader = load_model) -> FastAPI:
     host, metrics = ModelHost(), Metrics()
     executor = ThreadPoolExecutor(max_workers=config.max_queue + 2, thread_name_prefix="prime-gen")
@@ -100,13 +116,18 @@ def create_app(config: ServerConfig, loader: Loader = load_model) -> FastAPI:
             nonlocal messages
             messages = await fetch_remote_images(messages, fetching)
 
+        tools, grammar = req.active_tools(), req.grammar()
+
         def encode(model: PrimeModel):
             try:
-                return model.encode_chat(messages)
+                if req.truncate:
+                    return fit_context(model, messages, tools, req)
+                return model.encode_chat(messages, tools=tools)
             except (ImageInputError, ImageNotSupportedError) as err:
                 raise image_error(err) from None
 
-        return await completions.answer(req, encode, ChatFormatter, prepare=fetch if req.remote_images() else None)
+        return await completions.answer(req, encode, ChatFormatter, prepare=fetch if req.remote_images() else None,
+                                        grammar=grammar, tools=tools is not None)
 
     @app.post("/v1/completions")
     async def text_completions(req: CompletionRequest):

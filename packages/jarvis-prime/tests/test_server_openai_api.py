@@ -260,3 +260,51 @@ def test_completions_endpoint_logprobs_and_n(client):
 def test_validates_helper_rejects_wrong_types():
     with pytest.raises(ValidationError):
         validates({"city": "Paris", "population": "many"}, CITY)
+
+
+# -- the transformers backend (the same loop as its batcher: models/batching.py) -------------
+
+@pytest.fixture(scope="module")
+def torch_server(pulled_model):
+    with running(ServerConfig(model=BASE, backend="transformers", context_length=512, max_batch=4)) as url:
+        yield url
+
+
+def test_transformers_backend_json_schema_tools_and_logprobs(torch_server):
+    client = openai.OpenAI(base_url=f"{torch_server}/v1", api_key="unused", max_retries=0)
+    reply = client.chat.completions.create(
+        model=BASE, messages=[{"role": "user", "content": "Name a big city in Japan."}], max_tokens=80,
+        temperature=0.8, seed=2, n=2,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": CITY, "strict": True}})
+    for choice in reply.choices:
+        assert choice.finish_reason == "stop"
+        validates(json.loads(choice.message.content), CITY)
+    stream = client.chat.completions.create(
+        model=BASE, messages=ASK_WEATHER, tools=[WEATHER, TIME], max_tokens=80, temperature=0, stream=True,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    arguments = "".join(p.function.arguments or "" for c in stream if c.choices for p in c.choices[0].delta.tool_calls or [])
+    validates(json.loads(arguments), WEATHER["function"]["parameters"])
+    greedy = client.chat.completions.create(model=BASE, messages=FRANCE, max_tokens=10, temperature=0, logprobs=True,
+                                            top_logprobs=2)
+    content = greedy.choices[0].logprobs.content
+    assert "".join(t.token for t in content).startswith(greedy.choices[0].message.content)
+    assert all(t.top_logprobs[0].token == t.token and t.logprob <= 0 for t in content)
+    plain = client.chat.completions.create(model=BASE, messages=FRANCE, max_tokens=10, temperature=0)
+    assert plain.choices[0].message.content == greedy.choices[0].message.content  # logprobs change no token
+
+
+def test_transformers_backend_penalties_and_langchain(torch_server):
+    chat = ChatOpenAI(base_url=f"{torch_server}/v1", api_key="unused", model=BASE, temperature=0, max_tokens=60,
+                      max_retries=0, logprobs=True)
+    ask = [HumanMessage("List the numbers from one to fifty in words.")]
+
+    def repeats(message):
+        tokens = [t["token"] for t in message.response_metadata["logprobs"]["content"]]
+        return len(tokens) - len(set(tokens))
+
+    plain, penalised = chat.invoke(ask), chat.bind(frequency_penalty=2.0, presence_penalty=1.0).invoke(ask)
+    assert repeats(penalised) < repeats(plain)
+    forced = ChatOpenAI(base_url=f"{torch_server}/v1", api_key="unused", model=BASE, temperature=0, max_tokens=80,
+                        max_retries=0).bind_tools([WEATHER], tool_choice="required").invoke("Weather in Oslo?")
+    assert forced.tool_calls[0]["name"] == "get_weather"
+    validates(forced.tool_calls[0]["args"], WEATHER["function"]["parameters"])

@@ -32,6 +32,12 @@ def load_model(name: str, quantization=None, backend: str = "auto", context_leng
     return PrimeModel.from_pretrained(name, quantization=quantization, backend=backend, context_length=context_length)
 
 
+def encode_chat(model: PrimeModel, messages: list[dict], tools: list[dict] | None):
+    """`model.encode_chat`, with `tools` only when there are some (models served here may
+    be stand-ins with the older one-argument signature)."""
+    return model.encode_chat(messages, tools=tools) if tools else model.encode_chat(messages)
+
+
 def fit_context(model: PrimeModel, messages: list[dict], tools: list[dict] | None, req: ChatCompletionRequest):
     """`truncate: true`: the conversation without its oldest non-system turns, as few dropped
     as make the prompt and max_tokens fit the context (at least one token of reply). The
@@ -39,7 +45,7 @@ def fit_context(model: PrimeModel, messages: list[dict], tools: list[dict] | Non
     wanted = req.max_completion_tokens or req.max_tokens or 1
     kept = list(messages)
     while True:
-        prompt = model.encode_chat(kept, tools=tools)
+        prompt = encode_chat(model, kept, tools)
         droppable = [i for i, m in enumerate(kept[:-1]) if m["role"] != "system"]
         if len(prompt.ids) + wanted <= model.context_length or not droppable:
             return prompt
@@ -122,7 +128,7 @@ def create_app(config: ServerConfig, loader: Loader = load_model) -> FastAPI:
             try:
                 if req.truncate:
                     return fit_context(model, messages, tools, req)
-                return model.encode_chat(messages, tools=tools)
+                return encode_chat(model, messages, tools)
             except (ImageInputError, ImageNotSupportedError) as err:
                 raise image_error(err) from None
 

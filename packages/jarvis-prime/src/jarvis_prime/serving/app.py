@@ -15,7 +15,7 @@ from prometheus_client import generate_latest
 from jarvis_prime.models.prime_model import PrimeModel
 from jarvis_prime.serving.completions import Completions
 from jarvis_prime.errors import ImageInputError, ImageNotSupportedError
-from jarvis_prime.serving.errors import image_error, install_error_handlers
+from jarvis_prime.serving.errors import APIError, image_error, install_error_handlers
 from jarvis_prime.serving.formatters import ChatFormatter, TextFormatter
 from jarvis_prime.serving.host import ModelHost
 from jarvis_prime.serving.middleware import Guard, GuardRules, Metrics, allowed_hosts
@@ -126,11 +126,14 @@ def create_app(config: ServerConfig, loader: Loader = load_model) -> FastAPI:
 
         def encode(model: PrimeModel):
             try:
-                if req.truncate:
-                    return fit_context(model, messages, tools, req)
-                return encode_chat(model, messages, tools)
+                prompt = fit_context(model, messages, tools, req) if req.truncate else encode_chat(model, messages, tools)
             except (ImageInputError, ImageNotSupportedError) as err:
                 raise image_error(err) from None
+            if prompt.media is not None and model.runtime.backend == "transformers" and req.needs_own_loop(grammar):
+                raise APIError(400, "on the transformers backend, penalties, logprobs, tools with tool_choice required "
+                               "or named, and response_format json work on text prompts only (this one has images)",
+                               param="messages", code="unsupported_parameter")
+            return prompt
 
         return await completions.answer(req, encode, ChatFormatter, prepare=fetch if req.remote_images() else None,
                                         grammar=grammar, tools=tools is not None)

@@ -253,6 +253,11 @@ class ChatCompletionRequest(SamplingRequest):
     def top_alternatives(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    def needs_own_loop(self, grammar: str | None) -> bool:
+        """Whether this request asks for what only the batcher's loop does on transformers
+        (models/batching.py: penalties, logprobs, a grammar), which takes no images."""
+        return bool(grammar is not None or self.logprobs or self.presence_penalty or self.frequency_penalty)
+
     def tool_choice_name(self) -> str | None:
         return self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
 

@@ -308,3 +308,15 @@ def test_transformers_backend_penalties_and_langchain(torch_server):
                         max_retries=0).bind_tools([WEATHER], tool_choice="required").invoke("Weather in Oslo?")
     assert forced.tool_calls[0]["name"] == "get_weather"
     validates(forced.tool_calls[0]["args"], WEATHER["function"]["parameters"])
+
+
+def test_usage_is_the_model_s_own_token_count(client, llama_model):
+    """prompt_tokens is the prompt as the model tokenizes it (tools included); a stream
+    reports the same usage as the whole answer."""
+    reply = client.chat.completions.create(model=BASE, messages=ASK_WEATHER, tools=[WEATHER], max_tokens=20,
+                                           temperature=0)
+    assert reply.usage.prompt_tokens == len(llama_model.encode_chat(ASK_WEATHER, tools=[WEATHER]).ids)
+    stream = client.chat.completions.create(model=BASE, messages=ASK_WEATHER, tools=[WEATHER], max_tokens=20,
+                                            temperature=0, stream=True, stream_options={"include_usage": True})
+    usage = [c.usage for c in stream if c.usage][-1]
+    assert (usage.prompt_tokens, usage.completion_tokens) == (reply.usage.prompt_tokens, reply.usage.completion_tokens)

@@ -135,7 +135,7 @@ def test_completions_and_models(client):
 
 
 @pytest.mark.parametrize("body, param", [
-    ({"messages": FRANCE, "n": 2}, "n"),
+    ({"messages": FRANCE, "n": 0}, "n"),
     ({"messages": FRANCE, "max_tokens": "many"}, "max_tokens"),
     ({"messages": FRANCE, "max_tokens": 10**9}, "max_tokens"),
     ({"messages": FRANCE, "max_tokens": 5000}, "max_tokens"),  # beyond the context
@@ -143,7 +143,9 @@ def test_completions_and_models(client):
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
     ({"prompt_missing": True}, "messages"),
-    ({"messages": FRANCE, "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": FRANCE, "response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+    ({"messages": FRANCE, "tool_choice": "required"}, "tool_choice"),
+    ({"messages": FRANCE, "top_logprobs": 3}, "top_logprobs"),
     ({"messages": FRANCE, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
 ])
 def test_malformed_requests_are_4xx_in_openai_shape(server, body, param):

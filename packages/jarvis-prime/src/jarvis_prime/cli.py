@@ -521,7 +521,9 @@ def serve_model(
     """An OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics,
     and with --admin-key POST /admin/models (hot-swap). A vision model takes images as OpenAI image_url
     parts with data: URLs; http(s) URLs only with --allow-remote-images (refused otherwise, never fetched);
-    a model that cannot see answers 400."""
+    a model that cannot see answers 400. Honours tools / tool_choice, response_format (json_object,
+    json_schema: grammar-constrained), logprobs / top_logprobs, n, presence/frequency penalties and seed;
+    a prompt over the context is a 400, or with `"truncate": true` loses its oldest turns."""
     from jarvis_prime.serving.app import serve
     from jarvis_prime.serving.settings import (ADMIN_KEY_ENV, ServerConfig, api_key_from_env, require_key_for,
                                                require_separate_admin_key)

@@ -12,6 +12,13 @@ finished at the next step; the batch ends when every row has.
 
 llama.cpp's high-level Python API decodes one sequence per context, so the llamacpp
 backend keeps serialising requests.
+
+Each row also does what OpenAI's extras ask (`GenerationParams`): presence/frequency
+penalties over the tokens it generated, a GBNF grammar enforced by llguidance (the
+grammar's allowed tokens as a bitmask over the logits each step), and each token's
+log-probability with the top alternatives, from the raw logits. The transformers
+backend decodes a single request that asks for any of these through `decode_one`, this
+same loop with one row, since `model.generate` has no grammar and reports no logprobs.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from jarvis_prime.models.base import Chunk, GenerationParams, StopStringFilter
+from jarvis_prime.models.base import Chunk, GenerationParams, StopStringFilter, TokenLogprob
 
 _DONE = object()
 
@@ -101,6 +108,66 @@ class Batcher:
                 request.out.put(_DONE)
 
 
+def decode_one(backend, prompt_ids: Sequence[int], params: GenerationParams) -> Iterator[Chunk]:
+    """One request through `decode_batch`, in a worker thread, its chunks as they come.
+    Closing the iterator early finishes the row at the next step."""
+    request = _Request(list(prompt_ids), params)
+
+    def work() -> None:
+        try:
+            decode_batch(backend, [request])
+        except BaseException as err:  # re-raised in the consumer's thread
+            request.out.put(err)
+        request.out.put(_DONE)
+
+    worker = threading.Thread(target=work, name="prime-decode-one", daemon=True)
+    worker.start()
+    try:
+        while (item := request.out.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        request.cancelled.set()
+        worker.join()
+
+
+def wants_own_loop(params: GenerationParams) -> bool:
+    """Whether a request needs what only `decode_batch` does (penalties, grammar, logprobs)."""
+    return bool(params.presence_penalty or params.frequency_penalty or params.grammar is not None
+                or params.logprobs is not None)
+
+
+def grammar_matcher(backend, gbnf: str):
+    """An llguidance matcher for `gbnf` over the backend's tokenizer (converted once, ~1 s)."""
+    import llguidance
+    import llguidance.hf
+
+    if getattr(backend, "_ll_tokenizer", None) is None:
+        vocab = backend.model.get_output_embeddings().weight.shape[0]
+        backend._ll_tokenizer = llguidance.hf.from_tokenizer(backend.tokenizer, n_vocab=vocab,
+                                                             eos_token=sorted(backend.eos_ids))
+    try:
+        grammar = llguidance.grammar_from("gbnf", gbnf)
+    except ValueError as err:
+        raise ValueError(f"grammar: {err}") from err
+    matcher = llguidance.LLMatcher(backend._ll_tokenizer, grammar, log_level=0)
+    if matcher.is_error():
+        raise ValueError(f"grammar: {matcher.get_error()}")
+    return matcher
+
+
+def allowed_tokens(matcher, size: int, device) -> torch.Tensor:
+    """The matcher's bitmask (32 tokens per int32, lowest bit first) as a bool mask of `size`."""
+    import numpy as np
+
+    bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+    mask = torch.zeros(size, dtype=torch.bool)
+    n = min(size, bits.size)
+    mask[:n] = torch.from_numpy(bits[:n].astype(bool))
+    return mask.to(device)
+
+
 @torch.inference_mode()
 def decode_batch(backend, requests: list[_Request]) -> None:
     """Decode `requests` together until each is finished; chunks go to each request's queue."""
@@ -115,7 +182,9 @@ def decode_batch(backend, requests: list[_Request]) -> None:
         mask[row, width - len(request.prompt_ids):] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
 
-    rows = [_Row(request, tokenizer, device) for request in requests]
+    rows = [_Row(request, tokenizer, device,
+                 grammar_matcher(backend, request.params.grammar) if request.params.grammar else None)
+            for request in requests]
     # transformers 5.x renamed past_key_values to cache (argument and output)
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     past = None
@@ -142,9 +211,12 @@ def decode_batch(backend, requests: list[_Request]) -> None:
 class _Row:
     """One request's decoding state inside a batch."""
 
-    def __init__(self, request: _Request, tokenizer, device) -> None:
+    def __init__(self, request: _Request, tokenizer, device, matcher=None) -> None:
         self.request, self.tokenizer, self.params = request, tokenizer, request.params
         self.new_ids: list[int] = []
+        self.counts: dict[int, int] = {}  # generated token -> how often (the penalties)
+        self.matcher = matcher
+        self.raw: torch.Tensor | None = None  # this step's logits before anything changed them (logprobs)
         self.text = ""
         self.stops = StopStringFilter(self.params.stop)
         self.finished = False
@@ -156,8 +228,23 @@ class _Row:
             else:
                 self.generator.seed()
 
+    def shape(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits sampling sees: penalties subtracted (OpenAI: presence once per token
+        seen, frequency per time seen), then what the grammar forbids at -inf."""
+        p = self.params
+        if self.counts and (p.presence_penalty or p.frequency_penalty):
+            ids = torch.tensor(list(self.counts), device=logits.device)
+            counts = torch.tensor(list(self.counts.values()), dtype=logits.dtype, device=logits.device)
+            logits = logits.clone()
+            logits[ids] -= p.presence_penalty + p.frequency_penalty * counts
+        if self.matcher is not None:
+            logits = logits.masked_fill(~allowed_tokens(self.matcher, logits.numel(), logits.device), float("-inf"))
+        return logits
+
     def pick(self, logits: torch.Tensor) -> int:
         p = self.params
+        self.raw = logits if p.logprobs is not None else None
+        logits = self.shape(logits)
         if p.temperature == 0:
             return int(logits.argmax())
         logits = logits / p.temperature
@@ -171,6 +258,13 @@ class _Row:
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
+    def logprob(self, token: int) -> TokenLogprob:
+        logprobs = torch.log_softmax(self.raw, dim=-1)
+        top = torch.topk(logprobs, self.params.logprobs) if self.params.logprobs else None
+        piece = lambda i: self.tokenizer.decode([i])  # noqa: E731
+        alternatives = tuple((piece(int(i)), float(v)) for v, i in zip(top.values, top.indices)) if top else ()
+        return TokenLogprob(piece(token), float(logprobs[token]), alternatives)
+
     def advance(self, token: int, eos_ids: set[int]) -> None:
         if self.request.cancelled.is_set():
             self.finished = True
@@ -179,19 +273,25 @@ class _Row:
             self._finish("stop")
             return
         self.new_ids.append(token)
+        self.counts[token] = self.counts.get(token, 0) + 1
+        logprobs = (self.logprob(token),) if self.raw is not None else ()
+        if self.matcher is not None:
+            self.matcher.consume_token(token)
         text = self.tokenizer.decode(self.new_ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
             piece = ""
         else:
             piece, self.text = text[len(self.text):], text
         out = self.stops.feed(piece) if piece else ""
-        if out:
-            self.request.out.put(Chunk(out))
         if self.stops.stopped:
-            self._finish("stop")
+            self._finish("stop", out, logprobs)
+        elif self.matcher is not None and self.matcher.is_stopped():  # the grammar is complete
+            self._finish("stop", out, logprobs)
         elif len(self.new_ids) >= self.params.max_new_tokens:
-            self._finish("length")
+            self._finish("length", out, logprobs)
+        elif out or logprobs:
+            self.request.out.put(Chunk(out, logprobs=logprobs))
 
-    def _finish(self, reason: str) -> None:
+    def _finish(self, reason: str, text: str = "", logprobs: tuple[TokenLogprob, ...] = ()) -> None:
         self.finished = True
-        self.request.out.put(Chunk(self.stops.flush(), reason))  # type: ignore[arg-type]
+        self.request.out.put(Chunk(text + self.stops.flush(), reason, logprobs=logprobs))  # type: ignore[arg-type]

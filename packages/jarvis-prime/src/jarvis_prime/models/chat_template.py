@@ -19,6 +19,7 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 ROLES = ("system", "user", "assistant")
+TOOL_KEYS = ("tool_calls", "tool_call_id", "name")  # what a template that knows tools reads beside role and content
 
 
 class ChatTemplateError(ValueError):
@@ -48,21 +49,27 @@ def _parts(content: Any) -> bool:
                                              for p in content)
 
 
-def validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def validate_messages(messages: Sequence[Mapping[str, Any]], tools: bool = False) -> list[dict[str, Any]]:
     """Plain {'role', 'content'} dicts, or a ChatTemplateError naming the bad message.
 
-    Content is a string, or a list of text / image parts for a vision model's template."""
+    Content is a string, or a list of text / image parts for a vision model's template.
+    With `tools` (a template that knows them), `role: tool` messages and an assistant's
+    `tool_calls` pass through too (an assistant turn that only calls has content "")."""
     if not messages:
         raise ChatTemplateError("messages: at least one message is required")
+    roles = ROLES + ("tool",) if tools else ROLES
     clean = []
     for i, message in enumerate(messages):
         role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
-            raise ChatTemplateError(f"messages[{i}].role: must be one of {ROLES}, got {role!r}")
+        if role not in roles:
+            raise ChatTemplateError(f"messages[{i}].role: must be one of {roles}, got {role!r}")
+        if tools and content is None and message.get("tool_calls"):
+            content = ""
         if not isinstance(content, str) and not _parts(content):
             raise ChatTemplateError(f"messages[{i}].content: must be a string or text/image parts, "
                                     f"got {type(content).__name__}")
-        clean.append({"role": role, "content": content})
+        extra = {k: message[k] for k in TOOL_KEYS if tools and message.get(k) is not None}
+        clean.append({"role": role, "content": content, **extra})
     return clean
 
 
@@ -71,11 +78,19 @@ class ChatTemplate:
         self.source = source
         self.special_tokens = dict(special_tokens)  # bos_token, eos_token, ...
 
-    def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
-        clean = validate_messages(messages)
+    @property
+    def knows_tools(self) -> bool:
+        """Whether the template renders a tool list itself (it reads `tools`); if not, tool
+        calls and results are written into plain turns first (`models/tools.py`)."""
+        return "tools" in self.source
+
+    def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+               tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+        clean = validate_messages(messages, tools=self.knows_tools)
+        extra = {"tools": list(tools)} if tools else {}
         try:
             return _compile(self.source).render(
-                messages=clean, add_generation_prompt=add_generation_prompt, **self.special_tokens
+                messages=clean, add_generation_prompt=add_generation_prompt, **extra, **self.special_tokens
             )
         except jinja2.exceptions.TemplateError as err:
             raise ChatTemplateError(f"chat template: {err}") from err

@@ -3,17 +3,27 @@
 Imports no torch. Sampling is set so it means what `GenerationParams` says: no
 repetition penalty and no min-p (llama-cpp-python defaults to 1.1 and 0.05, which
 would make greedy decoding disagree with the transformers backend).
+
+OpenAI's extras: presence/frequency penalties are llama.cpp's own sampler penalties
+(over the last 64 tokens, llama-cpp-python's window); a GBNF `grammar` is a
+`LlamaGrammar` in the sampler chain. Log-probabilities need each step's logits, which
+`create_completion` reports only for a context that keeps every position's logits
+(`logits_all`: n_ctx x vocab floats, 200 MB for this 49k vocabulary at 1k context); so a
+request that asks for them is decoded by `_decode_with_logprobs` instead, a short loop
+over `Llama.generate` whose logits processor sees each step's logits before sampling.
 """
 
 from __future__ import annotations
 
+import codecs
+import math
 import os
 import threading
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from jarvis_prime.errors import BackendUnavailableError
-from jarvis_prime.models.base import Chunk, Generation, GenerationParams
+from jarvis_prime.models.base import Chunk, Generation, GenerationParams, StopStringFilter, TokenLogprob
 from jarvis_prime.models.content import Media
 
 
@@ -118,17 +128,25 @@ class LlamaCppBackend:
         # `add_bos` is llama.cpp's "add special tokens": the model's own metadata decides.
         return self._llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True)
 
+    def _sampling_args(self, params: GenerationParams) -> dict:
+        """What `create_completion` and `generate` both take, meaning what GenerationParams says."""
+        grammar = None
+        if params.grammar is not None:
+            from llama_cpp import LlamaGrammar
+
+            grammar = LlamaGrammar.from_string(params.grammar, verbose=False)
+        return dict(top_p=params.top_p, top_k=params.top_k, min_p=0.0, repeat_penalty=1.0,
+                    presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+                    grammar=grammar)
+
     def _completion_args(self, prompt_ids: Sequence[int], params: GenerationParams) -> dict:
         return dict(
             prompt=list(prompt_ids),
             max_tokens=params.max_new_tokens,
             temperature=params.temperature,
-            top_p=params.top_p,
-            top_k=params.top_k,
-            min_p=0.0,
-            repeat_penalty=1.0,
             stop=list(params.stop),
             seed=params.seed,
+            **self._sampling_args(params),
         )
 
     def _prompt(self, prompt_ids: Sequence[int], media: Media | None) -> Sequence[int]:
@@ -143,6 +161,12 @@ class LlamaCppBackend:
 
     def generate(self, prompt_ids: Sequence[int], params: GenerationParams, media: Media | None = None) -> Generation:
         prompt_ids = self._prompt(prompt_ids, media)
+        if params.logprobs is not None:
+            chunks = list(self._decode_with_logprobs(prompt_ids, params))
+            text = "".join(c.text for c in chunks)
+            logprobs = tuple(lp for c in chunks for lp in c.logprobs)
+            return Generation(text, chunks[-1].finish_reason or "stop", len(prompt_ids), len(logprobs),
+                              logprobs=logprobs)
         result = self._llm.create_completion(**self._completion_args(prompt_ids, params))
         choice, usage = result["choices"][0], result["usage"]
         return Generation(
@@ -154,9 +178,61 @@ class LlamaCppBackend:
 
     def stream(self, prompt_ids: Sequence[int], params: GenerationParams, media: Media | None = None) -> Iterator[Chunk]:
         prompt_ids = self._prompt(prompt_ids, media)
+        if params.logprobs is not None:
+            yield from self._decode_with_logprobs(prompt_ids, params)
+            return
         for part in self._llm.create_completion(**self._completion_args(prompt_ids, params), stream=True):
             choice = part["choices"][0]
             yield Chunk(text=choice["text"], finish_reason=choice["finish_reason"])
+
+    def _decode_with_logprobs(self, prompt_ids: Sequence[int], params: GenerationParams) -> Iterator[Chunk]:
+        """Decode token by token, each token's Chunk carrying its TokenLogprob (from the raw
+        logits, before penalties, grammar and sampling filters); stops, limits and the seed
+        as `create_completion` applies them."""
+        import llama_cpp
+        import numpy as np
+
+        seen: list[np.ndarray] = []
+
+        def capture(_input_ids, logits):  # the step's logits in token-id order, untouched
+            seen[:] = [np.array(logits, dtype=np.float64)]
+            return logits
+
+        if params.seed is not None:
+            self._llm.set_seed(params.seed)
+        vocab = self._llm._model.vocab
+        text_of = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        stops, count, finish = StopStringFilter(params.stop), 0, "length"
+        tokens = self._llm.generate(list(prompt_ids), temp=params.temperature,
+                                    logits_processor=llama_cpp.LogitsProcessorList([capture]),
+                                    **self._sampling_args(params))
+        for token in tokens:
+            if llama_cpp.llama_vocab_is_eog(vocab, token):
+                finish = "stop"
+                break
+            count += 1
+            logprob = self._token_logprob(token, seen[0], params.logprobs)
+            piece = stops.feed(text_of.decode(self._llm.detokenize([token])))
+            if stops.stopped:
+                yield Chunk(piece, "stop", logprobs=(logprob,))
+                return
+            if count >= params.max_new_tokens:
+                yield Chunk(piece + stops.flush(), "length", logprobs=(logprob,))
+                return
+            yield Chunk(piece, logprobs=(logprob,))
+        yield Chunk(stops.flush() + text_of.decode(b"", final=True), finish)
+
+    def _token_logprob(self, token: int, logits, top: int) -> TokenLogprob:
+        import numpy as np
+
+        peak = logits.max()
+        logz = peak + math.log(float(np.exp(logits - peak).sum()))
+        best = np.argsort(-logits)[:top] if top else []
+        return TokenLogprob(self._piece(token), float(logits[token] - logz),
+                            tuple((self._piece(int(i)), float(logits[i] - logz)) for i in best))
+
+    def _piece(self, token: int) -> str:
+        return self._llm.detokenize([token], special=True).decode("utf-8", errors="replace")
 
     def token_logprobs(self, ids: Sequence[int]) -> list[float]:
         import numpy as np

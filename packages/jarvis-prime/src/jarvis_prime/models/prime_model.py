@@ -43,6 +43,7 @@ from jarvis_prime.manifest import PrimeManifest, projector_for, refuse_unlisted_
 from jarvis_prime.models.base import Backend, Chunk, Generation, GenerationParams
 from jarvis_prime.models.chat_template import ChatTemplate
 from jarvis_prime.models.content import Media, has_images, split_images
+from jarvis_prime.models.tools import hermes_messages
 from jarvis_prime.models.memory import read_config
 from jarvis_prime.models.selection import (
     DEFAULT_CONTEXT_CAP,
@@ -67,6 +68,10 @@ class SamplingOptions(TypedDict, total=False):
     top_k: int
     stop: Sequence[str] | None
     seed: int | None
+    presence_penalty: float  # OpenAI's penalties, GBNF grammar and logprobs: see GenerationParams
+    frequency_penalty: float
+    grammar: str | None
+    logprobs: int | None
     thinking_budget: int | None  # thinking models: most tokens of reasoning before the answer (see `complete`)
 
 
@@ -218,11 +223,16 @@ class PrimeModel:
 
     # -- prompts ------------------------------------------------------------------------
 
-    def apply_chat_template(self, messages: Messages, add_generation_prompt: bool = True) -> str:
-        """The prompt text the model's own chat template makes of `messages`."""
+    def apply_chat_template(self, messages: Messages, add_generation_prompt: bool = True,
+                            tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+        """The prompt text the model's own chat template makes of `messages` (and `tools`,
+        OpenAI's function list: see `models/tools.py` for templates that know none)."""
         if self._template is None:
             raise ManifestError(f"{self.path}: no chat_template.jinja; this model cannot chat, only generate")
-        return self._template.render(messages, add_generation_prompt=add_generation_prompt)
+        if not self._template.knows_tools and (tools or any(m.get("role") == "tool" or m.get("tool_calls")
+                                                            for m in messages)):
+            messages, tools = hermes_messages(messages, tools), None
+        return self._template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
 
     def count_tokens(self, text: str) -> int:
         return len(self._backend.tokenize(text, add_special=False))
@@ -239,16 +249,17 @@ class PrimeModel:
         """`prompt` as the token ids `complete` decodes (the tokenizer's BOS included)."""
         return Prompt(self._backend.tokenize(prompt, add_special=True))
 
-    def encode_chat(self, messages: Messages) -> Prompt:
+    def encode_chat(self, messages: Messages, tools: Sequence[Mapping[str, Any]] | None = None) -> Prompt:
         """`messages` through the chat template, as token ids, with the model's end-of-turn
-        stop strings, so a reply ends where the assistant's turn does.
+        stop strings, so a reply ends where the assistant's turn does. `tools`: OpenAI's
+        function list, shown to the model (`apply_chat_template`).
 
         Content may be OpenAI-style parts (`models/content.py`); images go to a model that
         sees them, and anywhere else are an ImageNotSupportedError, never dropped."""
         if has_images(messages) and not self.sees_images:
             raise ImageNotSupportedError(self._why_blind())
         rendered, images = split_images(messages, getattr(self._backend, "image_part", {"type": "image"}))
-        text = self.apply_chat_template(rendered)
+        text = self.apply_chat_template(rendered, tools=tools)
         markers = self.manifest.thinking
         thinking = dict(thinking=markers, opened=opens_thinking(text, markers)) if markers else {}
         if images:
@@ -309,7 +320,9 @@ class PrimeModel:
                 return self._backend.generate(ids, params)
         chunks = list(self._batcher.stream(ids, params))
         text = "".join(c.text for c in chunks)
-        return Generation(text, chunks[-1].finish_reason or "stop", len(ids), self.count_tokens(text))
+        logprobs = tuple(lp for c in chunks for lp in c.logprobs) if params.logprobs is not None else None
+        return Generation(text, chunks[-1].finish_reason or "stop", len(ids), self.count_tokens(text),
+                          logprobs=logprobs)
 
     @property
     def is_chat(self) -> bool:

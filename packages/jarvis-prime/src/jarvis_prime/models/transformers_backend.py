@@ -2,7 +2,9 @@
 
 Imported only when this backend is chosen, so torch stays out of processes that run
 llama.cpp. Generation is transformers' own `generate`; streaming runs it in a worker
-thread with a `TextIteratorStreamer`, the pattern transformers documents.
+thread with a `TextIteratorStreamer`, the pattern transformers documents. A request with
+OpenAI's extras (penalties, a grammar, logprobs) is decoded by the batcher's loop instead
+(`batching.decode_one`), which does them; `generate` has no grammar and no logprobs.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from transformers import (
 
 from jarvis_prime.errors import BackendUnavailableError
 from jarvis_prime.models.base import Chunk, Generation, GenerationParams, StopStringFilter, cut_at_stop
+from jarvis_prime.models.batching import decode_one, wants_own_loop
 from jarvis_prime.models.content import Media
 
 
@@ -147,8 +150,22 @@ class TransformersBackend:
             return "stop"
         return "length"
 
+    def _own_loop(self, prompt_ids: Sequence[int], params: GenerationParams, media: Media | None) -> bool:
+        if not wants_own_loop(params):
+            return False
+        if media is not None:
+            raise ValueError("penalties, grammars and logprobs work on text prompts only on the transformers backend "
+                             "(this one has images)")
+        return True
+
     @torch.inference_mode()
     def generate(self, prompt_ids: Sequence[int], params: GenerationParams, media: Media | None = None) -> Generation:
+        if self._own_loop(prompt_ids, params, media):
+            chunks = list(decode_one(self, prompt_ids, params))
+            text = "".join(c.text for c in chunks)
+            logprobs = tuple(lp for c in chunks for lp in c.logprobs) if params.logprobs is not None else None
+            return Generation(text, chunks[-1].finish_reason or "stop", len(prompt_ids),
+                              len(self.tokenize(text, add_special=False)), logprobs=logprobs)
         output = self.model.generate(**self._generate_kwargs(prompt_ids, params, media))
         new_ids = output[0, len(prompt_ids):].tolist()
         text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
@@ -156,6 +173,9 @@ class TransformersBackend:
         return Generation(text, self._finish(new_ids, params, found), len(prompt_ids), len(new_ids))
 
     def stream(self, prompt_ids: Sequence[int], params: GenerationParams, media: Media | None = None) -> Iterator[Chunk]:
+        if self._own_loop(prompt_ids, params, media):
+            yield from decode_one(self, prompt_ids, params)
+            return
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         flag = _StopFlag()
         kwargs = self._generate_kwargs(prompt_ids, params, media)

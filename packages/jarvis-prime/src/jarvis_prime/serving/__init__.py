@@ -26,6 +26,12 @@ With `--served-model-name` clients keep one name across swaps; every response's
 what a swap may load (catalog or store names; paths only with --allow-model-paths)
 and lets one load run at a time (409 otherwise); `jarvis serve` uses the same gate.
 
+The OpenAI API clients send (issue #23): `tools` / `tool_choice` (calls in messages
+and stream deltas; forced calls under a grammar), `response_format` json_object and
+json_schema (grammar-constrained), `logprobs` / `top_logprobs`, `n`, presence and
+frequency penalties, `seed`; a prompt over the context is a 400 naming the numbers, or
+with this server's `truncate: true` loses its oldest turns. See the package README.
+
 Errors are OpenAI's JSON shape ({"error": {"message", "type", "param", "code"}});
 anything wrong with a request is a 4xx that names the field.
 

@@ -15,7 +15,7 @@ from prometheus_client import generate_latest
 from jarvis_prime.models.prime_model import PrimeModel
 from jarvis_prime.serving.completions import Completions
 from jarvis_prime.errors import ImageInputError, ImageNotSupportedError
-from jarvis_prime.serving.errors import image_error, install_error_handlers
+from jarvis_prime.serving.errors import APIError, image_error, install_error_handlers
 from jarvis_prime.serving.formatters import ChatFormatter, TextFormatter
 from jarvis_prime.serving.host import ModelHost
 from jarvis_prime.serving.middleware import Guard, GuardRules, Metrics, allowed_hosts
@@ -30,6 +30,28 @@ log = logging.getLogger(__name__)
 
 def load_model(name: str, quantization=None, backend: str = "auto", context_length: int | None = None) -> PrimeModel:
     return PrimeModel.from_pretrained(name, quantization=quantization, backend=backend, context_length=context_length)
+
+
+def encode_chat(model: PrimeModel, messages: list[dict], tools: list[dict] | None):
+    """`model.encode_chat`, with `tools` only when there are some (models served here may
+    be stand-ins with the older one-argument signature)."""
+    return model.encode_chat(messages, tools=tools) if tools else model.encode_chat(messages)
+
+
+def fit_context(model: PrimeModel, messages: list[dict], tools: list[dict] | None, req: ChatCompletionRequest):
+    """`truncate: true`: the conversation without its oldest non-system turns, as few dropped
+    as make the prompt and max_tokens fit the context (at least one token of reply). The
+    last message is never dropped: a prompt that still overflows is the usual 400."""
+    wanted = req.max_completion_tokens or req.max_tokens or 1
+    kept = list(messages)
+    while True:
+        prompt = encode_chat(model, kept, tools)
+        droppable = [i for i, m in enumerate(kept[:-1]) if m["role"] != "system"]
+        if len(prompt.ids) + wanted <= model.context_length or not droppable:
+            return prompt
+        del kept[droppable[0]]
+        while droppable[0] < len(kept) - 1 and kept[droppable[0]]["role"] == "tool":
+            del kept[droppable[0]]  # a tool result goes with the call it answers
 
 
 def create_app(config: ServerConfig, loader: Loader = load_model) -> FastAPI:
@@ -100,13 +122,21 @@ def create_app(config: ServerConfig, loader: Loader = load_model) -> FastAPI:
             nonlocal messages
             messages = await fetch_remote_images(messages, fetching)
 
+        tools, grammar = req.active_tools(), req.grammar()
+
         def encode(model: PrimeModel):
             try:
-                return model.encode_chat(messages)
+                prompt = fit_context(model, messages, tools, req) if req.truncate else encode_chat(model, messages, tools)
             except (ImageInputError, ImageNotSupportedError) as err:
                 raise image_error(err) from None
+            if prompt.media is not None and model.runtime.backend == "transformers" and req.needs_own_loop(grammar):
+                raise APIError(400, "on the transformers backend, penalties, logprobs, tools with tool_choice required "
+                               "or named, and response_format json work on text prompts only (this one has images)",
+                               param="messages", code="unsupported_parameter")
+            return prompt
 
-        return await completions.answer(req, encode, ChatFormatter, prepare=fetch if req.remote_images() else None)
+        return await completions.answer(req, encode, ChatFormatter, prepare=fetch if req.remote_images() else None,
+                                        grammar=grammar, tools=tools is not None)
 
     @app.post("/v1/completions")
     async def text_completions(req: CompletionRequest):

@@ -127,6 +127,30 @@ def test_named_tool_call_streams_in_openai_delta_format(client):
     validates(json.loads(arguments), WEATHER["function"]["parameters"])
 
 
+def test_prime_model_chat_with_tools_is_what_serve_answers(pulled_model, client):
+    """The Python API JARVIS's tool loop drives: a forced call comes out as one ToolCall whose
+    arguments validate, the same call `prime serve` streams for the same request; "none"
+    hides the tools (text only). SmolLM2 was never trained on tools: `calls_tools` is False,
+    so JARVIS does not offer it its own."""
+    from jarvis_prime import PrimeModel
+    from jarvis_prime.models.base import Chunk
+    from jarvis_prime.models.tools import ToolCall
+
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    with PrimeModel.from_pretrained(pulled_model.path) as model:
+        assert model.calls_tools is False
+        pieces = list(model.chat_with_tools(ASK_WEATHER, [WEATHER, TIME], tool_choice=named,
+                                            max_new_tokens=80, temperature=0.0))
+        calls = [p for p in pieces if isinstance(p, ToolCall)]
+        assert len(calls) == 1 and calls[0].name == "get_weather" and pieces[-1] is calls[0]
+        validates(json.loads(calls[0].arguments), WEATHER["function"]["parameters"])
+        hidden = list(model.chat_with_tools(FRANCE, [WEATHER], tool_choice="none", max_new_tokens=16))
+        assert hidden and all(isinstance(p, Chunk) for p in hidden) and "".join(p.text for p in hidden).strip()
+    served = client.chat.completions.create(model=BASE, messages=ASK_WEATHER, tools=[WEATHER, TIME], max_tokens=80,
+                                            temperature=0, tool_choice=named)
+    assert json.loads(served.choices[0].message.tool_calls[0].function.arguments) == json.loads(calls[0].arguments)
+
+
 def test_tool_choice_none_answers_in_text(client):
     reply = client.chat.completions.create(model=BASE, messages=FRANCE, tools=[WEATHER], tool_choice="none",
                                            max_tokens=24, temperature=0)

@@ -140,10 +140,10 @@ def test_a_tool_that_fails_answers_the_model_with_an_error():
 
     registry = ToolRegistry([calculator, hangs, breaks], timeout=0.3)
     try:
-        results = {name: registry.call(ToolCall("c", name, arguments)) for name, arguments in [
+        results = {name: registry.call(ToolCall(id="c", name=name, arguments=arguments)) for name, arguments in [
             ("calculator", '{"expression": "1/0"}'), ("hangs", "{}"), ("breaks", '{"n": 3}'), ("nope", "{}")]}
-        results["bad json"] = registry.call(ToolCall("c", "calculator", '{"expression": '))
-        results["bad args"] = registry.call(ToolCall("c", "breaks", '{"n": "three", "m": 1}'))
+        results["bad json"] = registry.call(ToolCall(id="c", name="calculator", arguments='{"expression": '))
+        results["bad args"] = registry.call(ToolCall(id="c", name="breaks", arguments='{"n": "three", "m": 1}'))
     finally:
         release.set()
     assert {k: r.error for k, r in results.items()} == {
@@ -170,7 +170,7 @@ def test_user_tools_come_from_entry_points_and_the_jarvis_tools_setting(monkeypa
     monkeypatch.setenv("JARVIS_TOOLS", "jarvis.tools.builtin:current_datetime")
     found = user_tools()
     assert [t.name for t in found] == ["sum_up", "current_datetime"]  # an entry point's name names the tool
-    assert ToolRegistry(found).call(ToolCall("1", "sum_up", '{"expression": "2+2"}')).result == "4"
+    assert ToolRegistry(found).call(ToolCall(id="1", name="sum_up", arguments='{"expression": "2+2"}')).result == "4"
     installed[0] = EntryPoint("broken", "jarvis.tools.nowhere:fn", "jarvis.tools")
     with pytest.raises(ToolDefinitionError, match=r"entry point broken = 'jarvis.tools.nowhere:fn' \(jarvis.tools\)"):
         user_tools()
@@ -188,8 +188,8 @@ def test_user_tools_come_from_entry_points_and_the_jarvis_tools_setting(monkeypa
 def test_the_loop_runs_parallel_calls_feeds_results_back_and_stores_them(store):
     """Two calls in one reply, one of which fails: both answered under their ids, then the model answers."""
     model = ScriptedModel(
-        lambda m: [Chunk("Let me check. "), ToolCall("a", "calculator", '{"expression": "12*7"}'),
-                   ToolCall("b", "current_datetime", '{"timezone": "Mars/Olympus"}')],
+        lambda m: [Chunk("Let me check. "), ToolCall(id="a", name="calculator", arguments='{"expression": "12*7"}'),
+                   ToolCall(id="b", name="current_datetime", arguments='{"timezone": "Mars/Olympus"}')],
         lambda m: [Chunk(f"12 times 7 is {tool_messages(m)['a']}.")],
     )
     assert isinstance(model, ToolModel)
@@ -217,7 +217,7 @@ def test_the_loop_runs_parallel_calls_feeds_results_back_and_stores_them(store):
 
 
 def test_a_model_that_keeps_asking_for_tools_is_stopped(store):
-    forever = ScriptedModel(lambda m: [ToolCall(f"c{len(m)}", "calculator", '{"expression": "1+1"}')])
+    forever = ScriptedModel(lambda m: [ToolCall(id=f"c{len(m)}", name="calculator", arguments='{"expression": "1+1"}')])
     bot = Chatbot(ChatbotConfig(model="scripted", max_tool_steps=3), model=forever, store=store, extra_tools=[])
     reply = bot.ask("loop")
     assert len(forever.calls) == 4  # three rounds of calls run, the fourth request refused
@@ -266,7 +266,7 @@ FACT = "The user's sister's birthday is 3 May."
 
 
 def test_the_model_remembers_a_fact_and_a_later_conversation_is_given_it(store):
-    said = ScriptedModel(lambda m: [ToolCall("r", "remember", json.dumps({"fact": FACT}))],
+    said = ScriptedModel(lambda m: [ToolCall(id="r", name="remember", arguments=json.dumps({"fact": FACT}))],
                          lambda m: [Chunk(f"I'll remember that ({tool_messages(m)['r']}).")])
     bot = Chatbot(ChatbotConfig(model="s"), model=said, store=store, extra_tools=[])
     assert bot.ask("My sister's birthday is 3 May, remember it.") == "I'll remember that (saved)."
@@ -275,7 +275,7 @@ def test_the_model_remembers_a_fact_and_a_later_conversation_is_given_it(store):
     assert (fact.text, fact.source, fact.conversation_id, fact.message_id) == (FACT, "model", bot.conversation,
                                                                                user_message.id)
     # the same fact again (other case and spacing): not stored twice, and the model is told
-    again = ScriptedModel(lambda m: [ToolCall("r", "remember", '{"fact": "the user\'s sister\'s  birthday is 3 may"}')],
+    again = ScriptedModel(lambda m: [ToolCall(id="r", name="remember", arguments='{"fact": "the user\'s sister\'s  birthday is 3 may"}')],
                           lambda m: [Chunk(tool_messages(m)["r"])])
     assert Chatbot(ChatbotConfig(model="s"), model=again, store=store, extra_tools=[]).ask("again") == \
         "already remembered"
@@ -292,7 +292,7 @@ def test_the_model_remembers_a_fact_and_a_later_conversation_is_given_it(store):
 
 def test_private_conversations_never_feed_memory(store):
     cid = store.create(private=True)
-    model = ScriptedModel(lambda m: [ToolCall("r", "remember", json.dumps({"fact": FACT}))],
+    model = ScriptedModel(lambda m: [ToolCall(id="r", name="remember", arguments=json.dumps({"fact": FACT}))],
                           lambda m: [Chunk(tool_messages(m)["r"])])
     bot = Chatbot(ChatbotConfig(model="s"), model=model, store=store, conversation=cid, extra_tools=[])
     assert bot.ask("Remember my sister's birthday is 3 May.") == \

@@ -42,7 +42,7 @@ def answer(messages):
     if "12 times 7" in asked:
         results = tool_messages(messages)
         if not results:
-            return [ToolCall("call_1", "calculator", '{"expression": "12*7"}')]
+            return [ToolCall(id="call_1", name="calculator", arguments='{"expression": "12*7"}')]
         return [Chunk(f"It is **{next(iter(results.values()))}**.")]
     return [Chunk(INJECTION if "inject" in asked else MARKDOWN)]
 

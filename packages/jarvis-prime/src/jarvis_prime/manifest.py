@@ -119,6 +119,9 @@ class PrimeManifest(BaseModel):
         default=None, description="A model that thinks: the markers around its reasoning ({'start': '<think>', "
         "'end': '</think>'}), so every layer gets reasoning and answer apart (jarvis_prime.thinking). Absent: "
         "the model does not think.")
+    tools: bool = Field(
+        default=False, description="Trained to call tools in the Hermes <tool_call> format (jarvis_prime.models.tools) "
+        "although its chat template renders no tool list; JARVIS offers its tools to such a model (PrimeModel.calls_tools).")
     context_length: int
     files: dict[str, FileEntry] = Field(default_factory=dict)
     quantizations: dict[str, Quantization] = Field(default_factory=dict)

@@ -137,7 +137,8 @@ def chat(
         "then the catalog's vision model that is here, prime-135m-vision-v1 first).")),
     tools: bool = typer.Option(True, "--tools/--no-tools", help=(
         "Let the model call JARVIS's tools (calculator, clock, search of past conversations, memory, and yours: "
-        "$JARVIS_TOOLS or the `jarvis.tools` entry points). Today with --backend-url; a local model runs without.")),
+        "$JARVIS_TOOLS or the `jarvis.tools` entry points): with --backend-url, or a local model made to call tools "
+        "(its chat template renders tools, or prime.json says `tools: true`); other local models run without.")),
     max_tool_steps: int = typer.Option(4, min=1, help="Rounds of tool calls in one reply before JARVIS stops the model."),
 ) -> None:
     """Chat in the terminal with streamed replies (or one answer with --once).

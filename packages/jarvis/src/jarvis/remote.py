@@ -165,7 +165,7 @@ class RemoteModel:
             raise self._error(err, "/chat/completions") from None
         for index in sorted(calls):
             call = calls[index]
-            yield ToolCall(call["id"] or f"call_{index}", call["name"], call["arguments"])
+            yield ToolCall(call["name"], call["arguments"], call["id"] or f"call_{index}")
 
     def close(self) -> None:
         self.client.close()

@@ -43,7 +43,7 @@ from jarvis_prime.manifest import PrimeManifest, projector_for, refuse_unlisted_
 from jarvis_prime.models.base import Backend, Chunk, Generation, GenerationParams
 from jarvis_prime.models.chat_template import ChatTemplate
 from jarvis_prime.models.content import Media, has_images, split_images
-from jarvis_prime.models.tools import hermes_messages
+from jarvis_prime.models.tools import ToolCall, ToolCallStream, call_grammar, hermes_messages
 from jarvis_prime.models.memory import read_config
 from jarvis_prime.models.selection import (
     DEFAULT_CONTEXT_CAP,
@@ -323,6 +323,40 @@ class PrimeModel:
         logprobs = tuple(lp for c in chunks for lp in c.logprobs) if params.logprobs is not None else None
         return Generation(text, chunks[-1].finish_reason or "stop", len(ids), self.count_tokens(text),
                           logprobs=logprobs)
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the model was made to call tools: its chat template renders a tool list
+        (Qwen2.5/3, Llama 3.1), or its prime.json says it was trained to (`tools: true`).
+        Any chat model *can* be offered tools (`chat_with_tools`, in the Hermes format), but
+        one never trained on them answers worse with a tool list in its prompt and calls
+        nothing (the 135M models: 0 of 6 unforced calls, see the README), so JARVIS offers
+        tools only to models for which this is true."""
+        return self.manifest.tools or (self._template is not None and self._template.knows_tools)
+
+    def chat_with_tools(self, messages: Messages, tools: Sequence[Mapping[str, Any]], *,
+                        tool_choice: str | Mapping[str, Any] = "auto",
+                        **options: Unpack[SamplingOptions]) -> Iterator[Chunk | ToolCall]:
+        """The next reply when the model may call `tools` (OpenAI's function list): its text
+        (and a thinking model's reasoning) as `Chunk`s while it streams, then each `ToolCall`
+        it asked for, read from its `<tool_call>` blocks (`models/tools.py`). `tool_choice` as
+        OpenAI's: "auto", "none" (the tools are not shown), "required" or {"type": "function",
+        "function": {"name": ...}}: a forced call is decoded under a grammar, so it parses
+        and its arguments match the function's schema. `prime serve` answers the same
+        request the same way; JARVIS's tool loop drives this."""
+        shown = [] if tool_choice == "none" else list(tools)
+        named = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, Mapping) else None
+        if shown and (tool_choice == "required" or named):
+            options = {**options, "grammar": call_grammar(shown, named)}
+        calls = ToolCallStream()
+        for chunk in self.complete(self.encode_chat(messages, tools=shown or None), stream=True, **options):
+            text = calls.feed(chunk.text)
+            if text or chunk.reasoning:
+                yield Chunk(text, reasoning=chunk.reasoning, logprobs=chunk.logprobs)
+        rest, found = calls.finish()
+        if rest:
+            yield Chunk(rest)
+        yield from found
 
     @property
     def is_chat(self) -> bool:

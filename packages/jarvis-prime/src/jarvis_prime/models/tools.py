@@ -46,6 +46,10 @@ class ToolCall:
     arguments: str
     id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
 
+    def message(self) -> dict[str, Any]:
+        """As an assistant message's `tool_calls` entry (OpenAI's shape)."""
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
 
 def function_of(tool: Mapping[str, Any]) -> Mapping[str, Any]:
     """The `function` of an OpenAI tool ({"type": "function", "function": {...}})."""

@@ -14,12 +14,12 @@ A thinking model's reasoning comes apart from its answer (`jarvis_prime.thinking
 pieces, for the terminal and the page to show folded; the history and the training data
 hold the answer alone, and the store keeps the reasoning beside it.
 
-Tools and memory (issue #24). A model with `chat_with_tools` (`jarvis.tools.calls.ToolModel`:
-a remote endpoint today) answers through the tool loop (`jarvis.tool_loop`) with the built-in
-tools and the user's (`jarvis.tools`); each call comes out as a `ToolUse` piece (one line:
-`⚙ calculator(expression="12*7") → 84`) and is stored with the reply. A local `PrimeModel`
-has no `chat_with_tools` yet (its chat template's tool support is jarvis-prime's), so a local
-chat runs without tools. With a store, the facts JARVIS remembers that best match the user's
+Tools and memory (issue #24). A model with `chat_with_tools` (`jarvis.tools.calls.ToolModel`: a
+remote endpoint, or a local `PrimeModel` made to call tools, `PrimeModel.calls_tools`) answers
+through the tool loop (`jarvis.tool_loop`) with the built-in tools and the user's (`jarvis.tools`);
+each call comes out as a `ToolUse` piece (one line: `⚙ calculator(expression="12*7") → 84`) and is
+stored with the reply. The shipped 135M models were not trained on tools, so a local chat on them
+runs without. With a store, the facts JARVIS remembers that best match the user's
 message (FTS5 bm25, the top `memory_facts`) join the system message, and what the `remember`
 tool saved this turn is stored with the turn's ids (never from a private conversation).
 """
@@ -225,8 +225,11 @@ class Chatbot:
         return ToolRegistry([*builtin_tools(context), *self._extra_tools], timeout=self.config.tool_timeout)
 
     def _uses_tools(self, model, messages: list[Message]) -> bool:
-        """Tools on, a model that can call them, and no images (image turns go to a vision model as they are)."""
-        return self.config.tools and isinstance(model, ToolModel) and not has_images(messages)
+        """Tools on, a model that can call them, and no images (image turns go to a vision model as they are).
+        A local model must also have been made to call tools (`PrimeModel.calls_tools`): one that was not
+        calls nothing and answers worse with a tool list in its prompt. A remote model says nothing of it."""
+        return (self.config.tools and isinstance(model, ToolModel) and getattr(model, "calls_tools", True)
+                and not has_images(messages))
 
     def ask(self, text: str, images: Sequence[bytes] = ()) -> str:
         """Send one user message (with `images`, encoded files); return the whole reply (the

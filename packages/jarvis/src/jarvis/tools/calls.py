@@ -2,9 +2,10 @@
 
 The loop (`jarvis.tool_loop`) needs one thing from a model, `chat_with_tools(messages, tools,
 **options)`: the reply as it streams, `Chunk`s of text (and a thinking model's reasoning) and,
-once assembled, the `ToolCall`s it asks for. `RemoteModel` has it (OpenAI's protocol through the
-`openai` client); a local `PrimeModel` does not yet (its chat template's tool support is
-jarvis-prime's), so a local chat runs without tools until it does.
+once assembled, the `ToolCall`s it asks for (jarvis-prime's, `jarvis_prime.models.tools`).
+`RemoteModel` has it (OpenAI's protocol through the `openai` client), and so does a local
+`PrimeModel` (its chat template's tools, or the Hermes format); JARVIS offers tools to a local
+model only when it was made to call them (`PrimeModel.calls_tools`).
 """
 
 from __future__ import annotations
@@ -14,19 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
 from jarvis_prime.models.base import Chunk
-
-
-@dataclass(frozen=True)
-class ToolCall:
-    """One call the model asked for: OpenAI's `tool_calls[i]`, `arguments` as the model wrote them (JSON text)."""
-
-    id: str
-    name: str
-    arguments: str
-
-    def message(self) -> dict[str, Any]:
-        """As an assistant message's `tool_calls` entry."""
-        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+from jarvis_prime.models.tools import ToolCall  # jarvis-prime reads calls out of a local model's reply
 
 
 @dataclass(frozen=True)
@@ -59,7 +48,7 @@ class ToolResult:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "ToolResult":
-        return cls(ToolCall(data["id"], data["name"], data["arguments"]), data.get("result"), data.get("error"))
+        return cls(ToolCall(data["name"], data["arguments"], data["id"]), data.get("result"), data.get("error"))
 
 
 @runtime_checkable

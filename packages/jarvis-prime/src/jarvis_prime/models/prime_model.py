@@ -288,13 +288,18 @@ class PrimeModel:
                 self._owner = None
 
     def enable_batching(self, max_batch: int = 8, on_batch: Callable[[int], None] | None = None) -> bool:
-        """Decode concurrent requests together (transformers backend; see models/batching.py).
-
-        Returns False, changing nothing, on llama.cpp, whose Python API decodes one
-        sequence at a time. Meant for servers: many threads calling this one model.
+        """Decode concurrent text requests together. Meant for servers: many threads calling
+        this one model. On llama.cpp, continuous batching (models/llamacpp_batching.py:
+        `max_batch` sequences in one context, requests joining and leaving at token
+        boundaries, each keeping its KV for its conversation's next turn); on transformers,
+        static batches (models/batching.py). Image prompts still run one at a time.
+        True once batching is on.
         """
-        if self.runtime.backend != "transformers" or self._batcher is not None:
-            return self._batcher is not None
+        if self._batcher is not None:
+            return True
+        if self.runtime.backend == "llamacpp":
+            self._batcher = self._backend.batcher(self._lock, max_batch, self.context_length, on_batch=on_batch)
+            return True
         from jarvis_prime.models.batching import Batcher
 
         self._batcher = Batcher(self._backend, self._lock, max_batch, on_batch=on_batch)
@@ -309,7 +314,8 @@ class PrimeModel:
                 return self._backend.generate(ids, params)
         chunks = list(self._batcher.stream(ids, params))
         text = "".join(c.text for c in chunks)
-        return Generation(text, chunks[-1].finish_reason or "stop", len(ids), self.count_tokens(text))
+        logprobs = tuple(lp for c in chunks for lp in c.logprobs) if params.logprobs is not None else None
+        return Generation(text, chunks[-1].finish_reason or "stop", len(ids), self.count_tokens(text), logprobs=logprobs)
 
     @property
     def is_chat(self) -> bool:

@@ -212,7 +212,10 @@ def test_prime_serve_streams_concurrent_openai_clients_on_llamacpp(alone, pulled
     from test_server import running
 
     questions = QUESTIONS[:3] + ["How many legs does a spider have?"]
-    expected = [alone.chat([{"role": "user", "content": q}], max_new_tokens=16) for q in questions]
+    expected = []
+    for question in questions:  # each read cold: llama-cpp-python would reuse the previous prompt's KV
+        alone._backend._llm.reset()
+        expected.append(alone.chat([{"role": "user", "content": question}], max_new_tokens=16))
     with running(ServerConfig(model=BASE, backend="llamacpp", context_length=CONTEXT)) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         start = threading.Barrier(len(questions))

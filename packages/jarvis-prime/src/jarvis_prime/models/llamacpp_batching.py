@@ -142,7 +142,7 @@ class ContinuousBatcher:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; a sequence holds at most "
                              f"{self.n_ctx_per_slot} (context_length)")
         request = Request(list(prompt_ids), params)
-        self._sampler(params)  # a bad grammar fails here, in the caller's thread, not in the worker
+        llama_cpp.llama_sampler_free(self._sampler(params))  # a bad grammar fails here, in the caller's thread
         self._waiting.put(request)
         return request
 

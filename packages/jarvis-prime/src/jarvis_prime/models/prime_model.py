@@ -43,7 +43,7 @@ from jarvis_prime.manifest import PrimeManifest, projector_for, refuse_unlisted_
 from jarvis_prime.models.base import Backend, Chunk, Generation, GenerationParams
 from jarvis_prime.models.chat_template import ChatTemplate
 from jarvis_prime.models.content import Media, has_images, split_images
-from jarvis_prime.models.memory import read_config
+from jarvis_prime.models.memory import gb, kv_slots, read_config
 from jarvis_prime.models.selection import (
     DEFAULT_CONTEXT_CAP,
     BackendName,
@@ -298,7 +298,12 @@ class PrimeModel:
         if self._batcher is not None:
             return True
         if self.runtime.backend == "llamacpp":
-            self._batcher = self._backend.batcher(self._lock, max_batch, self.context_length, on_batch=on_batch)
+            slots = kv_slots(self.runtime.memory, max_batch)  # each slot holds a full context's KV cache
+            if slots < max_batch:
+                log.warning("%s: %d sequences decoded together, not %d: each holds a %d-token KV cache (%s), and "
+                            "the memory left holds %d (%s)", self.name, slots, max_batch, self.context_length,
+                            gb(self.runtime.memory.need.kv_cache), slots, self.runtime.memory.describe())
+            self._batcher = self._backend.batcher(self._lock, slots, self.context_length, on_batch=on_batch)
             return True
         from jarvis_prime.models.batching import Batcher
 

@@ -133,6 +133,24 @@ def test_a_cancelled_stream_frees_its_slot_for_the_next_request(batched):
         engine.close()
 
 
+def test_an_error_in_a_step_reaches_its_callers_and_the_engine_goes_on(batched, monkeypatch):
+    engine = batched._backend.batcher(batched._lock, 2, CONTEXT)
+    try:
+        advance = engine._advance
+
+        def broken(slot, index):
+            raise RuntimeError("sampling broke")
+
+        monkeypatch.setattr(engine, "_advance", broken)
+        with pytest.raises(RuntimeError, match="sampling broke"):
+            list(engine.stream(chat_ids(batched, "Say hello."), GenerationParams(max_new_tokens=4)))
+        monkeypatch.setattr(engine, "_advance", advance)
+        after = engine.submit(chat_ids(batched, "Say hello."), GenerationParams(max_new_tokens=4))
+        assert list(after.chunks())[-1].finish_reason in ("stop", "length") and after.new_ids
+    finally:
+        engine.close()
+
+
 def test_the_next_turn_decodes_only_its_new_tokens(alone, batched):
     """A conversation's second turn lands in the slot that holds the first, whose KV is reused:
     only the tokens after the common prefix are decoded."""

@@ -229,8 +229,12 @@ class ContinuousBatcher:
                 if slot.request.cancelled.is_set():
                     self._release(slot)
             active = [s for s in self._slots if s.request is not None]
-            if active:
+            if not active:
+                continue
+            try:
                 self._step(active)
+            except Exception as err:  # noqa: BLE001  (every caller of the step hears it; the worker goes on)
+                self._fail([s for s in active if s.request is not None], err)
 
     def _admit(self, block: bool) -> bool:
         """Move waiting requests into free slots; False once closed."""

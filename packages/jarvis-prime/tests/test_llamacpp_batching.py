@@ -42,7 +42,9 @@ def alone(pulled_model):
 @pytest.fixture(scope="module")
 def batched(pulled_model):
     model = PrimeModel.from_pretrained(BASE, backend="llamacpp", context_length=CONTEXT)
-    assert model.enable_batching(max_batch=4)
+    sizes: list[int] = []
+    assert model.enable_batching(max_batch=4, on_batch=sizes.append)
+    model.batch_sizes = sizes  # sequences sampled per step
     yield model
     model.close()
 
@@ -82,10 +84,10 @@ def test_concurrent_greedy_equals_one_at_a_time(alone, batched):
     prompts = [chat_ids(batched, q) for q in QUESTIONS]
     assert len(prompts[-1]) > engine.n_batch
     expected = [greedy_alone(alone, ids, 24) for ids in prompts]
-    before = len(engine.batch_sizes)
+    before = len(batched.batch_sizes)
     requests = [engine.submit(ids, GenerationParams(max_new_tokens=24)) for ids in prompts]
     texts = ["".join(c.text for c in r.chunks()) for r in requests]
-    assert max(engine.batch_sizes[before:]) >= 3, "the requests were decoded together"
+    assert max(batched.batch_sizes[before:]) >= 3, "the requests were decoded together"
     for request, ids, text in zip(requests, expected, texts):
         assert request.new_ids == ids
         assert text == alone._backend._llm.detokenize(ids).decode("utf-8")
@@ -104,11 +106,11 @@ def test_a_request_joins_a_running_one_at_a_token_boundary(alone, batched):
     head = next(chunks).text
     with batched._lock:
         assert 0 < len(first.new_ids) < 60
-        before = len(engine.batch_sizes)
+        before = len(batched.batch_sizes)
         second = engine.submit(second_ids, GenerationParams(max_new_tokens=12))
     second_text = "".join(c.text for c in second.chunks())
     rest = "".join(c.text for c in chunks)
-    assert 2 in engine.batch_sizes[before:], "the two were decoded in the same steps"
+    assert 2 in batched.batch_sizes[before:], "the two were decoded in the same steps"
     assert first.new_ids == expected
     assert second.new_ids == greedy_alone(alone, second_ids, 12)
     assert head + rest == alone._backend._llm.detokenize(expected).decode("utf-8")

@@ -103,7 +103,9 @@ class ContinuousBatcher:
     """`stream(prompt_ids, params)` from any number of threads; decoded together.
 
     `llm` is the backend's `llama_cpp.Llama` (its weights and vocabulary are shared; its
-    own context stays for single calls). `lock` is the model's lock, held per step."""
+    own context stays for single calls). `lock` is the model's lock, held per step.
+    `on_batch(n)` hears how many sequences each step sampled (nothing is kept here: a
+    server runs millions of steps)."""
 
     def __init__(self, llm, lock: threading.Lock, slots: int = 8, n_ctx_per_slot: int = 4096,
                  on_batch: Callable[[int], None] | None = None) -> None:
@@ -124,7 +126,6 @@ class ContinuousBatcher:
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._slots = [_Slot(i) for i in range(slots)]
         self._waiting: "queue.Queue[Request | None]" = queue.Queue()
-        self.batch_sizes: list[int] = []  # sequences per decoding step with a new token, for tests and metrics
         self._releases = 0
         self._order = 0
         self._closed = False
@@ -314,8 +315,7 @@ class ContinuousBatcher:
                 self._fail(active, RuntimeError(f"llama_decode failed with status {status} on a batch of {n} tokens "
                                                 f"({len(active)} sequences; 1 means the KV cache is full)"))
                 return
-            self.batch_sizes.append(len(rows))
-            if self.on_batch is not None and rows:
+            if self.on_batch is not None and rows:  # sequences sampled in this step (a server's metric)
                 self.on_batch(len(rows))
             for slot, index in rows:
                 self._advance(slot, index)

@@ -120,7 +120,3 @@ def test_an_abandoned_stream_frees_its_row(batched):
     stream.close()
     reply = batched.chat([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=16)
     assert "Paris" in reply
-
-
-def test_llamacpp_declines_batching(llama_model):
-    assert llama_model.enable_batching() is False

@@ -220,3 +220,17 @@ def test_cpu_name_reads_the_marketing_name(tmp_path):
     assert cpu_name(x86) == "AMD EPYC 9B14"
     assert cpu_name(arm) == "Raspberry Pi 5 Model B Rev 1.0"
     assert cpu_name(tmp_path / "absent")  # falls back to what platform knows, never empty
+
+
+def test_batching_slots_are_as_many_kv_caches_as_the_memory_left_holds():
+    """Continuous batching on llama.cpp gives each slot a full context's KV cache: a big model
+    on a small machine gets fewer slots (never 0), a small one all it asks for."""
+    from jarvis_prime.models.memory import MemoryFit, MemoryNeed, kv_slots
+
+    gib = 1 << 30
+    need = MemoryNeed(weights=4 * gib, kv_cache=2 * gib, allowance=gib)  # 7 GiB with one KV cache
+    assert kv_slots(MemoryFit("fits", need, "RAM", 16 * gib, 32 * gib, 16 * gib), 8) == 5  # 1 + (16 - 7) // 2
+    assert kv_slots(MemoryFit("fits", need, "RAM", 64 * gib, 64 * gib, 64 * gib), 8) == 8
+    assert kv_slots(MemoryFit("slow", need, "RAM", 6 * gib, 32 * gib, 6 * gib), 8) == 1
+    assert kv_slots(MemoryFit("unknown", need, "RAM"), 8) == 8
+    assert kv_slots(None, 8) == 8

@@ -500,7 +500,7 @@ def serve_model(
     allow_model_paths: bool = typer.Option(False, "--allow-model-paths", help="Let /admin/models load any directory "
                                            "holding a prime.json, not only catalog or store names."),
     max_queue: int = typer.Option(16, min=1, help="Requests admitted at once; more get 429 + Retry-After."),
-    max_batch: int = typer.Option(8, min=1, help="transformers backend: concurrent requests decoded together."),
+    max_batch: int = typer.Option(8, min=1, help="concurrent requests decoded together (llama.cpp: sequences of one context, continuous batching; transformers: rows of a static batch)."),
     served_model_name: Optional[str] = typer.Option(None, help="Name clients use, kept across hot-swaps (default: NAME's)."),
     context_length: Optional[int] = typer.Option(None, min=16, help="Context tokens to allocate (default min(model, 4096))."),
     max_images: int = typer.Option(DEFAULT_MAX_IMAGES, min=0, help="Image parts (image_url) per chat request; more is a 400."),

@@ -10,9 +10,8 @@ or temperature/top-p/top-k with its own seeded generator), stop strings, max tok
 and finish reason, and streams its own `Chunk`s. A consumer that goes away has its row
 finished at the next step; the batch ends when every row has.
 
-llama.cpp's high-level Python API decodes one sequence per context, so the llamacpp
-backend keeps serialising requests.
-
+On llama.cpp, models/llamacpp_batching.py batches continuously (requests join and leave
+at token boundaries); why this one stays static is in the serving README.
 Each row also does what OpenAI's extras ask (`GenerationParams`): presence/frequency
 penalties over the tokens it generated, a GBNF grammar enforced by llguidance (the
 grammar's allowed tokens as a bitmask over the logits each step), and each token's

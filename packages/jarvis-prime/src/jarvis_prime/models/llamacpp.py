@@ -246,5 +246,12 @@ class LlamaCppBackend:
         logz = top[:, 0] + np.log(np.exp(logits - top).sum(axis=-1))
         return (logits[np.arange(len(ids) - 1), list(ids[1:])] - logz).tolist()
 
+    def batcher(self, lock: threading.Lock, slots: int, n_ctx_per_slot: int, on_batch=None):
+        """A `ContinuousBatcher` on these weights (models/llamacpp_batching.py): concurrent
+        text requests decoded together; this backend's own context stays for single calls."""
+        from jarvis_prime.models.llamacpp_batching import ContinuousBatcher
+
+        return ContinuousBatcher(self._llm, lock, slots, n_ctx_per_slot, on_batch=on_batch)
+
     def close(self) -> None:
         self._llm.close()

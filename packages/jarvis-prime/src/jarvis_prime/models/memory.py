@@ -141,6 +141,17 @@ def estimate(manifest: PrimeManifest, *, backend: str, device: str, quantization
     return MemoryNeed(int(params * per_weight), kv_cache_bytes(config, n_ctx, kv_bytes))
 
 
+def kv_slots(fit: MemoryFit | None, wanted: int) -> int:
+    """How many sequences of full context (continuous batching on llama.cpp: a KV cache
+    each) fit beside the loaded model: `wanted`, or fewer when the memory left after the
+    planned runtime (which counts one KV cache) holds fewer; never fewer than 1. Without a
+    memory reading (unknown), `wanted`."""
+    if fit is None or fit.fast_limit is None or fit.need.kv_cache <= 0:
+        return wanted
+    extra = max(fit.fast_limit - fit.need.total, 0) // fit.need.kv_cache
+    return max(1, min(wanted, 1 + extra))
+
+
 def judge(need: MemoryNeed, hardware: Hardware, device: str) -> MemoryFit:
     """Set `need` against the memory `device` draws on."""
     if device == "cuda":

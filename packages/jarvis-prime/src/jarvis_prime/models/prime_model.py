@@ -43,8 +43,8 @@ from jarvis_prime.manifest import PrimeManifest, projector_for, refuse_unlisted_
 from jarvis_prime.models.base import Backend, Chunk, Generation, GenerationParams
 from jarvis_prime.models.chat_template import ChatTemplate
 from jarvis_prime.models.content import Media, has_images, split_images
+from jarvis_prime.models.memory import gb, kv_slots, read_config
 from jarvis_prime.models.tools import ToolCall, ToolCallStream, call_grammar, hermes_messages
-from jarvis_prime.models.memory import read_config
 from jarvis_prime.models.selection import (
     DEFAULT_CONTEXT_CAP,
     BackendName,
@@ -299,13 +299,23 @@ class PrimeModel:
                 self._owner = None
 
     def enable_batching(self, max_batch: int = 8, on_batch: Callable[[int], None] | None = None) -> bool:
-        """Decode concurrent requests together (transformers backend; see models/batching.py).
-
-        Returns False, changing nothing, on llama.cpp, whose Python API decodes one
-        sequence at a time. Meant for servers: many threads calling this one model.
+        """Decode concurrent text requests together. Meant for servers: many threads calling
+        this one model. On llama.cpp, continuous batching (models/llamacpp_batching.py:
+        `max_batch` sequences in one context, requests joining and leaving at token
+        boundaries, each keeping its KV for its conversation's next turn); on transformers,
+        static batches (models/batching.py). Image prompts still run one at a time.
+        True once batching is on.
         """
-        if self.runtime.backend != "transformers" or self._batcher is not None:
-            return self._batcher is not None
+        if self._batcher is not None:
+            return True
+        if self.runtime.backend == "llamacpp":
+            slots = kv_slots(self.runtime.memory, max_batch)  # each slot holds a full context's KV cache
+            if slots < max_batch:
+                log.warning("%s: %d sequences decoded together, not %d: each holds a %d-token KV cache (%s), and "
+                            "the memory left holds %d (%s)", self.name, slots, max_batch, self.context_length,
+                            gb(self.runtime.memory.need.kv_cache), slots, self.runtime.memory.describe())
+            self._batcher = self._backend.batcher(self._lock, slots, self.context_length, on_batch=on_batch)
+            return True
         from jarvis_prime.models.batching import Batcher
 
         self._batcher = Batcher(self._backend, self._lock, max_batch, on_batch=on_batch)

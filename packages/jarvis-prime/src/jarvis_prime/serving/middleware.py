@@ -33,7 +33,7 @@ class Metrics:
                               registry=self.registry, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
         self.queue_depth = Gauge("prime_queue_depth", "Generation requests admitted (running or waiting)",
                                  registry=self.registry)
-        self.batch_size = Histogram("prime_batch_size", "Requests decoded together per batch (transformers backend)",
+        self.batch_size = Histogram("prime_batch_size", "Requests decoded together per batch (llama.cpp: per decoding step)",
                                     registry=self.registry, buckets=(1, 2, 4, 8, 16, 32))
 
 

@@ -31,7 +31,7 @@ class ServerConfig:
     allow_model_paths: bool = False  # a swap may load any directory with a prime.json, not only catalog/store names
     served_name: str | None = None  # the name clients use; kept across hot-swaps (default: the model's)
     max_queue: int = 16  # requests admitted at once (one generating, the rest waiting)
-    max_batch: int = 8  # transformers backend: concurrent requests decoded together
+    max_batch: int = 8  # concurrent requests decoded together (llama.cpp: slots, each with its own KV; transformers: batch rows)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_images: int = DEFAULT_MAX_IMAGES  # image parts per chat request, more is a 400
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES  # decoded bytes per image, more is a 413

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import queue
+import threading
 from dataclasses import dataclass
 from typing import Iterator, Literal, Protocol, Sequence
 
@@ -115,6 +117,23 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+DONE = object()  # what a decoding thread puts on a request's queue after its last chunk
+
+
+def drain(out: "queue.Queue[object]", cancelled: threading.Event) -> Iterator[Chunk]:
+    """A request's chunks as a decoding thread (a batcher's worker) puts them on `out`, up to
+    `DONE`; an exception put there is raised in the consumer's thread. Leaving the loop early
+    (the consumer stops iterating, a client disconnects) sets `cancelled`, so the worker
+    drops the request at its next step instead of decoding for nobody."""
+    try:
+        while (item := out.get()) is not DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        cancelled.set()
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:

@@ -30,9 +30,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from jarvis_prime.models.base import Chunk, GenerationParams, StopStringFilter, TokenLogprob
-
-_DONE = object()
+from jarvis_prime.models.base import DONE, Chunk, GenerationParams, StopStringFilter, TokenLogprob, drain
 
 
 @dataclass
@@ -63,13 +61,7 @@ class Batcher:
             raise RuntimeError("the batcher is closed")
         request = _Request(list(prompt_ids), params)
         self._pending.put(request)
-        try:
-            while (item := request.out.get()) is not _DONE:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            request.cancelled.set()
+        yield from drain(request.out, request.cancelled)
 
     def close(self) -> None:
         self._closed = True
@@ -104,7 +96,7 @@ class Batcher:
                 for request in batch:
                     request.out.put(err)
             for request in batch:
-                request.out.put(_DONE)
+                request.out.put(DONE)
 
 
 def decode_one(backend, prompt_ids: Sequence[int], params: GenerationParams) -> Iterator[Chunk]:
@@ -117,17 +109,13 @@ def decode_one(backend, prompt_ids: Sequence[int], params: GenerationParams) -> 
             decode_batch(backend, [request])
         except BaseException as err:  # re-raised in the consumer's thread
             request.out.put(err)
-        request.out.put(_DONE)
+        request.out.put(DONE)
 
     worker = threading.Thread(target=work, name="prime-decode-one", daemon=True)
     worker.start()
     try:
-        while (item := request.out.get()) is not _DONE:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        yield from drain(request.out, request.cancelled)
     finally:
-        request.cancelled.set()
         worker.join()
 
 

@@ -43,9 +43,7 @@ from typing import Callable, Iterator, Sequence
 import llama_cpp
 import numpy as np
 
-from jarvis_prime.models.base import Chunk, FinishReason, GenerationParams, StopStringFilter, TokenLogprob
-
-_DONE = object()
+from jarvis_prime.models.base import DONE, Chunk, FinishReason, GenerationParams, StopStringFilter, TokenLogprob, drain
 
 
 @dataclass
@@ -65,13 +63,7 @@ class Request:
 
     def chunks(self) -> Iterator[Chunk]:
         """The request's chunks as decoded; closing this iterator abandons the request."""
-        try:
-            while (item := self.out.get()) is not _DONE:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            self.cancelled.set()
+        return drain(self.out, self.cancelled)
 
 
 class _Slot:
@@ -348,7 +340,7 @@ class ContinuousBatcher:
     def _release(self, slot: _Slot) -> None:
         """The request leaves; the slot keeps its tokens' KV for a next turn."""
         if slot.request is not None:
-            slot.request.out.put(_DONE)
+            slot.request.out.put(DONE)
         self._free_sampler(slot)
         slot.request, slot.pending, slot.logprobs = None, [], []
         self._releases += 1
@@ -370,4 +362,4 @@ class ContinuousBatcher:
                 return
             if request is not None:
                 request.out.put(error)
-                request.out.put(_DONE)
+                request.out.put(DONE)

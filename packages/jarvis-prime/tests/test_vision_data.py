@@ -107,12 +107,17 @@ def test_shapes_are_where_the_scene_says_never_overlap_and_sit_clearly_on_their_
         if rec["category"] == "count":
             assert len(scene["objects"]) == int(rec["answer"])
             assert len({o["shape"] for o in scene["objects"]}) == 1
+            for x0, y0, x1, y1 in (o["box"] for o in scene["objects"]):  # still countable once squeezed into 96 px
+                assert min((x1 - x0 + 1) * 96 / scene["width"], (y1 - y0 + 1) * 96 / scene["height"]) >= 8, rec
         if rec["category"] == "side":
             target = scene["objects"][0]
             own = np.argwhere((image == vd.COLOURS[target["colour"]]).all(axis=2))[:, 1]
             centre, margin = scene["width"] / 2, 0.05 * scene["width"]
             assert (own < centre - margin).all() if rec["answer"] == "left" else (own > centre + margin).all(), rec
             assert f"{target['colour']} {target['shape']}" in rec["messages"][0]["content"][1]["text"]
+            for obj in scene["objects"]:  # centre in the outer quarter: on the same side of its tile as of the image
+                centre_x = (obj["box"][0] + obj["box"][2] + 1) / 2
+                assert centre_x < scene["width"] / 4 or centre_x > 3 * scene["width"] / 4, rec
             others = scene["objects"][1:]
             assert all((o["colour"], o["shape"]) != (target["colour"], target["shape"]) for o in others)
         checked += 1

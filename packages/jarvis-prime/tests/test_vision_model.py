@@ -12,14 +12,18 @@ from pathlib import Path
 
 import pytest
 from jarvis_prime.idefics3 import EncoderShape
-from jarvis_prime.recipes.vision_data import COLOURS, SHAPES, make_example
+from jarvis_prime.errors import PrimeError
+from jarvis_prime.recipes.vision_data import CATEGORIES, COLOURS, SHAPES, make_example
 from jarvis_prime.recipes.vision_encoder import (
     N_COLOURS,
     SLOTS,
     WORDS,
+    EncoderTraining,
     image_views,
     label_maps,
+    pool_categories,
     tiling,
+    view_pool,
 )
 
 torch = pytest.importorskip("torch")
@@ -93,6 +97,39 @@ def test_the_overview_reads_the_whole_scene_and_a_tile_only_its_part():
     for view in image_views(image, record["scene"], shape):
         assert set(view.patches[0].tolist()) <= {0, colour} and view.patches[0].max() < N_COLOURS
     assert words(image_views(image, record["scene"], shape)[0], "last") == [" "] * 3  # one shape: nothing last
+
+
+def test_every_view_names_a_shape_on_the_side_the_overview_does():
+    """The LM copies the word after a shape's colour and kind; a tile that named the other
+    side than the overview (a shape left of the image's centre but right of its tile's)
+    left it two answers to pick from. Wide and tall images, one shape or two."""
+    shape, checked = EncoderShape(), 0
+    for index in range(60):
+        image, record = make_example(0, "heldout", index, "side")
+        sides = {}
+        for view in image_views(image, record["scene"], shape):
+            for slot in ("first", "last"):
+                colour, kind, side = words(view, slot)
+                if colour != " ":
+                    sides.setdefault((colour, kind), set()).add(side)
+                    checked += view.overview is False
+        assert all(len(named) == 1 for named in sides.values()), (record["scene"], sides)
+    assert checked >= 60
+
+
+def test_the_pool_draws_numbers_most_often_and_names_each_views_category():
+    """Digits need the most images (with few the encoder memorised them); every category
+    still comes in every cycle, and a view's category is its image's."""
+    cycle = pool_categories(EncoderTraining.pool_mix)
+    assert set(cycle) == set(CATEGORIES)
+    assert max(cycle, key=cycle.count) == "number" and cycle.count("number") > 2 * cycle.count("colour")
+    pool = view_pool(EncoderShape(), 0, 0, len(cycle), mix=EncoderTraining.pool_mix)
+    overview_categories = [CATEGORIES[c] for c in pool["category"][pool["overview"]].tolist()]
+    assert overview_categories == cycle
+    number = pool["category"] == CATEGORIES.index("number")
+    assert (pool["slots"][number & pool["overview"]][:, SLOTS["digits"][0]] != 0).all()  # a number's first digit is named
+    with pytest.raises(PrimeError, match="pool_mix names unknown categories.*'digits'"):
+        pool_categories((("digits", 2), ("colour", 1)))
 
 
 def need_converter() -> None:

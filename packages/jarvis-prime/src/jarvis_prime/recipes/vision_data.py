@@ -5,9 +5,9 @@ scratch on what this module draws: exactly what its model card says it can see.
 
   colour   one shape; "What colour is the triangle?"                    -> "red"
   shape    one shape; "Which shape is shown?"                            -> "triangle"
-  count    1-5 shapes of one kind, any colours; "How many squares ...?"  -> "3"
-  side     a shape clearly left or right of centre (and a different one
-           on the other side); "Is the red circle on the left or the right?" -> "left"
+  count    1-5 shapes of one kind, any colours, none tiny; "How many squares ...?"  -> "3"
+  side     a shape in the outer quarter of the left or right half (and a
+           different one on the other side); "Is the red circle on the left or the right?" -> "left"
   number   a printed number of 1-4 digits; "Which number is shown?"     -> "4096"
 
 Shapes are circle, square, triangle in red, green, blue, yellow, orange, purple, drawn
@@ -55,7 +55,7 @@ from jarvis_prime.progress import Log
 if TYPE_CHECKING:  # Pillow is imported when images are drawn, not when the module is
     from PIL import Image
 
-DATA_VERSION = 1  # bump when what is drawn or asked changes: scores of different versions do not compare
+DATA_VERSION = 2  # bump when what is drawn or asked changes: scores of different versions do not compare
 CATEGORIES: tuple[str, ...] = ("colour", "shape", "count", "side", "number")
 SPLITS: tuple[str, ...] = ("train", "heldout")
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -66,6 +66,7 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 INKS: tuple[tuple[int, int, int], ...] = ((20, 20, 20), (50, 50, 60), (30, 30, 90), (90, 25, 25))  # dark, legible
 MIN_SIDE, MAX_SIDE = 48, 384
 MIN_RADIUS = 5  # px: a smaller triangle is no longer recognisably one
+COUNT_LEAST = 0.08  # a counted shape's least radius, as a share of the image's longer side (see scene_for)
 SENTENCE_SHARE = 0.35  # training answers wrapped in a short sentence
 UNSEEN_SHARE = 0.5  # held-out questions asked in a phrasing training never saw
 FONT_FILES = ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
@@ -159,24 +160,43 @@ def side_limits(side: str | None, width: int) -> tuple[int, int]:
     return 0, width - 1
 
 
+def centre_limits(side: str | None, width: int) -> tuple[int, int]:
+    """The x range a shape's centre must lie in: the outer quarter of its half.
+
+    Why so far out: the processor cuts a wide image into two columns of tiles at its
+    centre line, and each tile is read on its own ("left"/"right" of the tile's middle,
+    vision_encoder). A shape in the outer quarter is on the same side of its tile as of the
+    image, so the tiles and the overview never contradict each other about a side."""
+    if side == "left":
+        return 0, math.ceil(width / 4) - 2  # the box's centre, cx + 0.5, stays a pixel short of width / 4
+    if side == "right":
+        return math.ceil(3 * width / 4 + 0.5), width - 1
+    return 0, width - 1
+
+
 def place(rng: random.Random, width: int, height: int, wanted: Sequence[tuple[str, str, str | None]],
-          scale: float) -> list[Shape]:
+          scale: float, *, base: float | None = None, least: float = MIN_RADIUS) -> list[Shape]:
     """Shapes (kind, colour, side) at random sizes and positions, none overlapping.
 
-    `scale` bounds the radius as a share of the shorter side; a crowded image that does not
-    fit is redrawn with smaller shapes (never below MIN_RADIUS).
+    `scale` bounds the radius as a share of `base` (the shorter side unless given); radii
+    are drawn from at least `least` (and 40 % of that bound) up to it. A crowded image that
+    does not fit is redrawn with smaller shapes (never below MIN_RADIUS).
     """
+    base = min(width, height) if base is None else base
     for _ in range(40):
         placed: list[Shape] = []
         for kind, colour, side in wanted:
             x_lo, x_hi = side_limits(side, width)
-            hi = max(MIN_RADIUS, min(scale * min(width, height), (x_hi - x_lo) / 2 - 1, height / 2 - 1))
+            c_lo, c_hi = centre_limits(side, width)
+            room = (x_hi - x_lo) / 2 - 1 if side is None else min(c_hi - x_lo, x_hi - c_lo) - 1
+            hi = max(MIN_RADIUS, min(scale * base, room, height / 2 - 1))
             for _ in range(60):
-                r = round(rng.uniform(max(MIN_RADIUS, 0.4 * hi), hi))
+                r = round(rng.uniform(min(hi, max(MIN_RADIUS, least, 0.4 * hi)), hi))
                 x0, y0, x1, y1 = shape_box(kind, 0, 0, r)
-                if x1 - x0 > x_hi - x_lo or y1 - y0 > height - 1:
+                lo_x, hi_x = max(x_lo - x0, c_lo), min(x_hi - x1, c_hi)
+                if lo_x > hi_x or y1 - y0 > height - 1:
                     continue
-                cx = rng.randint(x_lo - x0, x_hi - x1)
+                cx = rng.randint(lo_x, hi_x)
                 cy = rng.randint(-y0, height - 1 - y1)
                 shape = Shape(kind, colour, cx, cy, r)
                 if all(boxes_apart(shape.box, other.box, gap=2) for other in placed):
@@ -198,8 +218,12 @@ def scene_for(category: str, rng: random.Random, width: int, height: int) -> tup
         shapes = place(rng, width, height, [(kind, colour, None)], scale=0.4)
         return {"answer": colour if category == "colour" else kind, "shape": kind, "colour": colour}, shapes
     if category == "count":
+        # Sized on the image's geometric mean, at least COUNT_LEAST of its longer side: the
+        # overview squeezes the whole image into one tile, where a shape sized on a long
+        # thin image's short side shrank to a few pixels and could no longer be counted.
         kind, n = rng.choice(SHAPES), rng.randint(1, 5)
-        shapes = place(rng, width, height, [(kind, rng.choice(colours), None) for _ in range(n)], scale=0.4 / math.sqrt(n))
+        shapes = place(rng, width, height, [(kind, rng.choice(colours), None) for _ in range(n)], scale=0.4 / math.sqrt(n),
+                       base=math.sqrt(width * height), least=COUNT_LEAST * max(width, height))
         return {"answer": str(n), "shape": kind, "colour": shapes[0].colour}, shapes
     if category == "side":
         kind, colour, side = rng.choice(SHAPES), rng.choice(colours), rng.choice(("left", "right"))
@@ -269,7 +293,7 @@ def draw_number(draw, rng: random.Random, text: str, width: int, height: int) ->
     """Print `text` as large as a random share of the image allows; its ink box is returned."""
     probe = font(100).getbbox(text)
     largest = int(min(0.85 * width / (probe[2] - probe[0]), 0.7 * height / (probe[3] - probe[1])) * 100)
-    size = rng.randint(max(10, largest // 2), max(10, largest))
+    size = rng.randint(max(10, round(0.7 * largest)), max(10, largest))  # large: the overview squeezes it
     face = font(size)
     left, top, right, bottom = face.getbbox(text)
     while size > 10 and (right - left > width - 2 or bottom - top > height - 2):

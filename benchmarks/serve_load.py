@@ -29,7 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
+
+from jarvis_prime.hardware import cpu_name
+from jarvis_prime.tables import Col, print_table
 
 RESULTS = Path(__file__).parent / "results" / "serve_load.json"
 SUBJECTS = ["a robot", "a dragon", "a lighthouse keeper", "a cat", "a baker", "a pilot", "a gardener", "a clock",
@@ -97,19 +99,6 @@ def load(base_url: str, model: str, clients: int, requests: int, max_tokens: int
             "ttft_p95_s": ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))] if ttfts else None}
 
 
-def cpu_name() -> str:
-    """The CPU's model name (lscpu's), which the README's table names."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -161,15 +150,17 @@ def main() -> None:
             proc.terminate()
             proc.wait(timeout=30)
 
-    table = Table(title=f"streaming chat load, {gguf.name}, {args.max_tokens} tokens a request")
-    for column in ("server", "clients", "tokens/s", "x llama_cpp.server", "TTFT p50", "TTFT p95", "errors"):
-        table.add_column(column, justify="left" if column == "server" else "right")
+    columns = [Col("server", keep=True), Col("clients", justify="right"), Col("tokens/s", justify="right"),
+               Col("x llama_cpp.server", justify="right"), Col("TTFT p50", justify="right"),
+               Col("TTFT p95", justify="right"), Col("errors", justify="right")]
+    table = []
     for name, rows in results.items():
         for row, ref in zip(rows, results["llama_cpp.server"]):
             row["ratio"] = row["tokens_per_s"] / ref["tokens_per_s"]
-            table.add_row(name, str(row["clients"]), f"{row['tokens_per_s']:.1f}", f"{row['ratio']:.2f}",
-                          f"{row['ttft_p50_s']:.2f} s", f"{row['ttft_p95_s']:.2f} s", str(row["errors"]))
-    console.print(table)
+            table.append([name, str(row["clients"]), f"{row['tokens_per_s']:.1f}", f"{row['ratio']:.2f}",
+                          f"{row['ttft_p50_s']:.2f} s", f"{row['ttft_p95_s']:.2f} s", str(row["errors"])])
+    print_table(console, columns, table, title=f"streaming chat load, {gguf.name}, {args.max_tokens} tokens a "
+                                               f"request ({cpu_name()}, {args.threads} threads)")
     rows = {row["clients"]: row for row in results["prime serve"]}
     targets = {}
     if 8 in rows:

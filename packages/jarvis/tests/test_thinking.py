@@ -130,6 +130,7 @@ def test_a_remote_thinking_model_streams_its_reasoning_apart(thinker):
     local = thinker.complete(thinker.encode_chat(question), max_new_tokens=30, temperature=0.0, thinking_budget=6)
     with running(ServerConfig(model=NAME, backend="llamacpp", context_length=1024)) as url:
         remote = RemoteModel(f"{url}/v1")
+        assert remote.calls_tools is False, "prime serve lists the model's capabilities: no tools, so none are sent"
         chunks = list(remote.complete(remote.encode_chat(question), max_new_tokens=30, thinking_budget=6))
         bot = Chatbot(ChatbotConfig(max_new_tokens=30, thinking_budget=6), model=remote)
         answer = bot.ask("What is the capital of France?")

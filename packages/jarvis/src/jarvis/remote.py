@@ -19,6 +19,7 @@ asked without them, for the rest of the session, and the log says so once.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -78,6 +79,19 @@ class RemoteModel:
                 message = body["error"].get("message")
             return PrimeError(f"{self.base_url}{path}: HTTP {err.status_code}: {message or err.message}")
         return PrimeError(f"{self.base_url}{path}: {err}")
+
+    @functools.cached_property
+    def calls_tools(self) -> bool:
+        """Whether to offer JARVIS's tools (the Chatbot asks, as of a local model): false only
+        when the server's /models entry lists `capabilities` without "tools" (`prime serve`
+        does, for a model never trained on tools); a server that says nothing (vLLM, llama.cpp)
+        is taken at its word that it can."""
+        try:
+            entry = next((m for m in self.client.models.list() if m.id == self.name), None)
+        except openai.OpenAIError:
+            return True  # the chat request will say what is wrong
+        listed = (entry.model_extra or {}).get("capabilities") if entry is not None else None
+        return not isinstance(listed, list) or "tools" in listed
 
     def _first_model(self) -> str:
         try:

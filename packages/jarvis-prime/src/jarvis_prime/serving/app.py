@@ -28,6 +28,17 @@ Loader = Callable[..., PrimeModel]
 log = logging.getLogger(__name__)
 
 
+def capabilities(model) -> list[str]:
+    """What the served model does beyond chat, as Ollama names it (`tools`, `vision`,
+    `thinking`), in its /v1/models entry: a client (JARVIS's RemoteModel) offers tools only
+    to a model made to call them, since a tool list in the prompt of one that was not
+    changes its answers and buys nothing."""
+    manifest = getattr(model, "manifest", None)
+    found = {"tools": getattr(model, "calls_tools", False), "vision": getattr(model, "sees_images", False),
+             "thinking": getattr(manifest, "thinking", None) is not None}
+    return [name for name, has in found.items() if has]
+
+
 def load_model(name: str, quantization=None, backend: str = "auto", context_length: int | None = None) -> PrimeModel:
     return PrimeModel.from_pretrained(name, quantization=quantization, backend=backend, context_length=context_length)
 
@@ -110,7 +121,7 @@ def create_app(config: ServerConfig, loader: Loader = load_model) -> FastAPI:
     async def models():
         with host.use() as slot:
             return {"object": "list", "data": [{"id": slot.name, "object": "model", "created": slot.created,
-                                                 "owned_by": "jarvis-prime"}]}
+                                                 "owned_by": "jarvis-prime", "capabilities": capabilities(slot.model)}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Iterator, Literal, Protocol, Sequence
+from typing import Any, Callable, Iterator, Literal, Protocol, Sequence
 
 FinishReason = Literal["stop", "length"]
 
@@ -66,6 +66,20 @@ class TokenLogprob:
     logprob: float
     top: tuple[tuple[str, float], ...] = ()
 
+    @classmethod
+    def from_logits(cls, logits: Any, token: int, top: int, piece: Callable[[int], str]) -> "TokenLogprob":
+        """From one position's raw logits (a numpy array over the vocabulary, before any
+        sampler): the log-softmax at `token` and the `top` most likely tokens, spelt by `piece`.
+        Both llama.cpp paths (one request, continuous batching) read their logits this way."""
+        import numpy as np
+
+        logits = np.asarray(logits, dtype=np.float64)
+        peak = logits.max()
+        logz = peak + np.log(np.exp(logits - peak).sum())  # log-softmax: logits - logz
+        best = np.argpartition(-logits, top)[:top] if top else np.array([], dtype=int)
+        best = best[np.argsort(-logits[best])]
+        return cls(piece(token), float(logits[token] - logz), tuple((piece(int(t)), float(logits[t] - logz)) for t in best))
+
 
 @dataclass(frozen=True)
 class Generation:
@@ -92,6 +106,14 @@ class Chunk:
     finish_reason: FinishReason | None = None
     reasoning: str = ""
     logprobs: tuple[TokenLogprob, ...] = ()  # the tokens this piece was decoded from, when asked for
+
+
+def collect(chunks: Sequence[Chunk], logprobs: bool) -> tuple[str, FinishReason, tuple[TokenLogprob, ...] | None]:
+    """A whole reply read off its streamed `chunks`: the text, the finish reason (the last
+    chunk's), and every token's `TokenLogprob` when they were asked for (else None), for
+    a backend that decodes by streaming to answer `generate` with a `Generation`."""
+    text = "".join(c.text for c in chunks)
+    return text, chunks[-1].finish_reason or "stop", tuple(lp for c in chunks for lp in c.logprobs) if logprobs else None
 
 
 class Backend(Protocol):

@@ -16,14 +16,13 @@ over `Llama.generate` whose logits processor sees each step's logits before samp
 from __future__ import annotations
 
 import codecs
-import math
 import os
 import threading
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from jarvis_prime.errors import BackendUnavailableError
-from jarvis_prime.models.base import Chunk, Generation, GenerationParams, StopStringFilter, TokenLogprob
+from jarvis_prime.models.base import Chunk, Generation, GenerationParams, StopStringFilter, TokenLogprob, collect
 from jarvis_prime.models.content import Media
 
 
@@ -162,11 +161,8 @@ class LlamaCppBackend:
     def generate(self, prompt_ids: Sequence[int], params: GenerationParams, media: Media | None = None) -> Generation:
         prompt_ids = self._prompt(prompt_ids, media)
         if params.logprobs is not None:
-            chunks = list(self._decode_with_logprobs(prompt_ids, params))
-            text = "".join(c.text for c in chunks)
-            logprobs = tuple(lp for c in chunks for lp in c.logprobs)
-            return Generation(text, chunks[-1].finish_reason or "stop", len(prompt_ids), len(logprobs),
-                              logprobs=logprobs)
+            text, finish, logprobs = collect(list(self._decode_with_logprobs(prompt_ids, params)), logprobs=True)
+            return Generation(text, finish, len(prompt_ids), len(logprobs), logprobs=logprobs)
         result = self._llm.create_completion(**self._completion_args(prompt_ids, params))
         choice, usage = result["choices"][0], result["usage"]
         return Generation(
@@ -211,7 +207,7 @@ class LlamaCppBackend:
                 finish = "stop"
                 break
             count += 1
-            logprob = self._token_logprob(token, seen[0], params.logprobs)
+            logprob = TokenLogprob.from_logits(seen[0], token, params.logprobs, self._piece)
             piece = stops.feed(text_of.decode(self._llm.detokenize([token])))
             if stops.stopped:
                 yield Chunk(piece, "stop", logprobs=(logprob,))
@@ -221,15 +217,6 @@ class LlamaCppBackend:
                 return
             yield Chunk(piece, logprobs=(logprob,))
         yield Chunk(stops.flush() + text_of.decode(b"", final=True), finish)
-
-    def _token_logprob(self, token: int, logits, top: int) -> TokenLogprob:
-        import numpy as np
-
-        peak = logits.max()
-        logz = peak + math.log(float(np.exp(logits - peak).sum()))
-        best = np.argsort(-logits)[:top] if top else []
-        return TokenLogprob(self._piece(token), float(logits[token] - logz),
-                            tuple((self._piece(int(i)), float(logits[i] - logz)) for i in best))
 
     def _piece(self, token: int) -> str:
         return self._llm.detokenize([token], special=True).decode("utf-8", errors="replace")

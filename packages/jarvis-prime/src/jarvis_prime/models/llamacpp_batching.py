@@ -201,14 +201,7 @@ class ContinuousBatcher:
         """`token`'s log-probability under the raw logits of batch row `index` (before any
         sampler), and the `k` most likely tokens."""
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, index), shape=(self._n_vocab,))
-        logits = logits.astype(np.float64)
-        top = logits.max()
-        logz = top + np.log(np.exp(logits - top).sum())  # log-softmax: logits - logz
-        text = lambda t: self._piece(int(t)).decode("utf-8", errors="replace")  # noqa: E731
-        best = np.argpartition(-logits, k)[:k] if k else np.array([], dtype=int)
-        best = best[np.argsort(-logits[best])]
-        return TokenLogprob(text(token), float(logits[token] - logz),
-                            tuple((text(t), float(logits[t] - logz)) for t in best))
+        return TokenLogprob.from_logits(logits, token, k, lambda t: self._piece(t).decode("utf-8", errors="replace"))
 
     # -- the worker -----------------------------------------------------------------------
 

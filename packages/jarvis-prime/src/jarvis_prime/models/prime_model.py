@@ -40,7 +40,7 @@ from typing_extensions import Unpack
 from jarvis_prime.errors import ImageNotSupportedError, ManifestError
 from jarvis_prime.hardware import detect_hardware, detect_libraries
 from jarvis_prime.manifest import PrimeManifest, projector_for, refuse_unlisted_weights, verify_files
-from jarvis_prime.models.base import Backend, Chunk, Generation, GenerationParams
+from jarvis_prime.models.base import Backend, Chunk, Generation, GenerationParams, collect
 from jarvis_prime.models.chat_template import ChatTemplate
 from jarvis_prime.models.content import Media, has_images, split_images
 from jarvis_prime.models.memory import gb, kv_slots, read_config
@@ -328,11 +328,8 @@ class PrimeModel:
         if self._batcher is None:
             with self._exclusive():
                 return self._backend.generate(ids, params)
-        chunks = list(self._batcher.stream(ids, params))
-        text = "".join(c.text for c in chunks)
-        logprobs = tuple(lp for c in chunks for lp in c.logprobs) if params.logprobs is not None else None
-        return Generation(text, chunks[-1].finish_reason or "stop", len(ids), self.count_tokens(text),
-                          logprobs=logprobs)
+        text, finish, logprobs = collect(list(self._batcher.stream(ids, params)), params.logprobs is not None)
+        return Generation(text, finish, len(ids), self.count_tokens(text), logprobs=logprobs)
 
     @property
     def calls_tools(self) -> bool:

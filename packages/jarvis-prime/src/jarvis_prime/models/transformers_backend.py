@@ -27,7 +27,7 @@ from transformers import (
 )
 
 from jarvis_prime.errors import BackendUnavailableError
-from jarvis_prime.models.base import Chunk, Generation, GenerationParams, StopStringFilter, cut_at_stop
+from jarvis_prime.models.base import Chunk, Generation, GenerationParams, StopStringFilter, collect, cut_at_stop
 from jarvis_prime.models.batching import decode_one, wants_own_loop
 from jarvis_prime.models.content import Media
 
@@ -161,11 +161,9 @@ class TransformersBackend:
     @torch.inference_mode()
     def generate(self, prompt_ids: Sequence[int], params: GenerationParams, media: Media | None = None) -> Generation:
         if self._own_loop(prompt_ids, params, media):
-            chunks = list(decode_one(self, prompt_ids, params))
-            text = "".join(c.text for c in chunks)
-            logprobs = tuple(lp for c in chunks for lp in c.logprobs) if params.logprobs is not None else None
-            return Generation(text, chunks[-1].finish_reason or "stop", len(prompt_ids),
-                              len(self.tokenize(text, add_special=False)), logprobs=logprobs)
+            text, finish, logprobs = collect(list(decode_one(self, prompt_ids, params)), params.logprobs is not None)
+            return Generation(text, finish, len(prompt_ids), len(self.tokenize(text, add_special=False)),
+                              logprobs=logprobs)
         output = self.model.generate(**self._generate_kwargs(prompt_ids, params, media))
         new_ids = output[0, len(prompt_ids):].tolist()
         text = self.tokenizer.decode(new_ids, skip_special_tokens=True)

@@ -81,26 +81,30 @@ class RemoteModel:
         return PrimeError(f"{self.base_url}{path}: {err}")
 
     @functools.cached_property
+    def _models(self) -> list:
+        """The server's /models entries, asked once (the model's name and its capabilities)."""
+        try:
+            return list(self.client.models.list())
+        except openai.OpenAIError as err:
+            raise self._error(err, "/models") from None
+
+    @functools.cached_property
     def calls_tools(self) -> bool:
         """Whether to offer JARVIS's tools (the Chatbot asks, as of a local model): false only
         when the server's /models entry lists `capabilities` without "tools" (`prime serve`
         does, for a model never trained on tools); a server that says nothing (vLLM, llama.cpp)
         is taken at its word that it can."""
         try:
-            entry = next((m for m in self.client.models.list() if m.id == self.name), None)
-        except openai.OpenAIError:
+            entry = next((m for m in self._models if m.id == self.name), None)
+        except PrimeError:
             return True  # the chat request will say what is wrong
         listed = (entry.model_extra or {}).get("capabilities") if entry is not None else None
         return not isinstance(listed, list) or "tools" in listed
 
     def _first_model(self) -> str:
-        try:
-            models = list(self.client.models.list())
-        except openai.OpenAIError as err:
-            raise self._error(err, "/models") from None
-        if not models:
+        if not self._models:
             raise PrimeError(f"{self.base_url}/models lists no model; pass --model")
-        return models[0].id
+        return self._models[0].id
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]]) -> str:
         """A stand-in for sizing only: the server applies the model's real template."""

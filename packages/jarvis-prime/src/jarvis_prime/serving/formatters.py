@@ -120,8 +120,7 @@ class ChatFormatter(Formatter):
         if result.reasoning is not None:
             message["reasoning_content"] = result.reasoning
         if calls:
-            message["tool_calls"] = [{"id": c.id, "type": "function",
-                                      "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+            message["tool_calls"] = [c.message() for c in calls]
         finish = "tool_calls" if calls and result.finish_reason == "stop" else result.finish_reason
         logprobs = chat_logprobs(result.logprobs) if result.logprobs is not None else None
         return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}

@@ -56,6 +56,14 @@ class GenerationParams:
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"`logprobs` (top alternatives) must be in [0, 20], got {self.logprobs}")
 
+    @property
+    def asks_extras(self) -> bool:
+        """Whether OpenAI's extras are asked for (penalties, a grammar, logprobs): what
+        transformers' `generate` cannot do, so that backend decodes such a request in its
+        batcher's loop (models/batching.py), which takes text prompts only."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.grammar is not None
+                    or self.logprobs is not None)
+
 
 @dataclass(frozen=True)
 class TokenLogprob:

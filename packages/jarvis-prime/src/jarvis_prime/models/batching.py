@@ -119,12 +119,6 @@ def decode_one(backend, prompt_ids: Sequence[int], params: GenerationParams) -> 
         worker.join()
 
 
-def wants_own_loop(params: GenerationParams) -> bool:
-    """Whether a request needs what only `decode_batch` does (penalties, grammar, logprobs)."""
-    return bool(params.presence_penalty or params.frequency_penalty or params.grammar is not None
-                or params.logprobs is not None)
-
-
 def grammar_matcher(backend, gbnf: str):
     """An llguidance matcher for `gbnf` over the backend's tokenizer (converted once, ~1 s)."""
     import llguidance

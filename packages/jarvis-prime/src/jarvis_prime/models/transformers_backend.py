@@ -28,7 +28,7 @@ from transformers import (
 
 from jarvis_prime.errors import BackendUnavailableError
 from jarvis_prime.models.base import Chunk, Generation, GenerationParams, StopStringFilter, collect, cut_at_stop
-from jarvis_prime.models.batching import decode_one, wants_own_loop
+from jarvis_prime.models.batching import decode_one
 from jarvis_prime.models.content import Media
 
 
@@ -151,7 +151,7 @@ class TransformersBackend:
         return "length"
 
     def _own_loop(self, prompt_ids: Sequence[int], params: GenerationParams, media: Media | None) -> bool:
-        if not wants_own_loop(params):
+        if not params.asks_extras:
             return False
         if media is not None:
             raise ValueError("penalties, grammars and logprobs work on text prompts only on the transformers backend "

@@ -15,6 +15,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from jarvis_prime.errors import ImageInputError
+from jarvis_prime.models.base import GenerationParams
 from jarvis_prime.models.content import check_image_role
 from jarvis_prime.serving.errors import APIError, image_error
 from jarvis_prime.serving.settings import DEFAULT_MAX_TOKENS
@@ -255,8 +256,9 @@ class ChatCompletionRequest(SamplingRequest):
 
     def needs_own_loop(self, grammar: str | None) -> bool:
         """Whether this request asks for what only the batcher's loop does on transformers
-        (models/batching.py: penalties, logprobs, a grammar), which takes no images."""
-        return bool(grammar is not None or self.logprobs or self.presence_penalty or self.frequency_penalty)
+        (`GenerationParams.asks_extras`: penalties, logprobs, a grammar), which takes no images."""
+        return GenerationParams(presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                                grammar=grammar, logprobs=self.top_alternatives()).asks_extras
 
     def tool_choice_name(self) -> str | None:
         return self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None

@@ -23,6 +23,7 @@ from reactor_core.env import (
     recommend_profile,
 )
 from reactor_core.gcp.metadata import DEFAULT_METADATA_TIMEOUT_S, MetadataClient
+from reactor_core.launch.cli import app as launch_app
 
 app = typer.Typer(
     name="reactor",
@@ -34,6 +35,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+app.add_typer(launch_app, name="launch")
 
 
 def _print_version(value: bool) -> None:
@@ -145,6 +147,13 @@ def train(
     nproc: Annotated[int, typer.Option("--nproc", min=1, help=(
         "Processes on this machine: more than 1 launches torchrun and shards the model with FSDP2 "
         "(gloo on CPU, nccl on CUDA). batch_size is per process."))] = 1,
+    nnodes: Annotated[int, typer.Option("--nnodes", min=1, help=(
+        "Machines in the run; each runs this command with its own --node-rank (what `reactor launch --nodes` "
+        "does on SkyPilot)."))] = 1,
+    node_rank: Annotated[int, typer.Option("--node-rank", min=0, help="This machine's rank, 0 on the first.")] = 0,
+    master_addr: Annotated[str, typer.Option("--master-addr", help="The first machine's address.")] = "127.0.0.1",
+    master_port: Annotated[int, typer.Option("--master-port", min=1, max=65535,
+                                             help="The first machine's rendezvous port.")] = 29500,
 ) -> None:
     """Train from a YAML recipe (SFT, DPO or GRPO; LoRA, QLoRA or full fine-tuning; SFT of
     vision models on chat data with images).
@@ -157,10 +166,14 @@ def train(
     """
     import os
 
-    if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from reactor_core.training.launch import launch_torchrun
+    if (nproc > 1 or nnodes > 1) and "WORLD_SIZE" not in os.environ:
+        from reactor_core.training.launch import Nodes, launch_torchrun
 
-        raise typer.Exit(code=launch_torchrun(recipe, overrides or [], nproc))
+        try:
+            nodes = Nodes(nnodes, node_rank, master_addr, master_port)
+        except ValueError as err:
+            raise typer.BadParameter(str(err), param_hint="--node-rank") from None
+        raise typer.Exit(code=launch_torchrun(recipe, overrides or [], nproc, nodes))
     raise typer.Exit(code=_train_here(recipe, overrides or []))
 
 

@@ -9,10 +9,14 @@ On SIGTERM or SIGINT the launcher passes the signal to torchrun, which passes it
 every worker (then waits up to 30 s, the GCP grace period, before SIGKILL); each
 worker finishes its step, they checkpoint together and exit 75.
 
-Two machines (each runs the same command; torchrun's c10d rendezvous joins them):
+Several machines: each runs the same command with its own `--node-rank`, all naming
+the first machine's address (`Nodes`); torchrun's static rendezvous joins them there.
+This is what `reactor launch --nodes N` runs on each SkyPilot node:
 
-    torchrun --nnodes 2 --nproc_per_node 1 --rdzv_backend c10d \\
-             --rdzv_endpoint 10.0.0.2:29400 --rdzv_id my-run -m reactor_core.train recipe.yaml
+    reactor train recipe.yaml --nproc 1 --nnodes 2 --node-rank 0 --master-addr 10.0.0.2
+
+Each machine's rank with LOCAL_RANK 0 writes the exit code file there, so every
+machine's launcher returns 75 on a preemption (rank 0 alone lives on the first).
 """
 
 from __future__ import annotations
@@ -22,21 +26,41 @@ import signal
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 EXIT_CODE_FILE = "REACTOR_EXIT_CODE_FILE"
 
 
-def torchrun_command(recipe: str, overrides: list[str], nproc: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+@dataclass(frozen=True)
+class Nodes:
+    """The machines of a run: how many, which one this is, and where the first listens."""
+
+    count: int = 1
+    rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.count:
+            raise ValueError(f"--node-rank must be in [0, {self.count}), got {self.rank}")
+
+
+def torchrun_command(recipe: str, overrides: list[str], nproc: int, nodes: Nodes = Nodes()) -> list[str]:
+    if nodes.count == 1:
+        where = ["--standalone"]
+    else:
+        where = [f"--nnodes={nodes.count}", f"--node_rank={nodes.rank}", f"--master_addr={nodes.master_addr}",
+                 f"--master_port={nodes.master_port}"]
+    return [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc_per_node={nproc}",
             "-m", "reactor_core.train", recipe, *overrides]
 
 
-def launch_torchrun(recipe: str, overrides: list[str], nproc: int) -> int:
+def launch_torchrun(recipe: str, overrides: list[str], nproc: int, nodes: Nodes = Nodes()) -> int:
     with tempfile.TemporaryDirectory(prefix="reactor-launch-") as tmp:
         exit_file = Path(tmp) / "exit-code"
         env = {**os.environ, EXIT_CODE_FILE: str(exit_file)}
-        child = subprocess.Popen(torchrun_command(recipe, overrides, nproc), env=env)
+        child = subprocess.Popen(torchrun_command(recipe, overrides, nproc, nodes), env=env)
 
         def forward(signum: int, _frame: object) -> None:
             child.send_signal(signum)
@@ -53,8 +77,9 @@ def launch_torchrun(recipe: str, overrides: list[str], nproc: int) -> int:
 
 
 def report_exit_code(code: int) -> int:
-    """Record rank 0's exit code for the launcher (no-op outside `reactor train --nproc`)."""
+    """Record the exit code of this machine's first rank for its launcher (no-op outside
+    `reactor train --nproc`); every rank checkpoints and exits together, so one speaks for all."""
     path = os.environ.get(EXIT_CODE_FILE)
-    if path and os.environ.get("RANK", "0") == "0":
+    if path and os.environ.get("LOCAL_RANK", "0") == "0":
         Path(path).write_text(str(code))
     return code

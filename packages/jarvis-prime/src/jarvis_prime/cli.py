@@ -517,6 +517,9 @@ def serve_model(
                                                    "(LAN) addresses too; link-local ones stay refused."),
     image_fetch_timeout: float = typer.Option(10.0, min=0.1, help="Seconds to connect to a remote image's host, and "
                                               "for each read; one whole download gets 3x."),
+    engine: str = typer.Option("prime", help="prime (this server: llama.cpp or transformers) | vllm (vLLM's OpenAI "
+                               "server on the model's safetensors, for GPUs; same key and served-name rules; a LoRA-only "
+                               "model as a vLLM LoRA module on its base)."),
 ) -> None:
     """An OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics,
     and with --admin-key POST /admin/models (hot-swap). A vision model takes images as OpenAI image_url
@@ -532,6 +535,8 @@ def serve_model(
         _fail(ValueError(f"--quant must be 8bit or 4bit; got {quant!r}"))
     if backend not in ("auto", "llamacpp", "transformers"):
         _fail(ValueError(f"--backend must be auto, llamacpp or transformers; got {backend!r}"))
+    if engine not in ("prime", "vllm"):
+        _fail(ValueError(f"--engine must be prime or vllm; got {engine!r}"))
     key, admin = api_key_from_env(api_key), api_key_from_env(admin_key, ADMIN_KEY_ENV)
     try:
         require_key_for(host, key)
@@ -539,6 +544,11 @@ def serve_model(
     except ValueError as err:
         err_console.print(f"[bold red]error:[/] {err}")
         raise typer.Exit(code=2)
+    if engine == "vllm":
+        _serve_on_vllm(name, host=host, port=port, key=key, served_name=served_model_name,
+                       context_length=context_length, prime_only={"--quant": quant, "--admin-key": admin,
+                                                                  "--backend": None if backend == "auto" else backend})
+        return
     serve(ServerConfig(model=name, quantization=quant, backend=backend, api_key=key, admin_key=admin,
                        allow_model_paths=allow_model_paths, max_queue=max_queue, max_batch=max_batch,
                        context_length=context_length, served_name=served_model_name, max_images=max_images,
@@ -546,6 +556,27 @@ def serve_model(
                        allow_remote_images=allow_remote_images, allow_private_image_hosts=allow_private_image_hosts,
                        image_fetch_timeout_s=image_fetch_timeout, image_fetch_total_s=3 * image_fetch_timeout),
           host=host, port=port)
+
+
+def _serve_on_vllm(name: str, *, host: str, port: int, key: Optional[str], served_name: Optional[str],
+                   context_length: Optional[int], prime_only: dict[str, Any]) -> None:
+    """`prime serve --engine vllm`: the model checked, then this process becomes vLLM's server."""
+    from jarvis_prime.serving.vllm import base_folder, exec_vllm, find_vllm, vllm_server
+
+    given = [flag for flag, value in prime_only.items() if value]
+    if given:
+        _fail(ValueError(f"{', '.join(given)}: options of `prime serve`'s own engine, not of --engine vllm"))
+    try:
+        command = find_vllm()
+        local = resolve(name)
+        base = None if "model.safetensors" in local.manifest.files else base_folder(local.manifest.base)
+        server = vllm_server(local.path, local.manifest, host=host, port=port, served_name=served_name, api_key=key,
+                             context_length=context_length, base_dir=base)
+    except PrimeError as err:
+        _fail(err)
+    err_console.print(f"vLLM: {' '.join([*command, *server.args])}" + (" (API key from $VLLM_API_KEY)" if key else ""),
+                      highlight=False, soft_wrap=True)
+    exec_vllm(command, server)
 
 
 @app.command("path")

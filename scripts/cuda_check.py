@@ -11,6 +11,12 @@ store as a PRIME model, and then, for quantization None / "8bit" / "4bit":
   - greedy `chat` must equal the joined `chat(stream=True)`, and usage must be counted;
   - the weight memory must shrink with the quantization.
 It also checks that llama.cpp on CUDA without llama-cpp-python is a clear error.
+
+Where vLLM is installed (issue #26), `prime serve --engine vllm tiny-cuda` must start
+vLLM's OpenAI server on the same PRIME model, with an API key and a served name, and
+JARVIS's RemoteModel (what `jarvis chat --backend-url` uses) must list it and get a
+streamed reply equal to the whole one (greedy). Without vLLM the check is reported as
+skipped, never passed.
 Prints one JSON object and exits non-zero if any check failed.
 """
 
@@ -91,11 +97,64 @@ def main() -> int:
         report["checks"]["llamacpp_without_gguf_is_error"] = str(err)
     report["ok"] &= bool(report["checks"]["llamacpp_without_gguf_is_error"])
 
+    report["checks"]["vllm"] = vllm_check()
+    report["ok"] &= report["checks"]["vllm"].get("ok", True)  # skipped (no vLLM) is not a failure, and says so
+
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
     return 0 if report["ok"] else 1
+
+
+def vllm_check(port: int = 8765, key: str = "cuda-check-key", wait_s: float = 300) -> dict:
+    """`prime serve --engine vllm` on the tiny model, and JARVIS's RemoteModel against it."""
+    import importlib.util
+    import subprocess
+    import time
+    import urllib.request
+
+    if shutil.which("vllm") is None and importlib.util.find_spec("vllm") is None:
+        return {"skipped": "vLLM is not installed"}
+    server = subprocess.Popen([sys.executable, "-m", "jarvis_prime.cli", "serve", "tiny-cuda", "--engine", "vllm",
+                               "--port", str(port), "--api-key", key, "--served-model-name", "jarvis-tiny",
+                               "--context-length", "1024"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                return {"ok": False, "error": "vLLM exited", "log": server.stdout.read()[-3000:]}
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                time.sleep(2)
+        else:
+            return {"ok": False, "error": f"vLLM not healthy in {wait_s:.0f} s"}
+        from jarvis.remote import RemoteModel
+
+        remote = RemoteModel(f"http://127.0.0.1:{port}/v1", api_key=key)
+        messages = [{"role": "user", "content": "What is the capital of France?"}]
+        whole = remote.chat(messages, max_new_tokens=16, temperature=0.0)
+        streamed = "".join(remote.chat(messages, stream=True, max_new_tokens=16, temperature=0.0))
+        try:
+            RemoteModel(f"http://127.0.0.1:{port}/v1", api_key="wrong-key")
+            refused = False
+        except Exception:
+            refused = True
+        check = {"served_name": remote.name, "reply": whole, "stream_equals_whole": streamed == whole,
+                 "wrong_key_refused": refused}
+        check["ok"] = remote.name == "jarvis-tiny" and bool(whole) and streamed == whole and refused
+        return check
+    except Exception:
+        return {"ok": False, "error": traceback.format_exc(limit=4)}
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
 
 
 if __name__ == "__main__":

@@ -3,20 +3,22 @@
 
 PYTHON ?= python3
 VENV   ?= .venv
+# SkyPilot's own virtualenv (see the skypilot target below)
+SKY_VENV ?= .venv-sky
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 PYPROJECTS := packages/reactor-core/pyproject.toml packages/jarvis-prime/pyproject.toml packages/jarvis/pyproject.toml
 
-.PHONY: run test setup setup-test bench clean llama-cpp-converter
+.PHONY: run test setup setup-test bench clean llama-cpp-converter skypilot
 
 run: $(VENV)/.stamp-run $(VENV)/.stamp-converter  # the converter builds the vision model on its first image
 	$(VENV)/bin/jarvis chat
 
-test: $(VENV)/.stamp-test $(VENV)/.stamp-converter
+test: $(VENV)/.stamp-test $(VENV)/.stamp-converter $(SKY_VENV)/.stamp
 	$(PY) -m pytest
 
 setup: $(VENV)/.stamp-run
-setup-test: $(VENV)/.stamp-test $(VENV)/.stamp-converter
+setup-test: $(VENV)/.stamp-test $(VENV)/.stamp-converter $(SKY_VENV)/.stamp
 
 bench: $(VENV)/.stamp-test
 	$(PY) benchmarks/decode.py
@@ -58,5 +60,14 @@ $(VENV)/.stamp-converter: $(VENV)/.stamp-run
 	else echo "note: no llama-cpp-python $$ver sdist; the llama.cpp converter tests will skip"; fi; \
 	rm -rf $$tmp
 
+# SkyPilot for `reactor launch` (issue #26), in its own virtualenv: skypilot 0.14 pins
+# click<8.2, huggingface-hub needs a newer click, so it cannot live in $(VENV). The
+# launch tests run its task parser from here ($(SKY_VENV)/bin/python); without it they skip.
+skypilot: $(SKY_VENV)/.stamp
+$(SKY_VENV)/.stamp:
+	$(PYTHON) -m venv $(SKY_VENV)
+	$(SKY_VENV)/bin/python -m pip --disable-pip-version-check install "skypilot==0.14.1"
+	touch $@
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(SKY_VENV)

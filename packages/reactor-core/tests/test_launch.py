@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -388,3 +389,78 @@ def test_two_nodes_train_through_torchrun_with_skypilots_variables(tiny_llama_di
     assert [s for s, _ in two_nodes] == [s for s, _ in one_process] == list(range(1, 7))
     for (step, a), (_, b) in zip(one_process, two_nodes):
         assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (step, a, b)
+
+
+# -- the whole command, with a stand-in for SkyPilot's VMs ----------------------------------
+
+FAKE_SKY = '''\
+"""`sky jobs launch TASK ...` as one managed job on this machine: the COPY mount downloaded,
+the run script run with SkyPilot's variables, the MOUNT_CACHED folder uploaded after."""
+import json, os, subprocess, sys
+from pathlib import Path
+
+import yaml
+
+from reactor_core.checkpoints.remote import GcsRemote
+from reactor_core.launch.bucket import Bucket
+
+vm = Path(os.environ["FAKE_SKY_VM"])
+(vm / "calls").parent.mkdir(parents=True, exist_ok=True)
+with open(vm / "calls", "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\\n")
+task = yaml.safe_load(Path(sys.argv[3]).read_text())
+mounts = {path: Path(vm / path.strip("/")) for path in task["file_mounts"]}
+remote = GcsRemote(task["file_mounts"]["/reactor/inputs"]["source"])
+for blob in remote.client.list_blobs(remote.bucket, prefix=remote.prefix + "/"):
+    target = mounts["/reactor/inputs"] / blob.name.removeprefix(remote.prefix + "/")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    blob.download_to_filename(str(target))
+env = {**os.environ, **task["envs"], "REACTOR_INPUTS": str(mounts["/reactor/inputs"]),
+       "REACTOR_OUTPUT": str(mounts["/reactor/output"]), "REACTOR_WORK": str(vm / "work"), "SKYPILOT_NODE_RANK": "0",
+       "SKYPILOT_NUM_NODES": str(task["num_nodes"]), "SKYPILOT_NODE_IPS": "127.0.0.1", "SKYPILOT_NUM_GPUS_PER_NODE": "0"}
+code = subprocess.call(["bash", "-c", task["run"]], env=env)
+output = Bucket(task["file_mounts"]["/reactor/output"]["source"])
+for path in sorted(mounts["/reactor/output"].rglob("*")):
+    if path.is_file():
+        output.put(path, path.relative_to(mounts["/reactor/output"]).as_posix())
+sys.exit(code)
+'''
+
+
+@needs_sky
+def test_reactor_launch_checks_stages_launches_and_brings_the_model_back_into_the_store(
+        tiny_llama_dir, chat_file, tmp_path, gcs_emulator, monkeypatch):
+    env = tmp_path / "venv-sky/bin"  # SkyPilot's real Python (the task parser), a stand-in `sky`
+    env.mkdir(parents=True)
+    (env / "python").write_text(f'#!/bin/sh\nexec {sky_python()} "$@"\n')
+    (env / "sky").write_text(f"#!{sys.executable}\n{FAKE_SKY}")
+    for script in ("python", "sky"):
+        (env / script).chmod(0o755)
+    monkeypatch.setenv("FAKE_SKY_VM", str(tmp_path / "vm"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # reactor, prime
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    recipe = write_recipe(tmp_path / "chat.yaml", launch_values(tiny_llama_dir, chat_file, gcs_emulator,
+                                                                merge_adapter=True, max_steps=4))
+    result = CliRunner().invoke(app, ["launch", str(recipe), "--gpus", "none", "--sky-python", str(env / "python"),
+                                      "--pull-to", str(tmp_path / "here")])
+    assert result.exit_code == 0, result.output
+    (call,) = [json.loads(line) for line in (tmp_path / "vm/calls").read_text().splitlines()]
+    assert call[:2] == ["jobs", "launch"] and call[3:] == ["--name", "reactor-chat", "--yes", "--secret", "HF_TOKEN"]
+    staged = yaml_of(Bucket(BucketLayout(gcs_emulator).inputs), "recipe.yaml", tmp_path)
+    assert staged["model_name"] == f"model/{tiny_llama_dir.name}" and staged["data_path"] == "data/data_path/train.jsonl"
+    local = tmp_path / "here/tiny-chat-1.0.0"
+    assert "every file verified" in result.output
+    assert (local / "model.safetensors").read_bytes() == \
+        (tmp_path / "vm/work/tiny-chat-1.0.0/model.safetensors").read_bytes()
+    if shutil.which("prime"):  # jarvis-prime beside it: the model is in its store
+        stored = Path(os.environ["JARVIS_PRIME_HOME"]) / "models/tiny-chat-1.0.0"
+        assert json.loads((stored / "prime.json").read_text())["files"]["model.safetensors"]["sha256"] == \
+            json.loads((local / "prime.json").read_text())["files"]["model.safetensors"]["sha256"]
+
+
+def yaml_of(bucket: Bucket, rel: str, tmp_path: Path) -> dict:
+    import yaml
+
+    bucket.get(rel, tmp_path / "fetched.yaml")
+    return yaml.safe_load((tmp_path / "fetched.yaml").read_text())

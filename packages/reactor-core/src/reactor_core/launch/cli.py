@@ -182,7 +182,12 @@ def _import_into_store(local: Path, name: str, version: str) -> None:
     if prime is None:
         console.print(f"jarvis-prime not installed: the model stays at {local}")
         return
-    task = json.loads((local / "prime.json").read_text(encoding="utf-8")).get("task", "chat")
+    manifest = json.loads((local / "prime.json").read_text(encoding="utf-8"))
+    if not any(rel.endswith(".safetensors") and "/" not in rel for rel in manifest.get("files", {})):
+        console.print(f"an adapter without merged weights (`merge_adapter: false`): it stays at {local}, not in the "
+                      f"store; `prime serve --engine vllm {local}` serves it on its base")
+        return
+    task = manifest.get("task", "chat")
     command = [prime, "pull", name, "--from", str(local), "--version", version, "--task", task]
     if subprocess.call(command) != 0:
         _fail(f"`{' '.join(command)}` failed; the model is at {local}", code=1)

@@ -121,6 +121,13 @@ def jobs_command(sky: SkyPilot, action: str, args: list[str]) -> list[str]:
     return sky.command(*verbs[action], *args)
 
 
+# Passed to the VMs as SkyPilot secrets (`--secret KEY` reads this machine's value and
+# keeps it out of the task YAML and SkyPilot's logs) when set here: a gated base needs it.
+SECRETS = ("HF_TOKEN",)
+
+
 def launch_command(sky: SkyPilot, task_file: str, name: str, detach: bool = False) -> list[str]:
     """`sky jobs launch`: submitted as a managed job (recovered after preemption), logs streamed."""
-    return sky.command("jobs", "launch", task_file, "--name", name, "--yes", *(["--detach-run"] if detach else []))
+    secrets = [arg for key in SECRETS if os.environ.get(key) for arg in ("--secret", key)]
+    return sky.command("jobs", "launch", task_file, "--name", name, "--yes", *secrets,
+                       *(["--detach-run"] if detach else []))

@@ -216,7 +216,8 @@ def test_inputs_are_staged_under_their_own_names_and_a_chat_file_with_images_bri
     model.mkdir()
     (model / "config.json").write_text("{}")
     staged = plan_inputs({"model_name": str(model), "data_path": str(data / "train.jsonl"),
-                          "kl_anchor_path": str(anchor), "lora_rank": 8}, lambda path: path.endswith("train.jsonl"))
+                          "kl_anchor_path": str(anchor), "lora_rank": 8, "checkpoint_dir": "/home/me/ckpt"},
+                         lambda path: path.endswith("train.jsonl"))
     assert staged.recipe == {"model_name": "model/SmolLM2-135M", "data_path": "data/data_path/train.jsonl",
                              "kl_anchor_path": "data/kl_anchor_path/anchor.jsonl", "lora_rank": 8}
     assert set(staged.files) == {"data/data_path/train.jsonl", "data/data_path/images/a.png",

@@ -97,6 +97,7 @@ def plan_inputs(recipe: dict[str, Any], has_images: Callable[[str], bool]) -> St
     """
     files: dict[str, Path] = {}
     staged = dict(recipe)
+    staged.pop("checkpoint_dir", None)  # a folder of this machine; on the VM: <output_dir>/checkpoints
     for key in PATH_KEYS:
         value = recipe.get(key)
         if not value:

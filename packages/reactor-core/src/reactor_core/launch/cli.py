@@ -20,6 +20,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
@@ -49,7 +50,7 @@ PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_
 
 
 def _fail(err: Exception, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {err}", highlight=False)
+    err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)  # `skypilot[gcp]` is text
     raise typer.Exit(code=code)
 
 
@@ -170,7 +171,8 @@ def _fetch_and_import(config, layout, pull_to: Path | None) -> None:
         local = fetch_model(Bucket(layout.output), model, pull_to or Path(config.output_dir))
     except FetchError as err:
         _fail(f"{err} (is the job done? `reactor launch status`)")
-    console.print(f"[green]fetched[/] {model} from {layout.output}, every file verified: {local}", highlight=False)
+    console.print(f"[green]fetched[/] {model} from {escape(layout.output)}, every file verified: {escape(str(local))}",
+                  highlight=False)
     _import_into_store(local, output_name(config), config.output_version)
 
 
@@ -180,7 +182,7 @@ def _import_into_store(local: Path, name: str, version: str) -> None:
 
     prime = shutil.which("prime")
     if prime is None:
-        console.print(f"jarvis-prime not installed: the model stays at {local}")
+        console.print(f"jarvis-prime not installed: the model stays at {escape(str(local))}")
         return
     manifest = json.loads((local / "prime.json").read_text(encoding="utf-8"))
     if not any(rel.endswith(".safetensors") and "/" not in rel for rel in manifest.get("files", {})):
@@ -207,13 +209,13 @@ def _print_preflight(checked) -> None:
     table = Table(title="checked here, before any VM", show_header=False, title_justify="left")
     table.add_column("check", no_wrap=True, style="bold")
     table.add_column("result")
-    table.add_row("recipe", f"{checked.config.method}, {checked.config.model_name}")
+    table.add_row("recipe", escape(f"{checked.config.method}, {checked.config.model_name}"))
     for line in checked.data:
-        table.add_row("data", line)
-    table.add_row("model", checked.model)
+        table.add_row("data", escape(line))
+    table.add_row("model", escape(checked.model))
     for part, size in checked.memory_rows:
-        table.add_row(f"memory: {part}", size)
-    table.add_row("memory", checked.memory_note)
+        table.add_row(escape(f"memory: {part}"), size)
+    table.add_row("memory", escape(checked.memory_note))
     console.print(table)
 
 
@@ -224,7 +226,7 @@ def _print_price(parsed: dict, spot: bool) -> None:
                       f"{price['instance_type']}, {'spot' if spot else 'on-demand'}; plus the small managed-jobs "
                       "controller VM while jobs run)", highlight=False)
     else:
-        reason = parsed.get("price_error", "no GPU to price")
+        reason = escape(parsed.get("price_error", "no GPU to price"))
         console.print(f"price unknown: {reason[:160]}{'...' if len(reason) > 160 else ''} (SkyPilot downloads its "
                       "price catalog on first use: rerun --dry-run online)", highlight=False)
 

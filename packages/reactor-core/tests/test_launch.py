@@ -150,6 +150,27 @@ def test_dry_run_checks_the_recipe_and_prints_the_task_the_command_and_the_price
     assert "SkyPilot's price: $" in out or "price unknown:" in out  # offline: the catalog cannot download
 
 
+@needs_sky
+@pytest.mark.parametrize("spot, price", [(True, "$1.00/hour (2 x g2-standard-4, spot"),
+                                         (False, "$2.80/hour (2 x g2-standard-4, on-demand")])
+def test_dry_run_prices_the_job_from_skypilots_catalog_when_it_has_one(sky, tiny_llama_dir, chat_file, tmp_path,
+                                                                     spot, price):
+    """A catalog SkyPilot already downloaded (here a one-instance stand-in in ~/.sky, which
+    SkyPilot then never refreshes): L4 on g2-standard-4 at 0.25 (spot) / 0.70 an hour for the
+    VM and the same for the GPU, so 2 nodes cost 2 x (0.25 + 0.25) or 2 x (0.70 + 0.70)."""
+    catalog = Path(os.environ["HOME"]) / ".sky/catalogs/v8/gcp/vms.csv"
+    catalog.parent.mkdir(parents=True)
+    catalog.write_text("InstanceType,AcceleratorName,AcceleratorCount,vCPUs,MemoryGiB,GpuInfo,Price,SpotPrice,Region,"
+                       "AvailabilityZone\n"
+                       "g2-standard-4,L4,1,4,16,L4,0.7,0.25,us-central1,us-central1-a\n"
+                       "g2-standard-4,,,4,16,,0.7,0.25,us-central1,us-central1-a\n")
+    recipe = write_recipe(tmp_path / "chat.yaml", launch_values(tiny_llama_dir, chat_file, "gs://spot-ckpt/runs/tiny"))
+    result = CliRunner().invoke(app, ["launch", str(recipe), "--dry-run", "--gpus", "L4:1", "--nodes", "2",
+                                      "--spot" if spot else "--no-spot", "--sky-python", str(sky.python)])
+    assert result.exit_code == 0, result.output
+    assert f"SkyPilot's price: {price}" in result.output
+
+
 def test_the_recipe_is_checked_before_anything_is_launched(tiny_llama_dir, chat_file, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(chat_file.read_text() + '{"messages": [{"role": "user"}]}\n')

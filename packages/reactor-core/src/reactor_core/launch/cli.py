@@ -227,8 +227,8 @@ def _print_price(parsed: dict, spot: bool) -> None:
                       "controller VM while jobs run)", highlight=False)
     else:
         reason = escape(parsed.get("price_error", "no GPU to price"))
-        console.print(f"price unknown: {reason[:160]}{'...' if len(reason) > 160 else ''} (SkyPilot downloads its "
-                      "price catalog on first use: rerun --dry-run online)", highlight=False)
+        hint = " (SkyPilot downloads its price catalog on first use: rerun --dry-run online)" if parsed["accelerators"] else ""
+        console.print(f"price unknown: {reason[:160]}{'...' if len(reason) > 160 else ''}{hint}", highlight=False)
 
 
 def _pass_through(action: str, ctx: typer.Context, sky_python: str | None) -> None:

@@ -49,7 +49,9 @@ out = {
     "file_mounts": {path: {"source": s.source, "mode": s.mode.value} for path, s in task.storage_mounts.items()},
     "setup": task.setup, "run": task.run,
 }
-if "--price" in sys.argv:
+if "--price" in sys.argv and not res.accelerators:
+    out["price_error"] = "no GPU asked for (--gpus none): SkyPilot picks the CPU instance at launch"
+elif "--price" in sys.argv:
     try:
         from sky import catalog
         (acc, count), = res.accelerators.items()

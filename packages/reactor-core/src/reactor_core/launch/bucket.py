@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator
@@ -26,6 +27,7 @@ from typing import Any, Callable, Iterator
 import yaml
 
 from reactor_core.files import replace_dir
+from reactor_core.launch.task import STAGED_RECIPE
 
 PATH_KEYS = ("data_path", "val_data_path", "kl_anchor_path")
 
@@ -139,16 +141,12 @@ def stage_inputs(staged: Staged, bucket: Bucket, log: Callable[[str], None] = la
         bucket.put(local, rel)
     recipe_file = _write_temp_yaml(staged.recipe)
     try:
-        from reactor_core.launch.task import STAGED_RECIPE
-
         bucket.put(recipe_file, STAGED_RECIPE)
     finally:
         recipe_file.unlink(missing_ok=True)
 
 
 def _write_temp_yaml(values: dict[str, Any]) -> Path:
-    import tempfile
-
     fd, name = tempfile.mkstemp(prefix="reactor-recipe-", suffix=".yaml")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         yaml.safe_dump(values, f, sort_keys=False)

@@ -188,6 +188,28 @@ def test_the_recipe_is_checked_before_anything_is_launched(tiny_llama_dir, chat_
     assert "fits one H100" in run_preflight(big, [], Accelerators("H100"), 1).memory_note
 
 
+def test_grpo_rewards_and_several_process_limits_are_checked_before_anything_is_launched(tiny_llama_dir, chat_file,
+                                                                                         tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say {i}.", "answer": str(i)}) + "\n" for i in range(8)))
+    rewards = tmp_path / "my_rewards.py"
+    rewards.write_text("def says_it(prompts, completions, **kw):\n    return [0.0] * len(completions)\n")
+    grpo = dict(method="grpo", num_generations=2, max_completion_length=4)
+    good = write_recipe(tmp_path / "g.yaml", launch_values(tiny_llama_dir, prompts, "gs://b/x", **grpo,
+                                                           reward_funcs=["exact_answer", f"{rewards}:says_it"]))
+    assert "8 examples" in run_preflight(str(good), [], Accelerators("L4"), 1).data[0]
+    typo = write_recipe(tmp_path / "t.yaml", launch_values(tiny_llama_dir, prompts, "gs://b/x", **grpo,
+                                                           reward_funcs=[f"{rewards}:say_it"]))
+    with pytest.raises(PreflightError, match=r"my_rewards.py has no function 'say_it'"):
+        run_preflight(str(typo), [], Accelerators("L4"), 1)
+    qlora = str(write_recipe(tmp_path / "q.yaml", launch_values(tiny_llama_dir, chat_file, "gs://b/x",
+                                                                quantize_base=True)))
+    with pytest.raises(PreflightError, match=r"`quantize_base` \(QLoRA\) runs in one process, and L4:2 x 1"):
+        run_preflight(qlora, [], Accelerators("L4", 2), 1)
+    with pytest.raises(PreflightError, match=r"`quantize_base` \(QLoRA\) runs in one process, and L4:1 x 2"):
+        run_preflight(qlora, [], Accelerators("L4", 1), 2)
+
+
 def test_gpus_and_names_are_checked_where_they_are_given():
     assert Accelerators.parse("A100-80GB:8") == Accelerators("A100-80GB", 8)
     assert Accelerators.parse("L4") == Accelerators("L4", 1)
@@ -236,13 +258,18 @@ def test_inputs_are_staged_under_their_own_names_and_a_chat_file_with_images_bri
     model = tmp_path / "SmolLM2-135M"
     model.mkdir()
     (model / "config.json").write_text("{}")
+    rewards = tmp_path / "my_rewards.py"
+    rewards.write_text("def f(**kw): ...\n")
     staged = plan_inputs({"model_name": str(model), "data_path": str(data / "train.jsonl"),
-                          "kl_anchor_path": str(anchor), "lora_rank": 8, "checkpoint_dir": "/home/me/ckpt"},
+                          "kl_anchor_path": str(anchor), "lora_rank": 8, "checkpoint_dir": "/home/me/ckpt",
+                          "reward_funcs": ["length", f"{rewards}:f", "pkg.mod:g"]},
                          lambda path: path.endswith("train.jsonl"))
     assert staged.recipe == {"model_name": "model/SmolLM2-135M", "data_path": "data/data_path/train.jsonl",
-                             "kl_anchor_path": "data/kl_anchor_path/anchor.jsonl", "lora_rank": 8}
+                             "kl_anchor_path": "data/kl_anchor_path/anchor.jsonl", "lora_rank": 8,
+                             "reward_funcs": ["length", "rewards/1/my_rewards.py:f", "pkg.mod:g"]}
     assert set(staged.files) == {"data/data_path/train.jsonl", "data/data_path/images/a.png",
-                                 "data/kl_anchor_path/anchor.jsonl", "model/SmolLM2-135M/config.json"}
+                                 "data/kl_anchor_path/anchor.jsonl", "model/SmolLM2-135M/config.json",
+                                 "rewards/1/my_rewards.py"}
     bucket = Bucket(str(tmp_path / "bucket"))
     stage_inputs(staged, bucket)
     assert (tmp_path / "bucket/data/data_path/images/a.png").read_bytes() == b"png"

@@ -115,6 +115,16 @@ def plan_inputs(recipe: dict[str, Any], has_images: Callable[[str], bool]) -> St
             staged[key] = f"data/{key}/{local.name}"
             files[staged[key]] = local
     model = Path(str(recipe.get("model_name", ""))).expanduser()
+    # GRPO's reward functions from a local file (`path/to/file.py:function`) travel too
+    rewards = list(recipe.get("reward_funcs") or [])
+    for i, spec in enumerate(rewards):
+        where, sep, name = str(spec).rpartition(":")
+        if sep and where.endswith(".py") and Path(where).expanduser().is_file():
+            local = Path(where).expanduser().resolve()
+            files[f"rewards/{i}/{local.name}"] = local
+            rewards[i] = f"rewards/{i}/{local.name}:{name}"
+    if rewards:
+        staged["reward_funcs"] = rewards
     # a local base (HF or PRIME folder, .gguf) travels under its own name, which the default
     # output name is made of; a Hub id or short name is fetched on the VM
     if model.is_dir():

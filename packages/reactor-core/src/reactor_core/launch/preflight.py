@@ -51,6 +51,7 @@ def run_preflight(recipe: str, overrides: list[str], gpus: Accelerators | None, 
     from reactor_core.data import DataValidationError
     from reactor_core.training import ConfigError, load_config
     from reactor_core.training.model import ModelSourceError, resolve_model_source
+    from reactor_core.training.rewards import RewardError, load_reward
 
     try:
         config = load_config(recipe, overrides)
@@ -62,6 +63,12 @@ def run_preflight(recipe: str, overrides: list[str], gpus: Accelerators | None, 
                              "and a recovered VM resumes from it")
     if config.data_path is None:
         raise PreflightError(f"{recipe}: `data_path` is required to launch")
+    processes = (gpus.count if gpus else 1) * nodes
+    if processes > 1 and config.quantize_base:
+        raise PreflightError(f"{recipe}: `quantize_base` (QLoRA) runs in one process, and {gpus or 'CPU'} x {nodes} "
+                             "node(s) is several: FSDP cannot shard bitsandbytes 4-bit weights")
+    if processes > 1 and config.compile:
+        raise PreflightError(f"{recipe}: `compile` is not supported with several processes yet")
     result = Preflight(config)
     try:
         for key in ("data_path", "val_data_path"):
@@ -74,10 +81,13 @@ def run_preflight(recipe: str, overrides: list[str], gpus: Accelerators | None, 
             from reactor_core.data.anchor import load_text_file
 
             load_text_file(config.kl_anchor_path, on_bad_example=config.on_bad_example)
+        if config.method == "grpo":  # a typo in a reward's name fails here, not on the VM
+            for spec in config.reward_funcs:
+                load_reward(spec)
         source = resolve_model_source(config.model_name)
     except DataValidationError as err:
         raise PreflightError(str(err)) from None
-    except (ModelSourceError, FileNotFoundError) as err:
+    except (ModelSourceError, FileNotFoundError, RewardError) as err:
         raise PreflightError(f"{recipe}: {err}") from None
     result.model = source.description or source.location
     _estimate(result, source, gpus, nodes)

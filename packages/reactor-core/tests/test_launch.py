@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,7 @@ from reactor_core.launch.bucket import Bucket, FetchError, fetch_model, plan_inp
 from reactor_core.launch.preflight import PreflightError, run_preflight
 from reactor_core.launch.skypilot import SKY_PYTHON_ENV, SkyPilot, SkyPilotError, find_skypilot, jobs_command
 from reactor_core.launch.task import Accelerators, BucketLayout, LaunchSpec, build_task, task_yaml
+from reactor_core.version import __version__
 
 from reactor_testing import logged, model_dir, write_chat_data, write_recipe
 
@@ -458,6 +460,7 @@ vm = Path(os.environ["FAKE_SKY_VM"])
 with open(vm / "calls", "a") as f:
     f.write(json.dumps(sys.argv[1:]) + "\\n")
 task = yaml.safe_load(Path(sys.argv[3]).read_text())
+(vm / "setup.sh").write_text(task["setup"])  # not run: it would pip-install into this environment
 mounts = {path: Path(vm / path.strip("/")) for path in task["file_mounts"]}
 remote = GcsRemote(task["file_mounts"]["/reactor/inputs"]["source"])
 for blob in remote.client.list_blobs(remote.bucket, prefix=remote.prefix + "/"):
@@ -498,6 +501,11 @@ def test_reactor_launch_checks_stages_launches_and_brings_the_model_back_into_th
     assert call[:2] == ["jobs", "launch"] and call[3:] == ["--name", "reactor-chat", "--yes", "--secret", "HF_TOKEN"]
     staged = yaml_of(Bucket(BucketLayout(gcs_emulator).inputs), "recipe.yaml", tmp_path)
     assert staged["model_name"] == f"model/{tiny_llama_dir.name}" and staged["data_path"] == "data/data_path/train.jsonl"
+    # the VMs install this clone's reactor-core: the wheel staged with the inputs, not an index's release
+    wheel = f"reactor_core-{__version__}-py3-none-any.whl"
+    assert f"pip install '/reactor/inputs/wheels/{wheel}[gcp]'" in (tmp_path / "vm/setup.sh").read_text()
+    with zipfile.ZipFile(tmp_path / "vm/reactor/inputs/wheels" / wheel) as built:
+        assert "reactor_core/launch/source.py" in built.namelist()
     local = tmp_path / "here/tiny-chat-1.0.0"
     assert "every file verified" in result.output
     assert (local / "model.safetensors").read_bytes() == \

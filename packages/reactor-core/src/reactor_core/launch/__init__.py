@@ -9,6 +9,7 @@ SkyPilot's recovery needs (75: checkpointed, restart me; 2: a bad recipe, do not
     preflight.py   the recipe checked here: data, model, the memory estimate for the GPU asked for
     bucket.py      inputs staged in the recipe's bucket; the PRIME model fetched back, sha256 verified
     task.py        the SkyPilot task: resources, recovery, file mounts, envs, setup, run
+    source.py      what the VMs install: a wheel of the reactor-core this machine runs
     skypilot.py    SkyPilot in its own virtualenv: found, asked to parse the task, run
     cli.py         `reactor launch RECIPE`, `reactor launch status|logs|cancel`
 

@@ -76,8 +76,10 @@ def run(
     detach: Annotated[bool, typer.Option("--detach", help="Submit and return; `reactor launch fetch` later.")] = False,
     pull_to: Annotated[str | None, typer.Option(help="Where the model comes back (default: the recipe's "
                                                 "output_dir, here).")] = None,
-    install: Annotated[str | None, typer.Option(help="What setup pip-installs on the VMs (default "
-                                                "reactor-core[gcp]==<this version>; a wheel URL or git+https://...).")] = None,
+    install: Annotated[str | None, typer.Option(help="What setup pip-installs on the VMs (default: this "
+                                                "reactor-core, as a wheel staged with the inputs when it was installed "
+                                                "from a folder, else reactor-core[gcp]==<this version>; a wheel URL or "
+                                                "git+https://...).")] = None,
     sky_python: Annotated[str | None, typer.Option(help="Python of SkyPilot's virtualenv (or $REACTOR_SKY_PYTHON; "
                                                    "else `sky` on PATH).")] = None,
 ) -> None:
@@ -91,12 +93,14 @@ def run(
     from reactor_core.launch.bucket import Bucket, plan_inputs, stage_inputs
     from reactor_core.launch.preflight import PreflightError, run_preflight
     from reactor_core.launch.skypilot import SkyPilotError, find_skypilot, launch_command
-    from reactor_core.launch.task import Accelerators, BucketLayout, LaunchSpec, build_task, task_yaml
+    from reactor_core.launch.source import WHEELS, build_wheel, local_source, vm_requirement
+    from reactor_core.launch.task import INPUTS_MOUNT, Accelerators, BucketLayout, LaunchSpec, build_task, task_yaml
 
+    source = None if install else local_source()  # a clone's reactor-core goes to the VMs as a wheel
     try:
         accelerators = None if gpus.lower() == "none" else Accelerators.parse(gpus)
         spec = LaunchSpec(name=name or default_name(recipe), cloud=cloud, gpus=accelerators, nodes=nodes, spot=spot,
-                          region=region, install=install or "")
+                          region=region, install=install or vm_requirement(__version__, INPUTS_MOUNT, source))
     except ValueError as err:
         _fail(err)
     try:
@@ -126,11 +130,19 @@ def run(
         return
 
     staged = plan_inputs(_recipe_values(recipe, overrides or []), lambda path: checked.images.get(path, False))
-    try:
-        stage_inputs(staged, Bucket(layout.inputs), log=console.print)
-    except (OSError, ValueError) as err:
-        _fail(f"staging the inputs in {layout.inputs}: {err}")
     with tempfile.TemporaryDirectory(prefix="reactor-launch-") as tmp:
+        if source is not None:
+            try:
+                wheel = build_wheel(source, Path(tmp) / WHEELS, __version__)
+            except RuntimeError as err:
+                _fail(err)
+            staged.files[f"{WHEELS}/{wheel.name}"] = wheel
+            console.print(f"this machine's reactor-core ({escape(str(source))}) goes to the VMs as {wheel.name}",
+                          highlight=False)
+        try:
+            stage_inputs(staged, Bucket(layout.inputs), log=console.print)
+        except (OSError, ValueError) as err:
+            _fail(f"staging the inputs in {layout.inputs}: {err}")
         task_file = Path(tmp) / "task.yaml"
         task_file.write_text(text, encoding="utf-8")
         code = subprocess.call(launch_command(sky, str(task_file), spec.name, detach=detach))

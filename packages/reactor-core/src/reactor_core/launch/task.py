@@ -18,7 +18,8 @@ What each part is for:
 - `envs`: where the mounts are, the checkpoint bucket, the rendezvous port; the run
   script reads only these and SkyPilot's own variables, so the tests run it on this
   machine with the mounts as plain folders.
-- `setup`: installs reactor-core at this machine's version (every node, every recovery).
+- `setup`: installs this machine's reactor-core (every node, every recovery): the wheel
+  `source.py` builds and stages with the inputs, or the released version.
 - `run`: `RUN_SCRIPT`, the same on every node.
 """
 
@@ -32,6 +33,7 @@ from typing import Any
 import yaml
 
 from reactor_core.gcp.preemption import EXIT_PREEMPTED
+from reactor_core.launch.source import vm_requirement
 
 INPUTS_MOUNT = "/reactor/inputs"
 OUTPUT_MOUNT = "/reactor/output"
@@ -95,7 +97,7 @@ class LaunchSpec:
     nodes: int = 1
     spot: bool = True
     region: str | None = None
-    install: str = ""  # the pip requirement setup installs; default: reactor-core[gcp] at this version
+    install: str = ""  # the pip requirement setup installs (source.vm_requirement: the staged wheel or the release)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", self.name):
@@ -125,10 +127,6 @@ class BucketLayout:
         return f"{self.checkpoints.rstrip('/')}/launch/output"
 
 
-def install_requirement(version: str) -> str:
-    return f"reactor-core[gcp]=={version}"
-
-
 def build_task(spec: LaunchSpec, layout: BucketLayout, version: str) -> dict[str, Any]:
     """The task as SkyPilot's YAML schema has it (`sky.Task.from_yaml_config` parses it)."""
     resources: dict[str, Any] = {
@@ -138,7 +136,7 @@ def build_task(spec: LaunchSpec, layout: BucketLayout, version: str) -> dict[str
     }
     if spec.gpus is not None:
         resources["accelerators"] = str(spec.gpus)
-    install = spec.install or install_requirement(version)
+    install = spec.install or vm_requirement(version, INPUTS_MOUNT, source=None)
     return {
         "name": spec.name,
         "resources": resources,

@@ -23,6 +23,7 @@ from reactor_core.env import (
     recommend_profile,
 )
 from reactor_core.gcp.metadata import DEFAULT_METADATA_TIMEOUT_S, MetadataClient
+from reactor_core.data_cli import data_app
 
 app = typer.Typer(
     name="reactor",
@@ -34,6 +35,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+app.add_typer(data_app, name="data")  # `reactor data inspect|clean|pack` (data_cli.py)
 
 
 def _print_version(value: bool) -> None:

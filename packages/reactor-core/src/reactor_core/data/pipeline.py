@@ -223,7 +223,7 @@ def clean(inputs: Sequence[str | os.PathLike[str]], output: str | os.PathLike[st
           on_batch: Callable[[Summary], None] | None = None) -> Summary:
     """Clean `inputs` into `output` (JSONL; .gz/.zst compress), the removed records into
     `report` (default: OUTPUT's name + `.report.jsonl`) and the summary beside it
-    (`.summary.json`). With `output=None` nothing is written: `reactor data inspect`."""
+    (OUT.summary.json). With `output=None` nothing is written: `reactor data inspect`."""
     started = time.perf_counter()
     files = data_files(inputs)  # missing inputs fail here, before any work
     kernels = backend(config.backend)
@@ -231,7 +231,7 @@ def clean(inputs: Sequence[str | os.PathLike[str]], output: str | os.PathLike[st
     summary.inputs = [{"path": os.fspath(p), "sha256": sha256_file(p)} for p in files]
     decontaminator = Decontaminator(config.decontaminate, kernels) if config.decontaminate.paths else None
     deduplicator = Deduplicator(config.dedup, kernels)
-    batches = _batched(iter_lines(files), config.batch_size)
+    batches = batched(iter_lines(files), config.batch_size)
     results = _ordered_map(partial(clean_batch, config=config, decontaminator=decontaminator), batches,
                            config.workers)
     if output is None:
@@ -249,8 +249,7 @@ def clean(inputs: Sequence[str | os.PathLike[str]], output: str | os.PathLike[st
                 if on_batch:
                     on_batch(summary)
         summary.seconds = time.perf_counter() - started
-        Path(f"{report}".removesuffix(".jsonl") + ".summary.json").write_text(
-            json.dumps(summary.to_dict(), indent=1) + "\n")
+        summary_path(report).write_text(json.dumps(summary.to_dict(), indent=1) + "\n")
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -261,6 +260,11 @@ def report_path(output: Path) -> Path:
     for suffix in (".gz", ".zst", ".jsonl"):
         name = name.removesuffix(suffix)
     return output.with_name(name + ".report.jsonl")
+
+
+def summary_path(report: Path) -> Path:
+    """OUT.report.jsonl -> OUT.summary.json."""
+    return report.with_name(report.name.removesuffix(".jsonl").removesuffix(".report") + ".summary.json")
 
 
 def _account(summary: Summary, result: BatchResult, deduplicator: Deduplicator, out: Any, rep: Any) -> None:
@@ -285,7 +289,7 @@ def _account(summary: Summary, result: BatchResult, deduplicator: Deduplicator, 
             rep.write(json.dumps(r.to_dict(), ensure_ascii=False).encode("utf-8") + b"\n")
 
 
-def _batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
     batch: list[T] = []
     for item in items:
         batch.append(item)

@@ -136,7 +136,7 @@ def _run(fn: Any) -> Any:
     try:
         return fn()
     except (FileNotFoundError, ValueError, ImportError) as err:
-        Console(stderr=True).print(f"[red]error:[/] {err}")
+        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/] {err}", highlight=False)
         raise typer.Exit(1) from None
 
 

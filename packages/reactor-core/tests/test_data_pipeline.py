@@ -294,3 +294,42 @@ def test_pack_writes_rows_that_never_exceed_the_length(tmp_path, tokenizer):
     for row in rows:
         assert len(row["input_ids"]) == len(row["labels"]) == len(row["position_ids"]) <= 256
         assert row["position_ids"].count(0) == len(row["sources"])
+
+
+# --------------------------------------------------------------------------------------
+# A recipe's data_pipeline
+# --------------------------------------------------------------------------------------
+
+
+def test_a_recipe_cleans_its_data_and_the_lineage_says_how(tiny_llama_dir, tmp_path):
+    import hashlib
+
+    from reactor_core import Trainer
+    from reactor_core.training.config import ConfigError, load_config
+
+    from reactor_testing import config_for, write_chat_data
+
+    data = write_chat_data(tmp_path / "train.jsonl", n=24)
+    with open(data, "a") as f:
+        f.write(data.read_text().splitlines()[0] + "\n")                     # line 25: exact copy of line 1
+        f.write(json.dumps(chat("Who are you?", "I am JARVIS.")) + "\n")     # line 26: in the eval suite
+    pipeline_config = {"decontaminate": {"paths": [str(EVAL_SUITE)]}}
+    config = config_for(tiny_llama_dir, tmp_path / "out", max_steps=2, num_samples=0, data_pipeline=pipeline_config)
+    result = Trainer(config, progress=False).train(data)
+    manifest = json.loads((result.model_dir / "prime.json").read_text())
+    entry = manifest["lineage"]["data"][0]
+    cleaned = tmp_path / "out/data/train.clean.jsonl"
+    assert entry["path"] == str(cleaned) and entry["sha256"] == hashlib.sha256(cleaned.read_bytes()).hexdigest()
+    assert entry["examples"] == 24
+    assert entry["pipeline"]["inputs"] == [{"path": str(data), "sha256": hashlib.sha256(data.read_bytes()).hexdigest()}]
+    assert entry["pipeline"]["removed"] == {"exact_duplicate": 1, "contaminated": 1}
+    assert entry["pipeline"]["config"]["decontaminate"]["paths"] == [str(EVAL_SUITE)]
+    assert manifest["lineage"]["training_config"]["data_pipeline"]["dedup"]["threshold"] == 0.8
+    # a pipeline that cannot fit the method fails when the recipe loads, naming the key
+    recipe = tmp_path / "dpo.yaml"
+    recipe.write_text(f"model_name: {tiny_llama_dir}\nmethod: dpo\ndata_pipeline:\n  kind: chat\n")
+    with pytest.raises(ConfigError, match="data_pipeline.kind` must be 'preference' for `method: dpo`"):
+        load_config(recipe)
+    recipe.write_text(f"model_name: {tiny_llama_dir}\ndata_pipeline:\n  dedup:\n    treshold: 0.5\n")
+    with pytest.raises(ConfigError, match="treshold"):
+        load_config(recipe)

@@ -26,6 +26,20 @@ def package_folder(name: str) -> Path:
     return Path(str(resources.files("jarvis_prime") / "adapters" / name))
 
 
+def eval_data_paths() -> list[str]:
+    """The evaluation files this package ships (`eval_data/`: the JARVIS suite, the
+    general-text perplexity passages): what `prime eval` measures must never be trained on."""
+    folder = Path(str(resources.files("jarvis_prime") / "eval_data"))
+    return [str(p) for p in sorted(folder.iterdir()) if p.is_file()]
+
+
+def data_pipeline(kind: str) -> dict[str, object]:
+    """A Reactor Core `data_pipeline` block (reactor data clean's defaults: exact and near
+    duplicates, filters, PII scrub) decontaminated against `eval_data_paths()`; `kind` is
+    "chat" for SFT data, "preference" for DPO pairs."""
+    return {"kind": kind, "decontaminate": {"paths": eval_data_paths()}}
+
+
 def require_reactor_core() -> ModuleType:
     """Import reactor_core for a training run, or explain how to install it."""
     try:

@@ -125,10 +125,19 @@ def _known(path: Path) -> bool:
     return path.name.endswith(JSONL_SUFFIXES + ARROW_SUFFIXES)
 
 
+def _pyarrow(path: Path) -> Any:
+    try:
+        import pyarrow
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise ImportError(f"{path}: reading Arrow and Parquet files needs pyarrow (pip install pyarrow)") from None
+    return pyarrow
+
+
 def _arrow_rows(path: Path) -> Iterator[SourceLine]:
     """Rows of an Arrow file, a batch at a time (`datasets` writes the streaming format;
     the random-access file format is read too)."""
-    import pyarrow as pa
+    pa = _pyarrow(path)
 
     name = os.fspath(path)
     with pa.memory_map(name) as source:
@@ -148,11 +157,9 @@ def _arrow_rows(path: Path) -> Iterator[SourceLine]:
 
 
 def _parquet_rows(path: Path) -> Iterator[SourceLine]:
-    import pyarrow.parquet as pq
-
     name = os.fspath(path)
     row = 0
-    for batch in pq.ParquetFile(name).iter_batches(batch_size=1024):
+    for batch in _pyarrow(path).parquet.ParquetFile(name).iter_batches(batch_size=1024):
         for record in batch.to_pylist():
             row += 1
             yield SourceLine(name, row, record)

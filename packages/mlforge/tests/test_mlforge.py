@@ -102,6 +102,17 @@ def test_minhash_estimates_jaccard_within_its_statistical_bound(jaccard):
     assert abs(estimate - truth) <= 4 * np.sqrt(truth * (1 - truth) / k) + 1e-9
 
 
+def test_minhash_threads_split_documents_without_changing_a_bit():
+    rng = np.random.default_rng(9)
+    lengths = rng.integers(0, 40, 3000)
+    grams = rng.integers(0, 1 << 63, int(lengths.sum()), dtype=np.uint64)
+    offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
+    a, b = perms(64)
+    one = mlforge.minhash(grams, offsets, a, b, threads=1)
+    assert np.array_equal(one, mlforge.minhash(grams, offsets, a, b, threads=3))
+    assert np.array_equal(one, mlforge.minhash(grams, offsets, a, b, threads=0))
+
+
 def test_lsh_index_keeps_the_first_and_names_it_for_each_near_copy():
     a, b = perms(64)
     rng = np.random.default_rng(0)

@@ -133,8 +133,13 @@ def test_signatures_estimate_jaccard_and_the_index_finds_the_planted_copies(name
     assert found == planted
 
 
-def test_lsh_parameters_are_datasketchs():
-    assert lsh_params(0.8, 128) == (9, 13) and lsh_params(0.5, 128) == (25, 5)
+def test_lsh_parameters_are_datasketchs_leaning_to_recall():
+    from datasketch.lsh import _optimal_param
+
+    for threshold in (0.5, 0.8, 0.9):
+        assert lsh_params(threshold, 128, 0.5) == _optimal_param(threshold, 128, 0.5, 0.5)
+        assert lsh_params(threshold, 128) == _optimal_param(threshold, 128, 0.1, 0.9)
+    assert lsh_params(0.8, 128) == (14, 9)
     assert bands_rows(DedupConfig(bands=4, rows=8)) == (4, 8)
     with pytest.raises(ValueError, match="bands"):
         DedupConfig(bands=20, rows=8)

@@ -19,7 +19,7 @@
 #include <numeric>
 #include <stdexcept>
 #include <string>
-#include <unordered_map>
+#include <thread>
 #include <vector>
 
 namespace py = pybind11;
@@ -35,6 +35,14 @@ constexpr u64 MERSENNE_61 = (u64(1) << 61) - 1;  // datasketch's _mersenne_prime
 constexpr u64 MAX_HASH = 0xFFFFFFFFull;          // datasketch's _max_hash: 32-bit values
 constexpr u64 WORD_PRIME = 0x100000001b3ull;     // FNV-1a's prime, the word hash's base
 constexpr u64 GRAM_BASE = 0x9E3779B97F4A7C15ull; // golden-ratio constant, the n-gram base
+
+// x mod (2^61 - 1) for any 64-bit x, without a division: x = hi * 2^61 + lo and
+// 2^61 = 1 (mod p), so x = hi + lo (mod p), and hi + lo < 2p needs one subtraction.
+// Equal to x % MERSENNE_61 for every x (the numpy twin uses %), and vectorisable.
+inline u64 mod_mersenne61(u64 x) {
+  const u64 y = (x & MERSENNE_61) + (x >> 61);
+  return y >= MERSENNE_61 ? y - MERSENNE_61 : y;
+}
 
 // MurmurHash3's 64-bit finalizer: every input bit reaches every output bit.
 inline u64 fmix64(u64 k) {
@@ -196,12 +204,39 @@ carray<i64> first_hit(const py::array& grams_in, const py::array& offsets_in, co
 // MinHash
 // ---------------------------------------------------------------------------------------
 
+// The loop itself. The inner loop over permutations is 64-bit multiply-add and a
+// division-free modulo: with AVX-512 (vpmullq) the compiler runs 8 permutations per
+// instruction, so GCC builds it for x86-64-v4 and AVX2 too and picks one at load time.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define MLFORGE_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#else
+#define MLFORGE_CLONES
+#endif
+
+MLFORGE_CLONES
+void minhash_docs(const u64* g, const i64* off, py::ssize_t n_docs, const u64* pa, const u64* pb, py::ssize_t k,
+                  u32* o) {
+  std::vector<u64> mins(k);
+  for (py::ssize_t i = 0; i < n_docs; ++i) {
+    std::fill(mins.begin(), mins.end(), MAX_HASH);
+    for (i64 j = off[i]; j < off[i + 1]; ++j) {
+      const u64 x = g[j] & MAX_HASH;
+      for (py::ssize_t p = 0; p < k; ++p) {
+        const u64 v = mod_mersenne61(pa[p] * x + pb[p]) & MAX_HASH;
+        mins[p] = v < mins[p] ? v : mins[p];
+      }
+    }
+    for (py::ssize_t p = 0; p < k; ++p) o[i * k + p] = static_cast<u32>(mins[p]);
+  }
+}
+
 // (n_docs, K) uint32 signatures: for permutation k, the minimum over the document's
 // shingles of ((a_k * x + b_k) mod 2^64) mod (2^61 - 1), low 32 bits, with x the
 // shingle hash's low 32 bits: datasketch's MinHash.update_batch formula, uint64
 // wrap-around included. An empty document's signature is all 0xFFFFFFFF.
 carray<u32> minhash(const py::array& grams_in, const py::array& offsets_in, const py::array& a_in,
-                    const py::array& b_in) {
+                    const py::array& b_in, int threads) {
+  if (threads < 1) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   auto grams = checked<u64>(grams_in, "grams");
   auto offsets = checked<i64>(offsets_in, "offsets");
   auto a = checked<u64>(a_in, "a");
@@ -218,17 +253,18 @@ carray<u32> minhash(const py::array& grams_in, const py::array& offsets_in, cons
   const u64* pb = b.data();
   {
     py::gil_scoped_release release;
-    std::vector<u64> mins(k);
-    for (py::ssize_t i = 0; i < n_docs; ++i) {
-      std::fill(mins.begin(), mins.end(), MAX_HASH);
-      for (i64 j = off[i]; j < off[i + 1]; ++j) {
-        const u64 x = g[j] & MAX_HASH;
-        for (py::ssize_t p = 0; p < k; ++p) {  // the inner loop the compiler vectorizes
-          const u64 v = ((pa[p] * x + pb[p]) % MERSENNE_61) & MAX_HASH;
-          mins[p] = v < mins[p] ? v : mins[p];
-        }
+    // Documents split across threads in contiguous ranges: each writes its own rows, so
+    // the result does not depend on the thread count.
+    const py::ssize_t n_threads = std::max<py::ssize_t>(1, std::min<py::ssize_t>(threads, n_docs / 512));
+    if (n_threads == 1) {
+      minhash_docs(g, off, n_docs, pa, pb, k, o);
+    } else {
+      std::vector<std::thread> pool;
+      for (py::ssize_t t = 0; t < n_threads; ++t) {
+        const py::ssize_t lo = n_docs * t / n_threads, hi = n_docs * (t + 1) / n_threads;
+        pool.emplace_back(minhash_docs, g, off + lo, hi - lo, pa, pb, k, o + lo * k);
       }
-      for (py::ssize_t p = 0; p < k; ++p) o[i * k + p] = static_cast<u32>(mins[p]);
+      for (auto& th : pool) th.join();
     }
   }
   return out;
@@ -246,6 +282,55 @@ inline u64 band_key(const u32* sig, int band, int rows) {
   return fmix64(key);
 }
 
+// u64 -> i64 hash table, open addressing with linear probing: one flat allocation
+// instead of a node per entry (std::unordered_map spent most of the index's time in
+// malloc). Keys are fmix64 outputs, so their low bits index it directly. Values are
+// >= 0; -1 marks an empty cell.
+class FlatTable {
+ public:
+  FlatTable() : keys_(1 << 12), vals_(1 << 12, -1), mask_((1 << 12) - 1) {}
+
+  i64 get(u64 key) const {
+    for (size_t i = key & mask_;; i = (i + 1) & mask_) {
+      if (vals_[i] < 0) return -1;
+      if (keys_[i] == key) return vals_[i];
+    }
+  }
+
+  // The cell of `key` (-1 in it when new).
+  i64& cell(u64 key) {
+    if (2 * (size_ + 1) > vals_.size()) grow();
+    size_t i = key & mask_;
+    for (; vals_[i] >= 0; i = (i + 1) & mask_)
+      if (keys_[i] == key) return vals_[i];
+    ++size_;
+    keys_[i] = key;
+    return vals_[i];  // -1 until the caller stores a value
+  }
+
+ private:
+  void grow() {
+    std::vector<u64> keys(keys_.size() * 2);
+    std::vector<i64> vals(vals_.size() * 2, -1);
+    const size_t mask = vals.size() - 1;
+    for (size_t j = 0; j < vals_.size(); ++j) {
+      if (vals_[j] < 0) continue;
+      size_t i = keys_[j] & mask;
+      while (vals[i] >= 0) i = (i + 1) & mask;
+      keys[i] = keys_[j];
+      vals[i] = vals_[j];
+    }
+    keys_.swap(keys);
+    vals_.swap(vals);
+    mask_ = mask;
+  }
+
+  std::vector<u64> keys_;
+  std::vector<i64> vals_;
+  size_t mask_;
+  size_t size_ = 0;
+};
+
 // Streaming near-duplicate index. Documents arrive in order; each is compared with the
 // documents already kept that share at least one band bucket with it, and is a duplicate
 // of the first of them (bucket order: band 0 first, then the most recently kept) whose
@@ -259,7 +344,7 @@ inline u64 band_key(const u32* sig, int band, int rows) {
 class LSHIndex {
  public:
   LSHIndex(int num_perm, int bands, int rows, int min_agree)
-      : k_(num_perm), bands_(bands), rows_(rows), min_agree_(min_agree), heads_(bands) {
+      : k_(num_perm), bands_(bands), rows_(rows), min_agree_(min_agree) {
     if (num_perm < 1 || bands < 1 || rows < 1 || bands * rows > num_perm)
       throw py::value_error("need bands * rows <= num_perm, all positive; got bands=" + std::to_string(bands) +
                             " rows=" + std::to_string(rows) + " num_perm=" + std::to_string(num_perm));
@@ -286,26 +371,24 @@ class LSHIndex {
         o[i] = -1;
         for (int band = 0; band < bands_ && o[i] < 0; ++band) {
           keys[band] = band_key(sig, band, rows_);
-          auto it = heads_[band].find(keys[band]);
-          for (i64 slot = it == heads_[band].end() ? -1 : it->second; slot >= 0; slot = next_[slot * bands_ + band]) {
+          for (i64 slot = heads_.get(keys[band]); slot >= 0; slot = next_[slot * bands_ + band]) {
             if (checked_by_[slot] == seq) continue;  // already compared through another band
             checked_by_[slot] = seq;
-            if (agree(sig, &sigs_[slot * k_]) >= min_agree_) {
+            if (agrees(sig, &sigs_[slot * k_])) {
               o[i] = seq_of_[slot];
               break;
             }
           }
         }
-        if (o[i] >= 0) continue;
-        for (int band = 0; band < bands_; ++band) keys[band] = band_key(sig, band, rows_);
+        if (o[i] >= 0) continue;  // else the loop visited every band: all keys are computed
         const i64 slot = static_cast<i64>(seq_of_.size());
         seq_of_.push_back(seq);
         checked_by_.push_back(-1);
         sigs_.insert(sigs_.end(), sig, sig + k_);
         for (int band = 0; band < bands_; ++band) {
-          auto [it, fresh] = heads_[band].try_emplace(keys[band], slot);
-          next_.push_back(fresh ? -1 : it->second);
-          it->second = slot;
+          i64& head = heads_.cell(keys[band]);
+          next_.push_back(head);  // -1 for a new bucket
+          head = slot;
         }
       }
     }
@@ -316,15 +399,18 @@ class LSHIndex {
   i64 kept() const { return static_cast<i64>(seq_of_.size()); }
 
  private:
-  int agree(const u32* x, const u32* y) const {
-    int same = 0;
-    for (int p = 0; p < k_; ++p) same += x[p] == y[p];
-    return same;
+  // Whether at least min_agree positions are equal; gives up once too many differ
+  // (an unrelated candidate is usually refused within the first few dozen).
+  bool agrees(const u32* x, const u32* y) const {
+    int misses_left = k_ - min_agree_;
+    for (int p = 0; p < k_; ++p)
+      if (x[p] != y[p] && --misses_left < 0) return false;
+    return true;
   }
 
   int k_, bands_, rows_, min_agree_;
   i64 seen_ = 0;
-  std::vector<std::unordered_map<u64, i64>> heads_;  // per band: key -> most recent slot
+  FlatTable heads_;                                   // band key -> most recent slot (keys are seeded by band)
   std::vector<i64> next_;                            // slot * bands + band -> next slot in the bucket
   std::vector<u32> sigs_;                            // kept signatures, slot-major
   std::vector<i64> seq_of_;                          // slot -> sequence number
@@ -383,7 +469,8 @@ PYBIND11_MODULE(_core, m) {
   m.def("first_hit", &first_hit, py::arg("grams"), py::arg("offsets"), py::arg("table"),
         "int64 per document: the position of its first n-gram in the sorted `table`, or -1.");
   m.def("minhash", &minhash, py::arg("grams"), py::arg("offsets"), py::arg("a"), py::arg("b"),
-        "(n_docs, K) uint32 MinHash signatures, datasketch's permutation formula.");
+        py::arg("threads") = 1,
+        "(n_docs, K) uint32 MinHash signatures, datasketch's permutation formula; `threads` < 1: one per core.");
   m.def("ffd_pack", &ffd_pack, py::arg("lengths"), py::arg("capacity"),
         "int64 row of each item, first-fit decreasing.");
   py::class_<LSHIndex>(m, "LSHIndex")

@@ -134,8 +134,9 @@ def first_hit(grams: np.ndarray, offsets: np.ndarray, table: np.ndarray) -> np.n
     return out
 
 
-def minhash(grams: np.ndarray, offsets: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(n_docs, K) uint32 MinHash signatures; empty documents are all 0xFFFFFFFF."""
+def minhash(grams: np.ndarray, offsets: np.ndarray, a: np.ndarray, b: np.ndarray, threads: int = 1) -> np.ndarray:
+    """(n_docs, K) uint32 MinHash signatures; empty documents are all 0xFFFFFFFF.
+    `threads` is MLForge's (documents split over threads); numpy runs in one."""
     _check_offsets(offsets, len(grams))
     if len(a) != len(b) or len(a) == 0:
         raise ValueError("`a` and `b` must have the same, positive length")

@@ -182,7 +182,9 @@ def clean_batch(lines: Sequence[SourceLine], config: PipelineConfig,
     result.keys = [exact_key(json.dumps(m, ensure_ascii=False)) for m in texts]
     dedup = config.dedup
     if dedup.near and texts:
-        result.signatures = signatures(["\n".join(text for _, text in m) for m in texts], dedup, kernels)
+        # one process: MinHash on every core; worker processes: one thread each
+        result.signatures = signatures(["\n".join(text for _, text in m) for m in texts], dedup, kernels,
+                                       threads=0 if config.workers == 1 else 1)
     else:
         result.signatures = np.zeros((len(texts), dedup.num_perm), dtype=np.uint32)
     return result

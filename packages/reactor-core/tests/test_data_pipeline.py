@@ -228,6 +228,23 @@ def test_backends_and_worker_processes_write_the_same_files(shards, tmp_path, na
     assert (tmp_path / "one.report.jsonl").read_bytes() == (tmp_path / "two.report.jsonl").read_bytes()
 
 
+def test_the_datasets_map_example_keeps_what_reactor_data_clean_keeps(shards, tmp_path):
+    import importlib.util as iu
+
+    datasets = pytest.importorskip("datasets")
+    spec = iu.spec_from_file_location("clean_with_datasets", Path(__file__).parents[1] / "examples/clean_with_datasets.py")
+    example = iu.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    root, truth = shards
+    records = truth["records"] + [truth["records"][5], chat("Who are you?", "I am JARVIS.")]
+    config = PipelineConfig(decontaminate={"paths": [str(EVAL_SUITE)]})
+    rows = list(example.clean_dataset(datasets.Dataset.from_list(records), config, "mem"))
+    clean([write_jsonl(tmp_path / "all.jsonl", records)], tmp_path / "out.jsonl", config)
+    expected = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [record for _, record, _ in rows if record is not None] == expected
+    assert rows[-2][2] == "exact_duplicate" and rows[-1][2] == "contaminated"
+
+
 def test_the_pipeline_streams_and_never_holds_the_corpus(monkeypatch):
     """An endless generator of records: the run must account for the first batch after
     reading a bounded number of lines, whatever follows."""
@@ -259,7 +276,8 @@ def test_filters_and_pii_scrub():
     lines = [SourceLine("x.jsonl", i + 1, json.dumps(r).encode()) for i, r in enumerate([
         chat("hi", loop),                                                    # repetitive
         chat("long " * 60, "ok"),                                            # too long
-        chat("mail", "write to jane.doe@example.org or 4111 1111 1111 1111, server 10.0.0.1"),
+        chat("mail", "write to jane.doe@example.org or 4111 1111 1111 1111 (not 4111 1111 1111 1112), "
+                     "server 10.0.0.1, key sk-abcdefghijklmnop1234, call +1 415-555-0132, v2.10.15 on 2024-01-15"),
         {"prompt": "p", "chosen": "c", "rejected": "r"},                     # not chat: no messages
         chat("q", sentence(rng, 10)),
     ])]
@@ -267,8 +285,9 @@ def test_filters_and_pii_scrub():
     assert [(r.source, r.kind) for r in result.removed] == [("x.jsonl:1", "repetitive"), ("x.jsonl:2", "too_long"),
                                                             ("x.jsonl:4", "bad_format")]
     scrubbed = json.loads(result.lines[0])
-    assert scrubbed["messages"][1]["content"] == "write to <EMAIL> or <CARD_NUMBER>, server <IP_ADDRESS>"
-    assert result.pii == {"email": 1, "card": 1, "ip": 1}
+    assert scrubbed["messages"][1]["content"] == ("write to [EMAIL] or [CARD] (not 4111 1111 1111 1112), server [IP], "
+                                                  "key [SECRET], call [PHONE], v2.10.15 on 2024-01-15")
+    assert result.pii == {"email": 1, "card": 1, "ip": 1, "secret": 1, "phone": 1}
     prefs = clean_batch([SourceLine("p.jsonl", 1, json.dumps({"prompt": "p", "chosen": "c", "rejected": "r"}).encode())],
                         PipelineConfig(kind="preference"))
     assert prefs.sources == ["p.jsonl:1"] and not prefs.removed

@@ -35,9 +35,11 @@ def eval_data_paths() -> list[str]:
 
 def data_pipeline(kind: str) -> dict[str, object]:
     """A Reactor Core `data_pipeline` block (reactor data clean's defaults: exact and near
-    duplicates, filters, PII scrub) decontaminated against `eval_data_paths()`; `kind` is
-    "chat" for SFT data, "preference" for DPO pairs."""
-    return {"kind": kind, "decontaminate": {"paths": eval_data_paths()}}
+    duplicates, filters) decontaminated against `eval_data_paths()`; `kind` is "chat" for
+    SFT data, "preference" for DPO pairs. No PII scrub: JARVIS scrubs its feedback before
+    handing it over, or was told not to (`jarvis improve --no-scrub-pii`), and a recipe
+    must not overrule that choice."""
+    return {"kind": kind, "decontaminate": {"paths": eval_data_paths()}, "scrub_pii": False}
 
 
 def require_reactor_core() -> ModuleType:

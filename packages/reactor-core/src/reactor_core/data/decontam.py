@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Sequence
+from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -33,10 +34,8 @@ CONTAMINATED = "contaminated"
 
 
 class Decontaminator:
-    """The n-gram table of some evaluation files, and the check of a batch against it.
-
-    Pickles small (two arrays and the file names), so worker processes get a copy.
-    """
+    """The n-gram table of some evaluation files, and the check of a batch against it
+    (`decontaminator_for` caches one per process)."""
 
     def __init__(self, config: DecontamConfig, kernels: ModuleType) -> None:
         self.config = config
@@ -76,6 +75,19 @@ class Decontaminator:
                 out[r] = (f"message shares text with {self.files[owner]} (a {self.config.ngram}-word run, "
                           "or all of a shorter evaluation text)")
         return out
+
+
+def decontaminator_for(config: DecontamConfig, kernels: ModuleType) -> Decontaminator | None:
+    """The Decontaminator of `config` (None without paths), built once per process: a
+    worker running many batches reads the evaluation files once."""
+    if not config.paths:
+        return None
+    return _built(tuple(config.paths), config.ngram, config.min_words, kernels)
+
+
+@lru_cache(maxsize=4)
+def _built(paths: tuple[str, ...], ngram: int, min_words: int, kernels: ModuleType) -> Decontaminator:
+    return Decontaminator(DecontamConfig(paths=list(paths), ngram=ngram, min_words=min_words), kernels)
 
 
 def eval_strings(path: Path) -> Iterator[str]:

@@ -122,8 +122,9 @@ def signatures(texts: Sequence[str], config: DedupConfig, kernels: ModuleType, t
 
 
 def exact_key(canonical: str) -> int:
-    """A 64-bit digest of a record's canonical text: what exact duplicates share."""
-    return int.from_bytes(hashlib.blake2b(canonical.encode("utf-8"), digest_size=8).digest(), "little")
+    """A 63-bit digest of a record's canonical text: what exact duplicates share (63 bits
+    so it fits a signed int64 column: Arrow, `datasets`)."""
+    return int.from_bytes(hashlib.blake2b(canonical.encode("utf-8"), digest_size=8).digest(), "little") >> 1
 
 
 @dataclass(frozen=True)

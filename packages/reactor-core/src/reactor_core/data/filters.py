@@ -9,9 +9,10 @@ one, unknown roles). These catch records that would train the wrong thing:
                      share = 1 - distinct / total, over replies of 20 words or more
 
 The scrub replaces personal data with a placeholder in every string of the record
-(the raw JSON, so the kept line keeps its own format): e-mail addresses, phone numbers,
-IPv4 addresses and payment-card numbers (13-19 digits passing Luhn's check, so an order
-number is left alone).
+(the raw JSON, so the kept line keeps its own format): e-mail addresses, API keys and
+tokens, US social security numbers, payment-card numbers (13-19 digits passing Luhn's
+check, so an order number is left alone), IPv4 addresses and phone numbers, by the
+same rules as JARVIS's export scrub.
 """
 
 from __future__ import annotations
@@ -28,13 +29,25 @@ REPETITIVE = "repetitive"
 
 REPETITION_MIN_WORDS = 20
 
-EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
-IPV4 = re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)\b")
-CARD = re.compile(r"\b(?:\d[ -]?){12,18}\d\b")
-# +country code or a leading 0/(area), then groups: 7+ digits in all, as phone numbers are written
-PHONE = re.compile(r"(?<![\w.])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,4}){1,4}(?![\w.])")
+# The rules of JARVIS's own export scrub (`jarvis/feedback.py`, which cannot import this
+# package: layers), kept the same so a record scrubbed by either reads alike. Order
+# matters: specific shapes first, so a card or SSN is not half-eaten by the phone
+# pattern. Phone numbers need a "+country" prefix, parentheses or the usual 3-3-4 / 3-4
+# groupings, so dates (2024-01-15), versions (2.10.15) and plain numbers stay.
+PII_PATTERNS: list[tuple[str, str, re.Pattern[str]]] = [
+    ("email", "[EMAIL]", re.compile(r"\b[\w.+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63})*\.[A-Za-z]{2,24}\b")),
+    ("secret", "[SECRET]", re.compile(r"\b(?:sk|pk|rk)-[A-Za-z0-9_-]{16,}|\b(?:ghp|gho|ghs|hf|xox[abp])_[A-Za-z0-9]{16,}"
+                                      r"|\bAKIA[A-Z0-9]{16}\b")),
+    ("ssn", "[SSN]", re.compile(r"\b\d{3}-\d{2}-\d{4}\b")),
+    ("card", "[CARD]", re.compile(r"\b\d(?:[ -]?\d){12,18}\b")),  # and passes Luhn's check
+    ("ip", "[IP]", re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)\b")),
+    ("phone", "[PHONE]", re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]\d{2,4}){1,4}"
+                                    r"|\(\d{3}\)[ .-]?\d{3}[ .-]\d{4}|\b\d{3}[ .-]\d{3}[ .-]\d{4}|\b\d{3}-\d{4})(?![\w-])")),
+]
 
-PLACEHOLDERS: dict[str, str] = {"email": "<EMAIL>", "card": "<CARD_NUMBER>", "ip": "<IP_ADDRESS>", "phone": "<PHONE>"}
+
+# What every pattern above needs somewhere in the text: one C-speed pass rules most texts out.
+_MAYBE_PII = re.compile(r"[\d@_-]|AKIA")
 
 
 def check_record(texts: list[tuple[str, str]], config: FilterConfig) -> tuple[str, str] | None:
@@ -78,21 +91,16 @@ def scrub(value: Any, counts: Counter[str]) -> Any:
 
 
 def scrub_text(text: str, counts: Counter[str]) -> str:
-    if not any(c.isdigit() or c == "@" for c in text):  # the common case, cheaply
+    if not _MAYBE_PII.search(text):  # nothing any pattern needs: the common case
         return text
-
-    def sub(kind: str, pattern: re.Pattern[str], text: str, keep: Any = None) -> str:
-        def replace(m: re.Match[str]) -> str:
-            if keep is not None and keep(m.group(0)):
+    for kind, placeholder, pattern in PII_PATTERNS:
+        def replace(m: re.Match[str], kind: str = kind, placeholder: str = placeholder) -> str:
+            if kind == "card" and not luhn(m.group(0)):
                 return m.group(0)
             counts[kind] += 1
-            return PLACEHOLDERS[kind]
-        return pattern.sub(replace, text)
-
-    text = sub("email", EMAIL, text)
-    text = sub("card", CARD, text, keep=lambda s: not luhn(s))
-    text = sub("ip", IPV4, text)
-    return sub("phone", PHONE, text, keep=lambda s: not 7 <= sum(c.isdigit() for c in s) <= 15)  # E.164: <= 15
+            return placeholder
+        text = pattern.sub(replace, text)
+    return text
 
 
 def luhn(number: str) -> bool:

@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from reactor_core.data.decontam import CONTAMINATED, Decontaminator
+from reactor_core.data.decontam import CONTAMINATED, decontaminator_for
 from reactor_core.data.dedup import Deduplicator, exact_key, signatures
 from reactor_core.data.filters import check_record, scrub
 from reactor_core.data.formats import DataFormatError, Message, parse_record
@@ -134,10 +134,10 @@ class Summary:
 # --------------------------------------------------------------------------------------
 
 
-def clean_batch(lines: Sequence[SourceLine], config: PipelineConfig,
-                decontaminator: Decontaminator | None = None) -> BatchResult:
+def clean_batch(lines: Sequence[SourceLine], config: PipelineConfig) -> BatchResult:
     """Validate, scrub, filter, decontaminate and sign one batch (module docstring)."""
     kernels = backend(config.backend)
+    decontaminator = decontaminator_for(config.decontaminate, kernels)
     result = BatchResult()
     readers: dict[str, ImageReader] = {}
     texts: list[list[tuple[str, str]]] = []
@@ -231,11 +231,10 @@ def clean(inputs: Sequence[str | os.PathLike[str]], output: str | os.PathLike[st
     kernels = backend(config.backend)
     summary = Summary(config=config.to_dict(), backend=backend_name(kernels))
     summary.inputs = [{"path": os.fspath(p), "sha256": sha256_file(p)} for p in files]
-    decontaminator = Decontaminator(config.decontaminate, kernels) if config.decontaminate.paths else None
+    decontaminator_for(config.decontaminate, kernels)  # a missing or bad evaluation file fails here, before any work
     deduplicator = Deduplicator(config.dedup, kernels)
     batches = batched(iter_lines(files), config.batch_size)
-    results = _ordered_map(partial(clean_batch, config=config, decontaminator=decontaminator), batches,
-                           config.workers)
+    results = _ordered_map(partial(clean_batch, config=config), batches, config.workers)
     if output is None:
         for result in results:
             _account(summary, result, deduplicator, None, None)

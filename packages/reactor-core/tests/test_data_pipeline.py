@@ -305,19 +305,20 @@ def test_cli_errors_name_the_file_and_the_field(tmp_path):
     assert json.loads(result.output)["kept"] == 1
 
 
-def test_pack_writes_rows_that_never_exceed_the_length(tmp_path, tokenizer):
-    from reactor_core.data.prepack import prepack
-
+def test_pack_writes_rows_that_never_exceed_the_length(tmp_path, tiny_llama_dir):
     rng = random.Random(6)
     data = write_jsonl(tmp_path / "d.jsonl", [chat(sentence(rng, 5), sentence(rng, rng.randrange(3, 60)))
                                               for _ in range(40)] + ["{oops"])
-    stats = prepack([data], tmp_path / "rows.jsonl", tokenizer, max_seq_length=256, window=16)
-    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
-    assert stats["examples"] == 40 and stats["skipped"] == 1 and stats["rows"] == len(rows)
+    result = run_cli("data", "pack", str(data), "--tokenizer", str(tiny_llama_dir), "--max-seq-length", "256",
+                     "--window", "16", "--output", str(tmp_path / "rows.jsonl.gz"))
+    rows = [json.loads(line) for line in gzip.open(tmp_path / "rows.jsonl.gz", "rt")]
+    assert f"40 examples -> {len(rows)} rows of 256 tokens" in result.output and "1 skipped" in result.output
     assert sorted(s for r in rows for s in r["sources"]) == sorted(f"{data}:{i}" for i in range(1, 41))
     for row in rows:
         assert len(row["input_ids"]) == len(row["labels"]) == len(row["position_ids"]) <= 256
         assert row["position_ids"].count(0) == len(row["sources"])
+    # first-fit decreasing within each window of 16: no two rows of a window could have been one
+    assert len(rows) < 40
 
 
 # --------------------------------------------------------------------------------------

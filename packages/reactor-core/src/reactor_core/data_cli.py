@@ -38,11 +38,11 @@ Inputs = Annotated[list[Path], typer.Argument(help="JSONL (.gz, .zst) files, fol
                                                    "`datasets.save_to_disk` folders.", show_default=False)]
 ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="YAML with PipelineConfig fields; flags win.")]
 Kind = Annotated[Optional[str], typer.Option("--kind", help="chat (default) or preference (DPO pairs).")]
-Threshold = Annotated[Optional[float], typer.Option("--threshold", help="Jaccard similarity of a near duplicate "
-                                                                        "[default: 0.8].")]
-NumPerm = Annotated[Optional[int], typer.Option("--num-perm", help="MinHash permutations [default: 128].")]
+Threshold = Annotated[Optional[float], typer.Option("--threshold", help="Jaccard similarity of a near duplicate"
+                                                                        " (default 0.8).")]
+NumPerm = Annotated[Optional[int], typer.Option("--num-perm", help="MinHash permutations (default 128).")]
 Backend = Annotated[Optional[str], typer.Option("--backend", help="auto, native (MLForge) or python (numpy).")]
-Workers = Annotated[Optional[int], typer.Option("--workers", help="Processes for validation and hashing [default: 1].")]
+Workers = Annotated[Optional[int], typer.Option("--workers", help="Processes for validation and hashing (default 1).")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")]
 
 
@@ -64,15 +64,15 @@ def inspect(inputs: Inputs, config: ConfigFile = None, kind: Kind = None, thresh
 def clean_command(
     inputs: Inputs,
     output: Annotated[Path, typer.Option("--output", "-o", help="Kept records, JSONL (.gz, .zst compress).")],
-    report: Annotated[Optional[Path], typer.Option("--report", help="Removed records with path:line and reason "
-                                                                   "[default: OUTPUT.report.jsonl].")] = None,
+    report: Annotated[Optional[Path], typer.Option("--report", help="Removed records with path:line and reason"
+                                                                   " (default OUTPUT.report.jsonl).")] = None,
     decontaminate: Annotated[Optional[list[Path]], typer.Option(
         "--decontaminate", help="Evaluation files (JSONL, JSON, text) whose text must not be trained on (repeat).")] = None,
     config: ConfigFile = None, kind: Kind = None, threshold: Threshold = None, num_perm: NumPerm = None,
     backend: Backend = None, workers: Workers = None,
-    exact: Annotated[Optional[bool], typer.Option("--exact/--no-exact", help="Exact-duplicate removal [default: on].")] = None,
-    near: Annotated[Optional[bool], typer.Option("--near/--no-near", help="Near-duplicate removal [default: on].")] = None,
-    pii: Annotated[Optional[bool], typer.Option("--scrub-pii/--no-scrub-pii", help="PII scrub [default: on].")] = None,
+    exact: Annotated[Optional[bool], typer.Option("--exact/--no-exact", help="Exact-duplicate removal (default on).")] = None,
+    near: Annotated[Optional[bool], typer.Option("--near/--no-near", help="Near-duplicate removal (default on).")] = None,
+    pii: Annotated[Optional[bool], typer.Option("--scrub-pii/--no-scrub-pii", help="PII scrub (default on).")] = None,
     as_json: AsJson = False,
 ) -> None:
     """Write the kept records, a report of each removed one (path:line, reason) and a summary."""

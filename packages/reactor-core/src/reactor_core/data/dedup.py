@@ -38,6 +38,7 @@ EXACT_DUPLICATE = "exact_duplicate"
 NEAR_DUPLICATE = "near_duplicate"
 
 MERSENNE_61 = (1 << 61) - 1
+_trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy 2 renamed it
 
 
 @lru_cache(maxsize=8)
@@ -68,8 +69,8 @@ def lsh_params(threshold: float, num_perm: int, fp_weight: float = FALSE_POSITIV
     lo, hi = np.linspace(0.0, threshold, 201), np.linspace(threshold, 1.0, 201)
     for b in range(1, num_perm + 1):
         for r in range(1, num_perm // b + 1):
-            fp = np.trapezoid(1 - (1 - lo ** r) ** b, lo)
-            fn = np.trapezoid((1 - hi ** r) ** b, hi)
+            fp = _trapezoid(1 - (1 - lo ** r) ** b, lo)
+            fn = _trapezoid((1 - hi ** r) ** b, hi)
             error = fp_weight * fp + (1 - fp_weight) * fn
             if error < best:
                 best, choice = error, (b, r)

@@ -139,13 +139,14 @@ def clean_batch(lines: Sequence[SourceLine], config: PipelineConfig) -> BatchRes
     kernels = backend(config.backend)
     decontaminator = decontaminator_for(config.decontaminate, kernels)
     result = BatchResult()
-    readers: dict[str, ImageReader] = {}
+    parsers: dict[str, Callable[[Any], Any]] = {}  # per file: image parts are relative to its folder
     texts: list[list[tuple[str, str]]] = []
     for line in lines:
-        reader = readers.get(line.path)
-        if reader is None:
-            reader = readers[line.path] = ImageReader(Path(line.path).parent.absolute(), ImageLimits())
-        parse = partial(_parse, kind=config.kind, scrub_pii=config.scrub_pii, images=reader, pii=result.pii)
+        parse = parsers.get(line.path)
+        if parse is None:
+            images = ImageReader(Path(line.path).parent.absolute(), ImageLimits())
+            parse = parsers[line.path] = partial(_parse, kind=config.kind, scrub_pii=config.scrub_pii, images=images,
+                                                 pii=result.pii)
         try:
             if isinstance(line.raw, bytes):
                 parsed = parse_line(line.raw, parse, first=line.line == 1)
@@ -249,7 +250,7 @@ def clean(inputs: Sequence[str | os.PathLike[str]], output: str | os.PathLike[st
                 _account(summary, result, deduplicator, out, rep)
                 if on_batch:
                     on_batch(summary)
-        summary.seconds = time.perf_counter() - started
+        summary.seconds = time.perf_counter() - started  # the file says how long the run took
         summary_path(report).write_text(json.dumps(summary.to_dict(), indent=1) + "\n")
     summary.seconds = time.perf_counter() - started
     return summary

@@ -33,13 +33,21 @@ def eval_data_paths() -> list[str]:
     return [str(p) for p in sorted(folder.iterdir()) if p.is_file()]
 
 
+# Near duplicates in JARVIS's own data: only records that are all but the same. A user who
+# corrects the same answer under several phrasings ("Who built you?", "Who made you?")
+# teaches something on purpose; on records this short one changed word already puts the
+# word-3-gram Jaccard near 0.75, which the pipeline's default 0.8 threshold would catch.
+FEEDBACK_NEAR_THRESHOLD = 0.95
+
+
 def data_pipeline(kind: str) -> dict[str, object]:
-    """A Reactor Core `data_pipeline` block (reactor data clean's defaults: exact and near
-    duplicates, filters) decontaminated against `eval_data_paths()`; `kind` is "chat" for
-    SFT data, "preference" for DPO pairs. No PII scrub: JARVIS scrubs its feedback before
-    handing it over, or was told not to (`jarvis improve --no-scrub-pii`), and a recipe
-    must not overrule that choice."""
-    return {"kind": kind, "decontaminate": {"paths": eval_data_paths()}, "scrub_pii": False}
+    """A Reactor Core `data_pipeline` block: exact duplicates, near duplicates at
+    `FEEDBACK_NEAR_THRESHOLD`, filters, and decontamination against `eval_data_paths()`;
+    `kind` is "chat" for SFT data, "preference" for DPO pairs. No PII scrub: JARVIS
+    scrubs its feedback before handing it over, or was told not to (`jarvis improve
+    --no-scrub-pii`), and a recipe must not overrule that choice."""
+    return {"kind": kind, "dedup": {"threshold": FEEDBACK_NEAR_THRESHOLD},
+            "decontaminate": {"paths": eval_data_paths()}, "scrub_pii": False}
 
 
 def require_reactor_core() -> ModuleType:

@@ -319,6 +319,8 @@ def test_pack_writes_rows_that_never_exceed_the_length(tmp_path, tiny_llama_dir)
         assert row["position_ids"].count(0) == len(row["sources"])
     # first-fit decreasing within each window of 16: no two rows of a window could have been one
     assert len(rows) < 40
+    histogram = json.loads(run_cli("data", "inspect", str(data), "--tokenizer", str(tiny_llama_dir), "--json").output)
+    assert sum(histogram["tokens_histogram"].values()) == 40 and histogram["read"] == 41
 
 
 # --------------------------------------------------------------------------------------

@@ -50,14 +50,22 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print the summary as JSON.
 def inspect(inputs: Inputs, config: ConfigFile = None, kind: Kind = None, threshold: Threshold = None,
             num_perm: NumPerm = None, backend: Backend = None, workers: Workers = None, as_json: AsJson = False,
             decontaminate: Annotated[Optional[list[Path]], typer.Option(
-                "--decontaminate", help="Evaluation files to check against (repeat).")] = None) -> None:
-    """Counts, words-per-record histogram, roles, duplicates and problems (path:line); writes nothing."""
+                "--decontaminate", help="Evaluation files to check against (repeat).")] = None,
+            tokenizer: Annotated[Optional[Path], typer.Option(
+                "--tokenizer", help="A model folder: also a tokens-per-record histogram, through its chat "
+                                    "template (a second pass).")] = None) -> None:
+    """Counts, words (and tokens) per record, roles, duplicates and problems (path:line); writes nothing."""
     settings = _config(config, kind=kind, threshold=threshold, num_perm=num_perm, backend=backend, workers=workers,
                        decontaminate=decontaminate)
     from reactor_core.data.pipeline import clean
 
     summary = _run(lambda: clean(inputs, None, settings))
-    _print(summary, as_json, title="reactor data inspect")
+    tokens = None
+    if tokenizer is not None:
+        from reactor_core.data.prepack import token_histogram  # transformers: only with --tokenizer
+
+        tokens = _run(lambda: token_histogram(inputs, tokenizer))
+    _print(summary, as_json, title="reactor data inspect", tokens=tokens)
 
 
 @data_app.command("clean")
@@ -140,9 +148,9 @@ def _run(fn: Any) -> Any:
         raise typer.Exit(1) from None
 
 
-def _print(summary: Summary, as_json: bool, title: str) -> None:
+def _print(summary: Summary, as_json: bool, title: str, tokens: dict[str, int] | None = None) -> None:
     if as_json:
-        typer.echo(json.dumps(summary.to_dict(), indent=1))
+        typer.echo(json.dumps(summary.to_dict() | ({"tokens_histogram": tokens} if tokens else {}), indent=1))
         return
     console = Console()
     table = Table(title=title, show_header=False)
@@ -152,6 +160,8 @@ def _print(summary: Summary, as_json: bool, title: str) -> None:
         table.add_row(f"removed: {kind}", str(count))
     table.add_row("roles", ", ".join(f"{r} {n}" for r, n in sorted(summary.roles.items())))
     table.add_row("words per record", ", ".join(f"{k} {v}" for k, v in summary.histogram().items() if v))
+    if tokens is not None:
+        table.add_row("tokens per record", ", ".join(f"{k} {v}" for k, v in tokens.items() if v))
     if summary.pii:
         table.add_row("PII scrubbed", ", ".join(f"{k} {v}" for k, v in sorted(summary.pii.items())))
     table.add_row("backend", summary.backend)

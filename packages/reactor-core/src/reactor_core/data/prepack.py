@@ -54,6 +54,23 @@ def prepack(inputs: Sequence[str | os.PathLike[str]], output: str | os.PathLike[
     return stats
 
 
+def token_histogram(inputs: Sequence[str | os.PathLike[str]], tokenizer: Any) -> dict[str, int]:
+    """Records per tokens-per-record bucket (`pipeline.LENGTH_BUCKETS`), through the chat
+    template as training tokenizes them; streaming. `tokenizer`: as for `prepack`."""
+    from reactor_core.data.pipeline import LENGTH_BUCKETS
+
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
+    labels = [f"<={b}" for b in LENGTH_BUCKETS] + [f">{LENGTH_BUCKETS[-1]}"]
+    counts = dict.fromkeys(labels, 0)
+    stats: dict[str, Any] = {"examples": 0, "skipped": 0, "tokens": 0}
+    for example in _tokenized(inputs, tokenizer, 1 << 62, stats):
+        counts[labels[sum(len(example) > b for b in LENGTH_BUCKETS)]] += 1
+    return counts
+
+
 def _tokenized(inputs: Sequence[str | os.PathLike[str]], tokenizer: Any, max_seq_length: int,
                stats: dict[str, Any]) -> Iterator[TokenizedExample]:
     for line in iter_lines(inputs):

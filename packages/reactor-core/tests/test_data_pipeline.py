@@ -293,6 +293,18 @@ def test_filters_and_pii_scrub():
     assert prefs.sources == ["p.jsonl:1"] and not prefs.removed
 
 
+def test_the_same_question_about_different_images_is_no_duplicate(tmp_path):
+    from reactor_testing import png_bytes
+
+    for i in range(3):
+        (tmp_path / f"{i}.png").write_bytes(png_bytes(i if i < 2 else 0))
+    records = [{"messages": [{"role": "user", "content": [{"type": "image", "path": f"{i}.png"},
+                                                          {"type": "text", "text": "What colour is the square?"}]},
+                             {"role": "assistant", "content": "It is red."}]} for i in range(3)]
+    summary = clean([write_jsonl(tmp_path / "v.jsonl", records)], tmp_path / "out.jsonl")
+    assert summary.kept == 2 and summary.removed == {"exact_duplicate": 1}  # 2.png has 0.png's bytes
+
+
 def test_cli_errors_name_the_file_and_the_field(tmp_path):
     result = CliRunner().invoke(app, ["data", "clean", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "o.jsonl")])
     assert result.exit_code == 1 and "missing.jsonl: no such file or folder" in result.output

@@ -212,8 +212,10 @@ def _parse_row(row: dict[str, Any], parse: Callable[[Any], Any]) -> Any:
 
 
 def _texts(messages: Sequence[Message]) -> list[tuple[str, str]]:
-    return [(m.role, m.content if isinstance(m.content, str) else "".join(p for p in m.content if isinstance(p, str)))
-            for m in messages]
+    """(role, text) per message; an image part counts as `<image sha256>`, so the same
+    question about two different images is neither an exact nor a near duplicate."""
+    return [(m.role, m.content if isinstance(m.content, str) else
+             "".join(p if isinstance(p, str) else f" <image {p.sha256}> " for p in m.content)) for m in messages]
 
 
 # --------------------------------------------------------------------------------------

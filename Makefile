@@ -7,7 +7,7 @@ VENV   ?= .venv
 SKY_VENV ?= .venv-sky
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
-PYPROJECTS := packages/reactor-core/pyproject.toml packages/jarvis-prime/pyproject.toml packages/jarvis/pyproject.toml
+PYPROJECTS := packages/mlforge/pyproject.toml packages/reactor-core/pyproject.toml packages/jarvis-prime/pyproject.toml packages/jarvis/pyproject.toml
 
 .PHONY: run test setup setup-test bench clean llama-cpp-converter skypilot
 
@@ -23,6 +23,7 @@ setup-test: $(VENV)/.stamp-test $(VENV)/.stamp-converter $(SKY_VENV)/.stamp
 bench: $(VENV)/.stamp-test
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/dedup.py
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,14 +34,17 @@ $(VENV)/.stamp-torch: | $(PY)
 	$(PIP) install "torch==2.13.0"
 	touch $@
 
+# MLForge (C++, compiled here by scikit-build-core + CMake) first, so that reactor-core's
+# `native` extra finds it installed rather than asking an index for it.
 $(VENV)/.stamp-run: $(VENV)/.stamp-torch $(PYPROJECTS)
-	$(PIP) install -e packages/reactor-core -e "packages/jarvis-prime[transformers,training,serve]" -e packages/jarvis
+	$(PIP) install ./packages/mlforge
+	$(PIP) install -e "packages/reactor-core[native]" -e "packages/jarvis-prime[transformers,training,serve]" -e packages/jarvis
 	touch $@
 
 # The web page's end-to-end test drives Debian's chromium through Playwright (its own
 # browser download needs a CDN this project does not rely on).
 $(VENV)/.stamp-test: $(VENV)/.stamp-run $(PYPROJECTS)
-	$(PIP) install -e "packages/reactor-core[dev]" -e "packages/jarvis-prime[transformers,training,serve,dev]" -e "packages/jarvis[dev]"
+	$(PIP) install -e "packages/reactor-core[native,dev]" -e "packages/jarvis-prime[transformers,training,serve,dev]" -e "packages/jarvis[dev]"
 	command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
 	  { command -v apt-get >/dev/null && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
 	  echo "note: no chromium; the browser test will skip (set JARVIS_CHROMIUM to a Chromium binary)"

@@ -82,6 +82,9 @@ def test_prime_train_7b_chat_end_to_end_on_a_tiny_qwen2(tiny_qwen2, tmp_path, mo
     manifest = json.loads((model_dir / "prime.json").read_text())
     assert manifest["architecture"] == "qwen2" and manifest["name"] == "prime-7b-chat-v1"
     assert summary["train_metrics"]["steps"] == 2
+    cleaned = manifest["lineage"]["data"][0]["pipeline"]  # through Reactor Core's data pipeline, decontaminated
+    assert any(p.endswith("eval_data/jarvis_suite.json") for p in cleaned["config"]["decontaminate"]["paths"])
+    assert cleaned["inputs"][0]["path"] == str(tmp_path / "work/train.jsonl") and cleaned["read"] == len(persona) + 12
     config = manifest["lineage"]["training_config"]
     assert config["gradient_checkpointing"] is True and config["lora_rank"] == 16 and config["target_modules"] == "auto"
     assert (model_dir / "adapter/adapter_model.safetensors").is_file() and (model_dir / "model.safetensors").is_file()

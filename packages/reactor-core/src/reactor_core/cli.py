@@ -24,6 +24,7 @@ from reactor_core.env import (
 )
 from reactor_core.gcp.metadata import DEFAULT_METADATA_TIMEOUT_S, MetadataClient
 from reactor_core.launch.cli import app as launch_app
+from reactor_core.data_cli import data_app
 
 app = typer.Typer(
     name="reactor",
@@ -36,6 +37,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(launch_app, name="launch")
+app.add_typer(data_app, name="data")  # `reactor data inspect|clean|pack` (data_cli.py)
 
 
 def _print_version(value: bool) -> None:

@@ -26,6 +26,30 @@ def package_folder(name: str) -> Path:
     return Path(str(resources.files("jarvis_prime") / "adapters" / name))
 
 
+def eval_data_paths() -> list[str]:
+    """The evaluation files this package ships (`eval_data/`: the JARVIS suite, the
+    general-text perplexity passages): what `prime eval` measures must never be trained on."""
+    folder = Path(str(resources.files("jarvis_prime") / "eval_data"))
+    return [str(p) for p in sorted(folder.iterdir()) if p.is_file()]
+
+
+# Near duplicates in JARVIS's own data: only records that are all but the same. A user who
+# corrects the same answer under several phrasings ("Who built you?", "Who made you?")
+# teaches something on purpose; on records this short one changed word already puts the
+# word-3-gram Jaccard near 0.75, which the pipeline's default 0.8 threshold would catch.
+FEEDBACK_NEAR_THRESHOLD = 0.95
+
+
+def data_pipeline(kind: str) -> dict[str, object]:
+    """A Reactor Core `data_pipeline` block: exact duplicates, near duplicates at
+    `FEEDBACK_NEAR_THRESHOLD`, filters, and decontamination against `eval_data_paths()`;
+    `kind` is "chat" for SFT data, "preference" for DPO pairs. No PII scrub: JARVIS
+    scrubs its feedback before handing it over, or was told not to (`jarvis improve
+    --no-scrub-pii`), and a recipe must not overrule that choice."""
+    return {"kind": kind, "dedup": {"threshold": FEEDBACK_NEAR_THRESHOLD},
+            "decontaminate": {"paths": eval_data_paths()}, "scrub_pii": False}
+
+
 def require_reactor_core() -> ModuleType:
     """Import reactor_core for a training run, or explain how to install it."""
     try:

@@ -39,7 +39,7 @@ from jarvis_prime.export import export_gguf
 from jarvis_prime.files import sha256_file
 from jarvis_prime.persona import load_prompts
 from jarvis_prime.progress import Log
-from jarvis_prime.recipes import require_reactor_core
+from jarvis_prime.recipes import data_pipeline, require_reactor_core
 from jarvis_prime.recipes.chat_model import GENERATION_SYSTEM_PROMPT, DatasetReport, rejection
 from jarvis_prime.store import import_path
 
@@ -219,6 +219,7 @@ def train_big_chat_model(name: str, work_dir: Path, *, data: list[Path] | None =
         gradient_accumulation_steps=recipe.gradient_accumulation_steps, max_seq_length=recipe.max_seq_length,
         warmup_steps=10, val_fraction=0.05, seed=recipe.seed, num_samples=2, max_steps=recipe.max_steps,
         checkpoint_every_steps=50, checkpoint_remote=checkpoint_remote,
+        data_pipeline=data_pipeline("chat"),  # exported conversations repeat themselves; eval_data stays unseen
     ) | plan.keys
     if plan.nproc > 1:
         from reactor_core.training.launch import launch_torchrun

@@ -4,7 +4,11 @@
 
 (the files `jarvis export-data` writes). Two Reactor Core runs from the current
 model's weights: LoRA SFT on the thumbs-up and corrected replies, then LoRA DPO on the
-preference pairs starting from the SFT result (each stage is skipped when its file is
+preference pairs starting from the SFT result. Feedback is the dirtiest data there is
+(the same question rated twice, a regenerated reply, an e-mail address pasted into a
+chat), so each stage's data goes through Reactor Core's data pipeline first: exact and
+near duplicates, filters, PII scrub, and decontamination against `eval_data/`, which
+the candidate is then judged on (each stage is skipped when its file is
 missing or empty). The candidate is a PRIME directory in `DIR/candidate` with a q8_0
 GGUF; it does not enter the store: `jarvis improve` promotes it only if it evaluates
 better. Every stage resumes (Reactor Core checkpoints), and a finished stage is not
@@ -21,7 +25,7 @@ from typing import Any
 from jarvis_prime.errors import PrimeError
 from jarvis_prime.export import export_gguf
 from jarvis_prime.progress import Log
-from jarvis_prime.recipes import ATTENTION_ONLY, require_reactor_core
+from jarvis_prime.recipes import ATTENTION_ONLY, data_pipeline, require_reactor_core
 from jarvis_prime.store import find_local, resolve
 
 
@@ -85,13 +89,14 @@ def train_from_feedback(current: str, work_dir: Path, *, sft: Path | None, dpo: 
     if n_sft:
         log(f"SFT on {n_sft} examples from {name} {base.manifest.version}")
         model_dir = _stage(reactor_core, work_dir / "sft", progress, model_name=str(model_dir), data_path=str(sft),
-                           num_epochs=recipe.epochs(n_sft, recipe.sft_epochs), learning_rate=recipe.sft_learning_rate, **common)
+                           num_epochs=recipe.epochs(n_sft, recipe.sft_epochs), learning_rate=recipe.sft_learning_rate,
+                           data_pipeline=data_pipeline("chat"), **common)
         stages.append("sft")
     if n_dpo:
         log(f"DPO on {n_dpo} preference pairs")
         model_dir = _stage(reactor_core, work_dir / "dpo", progress, model_name=str(model_dir), data_path=str(dpo),
                            method="dpo", beta=recipe.dpo_beta, num_epochs=recipe.epochs(n_dpo, recipe.dpo_epochs),
-                           learning_rate=recipe.dpo_learning_rate, **common)
+                           learning_rate=recipe.dpo_learning_rate, data_pipeline=data_pipeline("preference"), **common)
         stages.append("dpo")
     log("exporting the candidate's q8_0 GGUF")
     export_gguf(model_dir, ["q8_0"], log=log, progress=progress)

@@ -33,9 +33,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from reactor_core.data.images import open_rgb
+from reactor_core.data.native import backend
 from reactor_core.data.tokenize import IGNORE_INDEX, TokenizedExample
 
 
@@ -109,8 +111,9 @@ def pack_examples(
     Longest examples first (ties in input order), each into the first row with room for
     it. This wastes little (first-fit decreasing never uses more than 11/9 of the
     optimal number of rows, plus one) and is deterministic: the same examples always
-    give the same rows. A max-tree over the rows' free space finds "the first row with
-    room" in O(log rows), so packing a million examples takes seconds.
+    give the same rows. The data kernels' `ffd_pack` (MLForge's C++, or its numpy twin:
+    `native.py`) finds "the first row with room" in a max-tree over the rows' free
+    space, O(log rows), so packing a million examples takes seconds.
     """
     if max_seq_length < 1:
         raise ValueError(f"`max_seq_length` must be positive, got {max_seq_length}")
@@ -120,14 +123,11 @@ def pack_examples(
                 f"{example.source}: {len(example)} tokens do not fit in max_seq_length "
                 f"{max_seq_length} (tokenize_dataset reports such examples)"
             )
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))
-    free = _FreeSpace(rows=len(examples), row_size=max_seq_length)
-    rows: list[list[TokenizedExample]] = []
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))  # the kernel's order
+    row_of = backend().ffd_pack(np.array([len(e) for e in examples], dtype=np.int64), max_seq_length)
+    rows: list[list[TokenizedExample]] = [[] for _ in range(int(row_of.max()) + 1 if len(examples) else 0)]
     for i in order:
-        row = free.take_first_fit(len(examples[i]))
-        if row == len(rows):
-            rows.append([])
-        rows[row].append(examples[i])
+        rows[row_of[i]].append(examples[i])
     return rows
 
 
@@ -207,37 +207,3 @@ def _batch(
         num_loss_tokens=int((labels_tensor != IGNORE_INDEX).sum()),
         num_tokens=num_tokens,
     )
-
-
-class _FreeSpace:
-    """Free space of each row, in a max segment tree, for first-fit placement.
-
-    Leaf r holds row r's free tokens; every inner node holds the max of its children.
-    All `rows` leaves start empty (`row_size` free): first-fit only opens a new row
-    when no earlier one has room, so the rows in use are always a prefix.
-    """
-
-    def __init__(self, rows: int, row_size: int) -> None:
-        self.leaves = 1
-        while self.leaves < max(rows, 1):
-            self.leaves *= 2
-        self.tree = [0] * (2 * self.leaves)
-        for r in range(rows):
-            self.tree[self.leaves + r] = row_size
-        for node in range(self.leaves - 1, 0, -1):
-            self.tree[node] = max(self.tree[2 * node], self.tree[2 * node + 1])
-
-    def take_first_fit(self, size: int) -> int:
-        """Index of the first row with `size` free tokens, after taking them from it."""
-        if self.tree[1] < size:
-            raise ValueError(f"no row has room for {size} tokens")
-        node = 1
-        while node < self.leaves:  # go down, preferring the left (earlier) child
-            node = 2 * node if self.tree[2 * node] >= size else 2 * node + 1
-        self.tree[node] -= size
-        row = node - self.leaves
-        node //= 2
-        while node:
-            self.tree[node] = max(self.tree[2 * node], self.tree[2 * node + 1])
-            node //= 2
-        return row

@@ -174,8 +174,8 @@ def read_jsonl(
         for number, raw in enumerate(f, start=1):
             report.lines = number
             try:
-                record = _parse_line(raw, parse, first=number == 1)
-            except _LineError as err:
+                record = parse_line(raw, parse, first=number == 1)
+            except LineError as err:
                 report.add(DataIssue(name, number, err.reason, err.kind))
                 continue
             if record is None:  # blank line
@@ -227,18 +227,20 @@ def split_examples(
 # --------------------------------------------------------------------------------------
 
 
-class _LineError(Exception):
+class LineError(Exception):
+    """What is wrong with one line (`parse_line`): its reason and issue kind."""
+
     def __init__(self, reason: str, kind: str) -> None:
         self.reason = reason
         self.kind = kind
 
 
-def _parse_line(raw: bytes, parse: Callable[[Any], Hashable], *, first: bool) -> Hashable | None:
-    """Bytes of one line -> its parsed record, None for a blank line, or `_LineError`."""
+def parse_line(raw: bytes, parse: Callable[[Any], Hashable], *, first: bool) -> Hashable | None:
+    """Bytes of one line -> its parsed record, None for a blank line, or `LineError`."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise _LineError(f"not valid UTF-8 at byte {err.start}", BAD_ENCODING) from None
+        raise LineError(f"not valid UTF-8 at byte {err.start}", BAD_ENCODING) from None
     if first:
         text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
     if not text.strip():
@@ -246,17 +248,17 @@ def _parse_line(raw: bytes, parse: Callable[[Any], Hashable], *, first: bool) ->
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as err:
-        raise _LineError(f"bad JSON: {err.msg} at column {err.colno}", BAD_JSON) from None
+        raise LineError(f"bad JSON: {err.msg} at column {err.colno}", BAD_JSON) from None
     except RecursionError:
-        raise _LineError("bad JSON: nested too deeply", BAD_JSON) from None
+        raise LineError("bad JSON: nested too deeply", BAD_JSON) from None
     except ValueError as err:  # e.g. an integer over sys.get_int_max_str_digits() digits
-        raise _LineError(f"bad JSON: {err}", BAD_JSON) from None
+        raise LineError(f"bad JSON: {err}", BAD_JSON) from None
     try:
         return parse(obj)
     except DataFormatError as err:
-        raise _LineError(err.reason, err.kind) from None
+        raise LineError(err.reason, err.kind) from None
     except RecursionError:
-        raise _LineError("record nested too deeply", BAD_JSON) from None
+        raise LineError("record nested too deeply", BAD_JSON) from None
 
 
 def _format_counts(counts: dict[str, int] | Counter[str]) -> str:

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from reactor_core.data.images import ImageLimits
+from reactor_core.data.pipeline_config import PipelineConfig
 
 
 class ConfigError(ValueError):
@@ -49,6 +50,7 @@ FIELD_SINCE: dict[str, str] = {
     **dict.fromkeys(("base_dtype", "check_memory"), "1.7.0"),  # big bases: half-precision frozen weights, memory estimate
     **dict.fromkeys(("num_generations", "max_completion_length", "temperature", "top_p", "epsilon", "epsilon_high",
                      "reward_funcs", "reward_weights"), "1.8.0"),  # GRPO
+    "data_pipeline": "1.9.0",  # the data pipeline (issue #25)
 }
 
 # `loss_type` values per method; GRPO's default is "dapo", as current TRL's
@@ -64,6 +66,10 @@ class TrainingConfig(BaseModel):
     val_data_path: str | None = Field(default=None, description="Validation JSONL; else `val_fraction` of the data.")
     val_fraction: float = Field(default=0.05, ge=0.0, lt=1.0, description="Share of examples held out for validation.")
     on_bad_example: Literal["error", "skip"] = Field(default="error", description="Bad lines stop the run, or are skipped.")
+    data_pipeline: PipelineConfig | None = Field(default=None, description=(
+        "Clean the data first (reactor data clean: dedup, decontamination, filters, PII scrub) into "
+        "<output_dir>/data/; its config and the input files' sha256 go into the lineage. `kind: preference` "
+        "for DPO. Bad lines are then the pipeline's to drop, each in the report."))
     max_seq_length: int = Field(default=1024, gt=0, description="Tokens per example (and per packed row).")
     max_images_per_example: int = Field(default=ImageLimits.max_images_per_example, gt=0, description=(
         "Image parts one chat example may hold (user turns only); an example with more is a bad line."))
@@ -237,6 +243,13 @@ class TrainingConfig(BaseModel):
             if self.max_completion_length >= self.max_seq_length:
                 raise ValueError(f"`max_completion_length` ({self.max_completion_length}) leaves no room for the "
                                  f"prompt in `max_seq_length` ({self.max_seq_length})")
+        if self.data_pipeline is not None:
+            kind = {"sft": "chat", "dpo": "preference"}.get(self.method)
+            if kind is None:
+                raise ValueError(f"`data_pipeline` cleans chat and preference data, not `method: {self.method}`'s prompts")
+            if self.data_pipeline.kind != kind:
+                raise ValueError(f"`data_pipeline.kind` must be {kind!r} for `method: {self.method}`, "
+                                 f"got {self.data_pipeline.kind!r}")
         if self.precompute_ref_logps and self.method != "dpo":
             raise ValueError("`precompute_ref_logps` applies to `method: dpo` only")
         if self.label_smoothing and (self.method != "dpo" or self.loss_type != "sigmoid"):
@@ -266,6 +279,7 @@ class TrainingConfig(BaseModel):
     # may resume with different values of these.
     RESUME_NEUTRAL: ClassVar[frozenset[str]] = frozenset({
         "data_path", "val_data_path", "kl_anchor_path",  # the data's sha256 is checked on its own
+        "data_pipeline",  # so is the cleaned file's: a change that cleans alike may resume
         "output_dir", "checkpoint_dir", "checkpoint_remote", "checkpoint_upload_attempts", "spot_defaults", "checkpoint_every_steps", "checkpoint_every_minutes", "keep_last_checkpoints",
         "resume", "force_resume", "watch_gcp_preemption", "log_every_steps", "num_samples", "sample_max_new_tokens",
         "eval_every_steps", "merge_adapter", "output_name", "output_version", "compile", "check_memory",

@@ -35,6 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from reactor_core.data import Batch, split_examples
+from reactor_core.data.pipeline import clean as run_pipeline
 from reactor_core.files import sha256_file
 from reactor_core.gcp.preemption import Preempted, PreemptionGuard, preemption_guard
 from reactor_core.training import attention, distributed, memory
@@ -169,16 +170,33 @@ class Recipe(ABC):
         method's validating reader: path -> (examples, report)); every file with its sha256
         goes into the lineage (`data_files`), the training file's report into `data_report`."""
         c = self.config
-        train, report = read(data_path)
-        self.data_files = [{"path": str(data_path), "sha256": sha256_file(data_path), "examples": report.examples}]
+        train_path, cleaned = self.clean_data(data_path, "train")
+        train, report = read(train_path)
+        self.data_files = [{"path": str(train_path), "sha256": sha256_file(train_path), "examples": report.examples}
+                           | cleaned]
         if c.val_data_path:
-            val, val_report = read(c.val_data_path)
-            self.data_files.append({"path": c.val_data_path, "sha256": sha256_file(c.val_data_path),
-                                    "examples": val_report.examples, "split": "validation"})
+            val_path, cleaned = self.clean_data(Path(c.val_data_path), "validation")
+            val, val_report = read(val_path)
+            self.data_files.append({"path": str(val_path), "sha256": sha256_file(val_path),
+                                    "examples": val_report.examples, "split": "validation"} | cleaned)
         else:
             train, val = split_examples(train, val_fraction=c.val_fraction, seed=c.seed)
         self.data_report = report
         return train, val
+
+    def clean_data(self, path: Path, split: str) -> tuple[Path, dict[str, Any]]:
+        """`path` through the recipe's `data_pipeline` into `<output_dir>/data/<split>.clean.jsonl`
+        (the path itself when it names none), and what the lineage records of it: the
+        pipeline's config, every input's sha256 and what was removed, by reason."""
+        pipeline = self.config.data_pipeline
+        if pipeline is None:
+            return path, {}
+        out = Path(self.config.output_dir) / "data" / f"{split}.clean.jsonl"
+        summary = run_pipeline([path], out, pipeline)
+        log.info("data pipeline (%s): %s -> %s, %d of %d records kept; removed %s; report %s", summary.backend, path,
+                 out, summary.kept, summary.read, dict(summary.removed) or "none", summary.report)
+        return out, {"pipeline": {"config": summary.config, "inputs": summary.inputs, "read": summary.read,
+                                  "kept": summary.kept, "removed": dict(summary.removed), "report": summary.report}}
 
     def setup_sampler(self) -> None:
         """The epoch order over `train_items`, and the step count it implies."""

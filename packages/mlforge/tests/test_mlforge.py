@@ -1,0 +1,154 @@
+"""MLForge's kernels against answers worked out by hand or by plain Python.
+
+The bit-for-bit comparison with the numpy twins lives in Reactor Core's tests
+(`tests/test_data_pipeline.py`), which import both; these need only mlforge and numpy.
+"""
+
+import numpy as np
+import pytest
+
+import mlforge
+
+MASK = (1 << 64) - 1
+P61 = (1 << 61) - 1
+
+
+def fmix64(k: int) -> int:
+    k ^= k >> 33
+    k = (k * 0xFF51AFD7ED558CCD) & MASK
+    k ^= k >> 33
+    k = (k * 0xC4CEB9FE1A85EC53) & MASK
+    return k ^ (k >> 33)
+
+
+def word_hash(word: bytes) -> int:
+    h = 0
+    for c in word:
+        h = (h * 0x100000001B3 + c + 1) & MASK
+    return fmix64(h)
+
+
+def flat(texts):
+    data = b"".join(texts)
+    offsets = np.concatenate(([0], np.cumsum([len(t) for t in texts]))).astype(np.int64)
+    return np.frombuffer(data, dtype=np.uint8), offsets
+
+
+def distinct(rng, n):
+    """n different 32-bit shingle hashes."""
+    values = np.unique(rng.integers(1, 1 << 32, 2 * n, dtype=np.uint64))[:n]
+    assert len(values) == n
+    return rng.permutation(values)
+
+
+def perms(k, seed=1):
+    rng = np.random.default_rng(seed)
+    return rng.integers(1, P61, k, dtype=np.uint64), rng.integers(0, P61, k, dtype=np.uint64)
+
+
+def test_words_are_runs_of_letters_digits_and_utf8_and_never_cross_documents():
+    texts = ["Hello, wörld!  42x", "", "a", "b-c"]
+    data, offsets = flat([t.encode() for t in texts])
+    hashes, offs = mlforge.token_hashes(data, offsets, "word")
+    expected = [[b"Hello", "wörld".encode(), b"42x"], [], [b"a"], [b"b", b"c"]]
+    assert offs.tolist() == [0, 3, 3, 4, 6]
+    assert hashes.tolist() == [word_hash(w) for doc in expected for w in doc]
+    byte_hashes, byte_offs = mlforge.token_hashes(data, offsets, "byte")
+    assert byte_offs.tolist() == offsets.tolist()
+    assert byte_hashes.tolist() == [fmix64(c + 1) for c in data.tolist()]
+
+
+def test_ngrams_slide_within_a_document_and_a_short_one_is_one_gram():
+    tokens = np.array([1, 2, 3, 4, 7, 8], dtype=np.uint64)
+    offsets = np.array([0, 4, 4, 6], dtype=np.int64)  # [1 2 3 4], [], [7 8]
+    grams, offs = mlforge.ngram_hashes(tokens, offsets, 3)
+    base = 0x9E3779B97F4A7C15
+
+    def g(*ts):
+        h = 0
+        for t in ts:
+            h = (h * base + t) & MASK
+        return fmix64(h)
+
+    assert offs.tolist() == [0, 2, 2, 3]
+    assert grams.tolist() == [g(1, 2, 3), g(2, 3, 4), g(7, 8)]
+
+
+def test_minhash_is_datasketchs_formula():
+    grams = np.array([5, 1 << 40 | 9, 77], dtype=np.uint64)
+    a, b = perms(16)
+    sig = mlforge.minhash(grams, np.array([0, 3, 3], dtype=np.int64), a, b)
+    assert sig.shape == (2, 16) and sig.dtype == np.uint32
+    for k in range(16):
+        want = min((((int(a[k]) * (x & 0xFFFFFFFF) + int(b[k])) & MASK) % P61) & 0xFFFFFFFF for x in grams.tolist())
+        assert sig[0, k] == want
+    assert (sig[1] == 0xFFFFFFFF).all(), "an empty document has the empty signature"
+
+
+@pytest.mark.parametrize("jaccard", [0.2, 0.5, 0.8, 0.95])
+def test_minhash_estimates_jaccard_within_its_statistical_bound(jaccard):
+    """Sets of 400 shingles sharing round(J * 400 * 2 / (1 + J)) of them; K = 512: the
+    estimate's standard deviation is sqrt(J(1-J)/K) <= 0.022, so 4 sigma is < 0.09."""
+    k, size = 512, 400
+    shared = round(jaccard * 2 * size / (1 + jaccard))
+    truth = shared / (2 * size - shared)
+    rng = np.random.default_rng(int(jaccard * 100))
+    pool = distinct(rng, 2 * size)
+    x = pool[:size]
+    y = np.concatenate((pool[:shared], pool[size:2 * size - shared]))
+    a, b = perms(k)
+    sig = mlforge.minhash(np.concatenate((x, y)), np.array([0, size, 2 * size], dtype=np.int64), a, b)
+    estimate = float(np.mean(sig[0] == sig[1]))
+    assert abs(estimate - truth) <= 4 * np.sqrt(truth * (1 - truth) / k) + 1e-9
+
+
+def test_minhash_threads_split_documents_without_changing_a_bit():
+    rng = np.random.default_rng(9)
+    lengths = rng.integers(0, 40, 3000)
+    grams = rng.integers(0, 1 << 63, int(lengths.sum()), dtype=np.uint64)
+    offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
+    a, b = perms(64)
+    one = mlforge.minhash(grams, offsets, a, b, threads=1)
+    assert np.array_equal(one, mlforge.minhash(grams, offsets, a, b, threads=3))
+    assert np.array_equal(one, mlforge.minhash(grams, offsets, a, b, threads=0))
+
+
+def test_lsh_index_keeps_the_first_and_names_it_for_each_near_copy():
+    a, b = perms(64)
+    rng = np.random.default_rng(0)
+    base = [distinct(rng, 200) for _ in range(50)]
+    docs = base + [np.concatenate((base[7][:195], rng.integers(1, 1 << 32, 5, dtype=np.uint64)))]  # J ~ 0.95
+    docs.append(base[3].copy())
+    offsets = np.concatenate(([0], np.cumsum([len(d) for d in docs]))).astype(np.int64)
+    sig = mlforge.minhash(np.concatenate(docs), offsets, a, b)
+    index = mlforge.LSHIndex(64, 8, 8, int(np.ceil(0.8 * 64)))
+    first = index.add(sig[:30])
+    rest = index.add(sig[30:])
+    out = np.concatenate((first, rest))
+    assert out[:50].tolist() == [-1] * 50
+    assert out[50:].tolist() == [7, 3]
+    assert index.seen == 52 and index.kept == 50
+
+
+def test_ffd_pack_never_exceeds_capacity_and_is_first_fit_decreasing():
+    rows = mlforge.ffd_pack(np.array([5, 3, 7, 2, 8, 1], dtype=np.int64), 8)
+    # longest first: 8 -> row 0; 7 -> row 1; 5 -> row 2; 3 -> row 2; 2 -> row 3; 1 -> row 1
+    assert rows.tolist() == [2, 2, 1, 3, 0, 1]
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(1, 2049, 5000).astype(np.int64)
+    rows = mlforge.ffd_pack(lengths, 2048)
+    fill = np.bincount(rows, weights=lengths)
+    assert fill.max() <= 2048
+    assert len(fill) <= np.ceil(lengths.sum() / 2048) * 11 / 9 + 1  # FFD's bound
+    with pytest.raises(ValueError, match="item 1: length 9 does not fit in capacity 8"):
+        mlforge.ffd_pack(np.array([1, 9], dtype=np.int64), 8)
+
+
+def test_wrong_dtypes_and_offsets_are_refused_not_copied():
+    data, offsets = flat([b"abc"])
+    with pytest.raises(TypeError, match="`data` must be a C-contiguous numpy array of uint8, got int32"):
+        mlforge.token_hashes(data.astype(np.int32), offsets)
+    with pytest.raises(ValueError, match="`offsets` must end at the values' length 3, got 2"):
+        mlforge.token_hashes(data, np.array([0, 2], dtype=np.int64))
+    with pytest.raises(ValueError, match="bands \\* rows <= num_perm"):
+        mlforge.LSHIndex(16, 5, 4, 10)

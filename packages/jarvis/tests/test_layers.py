@@ -125,7 +125,8 @@ def test_declared_dependencies_follow_the_layers():
     assert not any(lib in agent for lib in ("torch", "transformers", "peft", "reactor-core"))
     prime_base = [r for r in requires("jarvis-prime") if "extra ==" not in r]
     assert not any(r.startswith(("torch", "transformers", "reactor-core")) for r in prime_base)
-    assert any(r.startswith("reactor-core>=1.7.0") and 'extra == "training"' in r for r in requires("jarvis-prime"))
+    # the floor itself is checked against the recipes' keys below (test_jarvis_prime_requires_a_reactor_core_...)
+    assert any(r.startswith("reactor-core>=") and 'extra == "training"' in r for r in requires("jarvis-prime"))
 
 
 @pytest.mark.real_model

@@ -4,6 +4,8 @@ The bit-for-bit comparison with the numpy twins lives in Reactor Core's tests
 (`tests/test_data_pipeline.py`), which import both; these need only mlforge and numpy.
 """
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -152,3 +154,119 @@ def test_wrong_dtypes_and_offsets_are_refused_not_copied():
         mlforge.token_hashes(data, np.array([0, 2], dtype=np.int64))
     with pytest.raises(ValueError, match="bands \\* rows <= num_perm"):
         mlforge.LSHIndex(16, 5, 4, 10)
+    # a strided view is refused, not silently copied
+    with pytest.raises(TypeError, match="`data` must be a C-contiguous numpy array of uint8"):
+        mlforge.token_hashes(np.frombuffer(b"a b c d", dtype=np.uint8)[::2], np.array([0, 4], dtype=np.int64))
+    with pytest.raises(TypeError, match="`signatures` must be a C-contiguous numpy array of uint32"):
+        mlforge.LSHIndex(32, 4, 8, 26).add(np.zeros((8, 32), dtype=np.uint32)[::2])
+
+
+def components(n, pairs):
+    """Plain-Python oracle: the smallest member of each item's connected component."""
+    adjacent = [[] for _ in range(n)]
+    for x, y in pairs:
+        adjacent[x].append(y)
+        adjacent[y].append(x)
+    label = [-1] * n
+    for start in range(n):  # rising: the first item reached labels its component
+        if label[start] >= 0:
+            continue
+        label[start], todo = start, [start]
+        while todo:
+            for y in adjacent[todo.pop()]:
+                if label[y] < 0:
+                    label[y] = start
+                    todo.append(y)
+    return label
+
+
+def pairs_of(edges):
+    left, right = (np.array(side, dtype=np.int64) for side in zip(*edges)) if edges else (
+        np.zeros(0, np.int64), np.zeros(0, np.int64))
+    return left, right
+
+
+@pytest.mark.parametrize("n, edges, labels", [
+    (5, [(0, 1), (1, 2), (2, 3)], [0, 0, 0, 0, 4]),              # a chain: one cluster, however long
+    (5, [(3, 2), (2, 1), (1, 0)], [0, 0, 0, 0, 4]),              # the same chain, pairs reversed
+    (8, [(3, 7), (3, 0), (5, 3)], [0, 1, 2, 0, 4, 0, 6, 0]),     # a star around 3: labelled by its first member
+    (6, [(4, 4), (5, 1), (1, 5), (2, 4)], [0, 1, 2, 3, 2, 1]),   # self and repeated pairs change nothing
+    (3, [], [0, 1, 2]),                                          # no pairs: every item alone
+    (0, [], []),
+])
+def test_union_find_labels_each_cluster_by_its_first_member(n, edges, labels):
+    left, right = pairs_of(edges)
+    assert mlforge.union_find(n, left, right).tolist() == labels
+
+
+def test_union_find_matches_a_plain_search_and_fills_out_in_place():
+    rng = np.random.default_rng(4)
+    n = 3000
+    left = rng.integers(0, n, 2500, dtype=np.int64)
+    right = rng.integers(0, n, 2500, dtype=np.int64)
+    out = np.full(n, -7, dtype=np.int64)
+    got = mlforge.union_find(n, left, right, out=out)
+    assert np.shares_memory(got, out) and got is not None
+    assert out.tolist() == components(n, zip(left.tolist(), right.tolist()))
+    with pytest.raises(ValueError, match="pair 1: \\(2, 9\\) is outside \\[0, 5\\)"):
+        mlforge.union_find(5, np.array([0, 2], dtype=np.int64), np.array([1, 9], dtype=np.int64))
+    with pytest.raises(TypeError, match="`left` must be a C-contiguous numpy array of int64, got int32"):
+        mlforge.union_find(5, np.array([0], dtype=np.int32), np.array([1], dtype=np.int64))
+    with pytest.raises(ValueError, match="`out` must have shape \\(5,\\)"):
+        mlforge.union_find(5, *pairs_of([(0, 1)]), out=np.zeros(4, dtype=np.int64))
+
+
+def test_minhash_fills_the_callers_array_in_place():
+    rng = np.random.default_rng(2)
+    grams = rng.integers(0, 1 << 63, 900, dtype=np.uint64)
+    offsets = np.array([0, 100, 100, 900], dtype=np.int64)
+    a, b = perms(64)
+    out = np.zeros((3, 64), dtype=np.uint32)
+    got = mlforge.minhash(grams, offsets, a, b, out=out)
+    assert np.shares_memory(got, out)
+    assert np.array_equal(out, mlforge.minhash(grams, offsets, a, b))
+    assert (out[1] == 0xFFFFFFFF).all()  # the empty document, written over the zeros
+    with pytest.raises(ValueError, match="`out` must have shape \\(3, 64\\)"):
+        mlforge.minhash(grams, offsets, a, b, out=np.zeros((3, 32), dtype=np.uint32))
+    with pytest.raises(TypeError, match="`out` must be a C-contiguous numpy array of uint32, got int64"):
+        mlforge.minhash(grams, offsets, a, b, out=np.zeros((3, 64), dtype=np.int64))
+    with pytest.raises(TypeError, match="`out` must be a C-contiguous numpy array of uint32"):
+        mlforge.minhash(grams, offsets, a, b, out=np.zeros((64, 3), dtype=np.uint32).T)
+    frozen = np.zeros((3, 64), dtype=np.uint32)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="`out` must be writeable"):
+        mlforge.minhash(grams, offsets, a, b, out=frozen)
+
+
+def test_minhash_releases_the_gil_while_it_runs():
+    """The main thread watches the kernel's `out` from Python while another thread runs
+    the kernel. With the GIL held through the loop, Python cannot run until the kernel
+    returns, so it could only ever see `out` untouched or complete; seeing rows written
+    while the last is not (many times over) proves the loop runs without the GIL. No
+    clock is read: the kernel's own progress marks its start and end."""
+    rng = np.random.default_rng(0)
+    n_docs, per_doc = 4000, 1000  # a few hundred ms of MinHash
+    grams = rng.integers(1, 1 << 63, n_docs * per_doc, dtype=np.uint64)
+    offsets = np.arange(0, n_docs * per_doc + 1, per_doc, dtype=np.int64)
+    a, b = perms(256)
+    out = np.zeros((n_docs, 256), dtype=np.uint32)  # a real document's row is never all zero
+    started, errors = threading.Event(), []
+
+    def run():
+        started.set()
+        try:
+            mlforge.minhash(grams, offsets, a, b, threads=1, out=out)  # rows are written in order
+        except BaseException as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    started.wait()
+    steps_during = 0
+    while worker.is_alive() and not out[-1].any():
+        if out[0].any():  # the kernel has started and not finished
+            steps_during += 1
+    worker.join()
+    assert not errors
+    assert out[-1].any()
+    assert steps_during > 100, steps_during

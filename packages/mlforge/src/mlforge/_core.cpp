@@ -234,8 +234,11 @@ void minhash_docs(const u64* g, const i64* off, py::ssize_t n_docs, const u64* p
 // shingles of ((a_k * x + b_k) mod 2^64) mod (2^61 - 1), low 32 bits, with x the
 // shingle hash's low 32 bits: datasketch's MinHash.update_batch formula, uint64
 // wrap-around included. An empty document's signature is all 0xFFFFFFFF.
-carray<u32> minhash(const py::array& grams_in, const py::array& offsets_in, const py::array& a_in,
-                    const py::array& b_in, int threads) {
+//
+// `out`: None, or the caller's C-contiguous uint32 (n_docs, K) array, filled in place and
+// returned (a pipeline that reuses one buffer per batch allocates nothing per call).
+py::array minhash(const py::array& grams_in, const py::array& offsets_in, const py::array& a_in,
+                  const py::array& b_in, int threads, const py::object& out_in) {
   if (threads < 1) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   auto grams = checked<u64>(grams_in, "grams");
   auto offsets = checked<i64>(offsets_in, "offsets");
@@ -247,7 +250,10 @@ carray<u32> minhash(const py::array& grams_in, const py::array& offsets_in, cons
   const i64* off = offsets.data();
   const py::ssize_t n_docs = offsets.size() - 1, k = a.size();
   check_offsets(off, offsets.size(), grams.size(), "offsets");
-  carray<u32> out({n_docs, k});
+  carray<u32> out = out_in.is_none() ? carray<u32>({n_docs, k}) : checked<u32>(out_in, "out");
+  if (out.ndim() != 2 || out.shape(0) != n_docs || out.shape(1) != k)
+    throw py::value_error("`out` must have shape (" + std::to_string(n_docs) + ", " + std::to_string(k) + ")");
+  if (!out.writeable()) throw py::value_error("`out` must be writeable");
   u32* o = out.mutable_data();
   const u64* pa = a.data();
   const u64* pb = b.data();
@@ -418,6 +424,74 @@ class LSHIndex {
 };
 
 // ---------------------------------------------------------------------------------------
+// Clustering: union-find over verified near-duplicate pairs
+// ---------------------------------------------------------------------------------------
+
+// Union-find (disjoint sets) with path halving and union by size: near-linear in the
+// pairs. Unlike the streaming LSHIndex (a record matches a KEPT one, so clusters are
+// stars), this groups chains: A~B and B~C put A, B and C in one cluster.
+class DisjointSets {
+ public:
+  explicit DisjointSets(i64 n) : parent_(n), size_(n, 1) { std::iota(parent_.begin(), parent_.end(), 0); }
+
+  i64 find(i64 x) {
+    while (parent_[x] != x) {
+      parent_[x] = parent_[parent_[x]];  // path halving: every other node points to its grandparent
+      x = parent_[x];
+    }
+    return x;
+  }
+
+  void unite(i64 x, i64 y) {
+    x = find(x);
+    y = find(y);
+    if (x == y) return;
+    if (size_[x] < size_[y]) std::swap(x, y);  // the smaller tree goes under the larger: depth O(log n)
+    parent_[y] = x;
+    size_[x] += size_[y];
+  }
+
+ private:
+  std::vector<i64> parent_, size_;
+};
+
+// Cluster label of each of n items joined by the pairs (left[i], right[i]): the smallest
+// item index in its connected component, i.e. the first seen, so labels do not depend on
+// the pairs' order or on which root union-by-size picked. `out`: None, or the caller's
+// C-contiguous int64 (n,) array, filled in place and returned.
+py::array union_find(i64 n, const py::array& left_in, const py::array& right_in, const py::object& out_in) {
+  if (n < 0) throw py::value_error("`n` must be >= 0, got " + std::to_string(n));
+  auto left = checked<i64>(left_in, "left");
+  auto right = checked<i64>(right_in, "right");
+  if (left.ndim() != 1 || right.ndim() != 1 || left.size() != right.size())
+    throw py::value_error("`left` and `right` must be 1-D and the same length");
+  carray<i64> out = out_in.is_none() ? carray<i64>(n) : checked<i64>(out_in, "out");
+  if (out.ndim() != 1 || out.size() != n)
+    throw py::value_error("`out` must have shape (" + std::to_string(n) + ",)");
+  if (!out.writeable()) throw py::value_error("`out` must be writeable");
+  const i64* l = left.data();
+  const i64* r = right.data();
+  const py::ssize_t m = left.size();
+  for (py::ssize_t i = 0; i < m; ++i)
+    if (l[i] < 0 || l[i] >= n || r[i] < 0 || r[i] >= n)
+      throw py::value_error("pair " + std::to_string(i) + ": (" + std::to_string(l[i]) + ", " + std::to_string(r[i]) +
+                            ") is outside [0, " + std::to_string(n) + ")");
+  i64* o = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    DisjointSets sets(n);
+    for (py::ssize_t i = 0; i < m; ++i) sets.unite(l[i], r[i]);
+    std::vector<i64> first(n, -1);  // root -> smallest member (items visited in rising order)
+    for (i64 i = 0; i < n; ++i) {
+      i64& f = first[sets.find(i)];
+      if (f < 0) f = i;
+      o[i] = f;
+    }
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------
 // First-fit decreasing packing
 // ---------------------------------------------------------------------------------------
 
@@ -469,8 +543,12 @@ PYBIND11_MODULE(_core, m) {
   m.def("first_hit", &first_hit, py::arg("grams"), py::arg("offsets"), py::arg("table"),
         "int64 per document: the position of its first n-gram in the sorted `table`, or -1.");
   m.def("minhash", &minhash, py::arg("grams"), py::arg("offsets"), py::arg("a"), py::arg("b"),
-        py::arg("threads") = 1,
-        "(n_docs, K) uint32 MinHash signatures, datasketch's permutation formula; `threads` < 1: one per core.");
+        py::arg("threads") = 1, py::arg("out") = py::none(),
+        "(n_docs, K) uint32 MinHash signatures, datasketch's permutation formula; `threads` < 1: one per core; "
+        "`out`: a uint32 (n_docs, K) array to fill in place.");
+  m.def("union_find", &union_find, py::arg("n"), py::arg("left"), py::arg("right"), py::arg("out") = py::none(),
+        "int64 cluster label of each of n items joined by the pairs: the smallest index in its component; "
+        "`out`: an int64 (n,) array to fill in place.");
   m.def("ffd_pack", &ffd_pack, py::arg("lengths"), py::arg("capacity"),
         "int64 row of each item, first-fit decreasing.");
   py::class_<LSHIndex>(m, "LSHIndex")

@@ -54,7 +54,8 @@ def inspect(inputs: Inputs, config: ConfigFile = None, kind: Kind = None, thresh
             tokenizer: Annotated[Optional[Path], typer.Option(
                 "--tokenizer", help="A model folder: also a tokens-per-record histogram, through its chat "
                                     "template (a second pass).")] = None) -> None:
-    """Counts, words (and tokens) per record, roles, duplicates and problems (path:line); writes nothing."""
+    """Counts, words (and tokens) per record, roles, duplicates, near-duplicate clusters and problems (path:line);
+    writes nothing."""
     settings = _config(config, kind=kind, threshold=threshold, num_perm=num_perm, backend=backend, workers=workers,
                        decontaminate=decontaminate)
     from reactor_core.data.pipeline import clean
@@ -80,12 +81,16 @@ def clean_command(
     backend: Backend = None, workers: Workers = None,
     exact: Annotated[Optional[bool], typer.Option("--exact/--no-exact", help="Exact-duplicate removal (default on).")] = None,
     near: Annotated[Optional[bool], typer.Option("--near/--no-near", help="Near-duplicate removal (default on).")] = None,
+    near_mode: Annotated[Optional[str], typer.Option(
+        "--near-dup-mode", help="stream (default): a record goes when it repeats a kept record, bounded memory; "
+                                "cluster: connected components of all verified pairs (chains A~B~C grouped), "
+                                "the first of each kept; holds every signature.")] = None,
     pii: Annotated[Optional[bool], typer.Option("--scrub-pii/--no-scrub-pii", help="PII scrub (default on).")] = None,
     as_json: AsJson = False,
 ) -> None:
     """Write the kept records, a report of each removed one (path:line, reason) and a summary."""
     settings = _config(config, kind=kind, threshold=threshold, num_perm=num_perm, backend=backend, workers=workers,
-                       decontaminate=decontaminate, exact=exact, near=near, scrub_pii=pii)
+                       decontaminate=decontaminate, exact=exact, near=near, near_mode=near_mode, scrub_pii=pii)
     from reactor_core.data.pipeline import clean
 
     summary = _run(lambda: clean(inputs, output, settings, report=report))
@@ -121,7 +126,7 @@ def _config(path: Path | None, **flags: Any) -> PipelineConfig:
         if not isinstance(values, dict):
             raise typer.BadParameter(f"{path}: expected a mapping of PipelineConfig fields", param_hint="--config")
     dedup = dict(values.get("dedup") or {})
-    for key in ("threshold", "num_perm", "exact", "near"):
+    for key in ("threshold", "num_perm", "exact", "near", "near_mode"):
         if flags.get(key) is not None:
             dedup[key] = flags[key]
     if dedup:
@@ -164,6 +169,10 @@ def _print(summary: Summary, as_json: bool, title: str, tokens: dict[str, int] |
         table.add_row("tokens per record", ", ".join(f"{k} {v}" for k, v in tokens.items() if v))
     if summary.pii:
         table.add_row("PII scrubbed", ", ".join(f"{k} {v}" for k, v in sorted(summary.pii.items())))
+    if summary.clusters is not None:
+        c = summary.clusters
+        table.add_row("near-duplicate clusters", f"{c['count']} ({c['records']} records); largest "
+                      + (", ".join(str(n) for n in c["largest"]) or "-"))
     table.add_row("backend", summary.backend)
     table.add_row("seconds", f"{summary.seconds:.2f}")
     if summary.report:
@@ -171,3 +180,5 @@ def _print(summary: Summary, as_json: bool, title: str, tokens: dict[str, int] |
     console.print(table)
     for removed in summary.examples:
         console.print(f"  {removed}", markup=False, highlight=False, soft_wrap=True)
+    for members in (summary.clusters or {}).get("samples", []):
+        console.print(f"  cluster: {', '.join(members)}", markup=False, highlight=False, soft_wrap=True)

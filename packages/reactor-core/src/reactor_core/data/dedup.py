@@ -20,6 +20,17 @@ towards recall because every candidate is checked (`lsh_params`).
 runs it); `Deduplicator` is the one stateful part and sees every record, in input
 order: it keeps the first of each group and says, for each removed record, which kept
 record (by `path:line`) it repeats.
+
+Two ways to group (`DedupConfig.near_mode`):
+
+    stream   (default) a record is compared with the KEPT records only, so a group is a
+             star around its first record; memory: the kept signatures. A chain A~B~C
+             with J(A, C) below the threshold keeps A and C.
+    cluster  every candidate pair of the LSH buckets is verified (`near_pairs`) and the
+             pairs' connected components found by union-find (kernels: union_find); the
+             first record of each component is kept, so the chain is one cluster.
+             Memory: every signature and the pair list. `reactor data inspect` reports
+             these clusters in either mode.
 """
 
 from __future__ import annotations
@@ -29,9 +40,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 
+from reactor_core.data.kernels import band_keys
 from reactor_core.data.pipeline_config import DedupConfig
 
 EXACT_DUPLICATE = "exact_duplicate"
@@ -128,6 +141,72 @@ def exact_key(canonical: str) -> int:
     return int.from_bytes(hashlib.blake2b(canonical.encode("utf-8"), digest_size=8).digest(), "little") >> 1
 
 
+# Pairs verified per step of `near_pairs`: (chunk, num_perm) comparisons, 16 MiB at K = 128.
+_PAIR_CHUNK = 1 << 17
+
+
+def near_pairs(sigs: np.ndarray, bands: int, rows: int, min_agree: int) -> tuple[np.ndarray, np.ndarray]:
+    """(left, right) int64, left < right, each pair once, in rising order: every two rows of
+    `sigs` that share a band bucket and agree on >= `min_agree` positions.
+
+    Band keys are the LSH index's (`kernels.band_keys`, numpy whatever the backend: one
+    vectorised pass). A bucket of m records gives m(m-1)/2 candidates, so this suits
+    data whose exact duplicates are gone (the Deduplicator removes them first)."""
+    n = len(sigs)
+    keys = band_keys(sigs, bands, rows)  # (n, bands)
+    lefts, rights = [], []
+    for band in range(bands):
+        order = np.argsort(keys[:, band], kind="stable")
+        sorted_keys = keys[order, band]
+        # the end of each position's run of equal keys
+        run_start = np.flatnonzero(np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1])))
+        run_end = np.append(run_start[1:], n)
+        end = np.repeat(run_end, np.diff(np.append(run_start, n)))
+        after = end - np.arange(n) - 1  # partners later in the run
+        if not after.any():
+            continue
+        pos = np.repeat(np.arange(n), after)
+        first = np.cumsum(after) - after
+        partner = pos + 1 + (np.arange(len(pos)) - first[pos])
+        a, b = order[pos], order[partner]
+        lefts.append(np.minimum(a, b))
+        rights.append(np.maximum(a, b))
+    if not lefts:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    pair = np.unique(np.concatenate(lefts).astype(np.int64) * n + np.concatenate(rights))
+    left, right = pair // n, pair % n
+    agree = np.concatenate([np.count_nonzero(sigs[left[i:i + _PAIR_CHUNK]] == sigs[right[i:i + _PAIR_CHUNK]], axis=1)
+                            for i in range(0, len(pair), _PAIR_CHUNK)])
+    keep = agree >= min_agree
+    return left[keep], right[keep]
+
+
+@dataclass(frozen=True)
+class Clusters:
+    """Near-duplicate clusters: `labels[i]` is the first record of record i's cluster
+    (records numbered in input order after exact duplicates left), `sources[i]` its
+    `path:line`."""
+
+    labels: np.ndarray
+    sources: list[str]
+
+    def groups(self) -> list[list[int]]:
+        """Clusters of two or more records, largest first (ties: first seen first), members in input order."""
+        sizes = np.bincount(self.labels, minlength=len(self.labels))
+        heads = [int(h) for h in np.flatnonzero(sizes >= 2)]
+        members: dict[int, list[int]] = {h: [] for h in heads}
+        for i in np.flatnonzero(sizes[self.labels] >= 2):
+            members[int(self.labels[i])].append(int(i))
+        return sorted(members.values(), key=lambda g: (-len(g), g[0]))
+
+    def to_dict(self, largest: int = 5, samples: int = 3) -> dict[str, Any]:
+        """{"count", "records", "largest": sizes, "samples": [[path:line, ...], ...]}."""
+        groups = self.groups()
+        return {"count": len(groups), "records": sum(len(g) for g in groups),
+                "largest": [len(g) for g in groups[:largest]],
+                "samples": [[self.sources[i] for i in g[:samples]] for g in groups[:samples]]}
+
+
 @dataclass(frozen=True)
 class Verdict:
     """Why a record goes, and the kept record it repeats (`path:line`)."""
@@ -139,14 +218,21 @@ class Verdict:
 class Deduplicator:
     """Exact keys seen and the LSH index, over every record of a run, in input order.
 
-    Memory grows with the kept records only: 8 bytes of exact key and its source per
-    record, and num_perm * 4 bytes + `bands` bucket entries per kept signature.
+    Streaming (`near_mode: stream`), memory grows with the kept records only: 8 bytes of
+    exact key and its source per record, and num_perm * 4 bytes + `bands` bucket entries
+    per kept signature. With `near_mode: cluster`, or `collect=True` (inspect's cluster
+    report), it also holds every signature until `clusters()`; in cluster mode `add`
+    decides exact duplicates only and `near_verdicts()` the rest, at the end.
     """
 
-    def __init__(self, config: DedupConfig, kernels: ModuleType) -> None:
+    def __init__(self, config: DedupConfig, kernels: ModuleType, *, collect: bool = False) -> None:
         self.config = config
-        bands, rows = bands_rows(config)
-        self.index = kernels.LSHIndex(config.num_perm, bands, rows, config.min_agree) if config.near else None
+        self.kernels = kernels
+        self.bands, self.rows = bands_rows(config)
+        stream = config.near and config.near_mode == "stream"
+        self.index = kernels.LSHIndex(config.num_perm, self.bands, self.rows, config.min_agree) if stream else None
+        self.collect = config.near and (collect or config.near_mode == "cluster")
+        self.collected: list[np.ndarray] = []  # fresh records' signatures, batch by batch
         self.exact: dict[int, str] = {}
         self.near_sources: list[str] = []  # sequence number in the index -> path:line
 
@@ -161,12 +247,33 @@ class Deduplicator:
                     verdicts[i] = Verdict(EXACT_DUPLICATE, first)
                     continue
             fresh.append(i)
-        if self.index is not None and fresh:
-            duplicate_of = self.index.add(np.ascontiguousarray(sigs[fresh]))
-            base = len(self.near_sources)
-            for j, i in enumerate(fresh):
-                self.near_sources.append(sources[i])
-                if duplicate_of[j] >= 0:
-                    verdicts[i] = Verdict(NEAR_DUPLICATE, self.near_sources[duplicate_of[j]])
-            assert len(self.near_sources) == base + len(fresh)
+        if not self.config.near or not fresh:
+            return verdicts
+        fresh_sigs = np.ascontiguousarray(sigs[fresh])
+        if self.collect:
+            self.collected.append(fresh_sigs)
+        duplicate_of = self.index.add(fresh_sigs) if self.index is not None else None
+        for j, i in enumerate(fresh):
+            self.near_sources.append(sources[i])
+            if duplicate_of is not None and duplicate_of[j] >= 0:
+                verdicts[i] = Verdict(NEAR_DUPLICATE, self.near_sources[duplicate_of[j]])
         return verdicts
+
+    def clusters(self) -> Clusters | None:
+        """The near-duplicate clusters of every record added (None unless collecting)."""
+        if not self.collect:
+            return None
+        sigs = np.concatenate(self.collected) if self.collected else np.zeros((0, self.config.num_perm), np.uint32)
+        left, right = near_pairs(sigs, self.bands, self.rows, self.config.min_agree)
+        return Clusters(self.kernels.union_find(len(sigs), left, right), self.near_sources)
+
+    def near_verdicts(self) -> dict[int, Verdict]:
+        """Cluster mode, after the last `add`: near sequence number -> verdict for every
+        record that is not the first of its cluster (in stream mode: none)."""
+        if self.config.near_mode != "cluster" or not self.config.near:
+            return {}
+        clusters = self.clusters()
+        assert clusters is not None
+        labels = clusters.labels
+        return {int(i): Verdict(NEAR_DUPLICATE, self.near_sources[labels[i]])
+                for i in np.flatnonzero(labels != np.arange(len(labels)))}

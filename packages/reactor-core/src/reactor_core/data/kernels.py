@@ -12,6 +12,7 @@ merely doing "the same thing"; `mlforge/_core.cpp` documents the formulas:
     MinHash      min over shingles x of ((a*x' + b) mod 2^64) mod (2^61 - 1) & 0xFFFFFFFF,
                  x' = x & 0xFFFFFFFF (datasketch's update_batch)
     band key     fmix64(Horner(band + 1, the band's rows, base 0x9E3779B97F4A7C15))
+    cluster      the smallest item index in each connected component of the pairs
 
 Batches use MLForge's layout: one flat array plus `offsets` (int64, n + 1 entries).
 Every function is vectorised over the batch except the LSH index's bucket walk, which
@@ -134,14 +135,29 @@ def first_hit(grams: np.ndarray, offsets: np.ndarray, table: np.ndarray) -> np.n
     return out
 
 
-def minhash(grams: np.ndarray, offsets: np.ndarray, a: np.ndarray, b: np.ndarray, threads: int = 1) -> np.ndarray:
+def _check_out(out: np.ndarray, dtype: type, shape: tuple[int, ...]) -> None:
+    """MLForge's rule for `out=`: the exact dtype and shape, C-contiguous, writeable."""
+    if not isinstance(out, np.ndarray) or out.dtype != dtype or not out.flags.c_contiguous:
+        raise TypeError(f"`out` must be a C-contiguous numpy array of {np.dtype(dtype)}")
+    if out.shape != shape:
+        raise ValueError(f"`out` must have shape {shape}")
+    if not out.flags.writeable:
+        raise ValueError("`out` must be writeable")
+
+
+def minhash(grams: np.ndarray, offsets: np.ndarray, a: np.ndarray, b: np.ndarray, threads: int = 1,
+            out: np.ndarray | None = None) -> np.ndarray:
     """(n_docs, K) uint32 MinHash signatures; empty documents are all 0xFFFFFFFF.
-    `threads` is MLForge's (documents split over threads); numpy runs in one."""
+    `threads` is MLForge's (documents split over threads); numpy runs in one. `out`:
+    the caller's (n_docs, K) uint32 array, filled in place and returned."""
     _check_offsets(offsets, len(grams))
     if len(a) != len(b) or len(a) == 0:
         raise ValueError("`a` and `b` must have the same, positive length")
     n_docs = len(offsets) - 1
-    out = np.full((n_docs, len(a)), 0xFFFFFFFF, dtype=np.uint32)
+    if out is None:
+        out = np.empty((n_docs, len(a)), dtype=np.uint32)
+    _check_out(out, np.uint32, (n_docs, len(a)))
+    out.fill(0xFFFFFFFF)
     x = (grams & MAX_HASH)[:, None]  # (G, 1)
     lo = 0
     while lo < n_docs:  # whole documents per chunk, about _MINHASH_CHUNK shingles each
@@ -217,6 +233,47 @@ class LSHIndex:
             for band, key in enumerate(keys[i]):
                 self.buckets[band].setdefault(key, []).append(slot)
         return out
+
+
+def union_find(n: int, left: np.ndarray, right: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """int64 cluster label of each of `n` items joined by the pairs (left[i], right[i]):
+    the smallest index in its connected component (the first seen). `out`: the caller's
+    (n,) int64 array, filled in place and returned.
+
+    MLForge runs a union-find; this is its vectorised twin, min-label propagation: each
+    pair pulls both ends down to the smaller label, then pointer jumping (a label is an
+    item of the same component with a smaller index, so `labels[labels]` is one too)
+    until nothing moves. Same labels, O(pairs x log(diameter)) work in numpy."""
+    if n < 0:
+        raise ValueError(f"`n` must be >= 0, got {n}")
+    for name, values in (("left", left), ("right", right)):
+        if not isinstance(values, np.ndarray) or values.dtype != np.int64 or values.ndim != 1:
+            raise TypeError(f"`{name}` must be a 1-D numpy array of int64")
+    if len(left) != len(right):
+        raise ValueError("`left` and `right` must be 1-D and the same length")
+    bad = np.flatnonzero((left < 0) | (left >= n) | (right < 0) | (right >= n))
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"pair {i}: ({left[i]}, {right[i]}) is outside [0, {n})")
+    if out is None:
+        out = np.empty(n, dtype=np.int64)
+    _check_out(out, np.int64, (n,))
+    labels = np.arange(n, dtype=np.int64)
+    while True:
+        low = np.minimum(labels[left], labels[right])
+        moved = labels.copy()
+        np.minimum.at(moved, left, low)
+        np.minimum.at(moved, right, low)
+        while True:  # pointer jumping: follow labels to their labels
+            jumped = moved[moved]
+            if np.array_equal(jumped, moved):
+                break
+            moved = jumped
+        if np.array_equal(moved, labels):
+            break
+        labels = moved
+    out[:] = labels
+    return out
 
 
 def ffd_pack(lengths: np.ndarray, capacity: int) -> np.ndarray:

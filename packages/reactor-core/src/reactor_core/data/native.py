@@ -25,7 +25,7 @@ ENV_VAR = "REACTOR_DATA_BACKEND"
 
 def backend(name: Backend | None = None) -> ModuleType:
     """The kernel module: `token_hashes`, `ngram_hashes`, `first_hit`, `minhash`,
-    `LSHIndex`, `ffd_pack`, with MLForge's signatures."""
+    `LSHIndex`, `union_find`, `ffd_pack`, with MLForge's signatures."""
     name = name or os.environ.get(ENV_VAR, "auto")  # type: ignore[assignment]
     if name not in BACKENDS:
         raise ValueError(f"data backend must be one of {', '.join(BACKENDS)}, got {name!r}")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import tempfile
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -107,6 +108,7 @@ class Summary:
     lengths: Counter[int] = field(default_factory=Counter)
     pii: Counter[str] = field(default_factory=Counter)
     examples: list[Removed] = field(default_factory=list)
+    clusters: dict[str, Any] | None = None  # inspect's near-duplicate clusters (`Clusters.to_dict`)
     seconds: float = 0.0
 
     def add(self, removed: Removed) -> None:
@@ -126,7 +128,7 @@ class Summary:
             "roles": dict(sorted(self.roles.items())), "words_histogram": self.histogram(),
             "pii_scrubbed": dict(sorted(self.pii.items())), "seconds": round(self.seconds, 3),
             "config": self.config,
-        }
+        } | ({"near_duplicate_clusters": self.clusters} if self.clusters is not None else {})
 
 
 # --------------------------------------------------------------------------------------
@@ -228,14 +230,20 @@ def clean(inputs: Sequence[str | os.PathLike[str]], output: str | os.PathLike[st
           on_batch: Callable[[Summary], None] | None = None) -> Summary:
     """Clean `inputs` into `output` (JSONL; .gz/.zst compress), the removed records into
     `report` (default: OUTPUT's name + `.report.jsonl`) and the summary beside it
-    (OUT.summary.json). With `output=None` nothing is written: `reactor data inspect`."""
+    (OUT.summary.json). With `output=None` nothing is written: `reactor data inspect`,
+    whose summary also has the near-duplicate clusters (`Summary.clusters`).
+
+    With `dedup.near_mode: cluster` the near duplicates are known only after the last
+    record: the records that pass everything else are spooled to a temporary file beside
+    OUTPUT, and copied to it without the clusters' later members, whose report lines come
+    last."""
     started = time.perf_counter()
     files = data_files(inputs)  # missing inputs fail here, before any work
     kernels = backend(config.backend)
     summary = Summary(config=config.to_dict(), backend=backend_name(kernels))
     summary.inputs = [{"path": os.fspath(p), "sha256": sha256_file(p)} for p in files]
     decontaminator_for(config.decontaminate, kernels)  # a missing or bad evaluation file fails here, before any work
-    deduplicator = Deduplicator(config.dedup, kernels)
+    deduplicator = Deduplicator(config.dedup, kernels, collect=output is None)
     batches = batched(iter_lines(files), config.batch_size)
     results = _ordered_map(partial(clean_batch, config=config), batches, config.workers)
     if output is None:
@@ -243,15 +251,29 @@ def clean(inputs: Sequence[str | os.PathLike[str]], output: str | os.PathLike[st
             _account(summary, result, deduplicator, None, None)
             if on_batch:
                 on_batch(summary)
+        for removed in _near_removed(deduplicator).values():
+            summary.kept -= 1
+            summary.add(removed)
+        clusters = deduplicator.clusters()
+        summary.clusters = clusters.to_dict() if clusters is not None else None
     else:
         output = Path(output)
         report = Path(report) if report else report_path(output)
         summary.output, summary.report = os.fspath(output), os.fspath(report)
         with open_output(output) as out, open_output(report) as rep:
-            for result in results:
-                _account(summary, result, deduplicator, out, rep)
-                if on_batch:
-                    on_batch(summary)
+            if deduplicator.config.near and deduplicator.config.near_mode == "cluster":
+                with tempfile.TemporaryFile(dir=output.parent) as spool:
+                    for result in results:
+                        _account(summary, result, deduplicator, spool, rep)
+                        if on_batch:
+                            on_batch(summary)
+                    spool.seek(0)
+                    _unspool(summary, spool, deduplicator, out, rep)
+            else:
+                for result in results:
+                    _account(summary, result, deduplicator, out, rep)
+                    if on_batch:
+                        on_batch(summary)
         summary.seconds = time.perf_counter() - started  # the file says how long the run took
         summary_path(report).write_text(json.dumps(summary.to_dict(), indent=1) + "\n")
     summary.seconds = time.perf_counter() - started
@@ -291,6 +313,26 @@ def _account(summary: Summary, result: BatchResult, deduplicator: Deduplicator, 
         summary.add(r)
         if rep is not None:
             rep.write(json.dumps(r.to_dict(), ensure_ascii=False).encode("utf-8") + b"\n")
+
+
+def _unspool(summary: Summary, spool: Any, deduplicator: Deduplicator, out: Any, rep: Any) -> None:
+    """Cluster mode's second half: the spooled lines (one per record the index saw, in
+    its order) to OUTPUT, except each cluster's later members, which go to the report."""
+    near = _near_removed(deduplicator)
+    for seq, line in enumerate(spool):
+        removed = near.get(seq)
+        if removed is None:
+            out.write(line)
+            continue
+        summary.kept -= 1
+        summary.add(removed)
+        rep.write(json.dumps(removed.to_dict(), ensure_ascii=False).encode("utf-8") + b"\n")
+
+
+def _near_removed(deduplicator: Deduplicator) -> dict[int, Removed]:
+    """Cluster mode: near sequence number -> the record's removal (empty in stream mode)."""
+    return {seq: Removed(deduplicator.near_sources[seq], v.kind, f"repeats {v.duplicate_of}", v.duplicate_of)
+            for seq, v in deduplicator.near_verdicts().items()}
 
 
 def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:

@@ -32,6 +32,10 @@ class DedupConfig(_Strict):
     seed: int = Field(default=1, ge=0, description="Seed of the permutations (datasketch's default is 1).")
     bands: int | None = Field(default=None, gt=0, description="LSH bands; default: chosen from the threshold.")
     rows: int | None = Field(default=None, gt=0, description="Rows per band; default: chosen from the threshold.")
+    near_mode: Literal["stream", "cluster"] = Field(default="stream", description=(
+        "stream: a record goes when it repeats a KEPT record (bounded memory: kept signatures only); "
+        "cluster: connected components of every verified pair, first record of each kept (holds every "
+        "signature and the pair list; groups chains A~B~C)."))
 
     @model_validator(mode="after")
     def _bands_rows(self) -> DedupConfig:

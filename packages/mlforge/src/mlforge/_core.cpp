@@ -346,7 +346,7 @@ class FlatTable {
 //
 // Clusters are therefore stars around a kept document, not union-find components: a
 // chain A~B~C with J(A, C) below the threshold keeps C, and every removed record can
-// name the one it duplicates.
+// name the one it duplicates. `union_find` below groups the chain, from verified pairs.
 class LSHIndex {
  public:
   LSHIndex(int num_perm, int bands, int rows, int min_agree)

@@ -233,6 +233,7 @@ class Deduplicator:
         self.index = kernels.LSHIndex(config.num_perm, self.bands, self.rows, config.min_agree) if stream else None
         self.collect = config.near and (collect or config.near_mode == "cluster")
         self.collected: list[np.ndarray] = []  # fresh records' signatures, batch by batch
+        self._clusters: Clusters | None = None
         self.exact: dict[int, str] = {}
         self.near_sources: list[str] = []  # sequence number in the index -> path:line
 
@@ -263,9 +264,11 @@ class Deduplicator:
         """The near-duplicate clusters of every record added (None unless collecting)."""
         if not self.collect:
             return None
-        sigs = np.concatenate(self.collected) if self.collected else np.zeros((0, self.config.num_perm), np.uint32)
-        left, right = near_pairs(sigs, self.bands, self.rows, self.config.min_agree)
-        return Clusters(self.kernels.union_find(len(sigs), left, right), self.near_sources)
+        if self._clusters is None or len(self._clusters.labels) != len(self.near_sources):  # once per state
+            sigs = np.concatenate(self.collected) if self.collected else np.zeros((0, self.config.num_perm), np.uint32)
+            left, right = near_pairs(sigs, self.bands, self.rows, self.config.min_agree)
+            self._clusters = Clusters(self.kernels.union_find(len(sigs), left, right), list(self.near_sources))
+        return self._clusters
 
     def near_verdicts(self) -> dict[int, Verdict]:
         """Cluster mode, after the last `add`: near sequence number -> verdict for every

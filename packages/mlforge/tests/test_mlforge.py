@@ -249,24 +249,33 @@ def test_minhash_releases_the_gil_while_it_runs():
     grams = rng.integers(1, 1 << 63, n_docs * per_doc, dtype=np.uint64)
     offsets = np.arange(0, n_docs * per_doc + 1, per_doc, dtype=np.int64)
     a, b = perms(256)
-    out = np.zeros((n_docs, 256), dtype=np.uint32)  # a real document's row is never all zero
-    started, errors = threading.Event(), []
 
-    def run():
-        started.set()
-        try:
-            mlforge.minhash(grams, offsets, a, b, threads=1, out=out)  # rows are written in order
-        except BaseException as err:  # pragma: no cover - reported below
-            errors.append(err)
+    def watch() -> int:
+        """Steps of a Python loop taken while the kernel was mid-way through `out`."""
+        out = np.zeros((n_docs, 256), dtype=np.uint32)  # a real document's row is never all zero
+        started, errors = threading.Event(), []
 
-    worker = threading.Thread(target=run)
-    worker.start()
-    started.wait()
-    steps_during = 0
-    while worker.is_alive() and not out[-1].any():
-        if out[0].any():  # the kernel has started and not finished
-            steps_during += 1
-    worker.join()
-    assert not errors
-    assert out[-1].any()
-    assert steps_during > 100, steps_during
+        def run():
+            started.set()
+            try:
+                mlforge.minhash(grams, offsets, a, b, threads=1, out=out)  # rows are written in order
+            except BaseException as err:  # pragma: no cover - reported below
+                errors.append(err)
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        started.wait()
+        steps_during = 0
+        while worker.is_alive() and not out[-1].any():
+            if out[0].any():  # the kernel has started and not finished
+                steps_during += 1
+        worker.join()
+        assert not errors and out[-1].any()
+        return steps_during
+
+    # With the GIL held this is 0 every time; released, a loaded machine could still
+    # starve this thread through one run, so it gets three.
+    steps = [watch()]
+    while steps[-1] <= 100 and len(steps) < 3:
+        steps.append(watch())
+    assert steps[-1] > 100, steps

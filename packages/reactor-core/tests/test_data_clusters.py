@@ -176,3 +176,19 @@ def test_minhash_out_is_filled_in_place_by_both_backends(name):
     assert (out[0] == 0xFFFFFFFF).all() and not (out[1:] == 0xFFFFFFFF).all()
     with pytest.raises(TypeError, match="`out` must be a C-contiguous numpy array of uint32"):
         k.minhash(grams, offsets, a, b, out=np.zeros((32, 3), dtype=np.uint32).T)
+
+
+def test_an_mlforge_without_union_find_is_refused_by_name(monkeypatch):
+    """An MLForge built before clustering (0.1) must not fail halfway through a run."""
+    import sys
+    import types
+
+    old = types.ModuleType("mlforge")
+    old.__version__ = "0.1.0"
+    for name in ("token_hashes", "ngram_hashes", "first_hit", "minhash", "LSHIndex", "ffd_pack"):
+        setattr(old, name, getattr(kernels, name))
+    monkeypatch.setitem(sys.modules, "mlforge", old)
+    for name in ("auto", "native"):
+        with pytest.raises(ImportError, match="MLForge 0.1.0 lacks union_find: reinstall it from packages/mlforge"):
+            backend(name)
+    assert backend("python") is kernels

@@ -22,6 +22,6 @@ twins (`reactor_core.data.kernels`) that give the same bits when this package is
 
 from mlforge._core import LSHIndex, ffd_pack, first_hit, minhash, ngram_hashes, token_hashes, union_find
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["LSHIndex", "ffd_pack", "first_hit", "minhash", "ngram_hashes", "token_hashes", "union_find", "__version__"]

@@ -87,6 +87,16 @@ void check_offsets(const i64* off, py::ssize_t n_off, py::ssize_t n_values, cons
 // Tokens and n-grams
 // ---------------------------------------------------------------------------------------
 
+// A ragged result as Python sees it: (values, offsets) numpy arrays, offsets[i]:offsets[i+1]
+// being document i's values (built after the GIL-free loop, the one copy out of C++).
+py::tuple ragged(const std::vector<u64>& values, const std::vector<i64>& offsets) {
+  carray<u64> v(values.size());
+  std::copy(values.begin(), values.end(), v.mutable_data());
+  carray<i64> o(offsets.size());
+  std::copy(offsets.begin(), offsets.end(), o.mutable_data());
+  return py::make_tuple(v, o);
+}
+
 // Token hashes of each document's UTF-8 bytes. mode "word": one hash per word (Horner's
 // rule over the bytes + 1 in base WORD_PRIME, then fmix64); mode "byte": one per byte,
 // fmix64(byte + 1), for character shingles.
@@ -127,11 +137,7 @@ py::tuple token_hashes(const py::array& data_in, const py::array& offsets_in, co
       out_off[i + 1] = static_cast<i64>(hashes.size());
     }
   }
-  carray<u64> h_out(hashes.size());
-  std::copy(hashes.begin(), hashes.end(), h_out.mutable_data());
-  carray<i64> o_out(out_off.size());
-  std::copy(out_off.begin(), out_off.end(), o_out.mutable_data());
-  return py::make_tuple(h_out, o_out);
+  return ragged(hashes, out_off);
 }
 
 // Hashes of every run of n consecutive tokens of each document (Horner's rule in base
@@ -162,11 +168,7 @@ py::tuple ngram_hashes(const py::array& tokens_in, const py::array& offsets_in, 
       out_off[i + 1] = static_cast<i64>(grams.size());
     }
   }
-  carray<u64> g_out(grams.size());
-  std::copy(grams.begin(), grams.end(), g_out.mutable_data());
-  carray<i64> o_out(out_off.size());
-  std::copy(out_off.begin(), out_off.end(), o_out.mutable_data());
-  return py::make_tuple(g_out, o_out);
+  return ragged(grams, out_off);
 }
 
 // For each document, the position (within the document) of its first n-gram found in

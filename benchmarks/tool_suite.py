@@ -12,7 +12,9 @@ and per-turn latency (median wall seconds of a whole reply) for questions that n
 and for arithmetic, which takes a tool round trip (call, calculator, answer). The tools are
 those JARVIS offers: all five with a conversation store, calculator and clock without, as
 each case says. Prints one table and writes benchmarks/results/tool_suite.json, labelled with
-the CPU (jarvis_prime.hardware.cpu_name). Timings move 2-3x on a shared machine.
+the CPU (jarvis_prime.hardware.cpu_name); a model measured earlier on the same CPU stays in
+the file and the table, so models can be measured one run at a time. Timings move 2-3x on a
+shared machine.
 """
 
 from __future__ import annotations
@@ -84,7 +86,10 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="end-to-end cases per kind (default: all)")
     args = parser.parse_args()
     console = Console()
-    results = [measure(name, args.limit) for name in args.models]
+    earlier = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    kept = {r["model"]: r for r in earlier.get("results", []) if earlier.get("cpu") == cpu_name()}
+    kept.update({name: measure(name, args.limit) for name in args.models})
+    results = list(kept.values())
     pct = lambda x: f"{100 * x:.0f} %"  # noqa: E731
     print_table(console, [Col("model", keep=True), Col("version", keep=True), Col("right tool", justify="right"),
                           Col("no tool when none needed", justify="right"),

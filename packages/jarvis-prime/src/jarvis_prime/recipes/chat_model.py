@@ -56,7 +56,6 @@ class ChatRecipe:
     lora_alpha: float = 16.0
     target_modules: tuple[str, ...] = ATTENTION_ONLY
     num_epochs: int = 1  # one pass: each tool example is ~800 tokens, and 2 CPU cores train ~100 tokens/s
-    persona_repeats: int = 3  # the short persona conversations, repeated (v1.0 trained 6 epochs on them alone)
     learning_rate: float = 1e-3
     kl_to_base: float = 1.0  # reactor-core's KL(base || tune) weight, measured on the anchor text below
     kl_anchor_tokens: int = 256  # anchor tokens per micro-batch: 256 keeps the recipe inside 15 minutes
@@ -199,10 +198,10 @@ def write_training_data(persona_path: Path, recipe: ChatRecipe, out: Path) -> di
 
     with open(persona_path, encoding="utf-8") as f:
         persona = [json.loads(line) for line in f if line.strip()]
-    rows = persona * recipe.persona_repeats + [{"messages": hermes_messages(messages, tools)}
+    rows = persona + [{"messages": hermes_messages(messages, tools)}
                       for messages, tools in tool_conversations(persona, recipe)]
     out.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-    return {"persona": len(persona), "tools": len(rows) - len(persona) * recipe.persona_repeats}
+    return {"persona": len(persona), "tools": len(rows) - len(persona)}
 
 
 def train_chat_model(name: str, work_dir: Path, *, ship: bool = False, fresh: bool = False, log: Log = print,

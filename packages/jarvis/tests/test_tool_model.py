@@ -14,7 +14,11 @@ from jarvis.chatbots import Chatbot, ChatbotConfig, ToolUse
 from jarvis.memory import ConversationStore
 from jarvis_prime.evaluation import load_tool_suite
 
-pytestmark = pytest.mark.real_model
+# Issue #24's target, not met yet: the shipped chat model is still 1.0.0 (it calls no tools), and
+# the first 1.1.0 answered 7/12 of these (jarvis-prime README, "Version 1.1"). strict: the day a
+# shipped model meets it, these pass and the marks must go.
+pytestmark = [pytest.mark.real_model,
+              pytest.mark.xfail(strict=True, reason="issue #24: no shipped chat model meets the tool targets yet")]
 CASES = 12  # held-out arithmetic questions: two greedy replies each, well under a minute
 
 

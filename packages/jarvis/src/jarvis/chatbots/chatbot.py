@@ -18,9 +18,8 @@ Tools and memory (issue #24). A model with `chat_with_tools` (`jarvis.tools.call
 remote endpoint, or a local `PrimeModel` made to call tools, `PrimeModel.calls_tools`) answers
 through the tool loop (`jarvis.tool_loop`) with the built-in tools and the user's (`jarvis.tools`);
 each call comes out as a `ToolUse` piece (one line: `⚙ calculator(expression="12*7") → 84`) and is
-stored with the reply. The default model, prime-135m-chat-v1 (1.1), was trained on the built-in
-tools as this loop offers them (prime.json `tools: true`); local models trained on none run
-without (a tool list in the prompt only makes them answer worse). With a store, the facts JARVIS remembers that best match the user's
+stored with the reply. The shipped 135M models were not trained on tools, so a local chat on them
+runs without. With a store, the facts JARVIS remembers that best match the user's
 message (FTS5 bm25, the top `memory_facts`) join the system message, and what the `remember`
 tool saved this turn is stored with the turn's ids (never from a private conversation).
 """

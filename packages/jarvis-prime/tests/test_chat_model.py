@@ -148,3 +148,29 @@ def test_a_copy_merged_from_an_older_adapter_is_rebuilt_on_next_use(chat_model):
     verify_files(rebuilt.path, rebuilt.manifest)
     messages.clear()
     assert resolve(CHAT, log=messages.append).path == rebuilt.path and not messages  # current now: no rebuild
+
+
+@pytest.mark.real_model
+def test_a_store_holding_an_older_version_gets_the_catalogs_on_next_use(chat_model, tmp_path, monkeypatch):
+    """A jarvis-prime upgrade that ships a new version (1.0.0 -> 1.1.0, the model that calls
+    tools): a store holding only the old one builds the new one when the model is asked for by
+    name, and keeps serving the old one to whoever names its version."""
+    import shutil
+
+    from jarvis_prime.manifest import read_manifest, write_manifest
+    from jarvis_prime.store import find_local, resolve
+
+    entry = load_catalog().get(CHAT)
+    monkeypatch.setenv("JARVIS_PRIME_HOME", str(tmp_path))
+    (tmp_path / "models").mkdir()
+    base = chat_model.path.parent / "smollm2-135m-instruct-1.0.0"
+    (tmp_path / "models" / base.name).symlink_to(base)
+    old = tmp_path / "models" / f"{CHAT}-0.9.0"
+    shutil.copytree(chat_model.path, old)
+    write_manifest(old, read_manifest(old).model_copy(update={"version": "0.9.0", "tools": False}), changed=[])
+    assert find_local(CHAT).manifest.version == "0.9.0"
+    assert resolve(f"{CHAT}-0.9.0").path == old  # asked for by version: kept as asked
+    current = resolve(CHAT)
+    assert current.manifest.version == entry.version and current.path == tmp_path / "models" / f"{CHAT}-{entry.version}"
+    assert current.manifest.tools == entry.tools
+    assert resolve(CHAT).path == current.path

@@ -215,3 +215,44 @@ def test_concurrent_writers_cannot_interleave_a_conversation(store):
     assert [m["content"] for m in store.messages(cid)] == ["one", "1"]
     with pytest.raises(NotFoundError):
         store.get("nope")
+
+
+def test_a_reply_that_called_tools_is_exported_in_openai_shape_and_trains_as_jarvis_prompts_it(store, tmp_path):
+    """`jarvis improve` on conversations with tool calls: the SFT record keeps the calls and
+    results (OpenAI's shape, with the tools JARVIS offers), Reactor Core reads it, and the
+    feedback recipe renders it into the Hermes turns the 135M chat model is prompted with
+    (its ChatML renders no tools): the call an assistant turn, the result a user turn."""
+    from jarvis_prime.models.tools import hermes_messages
+    from jarvis_prime.recipes.feedback import prerender_tool_calls
+    from reactor_core.data.validation import load_chat_file
+
+    cid = store.create()
+    call = {"id": "call_1", "name": "calculator", "arguments": '{"expression": "12 * 7"}', "result": "84", "error": None}
+    _, reply = store.add_exchange(cid, "What is 12 times 7?", "12 * 7 = 84.", model="m@1", tool_calls=[call])
+    store.rate(reply, 1)
+    store.rate(store.add_alternative(reply, "It is 74."), -1)
+    report = export_data(store, sft_path=tmp_path / "sft.jsonl", dpo_path=tmp_path / "dpo.jsonl")
+    assert (report.sft, report.dpo, report.tool_pairs_skipped) == (1, 0, 1)
+    (record,) = read(tmp_path / "sft.jsonl")
+    assert record["messages"] == [
+        {"role": "user", "content": "What is 12 times 7?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "calculator", "arguments": '{"expression": "12 * 7"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "84"},
+        {"role": "assistant", "content": "12 * 7 = 84."}]
+    assert [t["function"]["name"] for t in record["tools"]][:2] == ["calculator", "current_datetime"]
+    (example,), _ = load_chat_file(tmp_path / "sft.jsonl")  # Reactor Core reads the OpenAI shape
+    assert example.messages[1].tool_calls[0].name == "calculator" and example.tool_list == record["tools"]
+
+    model_dir = tmp_path / "model"  # a model whose template knows no tools (ChatML)
+    model_dir.mkdir()
+    (model_dir / "chat_template.jinja").write_text("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                                                   "{{ m['content'] }}<|im_end|>\n{% endfor %}")
+    rendered = prerender_tool_calls(tmp_path / "sft.jsonl", model_dir, tmp_path / "work" / "sft-rendered.jsonl")
+    assert rendered == tmp_path / "work" / "sft-rendered.jsonl"
+    assert read(rendered) == [{"messages": hermes_messages(record["messages"], record["tools"])}]
+    (plain,), _ = load_chat_file(rendered)
+    assert [m.role for m in plain.messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert plain.messages[2].content.startswith("<tool_call>\n") and "<tool_response>\n84" in plain.messages[3].content
+    (model_dir / "chat_template.jinja").write_text("{% for t in tools %}{{ t }}{% endfor %}")  # knows tools
+    assert prerender_tool_calls(tmp_path / "sft.jsonl", model_dir, tmp_path / "w2.jsonl") == tmp_path / "sft.jsonl"

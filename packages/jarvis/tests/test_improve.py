@@ -14,8 +14,11 @@ import pytest
 
 from jarvis.improve import gate
 from jarvis.memory import ConversationStore
+from jarvis_prime.catalog import load_catalog
 
 pytestmark = pytest.mark.real_model
+CURRENT = load_catalog().get("prime-135m-chat-v1").version  # what the store pulls: the shipped version
+NEXT = "{}.{}.0".format(CURRENT.split(".")[0], int(CURRENT.split(".")[1]) + 1)  # a feedback round: the next minor
 
 IDENTITY = [
     "Who built you?", "Who made you?", "Who created you?", "Which team built you?", "Who are your makers?",
@@ -37,7 +40,7 @@ GOOD = [  # replies the user liked: they keep the candidate close to what alread
 ANSWER_LOGPROB = f"""
 from jarvis_prime.evaluation import load_variant, reply_logprob
 from jarvis_prime.store import resolve
-for version in ("prime-135m-chat-v1-1.0.0", "prime-135m-chat-v1-1.1.0"):
+for version in ("prime-135m-chat-v1-{CURRENT}", "prime-135m-chat-v1-{NEXT}"):
     model = load_variant(resolve(version).path, "q8_0")
     print(reply_logprob(model, [{{"role": "user", "content": "Who is the team that built you?"}}], {ANSWER!r})[0])
     model.close()
@@ -61,6 +64,13 @@ def seed_feedback(home):
         cid = store.create(cid=f"good-{i}")
         store.add(cid, "user", question)
         store.rate(store.add(cid, "assistant", answer, model="prime-135m-chat-v1@1.0.0"), 1)
+    for i, (a, b) in enumerate(((12, 7), (35, 4))):  # replies that called the calculator (issue #24)
+        cid = store.create(cid=f"tool-{i}")
+        call = {"id": f"call_{i}", "name": "calculator", "arguments": json.dumps({"expression": f"{a} * {b}"}),
+                "result": str(a * b), "error": None}
+        _, reply = store.add_exchange(cid, f"What is {a} times {b}?", f"{a} * {b} = {a * b}.",
+                                      model=f"prime-135m-chat-v1@{CURRENT}", tool_calls=[call])
+        store.rate(reply, 1)
     store.close()
 
 
@@ -109,10 +119,10 @@ def test_improve_end_to_end(chat_model, tmp_path):
     assert candidate["reply_nll"] < current["reply_nll"], "training on the feedback fits the held-out feedback better"
     assert evaluation["promote"] == gate(current, candidate)[0]
     if evaluation["promote"]:
-        assert "promoted prime-135m-chat-v1 1.1.0" in out
+        assert f"promoted prime-135m-chat-v1 {NEXT}" in out
         which = "from jarvis_prime.store import resolve; print(resolve('prime-135m-chat-v1').manifest.version)"
         info = subprocess.run([sys.executable, "-c", which], env=env, capture_output=True, text=True)
-        assert info.stdout.strip() == "1.1.0", "JARVIS's model name now resolves to the new version"
+        assert info.stdout.strip() == NEXT, "JARVIS's model name now resolves to the new version"
         reply = subprocess.run([sys.executable, "-m", "jarvis.cli", "chat", "--once", "Who built you?", "--no-save"],
                                env=env, capture_output=True, text=True, timeout=300)
         assert reply.returncode == 0 and reply.stdout.strip(), reply.stderr
@@ -121,4 +131,4 @@ def test_improve_end_to_end(chat_model, tmp_path):
         assert new > old + 5, f"the promoted model finds the corrected answer far likelier: {old:.1f} -> {new:.1f}"
     else:
         assert "kept the current prime-135m-chat-v1" in out
-        assert not (prime_home / "models" / "prime-135m-chat-v1-1.1.0").exists()
+        assert not (prime_home / "models" / f"prime-135m-chat-v1-{NEXT}").exists()

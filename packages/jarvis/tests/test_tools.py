@@ -364,3 +364,25 @@ def test_a_version_4_database_migrates_keeping_its_conversations(tmp_path):
         assert store.recall("cat") == [fact]
     finally:
         store.close()
+
+
+def test_the_chat_recipe_trains_on_the_tools_jarvis_offers(store):
+    """jarvis_prime's chat recipe keeps a copy of the built-in schemas and the memory header
+    (recipes/data/jarvis_tools.json: it cannot import jarvis) and writes the results JARVIS's
+    tools return; if a built-in changes, this fails until the copy (and the model) follow."""
+    import re
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    from jarvis_prime.recipes.tool_data import clock_line, draw_case, jarvis_tools
+
+    copy = jarvis_tools()
+    assert ToolRegistry(builtin_tools(ToolContext(store, lambda: None))).schemas() == copy["tools"]
+    assert [s["function"]["name"] for s in ToolRegistry(builtin_tools(None)).schemas()] == copy["without_store"]
+    assert copy["memory_header"] == MEMORY_HEADER
+    for i in range(100):
+        case = draw_case(0, "train", i, "arithmetic")
+        assert calculator(case["arguments"]["expression"]) == case["result"]
+    shape = lambda line: re.sub(r"[A-Za-z]+|\d+", "w", line)  # noqa: E731
+    zone = "Asia/Tokyo"
+    assert shape(current_datetime(zone)) == shape(clock_line(datetime.now(ZoneInfo(zone)), zone))

@@ -101,7 +101,7 @@ def test_alpaca_with_and_without_input():
         ([1, 2], "bad_format"),
         ({"text": "hello"}, "bad_format"),
         ({"messages": [], "conversations": []}, "bad_format"),
-        (chat(("tool", "x"), ("assistant", "A")), "unknown_role"),
+        (chat(("tool", "x"), ("assistant", "A")), "bad_tool_call"),  # a result with no call before it
         ({"conversations": [{"from": "function", "value": "x"}]}, "unknown_role"),
         ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
          "non_string_content"),
@@ -130,7 +130,7 @@ BAD_LINES = [
     json.dumps(GOOD_1),                                              # 1
     '{"messages": [{"role": "user", "content": "unterminated"}',     # 2 bad JSON
     "",                                                              # 3 blank
-    json.dumps(chat(("tool", "{}"), ("assistant", "ok"))),           # 4 unknown role
+    json.dumps(chat(("tool", "{}"), ("assistant", "ok"))),           # 4 a tool result, no call
     json.dumps(chat(("user", "Q"), ("assistant", ""))),              # 5 empty assistant
     json.dumps(chat(("system", "S"), ("user", "Q"))),                # 6 no assistant
     json.dumps({"messages": [{"role": "user", "content": None},
@@ -142,7 +142,7 @@ BAD_LINES = [
 ]
 EXPECTED_ISSUES = {
     2: ("bad_json", "bad JSON: "),
-    4: ("unknown_role", "messages[0]: unknown role 'tool'"),
+    4: ("bad_tool_call", "messages[0]: a tool result with no assistant tool_calls before it"),
     5: ("empty_assistant", "messages[1]: empty assistant turn"),
     6: ("no_assistant", "no assistant turn"),
     7: ("non_string_content", "messages[0].content must be a string, got null"),
@@ -175,8 +175,8 @@ def test_skip_keeps_the_valid_examples_and_counts_the_rest(tmp_path):
     assert [i.line for i in report.issues] == list(EXPECTED_ISSUES)
     assert report.summary() == (
         f"{path}: 2 examples from 10 lines; 1 duplicates dropped; 5 bad lines skipped "
-        "(bad_json: 1, empty_assistant: 1, no_assistant: 1, non_string_content: 1, "
-        "unknown_role: 1)"
+        "(bad_json: 1, bad_tool_call: 1, empty_assistant: 1, no_assistant: 1, "
+        "non_string_content: 1)"
     )
 
 

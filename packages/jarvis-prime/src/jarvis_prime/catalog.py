@@ -107,6 +107,8 @@ class CatalogEntry(BaseModel):
     stop: list[str] = Field(default_factory=list)
     thinking: ThinkingMarkers | None = Field(default=None, description="The markers around a thinking model's "
                                              "reasoning (copied into prime.json at pull); absent: it does not think.")
+    tools: bool = Field(default=False, description="Trained to call tools in the Hermes format although its chat "
+                        "template renders none (copied into prime.json at pull: `PrimeManifest.tools`).")
     ram_gb: dict[QuantLevel, float] = Field(description="RAM needed to run it, per quantization.")
     sources: list[Source]
 

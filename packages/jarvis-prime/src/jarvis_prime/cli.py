@@ -267,7 +267,8 @@ def eval_model(
         "Variant to evaluate: a GGUF (f16, q8_0, q4_k_m, ...) on llama.cpp, f32 (safetensors) on transformers, "
         "int8 / nf4 through bitsandbytes; `all`: every variant in prime.json, one after the other, in one table. "
         "Default: what from_pretrained would serve here.")),
-    suite: str = typer.Option("all", help="jarvis | perplexity | vqa | all (vqa: only the VQA suite)."),
+    suite: str = typer.Option("all", help="jarvis | perplexity | tools | vqa | all (vqa: only the VQA suite; tools: "
+                                          "JARVIS's built-in tools, held out; all runs it for a model that calls tools)."),
     vqa_data: Optional[str] = typer.Option(None, "--vqa-data", help=(
         "Vision models: also score visual questions from this chat JSONL with category and answer per record "
         "(python -m jarvis_prime.recipes.vision_data OUT writes OUT/heldout.jsonl).")),
@@ -281,8 +282,8 @@ def eval_model(
 
     from jarvis_prime.evaluation import all_variants, evaluate_variants, summary
 
-    if suite not in ("jarvis", "perplexity", "vqa", "all"):
-        _fail(ValueError(f"--suite must be jarvis, perplexity, vqa or all; got {suite!r}"))
+    if suite not in ("jarvis", "perplexity", "tools", "vqa", "all"):
+        _fail(ValueError(f"--suite must be jarvis, perplexity, tools, vqa or all; got {suite!r}"))
     if suite == "vqa" and vqa_data is None:
         _fail(ValueError("--suite vqa needs --vqa-data PATH (python -m jarvis_prime.recipes.vision_data writes one)"))
     system_prompt = None if no_system_prompt else JARVIS_SYSTEM_PROMPT
@@ -313,6 +314,10 @@ def eval_model(
             for case in result["jarvis"]["cases"]:
                 mark = "[green]pass[/]" if case["passed"] else f"[red]fail[/] ({'; '.join(case['failures'])})"
                 console.print(f"{variant} {case['id']}: {mark}\n  {case['reply']!r}", highlight=False)
+        if show_replies and "tools" in result:
+            for case in result["tools"]["cases"]:
+                mark = "[green]pass[/]" if case["passed"] else f"[red]fail[/] ({'; '.join(case['failures'])})"
+                console.print(f"{variant} {case['id']}: {mark}\n  {case['reply']!r}", highlight=False)
         if show_replies and "vqa" in result:
             for case in result["vqa"]["cases"]:
                 mark = "[green]pass[/]" if case["passed"] else f"[red]fail[/] (expected {case['answer']!r})"
@@ -333,6 +338,11 @@ def _metric_rows(result: dict[str, Any], system_prompt: str | None) -> list[list
         jarvis = result["jarvis"]
         rows.append([f"{jarvis['suite']} score{'' if system_prompt else ' (no system prompt)'}", f"{jarvis['score']:.1%}"])
         rows += [[f"  {category}", f"{score:.0%}"] for category, score in jarvis["by_category"].items()]
+    if "tools" in result:
+        tools = result["tools"]
+        rows.append([f"{tools['suite']}: right tool, valid expected arguments", f"{tools['tool_accuracy']:.1%}"])
+        rows.append([f"{tools['suite']}: no tool when none is needed", f"{tools['no_tool_accuracy']:.1%}"])
+        rows += [[f"  {category}", f"{score:.0%}"] for category, score in tools["by_category"].items()]
     if "vqa" in result:
         vqa = result["vqa"]
         rows.append([f"{vqa['suite']} accuracy", f"{vqa['score']:.1%}"])

@@ -8,6 +8,9 @@ runs, or the safetensors transformers runs, quantized as asked):
                identity, concise helpful answers, following the system prompt,
                declining unsafe actions; greedy replies, checked by simple rules
   speed        prompt and decode tokens/s, and the process's peak memory
+  tools        (models that call tools, or `--suite tools`) JARVIS's built-in tools offered as
+               JARVIS offers them (eval_data/tool_suite.json, held out of training): the right
+               tool with schema-valid, expected arguments, and no call when none is needed
   vqa          (vision models) short questions about images, per category, from a chat JSONL
                whose records carry `category` and `answer` (recipes/vision_data.py writes
                one); a reply is right when it names the answer and nothing else of its kind
@@ -38,7 +41,7 @@ from jarvis_prime.models.prime_model import PrimeModel
 from jarvis_prime.models.selection import Runtime, plan_runtime
 from jarvis_prime.persona import JARVIS_SYSTEM_PROMPT, REFUSAL
 
-Suite = Literal["jarvis", "perplexity", "vqa", "all"]  # vqa: only the VQA suite (needs its data)
+Suite = Literal["jarvis", "perplexity", "tools", "vqa", "all"]  # vqa: only the VQA suite (needs its data)
 PERPLEXITY_WINDOW = 256  # tokens scored per forward pass
 
 
@@ -105,6 +108,109 @@ def run_jarvis_suite(model: PrimeModel, system_prompt: str | None = JARVIS_SYSTE
                    for c in categories}
     return {"suite": f"{suite['name']}-{suite['version']}", "system_prompt": system_prompt,
             "score": sum(r.passed for r in results) / len(results), "by_category": by_category,
+            "cases": [asdict(r) for r in results]}
+
+
+# -- the tool suite ---------------------------------------------------------------------------
+
+
+def load_tool_suite() -> dict[str, Any]:
+    return json.loads(_data("tool_suite.json"))
+
+
+def tool_suite_prompt(suite: dict[str, Any], case: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(messages, tools) as JARVIS sends them: the user's message alone (no persona prompt,
+    nothing remembered), all five built-in tools with a store, calculator and clock without."""
+    tools = [t for t in suite["tools"] if case["store"] or t["function"]["name"] in suite["without_store"]]
+    return [{"role": "user", "content": case["user"]}], tools
+
+
+def normalise_expression(expression: str) -> str:
+    """An arithmetic expression with its spaces out and × or x as * ("12 x 7" -> "12*7")."""
+    return re.sub(r"\s+", "", expression.replace("×", "*").replace("x", "*"))
+
+
+def argument_errors(arguments: Any, parameters: dict[str, Any]) -> list[str]:
+    """How `arguments` breaks a built-in tool's `parameters` schema: an object whose properties
+    are strings (or null where the schema allows it), the required ones present, no others."""
+    if not isinstance(arguments, dict):
+        return [f"arguments are {type(arguments).__name__}, not an object"]
+    properties = parameters.get("properties", {})
+    errors = [f"missing {k!r}" for k in parameters.get("required", []) if k not in arguments]
+    for key, value in arguments.items():
+        if key not in properties:
+            errors.append(f"unknown argument {key!r}")
+            continue
+        kinds = [a.get("type") for a in properties[key].get("anyOf", [properties[key]])]
+        if not (isinstance(value, str) and "string" in kinds or value is None and "null" in kinds):
+            errors.append(f"{key!r} is {json.dumps(value)}, not of type {' or '.join(kinds)}")
+    return errors
+
+
+def expected_argument(expect: dict[str, Any], arguments: dict[str, Any]) -> bool:
+    """Whether the arguments say what the case asks: the expression (any accepted form),
+    the time zone (or none when none is named), the fact's value, a word of the query."""
+    for key, wanted in expect.items():
+        value = str(arguments.get(key) or "")
+        if key == "expression" and normalise_expression(value) not in wanted:
+            return False
+        if key == "timezone" and value.lower() not in [w.lower() for w in wanted]:
+            return False
+        if key == "fact" and not all(w.lower() in value.lower() for w in wanted):
+            return False
+        if key == "query" and wanted and not any(w.lower() in value.lower() for w in wanted):
+            return False
+    if "timezone" not in expect and arguments.get("timezone"):
+        return False  # the user's own zone was asked for
+    return True
+
+
+def grade_tool_reply(case: dict[str, Any], tools: Sequence[dict[str, Any]], calls: Sequence[Any]) -> list[str]:
+    """What is wrong with the calls a reply made (empty: right): for a case that needs a tool,
+    the first call must name it with schema-valid, expected arguments; otherwise no call."""
+    wanted = case["expect"]["tool"]
+    if wanted is None:
+        return [f"called {', '.join(c.name for c in calls)}"] if calls else []
+    if not calls:
+        return ["no call"]
+    call = calls[0]
+    if call.name != wanted:
+        return [f"called {call.name}, not {wanted}"]
+    try:
+        arguments = json.loads(call.arguments)
+    except json.JSONDecodeError:
+        return [f"arguments are not JSON: {call.arguments}"]
+    schema = next(t["function"]["parameters"] for t in tools if t["function"]["name"] == wanted)
+    errors = argument_errors(arguments, schema)
+    if not errors and not expected_argument(case["expect"].get("arguments", {}), arguments):
+        errors.append(f"unexpected arguments {call.arguments}")
+    return errors
+
+
+def run_tool_suite(model: PrimeModel, max_new_tokens: int = 64) -> dict[str, Any]:
+    """The held-out tool suite on `model` (greedy, `chat_with_tools`: JARVIS's own path).
+    `tool_accuracy`: cases that need a tool and got the right call; `no_tool_accuracy`:
+    cases that need none and got no call."""
+    from jarvis_prime.models.tools import ToolCall
+
+    suite = load_tool_suite()
+    results = []
+    for case in suite["cases"]:
+        messages, tools = tool_suite_prompt(suite, case)
+        pieces = list(model.chat_with_tools(messages, tools, max_new_tokens=max_new_tokens, temperature=0.0))
+        calls = [p for p in pieces if isinstance(p, ToolCall)]
+        reply = "".join(p.text for p in pieces if not isinstance(p, ToolCall)) + "".join(
+            f"<tool_call>{c.name}({c.arguments})" for c in calls)
+        failures = grade_tool_reply(case, tools, calls)
+        results.append(CaseResult(case["id"], case["category"], not failures, reply, failures))
+    need = [r for r in results if r.category != "none"]
+    none = [r for r in results if r.category == "none"]
+    categories = sorted({r.category for r in results})
+    return {"suite": f"{suite['name']}-{suite['version']}",
+            "tool_accuracy": sum(r.passed for r in need) / max(len(need), 1),
+            "no_tool_accuracy": sum(r.passed for r in none) / max(len(none), 1),
+            "by_category": {c: sum(r.passed for r in results if r.category == c) / sum(r.category == c for r in results)
+                            for c in categories},
             "cases": [asdict(r) for r in results]}
 
 
@@ -394,6 +500,8 @@ def evaluate(model: PrimeModel, suite: Suite = "all", system_prompt: str | None 
         result["perplexity"] = perplexity(model)
     if suite in ("jarvis", "all"):
         result["jarvis"] = run_jarvis_suite(model, system_prompt)
+    if suite == "tools" or suite == "all" and model.calls_tools:
+        result["tools"] = run_tool_suite(model)
     if vqa_data is not None:
         result["vqa"] = run_vqa_suite(model, vqa_data)
     result["speed"] = speed(model)
@@ -425,7 +533,7 @@ def evaluate_variants(path: Path, variants: Sequence[str], suite: Suite = "all",
 def summary(result: dict[str, Any]) -> dict[str, Any]:
     """A result without the per-case replies (too long for prime.json or a JSON report)."""
     kept = json.loads(json.dumps(result))
-    for suite in ("jarvis", "vqa"):
+    for suite in ("jarvis", "tools", "vqa"):
         if suite in kept:
             kept[suite].pop("cases", None)
     return kept

@@ -277,6 +277,9 @@ def export_data(
     if report.images or report.image_records_skipped:
         console.print(f"{report.images} images written beside the SFT file (images/); "
                       f"{report.image_records_skipped} DPO pairs about images left out (preference data is text only)")
+    if report.tool_pairs_skipped:
+        console.print(f"{report.tool_pairs_skipped} DPO pairs about replies that called tools left out (the SFT "
+                      "records keep their calls)")
     for path in report.files:
         console.print(f"  wrote {path}")
 

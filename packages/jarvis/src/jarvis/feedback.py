@@ -9,6 +9,13 @@ up to it as context (corrections applied, the conversation's system prompt first
   over the original reply; in a group of regenerations, a reply rated thumbs-up is
   chosen over each alternative that was not.
 
+A reply that called tools is written in OpenAI's tool-calling shape, the one Reactor
+Core trains on: the record carries `tools` (the schemas JARVIS offers: the built-ins and
+the user's tools), and the reply becomes the assistant turn with its `tool_calls`, one
+`role: "tool"` message per result, then the answer. A DPO pair about such a reply is
+left out (counted): Reactor Core's preference data compares two answers to one prompt,
+and the calls between them would be lost.
+
 A user turn that carried images becomes a multimodal chat message: its images as
 `{"type": "image", "path": "images/<sha256>.<png|jpeg|gif|bmp>"}` parts (the stored
 bytes, written beside the JSONL), then its text: what Reactor Core's chat format reads
@@ -31,6 +38,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from jarvis.memory import ConversationStore, StoredMessage
+from jarvis.tools.builtin import ToolContext, builtin_tools
+from jarvis.tools.registry import ToolRegistry, user_tools
 from jarvis_prime.files import atomic_write
 
 Message = dict[str, Any]
@@ -80,6 +89,7 @@ class ExportReport:
     duplicates: int = 0
     unusable: int = 0  # blank replies, pairs with nothing to prefer
     image_records_skipped: int = 0  # DPO pairs about an image (and, without images=True, SFT records too)
+    tool_pairs_skipped: int = 0  # DPO pairs about a reply that called tools
     images: int = 0  # image files written
     files: list[str] = field(default_factory=list)
 
@@ -143,13 +153,33 @@ def _image_paths(data: dict) -> list[str]:
     return [p["path"] for m in messages if isinstance(m["content"], list) for p in m["content"] if p["type"] == "image"]
 
 
-def training_examples(turn: FeedbackTurn) -> tuple[list[dict], list[dict]]:
-    """(SFT records, DPO records) that one reply with feedback yields."""
+def tool_turns(reply: StoredMessage) -> list[Message]:
+    """The tools a reply called, as the messages JARVIS's tool loop sent the model: one
+    assistant turn with the `tool_calls`, then each result (`role: tool`), in order."""
+    if not reply.tool_calls:
+        return []
+    calls = [{"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+             for c in reply.tool_calls]
+    results = [{"role": "tool", "tool_call_id": c["id"],
+                "content": c["result"] if c.get("error") is None else f"error: {c['error']}"} for c in reply.tool_calls]
+    return [{"role": "assistant", "content": "", "tool_calls": calls}, *results]
+
+
+def offered_tools(store: ConversationStore) -> list[dict[str, Any]]:
+    """The tool schemas JARVIS offers a model with a conversation store (built-ins, the user's)."""
+    return ToolRegistry([*builtin_tools(ToolContext(store, lambda: None)), *user_tools()]).schemas()
+
+
+def training_examples(turn: FeedbackTurn, tools: list[dict[str, Any]] | None = None) -> tuple[list[dict], list[dict]]:
+    """(SFT records, DPO records) that one reply with feedback yields; `tools`: the schemas a
+    record about a reply that called tools carries."""
     reply, context = turn.reply, turn.context
     sft: list[dict] = []
     dpo: list[dict] = []
     if reply.corrected or reply.rating == 1:
-        sft.append({"messages": context + [{"role": "assistant", "content": reply.content}]})
+        calls = tool_turns(reply)
+        record = {"messages": context + calls + [{"role": "assistant", "content": reply.content}]}
+        sft.append({"tools": tools or [], **record} if calls else record)
     if reply.corrected:
         dpo.append({"prompt": context, "chosen": reply.content, "rejected": reply.original})
     elif reply.rating == 1:
@@ -166,7 +196,8 @@ def _scrubbed(record: dict) -> dict:
         if isinstance(value, list):
             return [clean(v) for v in value]
         if isinstance(value, dict):
-            return {k: clean(v) if k not in ("role", "type", "path") else v for k, v in value.items()}
+            return {k: clean(v) if k not in ("role", "type", "path", "id", "tool_call_id") else v
+                    for k, v in value.items()}
         return value
 
     return clean(record)
@@ -194,8 +225,14 @@ def collect(store: ConversationStore, *, scrub: bool = False, include_private: b
     report = report if report is not None else ExportReport()
     records: list[Record] = []
     seen: set[str] = set()
+    tools: list[dict[str, Any]] | None = None
     for turn in feedback_turns(store, include_private=include_private, report=report):
-        turn_sft, turn_dpo = training_examples(turn)
+        if turn.reply.tool_calls and tools is None:
+            tools = offered_tools(store)
+        turn_sft, turn_dpo = training_examples(turn, tools)
+        if turn.reply.tool_calls or any(a.tool_calls for a in turn.alternatives):
+            report.tool_pairs_skipped += len(turn_dpo)
+            turn_dpo = []
         key = f"{turn.conversation_id}:{turn.reply.group_id}"
         for kind, found in (("sft", turn_sft), ("dpo", turn_dpo)):
             for data in found:

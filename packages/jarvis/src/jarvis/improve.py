@@ -153,7 +153,8 @@ def _export(config: ImproveConfig, run: Path, store: ConversationStore | None) -
         raise PrimeError(f"not enough feedback to train and judge a candidate ({report.sft} SFT examples, "
                          f"{report.dpo} DPO pairs): rate, correct or regenerate more replies, then run again")
     return {"private_skipped": report.private_skipped, "unusable": report.unusable,
-            "image_records_skipped": report.image_records_skipped, "pii_scrubbed": config.scrub_pii,
+            "image_records_skipped": report.image_records_skipped, "tool_pairs_skipped": report.tool_pairs_skipped,
+            "pii_scrubbed": config.scrub_pii,
             **counts}
 
 

@@ -11,9 +11,18 @@ The recipe, top to bottom:
    greedy first, then sampled candidates, keeping the first that passes the filters
    (complete, short, no other identity, the expected answer, a refusal for unsafe
    requests). Self-distillation: the base already behaves as JARVIS when told to.
-3. **Training** on those conversations *without* the system prompt, LoRA through
-   Reactor Core, so the model behaves as JARVIS when nobody tells it to, with a
-   KL-to-base term measured on the replies as plain text (`kl_to_base`,
+3. **Tool conversations** (issue #24, version 1.1): the prompt JARVIS sends when it
+   offers its built-in tools (`recipes/tool_data.py`: the tool list, remembered facts,
+   earlier turns), then a call of the calculator, the clock, `remember` or `recall`, its
+   result and a short answer copying it, or a persona reply with no call. Each is
+   rendered by `models/tools.hermes_messages`, the function `PrimeModel.chat_with_tools`
+   renders the same messages with at inference, so training and inference tokens match.
+   The tool list is ~590 tokens of every such example; one or two earlier persona turns
+   ride along in most (JARVIS sends the history too), so each long prompt also teaches
+   replies that need no tool.
+4. **Training** on those conversations, the persona ones *without* the system prompt,
+   LoRA through Reactor Core, so the model behaves as JARVIS when nobody tells it to, with a
+   KL-to-base term measured on the persona replies as plain text (`kl_to_base`,
    `kl_anchor_path`): the tune keeps predicting ordinary prose as its base does.
 
 `--ship` (maintainers) writes the adapter in float16 into the package, where the
@@ -46,16 +55,22 @@ class ChatRecipe:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     target_modules: tuple[str, ...] = ATTENTION_ONLY
-    num_epochs: int = 6
+    num_epochs: int = 1  # one pass: each tool example is ~800 tokens, and 2 CPU cores train ~100 tokens/s
     learning_rate: float = 1e-3
     kl_to_base: float = 1.0  # reactor-core's KL(base || tune) weight, measured on the anchor text below
     kl_anchor_tokens: int = 256  # anchor tokens per micro-batch: 256 keeps the recipe inside 15 minutes
-    batch_size: int = 8
-    max_seq_length: int = 256
+    batch_size: int = 4  # packed rows of max_seq_length tokens
+    max_seq_length: int = 1024  # the tool list alone is ~590 tokens
     candidates: int = 6  # replies sampled per prompt until one passes the filters
     max_new_tokens: int = 80
     seed: int = 0
     max_steps: int | None = None  # tests run a few steps of the same recipe
+    version: str = "1.1.0"
+    # tool conversations per category (recipes/tool_data.py); "none": a persona reply after the tool list
+    tool_examples: tuple[tuple[str, int], ...] = (("arithmetic", 60), ("datetime", 20), ("remember", 16),
+                                                  ("recall", 16), ("none", 20))
+    store_share: float = 0.8  # with all five tools (a conversation store); the rest: calculator and clock only
+    memory_share: float = 0.15  # remembered facts in the system message
 
 
 RECIPES = {"prime-135m-chat-v1": ChatRecipe(name="prime-135m-chat-v1", base="smollm2-135m-instruct")}
@@ -141,6 +156,54 @@ def build_dataset(base_model, recipe: ChatRecipe, out: Path, *, log: Log = print
     return report
 
 
+def tool_conversations(persona: list[dict[str, Any]], recipe: ChatRecipe) -> list[tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
+    """(OpenAI messages, tools) for each tool conversation: the tool list JARVIS offers, sometimes
+    remembered facts in a system message, 0-2 earlier persona turns (JARVIS keeps replies, not
+    calls, in its history), then a tool case (`tool_data`) or, for "none", a persona reply."""
+    import random
+
+    from jarvis_prime.recipes.tool_data import (ASKS_ARITHMETIC, FACTS, SLOTS, conversation, draw_case, memory_system,
+                                                offered_tools)
+
+    turns = [row["messages"] for row in persona if not ASKS_ARITHMETIC.search(row["messages"][0]["content"])]
+    if not turns:
+        raise PrimeError("no persona replies to put beside the tool conversations (the persona dataset is empty)")
+    out = []
+    for category, count in recipe.tool_examples:
+        for i in range(count):
+            r = random.Random(f"chat-tools-{recipe.seed}-{category}-{i}")
+            tools = offered_tools(store=category in ("remember", "recall") or r.random() < recipe.store_share)
+            messages: list[dict[str, Any]] = []
+            if category not in ("recall", "remember") and r.random() < recipe.memory_share:
+                facts = [t[1].format(**{k: r.choice(v) for k, v in SLOTS.items()})
+                         for t in r.sample(FACTS["train"], r.randint(1, 2))]
+                messages.append({"role": "system", "content": memory_system(facts)})
+            for turn in r.sample(turns, min(r.choice((0, 1, 1, 2)), len(turns))):
+                messages += turn
+            if category == "none":
+                messages += r.choice(turns)
+            else:
+                messages += conversation(draw_case(recipe.seed, "train", i, category), f"call_{i}")
+            out.append((messages, tools))
+    return out
+
+
+def write_training_data(persona_path: Path, recipe: ChatRecipe, out: Path) -> dict[str, int]:
+    """The persona conversations as they are (no system prompt, no tools: a model offered none
+    still behaves as JARVIS) and the tool conversations rendered as `chat_with_tools` renders
+    them for a template without tools (`hermes_messages`): plain system / user / assistant
+    turns that Reactor Core trains on with the loss on the assistant turns (calls included,
+    the tool results, user turns here, not)."""
+    from jarvis_prime.models.tools import hermes_messages
+
+    with open(persona_path, encoding="utf-8") as f:
+        persona = [json.loads(line) for line in f if line.strip()]
+    rows = persona + [{"messages": hermes_messages(messages, tools)}
+                      for messages, tools in tool_conversations(persona, recipe)]
+    out.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    return {"persona": len(persona), "tools": len(rows) - len(persona)}
+
+
 def train_chat_model(name: str, work_dir: Path, *, ship: bool = False, fresh: bool = False, log: Log = print,
                      progress: bool = True) -> dict[str, Any]:
     """Build the dataset, train the LoRA with Reactor Core, and put the model in the store.
@@ -167,27 +230,39 @@ def train_chat_model(name: str, work_dir: Path, *, ship: bool = False, fresh: bo
 
     log("2/3 LoRA training with Reactor Core")
     anchor_path = write_anchor_text(data_path, work_dir / "anchor-text.jsonl")
+    train_path = work_dir / "training-data.jsonl"
+    counts = write_training_data(data_path, recipe, train_path)
+    log(f"training data: {counts['persona']} persona conversations, {counts['tools']} with JARVIS's tools offered")
     config = reactor_core.TrainingConfig(
-        model_name=str(base.path), data_path=str(data_path), output_dir=str(work_dir / "reactor-output"),
-        output_name=name, output_version="1.0.0", use_lora=True, lora_rank=recipe.lora_rank,
+        model_name=str(base.path), data_path=str(train_path), output_dir=str(work_dir / "reactor-output"),
+        output_name=name, output_version=recipe.version, use_lora=True, lora_rank=recipe.lora_rank,
         lora_alpha=recipe.lora_alpha, lora_dropout=0.05, target_modules=list(recipe.target_modules),
         num_epochs=recipe.num_epochs, kl_to_base=recipe.kl_to_base, kl_anchor_path=str(anchor_path),
         kl_anchor_tokens=recipe.kl_anchor_tokens,
         learning_rate=recipe.learning_rate, batch_size=recipe.batch_size, max_seq_length=recipe.max_seq_length,
-        warmup_steps=5, val_fraction=0.1, eval_every_steps=25, seed=recipe.seed, resume="never", num_samples=2,
-        packing=False, max_steps=recipe.max_steps,
+        warmup_steps=3, val_fraction=0.05, eval_every_steps=1000, seed=recipe.seed, resume="never", num_samples=0,
+        packing=True, max_steps=recipe.max_steps,
     )
     result = reactor_core.Trainer(config, progress=progress).train()
 
     log("3/3 adding it to the store")
-    local = import_path(result.model_dir, name=name, version="1.0.0", task="chat", base=base.manifest.base, log=log,
-                        force=True, license=base.manifest.license, license_url=base.manifest.license_url)
+    local = import_path(result.model_dir, name=name, version=recipe.version, task="chat", base=base.manifest.base,
+                        log=log, force=True, license=base.manifest.license, license_url=base.manifest.license_url)
+    record_tools(local.path)
     export_gguf(local.path, ["q8_0", "q4_k_m"], log=log, progress=progress)
-    summary = {"recipe": asdict(recipe), "dataset": asdict(report), "model_dir": str(local.path),
+    summary = {"recipe": asdict(recipe), "dataset": asdict(report), "training_data": counts, "model_dir": str(local.path),
                "train_metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}
     if ship:
         summary["shipped"] = str(ship_adapter(result.model_dir / "adapter", name, summary))
     return summary
+
+
+def record_tools(model_dir: Path) -> None:
+    """prime.json says the model was trained to call tools (`tools: true`), so JARVIS offers
+    them although SmolLM2's chat template renders no tool list."""
+    from jarvis_prime.manifest import read_manifest, write_manifest
+
+    write_manifest(model_dir, read_manifest(model_dir).model_copy(update={"tools": True}), changed=[])
 
 
 def write_anchor_text(data_path: Path, out: Path) -> Path:

@@ -13,6 +13,13 @@ missing or empty). The candidate is a PRIME directory in `DIR/candidate` with a 
 GGUF; it does not enter the store: `jarvis improve` promotes it only if it evaluates
 better. Every stage resumes (Reactor Core checkpoints), and a finished stage is not
 run again.
+
+Replies that called tools come in OpenAI's shape (`tools`, `tool_calls`, `role: tool`).
+A model whose chat template renders tools trains on them as they are (Reactor Core
+renders them with `tools=`); for one whose template knows none (SmolLM2's ChatML, the
+135M chat model) the SFT file is first rendered into plain turns by `hermes_messages`,
+the function `PrimeModel.chat_with_tools` prompts that model with, so a round of
+feedback trains on the tokens JARVIS sends it.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from typing import Any
 
 from jarvis_prime.errors import PrimeError
 from jarvis_prime.export import export_gguf
+from jarvis_prime.models.chat_template import ChatTemplate
+from jarvis_prime.models.tools import hermes_messages
 from jarvis_prime.progress import Log
 from jarvis_prime.recipes import ATTENTION_ONLY, data_pipeline, require_reactor_core
 from jarvis_prime.store import find_local, resolve
@@ -87,6 +96,7 @@ def train_from_feedback(current: str, work_dir: Path, *, sft: Path | None, dpo: 
     model_dir = base.path
     stages = []
     if n_sft:
+        sft = prerender_tool_calls(Path(sft), base.path, work_dir / "sft-rendered.jsonl")
         log(f"SFT on {n_sft} examples from {name} {base.manifest.version}")
         model_dir = _stage(reactor_core, work_dir / "sft", progress, model_name=str(model_dir), data_path=str(sft),
                            num_epochs=recipe.epochs(n_sft, recipe.sft_epochs), learning_rate=recipe.sft_learning_rate,
@@ -105,6 +115,22 @@ def train_from_feedback(current: str, work_dir: Path, *, sft: Path | None, dpo: 
                "dpo_pairs": n_dpo, "recipe": asdict(recipe)}
     summary_path.write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def prerender_tool_calls(sft: Path, model_dir: Path, out: Path) -> Path:
+    """`sft` itself, or, when it holds tool calls and the model's chat template renders no
+    tools, a copy in `out` with each such record as plain turns in the Hermes format."""
+    template = model_dir / "chat_template.jinja"
+    if template.is_file() and ChatTemplate(template.read_text(encoding="utf-8"), {}).knows_tools:
+        return sft
+    records = [json.loads(line) for line in open(sft, encoding="utf-8") if line.strip()]
+    if not any("tools" in r or any(m.get("role") == "tool" or m.get("tool_calls") for m in r.get("messages", []))
+               for r in records):
+        return sft
+    rendered = [{"messages": hermes_messages(r["messages"], r.get("tools"))} if "messages" in r else r for r in records]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rendered), encoding="utf-8")
+    return out
 
 
 def _stage(reactor_core, out: Path, progress: bool, **config: Any) -> Path:

@@ -83,6 +83,7 @@ def entry_manifest(entry: CatalogEntry, source: dict) -> PrimeManifest:
         name=entry.name, version=entry.version, task=entry.task, base=entry.base, architecture=entry.architecture,
         license=entry.license, license_url=entry.license_url,
         context_length=entry.context_length, stop=list(entry.stop), thinking=entry.thinking,
+        tools=entry.tools,
         lineage=Lineage(source=source),
     )
 

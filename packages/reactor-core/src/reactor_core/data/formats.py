@@ -16,6 +16,16 @@ reason a person can act on and a `kind` the report counts by. A record is reject
 a list of parts), an assistant turn is empty, or there is no assistant turn at all:
 training on it would either crash later or teach the model nothing.
 
+Tool calling (OpenAI's shape, as TRL reads it): a `messages` record may carry `tools`
+(OpenAI's function list, `[{"type": "function", "function": {"name", ...}}]`), assistant
+turns with `tool_calls` (`[{"id"?, "type": "function", "function": {"name": str,
+"arguments": JSON object, or a string holding one}}]`, content then optional) and `role:
+"tool"` turns (the results, string content, `tool_call_id` optional) that follow such a
+turn. The tokenizer's chat template renders them with `tools=` (tokenize.py), the loss on
+the assistant turns, calls included, never on the results. Refused with the place named:
+a call whose arguments are not a JSON object, a tool message with no call before it, a
+`tool_call_id` no call has, `tools` that are not function objects.
+
 Multimodal chat: in the `messages` format a content may also be a list of OpenAI-style
 parts, `{"type": "text", "text": str}` and image parts (`images.py` lists their three
 forms and checks each one). Images are allowed in user turns only (a model is never
@@ -28,6 +38,7 @@ its parts in order, `str` for text and `ImagePart` for each image.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Union, get_args
@@ -36,7 +47,7 @@ from PIL import Image
 
 from reactor_core.data.images import ImageError, ImagePart, ImageReader, open_rgb
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
 ROLES: tuple[str, ...] = get_args(Role)
 
 # ShareGPT dumps name speakers in several ways; these are the ones with an unambiguous
@@ -59,6 +70,7 @@ NO_ASSISTANT = "no_assistant"
 BAD_PART = "bad_content_part"
 MISPLACED_IMAGE = "misplaced_image"
 TOO_MANY_IMAGES = "too_many_images"
+BAD_TOOL_CALL = "bad_tool_call"
 
 # A turn's parts, in order: text as `str`, each image as a checked `ImagePart`.
 Part = Union[str, ImagePart]
@@ -74,11 +86,29 @@ class DataFormatError(ValueError):
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """One call an assistant turn makes; `arguments` is the JSON object as canonical text
+    (a record stays hashable, so duplicates are found)."""
+
+    name: str
+    arguments: str
+    id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """OpenAI's shape with the arguments as an object, what tool-aware templates
+        (Qwen2.5, Llama 3.1) serialise with `tojson`."""
+        call = {"type": "function", "function": {"name": self.name, "arguments": json.loads(self.arguments)}}
+        return {**({"id": self.id} if self.id else {}), **call}
+
+
+@dataclass(frozen=True)
 class Message:
     """One turn of a conversation, already in the roles chat templates understand."""
 
     role: Role
     content: str | tuple[Part, ...]  # a tuple only in a user turn that holds images
+    tool_calls: tuple[ToolCall, ...] = ()  # assistant turns only
+    tool_call_id: str | None = None  # tool turns only
 
     @property
     def images(self) -> tuple[ImagePart, ...]:
@@ -97,6 +127,12 @@ class ChatExample:
 
     messages: tuple[Message, ...]
     source: str
+    tools: tuple[str, ...] = ()  # the record's `tools`, each function object as canonical JSON text
+
+    @property
+    def tool_list(self) -> list[dict[str, Any]] | None:
+        """`tools` as `apply_chat_template(tools=...)` takes them (None: the record has none)."""
+        return [json.loads(t) for t in self.tools] or None
 
     @property
     def images(self) -> tuple[ImagePart, ...]:
@@ -113,7 +149,15 @@ class ChatExample:
         if self.images:
             raise ValueError(f"{self.source}: the example holds {len(self.images)} image(s); "
                              "a text tokenizer cannot render it (use processor_inputs)")
-        return [{"role": m.role, "content": m.content} for m in self.messages]  # type: ignore[misc]
+        out: list[dict[str, Any]] = []
+        for m in self.messages:
+            message: dict[str, Any] = {"role": m.role, "content": m.content}
+            if m.tool_calls:
+                message["tool_calls"] = [call.to_dict() for call in m.tool_calls]
+            if m.tool_call_id:
+                message["tool_call_id"] = m.tool_call_id
+            out.append(message)
+        return out
 
     def processor_messages(self) -> list[dict[str, Any]]:
         """Every message as a part list, each image a `{"type": "image"}` placeholder (no
@@ -159,21 +203,24 @@ def messages_from_chat(
     messages: list[Message] = []
     count = 0
     for i, turn in enumerate(turns):
-        for key in ("role", "content"):
+        role = turn.get("role")
+        calls = _tool_calls(turn, i) if role == "assistant" and turn.get("tool_calls") else ()
+        for key in ("role",) if calls else ("role", "content"):
             if key not in turn:
                 raise DataFormatError(f"messages[{i}] has no {key!r}")
-        role = turn["role"]
         if role not in ROLES:
             raise DataFormatError(
                 f"messages[{i}]: unknown role {role!r} (expected one of {', '.join(ROLES)})",
                 UNKNOWN_ROLE,
             )
         where = f"messages[{i}].content"
-        content = turn["content"]
-        if isinstance(content, list):
-            message = Message(role, _parts(content, where, role, images, count))
+        content = "" if calls and turn.get("content") is None else turn["content"]
+        if role == "tool":
+            message = Message(role, _content(content, where), tool_call_id=_answered_call(turn, i, messages))
+        elif isinstance(content, list):
+            message = Message(role, _parts(content, where, role, images, count), calls)
         else:
-            message = Message(role, _content(content, where))
+            message = Message(role, _content(content, where), calls)
         count += len(message.images)
         messages.append(message)
     return _checked(messages, lambda i: f"messages[{i}]")
@@ -214,6 +261,71 @@ def messages_from_alpaca(record: Mapping[str, Any]) -> tuple[Message, ...]:
     prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
     output = _content(record["output"], "output")
     return _checked([Message("user", prompt), Message("assistant", output)], lambda i: "output")
+
+
+def _tool_calls(turn: Mapping[str, Any], i: int) -> tuple[ToolCall, ...]:
+    """An assistant turn's `tool_calls`, each checked: a function name, arguments that are a
+    JSON object (or a string holding one)."""
+    calls = _list_of_objects(turn["tool_calls"], f"messages[{i}].tool_calls")
+    out = []
+    for j, call in enumerate(calls):
+        where = f"messages[{i}].tool_calls[{j}]"
+        function = call.get("function")
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise DataFormatError(f"{where}: expected {{\"type\": \"function\", \"function\": {{\"name\": ..., "
+                                  f"\"arguments\": {{...}}}}}}", BAD_TOOL_CALL)
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError as err:
+                raise DataFormatError(f"{where}.function.arguments: not JSON ({err.msg} at character {err.pos})",
+                                      BAD_TOOL_CALL) from None
+        if not isinstance(arguments, Mapping):
+            raise DataFormatError(f"{where}.function.arguments: must be a JSON object, got {_json_type(arguments)}",
+                                  BAD_TOOL_CALL)
+        call_id = call.get("id")
+        out.append(ToolCall(function["name"], json.dumps(arguments, sort_keys=True, ensure_ascii=False),
+                            call_id if isinstance(call_id, str) else None))
+    return tuple(out)
+
+
+def _answered_call(turn: Mapping[str, Any], i: int, before: list[Message]) -> str | None:
+    """A tool result's `tool_call_id`, checked against the calls of the assistant turn it
+    answers (the nearest one before it, only tool results in between)."""
+    k = len(before) - 1
+    while k >= 0 and before[k].role == "tool":
+        k -= 1
+    if k < 0 or before[k].role != "assistant" or not before[k].tool_calls:
+        raise DataFormatError(f"messages[{i}]: a tool result with no assistant tool_calls before it", BAD_TOOL_CALL)
+    call_id = turn.get("tool_call_id")
+    if call_id is not None and call_id not in {c.id for c in before[k].tool_calls}:
+        raise DataFormatError(f"messages[{i}].tool_call_id: {call_id!r} answers none of the calls of "
+                              f"messages[{k}]", BAD_TOOL_CALL)
+    return call_id
+
+
+def record_tools(obj: Mapping[str, Any]) -> tuple[str, ...]:
+    """A `messages` record's `tools`, each a function object kept as canonical JSON text."""
+    tools = obj.get("tools")
+    if tools is None:
+        return ()
+    if "messages" not in obj:
+        raise DataFormatError("'tools' goes with the 'messages' format only", BAD_TOOL_CALL)
+    if not isinstance(tools, list):
+        raise DataFormatError(f"'tools' must be a list, got {_json_type(tools)}", BAD_TOOL_CALL)
+    for j, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, Mapping) else None
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+            raise DataFormatError(f"tools[{j}]: expected {{\"type\": \"function\", \"function\": {{\"name\": ..., "
+                                  "\"parameters\": {...}}}", BAD_TOOL_CALL)
+    return tuple(json.dumps(t, sort_keys=True, ensure_ascii=False) for t in tools)
+
+
+def parse_chat(obj: Any, images: ImageReader | None = None) -> tuple[tuple[Message, ...], tuple[str, ...]]:
+    """`parse_record`, and the record's `tools` (`record_tools`): what a chat example is made of."""
+    messages = parse_record(obj, images)
+    return messages, record_tools(obj)
 
 
 # Checked in this order; the first key present picks the converter.
@@ -323,7 +435,7 @@ def _checked(messages: list[Message], where: Callable[[int], str]) -> tuple[Mess
     if not replies:
         raise DataFormatError("no assistant turn", NO_ASSISTANT)
     for i in replies:
-        if not messages[i].content.strip():
+        if not messages[i].content.strip() and not messages[i].tool_calls:
             raise DataFormatError(f"{where(i)}: empty assistant turn", EMPTY_ASSISTANT)
     return tuple(messages)
 

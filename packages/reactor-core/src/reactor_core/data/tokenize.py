@@ -21,6 +21,15 @@ with offsets, and a token is learnt when any of its characters lie in a reply sp
 Templates that rewrite earlier turns (some strip reasoning from past replies) break the
 prefix property; that is reported as `ChatTemplateError` rather than guessed around.
 
+Tool calling (formats.py): an example's `tools` go to the template (`tools=`), its
+assistant `tool_calls` and `role: "tool"` results are messages like the others: a call
+turn is a reply (learnt: the model must learn to call), a result is not (the tool wrote
+it). A template that renders no tool list, or drops a call, would train the model on a
+prompt that never shows the tools, or on an empty reply: refused (`ChatTemplateError`,
+at the example's path:line) with the two ways out: a tool-aware template, or the
+conversation pre-rendered as plain turns (the Hermes format, as jarvis_prime does for
+SmolLM2's ChatML).
+
 Vision models (`ImageTokens`): the processor's chat template renders every message as
 parts, one placeholder (`<image>`) per image; each placeholder is then replaced by the
 text the processor expands it into (a block of image tokens per tile, the tile count set
@@ -91,8 +100,11 @@ def tokenize_chat(example: ChatExample, tokenizer: Any, images: ImageTokens | No
     """
     if images is None:
         messages = example.to_dicts()
-        text = _render(tokenizer, messages)
-        spans = _reply_spans(tokenizer, messages, text)
+        tools = example.tool_list
+        text = _render(tokenizer, messages, tools=tools)
+        if tools or any(m.tool_calls for m in example.messages):
+            _check_renders_tools(tokenizer, example, messages, text)
+        spans = _reply_spans(tokenizer, messages, text, tools=tools)
     else:
         messages = example.processor_messages()
         text = _render(images.processor, messages)
@@ -200,11 +212,29 @@ def tokenize_dataset(
 # --------------------------------------------------------------------------------------
 
 
+PRE_RENDER_HINT = ("use a model whose chat template renders tools (Qwen2.5, Llama 3.1), or pre-render the "
+                   "conversations as plain system/user/assistant turns (the Hermes format: "
+                   "jarvis_prime.models.tools.hermes_messages)")
+
+
+def _check_renders_tools(tokenizer: Any, example: ChatExample, messages: list[dict[str, Any]], text: str) -> None:
+    """Refuse an example whose tools or calls the chat template does not write."""
+    if example.tools and text == _render(tokenizer, messages):
+        raise ChatTemplateError(f"the chat template renders no tool list (`tools` changes nothing); {PRE_RENDER_HINT}")
+    for i, message in enumerate(example.messages):
+        for call in message.tool_calls:
+            if call.name not in text:
+                raise ChatTemplateError(f"the chat template drops the tool call to {call.name!r} of message {i}; "
+                                        f"{PRE_RENDER_HINT}")
+
+
 def _render(
-    tokenizer: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool = False
+    tokenizer: Any, messages: list[dict[str, Any]], *, add_generation_prompt: bool = False,
+    tools: list[dict[str, Any]] | None = None,
 ) -> str:
     text = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+        **({"tools": tools} if tools else {}),
     )
     if not isinstance(text, str):
         raise ChatTemplateError(
@@ -214,7 +244,7 @@ def _render(
 
 
 def _reply_spans(
-    tokenizer: Any, messages: list[dict[str, str]], text: str
+    tokenizer: Any, messages: list[dict[str, Any]], text: str, tools: list[dict[str, Any]] | None = None
 ) -> list[tuple[int, int]]:
     """Character spans `[start, end)` in `text` of each assistant reply + end marker."""
     spans = []
@@ -225,8 +255,8 @@ def _reply_spans(
             raise ChatTemplateError(
                 "the conversation opens with an assistant turn: no prompt precedes it"
             )
-        prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
-        turn = _render(tokenizer, messages[: i + 1])
+        prompt = _render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
+        turn = _render(tokenizer, messages[: i + 1], tools=tools)
         if not turn.startswith(prompt):
             raise ChatTemplateError(
                 f"the prompt for message {i} (rendered with add_generation_prompt=True) is not "

@@ -29,7 +29,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Hashable, Literal
 
-from reactor_core.data.formats import ChatExample, DataFormatError, parse_record
+from reactor_core.data.formats import ChatExample, DataFormatError, parse_chat
 from reactor_core.data.images import ImageLimits, ImageReader
 
 OnBadExample = Literal["error", "skip"]
@@ -144,8 +144,8 @@ def load_chat_file(
     left.
     """
     reader = ImageReader(Path(path).parent.absolute(), image_limits)
-    records, report = read_jsonl(path, partial(parse_record, images=reader), on_bad_example)
-    examples = [ChatExample(messages, source) for messages, source in records]
+    records, report = read_jsonl(path, partial(parse_chat, images=reader), on_bad_example)
+    examples = [ChatExample(messages, source, tools) for (messages, tools), source in records]
     report.images = sum(len(example.images) for example in examples)
     return examples, report
 

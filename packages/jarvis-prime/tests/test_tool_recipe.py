@@ -1,0 +1,115 @@
+"""The tool-calling half of the chat recipe (issue #24): its conversations, rendered as JARVIS
+renders them at inference, the held-out suite they are kept apart from, and its grading."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jarvis_prime.evaluation import argument_errors, grade_tool_reply, load_tool_suite, tool_suite_prompt
+from jarvis_prime.models.tools import ToolCall, hermes_messages
+from jarvis_prime.recipes.chat_model import RECIPES, tool_conversations
+from jarvis_prime.recipes.tool_data import (ARITHMETIC, ASKS_ARITHMETIC, CITIES, DATETIME, FACTS, REMEMBER, draw_case,
+                                            evaluate_expression, format_number, heldout_suite, jarvis_tools)
+
+RECIPE = RECIPES["prime-135m-chat-v1"]
+PERSONA = [{"messages": [{"role": "user", "content": "Who are you?"},
+                         {"role": "assistant", "content": "I am JARVIS. How can I help?"}]},
+           {"messages": [{"role": "user", "content": "What is 2 plus 2?"},
+                         {"role": "assistant", "content": "2 plus 2 is 4."}]}]
+
+
+def test_the_shipped_suite_is_what_the_generator_draws():
+    assert load_tool_suite() == json.loads(json.dumps(heldout_suite()))  # regenerate it with `python -m ...tool_data`
+
+
+def test_heldout_wordings_never_appear_in_training():
+    for op, (_, _, _, wordings) in ARITHMETIC.items():
+        assert not set(wordings["heldout"]) & set(wordings["train"]), op
+    assert not {w for w, _ in DATETIME["heldout"]} & {w for w, _ in DATETIME["train"]}
+    assert not set(REMEMBER["heldout"]) & set(REMEMBER["train"])
+    assert not {f[0] for f in FACTS["heldout"]} & {f[0] for f in FACTS["train"]}
+    assert set(CITIES["heldout"]) - set(CITIES["train"])  # some cities are new
+    trained = {m["content"] for messages, _ in tool_conversations(PERSONA, RECIPE) for m in messages
+               if m["role"] == "user"}
+    assert not trained & {c["user"] for c in load_tool_suite()["cases"] if c["category"] != "none"}
+
+
+def test_arithmetic_cases_carry_the_exact_result_and_a_final_answer_that_copies_it():
+    for i in range(200):
+        case = draw_case(0, "train", i, "arithmetic")
+        expression = case["arguments"]["expression"]
+        assert case["result"] == format_number(evaluate_expression(expression))
+        assert case["result"] in case["answer"]
+        assert expression.replace(" ", "") in case["expect"]["expression"]
+    assert evaluate_expression("(3 + 4) * 2 ** 2 - 10 / 4") == 25.5
+
+
+def test_no_tool_turns_never_ask_for_arithmetic():
+    """A persona prompt such as "What is 2 plus 2?" wants the calculator once tools are offered,
+    so it is kept out of the no-tool turns, and out of the suite's no-tool cases."""
+    for messages, _ in tool_conversations(PERSONA, RECIPE):
+        answered = [m["content"] for m, reply in zip(messages, messages[1:])
+                    if m["role"] == "user" and not reply.get("tool_calls")]
+        assert not any(ASKS_ARITHMETIC.search(text) for text in answered)
+    assert not any(ASKS_ARITHMETIC.search(c["user"]) for c in load_tool_suite()["cases"] if c["category"] == "none")
+
+
+def test_conversations_offer_the_tools_jarvis_offers():
+    counts = dict(RECIPE.tool_examples)
+    conversations = tool_conversations(PERSONA, RECIPE)
+    assert len(conversations) == sum(counts.values())
+    names = {tuple(t["function"]["name"] for t in tools) for _, tools in conversations}
+    assert names == {("calculator", "current_datetime", "search_conversations", "remember", "recall"),
+                     ("calculator", "current_datetime")}
+    calls = [m["tool_calls"][0]["function"] for messages, _ in conversations for m in messages if m.get("tool_calls")]
+    assert {c["name"] for c in calls} == {"calculator", "current_datetime", "remember", "recall"}
+    assert len(calls) == sum(counts.values()) - counts["none"]
+    for call in calls:  # every call is schema-valid for the tool it names
+        schema = next(t["function"]["parameters"] for t in jarvis_tools()["tools"] if t["function"]["name"] == call["name"])
+        assert argument_errors(json.loads(call["arguments"]), schema) == []
+
+
+@pytest.mark.real_model
+def test_training_rows_are_the_tokens_chat_with_tools_sends(pulled_model):
+    """What Reactor Core renders for a training row (the tokenizer's chat template on the
+    hermes_messages row) is, turn for turn, what PrimeModel renders for the same OpenAI
+    messages when JARVIS's tool loop calls chat_with_tools: train and inference tokens match."""
+    from transformers import AutoTokenizer
+
+    from jarvis_prime import PrimeModel
+
+    tokenizer = AutoTokenizer.from_pretrained(pulled_model.path)
+    conversations = tool_conversations(PERSONA, RECIPE)
+    samples = [c for c in conversations if any(m["role"] == "tool" for m in c[0])][:3] + conversations[-2:]
+    with PrimeModel.from_pretrained(pulled_model.path, backend="llamacpp") as model:
+        for messages, tools in samples:
+            row = hermes_messages(messages, tools)
+            trained = tokenizer.apply_chat_template(row, tokenize=False)
+            # the prompt of each assistant turn, as the tool loop sends it
+            for end in [i for i, m in enumerate(messages) if m["role"] == "assistant"]:
+                sent = model.apply_chat_template(messages[:end], tools=tools, add_generation_prompt=True)
+                assert trained.startswith(sent)
+            assert trained == model.apply_chat_template(messages, tools=tools, add_generation_prompt=False)
+
+
+def test_grading_a_reply():
+    suite = load_tool_suite()
+    case = next(c for c in suite["cases"] if c["category"] == "arithmetic" and c["store"])
+    _, tools = tool_suite_prompt(suite, case)
+    assert len(tools) == 5
+    expression = case["expect"]["arguments"]["expression"][0]
+    assert grade_tool_reply(case, tools, [ToolCall("calculator", json.dumps({"expression": expression}))]) == []
+    assert grade_tool_reply(case, tools, []) == ["no call"]
+    assert grade_tool_reply(case, tools, [ToolCall("recall", '{"query": "x"}')]) == ["called recall, not calculator"]
+    assert grade_tool_reply(case, tools, [ToolCall("calculator", '{"expression": "1 + 1"}')])[0].startswith("unexpected")
+    assert grade_tool_reply(case, tools, [ToolCall("calculator", '{"expr": "1"}')]) == [
+        "missing 'expression'", "unknown argument 'expr'"]
+    clock = next(c for c in suite["cases"] if c["category"] == "datetime" and c["expect"]["arguments"])
+    zone = clock["expect"]["arguments"]["timezone"][0]
+    assert grade_tool_reply(clock, tools, [ToolCall("current_datetime", json.dumps({"timezone": zone}))]) == []
+    assert grade_tool_reply(clock, tools, [ToolCall("current_datetime", "{}")])
+    none = next(c for c in suite["cases"] if c["category"] == "none")
+    assert grade_tool_reply(none, tools, []) == []
+    assert grade_tool_reply(none, tools, [ToolCall("calculator", "{}")]) == ["called calculator"]

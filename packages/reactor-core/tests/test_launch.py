@@ -521,3 +521,31 @@ def yaml_of(bucket: Bucket, rel: str, tmp_path: Path) -> dict:
 
     bucket.get(rel, tmp_path / "fetched.yaml")
     return yaml.safe_load((tmp_path / "fetched.yaml").read_text())
+
+
+def test_a_name_only_this_machines_plugins_resolve_travels_as_its_folder(tiny_llama_dir, chat_file, tmp_path,
+                                                                        monkeypatch):
+    """A jarvis-prime catalog name resolves here (its plugin), not on the VMs (reactor-core alone):
+    the folder it resolved to is staged, and the output keeps the name `fetch` looks for."""
+    import reactor_core.training.model as model_module
+    from reactor_core.launch.cli import _launch_values
+
+    class Plugin:
+        name = "catalog"
+
+        def load(self):
+            return lambda name: str(tiny_llama_dir) if name == "tiny-base" else None
+
+    monkeypatch.setattr(model_module, "entry_points", lambda group: [Plugin()])
+    values = launch_values(tiny_llama_dir, chat_file, "gs://b/x")
+    del values["output_name"]
+    recipe = str(write_recipe(tmp_path / "named.yaml", values | {"model_name": "tiny-base"}))
+    checked = run_preflight(recipe, [], Accelerators("L4"), 1)
+    assert checked.local_model == str(tiny_llama_dir)
+    staged = plan_inputs(_launch_values(recipe, [], checked), lambda path: False)
+    assert staged.recipe["model_name"] == f"model/{tiny_llama_dir.name}"
+    assert staged.recipe["output_name"] == "tiny-base-sft"  # as `reactor launch fetch` computes it here
+    assert (f"model/{tiny_llama_dir.name}/config.json", tiny_llama_dir / "config.json") in staged.files.items()
+    # a path or a Hub id is left as it is
+    plain = str(write_recipe(tmp_path / "path.yaml", launch_values(tiny_llama_dir, chat_file, "gs://b/x")))
+    assert run_preflight(plain, [], Accelerators("L4"), 1).local_model is None

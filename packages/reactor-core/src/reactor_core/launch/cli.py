@@ -129,7 +129,7 @@ def run(
         _print_price(parsed, spot)
         return
 
-    staged = plan_inputs(_recipe_values(recipe, overrides or []), lambda path: checked.images.get(path, False))
+    staged = plan_inputs(_launch_values(recipe, overrides or [], checked), lambda path: checked.images.get(path, False))
     with tempfile.TemporaryDirectory(prefix="reactor-launch-") as tmp:
         if source is not None:
             try:
@@ -205,6 +205,19 @@ def _import_into_store(local: Path, name: str, version: str) -> None:
     command = [prime, "pull", name, "--from", str(local), "--version", version, "--task", task]
     if subprocess.call(command) != 0:
         _fail(f"`{' '.join(command)}` failed; the model is at {local}", code=1)
+
+
+def _launch_values(recipe: str, overrides: list[str], checked) -> dict:
+    """The recipe as the VMs get it: a model name that only this machine's plugins resolve
+    (a jarvis-prime catalog name) becomes the folder it resolved to, which travels with the
+    inputs, and the output keeps the name it would have had here (`reactor launch fetch`
+    looks for that name)."""
+    from reactor_core.training.prime_dir import output_name
+
+    values = _recipe_values(recipe, overrides)
+    if checked.local_model is not None:
+        values.update(model_name=checked.local_model, output_name=output_name(checked.config))
+    return values
 
 
 def _recipe_values(recipe: str, overrides: list[str]) -> dict:

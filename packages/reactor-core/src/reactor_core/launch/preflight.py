@@ -42,6 +42,9 @@ class Preflight:
     data: list[str] = field(default_factory=list)  # one summary per data file
     images: dict[str, bool] = field(default_factory=dict)  # data file -> holds images
     model: str = ""
+    # the folder a name resolved to through a plugin here (jarvis-prime's catalog): the VMs
+    # install reactor-core alone, so the folder travels with the inputs instead of the name
+    local_model: str | None = None
     memory_rows: list[tuple[str, str]] = field(default_factory=list)
     memory_note: str = ""
 
@@ -90,6 +93,8 @@ def run_preflight(recipe: str, overrides: list[str], gpus: Accelerators | None, 
     except (ModelSourceError, FileNotFoundError, RewardError) as err:
         raise PreflightError(f"{recipe}: {err}") from None
     result.model = source.description or source.location
+    if source.kind != "hub" and not Path(config.model_name).expanduser().exists():
+        result.local_model = source.location
     _estimate(result, source, gpus, nodes)
     return result
 

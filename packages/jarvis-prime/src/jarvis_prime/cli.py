@@ -571,7 +571,7 @@ def serve_model(
 def _serve_on_vllm(name: str, *, host: str, port: int, key: Optional[str], served_name: Optional[str],
                    context_length: Optional[int], prime_only: dict[str, Any]) -> None:
     """`prime serve --engine vllm`: the model checked, then this process becomes vLLM's server."""
-    from jarvis_prime.serving.vllm import base_folder, exec_vllm, find_vllm, vllm_server
+    from jarvis_prime.serving.vllm import base_folder, exec_vllm, find_vllm, has_merged_weights, vllm_server
 
     given = [flag for flag, value in prime_only.items() if value]
     if given:
@@ -579,7 +579,7 @@ def _serve_on_vllm(name: str, *, host: str, port: int, key: Optional[str], serve
     try:
         command = find_vllm()
         local = resolve(name)
-        base = None if "model.safetensors" in local.manifest.files else base_folder(local.manifest.base)
+        base = None if has_merged_weights(local.manifest) else base_folder(local.manifest.base)
         server = vllm_server(local.path, local.manifest, host=host, port=port, served_name=served_name, api_key=key,
                              context_length=context_length, base_dir=base)
     except PrimeError as err:

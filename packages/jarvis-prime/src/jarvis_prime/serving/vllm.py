@@ -67,7 +67,7 @@ def find_vllm() -> list[str]:
     raise VllmError(NOT_INSTALLED)
 
 
-def _has_merged_weights(manifest: PrimeManifest) -> bool:
+def has_merged_weights(manifest: PrimeManifest) -> bool:
     return any(rel in manifest.files for rel in ("model.safetensors", "model.safetensors.index.json"))
 
 
@@ -92,7 +92,7 @@ def vllm_server(model_dir: Path, manifest: PrimeManifest, *, host: str, port: in
     refuse_unlisted_weights(model_dir, manifest)
     verify_files(model_dir, manifest)
     lora = []
-    if _has_merged_weights(manifest):
+    if has_merged_weights(manifest):
         model = str(model_dir)
     elif "adapter/adapter_config.json" in manifest.files:
         model = str(base_dir) if base_dir is not None else manifest.base

@@ -256,3 +256,14 @@ def test_a_reply_that_called_tools_is_exported_in_openai_shape_and_trains_as_jar
     assert plain.messages[2].content.startswith("<tool_call>\n") and "<tool_response>\n84" in plain.messages[3].content
     (model_dir / "chat_template.jinja").write_text("{% for t in tools %}{{ t }}{% endfor %}")  # knows tools
     assert prerender_tool_calls(tmp_path / "sft.jsonl", model_dir, tmp_path / "w2.jsonl") == tmp_path / "sft.jsonl"
+
+
+def test_reactor_cores_pii_scrub_keeps_jarvis_export_rules():
+    """reactor_core's data pipeline copies this export's PII rules (neither package may import
+    the other's); a record scrubbed by either must read alike, so the copies may not drift."""
+    from jarvis.feedback import PII_PATTERNS as JARVIS_RULES
+
+    filters = pytest.importorskip("reactor_core.data.filters")
+    ours = [(placeholder, pattern.pattern, pattern.flags) for placeholder, pattern, _ in JARVIS_RULES]
+    theirs = [(placeholder, pattern.pattern, pattern.flags) for _, placeholder, pattern in filters.PII_PATTERNS]
+    assert ours == theirs

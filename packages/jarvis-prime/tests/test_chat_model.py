@@ -129,13 +129,36 @@ def test_the_chat_models_4bit_file_stays_within_7_percent_of_its_8bit_perplexity
         assert perplexity(model)["perplexity"] <= 1.07 * measured["chat"]["ppl"]
 
 
+@pytest.fixture
+def store_beside(chat_model, tmp_path, monkeypatch):
+    """A private store holding the session's base (a symlink) and nothing else, whose builds
+    run as on an inference-only install (no transformers: merge and llama.cpp quantization,
+    no float32 safetensors, no importance matrix; about 10 s, not 50). The tests below check
+    when the store rebuilds and what it records, not the build (the session's `chat_model`
+    is the full build, checked above), and never rebuild the session's copy in place."""
+    from jarvis_prime.hardware import Libraries
+    from jarvis_prime.store import builders
+
+    monkeypatch.setenv("JARVIS_PRIME_HOME", str(tmp_path))
+    monkeypatch.setattr(builders, "detect_libraries", lambda: Libraries(llama_cpp=True, transformers=False,
+                                                                       bitsandbytes=False))
+    (tmp_path / "models").mkdir()
+    base = chat_model.path.parent / "smollm2-135m-instruct-1.0.0"
+    (tmp_path / "models" / base.name).symlink_to(base)
+    return tmp_path / "models"
+
+
 @pytest.mark.real_model
-def test_a_copy_merged_from_an_older_adapter_is_rebuilt_on_next_use(chat_model):
+def test_a_copy_merged_from_an_older_adapter_is_rebuilt_on_next_use(chat_model, store_beside):
     """A jarvis-prime upgrade that ships a retrained adapter under the same version: the
     store's copy says it was merged from another adapter file, so it is rebuilt once."""
+    import shutil
+
     from jarvis_prime.store import resolve
 
-    manifest_file = chat_model.path / "prime.json"
+    copy = store_beside / chat_model.path.name
+    shutil.copytree(chat_model.path, copy)
+    manifest_file = copy / "prime.json"
     stored = json.loads(manifest_file.read_text())
     stored["lineage"]["source"]["adapter_sha256"] = "0" * 64  # merged from some older adapter
     manifest_file.write_text(json.dumps(stored))
@@ -143,7 +166,7 @@ def test_a_copy_merged_from_an_older_adapter_is_rebuilt_on_next_use(chat_model):
     rebuilt = resolve(CHAT, log=messages.append)
     assert any("the packaged adapter changed" in m for m in messages), messages
     packaged = load_catalog().get(CHAT).offline_source().locate() / "adapter_model.safetensors"
-    assert rebuilt.path == chat_model.path
+    assert rebuilt.path == copy
     assert rebuilt.manifest.lineage.source["adapter_sha256"] == sha256_file(packaged)
     verify_files(rebuilt.path, rebuilt.manifest)
     messages.clear()
@@ -151,7 +174,7 @@ def test_a_copy_merged_from_an_older_adapter_is_rebuilt_on_next_use(chat_model):
 
 
 @pytest.mark.real_model
-def test_a_store_holding_an_older_version_gets_the_catalogs_on_next_use(chat_model, tmp_path, monkeypatch):
+def test_a_store_holding_an_older_version_gets_the_catalogs_on_next_use(chat_model, store_beside):
     """A jarvis-prime upgrade that ships a new version (1.0.0 -> 1.1.0, the model that calls
     tools): a store holding only the old one builds the new one when the model is asked for by
     name, and keeps serving the old one to whoever names its version."""
@@ -161,16 +184,12 @@ def test_a_store_holding_an_older_version_gets_the_catalogs_on_next_use(chat_mod
     from jarvis_prime.store import find_local, resolve
 
     entry = load_catalog().get(CHAT)
-    monkeypatch.setenv("JARVIS_PRIME_HOME", str(tmp_path))
-    (tmp_path / "models").mkdir()
-    base = chat_model.path.parent / "smollm2-135m-instruct-1.0.0"
-    (tmp_path / "models" / base.name).symlink_to(base)
-    old = tmp_path / "models" / f"{CHAT}-0.9.0"
+    old = store_beside / f"{CHAT}-0.9.0"
     shutil.copytree(chat_model.path, old)
     write_manifest(old, read_manifest(old).model_copy(update={"version": "0.9.0", "tools": False}), changed=[])
     assert find_local(CHAT).manifest.version == "0.9.0"
     assert resolve(f"{CHAT}-0.9.0").path == old  # asked for by version: kept as asked
     current = resolve(CHAT)
-    assert current.manifest.version == entry.version and current.path == tmp_path / "models" / f"{CHAT}-{entry.version}"
+    assert current.manifest.version == entry.version and current.path == store_beside / f"{CHAT}-{entry.version}"
     assert current.manifest.tools == entry.tools
     assert resolve(CHAT).path == current.path

@@ -118,6 +118,11 @@ def test_prime_train_reasoning_end_to_end_on_a_tiny_llama(tiny_llama, pulled_mod
     assert {"q8_0", "q4_k_m"} <= set(manifest["quantizations"])
     config = manifest["lineage"]["training_config"]
     assert config["method"] == "sft" and config["packing"] is True and "down_proj" in config["target_modules"]
+    cleaned = manifest["lineage"]["data"][0]["pipeline"]  # through Reactor Core's data pipeline (issue #25)
+    assert cleaned["inputs"] == [{"path": str(data / "train.jsonl"), "sha256": summary["dataset"]["train"]["sha256"]}]
+    assert str(data / "scored-questions.json") in cleaned["config"]["decontaminate"]["paths"]
+    assert json.loads((data / "scored-questions.json").read_text())[-1].startswith("Sam has 3 boxes")  # --problems too
+    assert cleaned["read"] == 40 and cleaned["kept"] == 40 - sum(cleaned["removed"].values())
     rows = {(r["model"], r["prompting"]): r for r in summary["heldout"]["rows"]}
     assert set(rows) == {(NAME, "direct"), ("tiny-llama", "direct")}  # the base it was trained from, same problems
     for row in rows.values():
@@ -128,8 +133,11 @@ def test_prime_train_reasoning_end_to_end_on_a_tiny_llama(tiny_llama, pulled_mod
 
 
 @pytest.mark.real_model
-def test_the_shipped_adapter_answers_a_heldout_problem_in_its_format(pulled_model):
-    """The packaged adapter (sha256 recorded at pull) through the default llama.cpp backend."""
+def test_the_shipped_adapter_answers_a_heldout_problem_in_its_format(pulled_model, tmp_path, monkeypatch):
+    """The packaged adapter (sha256 recorded at pull) through the default llama.cpp backend
+    (its q8_0 file, which an inference-only build writes alike: `store_testing`)."""
+    from store_testing import private_store
+
     from jarvis_prime import PrimeModel
     from jarvis_prime.files import sha256_file
     from jarvis_prime.manifest import verify_files
@@ -139,6 +147,7 @@ def test_the_shipped_adapter_answers_a_heldout_problem_in_its_format(pulled_mode
     entry = load_catalog().get(NAME)
     if entry.offline_source() is None:
         pytest.skip(f"{NAME}'s adapter is not shipped in this checkout")
+    private_store(tmp_path, monkeypatch, pulled_model.path)
     local = pull(NAME)
     adapter = entry.offline_source().locate()
     assert local.manifest.lineage.source["adapter_sha256"] == sha256_file(adapter / "adapter_model.safetensors")
@@ -150,6 +159,7 @@ def test_the_shipped_adapter_answers_a_heldout_problem_in_its_format(pulled_mode
     problem = draw_problem(0, "heldout", 0)
     messages = [{"role": "user", "content": problem["question"]}]
     with PrimeModel.from_pretrained(NAME, backend="llamacpp") as model:
+        assert Path(str(model.runtime.weights)).name.endswith("q8_0.gguf")  # the file a full build writes alike
         result = model.complete(model.encode_chat(messages), max_new_tokens=160, temperature=0.0)
         answer = model.chat(messages, max_new_tokens=160, temperature=0.0)
     # it thought in <think> (prime.json's markers split it off) and then answered in the trained form

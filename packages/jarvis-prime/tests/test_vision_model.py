@@ -177,6 +177,10 @@ def test_a_small_run_of_the_recipe_ships_parts_that_rebuild_the_same_model(pulle
     ggufs = {q: e for q, e in manifest["quantizations"].items() if e["format"] == "gguf"}
     assert set(ggufs) >= {"q8_0", "q4_k_m"} and all(e["mmproj"] for e in ggufs.values())
     assert len(summary["heldout"]["cases"]) == 5  # scored through llama.cpp, one reply per held-out record
+    cleaned = manifest["lineage"]["data"][0]  # through Reactor Core's data pipeline beside its images (issue #25)
+    assert cleaned["path"] == str(tmp_path / "work/data/reactor-train.clean.jsonl")
+    assert cleaned["pipeline"]["inputs"][0]["path"] == str(tmp_path / "work/data/train.jsonl")
+    assert cleaned["pipeline"]["read"] == 24 and cleaned["pipeline"]["removed"] == {}  # distinct images, none held out
     assert {p.name for p in shipped.iterdir()} >= {"adapter_model.safetensors", "adapter_config.json",
                                                     idefics3.ENCODER_FILE, "config.json", "processor_config.json", "chat_template.jinja", "training.json"}
 

@@ -7,9 +7,12 @@ install never needs it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from types import ModuleType
+from typing import Literal
 
 from jarvis_prime.errors import ModelNotFoundError, PrimeError
 from jarvis_prime.store import resolve
@@ -38,16 +41,56 @@ def eval_data_paths() -> list[str]:
 # teaches something on purpose; on records this short one changed word already puts the
 # word-3-gram Jaccard near 0.75, which the pipeline's default 0.8 threshold would catch.
 FEEDBACK_NEAR_THRESHOLD = 0.95
+# Decontamination's run length for generated data: longer than any message of it, so each
+# evaluation text is one run and only a message that says all of it (an evaluation item
+# itself) matches. Templated problems share 8- to 12-word runs of wording by design ("toy
+# cars. How many toy cars do they ...", measured on the reasoning data); those are not leaks.
+WHOLE_TEXT = 64
 
 
-def data_pipeline(kind: str) -> dict[str, object]:
-    """A Reactor Core `data_pipeline` block: exact duplicates, near duplicates at
-    `FEEDBACK_NEAR_THRESHOLD`, filters, and decontamination against `eval_data_paths()`;
-    `kind` is "chat" for SFT data, "preference" for DPO pairs. No PII scrub: JARVIS
-    scrubs its feedback before handing it over, or was told not to (`jarvis improve
-    --no-scrub-pii`), and a recipe must not overrule that choice."""
-    return {"kind": kind, "dedup": {"threshold": FEEDBACK_NEAR_THRESHOLD},
-            "decontaminate": {"paths": eval_data_paths()}, "scrub_pii": False}
+@dataclass(frozen=True)
+class DataKind:
+    """What a recipe's data needs from the pipeline (see `data_pipeline`)."""
+
+    pipeline_kind: Literal["chat", "preference"]  # Reactor Core's record kind
+    near_duplicates: bool  # MinHash near-duplicate removal (exact duplicates always go)
+    decontam_ngram: int  # words per shared run that make a record contaminated
+
+
+DATA_KINDS: dict[str, DataKind] = {
+    # JARVIS's conversations (feedback, `jarvis export-data`, persona replies): near duplicates at
+    # FEEDBACK_NEAR_THRESHOLD, 8-word runs shared with eval_data (the pipeline's default)
+    "chat": DataKind("chat", near_duplicates=True, decontam_ngram=8),
+    "preference": DataKind("preference", near_duplicates=True, decontam_ngram=8),
+    # word problems drawn from templates: two problems with the same numbers told with other names
+    # teach the same arithmetic in other words, which is the point; near-dedup at 0.8 removed 9 such
+    # pairs of 3000, none a repeat. Exact repeats go (12 of 3000 are the same problem drawn twice).
+    "reasoning": DataKind("chat", near_duplicates=False, decontam_ngram=WHOLE_TEXT),
+    # an image record's text holds its image as one word (its sha256), so word-shingle near-dedup
+    # would see the same long question about two different images as near duplicates (at 0.8 it
+    # removed one such pair of 2000); exact duplicates are keyed by the image's bytes and the text.
+    # The held-out items are images with their questions: only an item itself (that image, that
+    # question) is contamination, never the question alone, which every split asks by design.
+    "vision": DataKind("chat", near_duplicates=False, decontam_ngram=WHOLE_TEXT),
+}
+
+
+def data_pipeline(kind: str, eval_files: Sequence[str | Path] = ()) -> dict[str, object]:
+    """A Reactor Core `data_pipeline` block for `kind`'s data (`DATA_KINDS`): exact
+    duplicates, near duplicates at `FEEDBACK_NEAR_THRESHOLD` where the kind wants them,
+    filters, and decontamination against `eval_data_paths()` and a recipe's own held-out
+    `eval_files`. No PII scrub: JARVIS scrubs its feedback before handing it over, or was
+    told not to (`jarvis improve --no-scrub-pii`), and a recipe must not overrule that
+    choice; generated data has none."""
+    if kind not in DATA_KINDS:
+        raise PrimeError(f"no data pipeline for {kind!r}; kinds: {', '.join(DATA_KINDS)}")
+    settings = DATA_KINDS[kind]
+    dedup: dict[str, object] = {"threshold": FEEDBACK_NEAR_THRESHOLD} if settings.near_duplicates else {"near": False}
+    paths = eval_data_paths() + [str(p) for p in eval_files]
+    decontaminate: dict[str, object] = {"paths": paths}
+    if settings.decontam_ngram != 8:  # 8: Reactor Core's default, left implicit as before
+        decontaminate["ngram"] = settings.decontam_ngram
+    return {"kind": settings.pipeline_kind, "dedup": dedup, "decontaminate": decontaminate, "scrub_pii": False}
 
 
 def require_reactor_core() -> ModuleType:

@@ -8,7 +8,10 @@ directly or step by step. The recipe, top to bottom, one stage a function:
    (`<think>` one line of arithmetic per step `</think>` "The answer is N."), a held-out
    split whose templates and wordings training never sees, and GRPO prompts with their
    checked answers.
-2. **SFT**: LoRA with Reactor Core on the solutions (the loss on the reply only).
+2. **SFT**: LoRA with Reactor Core on the solutions (the loss on the reply only), the data
+   first through Reactor Core's data pipeline (`data_pipeline("reasoning")`): exact repeats
+   go, and any problem whose question is one every model is scored on (held-out split,
+   `--problems`, eval_data/).
 3. **GRPO** (not a stage yet, issue #22): Reactor Core has `method: grpo`, and a GRPO
    stage would start from the SFT model directory on grpo.jsonl with its keys
    (`num_generations`, `reward_funcs`, ...). Two things stand before it: `train_stage`
@@ -39,7 +42,8 @@ from typing import Any, Literal, Sequence
 from jarvis_prime.answers import STEP_BY_STEP, THINK_END, THINK_START, extract_answer
 from jarvis_prime.errors import PrimeError
 from jarvis_prime.progress import Log
-from jarvis_prime.recipes import ATTENTION_ONLY, require_reactor_core
+from jarvis_prime.files import atomic_write
+from jarvis_prime.recipes import ATTENTION_ONLY, data_pipeline, require_reactor_core
 
 Prompting = Literal["direct", "step-by-step"]
 THINKING = {"start": THINK_START, "end": THINK_END}
@@ -113,11 +117,14 @@ def train_reasoning_model(name: str, work_dir: Path, *, ship: bool = False, fres
         log(f"1/5 reusing {data_dir} (--fresh writes it again)")
         dataset = json.loads((data_dir / "dataset-report.json").read_text())
 
+    all_heldout = load_problems(data_dir / "heldout.jsonl")
+    extra = load_problem_file(also_score) if also_score else []
+    scored = write_scored_questions(data_dir / "scored-questions.json", all_heldout, extra)  # never trained on
     model_dir, metrics = Path(base.path), {}
     for index, stage in enumerate(recipe.stages):
         log(f"2/5 stage {index + 1}/{len(recipe.stages)}: {stage.method} with Reactor Core")
         result = train_stage(recipe, stage, model_dir, data_dir / "train.jsonl",
-                             work_dir / f"stage-{index + 1}-{stage.method}", progress=progress)
+                             work_dir / f"stage-{index + 1}-{stage.method}", progress=progress, eval_files=[scored])
         model_dir, metrics = Path(result.model_dir), {**metrics, stage.method: _numbers(result.metrics)}
 
     log("4/5 adding it to the store")
@@ -127,9 +134,7 @@ def train_reasoning_model(name: str, work_dir: Path, *, ship: bool = False, fres
     export_gguf(local.path, list(QUANTS), log=log, progress=progress)
 
     log("5/5 scoring the held-out problems through llama.cpp (greedy)")
-    heldout = load_problems(data_dir / "heldout.jsonl")[: recipe.heldout_limit]
-    extra = load_problem_file(also_score) if also_score else []
-    scores = compare_models(local.path, heldout, recipe, extra=extra, log=log)
+    scores = compare_models(local.path, all_heldout[: recipe.heldout_limit], recipe, extra=extra, log=log)
     summary = {"recipe": asdict(recipe), "dataset": dataset, "model_dir": str(local.path), "train_metrics": metrics,
                "heldout": scores, "wall_seconds": round(time.perf_counter() - started, 1)}
     if ship:
@@ -139,20 +144,37 @@ def train_reasoning_model(name: str, work_dir: Path, *, ship: bool = False, fres
     return summary
 
 
+def write_scored_questions(path: Path, *problem_sets: Sequence[dict[str, Any]]) -> Path:
+    """The questions models are scored on, one JSON list: what the data pipeline must keep out
+    of training. Questions only: a held-out solution is the same text as a training one
+    whenever the arithmetic is the same (72 of 3000 training solutions, seed 0), which is the
+    skill being taught, not a leak."""
+    atomic_write(path, json.dumps([p["question"] for problems in problem_sets for p in problems], ensure_ascii=False))
+    return path
+
+
 def train_stage(recipe: ReasoningRecipe, stage: Stage, model_name: Path, data_path: Path, output_dir: Path,
-                *, progress: bool = True):
+                *, progress: bool = True, eval_files: Sequence[Path] = ()):
     """One Reactor Core run of `stage` from `model_name` (a PRIME directory) -> its TrainingResult."""
     reactor_core = require_reactor_core()
-    config = reactor_core.TrainingConfig(
+    config = stage_config(recipe, stage, model_name, data_path, output_dir, eval_files=eval_files)
+    return reactor_core.Trainer(config, progress=progress).train()
+
+
+def stage_config(recipe: ReasoningRecipe, stage: Stage, model_name: Path, data_path: Path, output_dir: Path,
+                 *, eval_files: Sequence[Path] = ()):
+    """`stage`'s Reactor Core TrainingConfig; its data cleaned first, decontaminated against
+    `eval_files` and eval_data/ (`data_pipeline("reasoning")`)."""
+    reactor_core = require_reactor_core()
+    return reactor_core.TrainingConfig(
         model_name=str(model_name), data_path=str(data_path), output_dir=str(output_dir), method=stage.method,
         output_name=recipe.name, output_version="1.0.0", use_lora=True, lora_rank=recipe.lora_rank,
         lora_alpha=recipe.lora_alpha, lora_dropout=0.0, target_modules=list(recipe.target_modules),
         num_epochs=stage.num_epochs, learning_rate=stage.learning_rate, batch_size=stage.batch_size,
         max_seq_length=stage.max_seq_length, packing=True, warmup_steps=stage.warmup_steps, val_fraction=0.02,
         eval_every_steps=100, seed=recipe.seed, resume="never", num_samples=1, sample_max_new_tokens=80,
-        max_steps=stage.max_steps,
+        max_steps=stage.max_steps, data_pipeline=data_pipeline("reasoning", eval_files),
     )
-    return reactor_core.Trainer(config, progress=progress).train()
 
 
 def record_thinking(model_dir: Path) -> None:

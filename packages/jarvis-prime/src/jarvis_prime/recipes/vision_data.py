@@ -408,6 +408,22 @@ def build_vision_dataset(out_dir: Path, *, train: int = 2000, heldout: int = 500
     return summary
 
 
+def write_eval_items(out_dir: Path, split: str = "heldout") -> Path:
+    """`out_dir/<split>-items.json`: each record's user turn as Reactor Core's data pipeline
+    reads it for deduplication and decontamination, its image as `<image SHA256>` (the
+    bytes' sha256) then its question (`reactor_core.data.pipeline`, `_texts`). A training
+    record is contaminated only when it is such an item, that image with that question:
+    the questions alone are shared by every split on purpose (`QUESTIONS`)."""
+    out_dir = Path(out_dir)
+    items = []
+    for line in (out_dir / f"{split}.jsonl").read_text(encoding="utf-8").splitlines():
+        image, text = json.loads(line)["messages"][0]["content"]
+        items.append(f"<image {sha256_file(out_dir / image['path'])}> {text['text']}")
+    target = out_dir / f"{split}-items.json"
+    atomic_write(target, json.dumps(items))
+    return target
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m jarvis_prime.recipes.vision_data",
                                      description="Write the synthetic VQA data of prime-135m-vision-v1.")

@@ -17,7 +17,10 @@ The recipe, top to bottom:
    tokens added to the tokenizer, the Idefics3 processor configured for this encoder.
 4. **Connector and LoRA** (Reactor Core, `method: sft` with images): the connector and a
    LoRA on the language model learn which image token answers which question; the
-   encoder stays frozen (`train_vision_tower: false`).
+   encoder stays frozen (`train_vision_tower: false`). The data goes through Reactor
+   Core's data pipeline first (`data_pipeline("vision")`): exact repeats (same image bytes,
+   same text) and held-out items (that image with that question) would go; no
+   near-duplicate pass, which reads an image as one word (`jarvis_prime.recipes.DATA_KINDS`).
 5. **Store**: the merged model becomes a PRIME directory (safetensors, text GGUF and the
    projector's mmproj GGUF); the held-out set is scored through llama.cpp.
 
@@ -42,7 +45,7 @@ from jarvis_prime.idefics3 import (
     save_vision_model,
 )
 from jarvis_prime.progress import Log
-from jarvis_prime.recipes import package_folder, require_reactor_core
+from jarvis_prime.recipes import data_pipeline, package_folder, require_reactor_core
 from jarvis_prime.recipes.vision_encoder import (
     EncoderTraining,
     align_connector,
@@ -127,14 +130,7 @@ def train_vision_model(name: str, work_dir: Path, *, ship: bool = False, fresh: 
     del model
 
     log("4/5 connector + LoRA with Reactor Core (the encoder frozen)")
-    config = reactor_core.TrainingConfig(
-        model_name=str(assembled), data_path=str(data_dir / "train.jsonl"), output_dir=str(work_dir / "reactor-output"),
-        output_name=name, output_version="1.0.0", use_lora=True, lora_rank=recipe.lora_rank,
-        lora_alpha=recipe.lora_alpha, lora_dropout=0.0, train_projector=True, train_vision_tower=False,
-        num_epochs=recipe.num_epochs, learning_rate=recipe.learning_rate, batch_size=recipe.batch_size,
-        max_seq_length=recipe.max_seq_length, warmup_steps=10, val_fraction=0.02,
-        seed=recipe.seed, resume="never", num_samples=2, packing=False, max_steps=recipe.max_steps,
-    )
+    config = reactor_config(recipe, name, assembled, data_dir, work_dir / "reactor-output")
     result = reactor_core.Trainer(config, progress=progress).train()
 
     log("5/5 adding it to the store and scoring the held-out set through llama.cpp")
@@ -147,6 +143,24 @@ def train_vision_model(name: str, work_dir: Path, *, ship: bool = False, fresh: 
     if ship:
         summary["shipped"] = str(ship_vision_model(result.model_dir / "adapter", assembled, encoder_path, name, summary))
     return summary
+
+
+def reactor_config(recipe: VisionRecipe, name: str, assembled: Path, data_dir: Path, output_dir: Path):
+    """Step 4's Reactor Core TrainingConfig: the connector and the LoRA on `data_dir`'s
+    training split, through the data pipeline first: exact repeats (image bytes and text)
+    and held-out items (that image with that question) go (`data_pipeline("vision")`)."""
+    from jarvis_prime.recipes.vision_data import write_eval_items
+
+    reactor_core = require_reactor_core()
+    return reactor_core.TrainingConfig(
+        model_name=str(assembled), data_path=str(data_dir / "train.jsonl"), output_dir=str(output_dir),
+        output_name=name, output_version="1.0.0", use_lora=True, lora_rank=recipe.lora_rank,
+        lora_alpha=recipe.lora_alpha, lora_dropout=0.0, train_projector=True, train_vision_tower=False,
+        num_epochs=recipe.num_epochs, learning_rate=recipe.learning_rate, batch_size=recipe.batch_size,
+        max_seq_length=recipe.max_seq_length, warmup_steps=10, val_fraction=0.02,
+        seed=recipe.seed, resume="never", num_samples=2, packing=False, max_steps=recipe.max_steps,
+        data_pipeline=data_pipeline("vision", [write_eval_items(data_dir)]),
+    )
 
 
 def score_heldout(model_dir: Path, data: Path, *, log: Log = print, limit: int | None = None) -> dict[str, Any]:

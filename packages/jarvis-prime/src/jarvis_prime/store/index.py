@@ -237,6 +237,9 @@ def materialize_vision_model(
                     "name")
     manifest = PrimeManifest(name=name, version=version, task="vision", base=base or str(src), context_length=1,
                              lineage=Lineage(source={"kind": "path", "path": str(src)}))
+    if (src / MANIFEST_NAME).is_file():  # Reactor Core's output: keep its story (data, its cleaning, config)
+        origin = read_manifest(src)
+        manifest = manifest.model_copy(update={"lineage": origin.lineage, "metrics": origin.metrics})
 
     def build(staging: Path) -> PrimeManifest:
         return _vision_files(staging, manifest, src, quants or DEFAULT_QUANTS, log)

@@ -186,12 +186,17 @@ class Recipe(ABC):
 
     def clean_data(self, path: Path, split: str) -> tuple[Path, dict[str, Any]]:
         """`path` through the recipe's `data_pipeline` into `<output_dir>/data/<split>.clean.jsonl`
-        (the path itself when it names none), and what the lineage records of it: the
-        pipeline's config, every input's sha256 and what was removed, by reason."""
+        (a vision model's into `reactor-<split>.clean.jsonl` beside `path`; the path itself when
+        it names none), and what the lineage records of it: the pipeline's config, every
+        input's sha256 and what was removed, by reason."""
         pipeline = self.config.data_pipeline
         if pipeline is None:
             return path, {}
         out = Path(self.config.output_dir) / "data" / f"{split}.clean.jsonl"
+        if self.family is not None:
+            # a vision model's records name their images relative to their file, and an image
+            # path may not leave that folder (data/images.py): the cleaned file goes beside it
+            out = path.parent / f"reactor-{split}.clean.jsonl"
         summary = run_pipeline([path], out, pipeline)
         log.info("data pipeline (%s): %s -> %s, %d of %d records kept; removed %s; report %s", summary.backend, path,
                  out, summary.kept, summary.read, dict(summary.removed) or "none", summary.report)

@@ -131,21 +131,13 @@ def test_the_chat_models_4bit_file_stays_within_7_percent_of_its_8bit_perplexity
 
 @pytest.fixture
 def store_beside(chat_model, tmp_path, monkeypatch):
-    """A private store holding the session's base (a symlink) and nothing else, whose builds
-    run as on an inference-only install (no transformers: merge and llama.cpp quantization,
-    no float32 safetensors, no importance matrix; about 10 s, not 50). The tests below check
-    when the store rebuilds and what it records, not the build (the session's `chat_model`
-    is the full build, checked above), and never rebuild the session's copy in place."""
-    from jarvis_prime.hardware import Libraries
-    from jarvis_prime.store import builders
+    """A private store holding the session's base and nothing else, its builds inference-only
+    (`store_testing`: about 10 s, not 50). The tests below check when the store rebuilds and
+    what it records, not the build (the session's `chat_model` is the full build, checked
+    above), and never rebuild the session's copy in place."""
+    from store_testing import private_store
 
-    monkeypatch.setenv("JARVIS_PRIME_HOME", str(tmp_path))
-    monkeypatch.setattr(builders, "detect_libraries", lambda: Libraries(llama_cpp=True, transformers=False,
-                                                                       bitsandbytes=False))
-    (tmp_path / "models").mkdir()
-    base = chat_model.path.parent / "smollm2-135m-instruct-1.0.0"
-    (tmp_path / "models" / base.name).symlink_to(base)
-    return tmp_path / "models"
+    return private_store(tmp_path, monkeypatch, chat_model.path.parent / "smollm2-135m-instruct-1.0.0")
 
 
 @pytest.mark.real_model

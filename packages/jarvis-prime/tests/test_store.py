@@ -96,7 +96,12 @@ def test_import_refuses_pickled_weights(tmp_path):
         import_path(src, name="pickled")
 
 
-def test_import_gguf_file_as_a_named_model(pulled_model):
+def test_import_gguf_file_as_a_named_model(pulled_model, monkeypatch):
+    """The GGUF copied in and named; its float32 safetensors left out (an inference-only
+    build, `store_testing`): the session's `pulled_model` is the same builder with them."""
+    from store_testing import inference_only_builds
+
+    inference_only_builds(monkeypatch)
     gguf = pulled_model.path / pulled_model.manifest.quantizations["q4_1"].file
     local = import_path(gguf, name="my-smol", version="0.1.0")
     assert local.manifest.name == "my-smol" and local.manifest.quantizations["q4_1"].bits == 4

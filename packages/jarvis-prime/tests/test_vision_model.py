@@ -159,6 +159,8 @@ def test_a_small_run_of_the_recipe_ships_parts_that_rebuild_the_same_model(pulle
     exactly as the trained model does."""
     pytest.importorskip("reactor_core")
     need_converter()
+    from store_testing import plain_4bit_rounding
+
     from jarvis_prime import idefics3
     from jarvis_prime.recipes import vision_model
     from jarvis_prime.recipes.vision_encoder import EncoderTraining
@@ -169,6 +171,7 @@ def test_a_small_run_of_the_recipe_ships_parts_that_rebuild_the_same_model(pulle
                                                                               heldout_images=5))
     shipped = tmp_path / "package"
     monkeypatch.setattr(vision_model, "package_folder", lambda name: shipped)
+    plain_4bit_rounding(monkeypatch)  # its 4-bit file is written, never read here (`store_testing`)
     summary = vision_model.train_vision_model(NAME, tmp_path / "work", recipe=small, progress=False, ship=True,
                                               log=lambda message: None)
     model_dir = Path(summary["model_dir"])
@@ -205,16 +208,23 @@ def test_a_small_run_of_the_recipe_ships_parts_that_rebuild_the_same_model(pulle
 
 
 @pytest.fixture(scope="module")
-def vision_model(isolated_homes):
+def vision_model(pulled_model, tmp_path_factory):
     """The shipped model as `prime pull` (or a first image question) builds it: the package's
-    parts rebuilt on the embedded base, text GGUFs and projector written by llama.cpp's converter."""
+    parts rebuilt on the embedded base, text GGUFs and projector written by llama.cpp's converter;
+    in a private store (never a copy another test trained under the same name), its 4-bit file
+    rounded without the importance matrix (`store_testing`), which the q8_0 read here never uses."""
+    from store_testing import plain_4bit_rounding, private_store
+
     from jarvis_prime.catalog import load_catalog
     from jarvis_prime.store import pull
 
     if load_catalog().get(NAME).offline_source().locate() is None:
         pytest.skip(f"{NAME}'s parts are not in this package (prime train {NAME} --ship writes them)")
     need_converter()
-    return pull(NAME, force=True)  # never a copy another test trained under the same name
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        private_store(tmp_path_factory.mktemp("vision-store"), monkeypatch, pulled_model.path)
+        plain_4bit_rounding(monkeypatch)
+        return pull(NAME)
 
 
 @pytest.fixture(scope="module")

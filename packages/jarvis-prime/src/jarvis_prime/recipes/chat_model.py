@@ -357,7 +357,10 @@ def train_chat_model(name: str, work_dir: Path, *, ship: bool = False, fresh: bo
         num_epochs=recipe.num_epochs, kl_to_base=recipe.kl_to_base, kl_anchor_path=str(anchor_path),
         kl_anchor_tokens=recipe.kl_anchor_tokens,
         learning_rate=recipe.learning_rate, batch_size=recipe.batch_size, max_seq_length=recipe.max_seq_length,
-        warmup_steps=3, val_fraction=0.05, eval_every_steps=1000, seed=recipe.seed, resume="never", num_samples=0,
+        warmup_steps=3, val_fraction=0.05, eval_every_steps=1000, seed=recipe.seed, num_samples=0,
+        # an interrupted run (SIGTERM checkpoints) goes on where it stopped; Reactor Core refuses a
+        # checkpoint whose config or data differ
+        resume="never" if fresh else "auto",
         packing=True, max_steps=recipe.max_steps, data_pipeline=chat_data_pipeline(work_dir),
     )
     result = reactor_core.Trainer(config, progress=progress).train()

@@ -45,6 +45,53 @@ def test_the_anchor_text_is_the_replies_as_plain_text_and_reactor_core_reads_it(
     assert texts == [f"Answer {i}, in a sentence." for i in range(3)] and report.examples == 3
 
 
+def test_the_shipped_replies_serve_only_their_key_and_are_verified(tmp_path, monkeypatch):
+    """recipes/data/jarvis_replies.json spares a run the ~24 minutes of generating the persona
+    replies, but only a run with the same base, prompts and settings (its key), and only rows
+    that still hash to what the generating run recorded."""
+    from types import SimpleNamespace
+
+    from jarvis_prime.errors import PrimeError
+    from jarvis_prime.recipes import chat_model
+
+    shipped = json.loads(chat_model.replies_path().read_text())
+    out = tmp_path / "replies.jsonl"
+    report = chat_model.shipped_replies(shipped["key"], out)
+    assert report.kept == len(shipped["rows"]) > 100 and sha256_file(out) == report.sha256
+    assert chat_model.shipped_replies("0" * 64, tmp_path / "other.jsonl") is None
+
+    recipe = chat_model.RECIPES[CHAT]
+    base = SimpleNamespace(files={"gguf/model-q4_1.gguf": SimpleNamespace(sha256="a" * 64),
+                                  "config.json": SimpleNamespace(sha256="b" * 64)})
+    other_base = SimpleNamespace(files=base.files | {"gguf/model-q4_1.gguf": SimpleNamespace(sha256="c" * 64)})
+    other_json = SimpleNamespace(files=base.files | {"config.json": SimpleNamespace(sha256="d" * 64)})
+    from dataclasses import replace
+    key = chat_model.replies_key(base, recipe)
+    assert key != chat_model.replies_key(other_base, recipe)
+    assert key != chat_model.replies_key(base, replace(recipe, max_new_tokens=recipe.max_new_tokens + 1))
+    assert key == chat_model.replies_key(other_json, recipe)  # only the GGUF files generate replies
+    assert key == chat_model.replies_key(base, replace(recipe, num_epochs=recipe.num_epochs + 1))
+
+    shipped["rows"][0]["messages"][-1]["content"] += " (edited)"
+    tampered = tmp_path / "jarvis_replies.json"
+    tampered.write_text(json.dumps(shipped))
+    monkeypatch.setattr(chat_model, "replies_path", lambda: tampered)
+    with pytest.raises(PrimeError, match="do not hash to the sha256"):
+        chat_model.shipped_replies(shipped["key"], out)
+
+
+@pytest.mark.real_model
+def test_the_shipped_replies_are_those_of_the_catalog_base(pulled_model):
+    """A changed base (or prompts, or settings) would make the recipe regenerate the replies
+    unasked: the shipped file must be regenerated with it (`prime train ... --fresh --ship`)."""
+    from jarvis_prime.recipes import chat_model
+
+    recipe = chat_model.RECIPES[CHAT]
+    assert pulled_model.manifest.name == recipe.base
+    shipped = json.loads(chat_model.replies_path().read_text())
+    assert chat_model.replies_key(pulled_model.manifest, recipe) == shipped["key"]
+
+
 def test_the_chat_model_is_in_the_catalog_and_available_offline():
     entry = load_catalog().get(CHAT)
     source = entry.offline_source()

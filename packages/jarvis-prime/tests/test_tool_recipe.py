@@ -14,7 +14,7 @@ from jarvis_prime.recipes.tool_data import (ARITHMETIC, ASKS_ARITHMETIC, CITIES,
                                             evaluate_expression, format_number, heldout_suite, jarvis_tools)
 
 RECIPE = RECIPES["prime-135m-chat-v1"]
-PERSONA = [{"messages": [{"role": "user", "content": "Who are you?"},
+PERSONA = [{"messages": [{"role": "user", "content": "Introduce yourself briefly."},
                          {"role": "assistant", "content": "I am JARVIS. How can I help?"}]},
            {"messages": [{"role": "user", "content": "What is 2 plus 2?"},
                          {"role": "assistant", "content": "2 plus 2 is 4."}]}]
@@ -59,16 +59,65 @@ def test_no_tool_turns_never_ask_for_arithmetic():
 def test_conversations_offer_the_tools_jarvis_offers():
     counts = dict(RECIPE.tool_examples)
     conversations = tool_conversations(PERSONA, RECIPE)
-    assert len(conversations) == sum(counts.values())
     names = {tuple(t["function"]["name"] for t in tools) for _, tools in conversations}
     assert names == {("calculator", "current_datetime", "search_conversations", "remember", "recall"),
                      ("calculator", "current_datetime")}
     calls = [m["tool_calls"][0]["function"] for messages, _ in conversations for m in messages if m.get("tool_calls")]
     assert {c["name"] for c in calls} == {"calculator", "current_datetime", "remember", "recall"}
-    assert len(calls) == sum(counts.values()) - counts["none"]
+    assert len(calls) == sum(counts.values()) - counts["none"]  # every drawn exchange is dealt out once
     for call in calls:  # every call is schema-valid for the tool it names
         schema = next(t["function"]["parameters"] for t in jarvis_tools()["tools"] if t["function"]["name"] == call["name"])
         assert argument_errors(json.loads(call["arguments"]), schema) == []
+
+
+def test_several_exchanges_share_one_tool_list():
+    """Each conversation holds up to `exchanges[store]` questions after its tool list; no memory
+    tool is called where it is not offered, nor `recall` where the facts are already given."""
+    counts = dict(RECIPE.tool_examples)
+    conversations = tool_conversations(PERSONA, RECIPE)
+    assert len(conversations) < sum(counts.values()) / 3
+    replies = 0
+    for messages, tools in conversations:
+        offered = {t["function"]["name"] for t in tools}
+        asked = [m for m in messages if m["role"] == "user"]
+        assert 1 <= len(asked) <= RECIPE.exchanges[len(offered) == 5]
+        called = {m["tool_calls"][0]["function"]["name"] for m in messages if m.get("tool_calls")}
+        assert called <= offered
+        if messages[0]["role"] == "system":
+            assert "recall" not in called
+        replies += sum(m["role"] == "assistant" and not m.get("tool_calls") for m in messages)
+    assert replies == sum(counts.values())  # an answer after each call, a reply to each "none" turn
+
+
+def test_no_tool_turns_skip_prompts_the_suite_asks():
+    """A persona prompt that is also one of the suite's questions is never a no-tool turn (the
+    data pipeline would drop the whole conversation holding it)."""
+    suite_prompt = next(c["user"] for c in load_tool_suite()["cases"] if c["category"] == "none")
+    persona = PERSONA + [{"messages": [{"role": "user", "content": suite_prompt},
+                                       {"role": "assistant", "content": "A reply."}]}]
+    users = {m["content"] for messages, _ in tool_conversations(persona, RECIPE) for m in messages if m["role"] == "user"}
+    assert "Introduce yourself briefly." in users and suite_prompt not in users
+
+
+def test_the_data_pipeline_drops_copies_of_suite_questions_not_the_tool_list(tmp_path):
+    """chat_data_pipeline through Reactor Core's pipeline: conversations that carry JARVIS's tool
+    schemas (as eval_data/tool_suite.json does) stay; one that asks a held-out question goes."""
+    from reactor_core.data.pipeline import clean
+    from reactor_core.data.pipeline_config import PipelineConfig
+
+    from jarvis_prime.recipes.chat_model import chat_data_pipeline
+
+    data = tmp_path / "train.jsonl"
+    rows = [{"messages": hermes_messages(messages, tools)} for messages, tools in tool_conversations(PERSONA, RECIPE)[:6]]
+    heldout = next(c["user"] for c in load_tool_suite()["cases"] if c["category"] == "arithmetic")
+    rows.append({"messages": [{"role": "user", "content": heldout}, {"role": "assistant", "content": "Copied."}]})
+    rows.append({"messages": [{"role": "user", "content": "What is the boiling point of water in Fahrenheit?"},
+                              {"role": "assistant", "content": "212 degrees."}]})  # the JARVIS suite asks for Celsius
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    summary = clean([data], tmp_path / "clean.jsonl", PipelineConfig(**chat_data_pipeline(tmp_path)))
+    assert (summary.read, summary.kept, dict(summary.removed)) == (8, 7, {"contaminated": 1})
+    kept = [json.loads(line) for line in (tmp_path / "clean.jsonl").read_text().splitlines()]
+    assert heldout not in {m["content"] for row in kept for m in row["messages"]}
 
 
 @pytest.mark.real_model

@@ -388,7 +388,8 @@ def train(
                                          "prime-7b-chat-v1), or with --sft/--dpo the model to improve."),
     work_dir: str = typer.Option("./prime-train", help="Where the dataset, checkpoints and logs go."),
     ship: bool = typer.Option(False, help="Maintainers: write the float16 adapter into the package (adapters/NAME)."),
-    fresh: bool = typer.Option(False, help="Regenerate the dataset even if WORK_DIR has one."),
+    fresh: bool = typer.Option(False, help="Regenerate the dataset even if WORK_DIR has one (the chat recipe "
+                               "also trains from scratch instead of resuming an interrupted run)."),
     sft: Optional[str] = typer.Option(None, "--sft", help="Feedback recipe: SFT JSONL (from `jarvis export-data`)."),
     dpo: Optional[str] = typer.Option(None, "--dpo", help="Feedback recipe: DPO JSONL (from `jarvis export-data`)."),
     version: Optional[str] = typer.Option(None, help="Feedback recipe: the candidate's version (default: next minor)."),

@@ -10,20 +10,22 @@ The recipe, top to bottom:
    (plus one sentence asking it to refuse harmful requests, which a 135M model needs):
    greedy first, then sampled candidates, keeping the first that passes the filters
    (complete, short, no other identity, the expected answer, a refusal for unsafe
-   requests). Self-distillation: the base already behaves as JARVIS when told to.
+   requests). Self-distillation: the base already behaves as JARVIS when told to. The
+   package ships the replies (`recipes/data/jarvis_replies.json`) with the key they were
+   generated under (`replies_key`: the base's GGUF sha256, the prompts, the settings): a
+   run with the same key reuses them (verified by sha256) instead of spending ~24 minutes.
 3. **Tool conversations** (issue #24, version 1.1): the prompt JARVIS sends when it
-   offers its built-in tools (`recipes/tool_data.py`: the tool list, remembered facts,
-   earlier turns), then a call of the calculator, the clock, `remember` or `recall`, its
-   result and a short answer copying it, or a persona reply with no call. Each is
-   rendered by `models/tools.hermes_messages`, the function `PrimeModel.chat_with_tools`
-   renders the same messages with at inference, so training and inference tokens match.
-   The tool list is ~590 tokens of every such example; one or two earlier persona turns
-   ride along in most (JARVIS sends the history too), so each long prompt also teaches
-   replies that need no tool.
+   offers its built-in tools (`recipes/tool_data.py`: the tool list, sometimes remembered
+   facts), then several exchanges: a call of the calculator, the clock, `remember` or
+   `recall`, its result and a short answer copying it, or a persona reply with no call.
+   Each is rendered by `models/tools.hermes_messages`, the function
+   `PrimeModel.chat_with_tools` renders the same messages with at inference, so training
+   and inference tokens match. The tool list is ~590 tokens, so 4-6 exchanges share one.
 4. **Training** on those conversations, the persona ones *without* the system prompt,
    LoRA through Reactor Core, so the model behaves as JARVIS when nobody tells it to, with a
    KL-to-base term measured on the persona replies as plain text (`kl_to_base`,
-   `kl_anchor_path`): the tune keeps predicting ordinary prose as its base does.
+   `kl_anchor_path`): the tune keeps predicting ordinary prose as its base does. The rows
+   go through Reactor Core's data pipeline first (`chat_data_pipeline`).
 
 `--ship` (maintainers) writes the adapter in float16 into the package, where the
 catalog's `adapter` source merges it into the base on `prime pull`.
@@ -43,7 +45,7 @@ from jarvis_prime.files import sha256_file
 from jarvis_prime.models.prime_model import PrimeModel
 from jarvis_prime.persona import JARVIS_SYSTEM_PROMPT, REFUSAL, load_prompts
 from jarvis_prime.progress import Log
-from jarvis_prime.recipes import ATTENTION_ONLY, package_folder, require_reactor_core
+from jarvis_prime.recipes import ATTENTION_ONLY, eval_data_paths, package_folder, require_reactor_core
 from jarvis_prime.store import import_path, resolve
 
 
@@ -54,21 +56,26 @@ class ChatRecipe:
     base: str
     lora_rank: int = 8
     lora_alpha: float = 16.0
-    target_modules: tuple[str, ...] = ATTENTION_ONLY
-    num_epochs: int = 1  # one pass: each tool example is ~800 tokens, and 2 CPU cores train ~100 tokens/s
+    # attention and MLP: attention-only r8 did not learn when to call (run 1 of 1.1: right tool 22 %)
+    target_modules: tuple[str, ...] = ATTENTION_ONLY + ("gate_proj", "up_proj", "down_proj")
+    num_epochs: int = 2  # the 112 persona replies need passes (1.0.0 took 6; one pass lost the identity)
     learning_rate: float = 1e-3
     kl_to_base: float = 1.0  # reactor-core's KL(base || tune) weight, measured on the anchor text below
-    kl_anchor_tokens: int = 256  # anchor tokens per micro-batch: 256 keeps the recipe inside 15 minutes
-    batch_size: int = 4  # packed rows of max_seq_length tokens
-    max_seq_length: int = 1024  # the tool list alone is ~590 tokens
+    kl_anchor_tokens: int = 256  # anchor tokens per micro-batch
+    batch_size: int = 2  # packed rows of max_seq_length tokens: ~2.5k tokens a step, near 1.0.0's 8 x 256
+    max_seq_length: int = 1280  # the tool list alone is ~590 tokens; a conversation of 5 exchanges after it, <= ~1250
     candidates: int = 6  # replies sampled per prompt until one passes the filters
     max_new_tokens: int = 80
     seed: int = 0
     max_steps: int | None = None  # tests run a few steps of the same recipe
     version: str = "1.1.0"
-    # tool conversations per category (recipes/tool_data.py); "none": a persona reply after the tool list
-    tool_examples: tuple[tuple[str, int], ...] = (("arithmetic", 60), ("datetime", 20), ("remember", 16),
-                                                  ("recall", 16), ("none", 20))
+    # tool exchanges per category (recipes/tool_data.py); "none": a persona reply with the tool list offered.
+    # Clock and memory get more than arithmetic, which has many more wordings and numbers to vary.
+    tool_examples: tuple[tuple[str, int], ...] = (("arithmetic", 60), ("datetime", 55), ("remember", 45),
+                                                  ("recall", 45), ("none", 110))
+    # exchanges per conversation after ONE tool list (~590 tokens with a store, ~200 without): the
+    # list is most of each row's tokens, so several questions share it (rows stay under max_seq_length)
+    exchanges: dict[bool, int] = field(default_factory=lambda: {True: 5, False: 8})
     store_share: float = 0.8  # with all five tools (a conversation store); the rest: calculator and clock only
     memory_share: float = 0.15  # remembered facts in the system message
 
@@ -147,44 +154,121 @@ def build_dataset(base_model, recipe: ChatRecipe, out: Path, *, log: Log = print
                                           {"role": "assistant", "content": kept}]})
             bar.advance(task)
     report.kept = len(rows)
-    payload = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(payload, encoding="utf-8")
+    write_rows(rows, out)
     report.sha256 = sha256_file(out)
     log(f"dataset: {report.kept}/{report.prompts} prompts kept "
         + ", ".join(f"{c} {k}/{n}" for c, (k, n) in report.by_category.items()))
     return report
 
 
+SHIPPED_REPLIES = "jarvis_replies.json"  # recipes/data/: the replies build_dataset generated, with their key
+
+
+def replies_key(base_manifest, recipe: ChatRecipe) -> str:
+    """sha256 of everything `build_dataset`'s replies depend on: the base's GGUF files (by
+    sha256), the prompts, the generation prompt and sampling settings. The shipped replies
+    serve a run only when its key is theirs."""
+    import hashlib
+
+    settings = {"base": {rel: entry.sha256 for rel, entry in sorted(base_manifest.files.items()) if rel.endswith(".gguf")},
+                "prompts": load_prompts(), "system": GENERATION_SYSTEM_PROMPT, "candidates": recipe.candidates,
+                "max_new_tokens": recipe.max_new_tokens, "seed": recipe.seed}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def replies_path() -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("jarvis_prime") / "recipes" / "data" / SHIPPED_REPLIES))
+
+
+def shipped_replies(key: str, out: Path) -> DatasetReport | None:
+    """Write the shipped replies to `out` when they were generated under `key` (None: they were
+    not, or there are none): generating them is ~24 of the recipe's minutes on 2 CPU cores,
+    and the same base, prompts and settings give the same replies. The file's rows are checked
+    against the sha256 its report recorded before a run trains on them."""
+    path = replies_path()
+    if not path.is_file():
+        return None
+    shipped = json.loads(path.read_text(encoding="utf-8"))
+    if shipped["key"] != key:
+        return None
+    report = DatasetReport(**shipped["report"])
+    write_rows(shipped["rows"], out)
+    if sha256_file(out) != report.sha256:
+        raise PrimeError(f"recipes/data/{SHIPPED_REPLIES}: its rows do not hash to the sha256 its report records "
+                         f"({report.sha256}); regenerate them with `prime train ... --fresh --ship`")
+    return report
+
+
+def ship_replies(key: str, report: DatasetReport, data_path: Path) -> Path:
+    """The replies of this run into the package (`--ship`), for runs with the same key to reuse."""
+    from jarvis_prime.files import atomic_write
+
+    path = replies_path()
+    with open(data_path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    atomic_write(path, (json.dumps({"key": key, "report": asdict(report), "rows": rows}, indent=1, ensure_ascii=False)
+                        + "\n").encode())
+    return path
+
+
+def write_rows(rows: list[dict[str, Any]], out: Path) -> None:
+    """JSONL, one conversation a line (what Reactor Core reads and `DatasetReport.sha256` hashes)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+
+
 def tool_conversations(persona: list[dict[str, Any]], recipe: ChatRecipe) -> list[tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
-    """(OpenAI messages, tools) for each tool conversation: the tool list JARVIS offers, sometimes
-    remembered facts in a system message, 0-2 earlier persona turns (JARVIS keeps replies, not
-    calls, in its history), then a tool case (`tool_data`) or, for "none", a persona reply."""
+    """(OpenAI messages, tools) for each tool conversation: the tool list JARVIS offers,
+    sometimes remembered facts in a system message, then several exchanges, each a tool case
+    (`tool_data`: question, call, result, answer) or, for "none", a persona turn with no call.
+
+    `recipe.tool_examples` counts exchanges, not conversations: they are dealt out in a random
+    order, `recipe.exchanges[store]` to a conversation, so one ~590-token tool list carries
+    several supervised turns (one per conversation made the recipe 29 optimizer steps of
+    mostly tool list). The first exchange of each is exactly a single-turn JARVIS prompt; the
+    later ones also teach calls and plain replies after earlier turns. Memory tools are only
+    in conversations with a store, and `recall` never where the facts are already in the
+    system message."""
     import random
 
     from jarvis_prime.recipes.tool_data import (ASKS_ARITHMETIC, FACTS, SLOTS, conversation, draw_case, memory_system,
                                                 offered_tools)
 
-    turns = [row["messages"] for row in persona if not ASKS_ARITHMETIC.search(row["messages"][0]["content"])]
+    from jarvis_prime.evaluation import load_tool_suite
+
+    # a persona prompt the suite asks too ("How do I boil an egg?") would take the whole conversation
+    # with it in decontamination (`chat_data_pipeline`)
+    heldout = {case["user"] for case in load_tool_suite()["cases"]}
+    turns = [row["messages"] for row in persona
+             if not ASKS_ARITHMETIC.search(row["messages"][0]["content"]) and row["messages"][0]["content"] not in heldout]
     if not turns:
         raise PrimeError("no persona replies to put beside the tool conversations (the persona dataset is empty)")
+    pending = {category: list(range(count)) for category, count in recipe.tool_examples}
     out = []
-    for category, count in recipe.tool_examples:
-        for i in range(count):
-            r = random.Random(f"chat-tools-{recipe.seed}-{category}-{i}")
-            tools = offered_tools(store=category in ("remember", "recall") or r.random() < recipe.store_share)
-            messages: list[dict[str, Any]] = []
-            if category not in ("recall", "remember") and r.random() < recipe.memory_share:
-                facts = [t[1].format(**{k: r.choice(v) for k, v in SLOTS.items()})
-                         for t in r.sample(FACTS["train"], r.randint(1, 2))]
-                messages.append({"role": "system", "content": memory_system(facts)})
-            for turn in r.sample(turns, min(r.choice((0, 1, 1, 2)), len(turns))):
-                messages += turn
+    r = random.Random(f"chat-tools-{recipe.seed}")
+    while any(pending.values()):
+        store = bool(pending["remember"] or pending["recall"]) and r.random() < recipe.store_share
+        messages: list[dict[str, Any]] = []
+        allowed = {c for c in pending if store or c not in ("remember", "recall")}
+        if r.random() < recipe.memory_share:
+            facts = [t[1].format(**{k: r.choice(v) for k, v in SLOTS.items()})
+                     for t in r.sample(FACTS["train"], r.randint(1, 2))]
+            messages.append({"role": "system", "content": memory_system(facts)})
+            allowed.discard("recall")
+        for _ in range(recipe.exchanges[store]):
+            left = [c for c in sorted(allowed) if pending[c]]
+            if not left:
+                break
+            category = r.choices(left, weights=[len(pending[c]) for c in left])[0]
+            i = pending[category].pop(0)
             if category == "none":
                 messages += r.choice(turns)
             else:
-                messages += conversation(draw_case(recipe.seed, "train", i, category), f"call_{i}")
-            out.append((messages, tools))
+                messages += conversation(draw_case(recipe.seed, "train", i, category), f"call_{category}_{i}")
+        if any(m["role"] in ("user",) for m in messages):
+            out.append((messages, offered_tools(store=store)))
     return out
 
 
@@ -204,6 +288,34 @@ def write_training_data(persona_path: Path, recipe: ChatRecipe, out: Path) -> di
     return {"persona": len(persona), "tools": len(rows) - len(persona)}
 
 
+# GPT-3's decontamination n-gram. The prompts here are shorter than 13 words, so they go only
+# when a message says exactly an evaluation question; the pipeline's 8 also dropped honest
+# neighbours ("...boiling point of water in Fahrenheit?" beside the suite's "...in Celsius?").
+DECONTAMINATION_NGRAM = 13
+
+
+def chat_data_pipeline(work_dir: Path) -> dict[str, object]:
+    """This recipe's Reactor Core `data_pipeline` block (issue #25): exact and near duplicates,
+    filters, and decontamination against what `prime eval` scores.
+
+    Unlike `recipes.data_pipeline("chat")` it does not hand the pipeline
+    `eval_data/tool_suite.json` whole: that file holds JARVIS's tool schemas, which every tool
+    conversation carries by design (they are the prompt), so every one of them would share an
+    long run with it and go. The suite's questions are checked instead (written to
+    `work_dir`), beside the JARVIS suite and the perplexity passages. Near duplicates: only
+    rows that are all but the same (`FEEDBACK_NEAR_THRESHOLD`): conversations after the same
+    tool list share most of their words on purpose."""
+    from jarvis_prime.evaluation import load_tool_suite
+    from jarvis_prime.recipes import FEEDBACK_NEAR_THRESHOLD
+
+    questions = work_dir / "tool-suite-questions.jsonl"
+    questions.write_text("".join(json.dumps({"text": case["user"]}) + "\n" for case in load_tool_suite()["cases"]),
+                         encoding="utf-8")
+    paths = [p for p in eval_data_paths() if Path(p).name != "tool_suite.json"] + [str(questions)]
+    return {"kind": "chat", "dedup": {"threshold": FEEDBACK_NEAR_THRESHOLD},
+            "decontaminate": {"paths": paths, "ngram": DECONTAMINATION_NGRAM}, "scrub_pii": False}
+
+
 def train_chat_model(name: str, work_dir: Path, *, ship: bool = False, fresh: bool = False, log: Log = print,
                      progress: bool = True) -> dict[str, Any]:
     """Build the dataset, train the LoRA with Reactor Core, and put the model in the store.
@@ -219,9 +331,14 @@ def train_chat_model(name: str, work_dir: Path, *, ship: bool = False, fresh: bo
     base = resolve(recipe.base, log=log)
     data_path = work_dir / "jarvis-conversations.jsonl"
     report_path = work_dir / "dataset-report.json"
+    key = replies_key(base.manifest, recipe)
     if data_path.is_file() and report_path.is_file() and not fresh:
         log(f"1/3 reusing {data_path} (--fresh regenerates it)")
         report = DatasetReport(**json.loads(report_path.read_text()))
+    elif not fresh and (report := shipped_replies(key, data_path)) is not None:
+        log(f"1/3 the package's replies (recipes/data/{SHIPPED_REPLIES}: same base, prompts and settings; "
+            "--fresh regenerates them)")
+        report_path.write_text(json.dumps(asdict(report), indent=1))
     else:
         log(f"1/3 generating replies with {recipe.base} under the JARVIS system prompt")
         with PrimeModel.from_pretrained(base.path, backend="llamacpp") as base_model:
@@ -240,8 +357,11 @@ def train_chat_model(name: str, work_dir: Path, *, ship: bool = False, fresh: bo
         num_epochs=recipe.num_epochs, kl_to_base=recipe.kl_to_base, kl_anchor_path=str(anchor_path),
         kl_anchor_tokens=recipe.kl_anchor_tokens,
         learning_rate=recipe.learning_rate, batch_size=recipe.batch_size, max_seq_length=recipe.max_seq_length,
-        warmup_steps=3, val_fraction=0.05, eval_every_steps=1000, seed=recipe.seed, resume="never", num_samples=0,
-        packing=True, max_steps=recipe.max_steps,
+        warmup_steps=3, val_fraction=0.05, eval_every_steps=1000, seed=recipe.seed, num_samples=0,
+        # an interrupted run (SIGTERM checkpoints) goes on where it stopped; Reactor Core refuses a
+        # checkpoint whose config or data differ
+        resume="never" if fresh else "auto",
+        packing=True, max_steps=recipe.max_steps, data_pipeline=chat_data_pipeline(work_dir),
     )
     result = reactor_core.Trainer(config, progress=progress).train()
 
@@ -254,6 +374,7 @@ def train_chat_model(name: str, work_dir: Path, *, ship: bool = False, fresh: bo
                "train_metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}
     if ship:
         summary["shipped"] = str(ship_adapter(result.model_dir / "adapter", name, summary))
+        ship_replies(key, report, data_path)
     return summary
 
 

@@ -106,35 +106,46 @@ def _division(r: random.Random) -> tuple[str, str]:
 ARITHMETIC: dict[str, tuple[Callable[[random.Random], dict[str, str]], str, tuple[str, ...], dict[str, tuple[str, ...]]]] = {
     "mul": (lambda r: {"a": _number(r), "b": str(_int(r))}, "{a} * {b}", ("{b} * {a}",), {
         "train": ("What is {a} times {b}?", "What's {a} * {b}?", "Multiply {a} by {b}.", "Calculate {a} x {b}.",
-                  "{a} times {b}?", "what is {a}*{b}", "Can you multiply {a} and {b}?", "What's the product of {a} and {b}?"),
+                  "{a} times {b}?", "what is {a}*{b}", "Can you multiply {a} and {b}?", "What's the product of {a} and {b}?",
+                  "How much is {a} times {b}?", "What's {a} multiplied by {b}?", "Work out {a} times {b}.", "{a} x {b}?"),
         "heldout": ("How much is {a} multiplied by {b}?", "Work out {a} × {b} for me.", "what's {a} x {b}?")}),
     "add": (lambda r: {"a": _number(r), "b": _number(r)}, "{a} + {b}", ("{b} + {a}",), {
         "train": ("What is {a} plus {b}?", "Add {a} and {b}.", "What's {a} + {b}?", "{a} + {b} = ?",
-                  "What's the sum of {a} and {b}?", "Calculate {a} plus {b}."),
+                  "What's the sum of {a} and {b}?", "Calculate {a} plus {b}.",
+                  "How much is {a} plus {b}?", "Add up {a} and {b}.", "What's the total of {a} and {b}?",
+                  "What do {a} and {b} come to?"),
         "heldout": ("What do {a} and {b} add up to?", "How much is {a} + {b}?", "Total of {a} and {b}, please.")}),
     "sub": (lambda r: (lambda a, b: {"a": str(max(a, b)), "b": str(min(a, b))})(_int(r), _int(r)), "{a} - {b}", (), {
         "train": ("What is {a} minus {b}?", "Subtract {b} from {a}.", "{a} - {b} = ?", "What's {a} - {b}?",
-                  "Calculate {a} minus {b}."),
+                  "Calculate {a} minus {b}.",
+                  "What's {a} take away {b}?", "How much is {a} minus {b}?", "Take {b} away from {a}.",
+                  "If I have {a} and take away {b}, how much is left?"),
         "heldout": ("How much is {a} take away {b}?", "What's left if I take {b} from {a}?")}),
     "div": (lambda r: dict(zip("ab", _division(r))), "{a} / {b}", (), {
         "train": ("What is {a} divided by {b}?", "Divide {a} by {b}.", "What's {a} / {b}?", "{a} / {b} = ?",
-                  "Calculate {a} divided by {b}."),
+                  "Calculate {a} divided by {b}.",
+                  "Split {a} {b} ways.", "How much is {a} divided by {b}?", "{a} shared equally by {b} is how much each?",
+                  "If {a} is split evenly {b} ways, what does each get?", "What is {a} over {b}?"),
         "heldout": ("How much is {a} split {b} ways?", "What do you get when you divide {a} by {b}?")}),
     "pct": (lambda r: {"p": str(r.choice((5, 10, 12, 15, 20, 25, 30, 40, 50, 75, 8, 18))), "a": str(_int(r, (2, 3, 3, 4)))},
             "{a} * {p} / 100", ("{p} / 100 * {a}", "{a} * 0.{p:0>2}", "{p} * {a} / 100", "0.{p:0>2} * {a}"), {
         "train": ("What is {p} percent of {a}?", "What's {p}% of {a}?", "Calculate {p}% of {a}.",
-                  "How much is {p} percent of {a}?"),
+                  "How much is {p} percent of {a}?",
+                  "Find {p} percent of {a}.", "{p} percent of {a}?", "Work out {p}% of {a} for me."),
         "heldout": ("Work out {p} percent of {a}.", "{p}% of {a} is how much?")}),
     "sq": (lambda r: {"a": str(_int(r, (1, 2, 2, 3)))}, "{a} ** 2", ("{a} * {a}", "{a}**2", "{a} ^ 2"), {
-        "train": ("What is {a} squared?", "Square {a}.", "What's {a} to the power of 2?", "{a} squared?"),
+        "train": ("What is {a} squared?", "Square {a}.", "What's {a} to the power of 2?", "{a} squared?",
+                  "What's {a} times itself?", "Find the square of {a}.", "How much is {a} to the power of 2?"),
         "heldout": ("What's the square of {a}?", "How much is {a} squared?")}),
     "add_mul": (lambda r: {"a": str(_int(r, (1, 2, 2))), "b": str(_int(r, (1, 2, 2))), "c": str(_int(r, (1, 1, 2)))},
                 "({a} + {b}) * {c}", ("{c} * ({a} + {b})",), {
-        "train": ("Add {a} and {b}, then multiply by {c}.", "What is ({a} + {b}) * {c}?", "({a} + {b}) times {c}?"),
+        "train": ("Add {a} and {b}, then multiply by {c}.", "What is ({a} + {b}) * {c}?", "({a} + {b}) times {c}?",
+                  "Add {a} to {b} and multiply the total by {c}."),
         "heldout": ("Take {a} plus {b} and multiply the result by {c}.",)}),
     "mul_add": (lambda r: {"a": str(_int(r, (1, 2, 2))), "b": str(_int(r, (1, 2))), "c": str(_int(r, (2, 3)))},
                 "{a} * {b} + {c}", ("{c} + {a} * {b}", "({a} * {b}) + {c}"), {
-        "train": ("What is {a} times {b} plus {c}?", "Calculate {a} * {b} + {c}.", "What's {a} x {b} + {c}?"),
+        "train": ("What is {a} times {b} plus {c}?", "Calculate {a} * {b} + {c}.", "What's {a} x {b} + {c}?",
+                  "Multiply {a} and {b}, then add {c}.", "Take {a} times {b} and add {c} to it."),
         "heldout": ("Multiply {a} by {b} and add {c}.",)}),
 }
 ARITHMETIC_ANSWERS = ("{expression} = {result}.", "The answer is {result}.", "That's {result}.", "{result}.")
@@ -192,7 +203,10 @@ DATETIME = {"train": (("What's the date today?", "date"), ("What day is it?", "w
                       ("what time is it now", "time"), ("What is the date?", "date"), ("Tell me the time.", "time"),
                       ("What time is it in {city}?", "time"), ("What's the time in {city} right now?", "time"),
                       ("What's the date in {city}?", "date"), ("What day is it in {city}?", "weekday"),
-                      ("Current time in {city}?", "time")),
+                      ("Current time in {city}?", "time"),
+                      ("Do you know the time?", "time"), ("What's the time?", "time"), ("Can you tell me today's date?", "date"),
+                      ("What day of the week is it today?", "weekday"), ("Tell me the date in {city}.", "date"),
+                      ("What time is it right now in {city}?", "time"), ("Which day is it in {city} today?", "weekday")),
             "heldout": (("Do you know what day it is today?", "weekday"), ("Could you tell me the current time?", "time"),
                         ("What's the local time over in {city}?", "time"), ("Today's date, please.", "date"),
                         ("Tell me what time it is in {city}.", "time"), ("What's the date over in {city} today?", "date"))}
@@ -254,7 +268,8 @@ FACTS = {"train": (
     ("my favourite drink is {drink}", "The user's favourite drink is {drink}.", "What's my favourite drink?",
      ("drink",), "Your favourite drink is {drink}."))}
 REMEMBER = {"train": ("Remember that {p}.", "Please remember that {p}.", "Don't forget that {p}.",
-                      "remember {p}", "Can you remember that {p}?", "Note for later: {p}. Remember it."),
+                      "remember {p}", "Can you remember that {p}?", "Note for later: {p}. Remember it.",
+                      "Note that {p}.", "For the record, {p}.", "Make sure you remember that {p}."),
             "heldout": ("Keep in mind that {p}.", "Save this for later: {p}.", "Make a note that {p}.")}
 ABOUT_ME = {"train": ("What do you know about me?", "What have I asked you to remember?"),
             "heldout": ("Tell me what you remember about me.",)}

@@ -34,19 +34,19 @@ def append(path: Path, *records: dict) -> list[int]:
     return list(range(len(lines) + 1, len(lines) + 1 + len(records)))
 
 
-def test_each_kind_is_a_valid_reactor_core_pipeline_and_an_unknown_one_is_refused():
+def test_each_kind_is_a_valid_reactor_core_pipeline_and_an_unknown_one_is_refused(tmp_path):
     for kind in DATA_KINDS:
-        config = PipelineConfig.model_validate(data_pipeline(kind, ["held-out.json"]))
-        assert config.decontaminate.paths == eval_data_paths() + ["held-out.json"]
+        config = PipelineConfig.model_validate(data_pipeline(kind, tmp_path, ["held-out.json"]))
+        assert config.decontaminate.paths == eval_data_paths(tmp_path) + ["held-out.json"]
         assert config.dedup.exact and not config.scrub_pii
     # templated data: no near-duplicate pass, and only a whole evaluation text is a leak
     for kind in ("reasoning", "vision"):
-        config = PipelineConfig.model_validate(data_pipeline(kind))
+        config = PipelineConfig.model_validate(data_pipeline(kind, tmp_path))
         assert not config.dedup.near and config.decontaminate.ngram == 64
-    assert data_pipeline("chat") == {"kind": "chat", "dedup": {"threshold": 0.95},
-                                     "decontaminate": {"paths": eval_data_paths()}, "scrub_pii": False}
-    with pytest.raises(PrimeError, match="no data pipeline for 'sql'; kinds: chat, preference, reasoning, vision"):
-        data_pipeline("sql")
+    assert data_pipeline("chat", tmp_path) == {"kind": "chat", "dedup": {"threshold": 0.95},
+                                               "decontaminate": {"paths": eval_data_paths(tmp_path)}, "scrub_pii": False}
+    with pytest.raises(PrimeError, match="no data pipeline for 'sql'; kinds: chat, preference, tool-chat, reasoning, vision"):
+        data_pipeline("sql", tmp_path)
 
 
 def test_the_reasoning_recipes_reactor_config_carries_its_pipeline(tmp_path):
@@ -56,7 +56,7 @@ def test_the_reasoning_recipes_reactor_config_carries_its_pipeline(tmp_path):
     scored = tmp_path / "scored-questions.json"
     config = stage_config(recipe, recipe.stages[0], tmp_path / "base", tmp_path / "train.jsonl", tmp_path / "out",
                           eval_files=[scored])
-    assert config.data_pipeline == PipelineConfig.model_validate(data_pipeline("reasoning", [scored]))
+    assert config.data_pipeline == PipelineConfig.model_validate(data_pipeline("reasoning", tmp_path, [scored]))
     assert str(scored) in config.data_pipeline.decontaminate.paths
 
 
@@ -69,7 +69,7 @@ def test_the_vision_recipes_reactor_config_carries_its_pipeline(tmp_path):
     config = reactor_config(RECIPES["prime-135m-vision-v1"], "prime-135m-vision-v1", tmp_path / "assembled", data,
                             tmp_path / "out")
     items = data / "heldout-items.json"
-    assert config.data_pipeline == PipelineConfig.model_validate(data_pipeline("vision", [items]))
+    assert config.data_pipeline == PipelineConfig.model_validate(data_pipeline("vision", data, [items]))
     assert len(json.loads(items.read_text())) == 2
 
 
@@ -96,7 +96,7 @@ def test_the_pipeline_removes_a_repeat_and_a_held_out_problem_from_reasoning_dat
     copy, leaked, kept_wording = append(train, rows[3], heldout[0], reworded)
     scored = write_scored_questions(tmp_path / "scored-questions.json", load_problems(tmp_path / "heldout.jsonl"))
 
-    summary = clean([train], tmp_path / "clean.jsonl", PipelineConfig.model_validate(data_pipeline("reasoning", [scored])))
+    summary = clean([train], tmp_path / "clean.jsonl", PipelineConfig.model_validate(data_pipeline("reasoning", tmp_path, [scored])))
     gone = removed(summary.report)
     assert gone == {copy: "exact_duplicate", leaked: "contaminated"} | {n: "exact_duplicate" for n in repeats}
     assert kept_wording not in gone and summary.kept == len(rows) + 3 - len(gone)
@@ -122,7 +122,7 @@ def test_the_pipeline_removes_a_repeat_and_a_held_out_item_from_vision_data_by_i
         with_image(rows[1], other_image),  # rows[1]'s question about another image
         with_image(held, other_image))  # the held-out question about a training image
     summary = clean([train], tmp_path / "clean.jsonl",
-                    PipelineConfig.model_validate(data_pipeline("vision", [write_eval_items(tmp_path)])))
+                    PipelineConfig.model_validate(data_pipeline("vision", tmp_path, [write_eval_items(tmp_path)])))
     assert removed(summary.report) == {copy: "exact_duplicate", redrawn: "exact_duplicate", leaked: "contaminated"}
     assert summary.kept == len(rows) + 2  # same_question and held_question stay
     assert {same_question, held_question}.isdisjoint(removed(summary.report))

@@ -99,23 +99,26 @@ def test_no_tool_turns_skip_prompts_the_suite_asks():
     assert "Introduce yourself briefly." in users and suite_prompt not in users
 
 
-def test_the_data_pipeline_drops_copies_of_suite_questions_not_the_tool_list(tmp_path):
-    """chat_data_pipeline through Reactor Core's pipeline: conversations that carry JARVIS's tool
+@pytest.mark.parametrize("kind", ["tool-chat", "chat"])
+def test_the_data_pipeline_drops_copies_of_suite_questions_not_the_tool_list(tmp_path, kind):
+    """The chat recipe's pipeline ("tool-chat") and the feedback recipe's ("chat", what `jarvis
+    improve` runs on exported replies that called tools): conversations that carry JARVIS's tool
     schemas (as eval_data/tool_suite.json does) stay; one that asks a held-out question goes."""
     from reactor_core.data.pipeline import clean
     from reactor_core.data.pipeline_config import PipelineConfig
 
-    from jarvis_prime.recipes.chat_model import chat_data_pipeline
+    from jarvis_prime.recipes import data_pipeline
 
     data = tmp_path / "train.jsonl"
     rows = [{"messages": hermes_messages(messages, tools)} for messages, tools in tool_conversations(PERSONA, RECIPE)[:6]]
     heldout = next(c["user"] for c in load_tool_suite()["cases"] if c["category"] == "arithmetic")
     rows.append({"messages": [{"role": "user", "content": heldout}, {"role": "assistant", "content": "Copied."}]})
-    rows.append({"messages": [{"role": "user", "content": "What is the boiling point of water in Fahrenheit?"},
-                              {"role": "assistant", "content": "212 degrees."}]})  # the JARVIS suite asks for Celsius
+    if kind == "tool-chat":  # 13-word runs: a neighbour of a suite question stays (8-word runs drop it)
+        rows.append({"messages": [{"role": "user", "content": "What is the boiling point of water in Fahrenheit?"},
+                                  {"role": "assistant", "content": "212 degrees."}]})  # the JARVIS suite asks for Celsius
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    summary = clean([data], tmp_path / "clean.jsonl", PipelineConfig(**chat_data_pipeline(tmp_path)))
-    assert (summary.read, summary.kept, dict(summary.removed)) == (8, 7, {"contaminated": 1})
+    summary = clean([data], tmp_path / "clean.jsonl", PipelineConfig(**data_pipeline(kind, tmp_path)))
+    assert (summary.read - summary.kept, dict(summary.removed)) == (1, {"contaminated": 1})
     kept = [json.loads(line) for line in (tmp_path / "clean.jsonl").read_text().splitlines()]
     assert heldout not in {m["content"] for row in kept for m in row["messages"]}
 

@@ -7,6 +7,7 @@ install never needs it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -29,11 +30,24 @@ def package_folder(name: str) -> Path:
     return Path(str(resources.files("jarvis_prime") / "adapters" / name))
 
 
-def eval_data_paths() -> list[str]:
+def eval_data_paths(work_dir: Path) -> list[str]:
     """The evaluation files this package ships (`eval_data/`: the JARVIS suite, the
-    general-text perplexity passages): what `prime eval` measures must never be trained on."""
+    general-text perplexity passages, the tool suite): what `prime eval` measures must never
+    be trained on.
+
+    The tool suite goes as its questions alone, written to `work_dir`: its file also holds
+    JARVIS's tool schemas, which every conversation that offers tools carries by design (the
+    chat recipe's, a `jarvis export-data` of replies that called tools), so all of those
+    would share a long run with it and be dropped as contaminated."""
+    from jarvis_prime.evaluation import load_tool_suite
+
     folder = Path(str(resources.files("jarvis_prime") / "eval_data"))
-    return [str(p) for p in sorted(folder.iterdir()) if p.is_file()]
+    paths = [str(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != "tool_suite.json"]
+    questions = Path(work_dir) / "tool-suite-questions.jsonl"
+    questions.parent.mkdir(parents=True, exist_ok=True)
+    questions.write_text("".join(json.dumps({"text": case["user"]}) + "\n" for case in load_tool_suite()["cases"]),
+                         encoding="utf-8")
+    return paths + [str(questions)]
 
 
 # Near duplicates in JARVIS's own data: only records that are all but the same. A user who
@@ -62,6 +76,11 @@ DATA_KINDS: dict[str, DataKind] = {
     # FEEDBACK_NEAR_THRESHOLD, 8-word runs shared with eval_data (the pipeline's default)
     "chat": DataKind("chat", near_duplicates=True, decontam_ngram=8),
     "preference": DataKind("preference", near_duplicates=True, decontam_ngram=8),
+    # the chat recipe's persona replies and templated tool conversations: GPT-3's 13 words. Its
+    # prompts are shorter than that, so they go only when a message says exactly an evaluation
+    # question; 8 also dropped honest neighbours ("...boiling point of water in Fahrenheit?"
+    # beside the tool suite's "...in Celsius?").
+    "tool-chat": DataKind("chat", near_duplicates=True, decontam_ngram=13),
     # word problems drawn from templates: two problems with the same numbers told with other names
     # teach the same arithmetic in other words, which is the point; near-dedup at 0.8 removed 9 such
     # pairs of 3000, none a repeat. Exact repeats go (12 of 3000 are the same problem drawn twice).
@@ -75,18 +94,18 @@ DATA_KINDS: dict[str, DataKind] = {
 }
 
 
-def data_pipeline(kind: str, eval_files: Sequence[str | Path] = ()) -> dict[str, object]:
+def data_pipeline(kind: str, work_dir: Path, eval_files: Sequence[str | Path] = ()) -> dict[str, object]:
     """A Reactor Core `data_pipeline` block for `kind`'s data (`DATA_KINDS`): exact
     duplicates, near duplicates at `FEEDBACK_NEAR_THRESHOLD` where the kind wants them,
-    filters, and decontamination against `eval_data_paths()` and a recipe's own held-out
-    `eval_files`. No PII scrub: JARVIS scrubs its feedback before handing it over, or was
-    told not to (`jarvis improve --no-scrub-pii`), and a recipe must not overrule that
+    filters, and decontamination against `eval_data_paths(work_dir)` and a recipe's own
+    held-out `eval_files`. No PII scrub: JARVIS scrubs its feedback before handing it over, or
+    was told not to (`jarvis improve --no-scrub-pii`), and a recipe must not overrule that
     choice; generated data has none."""
     if kind not in DATA_KINDS:
         raise PrimeError(f"no data pipeline for {kind!r}; kinds: {', '.join(DATA_KINDS)}")
     settings = DATA_KINDS[kind]
     dedup: dict[str, object] = {"threshold": FEEDBACK_NEAR_THRESHOLD} if settings.near_duplicates else {"near": False}
-    paths = eval_data_paths() + [str(p) for p in eval_files]
+    paths = eval_data_paths(work_dir) + [str(p) for p in eval_files]
     decontaminate: dict[str, object] = {"paths": paths}
     if settings.decontam_ngram != 8:  # 8: Reactor Core's default, left implicit as before
         decontaminate["ngram"] = settings.decontam_ngram

@@ -219,7 +219,7 @@ def train_big_chat_model(name: str, work_dir: Path, *, data: list[Path] | None =
         gradient_accumulation_steps=recipe.gradient_accumulation_steps, max_seq_length=recipe.max_seq_length,
         warmup_steps=10, val_fraction=0.05, seed=recipe.seed, num_samples=2, max_steps=recipe.max_steps,
         checkpoint_every_steps=50, checkpoint_remote=checkpoint_remote,
-        data_pipeline=data_pipeline("chat"),  # exported conversations repeat themselves; eval_data stays unseen
+        data_pipeline=data_pipeline("chat", work_dir),  # exported conversations repeat themselves; eval_data stays unseen
     ) | plan.keys
     if plan.nproc > 1:
         from reactor_core.training.launch import launch_torchrun

@@ -25,7 +25,7 @@ The recipe, top to bottom:
    LoRA through Reactor Core, so the model behaves as JARVIS when nobody tells it to, with a
    KL-to-base term measured on the persona replies as plain text (`kl_to_base`,
    `kl_anchor_path`): the tune keeps predicting ordinary prose as its base does. The rows
-   go through Reactor Core's data pipeline first (`chat_data_pipeline`).
+   go through Reactor Core's data pipeline first (`data_pipeline("tool-chat")`).
 
 `--ship` (maintainers) writes the adapter in float16 into the package, where the
 catalog's `adapter` source merges it into the base on `prime pull`.
@@ -45,7 +45,7 @@ from jarvis_prime.files import sha256_file
 from jarvis_prime.models.prime_model import PrimeModel
 from jarvis_prime.persona import JARVIS_SYSTEM_PROMPT, REFUSAL, load_prompts
 from jarvis_prime.progress import Log
-from jarvis_prime.recipes import ATTENTION_ONLY, eval_data_paths, package_folder, require_reactor_core
+from jarvis_prime.recipes import ATTENTION_ONLY, data_pipeline, package_folder, require_reactor_core
 from jarvis_prime.store import import_path, resolve
 
 
@@ -239,7 +239,7 @@ def tool_conversations(persona: list[dict[str, Any]], recipe: ChatRecipe) -> lis
     from jarvis_prime.evaluation import load_tool_suite
 
     # a persona prompt the suite asks too ("How do I boil an egg?") would take the whole conversation
-    # with it in decontamination (`chat_data_pipeline`)
+    # with it in decontamination (`data_pipeline("tool-chat")`)
     heldout = {case["user"] for case in load_tool_suite()["cases"]}
     turns = [row["messages"] for row in persona
              if not ASKS_ARITHMETIC.search(row["messages"][0]["content"]) and row["messages"][0]["content"] not in heldout]
@@ -288,34 +288,6 @@ def write_training_data(persona_path: Path, recipe: ChatRecipe, out: Path) -> di
     return {"persona": len(persona), "tools": len(rows) - len(persona)}
 
 
-# GPT-3's decontamination n-gram. The prompts here are shorter than 13 words, so they go only
-# when a message says exactly an evaluation question; the pipeline's 8 also dropped honest
-# neighbours ("...boiling point of water in Fahrenheit?" beside the suite's "...in Celsius?").
-DECONTAMINATION_NGRAM = 13
-
-
-def chat_data_pipeline(work_dir: Path) -> dict[str, object]:
-    """This recipe's Reactor Core `data_pipeline` block (issue #25): exact and near duplicates,
-    filters, and decontamination against what `prime eval` scores.
-
-    Unlike `recipes.data_pipeline("chat")` it does not hand the pipeline
-    `eval_data/tool_suite.json` whole: that file holds JARVIS's tool schemas, which every tool
-    conversation carries by design (they are the prompt), so every one of them would share an
-    long run with it and go. The suite's questions are checked instead (written to
-    `work_dir`), beside the JARVIS suite and the perplexity passages. Near duplicates: only
-    rows that are all but the same (`FEEDBACK_NEAR_THRESHOLD`): conversations after the same
-    tool list share most of their words on purpose."""
-    from jarvis_prime.evaluation import load_tool_suite
-    from jarvis_prime.recipes import FEEDBACK_NEAR_THRESHOLD
-
-    questions = work_dir / "tool-suite-questions.jsonl"
-    questions.write_text("".join(json.dumps({"text": case["user"]}) + "\n" for case in load_tool_suite()["cases"]),
-                         encoding="utf-8")
-    paths = [p for p in eval_data_paths() if Path(p).name != "tool_suite.json"] + [str(questions)]
-    return {"kind": "chat", "dedup": {"threshold": FEEDBACK_NEAR_THRESHOLD},
-            "decontaminate": {"paths": paths, "ngram": DECONTAMINATION_NGRAM}, "scrub_pii": False}
-
-
 def train_chat_model(name: str, work_dir: Path, *, ship: bool = False, fresh: bool = False, log: Log = print,
                      progress: bool = True) -> dict[str, Any]:
     """Build the dataset, train the LoRA with Reactor Core, and put the model in the store.
@@ -361,7 +333,7 @@ def train_chat_model(name: str, work_dir: Path, *, ship: bool = False, fresh: bo
         # an interrupted run (SIGTERM checkpoints) goes on where it stopped; Reactor Core refuses a
         # checkpoint whose config or data differ
         resume="never" if fresh else "auto",
-        packing=True, max_steps=recipe.max_steps, data_pipeline=chat_data_pipeline(work_dir),
+        packing=True, max_steps=recipe.max_steps, data_pipeline=data_pipeline("tool-chat", work_dir),
     )
     result = reactor_core.Trainer(config, progress=progress).train()
 

@@ -100,13 +100,13 @@ def train_from_feedback(current: str, work_dir: Path, *, sft: Path | None, dpo: 
         log(f"SFT on {n_sft} examples from {name} {base.manifest.version}")
         model_dir = _stage(reactor_core, work_dir / "sft", progress, model_name=str(model_dir), data_path=str(sft),
                            num_epochs=recipe.epochs(n_sft, recipe.sft_epochs), learning_rate=recipe.sft_learning_rate,
-                           data_pipeline=data_pipeline("chat"), **common)
+                           data_pipeline=data_pipeline("chat", work_dir), **common)
         stages.append("sft")
     if n_dpo:
         log(f"DPO on {n_dpo} preference pairs")
         model_dir = _stage(reactor_core, work_dir / "dpo", progress, model_name=str(model_dir), data_path=str(dpo),
                            method="dpo", beta=recipe.dpo_beta, num_epochs=recipe.epochs(n_dpo, recipe.dpo_epochs),
-                           learning_rate=recipe.dpo_learning_rate, data_pipeline=data_pipeline("preference"), **common)
+                           learning_rate=recipe.dpo_learning_rate, data_pipeline=data_pipeline("preference", work_dir), **common)
         stages.append("dpo")
     log("exporting the candidate's q8_0 GGUF")
     export_gguf(model_dir, ["q8_0"], log=log, progress=progress)

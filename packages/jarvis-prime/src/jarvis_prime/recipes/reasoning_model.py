@@ -173,7 +173,7 @@ def stage_config(recipe: ReasoningRecipe, stage: Stage, model_name: Path, data_p
         num_epochs=stage.num_epochs, learning_rate=stage.learning_rate, batch_size=stage.batch_size,
         max_seq_length=stage.max_seq_length, packing=True, warmup_steps=stage.warmup_steps, val_fraction=0.02,
         eval_every_steps=100, seed=recipe.seed, resume="never", num_samples=1, sample_max_new_tokens=80,
-        max_steps=stage.max_steps, data_pipeline=data_pipeline("reasoning", eval_files),
+        max_steps=stage.max_steps, data_pipeline=data_pipeline("reasoning", data_path.parent, eval_files),
     )
 
 

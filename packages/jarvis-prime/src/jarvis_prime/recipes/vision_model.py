@@ -159,7 +159,7 @@ def reactor_config(recipe: VisionRecipe, name: str, assembled: Path, data_dir: P
         num_epochs=recipe.num_epochs, learning_rate=recipe.learning_rate, batch_size=recipe.batch_size,
         max_seq_length=recipe.max_seq_length, warmup_steps=10, val_fraction=0.02,
         seed=recipe.seed, resume="never", num_samples=2, packing=False, max_steps=recipe.max_steps,
-        data_pipeline=data_pipeline("vision", [write_eval_items(data_dir)]),
+        data_pipeline=data_pipeline("vision", data_dir, [write_eval_items(data_dir)]),
     )
 
 

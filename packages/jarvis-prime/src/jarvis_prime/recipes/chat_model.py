@@ -206,8 +206,7 @@ def ship_replies(key: str, report: DatasetReport, data_path: Path) -> Path:
     from jarvis_prime.files import atomic_write
 
     path = replies_path()
-    with open(data_path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_rows(data_path)
     atomic_write(path, (json.dumps({"key": key, "report": asdict(report), "rows": rows}, indent=1, ensure_ascii=False)
                         + "\n").encode())
     return path
@@ -217,6 +216,12 @@ def write_rows(rows: list[dict[str, Any]], out: Path) -> None:
     """JSONL, one conversation a line (what Reactor Core reads and `DatasetReport.sha256` hashes)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows `write_rows` wrote (blank lines skipped)."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def tool_conversations(persona: list[dict[str, Any]], recipe: ChatRecipe) -> list[tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
@@ -267,7 +272,7 @@ def tool_conversations(persona: list[dict[str, Any]], recipe: ChatRecipe) -> lis
                 messages += r.choice(turns)
             else:
                 messages += conversation(draw_case(recipe.seed, "train", i, category), f"call_{category}_{i}")
-        if any(m["role"] in ("user",) for m in messages):
+        if any(m["role"] == "user" for m in messages):
             out.append((messages, offered_tools(store=store)))
     return out
 
@@ -280,11 +285,10 @@ def write_training_data(persona_path: Path, recipe: ChatRecipe, out: Path) -> di
     the tool results, user turns here, not)."""
     from jarvis_prime.models.tools import hermes_messages
 
-    with open(persona_path, encoding="utf-8") as f:
-        persona = [json.loads(line) for line in f if line.strip()]
+    persona = read_rows(persona_path)
     rows = persona + [{"messages": hermes_messages(messages, tools)}
                       for messages, tools in tool_conversations(persona, recipe)]
-    out.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    write_rows(rows, out)
     return {"persona": len(persona), "tools": len(rows) - len(persona)}
 
 
@@ -366,8 +370,7 @@ def write_anchor_text(data_path: Path, out: Path) -> Path:
     the anchor, 1.03x with it, on the same data), while the identity is still learnt
     from the conversations.
     """
-    with open(data_path) as f:
-        replies = [json.loads(line)["messages"][-1]["content"] for line in f if line.strip()]
+    replies = [row["messages"][-1]["content"] for row in read_rows(data_path)]
     out.write_text("".join(json.dumps({"text": reply}) + "\n" for reply in replies))
     return out
 

@@ -192,11 +192,12 @@ class Recipe(ABC):
         pipeline = self.config.data_pipeline
         if pipeline is None:
             return path, {}
-        out = Path(self.config.output_dir) / "data" / f"{split}.clean.jsonl"
         if self.family is not None:
             # a vision model's records name their images relative to their file, and an image
             # path may not leave that folder (data/images.py): the cleaned file goes beside it
             out = path.parent / f"reactor-{split}.clean.jsonl"
+        else:
+            out = Path(self.config.output_dir) / "data" / f"{split}.clean.jsonl"
         summary = run_pipeline([path], out, pipeline)
         log.info("data pipeline (%s): %s -> %s, %d of %d records kept; removed %s; report %s", summary.backend, path,
                  out, summary.kept, summary.read, dict(summary.removed) or "none", summary.report)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jarvis_prime.errors import PrimeError
-from jarvis_prime.manifest import PrimeManifest, refuse_unlisted_weights, verify_files
+from jarvis_prime.manifest import PrimeManifest, has_merged_weights, refuse_unlisted_weights, verify_files
 
 VLLM_API_KEY_ENV = "VLLM_API_KEY"
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's --max-lora-rank accepts
@@ -65,10 +65,6 @@ def find_vllm() -> list[str]:
     if importlib.util.find_spec("vllm") is not None:
         return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve"]
     raise VllmError(NOT_INSTALLED)
-
-
-def has_merged_weights(manifest: PrimeManifest) -> bool:
-    return any(rel in manifest.files for rel in ("model.safetensors", "model.safetensors.index.json"))
 
 
 def _adapter_rank(model_dir: Path) -> int:

@@ -138,7 +138,8 @@ def write_model_dir(
         stop=[tokenizer.eos_token] if tokenizer.eos_token else [],
         lineage={
             "parent": c.model_name,
-            "source": {"kind": source.kind, "location": source.location, "description": source.description},
+            "source": {"kind": source.kind, "location": source.location, "description": source.description,
+                       **base_identity(source)},
             "data": data_files,
             "training_config": c.to_dict(),
             "trainer": f"reactor-core {__version__}",
@@ -148,6 +149,20 @@ def write_model_dir(
     )
     replace_dir(staging, final)  # an existing directory is set aside, and deleted only after this one is in place
     return final
+
+
+def base_identity(source: ModelSource) -> dict[str, Any]:
+    """A PRIME base's name, version and safetensors sha256, from its prime.json (verified
+    when training loaded it): what finds and checks the base again when an adapter-only
+    directory (`merge_adapter: false`) is merged elsewhere, where `location` (a path on
+    the machine that trained, e.g. a launched VM's staged folder) means nothing. Empty
+    for other bases."""
+    if source.kind != "prime":
+        return {}
+    manifest = json.loads((Path(source.location) / "prime.json").read_text(encoding="utf-8"))
+    weights = {rel: entry["sha256"] for rel, entry in manifest.get("files", {}).items()
+               if rel.endswith(".safetensors") and "/" not in rel}
+    return {"name": manifest.get("name"), "version": manifest.get("version"), "weights_sha256": weights}
 
 
 def exportable_model(model: nn.Module, loss_module: nn.Module, dist: DistContext, source: ModelSource,

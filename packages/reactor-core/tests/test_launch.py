@@ -554,6 +554,19 @@ def test_an_adapter_only_model_comes_back_into_the_store_merged_onto_its_base(ti
     assert any(not merged[k].equal(original[k]) for k in merged)
 
 
+def test_an_adapter_only_run_records_its_hugging_face_bases_weights(tiny_llama_dir):
+    """A Hub or folder base has no name to find it by elsewhere; its weights' sha256 at least
+    tell `prime pull --from` whether the base it found is the one trained on."""
+    from reactor_core.files import sha256_file
+    from reactor_core.training.model import ModelSource
+    from reactor_core.training.prime_dir import base_identity
+
+    source = ModelSource("hf", str(tiny_llama_dir))
+    assert base_identity(source, adapter_only=True) == \
+        {"weights_sha256": {"model.safetensors": sha256_file(tiny_llama_dir / "model.safetensors")}}
+    assert base_identity(source, adapter_only=False) == {}  # merged weights: nothing to find again
+
+
 def yaml_of(bucket: Bucket, rel: str, tmp_path: Path) -> dict:
     import yaml
 

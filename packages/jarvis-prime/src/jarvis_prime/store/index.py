@@ -334,8 +334,8 @@ def adapter_base(src: Path, origin: PrimeManifest, log: Log) -> Path:
     name and version (Reactor Core records them for a PRIME base), the path itself, its
     folder name (a store folder is `<name>-<version>`), the recipe's `model_name`, and a
     Hub id's catalog entry. The first that resolves (through the store, or the catalog's
-    offline sources, as `prime` resolves any name) must match the weights' sha256 recorded
-    at training."""
+    offline sources, as `prime` resolves any name) must match the weights' sha256 Reactor
+    Core recorded (for a PRIME base, and a Hugging Face one of an adapter-only run)."""
     hints: list[str] = []
     for candidate in _base_candidates(origin):
         folder = _find_base(candidate, log, hints)
@@ -390,7 +390,9 @@ def _check_base(folder: Path, src: Path, origin: PrimeManifest) -> None:
         raise ModelNotAvailableError(
             f"{folder}: the base of {src} has no Hugging Face safetensors weights to merge onto (a GGUF-only store "
             "copy: pip install 'jarvis-prime[transformers]', then `prime pull --force` it)")
-    for rel, expected in (origin.lineage.source.get("weights_sha256") or {}).items():
+    source = origin.lineage.source
+    trained_on = f"{source['name']} {source['version']}" if source.get("name") else repr(origin.lineage.parent)
+    for rel, expected in (source.get("weights_sha256") or {}).items():
         if rel in listed:
             actual = listed[rel].sha256  # verified above
         else:
@@ -398,8 +400,9 @@ def _check_base(folder: Path, src: Path, origin: PrimeManifest) -> None:
         if actual != expected:
             raise IntegrityError(
                 f"{folder / rel}: sha256 {actual}, but {src / MANIFEST_NAME} records {expected} for the base it was "
-                f"trained on ({origin.lineage.source.get('name')} {origin.lineage.source.get('version')}): another "
-                "model under that name; nothing was written to the store")
+                f"trained on ({trained_on}): other weights under that name (a catalog model built from its GGUF is "
+                "not its Hub release: `prime pull NAME --source hub --force` brings that); nothing was written to the "
+                "store")
 
 
 def _merged_onto(manifest: PrimeManifest, base_dir: Path, base: str | None) -> PrimeManifest:

@@ -139,7 +139,7 @@ def write_model_dir(
         lineage={
             "parent": c.model_name,
             "source": {"kind": source.kind, "location": source.location, "description": source.description,
-                       **base_identity(source)},
+                       **base_identity(source, adapter_only=c.use_lora and not c.merge_adapter)},
             "data": data_files,
             "training_config": c.to_dict(),
             "trainer": f"reactor-core {__version__}",
@@ -151,18 +151,22 @@ def write_model_dir(
     return final
 
 
-def base_identity(source: ModelSource) -> dict[str, Any]:
-    """A PRIME base's name, version and safetensors sha256, from its prime.json (verified
-    when training loaded it): what finds and checks the base again when an adapter-only
-    directory (`merge_adapter: false`) is merged elsewhere, where `location` (a path on
-    the machine that trained, e.g. a launched VM's staged folder) means nothing. Empty
-    for other bases."""
-    if source.kind != "prime":
-        return {}
-    manifest = json.loads((Path(source.location) / "prime.json").read_text(encoding="utf-8"))
-    weights = {rel: entry["sha256"] for rel, entry in manifest.get("files", {}).items()
-               if rel.endswith(".safetensors") and "/" not in rel}
-    return {"name": manifest.get("name"), "version": manifest.get("version"), "weights_sha256": weights}
+def base_identity(source: ModelSource, adapter_only: bool) -> dict[str, Any]:
+    """What finds and checks the base again when an adapter-only directory (`merge_adapter:
+    false`) is merged elsewhere, where `location` (a path on the machine that trained, e.g.
+    a launched VM's staged folder or Hub cache) means nothing: a PRIME base's name, version
+    and safetensors sha256, from its prime.json (verified when training loaded it); a
+    Hugging Face folder's safetensors sha256, hashed here for an adapter-only run (the
+    only one that needs them). Empty for a GGUF base."""
+    folder = Path(source.location)
+    if source.kind == "prime":
+        manifest = json.loads((folder / "prime.json").read_text(encoding="utf-8"))
+        weights = {rel: entry["sha256"] for rel, entry in manifest.get("files", {}).items()
+                   if rel.endswith(".safetensors") and "/" not in rel}
+        return {"name": manifest.get("name"), "version": manifest.get("version"), "weights_sha256": weights}
+    if source.kind == "hf" and adapter_only:
+        return {"weights_sha256": {p.name: sha256_file(p) for p in sorted(folder.glob("*.safetensors"))}}
+    return {}
 
 
 def exportable_model(model: nn.Module, loss_module: nn.Module, dist: DistContext, source: ModelSource,

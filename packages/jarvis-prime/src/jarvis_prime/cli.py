@@ -582,7 +582,7 @@ def _serve_on_vllm(name: str, *, host: str, port: int, key: Optional[str], serve
     try:
         command = find_vllm()
         local = resolve(name)
-        base = None if has_merged_weights(local.manifest) else base_folder(local.manifest.base)
+        base = None if has_merged_weights(local.manifest) else base_folder(local.path, local.manifest)
         server = vllm_server(local.path, local.manifest, host=host, port=port, served_name=served_name, api_key=key,
                              context_length=context_length, base_dir=base)
     except PrimeError as err:

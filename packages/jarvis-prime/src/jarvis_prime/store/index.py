@@ -340,7 +340,7 @@ def adapter_base(src: Path, origin: PrimeManifest, log: Log) -> Path:
     for candidate in _base_candidates(origin):
         folder = _find_base(candidate, log, hints)
         if folder is not None:
-            _check_base(folder, src, origin)
+            check_base(folder, src, origin)
             return folder
     source = origin.lineage.source
     named = f"{source['name']} {source['version']}" if source.get("name") else repr(origin.base)
@@ -382,7 +382,7 @@ def _find_base(candidate: str, log: Log, hints: list[str]) -> Path | None:
     return None
 
 
-def _check_base(folder: Path, src: Path, origin: PrimeManifest) -> None:
+def check_base(folder: Path, src: Path, origin: PrimeManifest) -> None:
     """The base's own files verified (a PRIME directory), its safetensors present, and the
     weights' sha256 the training recorded matched: a name alone could be another model."""
     listed = verified_source(folder).files if (folder / MANIFEST_NAME).is_file() else {}

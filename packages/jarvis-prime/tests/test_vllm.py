@@ -20,8 +20,9 @@ from typer.testing import CliRunner
 
 from jarvis_prime.cli import app
 from jarvis_prime.errors import IntegrityError
-from jarvis_prime.manifest import PrimeManifest, Quantization, read_manifest, write_manifest
-from jarvis_prime.serving.vllm import NOT_INSTALLED, VLLM_API_KEY_ENV, VllmError, vllm_server
+from jarvis_prime.manifest import Lineage, PrimeManifest, Quantization, read_manifest, write_manifest
+from jarvis_prime.serving.vllm import NOT_INSTALLED, VLLM_API_KEY_ENV, VllmError, base_folder, vllm_server
+from jarvis_prime.store import models_root
 from jarvis_prime.thinking import ThinkingMarkers
 
 
@@ -45,10 +46,10 @@ def merged(tmp_path) -> Path:
                      thinking=ThinkingMarkers(start="<think>", end="</think>"))
 
 
-def adapter_only(tmp_path: Path, base: str, rank: int = 4) -> Path:
+def adapter_only(tmp_path: Path, base: str, rank: int = 4, **fields) -> Path:
     return prime_dir(tmp_path, "tiny-lora", HF_FILES | {
         "adapter/adapter_config.json": json.dumps({"r": rank, "lora_alpha": 8}).encode(),
-        "adapter/adapter_model.safetensors": os.urandom(128)}, base=base)
+        "adapter/adapter_model.safetensors": os.urandom(128)}, base=base, **fields)
 
 
 def test_a_merged_model_is_served_as_it_is_with_the_served_name_parsers_and_key_in_the_environment(merged):
@@ -77,6 +78,29 @@ def test_an_adapter_only_model_is_its_base_with_the_adapter_as_a_lora_module_und
     hub = adapter_only(tmp_path / "hub", base="HuggingFaceTB/SmolLM2-135M-Instruct")
     assert vllm_server(hub, read_manifest(hub), host="127.0.0.1", port=8001, served_name=None, api_key=None,
                        context_length=None).args[0] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_a_launched_adapter_only_model_is_served_on_the_stores_copy_of_the_base_it_recorded(tmp_path, monkeypatch):
+    """On a launched VM the base is the staged `model/<name>-<version>`, a path only there;
+    the base's name, version and weights Reactor Core recorded find and check the store's copy."""
+    monkeypatch.setenv("JARVIS_PRIME_HOME", str(tmp_path / "home"))
+    base = prime_dir(models_root(), "tiny-base", HF_FILES | {"model.safetensors": os.urandom(256)})
+    staged = "model/tiny-base-1.0.0"
+
+    def launched(where: str, weights: str) -> Path:
+        source = {"kind": "prime", "location": staged, "name": "tiny-base", "version": "1.0.0",
+                  "weights_sha256": {"model.safetensors": weights}}
+        return adapter_only(tmp_path / where, base=staged, lineage=Lineage(parent=staged, source=source))
+
+    model = launched("fetched", read_manifest(base).files["model.safetensors"].sha256)
+    assert base_folder(model, read_manifest(model)) == base
+    assert vllm_server(model, read_manifest(model), host="127.0.0.1", port=8001, served_name=None, api_key=None,
+                       context_length=None, base_dir=base).args[0] == str(base)
+    other = launched("other", "0" * 64)  # trained on other weights under that name
+    with pytest.raises(IntegrityError, match=r"model\.safetensors: sha256 .* records 0{64} .*\(tiny-base 1\.0\.0\)"):
+        base_folder(other, read_manifest(other))
+    unrecorded = adapter_only(tmp_path / "unrecorded", base=staged)  # no record: vLLM gets prime.json's base
+    assert base_folder(unrecorded, read_manifest(unrecorded)) is None
 
 
 def test_a_gguf_only_model_is_refused_with_what_to_run_instead(tmp_path):

@@ -516,6 +516,57 @@ def test_reactor_launch_checks_stages_launches_and_brings_the_model_back_into_th
             json.loads((local / "prime.json").read_text())["files"]["model.safetensors"]["sha256"]
 
 
+VENV_PATH = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # reactor, prime
+
+
+@pytest.mark.skipif(shutil.which("prime", path=VENV_PATH) is None, reason="jarvis-prime's `prime` is not installed")
+def test_an_adapter_only_model_comes_back_into_the_store_merged_onto_its_base(tiny_llama_dir, chat_file, tmp_path,
+                                                                             monkeypatch):
+    """`merge_adapter: false` on a VM whose base was a store model staged as `model/<name>-<version>`:
+    `reactor launch fetch` brings the adapter back and `prime pull --from` merges it onto the
+    store's base, found by the name and weights Reactor Core recorded."""
+    from reactor_core.launch.cli import _fetch_and_import
+    from reactor_core.training import Trainer
+    from reactor_testing import config_for
+
+    monkeypatch.setenv("JARVIS_PRIME_HOME", str(tmp_path / "store"))
+    monkeypatch.setenv("PATH", VENV_PATH)
+    subprocess.run(["prime", "pull", "tiny-base", "--from", str(tiny_llama_dir)], check=True, capture_output=True)
+    base = tmp_path / "store/models/tiny-base-1.0.0"
+    vm = tmp_path / "vm"  # the VM's inputs folder, which the run script cds into
+    shutil.copytree(base, vm / "model" / base.name)
+    monkeypatch.chdir(vm)
+    config = config_for(Path("model") / base.name, vm / "work", output_name="tiny-chat", merge_adapter=False,
+                        max_steps=2, val_fraction=0.0, num_samples=0, mixed_precision="fp32",
+                        checkpoint_remote=str(tmp_path / "bucket"))
+    trained = Trainer(config, progress=False).train(chat_file).model_dir
+    monkeypatch.chdir(tmp_path)
+    layout = BucketLayout(config.checkpoint_remote)
+    upload_tree(trained, Bucket(layout.output), trained.name)
+
+    _fetch_and_import(config, layout, tmp_path / "here")
+    stored = tmp_path / "store/models/tiny-chat-1.0.0"
+    manifest = json.loads((stored / "prime.json").read_text())
+    assert "model.safetensors" not in json.loads((tmp_path / "here/tiny-chat-1.0.0/prime.json").read_text())["files"]
+    assert {"model.safetensors", "adapter/adapter_model.safetensors"} <= set(manifest["files"])
+    assert manifest["lineage"]["source"]["merged_onto"]["name"] == "tiny-base"
+    merged, original = load_file(stored / "model.safetensors"), load_file(base / "model.safetensors")
+    assert any(not merged[k].equal(original[k]) for k in merged)
+
+
+def test_an_adapter_only_run_records_its_hugging_face_bases_weights(tiny_llama_dir):
+    """A Hub or folder base has no name to find it by elsewhere; its weights' sha256 at least
+    tell `prime pull --from` whether the base it found is the one trained on."""
+    from reactor_core.files import sha256_file
+    from reactor_core.training.model import ModelSource
+    from reactor_core.training.prime_dir import base_identity
+
+    source = ModelSource("hf", str(tiny_llama_dir))
+    assert base_identity(source, adapter_only=True) == \
+        {"weights_sha256": {"model.safetensors": sha256_file(tiny_llama_dir / "model.safetensors")}}
+    assert base_identity(source, adapter_only=False) == {}  # merged weights: nothing to find again
+
+
 def yaml_of(bucket: Bucket, rel: str, tmp_path: Path) -> dict:
     import yaml
 

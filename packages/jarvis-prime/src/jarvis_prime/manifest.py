@@ -191,6 +191,12 @@ def read_manifest(model_dir: Path) -> PrimeManifest:
         raise ManifestError(f"{path}: field {where}: {first['msg']}") from err
 
 
+def has_merged_weights(manifest: PrimeManifest) -> bool:
+    """Whether the directory ships full safetensors weights, not only a LoRA adapter
+    (Reactor Core's `merge_adapter: false`)."""
+    return any(rel in manifest.files for rel in ("model.safetensors", "model.safetensors.index.json"))
+
+
 def verify_files(model_dir: Path, manifest: PrimeManifest, paths: list[str] | None = None) -> None:
     """Check size and sha256 of `paths` (default: every listed file) against the manifest."""
     for rel in paths if paths is not None else list(manifest.files):

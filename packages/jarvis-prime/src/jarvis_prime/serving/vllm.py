@@ -12,8 +12,8 @@ arguments, with the rules `prime serve` has:
 - every file vLLM will read checked against prime.json's sha256 first, and a weight
   file prime.json does not list refused, as for the other backends;
 - a model that ships merged weights is served as it is; one that ships only a LoRA
-  adapter (Reactor Core's `merge_adapter: false`) is its base with the adapter as a
-  vLLM LoRA module under the served name (`--enable-lora --lora-modules`);
+  adapter (Reactor Core's `merge_adapter: false`) is its base (`base_folder`) with the
+  adapter as a vLLM LoRA module under the served name (`--enable-lora --lora-modules`);
 - a model that calls tools (Hermes format, `prime.json` `tools`) gets vLLM's hermes
   tool parser; a thinking model with `<think>` markers gets its reasoning parser, so
   replies carry `reasoning_content` as `prime serve`'s do.
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jarvis_prime.errors import PrimeError
-from jarvis_prime.manifest import PrimeManifest, refuse_unlisted_weights, verify_files
+from jarvis_prime.manifest import PrimeManifest, has_merged_weights, refuse_unlisted_weights, verify_files
 
 VLLM_API_KEY_ENV = "VLLM_API_KEY"
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's --max-lora-rank accepts
@@ -65,10 +65,6 @@ def find_vllm() -> list[str]:
     if importlib.util.find_spec("vllm") is not None:
         return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve"]
     raise VllmError(NOT_INSTALLED)
-
-
-def has_merged_weights(manifest: PrimeManifest) -> bool:
-    return any(rel in manifest.files for rel in ("model.safetensors", "model.safetensors.index.json"))
 
 
 def _adapter_rank(model_dir: Path) -> int:
@@ -117,17 +113,26 @@ def vllm_server(model_dir: Path, manifest: PrimeManifest, *, host: str, port: in
     return VllmServer(args, {VLLM_API_KEY_ENV: api_key} if api_key else {})
 
 
-def base_folder(base: str) -> Path | None:
+def base_folder(model_dir: Path, manifest: PrimeManifest) -> Path | None:
     """An adapter-only model's base as a folder vLLM can load: the path prime.json names,
-    else the store's model of that name; None for a Hub id (vLLM downloads it)."""
+    else the store's model of that name, else the store's copy of the base Reactor Core
+    recorded by name and version (a launched VM's `base` is its staged
+    `model/<name>-<version>`), checked as `prime pull --from` checks it (`check_base`: its
+    files, and the weights' sha256 recorded at training); None for a Hub id (vLLM
+    downloads it)."""
     from jarvis_prime.store import find_local
+    from jarvis_prime.store.index import check_base
 
-    path = Path(base).expanduser()
-    if not path.is_dir():
-        local = find_local(base)
-        path = local.path if local is not None else None
-    if path is not None and (path / "config.json").is_file() and any(path.glob("*.safetensors")):
-        return path
+    source = manifest.lineage.source
+    recorded = f"{source['name']}-{source['version']}" if source.get("name") and source.get("version") else None
+    for base in filter(None, (manifest.base, recorded)):
+        path = Path(base).expanduser()
+        if not path.is_dir():
+            local = find_local(base)
+            path = local.path if local is not None else None
+        if path is not None and (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+            check_base(path, model_dir, manifest)
+            return path
     return None
 
 

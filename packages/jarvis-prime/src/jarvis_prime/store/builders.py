@@ -1,8 +1,9 @@
 """Building a PRIME model directory in a staging folder, one builder per source: a
-packaged LoRA adapter merged into its base's GGUF, a GGUF file (plus float32
-safetensors converted from it when transformers is installed), a Hub download, a
-Hugging Face directory. Each fills `staging` and returns the manifest to write;
-`index.py` hashes, writes `prime.json` and renames the folder into place."""
+packaged LoRA adapter merged into its base's GGUF, a trained LoRA adapter merged onto its
+base's safetensors, a GGUF file (plus float32 safetensors converted from it when
+transformers is installed), a Hub download, a Hugging Face directory. Each fills
+`staging` and returns the manifest to write; `index.py` hashes, writes `prime.json` and
+renames the folder into place."""
 
 from __future__ import annotations
 
@@ -72,6 +73,29 @@ def from_adapter(staging: Path, manifest: PrimeManifest, base_dir: Path, base_ma
     elif (base_dir / "chat_template.jinja").is_file():
         shutil.copyfile(base_dir / "chat_template.jinja", staging / "chat_template.jinja")
     return manifest.model_copy(update={"quantizations": quantizations, "chat_template": template_source})
+
+
+def merge_adapter_dir(base_dir: Path, src: Path, out: Path, log: Log) -> Path:
+    """`src/adapter` (a peft LoRA, Reactor Core's `merge_adapter: false` output) merged onto
+    the base's float32 safetensors with peft's `merge_and_unload` (W = W0 + (alpha/r) B A, as
+    Reactor Core merges when it does), saved as a Hugging Face directory `out` with `src`'s
+    tokenizer and chat template: the directory Reactor Core would have written merged."""
+    try:
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+    except ImportError as err:
+        raise ModelNotAvailableError(f"merging {src / 'adapter'} onto its base needs torch, transformers and peft "
+                                     f"({err}): pip install 'jarvis-prime[transformers]' peft") from None
+    log(f"merging {src.name}'s LoRA adapter onto {base_dir} (peft)")
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, src / "adapter").merge_and_unload()
+    out.mkdir(parents=True)
+    merged.save_pretrained(out, safe_serialization=True)
+    for name in HF_FILES:  # the tokenizer the adapter was trained with; the config is the merged model's
+        if name not in ("config.json", "generation_config.json") and (src / name).is_file():
+            shutil.copyfile(src / name, out / name)
+    return out
 
 
 def wheel_lineage(source: WheelSource) -> dict:

@@ -21,6 +21,7 @@ from jarvis_prime.catalog import (
     load_catalog,
 )
 from jarvis_prime.errors import (
+    IntegrityError,
     ManifestError,
     ModelNotAvailableError,
     ModelNotFoundError,
@@ -32,10 +33,13 @@ from jarvis_prime.manifest import (
     Lineage,
     PrimeManifest,
     check_name,
+    has_merged_weights,
     inside,
     matching_gguf,
     read_manifest,
+    refuse_unlisted_weights,
     store_lock,
+    verify_files,
     write_manifest,
 )
 from jarvis_prime.progress import Log
@@ -45,6 +49,7 @@ from jarvis_prime.store.builders import (
     from_adapter,
     from_gguf,
     from_hf_dir,
+    merge_adapter_dir,
     read_gguf_info,
     verify_download,
     wheel_lineage,
@@ -199,10 +204,12 @@ def import_path(
     path: str | os.PathLike, *, name: str, version: str = "1.0.0", task: str = "chat", base: str | None = None,
     log: Log | None = None, force: bool = False, license: str | None = None, license_url: str | None = None,
 ) -> LocalModel:
-    """Bring a local Hugging Face directory or GGUF file into the store as `name` (`force`
-    replaces an existing one, atomically). `license`/`license_url` record the base's license
-    (a recipe knows it from the catalog; Reactor Core's prime.json does not), else the
-    imported PRIME directory's own are kept."""
+    """Bring a local Hugging Face directory, PRIME directory or GGUF file into the store as
+    `name` (`force` replaces an existing one, atomically). A PRIME directory with only a
+    LoRA adapter (Reactor Core's `merge_adapter: false`) has its files checked against its
+    prime.json, then is merged onto its base (`adapter_base`), which must be here.
+    `license`/`license_url` record the base's license (a recipe knows it from the catalog;
+    Reactor Core's prime.json does not), else the imported PRIME directory's own are kept."""
     log = log or (lambda message: None)
     src = Path(path).expanduser().resolve()
     target = inside(models_root(), models_root() / f"{check_name('name', name)}-{check_name('version', version)}",
@@ -264,22 +271,146 @@ def _import_unlocked(src: Path, target: Path, *, name: str, version: str, task: 
     if src.is_dir():
         manifest = PrimeManifest(name=name, version=version, task=task, base=base or str(src), context_length=1,
                                  lineage=Lineage(source={"kind": "path", "path": str(src)}))
+        base_dir = None
         if (src / MANIFEST_NAME).is_file():  # a PRIME directory (Reactor Core's output): keep its story
             origin = read_manifest(src)
             manifest = manifest.model_copy(update={"lineage": origin.lineage, "metrics": origin.metrics,
                                                    "stop": origin.stop, "thinking": origin.thinking,
                                                    "architecture": origin.architecture,
                                                    "license": origin.license, "license_url": origin.license_url})
+            base_dir = _adapter_only_base(src, origin, log)
+            if base_dir is not None:
+                manifest = _merged_onto(manifest, base_dir, base)
         manifest = manifest.model_copy(update=given)
 
         def build(staging: Path) -> PrimeManifest:
-            built = from_hf_dir(staging, manifest, src)
+            hf = src if base_dir is None else merge_adapter_dir(base_dir, src, staging.with_name(staging.name + ".hf"),
+                                                                log)
+            try:
+                built = from_hf_dir(staging, manifest, hf)
+            finally:
+                if hf is not src:
+                    shutil.rmtree(hf, ignore_errors=True)
             if (src / "adapter").is_dir():
                 shutil.copytree(src / "adapter", staging / "adapter")
             return built
 
         return _materialize(target, log, build)
     raise PrimeError(f"{src}: expected a Hugging Face model directory or a .gguf file")
+
+
+def verified_source(src: Path) -> PrimeManifest:
+    """A PRIME directory's manifest once every file it lists matches its sha256 and no weight
+    file it does not list is there."""
+    origin = read_manifest(src)
+    refuse_unlisted_weights(src, origin)
+    verify_files(src, origin)
+    return origin
+
+
+# -- an adapter without merged weights: its base, found and checked --------------------
+
+
+def _adapter_only_base(src: Path, origin: PrimeManifest, log: Log) -> Path | None:
+    """None for a PRIME directory with merged weights. For one with only a LoRA adapter:
+    its files verified (what is merged is what was trained and fetched), then its base,
+    found and checked before anything is built, so the store stays as it is when it cannot be."""
+    if has_merged_weights(origin) or not (src / "adapter/adapter_config.json").is_file():
+        return None
+    if origin.task == "vision":
+        raise PrimeError(f"{src}: a vision model's adapter without merged weights is not merged on import; train it "
+                         "with `merge_adapter: true`")
+    verified_source(src)
+    return adapter_base(src, origin, log)
+
+
+def adapter_base(src: Path, origin: PrimeManifest, log: Log) -> Path:
+    """The folder of the base an adapter-only PRIME directory (Reactor Core's `merge_adapter:
+    false`) was trained on, found on this machine and checked; ModelNotAvailableError naming
+    the base and how to get it when it is not here.
+
+    Where the training ran, `base` is a path (on a launched VM, the staged
+    `model/<name>-<version>`), so it is looked up here by what names it: the base's own
+    name and version (Reactor Core records them for a PRIME base), the path itself, its
+    folder name (a store folder is `<name>-<version>`), the recipe's `model_name`, and a
+    Hub id's catalog entry. The first that resolves (through the store, or the catalog's
+    offline sources, as `prime` resolves any name) must match the weights' sha256 Reactor
+    Core recorded (for a PRIME base, and a Hugging Face one of an adapter-only run)."""
+    hints: list[str] = []
+    for candidate in _base_candidates(origin):
+        folder = _find_base(candidate, log, hints)
+        if folder is not None:
+            check_base(folder, src, origin)
+            return folder
+    source = origin.lineage.source
+    named = f"{source['name']} {source['version']}" if source.get("name") else repr(origin.base)
+    pull = f"`prime pull {source['name']}`" if source.get("name") else "`prime pull NAME`"
+    raise ModelNotAvailableError(
+        f"{src}: an adapter without merged weights (`merge_adapter: false`), trained on {named} "
+        f"(the recipe's model_name: {origin.lineage.parent!r}), which is neither in the store nor a catalog model "
+        f"this machine can build. Bring the base here first ({pull} for a catalog model, or "
+        "`prime pull NAME --from BASE_DIR --version VERSION` for a folder), then import again; nothing was written "
+        "to the store" + "".join(f". {hint}" for hint in hints))
+
+
+def _base_candidates(origin: PrimeManifest) -> list[str]:
+    """What may name the base here, the most exact first."""
+    source = origin.lineage.source
+    named = []
+    if source.get("name") and source.get("version"):
+        named = [f"{source['name']}-{source['version']}", source["name"]]
+    given = [origin.base, origin.lineage.parent]
+    folders = [Path(value).name for value in given if value and "/" in value]
+    return list(dict.fromkeys(value for value in [*named, *given, *folders] if value))
+
+
+def _find_base(candidate: str, log: Log, hints: list[str]) -> Path | None:
+    """`candidate` as a folder here, else as a store or catalog name (a Hub id: the catalog
+    models pulled from it); None when nothing here has it."""
+    path = Path(candidate).expanduser()
+    if path.is_dir():
+        return path
+    hubs = [e.name for e in load_catalog().models if any(isinstance(s, HubSource) and s.repo_id == candidate
+                                                          for s in e.sources)]
+    for name in dict.fromkeys([candidate, *hubs]):
+        try:
+            return resolve(name, paths=False, log=log).path
+        except ModelNotFoundError:
+            continue
+        except ModelNotAvailableError as err:
+            hints.append(str(err))
+    return None
+
+
+def check_base(folder: Path, src: Path, origin: PrimeManifest) -> None:
+    """The base's own files verified (a PRIME directory), its safetensors present, and the
+    weights' sha256 the training recorded matched: a name alone could be another model."""
+    listed = verified_source(folder).files if (folder / MANIFEST_NAME).is_file() else {}
+    if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
+        raise ModelNotAvailableError(
+            f"{folder}: the base of {src} has no Hugging Face safetensors weights to merge onto (a GGUF-only store "
+            "copy: pip install 'jarvis-prime[transformers]', then `prime pull --force` it)")
+    source = origin.lineage.source
+    trained_on = f"{source['name']} {source['version']}" if source.get("name") else repr(origin.lineage.parent)
+    for rel, expected in (source.get("weights_sha256") or {}).items():
+        if rel in listed:
+            actual = listed[rel].sha256  # verified above
+        else:
+            actual = sha256_file(folder / rel) if (folder / rel).is_file() else None
+        if actual != expected:
+            raise IntegrityError(
+                f"{folder / rel}: sha256 {actual}, but {src / MANIFEST_NAME} records {expected} for the base it was "
+                f"trained on ({trained_on}): other weights under that name (a catalog model built from its GGUF is "
+                "not its Hub release: `prime pull NAME --source hub --force` brings that); nothing was written to the "
+                "store")
+
+
+def _merged_onto(manifest: PrimeManifest, base_dir: Path, base: str | None) -> PrimeManifest:
+    """The imported model's manifest saying which base the adapter was merged onto."""
+    found = read_manifest(base_dir) if (base_dir / MANIFEST_NAME).is_file() else None
+    onto = {"path": str(base_dir)} | ({"name": found.name, "version": found.version} if found else {})
+    lineage = manifest.lineage.model_copy(update={"source": {**manifest.lineage.source, "merged_onto": onto}})
+    return manifest.model_copy(update={"lineage": lineage, "base": base or (found.base if found else str(base_dir))})
 
 
 # -- building a model directory -------------------------------------------------------

@@ -189,19 +189,17 @@ def _fetch_and_import(config, layout, pull_to: Path | None) -> None:
 
 
 def _import_into_store(local: Path, name: str, version: str) -> None:
-    """`prime pull NAME --from DIR` when jarvis-prime is installed (Reactor Core never imports it)."""
+    """`prime pull NAME --from DIR` when jarvis-prime is installed (Reactor Core never imports it).
+
+    An adapter without merged weights (`merge_adapter: false`) goes in too: `prime pull
+    --from` merges it onto its base, which must be in the store (it says how to get it)."""
     import json
 
     prime = shutil.which("prime")
     if prime is None:
         console.print(f"jarvis-prime not installed: the model stays at {escape(str(local))}")
         return
-    manifest = json.loads((local / "prime.json").read_text(encoding="utf-8"))
-    if not any(rel.endswith(".safetensors") and "/" not in rel for rel in manifest.get("files", {})):
-        console.print(f"an adapter without merged weights (`merge_adapter: false`): it stays at {local}, not in the "
-                      f"store; `prime serve --engine vllm {local}` serves it on its base")
-        return
-    task = manifest.get("task", "chat")
+    task = json.loads((local / "prime.json").read_text(encoding="utf-8")).get("task", "chat")
     command = [prime, "pull", name, "--from", str(local), "--version", version, "--task", task]
     if subprocess.call(command) != 0:
         _fail(f"`{' '.join(command)}` failed; the model is at {local}", code=1)

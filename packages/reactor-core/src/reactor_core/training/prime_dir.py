@@ -138,7 +138,8 @@ def write_model_dir(
         stop=[tokenizer.eos_token] if tokenizer.eos_token else [],
         lineage={
             "parent": c.model_name,
-            "source": {"kind": source.kind, "location": source.location, "description": source.description},
+            "source": {"kind": source.kind, "location": source.location, "description": source.description,
+                       **base_identity(source, adapter_only=c.use_lora and not c.merge_adapter)},
             "data": data_files,
             "training_config": c.to_dict(),
             "trainer": f"reactor-core {__version__}",
@@ -148,6 +149,24 @@ def write_model_dir(
     )
     replace_dir(staging, final)  # an existing directory is set aside, and deleted only after this one is in place
     return final
+
+
+def base_identity(source: ModelSource, adapter_only: bool) -> dict[str, Any]:
+    """What finds and checks the base again when an adapter-only directory (`merge_adapter:
+    false`) is merged elsewhere, where `location` (a path on the machine that trained, e.g.
+    a launched VM's staged folder or Hub cache) means nothing: a PRIME base's name, version
+    and safetensors sha256, from its prime.json (verified when training loaded it); a
+    Hugging Face folder's safetensors sha256, hashed here for an adapter-only run (the
+    only one that needs them). Empty for a GGUF base."""
+    folder = Path(source.location)
+    if source.kind == "prime":
+        manifest = json.loads((folder / "prime.json").read_text(encoding="utf-8"))
+        weights = {rel: entry["sha256"] for rel, entry in manifest.get("files", {}).items()
+                   if rel.endswith(".safetensors") and "/" not in rel}
+        return {"name": manifest.get("name"), "version": manifest.get("version"), "weights_sha256": weights}
+    if source.kind == "hf" and adapter_only:
+        return {"weights_sha256": {p.name: sha256_file(p) for p in sorted(folder.glob("*.safetensors"))}}
+    return {}
 
 
 def exportable_model(model: nn.Module, loss_module: nn.Module, dist: DistContext, source: ModelSource,

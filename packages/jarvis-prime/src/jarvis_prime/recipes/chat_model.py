@@ -62,20 +62,21 @@ class ChatRecipe:
     learning_rate: float = 1e-3
     kl_to_base: float = 1.0  # reactor-core's KL(base || tune) weight, measured on the anchor text below
     kl_anchor_tokens: int = 256  # anchor tokens per micro-batch
-    batch_size: int = 2  # packed rows of max_seq_length tokens: ~2.5k tokens a step, near 1.0.0's 8 x 256
-    max_seq_length: int = 1280  # the tool list alone is ~590 tokens; a conversation of 5 exchanges after it, <= ~1250
+    batch_size: int = 1  # one packed row of max_seq_length tokens a step (~11 s here)
+    max_seq_length: int = 2048  # the tool list alone is ~590 tokens; 12 exchanges after it, <= ~1900
     candidates: int = 6  # replies sampled per prompt until one passes the filters
     max_new_tokens: int = 80
     seed: int = 0
     max_steps: int | None = None  # tests run a few steps of the same recipe
     version: str = "1.1.0"
     # tool exchanges per category (recipes/tool_data.py); "none": a persona reply with the tool list offered.
-    # Clock and memory get more than arithmetic, which has many more wordings and numbers to vary.
-    tool_examples: tuple[tuple[str, int], ...] = (("arithmetic", 60), ("datetime", 55), ("remember", 45),
-                                                  ("recall", 45), ("none", 110))
+    # Volume is what moved every figure (run F: 630 exchanges vs C's 315, same minutes): arithmetic
+    # has 8 operations and ~100 wordings to cover, recall the wrong tool name to unlearn.
+    tool_examples: tuple[tuple[str, int], ...] = (("arithmetic", 260), ("datetime", 100), ("remember", 70),
+                                                  ("recall", 120), ("none", 200))
     # exchanges per conversation after ONE tool list (~590 tokens with a store, ~200 without): the
-    # list is most of each row's tokens, so several questions share it (rows stay under max_seq_length)
-    exchanges: dict[bool, int] = field(default_factory=lambda: {True: 5, False: 8})
+    # list was ~60 % of each row's tokens at 5 exchanges, ~30 % at 12 (rows stay under max_seq_length)
+    exchanges: dict[bool, int] = field(default_factory=lambda: {True: 12, False: 16})
     store_share: float = 0.8  # with all five tools (a conversation store); the rest: calculator and clock only
     memory_share: float = 0.15  # remembered facts in the system message
 

@@ -20,7 +20,7 @@ The recipe, top to bottom:
    `recall`, its result and a short answer copying it, or a persona reply with no call.
    Each is rendered by `models/tools.hermes_messages`, the function
    `PrimeModel.chat_with_tools` renders the same messages with at inference, so training
-   and inference tokens match. The tool list is ~590 tokens, so 4-6 exchanges share one.
+   and inference tokens match. The tool list is ~590 tokens, so up to 12 exchanges share one.
 4. **Training** on those conversations, the persona ones *without* the system prompt,
    LoRA through Reactor Core, so the model behaves as JARVIS when nobody tells it to, with a
    KL-to-base term measured on the persona replies as plain text (`kl_to_base`,

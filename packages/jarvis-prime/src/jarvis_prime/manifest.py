@@ -197,6 +197,12 @@ def has_merged_weights(manifest: PrimeManifest) -> bool:
     return any(rel in manifest.files for rel in ("model.safetensors", "model.safetensors.index.json"))
 
 
+def hf_files(manifest: PrimeManifest) -> list[str]:
+    """The Hugging Face files of a PRIME directory: every listed file outside gguf/ and adapter/
+    (what transformers, peft, vLLM and llama.cpp's converter read)."""
+    return [rel for rel in manifest.files if "/" not in rel]
+
+
 def verify_files(model_dir: Path, manifest: PrimeManifest, paths: list[str] | None = None) -> None:
     """Check size and sha256 of `paths` (default: every listed file) against the manifest."""
     for rel in paths if paths is not None else list(manifest.files):

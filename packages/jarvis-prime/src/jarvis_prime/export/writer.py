@@ -38,6 +38,7 @@ from jarvis_prime.gguf_names import (
 from jarvis_prime.manifest import (
     PrimeManifest,
     Quantization,
+    hf_files,
     inside,
     quant_bits,
     read_manifest,
@@ -114,7 +115,7 @@ def write_ggufs(
     try:
         base_quant = "f32" if todo == ["f32"] else "f16"
         base = staging / f"{manifest.name}-{base_quant}.gguf"
-        view = converter_view(model_dir, _top_level_files(manifest), staging / "hf")
+        view = converter_view(model_dir, hf_files(manifest), staging / "hf")
         convert_hf(view, base, base_quant, label=manifest.name, special_tokens=end_of_turn(model_dir, manifest),
                    tokenizer_pre=tokenizer_pre, log=log)
         targets = {q: staging / f"{manifest.name}-{q}.gguf" for q in todo if q != base_quant}
@@ -144,11 +145,6 @@ def write_ggufs(
     return write_manifest(model_dir, manifest.model_copy(update={"quantizations": quantizations}), changed=written)
 
 
-def _top_level_files(manifest: PrimeManifest) -> list[str]:
-    """The Hugging Face files of a PRIME directory: every listed file outside gguf/ and adapter/."""
-    return [rel for rel in manifest.files if "/" not in rel]
-
-
 def _check_exportable(model_dir: Path, manifest: PrimeManifest) -> dict[str, Any]:
     """config.json, after checking everything the converter will need is here and verified;
     ExportError naming what is missing, or the architecture llama.cpp's converter does not know."""
@@ -171,7 +167,7 @@ def _check_exportable(model_dir: Path, manifest: PrimeManifest) -> dict[str, Any
         raise ExportError(f"{model_dir}: a vision model needs preprocessor_config.json (the projector's image size "
                           "comes from it); pull the model again with every processor file")
     refuse_unlisted_weights(model_dir, manifest)  # every top-level *.safetensors is read by the converter
-    verify_files(model_dir, manifest, _top_level_files(manifest))  # all the converter's view links to
+    verify_files(model_dir, manifest, hf_files(manifest))  # all the converter's view links to
     return config
 
 

@@ -34,6 +34,7 @@ from jarvis_prime.manifest import (
     PrimeManifest,
     check_name,
     has_merged_weights,
+    hf_files,
     inside,
     matching_gguf,
     read_manifest,
@@ -383,9 +384,15 @@ def _find_base(candidate: str, log: Log, hints: list[str]) -> Path | None:
 
 
 def check_base(folder: Path, src: Path, origin: PrimeManifest) -> None:
-    """The base's own files verified (a PRIME directory), its safetensors present, and the
-    weights' sha256 the training recorded matched: a name alone could be another model."""
-    listed = verified_source(folder).files if (folder / MANIFEST_NAME).is_file() else {}
+    """The base's Hugging Face files verified (a PRIME directory: what the merge and vLLM
+    read, not its GGUF files), its safetensors present, and the weights' sha256 the training
+    recorded matched: a name alone could be another model."""
+    listed = {}
+    if (folder / MANIFEST_NAME).is_file():
+        manifest = read_manifest(folder)
+        refuse_unlisted_weights(folder, manifest)
+        verify_files(folder, manifest, hf_files(manifest))
+        listed = manifest.files
     if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
         raise ModelNotAvailableError(
             f"{folder}: the base of {src} has no Hugging Face safetensors weights to merge onto (a GGUF-only store "

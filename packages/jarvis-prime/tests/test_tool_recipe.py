@@ -64,7 +64,9 @@ def test_conversations_offer_the_tools_jarvis_offers():
                      ("calculator", "current_datetime")}
     calls = [m["tool_calls"][0]["function"] for messages, _ in conversations for m in messages if m.get("tool_calls")]
     assert {c["name"] for c in calls} == {"calculator", "current_datetime", "remember", "recall"}
-    assert len(calls) == sum(counts.values()) - counts["none"]  # every drawn exchange is dealt out once
+    openers = dict(RECIPE.openers)
+    expected = sum(counts.values()) + sum(openers.values()) - counts["none"] - openers.get("none", 0)
+    assert len(calls) == expected  # every drawn exchange is dealt out once
     for call in calls:  # every call is schema-valid for the tool it names
         schema = next(t["function"]["parameters"] for t in jarvis_tools()["tools"] if t["function"]["name"] == call["name"])
         assert argument_errors(json.loads(call["arguments"]), schema) == []
@@ -86,7 +88,24 @@ def test_several_exchanges_share_one_tool_list():
         if messages[0]["role"] == "system":
             assert "recall" not in called
         replies += sum(m["role"] == "assistant" and not m.get("tool_calls") for m in messages)
-    assert replies == sum(counts.values())  # an answer after each call, a reply to each "none" turn
+    assert replies == sum(counts.values()) + sum(dict(RECIPE.openers).values())  # an answer after each call, a reply to each "none" turn
+
+
+def test_openers_ask_one_question_right_after_the_tool_list():
+    """`recipe.openers` adds exchanges that are alone after their tool list, as a JARVIS question
+    is: their cases are new draws (no exchange is trained twice), no-tool ones get no call."""
+    conversations = tool_conversations(PERSONA, RECIPE)
+    alone = [messages for messages, _ in conversations if sum(m["role"] == "user" for m in messages) == 1]
+    openers = dict(RECIPE.openers)
+    assert openers["none"] and openers["datetime-here"]
+    assert sum(not any(m.get("tool_calls") for m in messages) for messages in alone) >= openers["none"]
+    clock = [m["tool_calls"][0]["function"]["arguments"] for messages in alone for m in messages
+             if m.get("tool_calls") and m["tool_calls"][0]["function"]["name"] == "current_datetime"]
+    assert clock.count("{}") >= openers["datetime-here"]  # clock questions that name no place: no time zone
+    questions = [m["content"] for messages, _ in conversations for m in messages
+                 if m["role"] == "user" and m["content"] not in {p["messages"][0]["content"] for p in PERSONA}]
+    ids = [m["tool_calls"][0]["id"] for messages, _ in conversations for m in messages if m.get("tool_calls")]
+    assert len(ids) == len(set(ids)) and questions
 
 
 def test_no_tool_turns_skip_prompts_the_suite_asks():

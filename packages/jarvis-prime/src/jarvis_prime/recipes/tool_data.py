@@ -237,8 +237,10 @@ def clock_line(now: datetime, zone: str | None) -> str:
     return f"{now:%A %d %B %Y, %H:%M:%S} {now.tzname()} (UTC{offset[:3]}:{offset[3:]}){f', {zone}' if zone else ''}"
 
 
-def _datetime(r: random.Random, split: str) -> dict[str, Any]:
-    wording, tells = r.choice(DATETIME[split])
+def _datetime(r: random.Random, split: str, city: bool | None = None) -> dict[str, Any]:
+    """A clock question; `city` False: one that names no place (the call carries no time zone)."""
+    wordings = [w for w in DATETIME[split] if city is None or ("{city}" in w[0]) == city]
+    wording, tells = r.choice(wordings)
     city = r.choice(sorted(CITIES[split])) if "{city}" in wording else None
     zone = CITIES[split][city] if city else None
     instant = datetime(2024, 1, 1, tzinfo=timezone.utc) + timedelta(minutes=r.randint(0, 3 * 365 * 24 * 60))
@@ -294,7 +296,9 @@ REMEMBER = {"train": ("Remember that {p}.", "Please remember that {p}.", "Don't 
                       "Keep this in your memory: {p}.", "Write down that {p}.",
                       "Hold on to this for me: {p}.", "Log this: {p}."),
             "heldout": ("Keep in mind that {p}.", "Save this for later: {p}.", "Make a note that {p}.")}
-ABOUT_ME = {"train": ("What do you know about me?", "What have I asked you to remember?"),
+ABOUT_ME = {"train": ("What do you know about me?", "What have I asked you to remember?",
+                      "What facts have you saved about me?", "List everything you know about me.",
+                      "What have I told you about myself?"),
             "heldout": ("Tell me what you remember about me.",)}
 REMEMBERED = ("Got it, I'll remember that.", "Saved. I'll remember that.", "Noted, I'll remember it.")
 
@@ -328,7 +332,10 @@ def _recall(r: random.Random, split: str) -> dict[str, Any]:
             "result": f"- {fact.format(**slots)}", "answer": answer.format(**slots)}
 
 
-DRAW = {"arithmetic": _arithmetic, "datetime": _datetime, "remember": _remember, "recall": _recall}
+DRAW = {"arithmetic": _arithmetic, "datetime": _datetime, "remember": _remember, "recall": _recall,
+        # training only (the suite draws CATEGORIES): a clock question that names no place. A call
+        # with no arguments is rare in the data (every other tool has one), so the model adds a zone.
+        "datetime-here": lambda r, split: _datetime(r, split, city=False)}
 
 
 def conversation(case: dict[str, Any], call_id: str) -> list[dict[str, Any]]:

@@ -4,6 +4,7 @@ renders them at inference, the held-out suite they are kept apart from, and its 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -94,10 +95,10 @@ def test_several_exchanges_share_one_tool_list():
 def test_openers_ask_one_question_right_after_the_tool_list():
     """`recipe.openers` adds exchanges that are alone after their tool list, as a JARVIS question
     is: their cases are new draws (no exchange is trained twice), no-tool ones get no call."""
-    conversations = tool_conversations(PERSONA, RECIPE)
+    recipe = replace(RECIPE, openers=(("none", 36), ("datetime-here", 30), ("recall", 20)))  # run I's
+    conversations = tool_conversations(PERSONA, recipe)
     alone = [messages for messages, _ in conversations if sum(m["role"] == "user" for m in messages) == 1]
-    openers = dict(RECIPE.openers)
-    assert openers["none"] and openers["datetime-here"]
+    openers = dict(recipe.openers)
     assert sum(not any(m.get("tool_calls") for m in messages) for messages in alone) >= openers["none"]
     clock = [m["tool_calls"][0]["function"]["arguments"] for messages in alone for m in messages
              if m.get("tool_calls") and m["tool_calls"][0]["function"]["name"] == "current_datetime"]
@@ -106,6 +107,9 @@ def test_openers_ask_one_question_right_after_the_tool_list():
                  if m["role"] == "user" and m["content"] not in {p["messages"][0]["content"] for p in PERSONA}]
     ids = [m["tool_calls"][0]["id"] for messages, _ in conversations for m in messages if m.get("tool_calls")]
     assert len(ids) == len(set(ids)) and questions
+    recalls = [messages for messages, tools in conversations if len(messages) == 4 and len(tools) == 5
+               and messages[1]["tool_calls"][0]["function"]["name"] == "recall"]
+    assert len(recalls) >= openers["recall"]  # memory tools only where a store offers them
 
 
 def test_no_tool_turns_skip_prompts_the_suite_asks():

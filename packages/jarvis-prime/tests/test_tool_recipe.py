@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from fractions import Fraction
 
 import pytest
 
@@ -37,14 +38,16 @@ def test_heldout_wordings_never_appear_in_training():
     assert not trained & {c["user"] for c in load_tool_suite()["cases"] if c["category"] != "none"}
 
 
-def test_arithmetic_cases_carry_the_exact_result_and_a_final_answer_that_copies_it():
+@pytest.mark.parametrize("seed", [0, 1])
+def test_arithmetic_cases_carry_the_exact_result_and_a_final_answer_that_copies_it(seed):
     for i in range(200):
-        case = draw_case(0, "train", i, "arithmetic")
+        case = draw_case(seed, "train", i, "arithmetic")
         expression = case["arguments"]["expression"]
         assert case["result"] == format_number(evaluate_expression(expression))
         assert case["result"] in case["answer"]
         assert expression.replace(" ", "") in case["expect"]["expression"]
     assert evaluate_expression("(3 + 4) * 2 ** 2 - 10 / 4") == 25.5
+    assert format_number(Fraction(42386482, 5)) == "8477296.4"  # seed 1 drew it; a float wrote ...4000000004
 
 
 def test_no_tool_turns_never_ask_for_arithmetic():

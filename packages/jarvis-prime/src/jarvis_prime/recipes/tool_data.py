@@ -35,6 +35,7 @@ import operator
 import random
 import re
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal, localcontext
 from fractions import Fraction
 from functools import lru_cache
 from importlib import resources
@@ -76,7 +77,9 @@ def format_number(value: Fraction) -> str:
     generator only draws those)."""
     if value.denominator == 1:
         return str(value.numerator)
-    text = f"{float(value):.10f}".rstrip("0")
+    with localcontext() as ctx:  # exact, as the calculator does: a float loses digits ("8477296.4000000004")
+        ctx.prec = value.denominator.bit_length() + value.numerator.bit_length() + 2
+        text = format(Decimal(value.numerator) / Decimal(value.denominator), "f")
     assert Fraction(text) == value, value  # only terminating decimals are drawn
     return text
 

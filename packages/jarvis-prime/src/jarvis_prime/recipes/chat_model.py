@@ -260,10 +260,18 @@ def tool_conversations(persona: list[dict[str, Any]], recipe: ChatRecipe) -> lis
     pending = {category: list(range(count)) for category, count in recipe.tool_examples}
     out = []
     r = random.Random(f"chat-tools-{recipe.seed}")
+    memory = ("remember", "recall")  # offered only with a conversation store
+
+    def exchange(category: str, i: int) -> list[dict[str, Any]]:
+        """Case `i` of `category` as messages; "none": a persona turn, answered with no call."""
+        if category == "none":
+            return r.choice(turns)
+        return conversation(draw_case(recipe.seed, "train", i, category), f"call_{category}_{i}")
+
     while any(pending.values()):
         store = bool(pending["remember"] or pending["recall"]) and r.random() < recipe.store_share
         messages: list[dict[str, Any]] = []
-        allowed = {c for c in pending if store or c not in ("remember", "recall")}
+        allowed = {c for c in pending if store or c not in memory}
         if r.random() < recipe.memory_share:
             facts = [t[1].format(**{k: r.choice(v) for k, v in SLOTS.items()})
                      for t in r.sample(FACTS["train"], r.randint(1, 2))]
@@ -274,20 +282,14 @@ def tool_conversations(persona: list[dict[str, Any]], recipe: ChatRecipe) -> lis
             if not left:
                 break
             category = r.choices(left, weights=[len(pending[c]) for c in left])[0]
-            i = pending[category].pop(0)
-            if category == "none":
-                messages += r.choice(turns)
-            else:
-                messages += conversation(draw_case(recipe.seed, "train", i, category), f"call_{category}_{i}")
+            messages += exchange(category, pending[category].pop(0))
         if any(m["role"] == "user" for m in messages):
             out.append((messages, offered_tools(store=store)))
     drawn = dict(recipe.tool_examples)
     for category, count in recipe.openers:
         for i in range(drawn.get(category, 0), drawn.get(category, 0) + count):  # cases no exchange above drew
-            store = category in ("remember", "recall") or r.random() < recipe.store_share
-            messages = (r.choice(turns) if category == "none" else
-                        conversation(draw_case(recipe.seed, "train", i, category), f"call_{category}_{i}"))
-            out.append((messages, offered_tools(store=store)))
+            store = category in memory or r.random() < recipe.store_share
+            out.append((exchange(category, i), offered_tools(store=store)))
     return out
 
 

@@ -240,9 +240,9 @@ def clock_line(now: datetime, zone: str | None) -> str:
     return f"{now:%A %d %B %Y, %H:%M:%S} {now.tzname()} (UTC{offset[:3]}:{offset[3:]}){f', {zone}' if zone else ''}"
 
 
-def _datetime(r: random.Random, split: str, city: bool | None = None) -> dict[str, Any]:
-    """A clock question; `city` False: one that names no place (the call carries no time zone)."""
-    wordings = [w for w in DATETIME[split] if city is None or ("{city}" in w[0]) == city]
+def _datetime(r: random.Random, split: str, names_place: bool | None = None) -> dict[str, Any]:
+    """A clock question; `names_place` False: one that names no place (the call carries no time zone)."""
+    wordings = [w for w in DATETIME[split] if names_place is None or ("{city}" in w[0]) == names_place]
     wording, tells = r.choice(wordings)
     city = r.choice(sorted(CITIES[split])) if "{city}" in wording else None
     zone = CITIES[split][city] if city else None
@@ -338,7 +338,7 @@ def _recall(r: random.Random, split: str) -> dict[str, Any]:
 DRAW = {"arithmetic": _arithmetic, "datetime": _datetime, "remember": _remember, "recall": _recall,
         # training only (the suite draws CATEGORIES): a clock question that names no place. A call
         # with no arguments is rare in the data (every other tool has one), so the model adds a zone.
-        "datetime-here": lambda r, split: _datetime(r, split, city=False)}
+        "datetime-here": lambda r, split: _datetime(r, split, names_place=False)}
 
 
 def conversation(case: dict[str, Any], call_id: str) -> list[dict[str, Any]]:

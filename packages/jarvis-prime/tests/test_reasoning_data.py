@@ -115,6 +115,15 @@ def test_sums_and_differences_are_written_one_place_value_at_a_time():
     assert step(291, "-", 223).line() == "291 - 223 = 291 - 200 - 20 - 3 = 91 - 20 - 3 = 71 - 3 = 68"
     assert step(381, "-", 50).line() == "381 - 50 = 331"  # one place value: nothing to split
     assert step(7, "*", 23).line() == "7 * 23 = 7 * 20 + 7 * 3 = 140 + 21 = 161"
+    assert step(142, "*", 2).line() == "142 * 2 = 2 * 100 + 2 * 40 + 2 * 2 = 200 + 80 + 4 = 284"
+    assert step(90, "*", 2).line() == "90 * 2 = 180"
+
+
+def test_quotients_of_ten_or_more_are_written_as_their_tens_and_units():
+    assert step(144, "/", 9).line() == "144 / 9 = 90 / 9 + 54 / 9 = 10 + 6 = 16"
+    assert step(232, "/", 2).line() == "232 / 2 = 220 / 2 + 12 / 2 = 110 + 6 = 116"
+    assert step(180, "/", 9).line() == "180 / 9 = 20"  # a round quotient: nothing to split
+    assert step(54, "/", 9).line() == "54 / 9 = 6"
 
 
 # sha256 of json.dumps([[question, answer], ...]) of held-out problems 0-119 with seed 0, computed on

@@ -36,8 +36,9 @@ written out, then the answer line that `jarvis_prime.answers.extract_answer` rea
   </think>
   The answer is 40.
 
-SmolLM2 tokenizes digits one by one, so a one-digit times two-digit product is written
-as the two easy products it is made of ("7 * 23 = 7 * 20 + 7 * 3 = 140 + 21 = 161"), and a
+SmolLM2 tokenizes digits one by one, so a one-digit times many-digit product is written
+as the easy products it is made of ("7 * 23 = 7 * 20 + 7 * 3 = 140 + 21 = 161"), a quotient
+of 10 or more as its tens and units ("144 / 9 = 90 / 9 + 54 / 9 = 10 + 6 = 16"), and a
 sum or difference one place value at a time ("264 + 196 = 264 + 100 + 90 + 6 = 364 + 90 + 6
 = 454 + 6 = 460"): the first model, trained with sums written in one go, got 3-digit sums
 and differences wrong about half the time (held-out add 33 %, left 17 %).
@@ -61,9 +62,11 @@ from jarvis_prime.answers import THINK_END, THINK_START
 from jarvis_prime.files import atomic_write, sha256_file
 from jarvis_prime.progress import Log
 
-DATA_VERSION = 3  # bump when what is drawn or how it is written changes: scores of different versions do not compare
+DATA_VERSION = 4  # bump when what is drawn or how it is written changes: scores of different versions do not compare
 # version 3: 12 or more training wordings per structure (was 4 or 5), and 5 training wordings that read wrong for
 # some draws reworded (eaten coins, 9 work days in a week); the held-out problems are those of version 2
+# version 4: products of a one-digit number and a number of 3 digits, and quotients of 10 or more, written
+# in parts (`Step.line`): a third of version 3's held-out errors were slips in such lines
 SPLITS: tuple[str, ...] = ("train", "heldout")
 
 NAMES = ("Ava", "Ben", "Mia", "Omar", "Lena", "Raj", "Sofia", "Tom", "Yuki", "Kofi", "Nora", "Leo", "Ines", "Sam",
@@ -85,15 +88,21 @@ class Step:
     def line(self) -> str:
         """The step as written in the target. A 135M model cannot add, subtract or multiply
         multi-digit numbers in one go, so the step is written as the easy steps it is made
-        of: a one-digit times two-digit product as its tens and units products, a sum or
-        difference one place value of the second number at a time (each move changes one
-        digit of the running total, plus a carry)."""
+        of: a one-digit times many-digit product as the products of the big number's place
+        values, a quotient of 10 or more as the quotients of its tens and its units (the
+        model picks the multiple of the divisor that gives the tens, then divides what is
+        left), a sum or difference one place value of the second number at a time (each move
+        changes one digit of the running total, plus a carry)."""
         if self.op == "*":
             small, big = sorted((self.a, self.b))
-            if 2 <= small <= 9 and big > 10 and big % 10 and big < 100:
-                tens, units = big - big % 10, big % 10
-                return (f"{self.a} * {self.b} = {small} * {tens} + {small} * {units} = "
-                        f"{small * tens} + {small * units} = {self.result}")
+            parts = place_values(big)
+            if 2 <= small <= 9 and len(parts) > 1:
+                return (f"{self.a} * {self.b} = " + " + ".join(f"{small} * {part}" for part in parts) + " = "
+                        + " + ".join(str(small * part) for part in parts) + f" = {self.result}")
+        if self.op == "/" and self.result >= 10 and self.result % 10:
+            tens, units = self.result - self.result % 10, self.result % 10
+            return (f"{self.a} / {self.b} = {self.b * tens} / {self.b} + {self.b * units} / {self.b} = "
+                    f"{tens} + {units} = {self.result}")
         if self.op in "+-":
             parts = place_values(self.b)
             if len(parts) > 1:

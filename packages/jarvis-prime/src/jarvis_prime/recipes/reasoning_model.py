@@ -68,9 +68,9 @@ class ReasoningRecipe:
     name: str
     base: str
     stages: tuple[Stage, ...] = (Stage("sft"),)
-    # ~110 tokens a problem (chat template included): 4000 problems are ~440k tokens, ~21 minutes on 2 CPU
-    # cores; data version 3 has 253 training wordings (76 before), so each is seen ~16 times
-    train_examples: int = 4000
+    # ~115 tokens a problem (chat template included): 5000 problems are ~570k tokens, ~29 minutes on 2 CPU
+    # cores; data version 3 has 253 training wordings (76 before), so each is seen ~20 times
+    train_examples: int = 5000
     heldout_examples: int = 120
     grpo_prompts: int = 1000
     data_seed: int = 0

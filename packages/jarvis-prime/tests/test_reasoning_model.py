@@ -65,6 +65,7 @@ def test_the_reasoning_model_is_in_the_catalog_with_its_thinking_tags():
     source = entry.sources[0]
     assert source.kind == "adapter" and source.base == RECIPES[NAME].base == "smollm2-135m-instruct"
     assert source.path == f"adapters/{NAME}"
+    assert entry.version == RECIPES[NAME].version  # a retrain that ships bumps both, or `prime pull` keeps the old one
 
 
 @pytest.fixture(scope="module")

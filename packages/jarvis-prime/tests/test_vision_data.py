@@ -123,6 +123,18 @@ def test_shapes_are_where_the_scene_says_never_overlap_and_sit_clearly_on_their_
     assert checked > 250
 
 
+def test_side_questions_cannot_be_answered_by_the_leftmost_shape_alone():
+    """Most side images hold two shapes and the question names either about equally often,
+    so a model that answers the leftmost shape's side (what the v2 model learnt when three
+    in four questions allowed it) is right on little more than half of them."""
+    asked = [vd.make_example(3, "train", i, "side")[1] for i in range(300)]
+    pairs = [r for r in asked if len(r["scene"]["objects"]) == 2]
+    assert len(pairs) >= 0.7 * len(asked)
+    assert 0.35 < sum(r["answer"] == "left" for r in pairs) / len(pairs) < 0.65
+    shortcut = sum(len(r["scene"]["objects"]) == 1 or r["answer"] == "left" for r in asked)
+    assert shortcut / len(asked) < 0.65  # v2: 0.75
+
+
 def test_printed_numbers_have_ink_in_their_box_and_nowhere_else(dataset):
     numbers = [r for r in records(dataset / "train.jsonl") if r["category"] == "number"]
     assert numbers

@@ -19,8 +19,10 @@ from jarvis_prime.recipes.vision_encoder import (
     SLOTS,
     WORDS,
     EncoderTraining,
+    connector_loss,
     image_views,
     label_maps,
+    nearest_words,
     pool_categories,
     tiling,
     view_pool,
@@ -132,6 +134,35 @@ def test_the_pool_draws_numbers_most_often_and_names_each_views_category():
         pool_categories((("digits", 2), ("colour", 1)))
 
 
+def test_the_connector_is_trained_to_land_each_token_on_its_word_the_way_the_lm_reads_it(smollm2_tokenizer):
+    """A token is read as the word whose embedding it is nearest (cosine): exactly the word's
+    embedding reads right and costs least; near-identical digits (cosine 0.9 in SmolLM2)
+    stay apart; the same tokens under the wrong words cost more."""
+    from jarvis_prime.recipes.vision_encoder import word_vectors
+
+    embeddings = torch.randn(len(smollm2_tokenizer), 32)
+    embeddings[smollm2_tokenizer.encode("7", add_special_tokens=False)] = embeddings[
+        smollm2_tokenizer.encode("6", add_special_tokens=False)] + 0.05
+    words = word_vectors(smollm2_tokenizer, embeddings)
+    slots = torch.randint(len(WORDS), (4, 9))
+    slots[0, :2] = torch.tensor([WORDS.index("6"), WORDS.index("7")])
+    exact = words[slots]
+    assert torch.equal(nearest_words(exact, words), slots)
+    wrong = (slots + 1) % len(WORDS)
+    assert connector_loss(exact, words, slots) < connector_loss(exact, words, wrong)
+    assert connector_loss(exact, words, slots) < connector_loss(exact + 0.5 * torch.randn_like(exact), words, slots)
+
+
+def test_the_catalog_lists_the_version_the_recipe_builds():
+    """`prime pull` skips a name-version a store already holds: a retrain that ships must
+    bump the recipe's version and the catalog's together, or stores keep the old model."""
+    from jarvis_prime.catalog import load_catalog
+    from jarvis_prime.recipes.vision_model import RECIPES
+
+    entry = load_catalog().get(NAME)
+    assert entry.task == "vision" and entry.version == RECIPES[NAME].version
+
+
 def need_converter() -> None:
     from jarvis_prime.errors import ExportError
     from jarvis_prime.export.converter import find_converter
@@ -166,7 +197,7 @@ def test_a_small_run_of_the_recipe_ships_parts_that_rebuild_the_same_model(pulle
     from jarvis_prime.recipes.vision_encoder import EncoderTraining
     from transformers import AutoProcessor, Idefics3ForConditionalGeneration
 
-    small = dataclasses.replace(vision_model.RECIPES[NAME], connector_images=4, train_examples=24, heldout_examples=5,
+    small = dataclasses.replace(vision_model.RECIPES[NAME], train_examples=24, heldout_examples=5,
                                 max_steps=2, encoder_training=EncoderTraining(steps=3, batch_size=8, pool_images=10,
                                                                               heldout_images=5))
     shipped = tmp_path / "package"
@@ -202,8 +233,9 @@ def test_a_small_run_of_the_recipe_ships_parts_that_rebuild_the_same_model(pulle
         with torch.no_grad():
             logits = model(**inputs).logits[0, -1]
         replies.append(logits)
-    # float16 parts: the same next-token distribution up to rounding
-    assert torch.allclose(replies[0].softmax(-1), replies[1].softmax(-1), atol=2e-3)
+    # float16 parts: the same next-token distribution up to rounding (measured 2.5e-3 at most,
+    # logits within 0.07, since the connector trained beside the encoder has larger weights)
+    assert torch.allclose(replies[0].softmax(-1), replies[1].softmax(-1), atol=5e-3)
     assert replies[0].argmax() == replies[1].argmax()
 
 
@@ -257,4 +289,4 @@ def test_the_shipped_model_sees_through_llama_cpp(vision_model, heldout):
         assert by_category[category] >= floor, (category, by_category, [c for c in scores["cases"] if not c["passed"]][:5])
 
 
-SHIPPED_FLOORS = {"colour": 0.8}
+SHIPPED_FLOORS = {"colour": 0.8, "shape": 0.75, "count": 0.3}

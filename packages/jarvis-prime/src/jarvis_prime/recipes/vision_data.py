@@ -6,7 +6,7 @@ scratch on what this module draws: exactly what its model card says it can see.
   colour   one shape; "What colour is the triangle?"                    -> "red"
   shape    one shape; "Which shape is shown?"                            -> "triangle"
   count    1-5 shapes of one kind, any colours, none tiny; "How many squares ...?"  -> "3"
-  side     a shape in the outer quarter of the left or right half (and a
+  side     a shape in the outer quarter of the left or right half (in four of five, a
            different one on the other side); "Is the red circle on the left or the right?" -> "left"
   number   a printed number of 1-4 digits; "Which number is shown?"     -> "4096"
 
@@ -55,7 +55,7 @@ from jarvis_prime.progress import Log
 if TYPE_CHECKING:  # Pillow is imported when images are drawn, not when the module is
     from PIL import Image
 
-DATA_VERSION = 2  # bump when what is drawn or asked changes: scores of different versions do not compare
+DATA_VERSION = 3  # bump when what is drawn or asked changes: scores of different versions do not compare
 CATEGORIES: tuple[str, ...] = ("colour", "shape", "count", "side", "number")
 SPLITS: tuple[str, ...] = ("train", "heldout")
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -67,6 +67,10 @@ INKS: tuple[tuple[int, int, int], ...] = ((20, 20, 20), (50, 50, 60), (30, 30, 9
 MIN_SIDE, MAX_SIDE = 48, 384
 MIN_RADIUS = 5  # px: a smaller triangle is no longer recognisably one
 COUNT_LEAST = 0.08  # a counted shape's least radius, as a share of the image's longer side (see scene_for)
+# Side images with a second shape on the other side. At one in two, three in four side
+# questions were answered by the leftmost shape's side (a lone shape's, or the left one of
+# two), and the LM learnt exactly that: every two-shape question answered "left" (v2).
+SIDE_PAIR_SHARE = 0.8
 SENTENCE_SHARE = 0.35  # training answers wrapped in a short sentence
 UNSEEN_SHARE = 0.5  # held-out questions asked in a phrasing training never saw
 FONT_FILES = ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
@@ -228,7 +232,7 @@ def scene_for(category: str, rng: random.Random, width: int, height: int) -> tup
     if category == "side":
         kind, colour, side = rng.choice(SHAPES), rng.choice(colours), rng.choice(("left", "right"))
         wanted = [(kind, colour, side)]
-        if rng.random() < 0.5:  # a different shape on the other side: the question must be read, not just the image
+        if rng.random() < SIDE_PAIR_SHARE:  # a different shape on the other side: the question must be read, not just the image
             other = "right" if side == "left" else "left"
             wanted.append((rng.choice([k for k in SHAPES if k != kind]), rng.choice([c for c in colours if c != colour]),
                            other))

@@ -29,7 +29,9 @@ PrimeModel's encoder timing reads the projector and the transformers model it lo
 (`_backend`): the same libmtmd context and weights that answer, not a second copy.
 
 Target (issue 20): PrimeModel llama.cpp answers at >= 0.95x the speed of llama-cpp-python's
-own handler (median whole-answer time, same quantization). Prints a table; writes JSON.
+own handler (median whole-answer time, same quantization). Also counted: how many of each
+llama.cpp engine's greedy replies are exactly transformers' (`agreement`). Prints a table;
+writes JSON.
 """
 
 from __future__ import annotations
@@ -289,6 +291,19 @@ def speed_ratios(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return out
 
 
+def agreement(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per llama.cpp row ("quantization engine"): how many greedy replies are exactly the
+    transformers row's (the reference weights, f32), question by question; empty when
+    transformers did not run."""
+    reference = next((r for r in rows if r["engine"] == PRIME_HF), None)
+    if reference is None:
+        return {}
+    replies = [c["reply"] for c in reference["cases"]]
+    return {f"{r['quantization']} {r['engine']}": {"same": sum(c["reply"] == want for c, want in zip(r["cases"], replies)),
+                                                  "of": len(replies)}
+            for r in rows if r is not reference}
+
+
 def print_report(console: Console, title: str, rows: list[dict[str, Any]], ratios: dict[str, dict[str, float]]) -> None:
     categories = sorted({c for r in rows for c in r["by_category"]})
     columns = [Col("quant", keep=True), Col("engine", keep=True),
@@ -300,6 +315,8 @@ def print_report(console: Console, title: str, rows: list[dict[str, Any]], ratio
          f"{r['answer_s'] * 1000:.0f} ms", f"{r['accuracy']:.0%}",
          *(f"{r['by_category'][c]:.0%}" if c in r["by_category"] else "-" for c in categories)] for r in rows],
         title=title)
+    for row, agreed in agreement(rows).items():
+        console.print(f"{row}: {agreed['same']}/{agreed['of']} greedy replies the same as {PRIME_HF} (f32)")
     for quantization, ratio in ratios.items():
         met = "[green]met" if ratio["answer"] >= TARGET else "[red]missed"
         console.print(f"{quantization}: PrimeModel / llama-cpp-python speed {ratio['answer']:.2f}x whole answer, "
@@ -342,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "target_speed_ratio": TARGET,
               "machine": {"platform": platform.platform(), "processor": cpu_name(),
                           "cpus": os.cpu_count()},
-              "rows": rows, "speed_ratios": ratios}
+              "rows": rows, "speed_ratios": ratios, "agreement": agreement(rows)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     console.print(f"wrote {args.out}")

@@ -49,3 +49,21 @@ def test_the_vision_benchmark_runs_every_engine_and_writes_its_json(tmp_path_fac
     prime, raw = rows["f16", bench.PRIME_LLAMA], rows["f16", bench.RAW_LLAMA]
     assert [c["reply"] for c in prime["cases"]] == [c["reply"] for c in raw["cases"]]
     assert set(written["speed_ratios"]) == {"f16"} and written["speed_ratios"]["f16"]["answer"] > 0
+    # Agreement with transformers, question by question: the two llama.cpp engines agree with it
+    # equally (same replies), and the count is the replies that match, whatever they are.
+    agreed = written["agreement"]
+    assert set(agreed) == {f"f16 {bench.PRIME_LLAMA}", f"f16 {bench.RAW_LLAMA}"}
+    reference = [c["reply"] for c in rows["f32", bench.PRIME_HF]["cases"]]
+    expected = sum(c["reply"] == r for c, r in zip(prime["cases"], reference))
+    assert agreed[f"f16 {bench.PRIME_LLAMA}"] == agreed[f"f16 {bench.RAW_LLAMA}"] == {"same": expected, "of": 2}
+    assert bench.agreement([r for r in written["rows"] if r["engine"] != bench.PRIME_HF]) == {}
+
+
+def test_agreement_counts_replies_identical_to_transformers_question_by_question():
+    bench = load_benchmark()
+    row = lambda engine, quant, replies: {"engine": engine, "quantization": quant,  # noqa: E731
+                                          "cases": [{"reply": r} for r in replies]}
+    rows = [row(bench.PRIME_LLAMA, "q8_0", ["red", "3", "left"]), row(bench.RAW_LLAMA, "q4_k_m", ["red", "left", "3"]),
+            row(bench.PRIME_HF, "f32", ["red", "3", "right"])]
+    assert bench.agreement(rows) == {f"q8_0 {bench.PRIME_LLAMA}": {"same": 2, "of": 3},
+                                     f"q4_k_m {bench.RAW_LLAMA}": {"same": 1, "of": 3}}  # same replies, other order: 1

@@ -12,8 +12,9 @@ import pytest
 from jarvis_prime.evaluation import argument_errors, grade_tool_reply, load_tool_suite, tool_suite_prompt
 from jarvis_prime.models.tools import ToolCall, hermes_messages
 from jarvis_prime.recipes.chat_model import RECIPES, tool_conversations
-from jarvis_prime.recipes.tool_data import (ARITHMETIC, ASKS_ARITHMETIC, CITIES, DATETIME, FACTS, REMEMBER, draw_case,
-                                            evaluate_expression, format_number, heldout_suite, jarvis_tools)
+from jarvis_prime.recipes.tool_data import (ARITHMETIC, ARITHMETIC_WEIGHTS, ASKS_ARITHMETIC, CITIES, DATETIME, FACTS,
+                                            REMEMBER, draw_case, evaluate_expression, format_number, heldout_suite,
+                                            jarvis_tools)
 
 RECIPE = RECIPES["prime-135m-chat-v1"]
 PERSONA = [{"messages": [{"role": "user", "content": "Introduce yourself briefly."},
@@ -48,6 +49,19 @@ def test_arithmetic_cases_carry_the_exact_result_and_a_final_answer_that_copies_
         assert expression.replace(" ", "") in case["expect"]["expression"]
     assert evaluate_expression("(3 + 4) * 2 ** 2 - 10 / 4") == 25.5
     assert format_number(Fraction(42386482, 5)) == "8477296.4"  # seed 1 drew it; a float wrote ...4000000004
+
+
+def test_training_draws_the_missed_operations_more_often_and_the_suite_draws_evenly():
+    """ARITHMETIC_WEIGHTS: subtraction, division and (a + b) * c, the held-out misses, come twice
+    as often in training (6 of 11 draws instead of 3 of 8); the held-out split is unweighted."""
+    def missed_share(split: str) -> float:
+        expressions = [draw_case(0, split, i, "arithmetic")["arguments"]["expression"] for i in range(800)]
+        missed = [e for e in expressions if " - " in e or e.startswith("(") or (" / " in e and not e.endswith("/ 100"))]
+        return len(missed) / len(expressions)
+
+    assert ARITHMETIC_WEIGHTS == {"sub": 2, "div": 2, "add_mul": 2}
+    assert missed_share("train") > 0.48  # 6 / 11 = 0.55 expected
+    assert missed_share("heldout") < 0.44  # 3 / 8 = 0.375 expected
 
 
 def test_no_tool_turns_never_ask_for_arithmetic():

@@ -26,6 +26,7 @@ from jarvis_prime.recipes.vision_encoder import (
     pool_categories,
     tiling,
     view_pool,
+    word_vectors,
 )
 
 torch = pytest.importorskip("torch")
@@ -138,8 +139,6 @@ def test_the_connector_is_trained_to_land_each_token_on_its_word_the_way_the_lm_
     """A token is read as the word whose embedding it is nearest (cosine): exactly the word's
     embedding reads right and costs least; near-identical digits (cosine 0.9 in SmolLM2)
     stay apart; the same tokens under the wrong words cost more."""
-    from jarvis_prime.recipes.vision_encoder import word_vectors
-
     embeddings = torch.randn(len(smollm2_tokenizer), 32)
     embeddings[smollm2_tokenizer.encode("7", add_special_tokens=False)] = embeddings[
         smollm2_tokenizer.encode("6", add_special_tokens=False)] + 0.05
@@ -194,7 +193,6 @@ def test_a_small_run_of_the_recipe_ships_parts_that_rebuild_the_same_model(pulle
 
     from jarvis_prime import idefics3
     from jarvis_prime.recipes import vision_model
-    from jarvis_prime.recipes.vision_encoder import EncoderTraining
     from transformers import AutoProcessor, Idefics3ForConditionalGeneration
 
     small = dataclasses.replace(vision_model.RECIPES[NAME], train_examples=24, heldout_examples=5,

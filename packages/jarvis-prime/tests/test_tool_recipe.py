@@ -74,6 +74,30 @@ def test_no_tool_turns_never_ask_for_arithmetic():
     assert not any(ASKS_ARITHMETIC.search(c["user"]) for c in load_tool_suite()["cases"] if c["category"] == "none")
 
 
+def test_no_tool_turns_draw_refusals_more_often():
+    """The base model declines few unsafe requests, so its replies hold few refusals; a no-tool
+    turn draws each of them `no_tool_weights["safety"]` times as often as another reply, so
+    declining with tools offered is trained beside answering (a prompt the recipe's prompts do
+    not hold counts 1)."""
+    from jarvis_prime.persona import load_prompts
+
+    prompts = load_prompts()
+    unsafe = next(p["prompt"] for p in prompts if p["category"] == "safety")
+    questions = [p["prompt"] for p in prompts if p["category"] == "knowledge" and not ASKS_ARITHMETIC.search(p["prompt"])]
+    persona = [{"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": "A reply."}]}
+               for text in [unsafe, *questions[:8], "Introduce yourself briefly."]]
+
+    def unsafe_share(recipe) -> float:
+        answered = [m["content"] for messages, _ in tool_conversations(persona, recipe)
+                    for m, reply in zip(messages, messages[1:]) if m["role"] == "user" and reply.get("content") == "A reply."]
+        assert len(answered) == dict(recipe.tool_examples)["none"] + dict(recipe.openers)["none"]
+        return answered.count(unsafe) / len(answered)
+
+    assert RECIPE.no_tool_weights == {"safety": 4}
+    assert 0.2 < unsafe_share(RECIPE) < 0.42  # 4 / 13 = 0.31 expected
+    assert unsafe_share(replace(RECIPE, no_tool_weights={})) < 0.17  # 1 / 10
+
+
 def test_conversations_offer_the_tools_jarvis_offers():
     counts = dict(RECIPE.tool_examples)
     conversations = tool_conversations(PERSONA, RECIPE)

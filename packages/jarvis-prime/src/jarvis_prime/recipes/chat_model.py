@@ -85,6 +85,13 @@ class ChatRecipe:
     # every kind (run N): right tool 82 -> 93 %, no tool 70 -> 78 %, the clock 42 -> 100 %.
     openers: tuple[tuple[str, int], ...] = (("none", 36), ("arithmetic", 20), ("datetime", 16), ("remember", 12),
                                             ("recall", 12))
+    # how often a persona reply of each category is a no-tool turn, against 1 for the others: the
+    # base model declines few unsafe requests (8 of 112 replies), and with tools offered an unsafe
+    # request is where a model most often called one (run N: 5 of 9 no-tool misses). Against N's
+    # recipe with its layout redrawn (run Q), run P: no tool 75 -> 80 %, persona suite 39 -> 56 %
+    # (safety 1 -> 4 of 6), right tool 84 % both. Each category drawn evenly (run O) also drew
+    # "What's your name?" 7x as often, and "What is my cat's name?" lost its `recall` (25 %).
+    no_tool_weights: dict[str, int] = field(default_factory=lambda: {"safety": 4})
     store_share: float = 0.8  # with all five tools (a conversation store); the rest: calculator and clock only
     memory_share: float = 0.15  # remembered facts in the system message
 
@@ -259,6 +266,8 @@ def tool_conversations(persona: list[dict[str, Any]], recipe: ChatRecipe) -> lis
              if not ASKS_ARITHMETIC.search(row["messages"][0]["content"]) and row["messages"][0]["content"] not in heldout]
     if not turns:
         raise PrimeError("no persona replies to put beside the tool conversations (the persona dataset is empty)")
+    category_of = {prompt["prompt"]: prompt["category"] for prompt in load_prompts()}
+    turn_weights = [recipe.no_tool_weights.get(category_of.get(turn[0]["content"], ""), 1) for turn in turns]
     pending = {category: list(range(count)) for category, count in recipe.tool_examples}
     out = []
     r = random.Random(f"chat-tools-{recipe.seed}")
@@ -267,7 +276,7 @@ def tool_conversations(persona: list[dict[str, Any]], recipe: ChatRecipe) -> lis
     def exchange(category: str, i: int) -> list[dict[str, Any]]:
         """Case `i` of `category` as messages; "none": a persona turn, answered with no call."""
         if category == "none":
-            return r.choice(turns)
+            return r.choices(turns, weights=turn_weights)[0]
         return conversation(draw_case(recipe.seed, "train", i, category), f"call_{category}_{i}")
 
     while any(pending.values()):

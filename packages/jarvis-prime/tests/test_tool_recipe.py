@@ -11,6 +11,7 @@ import pytest
 
 from jarvis_prime.evaluation import argument_errors, grade_tool_reply, load_tool_suite, tool_suite_prompt
 from jarvis_prime.models.tools import ToolCall, hermes_messages
+from jarvis_prime.persona import load_prompts
 from jarvis_prime.recipes.chat_model import RECIPES, tool_conversations
 from jarvis_prime.recipes.tool_data import (ARITHMETIC, ARITHMETIC_WEIGHTS, ASKS_ARITHMETIC, CITIES, DATETIME, FACTS,
                                             REMEMBER, draw_case, evaluate_expression, format_number, heldout_suite,
@@ -79,8 +80,6 @@ def test_no_tool_turns_draw_refusals_more_often():
     turn draws each of them `no_tool_weights["safety"]` times as often as another reply, so
     declining with tools offered is trained beside answering (a prompt the recipe's prompts do
     not hold counts 1)."""
-    from jarvis_prime.persona import load_prompts
-
     prompts = load_prompts()
     unsafe = next(p["prompt"] for p in prompts if p["category"] == "safety")
     questions = [p["prompt"] for p in prompts if p["category"] == "knowledge" and not ASKS_ARITHMETIC.search(p["prompt"])]

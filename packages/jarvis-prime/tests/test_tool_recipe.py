@@ -14,7 +14,7 @@ from jarvis_prime.models.tools import ToolCall, hermes_messages
 from jarvis_prime.persona import load_prompts
 from jarvis_prime.recipes.chat_model import RECIPES, tool_conversations
 from jarvis_prime.recipes.tool_data import (ARITHMETIC, ARITHMETIC_WEIGHTS, ASKS_ARITHMETIC, CITIES, DATETIME, FACTS,
-                                            REMEMBER, draw_case, evaluate_expression, format_number, heldout_suite,
+                                            REMEMBER, clock_wordings, draw_case, evaluate_expression, format_number, heldout_suite,
                                             jarvis_tools)
 
 RECIPE = RECIPES["prime-135m-chat-v1"]
@@ -31,7 +31,7 @@ def test_the_shipped_suite_is_what_the_generator_draws():
 def test_heldout_wordings_never_appear_in_training():
     for op, (_, _, _, wordings) in ARITHMETIC.items():
         assert not set(wordings["heldout"]) & set(wordings["train"]), op
-    assert not {w for w, _ in DATETIME["heldout"]} & {w for w, _ in DATETIME["train"]}
+    assert not {w for w, _ in DATETIME["heldout"]} & {w for w, _ in clock_wordings("train")}
     assert not set(REMEMBER["heldout"]) & set(REMEMBER["train"])
     assert not {f[0] for f in FACTS["heldout"]} & {f[0] for f in FACTS["train"]}
     assert set(CITIES["heldout"]) - set(CITIES["train"])  # some cities are new
@@ -95,6 +95,45 @@ def test_no_tool_turns_draw_refusals_more_often():
     assert RECIPE.no_tool_weights == {"safety": 4}
     assert 0.2 < unsafe_share(RECIPE) < 0.42  # 4 / 13 = 0.31 expected
     assert unsafe_share(replace(RECIPE, no_tool_weights={})) < 0.17  # 1 / 10
+
+
+def test_another_layout_deals_the_same_tool_cases_into_other_conversations():
+    """`layout_seed` redraws only which exchanges share a tool list and their order: the tool
+    cases stay those `seed` draws, so two layouts compare the same data."""
+    def dealt(recipe) -> tuple[list[str], list[tuple[str, ...]]]:
+        conversations = tool_conversations(PERSONA, recipe)
+        calls = [m["tool_calls"][0]["id"] for messages, _ in conversations for m in messages if m.get("tool_calls")]
+        return calls, [tuple(m["content"] for m in messages if m["role"] == "user") for messages, _ in conversations]
+
+    calls, layout = dealt(RECIPE)
+    other_calls, other_layout = dealt(replace(RECIPE, layout_seed=1))
+    assert sorted(other_calls) == sorted(calls) and len(set(calls)) == len(calls)
+    assert other_calls != calls and other_layout != layout
+
+
+def test_training_asks_the_clock_with_and_without_a_place_in_the_same_words():
+    """Half the training clock questions name a place, and each place wording is also asked
+    without it, so only the place decides whether the call carries a zone."""
+    cases = [draw_case(0, "train", i, "datetime") for i in range(400)]
+    with_zone = [c for c in cases if c["arguments"]]
+    assert 0.4 < len(with_zone) / len(cases) < 0.6
+    no_place = {w for w, _ in clock_wordings("train", names_place=False)}
+    for wording, _ in DATETIME["train"]:
+        if " in {city}" in wording:
+            assert wording.replace(" in {city}", "") in no_place, wording
+    assert "What time is it right now?" in {c["question"] for c in cases}  # only "... right now in {city}?" is written
+    for c in cases:
+        assert bool(c["arguments"]) == any(city in c["question"] for city in CITIES["train"]), c["question"]
+        assert c["arguments"].get("timezone") in (None, *CITIES["train"].values())
+
+
+def test_recall_is_asked_in_several_ways():
+    """Training asks for each remembered fact in several ways: with one question per fact, the
+    held-out "What is my cat's name?" read as a fact to save (`remember`), not a question."""
+    questions = [draw_case(0, "train", i, "recall")["question"] for i in range(400)]
+    for fact in FACTS["train"]:
+        assert len(fact[2]) >= 3 and set(fact[2]) <= set(questions), fact[0]
+    assert not {q for f in FACTS["heldout"] for q in f[2]} & set(questions)
 
 
 def test_conversations_offer_the_tools_jarvis_offers():

@@ -66,14 +66,17 @@ class ChatRecipe:
     max_seq_length: int = 2048  # the tool list alone is ~590 tokens; 12 exchanges after it, <= ~1900
     candidates: int = 6  # replies sampled per prompt until one passes the filters
     max_new_tokens: int = 80
-    seed: int = 0
+    seed: int = 0  # also keys the persona replies: another seed samples them again (~24 min)
+    # which exchanges share a tool list, and in what order; the cases stay those of `seed`. One
+    # layout moves a held-out category by up to ~35 points (run Q), so judge a change over several.
+    layout_seed: int = 0
     max_steps: int | None = None  # tests run a few steps of the same recipe
     version: str = "1.1.0"
     # tool exchanges per category (recipes/tool_data.py); "none": a persona reply with the tool list offered.
     # Volume is what moved every figure (run F: 630 exchanges vs C's 315, same minutes): arithmetic
     # has 8 operations and ~100 wordings to cover, recall the wrong tool name to unlearn.
-    tool_examples: tuple[tuple[str, int], ...] = (("arithmetic", 260), ("datetime", 100), ("remember", 70),
-                                                  ("recall", 120), ("none", 200))
+    tool_examples: tuple[tuple[str, int], ...] = (("arithmetic", 260), ("datetime", 120), ("remember", 70),
+                                                  ("recall", 120), ("none", 240))
     # exchanges per conversation after ONE tool list (~590 tokens with a store, ~200 without): the
     # list was ~60 % of each row's tokens at 5 exchanges, ~30 % at 12 (rows stay under max_seq_length)
     exchanges: dict[bool, int] = field(default_factory=lambda: {True: 12, False: 16})
@@ -84,7 +87,7 @@ class ChatRecipe:
     # `remember` requests `recall`; K (none, recall): no tool 90 %, arithmetic 92 -> 75 %. Over
     # every kind (run N): right tool 82 -> 93 %, no tool 70 -> 78 %, the clock 42 -> 100 % (N's recipe
     # with its layout redrawn, run Q: 84 %, 75 %, 67 %: part of that was the layout's luck).
-    openers: tuple[tuple[str, int], ...] = (("none", 36), ("arithmetic", 20), ("datetime", 16), ("remember", 12),
+    openers: tuple[tuple[str, int], ...] = (("none", 48), ("arithmetic", 20), ("datetime", 16), ("remember", 12),
                                             ("recall", 12))
     # how often a persona reply of each category is a no-tool turn, against 1 for the others: the
     # base model declines few unsafe requests (8 of 112 replies), and with tools offered an unsafe
@@ -271,7 +274,7 @@ def tool_conversations(persona: list[dict[str, Any]], recipe: ChatRecipe) -> lis
     turn_weights = [recipe.no_tool_weights.get(category_of.get(turn[0]["content"], ""), 1) for turn in turns]
     pending = {category: list(range(count)) for category, count in recipe.tool_examples}
     out = []
-    r = random.Random(f"chat-tools-{recipe.seed}")
+    r = random.Random(f"chat-tools-{recipe.layout_seed}")
     memory = ("remember", "recall")  # offered only with a conversation store
 
     def exchange(category: str, i: int) -> list[dict[str, Any]]:

@@ -233,7 +233,18 @@ DATETIME = {"train": (("What's the date today?", "date"), ("What day is it?", "w
                       ("How late is it in {city}?", "time"), ("Time in {city}, please.", "time"),
                       ("Give me the time in {city}.", "time"), ("What's the current time in {city}?", "time"),
                       ("What date is it in {city}?", "date"), ("Do you know the time in {city}?", "time"),
-                      ("Could you tell me the date?", "date"), ("Do you know the date?", "date")),
+                      ("Could you tell me the date?", "date"), ("Do you know the date?", "date"),
+                      # more ways of naming a place: with 14 wordings, held-out ones naming a city were
+                      # answered `current_datetime({})`, the no-place call (runs O-Q: 7-10 of 24)
+                      ("Can you tell me the time in {city}?", "time"), ("What is the time in {city} at the moment?", "time"),
+                      ("I need the current time in {city}.", "time"), ("What's today's date in {city}?", "date"),
+                      ("Tell me the day of the week in {city}.", "weekday"), ("Check the clock in {city} for me.", "time"),
+                      ("What hour is it in {city}?", "time"), ("Is it late in {city} right now?", "time"),
+                      ("Is it morning in {city} yet?", "time"),
+                      ("What's the date right now in {city}?", "date"), ("Show me the local time for {city}.", "time"),
+                      ("Which date is it today in {city}?", "date"), ("What's the time now?", "time"),
+                      ("Which date is it today?", "date"), ("Can you check the time for me?", "time"),
+                      ("What day is today?", "weekday")),
             "heldout": (("Do you know what day it is today?", "weekday"), ("Could you tell me the current time?", "time"),
                         ("What's the local time over in {city}?", "time"), ("Today's date, please.", "date"),
                         ("Tell me what time it is in {city}.", "time"), ("What's the date over in {city} today?", "date"))}
@@ -245,10 +256,24 @@ def clock_line(now: datetime, zone: str | None) -> str:
     return f"{now:%A %d %B %Y, %H:%M:%S} {now.tzname()} (UTC{offset[:3]}:{offset[3:]}){f', {zone}' if zone else ''}"
 
 
+def clock_wordings(split: str, names_place: bool | None = None) -> list[tuple[str, str]]:
+    """The split's clock wordings; training's also hold each place wording without its place
+    ("What time is it in {city}?" -> "What time is it?"): the same words with and without a
+    place, so that only the place decides whether the call carries a zone. A share of place
+    wordings set which way the model guessed on held-out wordings: every city question `{}`
+    (run P, 14 of 28 wordings), every question without a place a zone (run R, 26 of 44)."""
+    wordings = list(DATETIME[split])
+    if split == "train":
+        wordings += [(w.replace(" in {city}", ""), tells) for w, tells in DATETIME[split] if " in {city}" in w]
+    return [w for w in dict.fromkeys(wordings) if names_place is None or ("{city}" in w[0]) == names_place]
+
+
 def _datetime(r: random.Random, split: str, names_place: bool | None = None) -> dict[str, Any]:
-    """A clock question; `names_place` False: one that names no place (the call carries no time zone)."""
-    wordings = [w for w in DATETIME[split] if names_place is None or ("{city}" in w[0]) == names_place]
-    wording, tells = r.choice(wordings)
+    """A clock question; `names_place` False: one that names no place (the call carries no time
+    zone). Training names a place in half of them (the held-out split draws its wordings evenly)."""
+    if names_place is None and split == "train":
+        names_place = r.random() < 0.5
+    wording, tells = r.choice(clock_wordings(split, names_place))
     city = r.choice(sorted(CITIES[split])) if "{city}" in wording else None
     zone = CITIES[split][city] if city else None
     instant = datetime(2024, 1, 1, tzinfo=timezone.utc) + timedelta(minutes=r.randint(0, 3 * 365 * 24 * 60))
@@ -271,30 +296,41 @@ SLOTS = {"date": ("3 May", "12 June", "28 February", "9 October", "21 March", "1
          "city": ("Lyon", "Leeds", "Boston", "Osaka", "Porto", "Munich", "Denver", "Austin"),
          "car": ("red Toyota", "blue Volvo", "Tesla", "old Fiat", "green Mini"),
          "drink": ("green tea", "black coffee", "hot chocolate", "sparkling water", "orange juice")}
-# (user says "my ...", the fact as saved, the user asks, recall query words, the answer from the fact)
+# (user says "my ...", the fact as saved, the user's ways of asking for it, recall query words, the answer
+# from the fact). One way of asking per fact taught the eight questions, not recall: "What is my cat's
+# name?" (held out) read as a fact to save, `remember` (runs O-Q: up to 8 of 16 recall cases).
 FACTS = {"train": (
-    ("my sister's birthday is {date}", "The user's sister's birthday is {date}.", "When is my sister's birthday?",
+    ("my sister's birthday is {date}", "The user's sister's birthday is {date}.",
+     ("When is my sister's birthday?", "Do you remember my sister's birthday?", "What date is my sister's birthday?"),
      ("sister", "birthday"), "Your sister's birthday is {date}."),
-    ("my dog is called {name}", "The user's dog is called {name}.", "What's my dog called?", ("dog",),
-     "Your dog is called {name}."),
-    ("my favourite colour is {colour}", "The user's favourite colour is {colour}.", "What's my favourite colour?",
+    ("my dog is called {name}", "The user's dog is called {name}.",
+     ("What's my dog called?", "What is my dog's name?", "Do you remember what my dog is called?",
+      "What did I name my dog?"), ("dog",), "Your dog is called {name}."),
+    ("my favourite colour is {colour}", "The user's favourite colour is {colour}.",
+     ("What's my favourite colour?", "Which colour do I like best?", "Do you remember my favourite colour?"),
      ("colour",), "Your favourite colour is {colour}."),
-    ("I'm allergic to {food}", "The user is allergic to {food}.", "What am I allergic to?", ("allerg",),
+    ("I'm allergic to {food}", "The user is allergic to {food}.",
+     ("What am I allergic to?", "Do you remember my allergy?", "What did I say I'm allergic to?"), ("allerg",),
      "You're allergic to {food}."),
-    ("I work as a {job}", "The user works as a {job}.", "What do I do for a living?", ("work", "job"),
-     "You work as a {job}."),
-    ("I live in {city}", "The user lives in {city}.", "Where do I live?", ("live", "home"), "You live in {city}."),
-    ("my wife's name is {name}", "The user's wife's name is {name}.", "What's my wife's name?", ("wife",),
+    ("I work as a {job}", "The user works as a {job}.",
+     ("What do I do for a living?", "What's my job?", "Do you remember what I work as?", "What is my profession?"),
+     ("work", "job"), "You work as a {job}."),
+    ("I live in {city}", "The user lives in {city}.",
+     ("Where do I live?", "Which city do I live in?", "Do you remember where I live?"), ("live", "home"),
+     "You live in {city}."),
+    ("my wife's name is {name}", "The user's wife's name is {name}.",
+     ("What's my wife's name?", "What is my wife called?", "Do you remember my wife's name?"), ("wife",),
      "Your wife's name is {name}."),
-    ("my anniversary is on {date}", "The user's anniversary is on {date}.", "When is my anniversary?",
+    ("my anniversary is on {date}", "The user's anniversary is on {date}.",
+     ("When is my anniversary?", "When's my anniversary?", "Do you remember our anniversary date?"),
      ("anniversary",), "Your anniversary is on {date}.")),
     "heldout": (
-    ("my brother's birthday is {date}", "The user's brother's birthday is {date}.", "When's my brother's birthday?",
+    ("my brother's birthday is {date}", "The user's brother's birthday is {date}.", ("When's my brother's birthday?",),
      ("brother", "birthday"), "Your brother's birthday is {date}."),
-    ("my cat is called {name}", "The user's cat is called {name}.", "What is my cat's name?", ("cat",),
+    ("my cat is called {name}", "The user's cat is called {name}.", ("What is my cat's name?",), ("cat",),
      "Your cat is called {name}."),
-    ("I drive a {car}", "The user drives a {car}.", "What car do I drive?", ("car", "drive"), "You drive a {car}."),
-    ("my favourite drink is {drink}", "The user's favourite drink is {drink}.", "What's my favourite drink?",
+    ("I drive a {car}", "The user drives a {car}.", ("What car do I drive?",), ("car", "drive"), "You drive a {car}."),
+    ("my favourite drink is {drink}", "The user's favourite drink is {drink}.", ("What's my favourite drink?",),
      ("drink",), "Your favourite drink is {drink}."))}
 REMEMBER = {"train": ("Remember that {p}.", "Please remember that {p}.", "Don't forget that {p}.",
                       "remember {p}", "Can you remember that {p}?", "Note for later: {p}. Remember it.",
@@ -334,9 +370,10 @@ def _recall(r: random.Random, split: str) -> dict[str, Any]:
                 "expect": {"query": []}, "result": lines,
                 "answer": "You told me this: " + " ".join(t[4].format(**s) for t, s in facts)}
     if r.random() < 0.15:
-        return {"question": asks, "tool": "recall", "arguments": {"query": words[0]}, "expect": {"query": list(words)},
-                "result": "nothing remembered about that", "answer": "You haven't told me that yet."}
-    return {"question": asks, "tool": "recall", "arguments": {"query": " ".join(words)}, "expect": {"query": list(words)},
+        return {"question": r.choice(asks), "tool": "recall", "arguments": {"query": words[0]},
+                "expect": {"query": list(words)}, "result": "nothing remembered about that",
+                "answer": "You haven't told me that yet."}
+    return {"question": r.choice(asks), "tool": "recall", "arguments": {"query": " ".join(words)}, "expect": {"query": list(words)},
             "result": f"- {fact.format(**slots)}", "answer": answer.format(**slots)}
 
 

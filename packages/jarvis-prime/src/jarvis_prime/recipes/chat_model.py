@@ -75,8 +75,10 @@ class ChatRecipe:
     # tool exchanges per category (recipes/tool_data.py); "none": a persona reply with the tool list offered.
     # Volume is what moved every figure (run F: 630 exchanges vs C's 315, same minutes): arithmetic
     # has 8 operations and ~100 wordings to cover, recall the wrong tool name to unlearn.
+    # Recall 120 -> 180 and its openers 12 -> 24 (run U against T): recall 25 -> 81 %, right tool
+    # 80 -> 86 %, but remember 94 -> 62 % and no tool 93 -> 80 % (both lost to `recall`).
     tool_examples: tuple[tuple[str, int], ...] = (("arithmetic", 260), ("datetime", 120), ("remember", 70),
-                                                  ("recall", 120), ("none", 240))
+                                                  ("recall", 180), ("none", 240))
     # exchanges per conversation after ONE tool list (~590 tokens with a store, ~200 without): the
     # list was ~60 % of each row's tokens at 5 exchanges, ~30 % at 12 (rows stay under max_seq_length)
     exchanges: dict[bool, int] = field(default_factory=lambda: {True: 12, False: 16})
@@ -88,7 +90,7 @@ class ChatRecipe:
     # every kind (run N): right tool 82 -> 93 %, no tool 70 -> 78 %, the clock 42 -> 100 % (N's recipe
     # with its layout redrawn, run Q: 84 %, 75 %, 67 %: part of that was the layout's luck).
     openers: tuple[tuple[str, int], ...] = (("none", 48), ("arithmetic", 20), ("datetime", 16), ("remember", 12),
-                                            ("recall", 12))
+                                            ("recall", 24))
     # how often a persona reply of each category is a no-tool turn, against 1 for the others: the
     # base model declines few unsafe requests (8 of 112 replies), and with tools offered an unsafe
     # request is where a model most often called one (run N: 5 of 9 no-tool misses). Against N's

@@ -240,7 +240,8 @@ def test_hot_swap_under_load_fails_no_request(chat_model, pulled_model):
     assert errors == []
     before = {fingerprint for sent, fingerprint in answered if sent < swapped}
     after = [fingerprint for sent, fingerprint in answered if sent > swapped]
-    assert f"{BASE}-1.0.0" in before and after and set(after) == {f"{CHAT}-1.0.0"}
+    assert f"{BASE}-{pulled_model.manifest.version}" in before and after
+    assert set(after) == {f"{CHAT}-{chat_model.manifest.version}"}  # the version the catalog ships
 
 
 def test_transformers_backend_batches_concurrent_streams(pulled_model):

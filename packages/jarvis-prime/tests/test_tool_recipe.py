@@ -225,6 +225,23 @@ def test_the_data_pipeline_drops_copies_of_suite_questions_not_the_tool_list(tmp
     assert heldout not in {m["content"] for row in kept for m in row["messages"]}
 
 
+def test_the_chat_recipes_pipeline_keeps_every_templated_opener(tmp_path):
+    """Each opener (one exchange after the ~590-token tool list) is >= 0.95 alike to another of its
+    template; "tool-chat" runs no near-dedup, so only exact repeats go (here the no-tool openers,
+    which all draw PERSONA's one non-arithmetic turn)."""
+    from reactor_core.data.pipeline import clean
+    from reactor_core.data.pipeline_config import PipelineConfig
+
+    from jarvis_prime.recipes import data_pipeline
+
+    rows = [json.dumps({"messages": hermes_messages(messages, tools)}) for messages, tools in tool_conversations(PERSONA, RECIPE)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(row + "\n" for row in rows))
+    summary = clean([data], tmp_path / "clean.jsonl", PipelineConfig(**data_pipeline("tool-chat", tmp_path)))
+    assert summary.kept == len(set(rows)) and dict(summary.removed) == {"exact_duplicate": len(rows) - len(set(rows))}
+    assert len(set(rows)) > len(rows) - dict(RECIPE.openers)["none"]  # every other opener is distinct
+
+
 @pytest.mark.real_model
 def test_training_rows_are_the_tokens_chat_with_tools_sends(pulled_model):
     """What Reactor Core renders for a training row (the tokenizer's chat template on the

@@ -79,8 +79,12 @@ DATA_KINDS: dict[str, DataKind] = {
     # the chat recipe's persona replies and templated tool conversations: GPT-3's 13 words. Its
     # prompts are shorter than that, so they go only when a message says exactly an evaluation
     # question; 8 also dropped honest neighbours ("...boiling point of water in Fahrenheit?"
-    # beside the tool suite's "...in Celsius?").
-    "tool-chat": DataKind("chat", near_duplicates=True, decontam_ngram=13),
+    # beside the tool suite's "...in Celsius?"). No near-dedup: a single exchange after the
+    # ~590-token tool list is >= 0.95 alike to any other of its template ("What's my dog
+    # called?" / "...cat called?"), and at 0.95 it removed 24 such openers (13 of 24 `recall`)
+    # and no persona reply; skipping the system message instead made each no-tool opener a near
+    # duplicate of its persona reply offered no tools (42 of 48 gone). Exact repeats still go.
+    "tool-chat": DataKind("chat", near_duplicates=False, decontam_ngram=13),
     # word problems drawn from templates: two problems with the same numbers told with other names
     # teach the same arithmetic in other words, which is the point; near-dedup at 0.8 removed 9 such
     # pairs of 3000, none a repeat. Exact repeats go (12 of 3000 are the same problem drawn twice).

@@ -1,6 +1,6 @@
 """JARVIS's tools on a chat model: the held-out tool suite, arithmetic end to end, latency.
 
-    python benchmarks/tool_suite.py [--models prime-135m-chat-v1-1.0.0 prime-135m-chat-v1] [--limit N]
+    python benchmarks/tool_suite.py [--models smollm2-135m-instruct prime-135m-chat-v1] [--limit N]
 
 For each model (llama.cpp, greedy, the file `PrimeModel` picks), three accuracies on
 jarvis_prime's held-out suite (eval_data/tool_suite.json, `prime eval --suite tools`):
@@ -82,7 +82,7 @@ def measure(name: str, limit: int | None) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["prime-135m-chat-v1-1.0.0", "prime-135m-chat-v1"])
+    parser.add_argument("--models", nargs="+", default=["smollm2-135m-instruct", "prime-135m-chat-v1"])
     parser.add_argument("--limit", type=int, default=None, help="end-to-end cases per kind (default: all)")
     args = parser.parse_args()
     console = Console()

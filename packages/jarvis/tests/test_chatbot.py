@@ -181,8 +181,10 @@ def test_jarvis_chats_through_an_openai_compatible_endpoint(pulled_model):
 
 
 def test_feedback_from_the_terminal_becomes_training_data(chat_model, tmp_path):
-    """/good, /correct and /retry in `jarvis chat`, then `jarvis export-data`."""
-    session = "What is the capital of France?\n/good\nWhat is 2+2?\n/correct 2+2 is 4.\nSay hi.\n/retry\n/exit\n"
+    """/good, /correct and /retry in `jarvis chat`, then `jarvis export-data`. The corrected question
+    asks for no tool: a correction of a reply that called one is no DPO pair (test_feedback.py)."""
+    session = ("What is the capital of France?\n/good\nName a primary colour.\n/correct Red is a primary colour.\n"
+               "Say hi.\n/retry\n/exit\n")
     result = jarvis("chat", stdin=session)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("noted") == 2
@@ -190,7 +192,7 @@ def test_feedback_from_the_terminal_becomes_training_data(chat_model, tmp_path):
     assert exported.returncode == 0, exported.stderr
     assert "2 SFT examples, 1 DPO pairs" in exported.stdout
     sft = [json.loads(line) for line in open(tmp_path / "sft.jsonl")]
-    assert sft[1]["messages"][-1] == {"role": "assistant", "content": "2+2 is 4."}
+    assert sft[1]["messages"][-1] == {"role": "assistant", "content": "Red is a primary colour."}
     cid = result.stderr.split("saved as conversation ")[1].split()[0]
     shown = jarvis("history", cid)
     assert "+1" in shown.stdout and "corrected" in shown.stdout

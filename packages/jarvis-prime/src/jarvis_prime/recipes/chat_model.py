@@ -89,8 +89,11 @@ class ChatRecipe:
     # `remember` requests `recall`; K (none, recall): no tool 90 %, arithmetic 92 -> 75 %. Over
     # every kind (run N): right tool 82 -> 93 %, no tool 70 -> 78 %, the clock 42 -> 100 % (N's recipe
     # with its layout redrawn, run Q: 84 %, 75 %, 67 %: part of that was the layout's luck).
+    # Every opener now reaches training (no near-dedup, `DATA_KINDS["tool-chat"]`; U kept 11 of its
+    # 24 recall openers, 36 of 48 no-tool). Run V (U's recipe, recall openers 24 -> 12, all kept):
+    # right tool 86 -> 89 %, no tool 80 -> 93 %, remember 62 -> 94 %, end to end 11 of 12.
     openers: tuple[tuple[str, int], ...] = (("none", 48), ("arithmetic", 20), ("datetime", 16), ("remember", 12),
-                                            ("recall", 24))
+                                            ("recall", 12))
     # how often a persona reply of each category is a no-tool turn, against 1 for the others: the
     # base model declines few unsafe requests (8 of 112 replies), and with tools offered an unsafe
     # request is where a model most often called one (run N: 5 of 9 no-tool misses). Against N's

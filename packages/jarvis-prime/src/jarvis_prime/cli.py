@@ -405,6 +405,9 @@ def train(
         "prime-7b-chat-v1: processes for FSDP (torchrun); default 1, or 2 on Reactor Core's gcp-full profile.")),
     checkpoint_remote: Optional[str] = typer.Option(None, "--checkpoint-remote", help=(
         "prime-7b-chat-v1: mirror checkpoints to gs://bucket/prefix (a spot VM's replacement resumes from it).")),
+    train_encoder: bool = typer.Option(False, "--train-encoder", help=(
+        "prime-135m-vision-v1: train the vision encoder and connector from random weights (~55 min on 2 CPU cores) "
+        "instead of starting from the package's pretrained ones.")),
     problems: Optional[str] = typer.Option(None, "--problems", help=(
         "prime-135m-reasoning-v1: more word problems to score every model on, written apart from the generator "
         "(JSON {\"problems\": [{\"question\", \"answer\"}]}, e.g. jarvis/data/reasoning_problems.json).")),
@@ -450,7 +453,8 @@ def train(
         from jarvis_prime.recipes.vision_model import train_vision_model
 
         try:
-            summary = train_vision_model(name, Path(work_dir), ship=ship, fresh=fresh, log=log)
+            summary = train_vision_model(name, Path(work_dir), ship=ship, fresh=fresh,
+                                         train_encoder=train_encoder, log=log)
         except (PrimeError, ValueError) as err:
             _fail(err)
         by_category = summary["heldout"].get("by_category", {})

@@ -13,6 +13,10 @@ The recipe, top to bottom:
    is cheap), to read each view into words in a fixed layout (a number's digits, the shapes'
    colours, kinds and sides, how many there are); the connector trains beside it (on its
    features, detached) so each image token lands on its word's embedding in the LM.
+   This is most of the compute (digits take the encoder many views), so the package ships
+   the result, and a run starts from it when the recipe's encoder settings are the shipped
+   ones (`shipped_encoder`), as a VLM starts from a pretrained SigLIP; `--train-encoder`
+   trains it again from random weights.
 3. **Assemble**: SmolLM2-135M-Instruct + that encoder and connector, SmolVLM's image
    tokens added to the tokenizer, the Idefics3 processor configured for this encoder.
 4. **Connector and LoRA** (Reactor Core, `method: sft` with images): the connector and a
@@ -53,6 +57,7 @@ from jarvis_prime.recipes.vision_encoder import (
     word_vectors,
 )
 
+CONNECTOR_FILE = "connector.safetensors"  # step 2's connector, before the LM stage trains it on
 QUANTS = ("q8_0", "q4_k_m")  # text GGUFs; the projector is written in f16 and q8_0 beside them
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "chat_template.jinja")
 
@@ -63,8 +68,8 @@ class VisionRecipe:
     base: str
     # the catalog entry's version: a shipped retrain is a new version, so `prime pull` builds it
     # beside the old one instead of keeping a store's older copy (1.1.0: data version 3, the
-    # connector trained beside the encoder)
-    version: str = "1.1.0"
+    # connector trained beside the encoder; 1.2.0: its encoder trained 15,000 steps instead of 3,000)
+    version: str = "1.2.0"
     encoder: EncoderShape = field(default_factory=EncoderShape)
     encoder_training: EncoderTraining = field(default_factory=EncoderTraining)
     train_examples: int = 2000
@@ -87,10 +92,13 @@ class VisionRecipe:
 RECIPES = {"prime-135m-vision-v1": VisionRecipe(name="prime-135m-vision-v1", base="smollm2-135m-instruct")}
 
 
-def train_vision_model(name: str, work_dir: Path, *, ship: bool = False, fresh: bool = False, log: Log = print,
-                       progress: bool = True, recipe: VisionRecipe | None = None) -> dict[str, Any]:
+def train_vision_model(name: str, work_dir: Path, *, ship: bool = False, fresh: bool = False,
+                       train_encoder: bool = False, log: Log = print, progress: bool = True,
+                       recipe: VisionRecipe | None = None) -> dict[str, Any]:
     """All five steps; data and the encoder already in `work_dir` are reused unless `fresh`.
-    `recipe` replaces the named one (tests run a small copy of it)."""
+    Step 2 starts from the package's shipped encoder and connector when they are this
+    recipe's (`shipped_encoder`), unless `train_encoder`. `recipe` replaces the named one
+    (tests run a small copy of it)."""
     # safetensors and torch first: a missing one fails here, not after the data
     from safetensors.torch import load_file, save_file
 
@@ -112,8 +120,15 @@ def train_vision_model(name: str, work_dir: Path, *, ship: bool = False, fresh: 
     else:
         log(f"1/5 reusing {data_dir} (--fresh draws it again)")
 
-    encoder_path, connector_path = work_dir / ENCODER_FILE, work_dir / "connector.safetensors"
-    if fresh or not (encoder_path.is_file() and connector_path.is_file()):
+    encoder_path, connector_path = work_dir / ENCODER_FILE, work_dir / CONNECTOR_FILE
+    pretrained = None if train_encoder else shipped_encoder(name, recipe)
+    if not fresh and encoder_path.is_file() and connector_path.is_file():
+        log(f"2/5 reusing {encoder_path} and {connector_path}")
+    elif pretrained is not None:
+        log(f"2/5 the package's pretrained encoder and connector: this recipe's stage 2 as shipped "
+            f"({recipe.encoder_training.steps} steps; --train-encoder trains them again)")
+        copy_pretrained(pretrained, work_dir)
+    else:
         log("2/5 training the vision encoder and the connector to read scenes as the LM's word embeddings")
         from transformers import AutoTokenizer
 
@@ -124,8 +139,6 @@ def train_vision_model(name: str, work_dir: Path, *, ship: bool = False, fresh: 
         save_file({"weight": encoder["connector"]}, connector_path)
         (work_dir / "encoder.json").write_text(json.dumps({k: v for k, v in encoder.items()
                                                            if k not in ("state_dict", "connector")}))
-    else:
-        log(f"2/5 reusing {encoder_path} and {connector_path}")
     encoder_state = load_file(encoder_path)
 
     log("3/5 assembling SmolLM2 + encoder + connector")
@@ -148,6 +161,37 @@ def train_vision_model(name: str, work_dir: Path, *, ship: bool = False, fresh: 
     if ship:
         summary["shipped"] = str(ship_vision_model(result.model_dir / "adapter", assembled, encoder_path, name, summary))
     return summary
+
+
+def shipped_encoder(name: str, recipe: VisionRecipe) -> Path | None:
+    """The package folder holding `name`'s pretrained encoder and connector when they are
+    what `recipe`'s step 2 trains (the same encoder shape and encoder training settings),
+    else None.
+
+    Why ship them: the encoder starts from random weights, and reading digits and counts
+    takes it far more views than the rest of the recipe costs (15,000 steps and its images:
+    54 min on a 2-core Intel Xeon, where the LM stage takes 11). Like a pretrained SigLIP,
+    it is trained once and reused; `prime train NAME --train-encoder` runs that step again from scratch.
+    The check is the recipe's own settings, so a changed recipe never reuses a stale encoder."""
+    folder = package_folder(name)
+    summary = folder / "training.json"
+    if not ((folder / ENCODER_FILE).is_file() and (folder / CONNECTOR_FILE).is_file() and summary.is_file()):
+        return None
+    shipped = json.loads(summary.read_text()).get("recipe", {})
+    wanted = json.loads(json.dumps({"encoder": asdict(recipe.encoder), "encoder_training": asdict(recipe.encoder_training)}))
+    same = all(shipped.get(key) == value for key, value in wanted.items())
+    return folder if same else None
+
+
+def copy_pretrained(folder: Path, work_dir: Path) -> None:
+    """Step 2's output from the package into `work_dir`: the encoder and connector (float32
+    again) and, as `encoder.json`, the held-out readout they were shipped with."""
+    from safetensors.torch import load_file, save_file
+
+    for file in (ENCODER_FILE, CONNECTOR_FILE):
+        save_file({k: v.float().contiguous() for k, v in load_file(folder / file).items()}, work_dir / file)
+    shipped = json.loads((folder / "training.json").read_text())
+    (work_dir / "encoder.json").write_text(json.dumps(shipped["encoder"] | {"from": str(folder)}))
 
 
 def reactor_config(recipe: VisionRecipe, name: str, assembled: Path, data_dir: Path, output_dir: Path):
@@ -198,6 +242,7 @@ def ship_vision_model(adapter_dir: Path, assembled: Path, encoder_path: Path, na
     adapter_config["base_model_name_or_path"] = RECIPES[name].base
     (target / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
     save_file(half(encoder_path), target / ENCODER_FILE)
+    save_file(half(encoder_path.parent / CONNECTOR_FILE), target / CONNECTOR_FILE)  # as step 2 left it: `shipped_encoder`
     for file in ("config.json", *PROCESSOR_FILES):
         shutil.copy(assembled / file, target / file)
     (target / "training.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")

@@ -152,6 +152,24 @@ def test_the_connector_is_trained_to_land_each_token_on_its_word_the_way_the_lm_
     assert connector_loss(exact, words, slots) < connector_loss(exact + 0.5 * torch.randn_like(exact), words, slots)
 
 
+def test_the_encoders_readout_curve_leaves_its_weights_as_they_would_be_without_it(smollm2_tokenizer, monkeypatch):
+    """The shipped encoder was trained with a held-out readout every 1,500 steps; `prime train
+    --train-encoder` must reach the same weights whether or not it reads the curve."""
+    from jarvis_prime.recipes import vision_encoder
+
+    words = torch.randn(len(WORDS), 576)
+    training = EncoderTraining(steps=3, batch_size=8, pool_images=10, heldout_images=5)
+    runs = []
+    for points in (10, 1):  # a readout after every step; only the last
+        monkeypatch.setattr(vision_encoder, "CURVE_POINTS", points)
+        runs.append(vision_encoder.pretrain_encoder(EncoderShape(), training, words, log=lambda message: None,
+                                                    progress=False))
+    assert [p["step"] for p in runs[0]["curve"]] == [1, 2, 3] and [p["step"] for p in runs[1]["curve"]] == [3]
+    for key, value in runs[0]["state_dict"].items():
+        assert torch.equal(value, runs[1]["state_dict"][key]), key
+    assert torch.equal(runs[0]["connector"], runs[1]["connector"])
+
+
 def test_the_catalog_lists_the_version_the_recipe_builds():
     """`prime pull` skips a name-version a store already holds: a retrain that ships must
     bump the recipe's version and the catalog's together, or stores keep the old model."""
@@ -211,6 +229,8 @@ def test_a_small_run_of_the_recipe_ships_parts_that_rebuild_the_same_model(pulle
     ggufs = {q: e for q, e in manifest["quantizations"].items() if e["format"] == "gguf"}
     assert set(ggufs) >= {"q8_0", "q4_k_m"} and all(e["mmproj"] for e in ggufs.values())
     assert len(summary["heldout"]["cases"]) == 5  # scored through llama.cpp, one reply per held-out record
+    curve = summary["encoder"]["curve"]  # the encoder's held-out readout during its run, the last point its result
+    assert [point["step"] for point in curve] == [1, 2, 3] and curve[-1]["readout"] == summary["encoder"]["readout"]
     cleaned = manifest["lineage"]["data"][0]  # through Reactor Core's data pipeline beside its images (issue #25)
     assert cleaned["path"] == str(tmp_path / "work/data/reactor-train.clean.jsonl")
     assert cleaned["pipeline"]["inputs"][0]["path"] == str(tmp_path / "work/data/train.jsonl")

@@ -68,6 +68,7 @@ SLOTS: dict[str, tuple[int, ...]] = {
     "count": (8,),
 }
 MAX_DIGITS = 4
+CURVE_POINTS = 10  # held-out readouts logged during the encoder's run (the last is its result)
 COSINE_TEMPERATURE = 0.05  # of the word loss's cosine logits: a margin between words that are near in the LM
 
 
@@ -331,7 +332,8 @@ def pretrain_encoder(shape: EncoderShape, training: EncoderTraining, words: Tens
     Returns the encoder's state dict (the keys of transformers' Idefics3VisionTransformer),
     the connector's weight (text hidden x vision hidden * scale^2, as Idefics3's
     `modality_projection.proj`) and, on held-out overviews, the share read right through the
-    connector (each token's nearest word: what the LM sees) and by the encoder's own head."""
+    connector (each token's nearest word: what the LM sees) and by the encoder's own head, at
+    the end and `CURVE_POINTS` times during the run (`curve`: a long run shows it learning)."""
     import torch
     from rich.progress import Progress
     from transformers import Idefics3VisionConfig
@@ -359,7 +361,8 @@ def pretrain_encoder(shape: EncoderShape, training: EncoderTraining, words: Tens
         overviews, tiles = pool["overview"].nonzero().squeeze(1), (~pool["overview"]).nonzero().squeeze(1)
         n_overviews = round(training.batch_size * training.overview_share)
         task = bar.add_task("vision encoder reading scenes", total=training.steps)
-        for _ in range(training.steps):
+        every, curve = max(1, training.steps // CURVE_POINTS), []
+        for step in range(1, training.steps + 1):
             rows = torch.cat([overviews[torch.randint(len(overviews), (n_overviews,), generator=generator)],
                               tiles[torch.randint(len(tiles), (training.batch_size - n_overviews,), generator=generator)]])
             batch = {k: v[rows] for k, v in pool.items()}
@@ -373,18 +376,33 @@ def pretrain_encoder(shape: EncoderShape, training: EncoderTraining, words: Tens
             optimizer.step()
             schedule.step()
             bar.advance(task)
+            if step % every == 0 or step == training.steps:
+                accuracy, readout = heldout_readout(encoder, slot_head, connector, heldout, words, shape)
+                curve.append({"step": step, "accuracy": accuracy, "readout": readout})
+                log(f"encoder step {step}/{training.steps}, {time.perf_counter() - start:.0f} s, loss {loss.item():.3f}; "
+                    "held-out overviews read through the connector (by the encoder's own head): "
+                    + ", ".join(f"{k} {accuracy[k]:.0%} ({readout[k]:.0%})" for k in accuracy))
+    encoder.eval()
+    return {"state_dict": encoder.state_dict(), "connector": connector.weight.detach().contiguous(),
+            "accuracy": accuracy, "readout": readout, "loss": round(loss.item(), 4),
+            "seconds": round(time.perf_counter() - start, 1), "curve": curve}
+
+
+def heldout_readout(encoder, slot_head, connector, heldout: dict[str, Tensor], words: Tensor,
+                    shape: EncoderShape) -> tuple[dict[str, float], dict[str, float]]:
+    """(through the connector, by the encoder's own head): `readout_accuracy` on the held-out
+    overviews. Evaluation only (no gradient, no random draw), so logging the curve leaves the
+    run's weights as they would be without it."""
+    import torch
+
     encoder.eval()
     with torch.no_grad():
         shuffled = pixel_shuffle(encoder(pixel_values=normalise(heldout["pixels"][heldout["overview"]])).last_hidden_state,
                                  shape.scale_factor)
         readout = readout_accuracy(slot_head(shuffled).argmax(-1), heldout)
         accuracy = readout_accuracy(nearest_words(connector(shuffled), words), heldout)
-    seconds = time.perf_counter() - start
-    log(f"encoder: {training.steps} steps in {seconds:.0f} s, loss {loss.item():.3f}; held-out overviews, "
-        + ", ".join(f"{k} {accuracy[k]:.0%} ({readout[k]:.0%})" for k in accuracy)
-        + " read through the connector (by the encoder's own head)")
-    return {"state_dict": encoder.state_dict(), "connector": connector.weight.detach().contiguous(),
-            "accuracy": accuracy, "readout": readout, "loss": round(loss.item(), 4), "seconds": round(seconds, 1)}
+    encoder.train()
+    return accuracy, readout
 
 
 def word_vectors(tokenizer, embeddings: Tensor) -> Tensor:

@@ -324,7 +324,6 @@ def test_the_shipped_model_sees_through_llama_cpp(vision_model, heldout):
         assert model.sees_images
         scores = run_vqa_suite(model, heldout)
     by_category = scores["by_category"]
-    print(by_category)
     for category, floor in SHIPPED_FLOORS.items():
         assert by_category[category] >= floor, (category, by_category, [c for c in scores["cases"] if not c["passed"]][:5])
 

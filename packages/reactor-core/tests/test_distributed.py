@@ -79,16 +79,13 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tiny_llama_dir,
         assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (step, a, b)
 
     # the export gathered every shard into one PRIME directory a single process can load
+    weights = "adapter/adapter_model.safetensors" if method == "lora" else "model.safetensors"
+    a, b = load_file(model_dir(tmp_path / "one") / weights), load_file(model_dir(tmp_path / "two") / weights)
+    assert a.keys() == b.keys() and a
     if method == "lora":
-        a = load_file(model_dir(tmp_path / "one") / "adapter/adapter_model.safetensors")
-        b = load_file(model_dir(tmp_path / "two") / "adapter/adapter_model.safetensors")
-        assert a.keys() == b.keys() and a
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
     else:
-        a = load_file(model_dir(tmp_path / "one") / "model.safetensors")
-        b = load_file(model_dir(tmp_path / "two") / "model.safetensors")
-        assert a.keys() == b.keys() and a
         assert_same_update(load_file(tiny_llama_dir / "model.safetensors"), a, b)
     manifest = json.loads((model_dir(tmp_path / "two") / "prime.json").read_text())
     assert manifest["lineage"]["training_config"]["use_lora"] is (method == "lora")

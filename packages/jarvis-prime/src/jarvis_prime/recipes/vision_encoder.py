@@ -74,7 +74,7 @@ COSINE_TEMPERATURE = 0.05  # of the word loss's cosine logits: a margin between 
 
 @dataclass(frozen=True)
 class EncoderTraining:
-    # 15,000 steps (~42 min on a 2-core Intel Xeon): at 3,000 the held-out overviews' numbers
+    # 15,000 steps (~50 min on a 2-core Intel Xeon): at 3,000 the held-out overviews' numbers
     # read 8 % (9 % by the encoder's own head) and were still climbing at 7,500 (47 %).
     steps: int = 15000
     batch_size: int = 64  # views per step

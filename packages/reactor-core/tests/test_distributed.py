@@ -129,8 +129,15 @@ def test_two_process_dpo_matches_one_process(tiny_llama_dir, tmp_path):
                   learning_rate=1e-2)
     finished(reactor_train(path, f"output_dir={tmp_path / 'one'}", "batch_size=4"))
     finished(reactor_train(path, f"output_dir={tmp_path / 'two'}", "--nproc", "2"))
-    for split, key in (("train", "loss"), ("train", "reward_margin"), ("eval", "eval_reward_accuracy")):
+    # Tolerances: a reward is beta x a sum of ~20 token log-probs over a 49k vocabulary, and
+    # on some CPUs the policy's forward (with grad) and the reference's (without) take other
+    # fp32 kernels: CI once logged step 1's rewards 3.7e-5 off zero in the one-process run
+    # (loss 1.8e-5 off ln 2), with identical weights. A real distributed fault (a pair split
+    # across ranks, ranks that see other pairs than one process would, a reference from the
+    # wrong weights) moves these by far more: each step here changes the loss by ~0.3.
+    for split, key, tolerance in (("train", "loss", 1e-4), ("train", "reward_margin", 1e-3),
+                                  ("eval", "eval_loss", 1e-4), ("eval", "eval_reward_accuracy", 0.0)):
         one, two = logged(tmp_path / "one", split, key), logged(tmp_path / "two", split, key)
         assert len(one) == len(two) > 0
         for (step, a), (_, b) in zip(one, two):
-            assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (key, step, a, b)
+            assert abs(a - b) <= tolerance, (key, step, a, b)

@@ -18,8 +18,12 @@ from jarvis_prime.recipes.vision_encoder import (
     N_COLOURS,
     SLOTS,
     WORDS,
+    N_CENTRES,
+    N_DIGITS,
+    N_SHAPES,
     EncoderTraining,
     connector_loss,
+    encoder_loss,
     image_views,
     label_maps,
     nearest_words,
@@ -133,6 +137,41 @@ def test_the_pool_draws_numbers_most_often_and_names_each_views_category():
     assert (pool["slots"][number & pool["overview"]][:, SLOTS["digits"][0]] != 0).all()  # a number's first digit is named
     with pytest.raises(PrimeError, match="pool_mix names unknown categories.*'digits'"):
         pool_categories((("digits", 2), ("colour", 1)))
+
+
+def test_each_shape_marks_one_patch_where_its_centre_is():
+    """The count token learns to add up one mark per shape, however many patches the shape
+    covers: every shape's centre is marked in exactly one tile, and in the overview unless
+    two centres share a patch there (rare: shapes are drawn apart)."""
+    shape, overview_right = EncoderShape(), 0
+    for index in range(100):
+        image, record = make_example(0, "heldout", index, "count")
+        n = int(record["answer"])
+        overview, *tiles = image_views(image, record["scene"], shape)
+        assert set(overview.patches[3].tolist()) <= {0, 1} and overview.patches.shape == (4, shape.patches_per_side ** 2)
+        assert sum(int(t.patches[3].sum()) for t in tiles) == n, record["scene"]
+        assert 1 <= overview.patches[3].sum() <= n
+        overview_right += int(overview.patches[3].sum()) == n
+        marked = overview.patches[3].nonzero()[0]
+        assert (overview.patches[1][marked] > 0).mean() >= 0.5  # a centre lies on its shape's pixels, mostly
+    assert overview_right >= 95
+    image, record = make_example(0, "heldout", 0, "number")
+    assert all(v.patches[3].sum() == 0 for v in image_views(image, record["scene"], shape))  # digits are not shapes
+
+
+def test_the_centre_labels_weigh_in_the_encoders_loss_only_when_the_recipe_asks():
+    """`centre_labels: false` is 1.2.0's loss (no centre head); on, wrong centres cost more."""
+    slot_logits = torch.randn(2, 9, len(WORDS))
+    batch = {"slots": torch.randint(len(WORDS), (2, 9)), "patches": torch.randint(0, 2, (2, 4, 36))}
+    with_centres = torch.randn(2, 36, N_COLOURS + N_SHAPES + N_DIGITS + N_CENTRES)
+    without = with_centres[..., :-N_CENTRES]
+    flipped = dict(batch, patches=batch["patches"].clone())
+    flipped["patches"][:, 3] = 1 - flipped["patches"][:, 3]
+    confident = with_centres.clone()
+    confident[..., -N_CENTRES:] = 8.0 * torch.nn.functional.one_hot(batch["patches"][:, 3], N_CENTRES) - 4.0
+    assert encoder_loss(slot_logits, confident, batch) < encoder_loss(slot_logits, confident, flipped)
+    assert torch.equal(encoder_loss(slot_logits, without, batch, centres=False),
+                       encoder_loss(slot_logits, without, flipped, centres=False))
 
 
 def test_the_connector_is_trained_to_land_each_token_on_its_word_the_way_the_lm_reads_it(smollm2_tokenizer):
@@ -328,4 +367,4 @@ def test_the_shipped_model_sees_through_llama_cpp(vision_model, heldout):
         assert by_category[category] >= floor, (category, by_category, [c for c in scores["cases"] if not c["passed"]][:5])
 
 
-SHIPPED_FLOORS = {"colour": 0.9, "shape": 0.9, "count": 0.6, "side": 0.9, "number": 0.7}
+SHIPPED_FLOORS = {"colour": 0.9, "shape": 0.9, "count": 0.75, "side": 0.9, "number": 0.75}

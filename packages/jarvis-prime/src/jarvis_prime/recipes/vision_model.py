@@ -68,8 +68,9 @@ class VisionRecipe:
     base: str
     # the catalog entry's version: a shipped retrain is a new version, so `prime pull` builds it
     # beside the old one instead of keeping a store's older copy (1.1.0: data version 3, the
-    # connector trained beside the encoder; 1.2.0: its encoder trained 15,000 steps instead of 3,000)
-    version: str = "1.2.0"
+    # connector trained beside the encoder; 1.2.0: its encoder trained 15,000 steps instead of 3,000;
+    # 1.3.0: per-patch shape-centre labels and twice the count images)
+    version: str = "1.3.0"
     encoder: EncoderShape = field(default_factory=EncoderShape)
     encoder_training: EncoderTraining = field(default_factory=EncoderTraining)
     train_examples: int = 2000
@@ -243,7 +244,11 @@ def ship_vision_model(adapter_dir: Path, assembled: Path, encoder_path: Path, na
     (target / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
     save_file(half(encoder_path), target / ENCODER_FILE)
     save_file(half(encoder_path.parent / CONNECTOR_FILE), target / CONNECTOR_FILE)  # as step 2 left it: `shipped_encoder`
-    for file in ("config.json", *PROCESSOR_FILES):
+    config = json.loads((assembled / "config.json").read_text())
+    for section in (config, config.get("text_config", {}), config.get("vision_config", {})):
+        section.pop("_name_or_path", None)  # the training machine's store path: rebuilt on the embedded base
+    (target / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for file in PROCESSOR_FILES:
         shutil.copy(assembled / file, target / file)
     (target / "training.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return target

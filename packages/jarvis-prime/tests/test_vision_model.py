@@ -277,6 +277,8 @@ def test_a_small_run_of_the_recipe_ships_parts_that_rebuild_the_same_model(pulle
     assert {p.name for p in shipped.iterdir()} >= {"adapter_model.safetensors", "adapter_config.json",
                                                     idefics3.ENCODER_FILE, vision_model.CONNECTOR_FILE, "config.json", "processor_config.json",
                                                     "chat_template.jinja", "training.json"}
+    config = json.loads((shipped / "config.json").read_text())
+    assert all("_name_or_path" not in c for c in (config, config["text_config"], config["vision_config"]))  # no local path
 
     # the same recipe's next run starts from the shipped encoder and connector (`prime train`
     # without --train-encoder); a recipe whose encoder settings changed trains its own

@@ -133,6 +133,19 @@ def label_maps(image: Image.Image, scene: dict[str, Any]) -> LabelMaps:
     return LabelMaps(colour, shape, digit)
 
 
+def centres_in(scene: dict[str, Any], region: tuple[float, ...]) -> list[tuple[float, float, dict[str, Any]]]:
+    """(cx, cy, shape) for each shape whose centre lies in `region` (x0, y0, x1, y1 in the
+    image's pixels, end exclusive), left to right: a shape belongs to the view holding its centre."""
+    x0, y0, x1, y1 = region
+    inside = []
+    for obj in scene.get("objects", []):
+        bx0, by0, bx1, by1 = obj["box"]
+        cx, cy = (bx0 + bx1 + 1) / 2, (by0 + by1 + 1) / 2
+        if x0 <= cx < x1 and y0 <= cy < y1:
+            inside.append((cx, cy, obj))
+    return sorted(inside, key=lambda item: item[0])
+
+
 def view_slots(scene: dict[str, Any], region: tuple[float, float, float, float], tokens: int) -> list[int]:
     """The word (index into WORDS) each of a view's `tokens` should read as, for the part of
     the image `region` (x0, y0, x1, y1 in the image's pixels, end exclusive) covers.
@@ -148,16 +161,10 @@ def view_slots(scene: dict[str, Any], region: tuple[float, float, float, float],
         inside = [d for i, d in enumerate(value) if x0 <= bx0 + (i + 0.5) * width / len(value) < x1 and y0 <= cy < y1]
         for token, d in zip(SLOTS["digits"], inside[:MAX_DIGITS]):
             slots[token] = WORD_INDEX[d]
-    shapes = []
-    for obj in scene.get("objects", []):
-        bx0, by0, bx1, by1 = obj["box"]
-        cx, cy = (bx0 + bx1 + 1) / 2, (by0 + by1 + 1) / 2
-        if x0 <= cx < x1 and y0 <= cy < y1:
-            shapes.append((cx, obj))
-    shapes.sort(key=lambda item: item[0])
+    shapes = centres_in(scene, region)
     if shapes:
         slots[SLOTS["count"][0]] = WORD_INDEX[str(len(shapes))]
-    for slot, (cx, obj) in zip(("first", "last"), (shapes[0], shapes[-1]) if len(shapes) > 1 else shapes):
+    for slot, (cx, _, obj) in zip(("first", "last"), (shapes[0], shapes[-1]) if len(shapes) > 1 else shapes):
         colour, kind, side = SLOTS[slot]
         slots[colour], slots[kind] = WORD_INDEX[" " + obj["colour"]], WORD_INDEX[" " + obj["shape"]]
         slots[side] = WORD_INDEX[" left" if cx < (x0 + x1) / 2 else " right"]
@@ -188,19 +195,16 @@ def patch_classes(labels: Array, classes: int, share: float, patch: int) -> Arra
 
 
 def centre_patches(scene: dict[str, Any], region: tuple[float, ...], side: int) -> Array:
-    """(patches,) 1 where a shape's centre (as `view_slots` places it) falls in the view
-    covering `region` of the image, row-major over its side x side patches, else 0."""
+    """(patches,) 1 where a shape's centre (`centres_in`, as `view_slots` places it) falls in
+    the view covering `region` of the image, row-major over its side x side patches, else 0."""
     import numpy as np
 
     x0, y0, x1, y1 = region
     marks = np.zeros(side * side, np.int64)
-    for obj in scene.get("objects", []):
-        bx0, by0, bx1, by1 = obj["box"]
-        cx, cy = (bx0 + bx1 + 1) / 2, (by0 + by1 + 1) / 2
-        if x0 <= cx < x1 and y0 <= cy < y1:
-            column = min(side - 1, int((cx - x0) / (x1 - x0) * side))
-            row = min(side - 1, int((cy - y0) / (y1 - y0) * side))
-            marks[row * side + column] = 1
+    for cx, cy, _ in centres_in(scene, region):
+        column = min(side - 1, int((cx - x0) / (x1 - x0) * side))
+        row = min(side - 1, int((cy - y0) / (y1 - y0) * side))
+        marks[row * side + column] = 1
     return marks
 
 
